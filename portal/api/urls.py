@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from portal.api import views
+
+app_name = "portal_api"
+
+urlpatterns = [
+    path("me", views.MeApi.as_view(), name="me"),
+    path("tokens/", views.TokenListCreateApi.as_view(), name="tokens"),
+    path("tokens/<uuid:uid>/", views.TokenRevokeApi.as_view(), name="token-revoke"),
+    path("audit/events", views.AuditEventListApi.as_view(), name="audit-events"),
+    path("audit/verify", views.AuditVerifyApi.as_view(), name="audit-verify"),
+]

@@ -1,0 +1,115 @@
+"""API views for the caller's identity, their tokens, and the audit trail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from portal import selectors, services
+from portal.api.serializers import (
+    AuditEventSerializer,
+    AuditFilterInput,
+    ChainVerdictSerializer,
+    MeSerializer,
+    TokenCreatedSerializer,
+    TokenCreateInput,
+    TokenSerializer,
+)
+from portal.audit import audit_chain_verify
+from portal.models import ApiToken, AuditEvent
+from portal.permissions import HasCapability
+from portal.roles import roles_of
+
+
+class MeApi(APIView):
+    @extend_schema(responses=MeSerializer, summary="Who the caller is: roles, teams and capabilities")
+    def get(self, request: Request) -> Response:
+        user: Any = request.user
+        caps = sorted(p.split(".", 1)[1] for p in user.get_all_permissions() if p.startswith("portal."))
+        data = {
+            "username": user.get_username(),
+            "roles": roles_of(user),
+            "teams": list(selectors.team_list(user=user).values_list("slug", flat=True)),
+            "capabilities": caps,
+        }
+        return Response(MeSerializer(data).data)
+
+
+class TokenListCreateApi(APIView):
+    @extend_schema(responses=TokenSerializer(many=True), summary="The caller's API tokens (never their secrets)")
+    def get(self, request: Request) -> Response:
+        return Response(TokenSerializer(selectors.token_list(user=request.user), many=True).data)
+
+    @extend_schema(request=TokenCreateInput, responses={201: TokenCreatedSerializer},
+                   summary="Create a token; the secret is in this response only")
+    def post(self, request: Request) -> Response:
+        data = TokenCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        token, plaintext = services.token_create(
+            user=request.user, name=data.validated_data["name"],
+            expires_in_days=data.validated_data.get("expires_in_days"), actor=request.user,
+        )
+        token.token = plaintext  # type: ignore[attr-defined]
+        return Response(TokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)
+
+
+class TokenRevokeApi(APIView):
+    @extend_schema(request=None, responses=TokenSerializer, summary="Revoke one of the caller's tokens")
+    def delete(self, request: Request, uid: str) -> Response:
+        token = ApiToken.objects.filter(uid=uid, user=request.user).first()
+        if token is None:
+            raise Http404("No token of yours has that id.")
+        token = services.token_revoke(token=token, actor=request.user)
+        return Response(TokenSerializer(token).data)
+
+
+_AUDIT_PARAMS = [
+    OpenApiParameter("actor", OpenApiTypes.STR, description="username"),
+    OpenApiParameter("action", OpenApiTypes.STR, description="an action label (auth.login) or a domain (auth)"),
+    OpenApiParameter("target", OpenApiTypes.STR, description="type or type:id"),
+    OpenApiParameter("outcome", OpenApiTypes.STR, enum=["success", "failure", "denied"]),
+    OpenApiParameter("team", OpenApiTypes.STR),
+    OpenApiParameter("request_id", OpenApiTypes.STR),
+    OpenApiParameter("from", OpenApiTypes.DATETIME, description="inclusive, ISO 8601"),
+    OpenApiParameter("to", OpenApiTypes.DATETIME, description="exclusive, ISO 8601"),
+]
+
+
+def audit_filters(params: Any) -> dict[str, Any]:
+    """Validate the audit trail's query parameters (shared by the API and the pages)."""
+    raw = {k: v for k, v in params.items() if v not in ("", None)}
+    if "from" in raw:
+        raw["since"] = raw.pop("from")
+    if "to" in raw:
+        raw["until"] = raw.pop("to")
+    data = AuditFilterInput(data=raw)
+    data.is_valid(raise_exception=True)
+    return dict(data.validated_data)
+
+
+class AuditEventListApi(generics.ListAPIView[AuditEvent]):
+    permission_classes = [HasCapability.of("view_audit")]
+    serializer_class = AuditEventSerializer
+
+    def get_queryset(self) -> Any:
+        return selectors.audit_event_list(**audit_filters(self.request.query_params))
+
+    @extend_schema(parameters=_AUDIT_PARAMS, summary="Search the audit trail, newest first")
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
+
+
+class AuditVerifyApi(APIView):
+    permission_classes = [HasCapability.of("view_audit")]
+
+    @extend_schema(responses=ChainVerdictSerializer, summary="Recompute the hash chain and name the first bad event")
+    def get(self, request: Request) -> Response:
+        verdict = audit_chain_verify(actor=request.user)
+        return Response(ChainVerdictSerializer(verdict.as_dict()).data)

@@ -1,0 +1,316 @@
+"""The audit spine: every state change records one event here, inside the transaction that makes the change.
+
+The trail is a hash chain. For event n::
+
+    hash_n = sha256_hex(prev_hash + canonical_json(event_n))      prev_hash = hash_(n-1), or 64 zeros for n = 1
+
+``canonical_json`` is ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` of the dict
+built by :func:`event_document`, so anyone can recompute it with the standard library alone.
+
+Writers are serialised through the single ``AuditChainHead`` row: a writer first *updates* that row (which takes
+PostgreSQL's row lock, or SQLite's write lock), so two transactions can never read the same head and fork the chain.
+The lock is held until the surrounding transaction commits, so services record their event last.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from portal import context
+from portal.models import AuditChainHead, AuditEvent, AuditOutcome
+
+GENESIS_HASH = "0" * 64
+
+
+class AuditAction(enum.Enum):
+    """Every auditable action, numbered in ranges per domain. Values never change once released."""
+
+    # 1000: authentication
+    AUTH_LOGIN = (1001, "auth.login")
+    AUTH_LOGIN_FAILED = (1002, "auth.login_failed")
+    AUTH_LOGOUT = (1003, "auth.logout")
+    AUTH_LOCKED_OUT = (1004, "auth.locked_out")
+    AUTH_SESSION_EXPIRED = (1005, "auth.session_expired")
+    AUTH_REAUTH_FAILED = (1006, "auth.reauth_failed")
+    # 1100: accounts, tokens, teams
+    TOKEN_CREATE = (1101, "token.create")
+    TOKEN_REVOKE = (1102, "token.revoke")
+    TEAM_CREATE = (1111, "team.create")
+    TEAM_MEMBER_ADD = (1112, "team.member_add")
+    TEAM_MEMBER_REMOVE = (1113, "team.member_remove")
+    USER_CREATE = (1121, "user.create")
+    USER_ROLE_CHANGE = (1122, "user.role_change")
+    ADMIN_ADD = (1131, "admin.add")
+    ADMIN_CHANGE = (1132, "admin.change")
+    ADMIN_DELETE = (1133, "admin.delete")
+    # 1900: the audit trail itself
+    AUDIT_VERIFY = (1901, "audit.verify")
+    AUDIT_EXPORT = (1902, "audit.export")
+
+    def __init__(self, code: int, label: str) -> None:
+        self.code = code
+        self.label = label
+
+    @classmethod
+    def from_label(cls, label: str) -> AuditAction | None:
+        return _BY_LABEL.get(label)
+
+
+_BY_LABEL = {a.label: a for a in AuditAction}
+
+
+def canonical_json(document: dict[str, Any]) -> str:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _normalise(value: Any) -> Any:
+    """What the JSON column will give back when read, so the hash computed now matches the one verified later."""
+    if value is None:
+        return None
+    return json.loads(json.dumps(value, default=str).replace("\\u0000", ""))
+
+
+def _timestamp_text(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_document(
+    *,
+    seq: int,
+    timestamp: datetime,
+    actor_username: str,
+    action: str,
+    action_code: int,
+    target_type: str,
+    target_id: str,
+    target_repr: str,
+    team_slug: str,
+    before: Any,
+    after: Any,
+    metadata: Any,
+    request_id: str,
+    ip: str | None,
+    user_agent: str,
+    outcome: str,
+) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "timestamp": _timestamp_text(timestamp),
+        "actor": actor_username,
+        "action": action,
+        "action_code": action_code,
+        "target_type": target_type,
+        "target_id": target_id,
+        "target_repr": target_repr,
+        "team": team_slug,
+        "before": before,
+        "after": after,
+        "metadata": metadata,
+        "request_id": request_id,
+        "ip": ip,
+        "user_agent": user_agent,
+        "outcome": outcome,
+    }
+
+
+def chain_hash(prev_hash: str, document: dict[str, Any]) -> str:
+    return hashlib.sha256((prev_hash + canonical_json(document)).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Target:
+    type: str
+    id: str
+    repr: str = ""
+    team_slug: str = ""
+
+
+def target_of(obj: Any, *, team_slug: str = "") -> Target:
+    """A Target for a model instance: its lowercase model name, primary key and str()."""
+    meta = obj._meta
+    return Target(type=meta.model_name, id=str(getattr(obj, "uid", None) or obj.pk), repr=str(obj)[:255], team_slug=team_slug)
+
+
+def audit_record(
+    action: AuditAction,
+    *,
+    actor: AbstractBaseUser | AnonymousUser | None,
+    target: Target | None = None,
+    before: Any = None,
+    after: Any = None,
+    metadata: dict[str, Any] | None = None,
+    outcome: str = AuditOutcome.SUCCESS,
+    actor_username: str | None = None,
+) -> AuditEvent:
+    """Append one event to the chain inside the caller's transaction (or its own, when there is none).
+
+    ``actor_username`` overrides the copied name, for events without a user row (a failed login's attempted name).
+    """
+    ctx = context.current()
+    user = actor if (actor is not None and getattr(actor, "is_authenticated", False)) else None
+    username = actor_username if actor_username is not None else (user.get_username() if user else "")
+    tgt = target or Target(type="", id="")
+    before_n, after_n, meta_n = _normalise(before), _normalise(after), _normalise(metadata or {})
+    ts = timezone.now()
+
+    with transaction.atomic():
+        # Taking the head row's lock *before* reading it is what keeps concurrent writers in one line.
+        AuditChainHead.objects.filter(pk=1).update(seq=F("seq") + 1)
+        head = AuditChainHead.objects.get(pk=1)
+        prev_hash = head.hash
+        document = event_document(
+            seq=head.seq,
+            timestamp=ts,
+            actor_username=username[:150],
+            action=action.label,
+            action_code=action.code,
+            target_type=tgt.type[:64],
+            target_id=tgt.id[:128],
+            target_repr=tgt.repr[:255],
+            team_slug=tgt.team_slug[:64],
+            before=before_n,
+            after=after_n,
+            metadata=meta_n,
+            request_id=ctx.request_id,
+            ip=ctx.ip,
+            user_agent=ctx.user_agent[:512],
+            outcome=str(outcome),
+        )
+        digest = chain_hash(prev_hash, document)
+        event = AuditEvent(
+            seq=head.seq,
+            timestamp=ts,
+            actor=user,
+            actor_username=document["actor"],
+            action=document["action"],
+            action_code=action.code,
+            target_type=document["target_type"],
+            target_id=document["target_id"],
+            target_repr=document["target_repr"],
+            team_slug=document["team"],
+            before=before_n,
+            after=after_n,
+            metadata=meta_n,
+            request_id=document["request_id"],
+            ip=document["ip"],
+            user_agent=document["user_agent"],
+            outcome=document["outcome"],
+            prev_hash=prev_hash,
+            hash=digest,
+        )
+        event.save(force_insert=True)
+        AuditChainHead.objects.filter(pk=1).update(hash=digest)
+    return event
+
+
+# --- Verification -------------------------------------------------------------------------------------------------
+
+_VERIFY_FIELDS = (
+    "id",
+    "seq",
+    "timestamp",
+    "actor_username",
+    "action",
+    "action_code",
+    "target_type",
+    "target_id",
+    "target_repr",
+    "team_slug",
+    "before",
+    "after",
+    "metadata",
+    "request_id",
+    "ip",
+    "user_agent",
+    "outcome",
+    "prev_hash",
+    "hash",
+)
+
+
+def document_from_row(row: dict[str, Any]) -> dict[str, Any]:
+    return event_document(
+        seq=row["seq"],
+        timestamp=row["timestamp"],
+        actor_username=row["actor_username"],
+        action=row["action"],
+        action_code=row["action_code"],
+        target_type=row["target_type"],
+        target_id=row["target_id"],
+        target_repr=row["target_repr"],
+        team_slug=row["team_slug"],
+        before=row["before"],
+        after=row["after"],
+        metadata=row["metadata"],
+        request_id=row["request_id"],
+        ip=row["ip"],
+        user_agent=row["user_agent"],
+        outcome=row["outcome"],
+    )
+
+
+@dataclass(frozen=True)
+class ChainVerdict:
+    ok: bool
+    events: int
+    head: str
+    first_bad: int | None  # the event's seq
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "events": self.events, "head": self.head, "first_bad": self.first_bad,
+                "reason": self.reason}
+
+
+def _rows() -> Iterator[dict[str, Any]]:
+    qs = AuditEvent.objects.order_by("seq").values(*_VERIFY_FIELDS)
+    return qs.iterator(chunk_size=5000)
+
+
+def verify_chain(rows: Iterable[dict[str, Any]] | None = None) -> ChainVerdict:
+    """Recompute every link; name the first event whose content, order or link does not hold."""
+    expected_prev = GENESIS_HASH
+    count = 0
+    for row in rows if rows is not None else _rows():
+        count += 1
+        seq = row["seq"]
+        if seq != count:
+            return ChainVerdict(False, count - 1, expected_prev, seq,
+                                f"event #{seq} follows #{count - 1}: events are missing or reordered")
+        if row["prev_hash"] != expected_prev:
+            return ChainVerdict(False, count - 1, expected_prev, seq,
+                                f"event #{seq} does not link to the event before it")
+        digest = chain_hash(expected_prev, document_from_row(row))
+        if digest != row["hash"]:
+            return ChainVerdict(False, count - 1, expected_prev, seq,
+                                f"event #{seq} was altered after it was written")
+        expected_prev = digest
+    head = AuditChainHead.objects.filter(pk=1).values("seq", "hash").first() if rows is None else None
+    if head is not None and (head["seq"] != count or head["hash"] != expected_prev):
+        return ChainVerdict(False, count, expected_prev, count + 1,
+                            f"the chain head says {head['seq']} events but {count} are present: the newest were removed")
+    return ChainVerdict(True, count, expected_prev, None)
+
+
+def audit_chain_verify(*, actor: Any) -> ChainVerdict:
+    """Verify the whole chain and record that it was verified, with the verdict (a failed check is an event too)."""
+    verdict = verify_chain()
+    with transaction.atomic():
+        audit_record(
+            AuditAction.AUDIT_VERIFY,
+            actor=actor,
+            metadata=verdict.as_dict(),
+            outcome=AuditOutcome.SUCCESS if verdict.ok else AuditOutcome.FAILURE,
+        )
+    return verdict

@@ -1,0 +1,108 @@
+"""Request id and client context, security headers, and the idle session timeout."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import logout
+from django.http import HttpRequest, HttpResponse
+
+from portal import context
+
+Handler = Callable[[HttpRequest], HttpResponse]
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    """REMOTE_ADDR, or the address the trusted proxies in front of us saw (PORTAL_TRUSTED_PROXY_COUNT)."""
+    candidate: str | None = request.META.get("REMOTE_ADDR")
+    hops = settings.PORTAL_TRUSTED_PROXY_COUNT
+    if hops:
+        forwarded = [p.strip() for p in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if p.strip()]
+        if len(forwarded) >= hops:
+            candidate = forwarded[-hops]
+    try:
+        return ipaddress.ip_address(candidate).compressed if candidate else None
+    except ValueError:
+        return None
+
+
+class RequestContextMiddleware:
+    """Give every request an id (kept from a sane incoming X-Request-ID) and echo it in the response."""
+
+    def __init__(self, get_response: Handler) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        ctx = context.RequestContext(
+            request_id=context.new_request_id(request.META.get("HTTP_X_REQUEST_ID")),
+            ip=client_ip(request),
+            user_agent=request.META.get("HTTP_USER_AGENT", "")[:512],
+        )
+        request.request_id = ctx.request_id  # type: ignore[attr-defined]
+        with context.bound(ctx):
+            response = self.get_response(request)
+        response["X-Request-ID"] = ctx.request_id
+        return response
+
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        # Plotly sets inline style attributes on the charts it draws; scripts stay strictly same-origin.
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data:",
+        "font-src 'self'",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+
+
+class SecurityHeadersMiddleware:
+    def __init__(self, get_response: Handler) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        response.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=()")
+        response.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+        if request.path.startswith("/api/") or getattr(request, "user", None) and request.user.is_authenticated:
+            # Pages with a user's data must not linger in shared caches or the back button of a shared machine.
+            response.setdefault("Cache-Control", "no-store")
+        return response
+
+
+class IdleSessionTimeoutMiddleware:
+    """Sign out a browser session idle for longer than PORTAL_SESSION_IDLE_MINUTES.
+
+    The last-seen time is written at most once a minute so that a busy page does not save the session each request.
+    """
+
+    KEY = "portal_last_seen"
+
+    def __init__(self, get_response: Handler) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        user: Any = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and hasattr(request, "session"):
+            now = int(time.time())
+            last_seen = request.session.get(self.KEY)
+            if isinstance(last_seen, int) and now - last_seen > settings.SESSION_IDLE_SECONDS:
+                from portal.services import session_expire
+
+                session_expire(request=request, user=user, idle_seconds=now - last_seen)
+                logout(request)
+                request.session["portal_expired"] = True
+            elif not isinstance(last_seen, int) or now - last_seen >= 60:
+                request.session[self.KEY] = now
+        return self.get_response(request)

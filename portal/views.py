@@ -1,0 +1,280 @@
+"""Pages for signing in and out, the home page, the account page, the audit trail, and health probes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import authenticate, login, logout
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_protect
+from django.views.decorators.debug import sensitive_post_parameters
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from portal import selectors, services
+from portal.api.errors import json_error_response
+from portal.audit import audit_chain_verify
+from portal.forms import AuditFilterForm, LoginForm, TokenCreateForm
+from portal.models import ApiToken
+from portal.permissions import has_capability, require_capability
+from portal.roles import ROLE_LABELS, roles_of
+
+logger = logging.getLogger(__name__)
+
+CAPABILITY_TEXT = {
+    "view_models": "See your teams' registered models and versions",
+    "register_model": "Register models and upload versions",
+    "deploy_dev": "Deploy versions to dev",
+    "request_promotion": "Request promotion to stage and prod",
+    "approve_promotion": "Approve or reject promotions (never your own)",
+    "rollback_environment": "Roll an environment back",
+    "decide_trust": "Decide whether to trust a model file's unusual types",
+    "download_artifact": "Download model artifacts",
+    "run_batch": "Run batch scoring jobs",
+    "view_monitoring": "See monitoring pages",
+    "view_audit": "Search the audit trail and verify its chain",
+    "export_audit": "Export the audit trail with a signed manifest",
+    "manage_subjects": "Answer data subject access and erasure requests",
+    "view_sensitive": "See personal and health data in payloads",
+    "view_all_teams": "See every team's models",
+    "manage_teams": "Manage teams, users and roles",
+}
+
+
+# --- Sign in / out ------------------------------------------------------------------------------------------------
+
+@sensitive_post_parameters("password")
+@csrf_protect
+@never_cache
+@require_http_methods(["GET", "POST"])
+def login_view(request: HttpRequest) -> HttpResponse:
+    next_url = request.POST.get("next") or request.GET.get("next") or ""
+    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()},
+                                           require_https=request.is_secure()):
+        next_url = ""
+    if request.user.is_authenticated:
+        return redirect(next_url or settings.LOGIN_REDIRECT_URL)
+    expired = request.session.pop("portal_expired", False)
+    form = LoginForm(request.POST or None)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            username = form.cleaned_data["username"]
+            user = authenticate(request, username=username, password=form.cleaned_data["password"])
+            if user is not None:
+                login(request, user)
+                services.session_login(request=request, user=user)
+                return redirect(next_url or settings.LOGIN_REDIRECT_URL)
+            if getattr(request, "axes_locked_out", False):
+                services.session_locked_out(username=username)
+                return lockout_response(request)
+            services.session_login_failed(username=username)
+            form.add_error(None, "Wrong username or password.")
+        status = 400 if form.errors and not form.non_field_errors() else 200
+    return render(request, "registration/login.html", {"form": form, "next": next_url, "expired": expired},
+                  status=status)
+
+
+def lockout_response(request: HttpRequest, original_response: HttpResponse | None = None,
+                     credentials: dict[str, Any] | None = None) -> HttpResponse:
+    """What a locked-out browser sees (django-axes calls this too)."""
+    minutes = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
+    message = (f"Too many failed sign-ins. This account is locked from your address for {minutes} minutes; "
+               "ask an administrator if you need it sooner.")
+    if request.path.startswith("/api/"):
+        return json_error_response(request, 429, "locked_out", message)
+    return render(request, "registration/login.html",
+                  {"form": LoginForm(), "locked_out": True, "lockout_message": message}, status=429)
+
+
+@require_POST
+def logout_view(request: HttpRequest) -> HttpResponse:
+    if request.user.is_authenticated:
+        services.session_logout(request=request, user=request.user)
+    logout(request)
+    messages.info(request, "You are signed out.")
+    return redirect(settings.LOGOUT_REDIRECT_URL)
+
+
+# --- Home and account ---------------------------------------------------------------------------------------------
+
+@login_required
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    user: Any = request.user
+    roles = roles_of(user)
+    caps = [code for code in CAPABILITY_TEXT if has_capability(user, code)]
+    teams = selectors.team_list(user=user).prefetch_related("members")
+    return render(request, "portal/home.html", {
+        "roles": [ROLE_LABELS.get(r, r) for r in roles],
+        "capabilities": [CAPABILITY_TEXT[c] for c in caps],
+        "teams": teams,
+        "all_teams": has_capability(user, "view_all_teams"),
+        "recent": selectors.audit_events_for_user(user=user, limit=10),
+    })
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def account(request: HttpRequest) -> HttpResponse:
+    user: Any = request.user
+    form = TokenCreateForm(request.POST or None)
+    new_token = None
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                token, new_token = services.token_create(
+                    user=user, name=form.cleaned_data["name"],
+                    expires_in_days=form.cleaned_data.get("expires_in_days"), actor=user)
+                form = TokenCreateForm()
+            except ValidationError as exc:
+                for field, errs in exc.message_dict.items():
+                    form.add_error(field if field in form.fields else None, errs)
+                status = 400
+        else:
+            status = 400
+    # The secret is rendered in this response only and never stored, so no redirect-after-post here.
+    return render(request, "portal/account.html", {
+        "form": form,
+        "new_token": new_token,
+        "tokens": selectors.token_list(user=user),
+        "roles": [ROLE_LABELS.get(r, r) for r in roles_of(user)],
+        "teams": selectors.team_list(user=user),
+        "recent": selectors.audit_events_for_user(user=user, limit=20),
+    }, status=status)
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, uid: str) -> HttpResponse:
+    token = ApiToken.objects.filter(uid=uid, user=request.user).first()
+    if token is None:
+        messages.error(request, "That token does not exist or is not yours.")
+        return redirect("portal:account")
+    services.token_revoke(token=token, actor=request.user)
+    messages.success(request, f"Token “{token.name}” is revoked; calls with it now fail.")
+    return redirect("portal:account")
+
+
+# --- Audit trail --------------------------------------------------------------------------------------------------
+
+@login_required
+@require_GET
+def audit(request: HttpRequest) -> HttpResponse:
+    require_capability(request.user, "view_audit")
+    form = AuditFilterForm(request.GET or None)
+    events = selectors.audit_event_list()
+    status = 200
+    if request.GET:
+        if form.is_valid():
+            filters = {k: v for k, v in form.cleaned_data.items() if v not in ("", None)}
+            events = selectors.audit_event_list(**filters)
+        else:
+            status = 400
+            events = events.none()
+    page = Paginator(events, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "portal/audit.html", {"form": form, "page": page, "query": query.urlencode()},
+                  status=status)
+
+
+@login_required
+@require_POST
+def audit_verify(request: HttpRequest) -> HttpResponse:
+    require_capability(request.user, "view_audit")
+    verdict = audit_chain_verify(actor=request.user)
+    if verdict.ok:
+        messages.success(request, f"The chain holds: {verdict.events} events, head {verdict.head[:16]}…")
+    else:
+        messages.error(request, f"The chain is broken at event #{verdict.first_bad}: {verdict.reason}.")
+    return redirect("portal:audit")
+
+
+# --- Probes -------------------------------------------------------------------------------------------------------
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"status": "ok"})
+
+
+def _check_database() -> str | None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"database: {type(exc).__name__}"
+    return None
+
+
+def _check_broker() -> str | None:
+    url = settings.CELERY_BROKER_URL
+    try:
+        if settings.BROKER_IS_FILESYSTEM:
+            folder = Path(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"])
+            if not folder.is_dir() or not (folder.stat().st_mode & 0o200):
+                return "broker: queue folder missing or read-only"
+        elif url.startswith(("redis://", "rediss://")):
+            import redis
+
+            redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+        else:
+            from kombu import Connection
+
+            with Connection(url, connect_timeout=1) as conn:
+                conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"broker: {type(exc).__name__}"
+    return None
+
+
+@require_GET
+def readyz(request: HttpRequest) -> JsonResponse:
+    problems = [p for p in (_check_database(), _check_broker()) if p]
+    body = {"status": "ok" if not problems else "unavailable", "checks": {
+        "database": "ok" if not any(p.startswith("database") for p in problems) else "failing",
+        "broker": "ok" if not any(p.startswith("broker") for p in problems) else "failing",
+    }}
+    if problems:
+        logger.warning("readiness check failed: %s", "; ".join(problems))
+        return JsonResponse(body, status=503)
+    return JsonResponse(body)
+
+
+# --- Errors: JSON under /api/, pages elsewhere ----------------------------------------------------------------------
+
+def _error(request: HttpRequest, status: int, code: str, message: str, template: str) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return json_error_response(request, status, code, message)
+    return render(request, template, {"message": message, "status": status}, status=status)
+
+
+def error_400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return _error(request, 400, "bad_request", "The request could not be understood.", "errors/error.html")
+
+
+def error_403(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    message = str(exception) if exception and str(exception) else "You do not have permission to do this."
+    return _error(request, 403, "permission_denied", message, "errors/error.html")
+
+
+def error_404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    return _error(request, 404, "not_found", "There is nothing at this address.", "errors/error.html")
+
+
+def error_500(request: HttpRequest) -> HttpResponse:
+    return _error(request, 500, "server_error", "The portal failed to handle this request; it has been logged.",
+                  "errors/error.html")
+

@@ -166,7 +166,9 @@ def audit_record(
 
     with transaction.atomic():
         # Taking the head row's lock *before* reading it is what keeps concurrent writers in one line.
-        AuditChainHead.objects.filter(pk=1).update(seq=F("seq") + 1)
+        if not AuditChainHead.objects.filter(pk=1).update(seq=F("seq") + 1):
+            _restore_head()
+            AuditChainHead.objects.filter(pk=1).update(seq=F("seq") + 1)
         head = AuditChainHead.objects.get(pk=1)
         prev_hash = head.hash
         document = event_document(
@@ -191,7 +193,7 @@ def audit_record(
         event = AuditEvent(
             seq=head.seq,
             timestamp=ts,
-            actor=user,
+            actor=user,  # type: ignore[misc]
             actor_username=document["actor"],
             action=document["action"],
             action_code=action.code,
@@ -212,6 +214,14 @@ def audit_record(
         event.save(force_insert=True)
         AuditChainHead.objects.filter(pk=1).update(hash=digest)
     return event
+
+
+def _restore_head() -> None:
+    """Recreate a missing head row (a database flushed by a test or restored without it) from the newest event."""
+    newest = AuditEvent.objects.order_by("-seq").values("seq", "hash").first()
+    AuditChainHead.objects.get_or_create(
+        pk=1, defaults={"seq": newest["seq"], "hash": newest["hash"]} if newest else {"seq": 0, "hash": GENESIS_HASH}
+    )
 
 
 # --- Verification -------------------------------------------------------------------------------------------------

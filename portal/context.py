@@ -28,7 +28,9 @@ class RequestContext:
         return asdict(self)
 
 
-_current: ContextVar[RequestContext] = ContextVar("portal_request_context", default=RequestContext())
+_current: ContextVar[RequestContext] = ContextVar(
+    "portal_request_context", default=RequestContext()  # noqa: B039 - frozen, so sharing it is safe
+)
 
 
 def current() -> RequestContext:

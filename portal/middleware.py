@@ -75,7 +75,7 @@ class SecurityHeadersMiddleware:
         response.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=()")
         response.setdefault("Cross-Origin-Resource-Policy", "same-origin")
-        if request.path.startswith("/api/") or getattr(request, "user", None) and request.user.is_authenticated:
+        if request.path.startswith("/api/") or (getattr(request, "user", None) and request.user.is_authenticated):
             # Pages with a user's data must not linger in shared caches or the back button of a shared machine.
             response.setdefault("Cache-Control", "no-store")
         return response

@@ -65,7 +65,7 @@ def login_view(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect(next_url or settings.LOGIN_REDIRECT_URL)
     expired = request.session.pop("portal_expired", False)
-    form = LoginForm(request.POST or None)
+    form = LoginForm(request.POST if request.method == "POST" else None)
     status = 200
     if request.method == "POST":
         if form.is_valid():
@@ -128,13 +128,13 @@ def home(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def account(request: HttpRequest) -> HttpResponse:
     user: Any = request.user
-    form = TokenCreateForm(request.POST or None)
+    form = TokenCreateForm(request.POST if request.method == "POST" else None)
     new_token = None
     status = 200
     if request.method == "POST":
         if form.is_valid():
             try:
-                token, new_token = services.token_create(
+                _token, new_token = services.token_create(
                     user=user, name=form.cleaned_data["name"],
                     expires_in_days=form.cleaned_data.get("expires_in_days"), actor=user)
                 form = TokenCreateForm()
@@ -158,7 +158,7 @@ def account(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def token_revoke(request: HttpRequest, uid: str) -> HttpResponse:
-    token = ApiToken.objects.filter(uid=uid, user=request.user).first()
+    token = ApiToken.objects.filter(uid=uid, user_id=int(request.user.pk or 0)).first()
     if token is None:
         messages.error(request, "That token does not exist or is not yours.")
         return redirect("portal:account")
@@ -214,16 +214,16 @@ def _check_database() -> str | None:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             cursor.fetchone()
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:  # any failure means not ready
         return f"database: {type(exc).__name__}"
     return None
 
 
 def _check_broker() -> str | None:
-    url = settings.CELERY_BROKER_URL
+    url = str(settings.CELERY_BROKER_URL)
     try:
         if settings.BROKER_IS_FILESYSTEM:
-            folder = Path(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"])
+            folder = Path(str(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]))
             if not folder.is_dir() or not (folder.stat().st_mode & 0o200):
                 return "broker: queue folder missing or read-only"
         elif url.startswith(("redis://", "rediss://")):
@@ -235,7 +235,7 @@ def _check_broker() -> str | None:
 
             with Connection(url, connect_timeout=1) as conn:
                 conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:  # any failure means not ready
         return f"broker: {type(exc).__name__}"
     return None
 

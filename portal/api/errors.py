@@ -61,8 +61,9 @@ def exception_handler(exc: Exception, ctx: dict[str, Any]) -> Response | None:
         codes = exc.get_codes()
         code = codes if isinstance(codes, str) else exc.default_code
         body = error_body(str(code), str(exc.detail), None)
-        if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-            body["error"]["details"] = {"retry_after_seconds": int(exc.wait)}
+        wait = getattr(exc, "wait", None)
+        if isinstance(exc, exceptions.Throttled) and wait is not None:
+            body["error"]["details"] = {"retry_after_seconds": int(wait)}
     response.data = body
     return response
 

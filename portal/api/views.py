@@ -63,7 +63,7 @@ class TokenListCreateApi(APIView):
 class TokenRevokeApi(APIView):
     @extend_schema(request=None, responses=TokenSerializer, summary="Revoke one of the caller's tokens")
     def delete(self, request: Request, uid: str) -> Response:
-        token = ApiToken.objects.filter(uid=uid, user=request.user).first()
+        token = ApiToken.objects.filter(uid=uid, user_id=int(request.user.pk or 0)).first()
         if token is None:
             raise Http404("No token of yours has that id.")
         token = services.token_revoke(token=token, actor=request.user)

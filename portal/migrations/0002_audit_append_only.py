@@ -36,7 +36,7 @@ def install(apps: Any, schema_editor: Any) -> None:
     AuditChainHead.objects.get_or_create(pk=1, defaults={"seq": 0, "hash": "0" * 64})
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":
-        schema_editor.execute(PG_INSTALL)
+        schema_editor.execute(PG_INSTALL, params=None)
     elif vendor == "sqlite":
         AuditEvent = apps.get_model("portal", "AuditEvent")
         columns = [f.column for f in AuditEvent._meta.concrete_fields if f.column != "actor_id"]

@@ -1,0 +1,86 @@
+"""Personas, API clients and helpers shared by every test.
+
+The personas: a data scientist, two approvers, a compliance officer, an admin, a viewer, all in team ``acme``;
+and an outsider, a data scientist of team ``other``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from rest_framework.test import APIClient
+
+from portal import services
+from portal.models import Membership, Team
+from portal.roles import ADMIN, APPROVER, COMPLIANCE_OFFICER, DATA_SCIENTIST, VIEWER, sync_roles
+
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API runs an event loop.
+
+PASSWORD = "persona-pass-123456"
+
+
+@pytest.fixture
+def make_user(db: Any) -> Callable[..., Any]:
+    User = get_user_model()
+
+    def make(username: str, role: str | None, teams: list[str] | tuple[str, ...] = ("acme",), **extra: Any) -> Any:
+        sync_roles()
+        user = User.objects.create_user(username=username, password=PASSWORD, email=f"{username}@example.invalid",
+                                        **extra)
+        if role:
+            user.groups.add(Group.objects.get(name=role))
+        for slug in teams:
+            team, _ = Team.objects.get_or_create(slug=slug, defaults={"name": slug.title()})
+            Membership.objects.get_or_create(team=team, user=user)
+        return user
+
+    return make
+
+
+@pytest.fixture
+def personas(make_user: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        "ds": make_user("dana", DATA_SCIENTIST),
+        "approver1": make_user("alex", APPROVER),
+        "approver2": make_user("blair", APPROVER),
+        "compliance": make_user("casey", COMPLIANCE_OFFICER),
+        "admin": make_user("ada", ADMIN, is_staff=True, is_superuser=True),
+        "viewer": make_user("vic", VIEWER),
+        "outsider": make_user("olly", DATA_SCIENTIST, teams=("other",)),
+    }
+
+
+@pytest.fixture
+def api_as(db: Any) -> Callable[[Any], APIClient]:
+    """An API client authenticated with a real bearer token of ``user`` (None: anonymous)."""
+
+    def client_for(user: Any) -> APIClient:
+        client = APIClient()
+        if user is not None:
+            _token, plaintext = services.token_create(user=user, name="tests", actor=user)
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+        return client
+
+    return client_for
+
+
+def assert_error_shape(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, (response.status_code, response.content[:500])
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "details"}, body
+    assert body["error"]["message"], body
+    if code:
+        assert body["error"]["code"] == code, body
+    return body
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the portal's and the test run's settings, plus ``extra``."""
+    dropped = ("PORTAL_", "DATABASE_URL", "CELERY_", "DJANGO_")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(dropped)}, **extra}

@@ -1,0 +1,26 @@
+"""Test settings: the real settings module, pointed at PostgreSQL and Redis unless told otherwise.
+
+.ci/run exports DATABASE_URL and CELERY_BROKER_URL; on a developer's machine of this kind the local services are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_root = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PORTAL_SECRET_KEY", "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz")
+os.environ.setdefault("PORTAL_DEBUG", "0")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portal")
+os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
+os.environ.setdefault("PORTAL_SECURE_SSL_REDIRECT", "0")
+os.environ.setdefault("PORTAL_SECURE_COOKIES", "0")
+os.environ.setdefault("PORTAL_HSTS_SECONDS", "0")
+os.environ.setdefault("PORTAL_VAR_DIR", str(_root / "var" / "test"))
+os.environ.setdefault("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,testserver")
+
+from portal.settings import *
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+WHITENOISE_USE_FINDERS = True

@@ -54,6 +54,15 @@ class AuditAction(enum.Enum):
     ADMIN_ADD = (1131, "admin.add")
     ADMIN_CHANGE = (1132, "admin.change")
     ADMIN_DELETE = (1133, "admin.delete")
+    # 2000: registry
+    MODEL_REGISTER = (2001, "model.register")
+    VERSION_UPLOAD = (2011, "version.upload")
+    VERSION_UPLOAD_REJECTED = (2012, "version.upload_rejected")
+    VERSION_SCAN_VERDICT = (2013, "version.scan_verdict")
+    VERSION_TRUST_DECISION = (2014, "version.trust_decision")
+    VERSION_DOWNLOAD = (2015, "version.download")
+    REFERENCE_DOWNLOAD = (2016, "reference.download")
+    TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")

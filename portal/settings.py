@@ -231,8 +231,27 @@ STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "staticfiles"
 STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
+ARTIFACT_STORAGE = env_choice("PORTAL_ARTIFACT_STORAGE", "file", choices={"file", "s3"})
+if ARTIFACT_STORAGE == "s3":
+    _artifacts: dict[str, object] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env_str("PORTAL_S3_BUCKET", required=True),
+            "endpoint_url": env_optional("PORTAL_S3_ENDPOINT_URL"),
+            "region_name": env_optional("PORTAL_S3_REGION"),
+            "access_key": env_optional("PORTAL_S3_ACCESS_KEY_ID"),
+            "secret_key": env_optional("PORTAL_S3_SECRET_ACCESS_KEY"),
+            "file_overwrite": False,
+            "default_acl": None,
+            "querystring_auth": True,
+        },
+    }
+else:
+    _artifacts = {"BACKEND": "django.core.files.storage.FileSystemStorage",
+                  "OPTIONS": {"location": VAR_DIR / "artifacts", "file_permissions_mode": 0o640}}
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": VAR_DIR / "media"}},
+    "artifacts": _artifacts,
     "staticfiles": {
         "BACKEND": (
             "django.contrib.staticfiles.storage.StaticFilesStorage"
@@ -296,6 +315,19 @@ LOGGING = {
         "axes": {"level": "WARNING"},
     },
 }
+
+# --- Uploads: streamed to disk, never held in memory --------------------------------------------------------
+FILE_UPLOAD_TEMP_DIR = VAR_DIR / "uploads"
+FILE_UPLOAD_TEMP_DIR.mkdir(exist_ok=True)
+FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+FILE_UPLOAD_HANDLERS = ["registry.uploads.HashingUploadHandler"]
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # form fields other than files
+PORTAL_MAX_UPLOAD_BYTES = env_int("PORTAL_MAX_UPLOAD_MB", 8192, minimum=1) * 1024 * 1024
+PORTAL_MAX_UNPACKED_BYTES = env_int("PORTAL_MAX_UNPACKED_MB", 16384, minimum=1) * 1024 * 1024
+PORTAL_MAX_ARCHIVE_MEMBERS = env_int("PORTAL_MAX_ARCHIVE_MEMBERS", 10000, minimum=1)
+PORTAL_MAX_COMPRESSION_RATIO = env_int("PORTAL_MAX_COMPRESSION_RATIO", 200, minimum=2)
+PORTAL_SANDBOX_TIMEOUT_SECONDS = env_int("PORTAL_SANDBOX_TIMEOUT_SECONDS", 120, minimum=5)
+PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
 
 # --- Portal ---------------------------------------------------------------------------------------------------
 PORTAL_DEMO_PASSWORD = env_str("PORTAL_DEMO_PASSWORD", "demo-pass-123")

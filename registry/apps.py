@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class RegistryConfig(AppConfig):
     name = "registry"
     verbose_name = "Model registry"
+
+    def ready(self) -> None:
+        from portal.management.commands.seed_demo import SEED_HOOKS
+        from registry.demo import seed
+
+        if seed not in SEED_HOOKS:
+            SEED_HOOKS.append(seed)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from registry.models import MODEL_NAME_VALIDATOR, ModelVersion, RegisteredModel
+
+
+def _username(user: Any) -> str | None:
+    return user.get_username() if user is not None else None
+
+
+class VersionSummarySerializer(serializers.ModelSerializer[ModelVersion]):
+    sha256 = serializers.CharField(source="artifact_sha256")
+    size = serializers.IntegerField(source="artifact_size")
+    uploaded_by = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = ["number", "status", "format", "sha256", "size", "metrics", "uploaded_by", "created_at"]
+
+    def get_uploaded_by(self, obj: ModelVersion) -> str | None:
+        return _username(obj.uploaded_by)
+
+
+class ModelSerializer(serializers.ModelSerializer[RegisteredModel]):
+    team = serializers.CharField(source="team.slug")
+    created_by = serializers.SerializerMethodField()
+    latest_version = serializers.IntegerField(read_only=True, required=False)
+
+    class Meta:
+        model = RegisteredModel
+        fields = ["name", "team", "description", "tags", "created_by", "created_at", "latest_version"]
+
+    def get_created_by(self, obj: RegisteredModel) -> str | None:
+        return _username(obj.created_by)
+
+
+class ModelDetailSerializer(ModelSerializer):
+    versions = serializers.SerializerMethodField()
+
+    class Meta(ModelSerializer.Meta):
+        fields = [*ModelSerializer.Meta.fields, "versions"]
+
+    def get_versions(self, obj: RegisteredModel) -> list[dict[str, Any]]:
+        return list(VersionSummarySerializer(obj.versions.select_related("uploaded_by").order_by("-number"),
+                                             many=True).data)
+
+
+class ModelCreateInput(serializers.Serializer[Any]):
+    name = serializers.CharField(max_length=100, validators=[MODEL_NAME_VALIDATOR])
+    team = serializers.SlugField(max_length=64)
+    description = serializers.CharField(required=False, allow_blank=True, max_length=5000)
+    tags = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
+
+
+class VersionUploadInput(serializers.Serializer[Any]):
+    file = serializers.FileField(help_text="zip of an MLflow model directory, .skops, .onnx, .pkl or .joblib")
+    reference_data = serializers.FileField(required=False, help_text="CSV or Parquet")
+    metrics = serializers.CharField(required=False, allow_blank=True, help_text='JSON object, e.g. {"auc": 0.97}')
+    description = serializers.CharField(required=False, allow_blank=True, max_length=5000)
+    mlflow_run_id = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    source = serializers.CharField(required=False, allow_blank=True, max_length=500)
+    git_commit = serializers.RegexField(r"^[0-9a-fA-F]{7,64}$", required=False, allow_blank=True)
+    training_data_hash = serializers.CharField(required=False, allow_blank=True, max_length=128)
+    intended_use = serializers.CharField(required=False, allow_blank=True, max_length=10000)
+    limitations = serializers.CharField(required=False, allow_blank=True, max_length=10000)
+    ethical_considerations = serializers.CharField(required=False, allow_blank=True, max_length=10000)
+
+
+class TrustDecisionInput(serializers.Serializer[Any]):
+    trust = serializers.BooleanField()
+    reason = serializers.CharField(max_length=2000)
+    remember_for_team = serializers.BooleanField(required=False, default=False)
+
+
+class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
+    model = serializers.CharField(source="model.name")
+    sha256 = serializers.CharField(source="artifact_sha256")
+    size = serializers.IntegerField(source="artifact_size")
+    uploaded_by = serializers.SerializerMethodField()
+    lineage = serializers.SerializerMethodField()
+    model_card = serializers.SerializerMethodField()
+    scan = serializers.SerializerMethodField()
+    reference_data = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = ["model", "number", "status", "status_detail", "sha256", "size", "format", "flavors", "signature",
+                  "input_example", "metrics", "params", "description", "uploaded_by", "created_at", "lineage",
+                  "model_card", "scan", "reference_data"]
+
+    def get_uploaded_by(self, obj: ModelVersion) -> str | None:
+        return _username(obj.uploaded_by)
+
+    def get_lineage(self, obj: ModelVersion) -> dict[str, str]:
+        return {"mlflow_run_id": obj.mlflow_run_id, "source": obj.source, "git_commit": obj.git_commit,
+                "training_data_hash": obj.training_data_hash}
+
+    def get_model_card(self, obj: ModelVersion) -> dict[str, str]:
+        return {"intended_use": obj.intended_use, "limitations": obj.limitations,
+                "ethical_considerations": obj.ethical_considerations}
+
+    def get_scan(self, obj: ModelVersion) -> dict[str, Any]:
+        return {"findings": obj.scan_findings, "untrusted_types": obj.untrusted_types,
+                "trust_state": obj.trust_state, "trust_decided_by": _username(obj.trust_decided_by),
+                "trust_decided_at": obj.trust_decided_at, "trust_reason": obj.trust_reason,
+                "scanned_at": obj.scanned_at, "sandbox": obj.sandbox_report}
+
+    def get_reference_data(self, obj: ModelVersion) -> dict[str, Any] | None:
+        ref = obj.reference
+        if ref is None:
+            return None
+        return {"sha256": ref.blob.sha256, "size": ref.blob.size, "format": ref.format, "rows": ref.rows,
+                "profile": ref.profile}

@@ -1,0 +1,153 @@
+"""REST API of the registry: models, version uploads, trust decisions and downloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import ValidationError
+from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from portal.api.errors import error_body
+from portal.api.pagination import PortalPagination
+from portal.models import Team
+from portal.permissions import get_object_for_user
+from registry import selectors, services, storage
+from registry.api.serializers import (
+    ModelCreateInput,
+    ModelDetailSerializer,
+    ModelSerializer,
+    TrustDecisionInput,
+    VersionSerializer,
+    VersionUploadInput,
+)
+from registry.scanning.findings import UploadRejected
+
+
+def upload_rejected_response(exc: UploadRejected) -> Response:
+    findings = [f.as_dict() for f in exc.findings]
+    message = "The upload was refused: " + "; ".join(f.message for f in exc.findings[:3])
+    return Response(error_body("upload_rejected", message, {"findings": findings}),
+                    status=status.HTTP_422_UNPROCESSABLE_ENTITY)
+
+
+def too_large_response() -> Response:
+    from django.conf import settings
+
+    limit_mb = settings.PORTAL_MAX_UPLOAD_BYTES // (1024 * 1024)
+    return Response(error_body("too_large", f"The file is larger than the upload limit of {limit_mb} MB.",
+                               {"limit_bytes": settings.PORTAL_MAX_UPLOAD_BYTES}),
+                    status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+
+
+class ModelListCreateApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("search", OpenApiTypes.STR), OpenApiParameter("team", OpenApiTypes.STR)],
+                   responses=ModelSerializer(many=True), summary="Registered models of the caller's teams")
+    def get(self, request: Request) -> Response:
+        qs = selectors.model_list(user=request.user, search=request.query_params.get("search", ""),
+                                  team=request.query_params.get("team", ""))
+        paginator = PortalPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(ModelSerializer(page, many=True).data)
+
+    @extend_schema(request=ModelCreateInput, responses={201: ModelSerializer}, summary="Register a model")
+    def post(self, request: Request) -> Response:
+        data = ModelCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk",
+                                   slug=data.validated_data["team"])
+        model = services.model_register(name=data.validated_data["name"], team=team,
+                                        description=data.validated_data.get("description", ""),
+                                        tags=data.validated_data.get("tags"), actor=request.user)
+        return Response(ModelSerializer(model).data, status=status.HTTP_201_CREATED)
+
+
+class ModelDetailApi(APIView):
+    @extend_schema(responses=ModelDetailSerializer, summary="One model with its versions")
+    def get(self, request: Request, name: str) -> Response:
+        return Response(ModelDetailSerializer(selectors.model_get(user=request.user, name=name)).data)
+
+
+class VersionUploadApi(APIView):
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(request={"multipart/form-data": VersionUploadInput}, responses={201: VersionSerializer},
+                   summary="Upload a version (multipart); it is scanned before it is stored")
+    def post(self, request: Request, name: str) -> Response:
+        model = selectors.model_get(user=request.user, name=name, action="register_model")
+        files = request.FILES  # parses the body, streaming files to disk
+        if getattr(request._request, "portal_upload_too_large", False):
+            return too_large_response()
+        data = VersionUploadInput(data={**request.data.dict(), **files.dict()})
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        try:
+            meta = services.UploadMetadata(
+                description=values.get("description", ""),
+                metrics=services.validate_metrics(values.get("metrics")),
+                mlflow_run_id=values.get("mlflow_run_id", ""), source=values.get("source", ""),
+                git_commit=values.get("git_commit", ""), training_data_hash=values.get("training_data_hash", ""),
+                intended_use=values.get("intended_use", ""), limitations=values.get("limitations", ""),
+                ethical_considerations=values.get("ethical_considerations", ""),
+            )
+            version = services.version_upload(model=model, upload=values["file"],
+                                              reference=values.get("reference_data"), meta=meta, actor=request.user)
+        except UploadRejected as exc:
+            return upload_rejected_response(exc)
+        return Response(VersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+
+class VersionDetailApi(APIView):
+    @extend_schema(responses=VersionSerializer, summary="A version: hash, status, findings, signature, metrics")
+    def get(self, request: Request, name: str, number: int) -> Response:
+        return Response(VersionSerializer(selectors.version_get(user=request.user, name=name, number=number)).data)
+
+
+class VersionTrustApi(APIView):
+    @extend_schema(request=TrustDecisionInput, responses=VersionSerializer,
+                   summary="Approver's decision on a version's untrusted skops types")
+    def post(self, request: Request, name: str, number: int) -> Response:
+        version = selectors.version_get(user=request.user, name=name, number=number, action="decide_trust")
+        data = TrustDecisionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = services.version_trust_decide(version=version, trust=data.validated_data["trust"],
+                                                reason=data.validated_data["reason"],
+                                                remember_for_team=data.validated_data["remember_for_team"],
+                                                actor=request.user)
+        return Response(VersionSerializer(version).data)
+
+
+def _download(blob: Any, filename: str) -> FileResponse:
+    handle = storage.stream_blob(blob)
+    response = FileResponse(handle, as_attachment=True, filename=filename, content_type="application/octet-stream")
+    response["X-Content-SHA256"] = blob.sha256
+    return response
+
+
+class VersionArtifactApi(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+                   summary="Download the version's artifact (hash verified; audited)")
+    def get(self, request: Request, name: str, number: int) -> Any:
+        version = selectors.version_get(user=request.user, name=name, number=number, action="download_artifact")
+        if version.artifact is None:
+            raise ValidationError({"artifact": "This version was rejected; its file was not kept."})
+        services.version_download_record(version=version, actor=request.user)
+        ext = {"mlflow": "zip", "skops": "skops", "onnx": "onnx", "pickle": "pkl", "joblib": "joblib"}[version.format]
+        return _download(version.artifact, f"{version.model.name}-v{version.number}.{ext}")
+
+
+class VersionReferenceApi(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+                   summary="Download the version's reference data (audited)")
+    def get(self, request: Request, name: str, number: int) -> Any:
+        version = selectors.version_get(user=request.user, name=name, number=number, action="download_artifact")
+        if version.reference is None:
+            raise ValidationError({"reference_data": "This version has no reference data."})
+        services.reference_download_record(version=version, actor=request.user)
+        return _download(version.reference.blob, f"{version.model.name}-v{version.number}-reference.{version.reference.format}")

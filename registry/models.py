@@ -1,0 +1,159 @@
+"""Registered models, their immutable versions, artifacts (content-addressed blobs) and reference data."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from portal.models import Team
+
+MODEL_NAME_VALIDATOR = RegexValidator(
+    r"^[a-z0-9](?:[a-z0-9-]{0,98}[a-z0-9])?$",
+    "Use 1 to 100 lowercase letters, digits and hyphens, starting and ending with a letter or digit.",
+)
+
+
+class Blob(models.Model):
+    """A stored file, named by its SHA-256. Never overwritten; the hash is checked again on every read."""
+
+    sha256 = models.CharField(max_length=64, unique=True)
+    size = models.BigIntegerField()
+    storage_name = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]}… ({self.size} bytes)"
+
+
+class RegisteredModel(models.Model):
+    name = models.CharField(max_length=100, unique=True, validators=[MODEL_NAME_VALIDATOR])
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="models")
+    description = models.TextField(blank=True)
+    tags = models.JSONField(default=list, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelFormat(models.TextChoices):
+    MLFLOW = "mlflow", "MLflow model directory"
+    SKOPS = "skops", "skops"
+    ONNX = "onnx", "ONNX"
+    PICKLE = "pickle", "pickle"
+    JOBLIB = "joblib", "joblib"
+
+
+class VersionStatus(models.TextChoices):
+    SCANNING = "scanning", "Scanning"
+    READY = "ready", "Ready"
+    REJECTED = "rejected", "Rejected"
+
+
+class TrustState(models.TextChoices):
+    NOT_NEEDED = "not_needed", "Not needed"
+    PENDING = "pending", "Waiting for an approver"
+    TRUSTED = "trusted", "Trusted"
+    REFUSED = "refused", "Refused"
+
+
+class ReferenceData(models.Model):
+    """Training or validation data stored with a version and profiled once, for drift monitoring."""
+
+    blob = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="+")
+    format = models.CharField(max_length=16)  # csv | parquet
+    rows = models.BigIntegerField(null=True)
+    profile = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"reference {self.blob.sha256[:12]}…"
+
+
+class ModelVersion(models.Model):
+    """One uploaded version. Invariant: what was uploaded (artifact, metadata, lineage, card) never changes; only
+    the outcome of scanning and the trust decision are filled in afterwards (``MUTABLE_FIELDS``)."""
+
+    MUTABLE_FIELDS = frozenset({
+        "status", "status_detail", "scan_findings", "untrusted_types", "trust_state", "trust_decided_by",
+        "trust_decided_at", "trust_reason", "scanned_at", "sandbox_report", "signature", "input_example",
+        "flavors", "artifact",
+    })
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="versions")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=VersionStatus.choices, default=VersionStatus.SCANNING)
+    status_detail = models.TextField(blank=True)
+    artifact = models.ForeignKey(Blob, null=True, on_delete=models.PROTECT, related_name="versions")
+    artifact_sha256 = models.CharField(max_length=64, db_index=True)
+    artifact_size = models.BigIntegerField()
+    original_filename = models.CharField(max_length=255, blank=True)
+    format = models.CharField(max_length=16, choices=ModelFormat.choices)
+    flavors = models.JSONField(default=list, blank=True)
+    signature = models.JSONField(default=dict, blank=True)
+    input_example = models.JSONField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    description = models.TextField(blank=True)
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    # Lineage
+    mlflow_run_id = models.CharField(max_length=64, blank=True)
+    source = models.CharField(max_length=500, blank=True)
+    git_commit = models.CharField(max_length=64, blank=True)
+    training_data_hash = models.CharField(max_length=128, blank=True)
+    # Model card
+    intended_use = models.TextField(blank=True)
+    limitations = models.TextField(blank=True)
+    ethical_considerations = models.TextField(blank=True)
+    # Scanning and trust
+    scan_findings = models.JSONField(default=list, blank=True)
+    untrusted_types = models.JSONField(default=list, blank=True)
+    trust_state = models.CharField(max_length=16, choices=TrustState.choices, default=TrustState.NOT_NEEDED)
+    trust_decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                         related_name="+")
+    trust_decided_at = models.DateTimeField(null=True, blank=True)
+    trust_reason = models.TextField(blank=True)
+    scanned_at = models.DateTimeField(null=True, blank=True)
+    sandbox_report = models.JSONField(default=dict, blank=True)
+    reference = models.ForeignKey(ReferenceData, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        ordering = ["model", "-number"]
+        constraints = [models.UniqueConstraint(fields=["model", "number"], name="version_unique_number")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} v{self.number}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.pk is not None and not kwargs.get("force_insert"):
+            fields = kwargs.get("update_fields")
+            if fields is None or not set(fields) <= self.MUTABLE_FIELDS:
+                raise ValueError("Model versions are immutable: only scan results and trust decisions may change.")
+        super().save(*args, **kwargs)
+
+
+class TeamTrustedType(models.Model):
+    """A standing trust decision: an approver trusted this skops type for all future uploads of the team."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="trusted_types")
+    type_name = models.CharField(max_length=255)
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    decided_at = models.DateTimeField(default=timezone.now)
+    reason = models.TextField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "type_name"], name="team_trusted_type_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.type_name} for {self.team}"

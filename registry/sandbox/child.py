@@ -1,0 +1,183 @@
+"""The program that runs inside the sandbox. It never imports Django or the portal, and it has no secrets.
+
+    python -I child.py inspect-onnx PATH
+    python -I child.py smoke FORMAT PATH OPTIONS_JSON
+
+It prints one JSON object on its last line of stdout: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+MAX_EXAMPLE_ROWS = 20
+
+
+def _emit(payload: dict[str, Any]) -> None:
+    sys.stdout.write("\n" + json.dumps(payload, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _onnx_type(elem_type: int) -> str:
+    import onnx
+
+    name = onnx.TensorProto.DataType.Name(elem_type).lower()
+    return {"float": "float", "double": "double", "int64": "long", "int32": "integer", "string": "string",
+            "bool": "boolean"}.get(name, name)
+
+
+def inspect_onnx(path: str) -> dict[str, Any]:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(path, load_external_data=False)
+    base = os.path.dirname(os.path.abspath(path))
+    external = []
+    for tensor in list(model.graph.initializer):
+        if uses_external_data(tensor):
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            external.append({"tensor": tensor.name, "location": info.get("location", "")})
+    inputs = [{"name": i.name, "type": _onnx_type(i.type.tensor_type.elem_type),
+               "shape": [d.dim_value or None for d in i.type.tensor_type.shape.dim]} for i in model.graph.input]
+    outputs = [{"name": o.name, "type": _onnx_type(o.type.tensor_type.elem_type)} for o in model.graph.output]
+    return {"ok": True, "external_data": external, "inputs": inputs, "outputs": outputs, "base": base,
+            "opset": [op.version for op in model.opset_import]}
+
+
+def _frame(example: Any, columns: list[str] | None) -> Any:
+    import pandas as pd
+
+    if isinstance(example, dict) and "columns" in example and "data" in example:
+        return pd.DataFrame(example["data"], columns=example["columns"])
+    if isinstance(example, list) and example and isinstance(example[0], dict):
+        return pd.DataFrame(example)
+    return pd.DataFrame(example, columns=columns)
+
+
+def _type_of(dtype: Any) -> str:
+    kind = getattr(dtype, "kind", "O")
+    return {"f": "double", "i": "long", "u": "long", "b": "boolean", "U": "string", "S": "binary"}.get(kind, "string")
+
+
+def _predict(model: Any, frame: Any, fmt: str) -> tuple[Any, Any]:
+    import numpy as np
+
+    if fmt == "onnx":
+        session = model
+        first = session.get_inputs()[0]
+        feed = {first.name: frame.to_numpy(dtype=np.float32 if first.type == "tensor(float)" else np.float64)}
+        result = session.run(None, feed)
+        return np.asarray(result[0]).ravel(), None
+    proba = None
+    target = model
+    if hasattr(target, "predict_proba"):
+        try:
+            proba = np.asarray(target.predict_proba(frame))
+        except Exception:  # noqa: BLE001 - probabilities are optional
+            proba = None
+    return np.asarray(target.predict(frame)), proba
+
+
+def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    started = time.perf_counter()
+    columns = options.get("columns")
+    example = options.get("example")
+    if fmt == "mlflow":
+        import mlflow.pyfunc
+
+        model = mlflow.pyfunc.load_model(path)
+        meta = model.metadata
+        if example is None and meta.saved_input_example_info:
+            info = meta.saved_input_example_info
+            with open(os.path.join(path, info["artifact_path"]), encoding="utf-8") as fh:
+                example = json.load(fh)
+        target: Any = model
+        try:
+            raw = model.get_raw_model()
+            if hasattr(raw, "predict"):
+                target = raw
+        except Exception:  # noqa: BLE001 - not every flavor exposes its raw model
+            target = model
+    elif fmt == "skops":
+        import skops.io
+
+        target = skops.io.load(path, trusted=options.get("trusted_types") or [])
+    elif fmt in ("pickle", "joblib"):
+        import joblib
+
+        target = joblib.load(path)
+    elif fmt == "onnx":
+        import onnxruntime
+
+        options_ort = onnxruntime.SessionOptions()
+        options_ort.intra_op_num_threads = 1
+        target = onnxruntime.InferenceSession(path, sess_options=options_ort, providers=["CPUExecutionProvider"])
+    else:
+        return {"ok": False, "error": f"unknown format {fmt}"}
+    load_seconds = time.perf_counter() - started
+
+    feature_names = None
+    if fmt != "onnx":
+        names = getattr(target, "feature_names_in_", None)
+        feature_names = [str(n) for n in names] if names is not None else None
+        n_features = getattr(target, "n_features_in_", None)
+    else:
+        shape = target.get_inputs()[0].shape
+        n_features = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+    if columns is None:
+        columns = feature_names or ([f"f{i}" for i in range(n_features)] if n_features else None)
+    if example is None:
+        if not columns:
+            return {"ok": False, "error": "the model does not say how many inputs it takes and no example was given"}
+        example = {"columns": columns, "data": [[0.0] * len(columns)]}
+    frame = _frame(example, columns).head(MAX_EXAMPLE_ROWS)
+    if feature_names and list(frame.columns) != feature_names:
+        missing = [c for c in feature_names if c not in frame.columns]
+        if missing:
+            return {"ok": False, "error": f"the example lacks the model's inputs {missing[:5]}"}
+        frame = frame[feature_names]
+    started = time.perf_counter()
+    predictions, proba = _predict(target, frame, fmt)
+    predict_seconds = time.perf_counter() - started
+    if len(predictions) != len(frame):
+        return {"ok": False, "error": f"{len(frame)} example rows gave {len(predictions)} predictions"}
+    classes = getattr(target, "classes_", None)
+    return {
+        "ok": True,
+        "load_seconds": round(load_seconds, 4),
+        "predict_seconds": round(predict_seconds, 4),
+        "model_class": f"{type(target).__module__}.{type(target).__qualname__}",
+        "inputs": [{"name": str(c), "type": _type_of(frame[c].dtype), "required": True} for c in frame.columns],
+        "outputs": [{"type": _type_of(np.asarray(predictions).dtype), "required": True}],
+        "example": {"columns": [str(c) for c in frame.columns], "data": frame.head(5).to_numpy().tolist()},
+        "predictions": np.asarray(predictions)[:5].tolist(),
+        "has_proba": proba is not None,
+        "classes": [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else None,
+    }
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[1] == "inspect-onnx":
+            _emit(inspect_onnx(argv[2]))
+        elif argv[1] == "smoke":
+            _emit(smoke(argv[2], argv[3], json.loads(argv[4]) if len(argv) > 4 else {}))
+        else:
+            _emit({"ok": False, "error": f"unknown mode {argv[1]}"})
+    except MemoryError:
+        _emit({"ok": False, "error": "the model needed more memory than the sandbox allows"})
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a finding for a person to read
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        _emit({"ok": False, "error": detail[:2000]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

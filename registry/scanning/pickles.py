@@ -1,0 +1,306 @@
+"""Static scan of pickle and joblib streams against an allowlist of importable globals. Nothing is unpickled.
+
+The scanner walks the opcodes with ``pickletools.genops`` and simulates just enough of the pickle machine to know
+every global the stream would import: the strings on the stack and in the memo (so ``STACK_GLOBAL`` fed through
+``BINGET``/``MEMOIZE`` tricks is resolved, and one fed by anything computed is refused), and, for joblib, the
+``NumpyArrayWrapper`` state that says how many raw array bytes follow the wrapper (skipped) or that a nested pickle
+follows (scanned in turn, since joblib loads it with a plain unpickler).
+
+A global is allowed when it is on ``SAFE_CALLABLES``, or when it resolves, without being called, to a *class* defined
+in one of ``SAFE_CLASS_PACKAGES`` (scikit-learn, XGBoost, LightGBM, SciPy's sparse matrices, NumPy). Functions
+outside the explicit list are refused: ``sklearn.datasets.fetch_openml`` is importable but must not be callable from
+a model file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickletools
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+SAFE_CALLABLES: frozenset[tuple[str, str]] = frozenset({
+    ("copyreg", "_reconstructor"),
+    ("copy_reg", "_reconstructor"),
+    ("_codecs", "encode"),
+    ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "complex"), ("builtins", "bytearray"), ("builtins", "dict"), ("builtins", "list"),
+    ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bytes"),
+    ("builtins", "bool"), ("builtins", "range"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("collections", "Counter"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
+    ("numpy.random._pickle", "__generator_ctor"),
+    ("joblib.numpy_pickle", "NumpyArrayWrapper"), ("joblib.numpy_pickle_compat", "NDArrayWrapper"),
+    ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csc", "csc_matrix"),
+})
+SAFE_CLASS_PACKAGES = ("sklearn", "xgboost", "lightgbm", "scipy.sparse", "numpy")
+MAX_NESTING = 4
+
+
+class PickleRejected(Exception):
+    def __init__(self, message: str, *, global_name: str | None = None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
+
+
+@dataclass
+class PickleReport:
+    globals_seen: set[str] = field(default_factory=set)
+    arrays_skipped: int = 0
+    nested_pickles: int = 0
+
+
+def _in_packages(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def check_global(module: str, name: str) -> None:
+    """Raise PickleRejected unless ``module.name`` is allowed. Only trusted packages are ever imported here."""
+    qualified = f"{module}.{name}"
+    if (module, name) in SAFE_CALLABLES:
+        return
+    if not _in_packages(module, SAFE_CLASS_PACKAGES):
+        raise PickleRejected(f"it would import {qualified}, which is not on the allowlist of model classes",
+                             global_name=qualified)
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        raise PickleRejected(f"it refers to {qualified}, which does not exist in this portal's libraries",
+                             global_name=qualified) from None
+    if not isinstance(obj, type) or not _in_packages(getattr(obj, "__module__", "") or "", SAFE_CLASS_PACKAGES):
+        raise PickleRejected(f"it would call {qualified}, which is a function, not a model class",
+                             global_name=qualified)
+
+
+class _Mark:
+    pass
+
+
+@dataclass
+class _Global:
+    module: str
+    name: str
+
+
+@dataclass
+class _Call:
+    func: Any
+    args: Any
+    state: Any = None
+
+
+_UNKNOWN = object()
+_MARK = _Mark()
+
+
+def _joblib_wrapper_layout(state: Any) -> tuple[bool, int] | None:
+    """(has_object_dtype, byte count) of the raw data that follows a NumpyArrayWrapper, from its BUILD state."""
+    if not isinstance(state, dict):
+        return None
+    shape, dtype = state.get("shape"), state.get("dtype")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise PickleRejected("a joblib array has a shape that is not a tuple of sizes")
+    if not (isinstance(dtype, _Call) and isinstance(dtype.func, _Global) and dtype.func.name == "dtype"
+            and isinstance(dtype.args, tuple) and dtype.args and isinstance(dtype.args[0], str)):
+        raise PickleRejected("a joblib array's element type cannot be read statically")
+    import numpy as np
+
+    try:
+        code = dtype.args[0]
+        if isinstance(dtype.state, tuple) and len(dtype.state) > 1 and dtype.state[1] in "<>|=":
+            code = (dtype.state[1] if dtype.state[1] != "|" else "") + code
+        np_dtype = np.dtype(code)
+    except (TypeError, ValueError):
+        raise PickleRejected(f"a joblib array has an unknown element type {dtype.args[0]!r}") from None
+    count = 1
+    for d in shape:
+        count *= d
+    return np_dtype.hasobject, count * np_dtype.itemsize
+
+
+def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport | None = None,
+                depth: int = 0, size_limit: int | None = None) -> PickleReport:
+    """Scan one pickle from ``stream``'s current position up to its STOP opcode; raise PickleRejected on danger."""
+    report = report or PickleReport()
+    if depth > MAX_NESTING:
+        raise PickleRejected("pickles are nested deeper than any model file needs")
+    stack: list[Any] = []
+    metastack: list[list[Any]] = []
+    memo: dict[int, Any] = {}
+
+    def pop_mark() -> list[Any]:
+        nonlocal stack
+        items = stack
+        if not metastack:
+            raise PickleRejected("the pickle's structure is corrupt (unbalanced MARK)")
+        stack = metastack.pop()
+        return items
+
+    def top() -> Any:
+        if not stack:
+            raise PickleRejected("the pickle's structure is corrupt (empty stack)")
+        return stack[-1]
+
+    def pop() -> Any:
+        if not stack:
+            raise PickleRejected("the pickle's structure is corrupt (empty stack)")
+        return stack.pop()
+
+    try:
+        ops = pickletools.genops(stream)
+        for opcode, arg, _pos in ops:
+            name = opcode.name
+            if name in ("PROTO", "FRAME"):
+                continue
+            if name == "STOP":
+                return report
+            if name == "MARK":
+                metastack.append(stack)
+                stack = []
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                check_global(module, attr)
+                report.globals_seen.add(f"{module}.{attr}")
+                if name == "INST":
+                    pop_mark()
+                    stack.append(_UNKNOWN)
+                else:
+                    stack.append(_Global(module, attr))
+            elif name == "STACK_GLOBAL":
+                attr, module = pop(), pop()
+                if not (isinstance(module, str) and isinstance(attr, str)):
+                    raise PickleRejected("it builds the name of a function to import at load time "
+                                         "(STACK_GLOBAL from computed values), a known scanner bypass")
+                check_global(module, attr)
+                report.globals_seen.add(f"{module}.{attr}")
+                stack.append(_Global(module, attr))
+            elif name in ("PERSID", "BINPERSID"):
+                raise PickleRejected("it uses persistent ids, which hand loading over to unknown code")
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                raise PickleRejected("it imports through the copyreg extension registry, which hides the name")
+            elif name in ("REDUCE", "NEWOBJ"):
+                args, func = pop(), pop()
+                stack.append(_Call(func, args))
+            elif name == "NEWOBJ_EX":
+                _kwargs, args, func = pop(), pop(), pop()
+                stack.append(_Call(func, args))
+            elif name == "OBJ":
+                items = pop_mark()
+                stack.append(_Call(items[0] if items else _UNKNOWN, tuple(items[1:])))
+            elif name == "BUILD":
+                state = pop()
+                obj = top()
+                if isinstance(obj, _Call):
+                    obj.state = state
+                    func = obj.func
+                    if (joblib and isinstance(func, _Global) and func.name == "NumpyArrayWrapper"):
+                        _skip_joblib_array(stream, state, report, depth, size_limit)
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(int(arg), _UNKNOWN))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = top()
+            elif name == "MEMOIZE":
+                memo[len(memo)] = top()
+            elif name == "POP":
+                if stack:
+                    stack.pop()
+                else:
+                    pop_mark()
+            elif name == "POP_MARK":
+                pop_mark()
+            elif name == "DUP":
+                stack.append(top())
+            elif name in ("NONE",):
+                stack.append(None)
+            elif name in ("NEWTRUE", "NEWFALSE"):
+                stack.append(name == "NEWTRUE")
+            elif name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+                          "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                          "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"):
+                stack.append(arg)
+            elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+                stack.append({} if name == "EMPTY_DICT" else [])
+            elif name == "EMPTY_TUPLE":
+                stack.append(())
+            elif name in ("TUPLE", "LIST", "FROZENSET"):
+                items = pop_mark()
+                stack.append(tuple(items) if name == "TUPLE" else list(items))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                items = [pop() for _ in range(n)][::-1]
+                stack.append(tuple(items))
+            elif name == "DICT":
+                items = pop_mark()
+                stack.append(_pairs_to_dict(items))
+            elif name == "APPEND":
+                value = pop()
+                container = top()
+                if isinstance(container, list):
+                    container.append(value)
+            elif name in ("APPENDS", "ADDITEMS"):
+                items = pop_mark()
+                container = top()
+                if isinstance(container, list):
+                    container.extend(items)
+            elif name == "SETITEM":
+                value, key = pop(), pop()
+                container = top()
+                if isinstance(container, dict) and _hashable(key):
+                    container[key] = value
+            elif name == "SETITEMS":
+                items = pop_mark()
+                container = top()
+                if isinstance(container, dict):
+                    container.update(_pairs_to_dict(items))
+            elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
+                stack.append(_UNKNOWN)
+            else:
+                raise PickleRejected(f"it uses the opcode {name}, which model files do not need")
+    except PickleRejected:
+        raise
+    except (ValueError, EOFError, IndexError, UnicodeDecodeError) as exc:
+        raise PickleRejected(f"the pickle is corrupt or truncated ({exc})") from None
+    raise PickleRejected("the pickle ends without a STOP opcode (truncated)")
+
+
+def _hashable(key: Any) -> bool:
+    return isinstance(key, (str, int, float, bool, bytes, tuple, type(None)))
+
+
+def _pairs_to_dict(items: list[Any]) -> dict[Any, Any]:
+    result = {}
+    for k, v in zip(items[::2], items[1::2], strict=False):
+        if _hashable(k):
+            result[k] = v
+    return result
+
+
+def _skip_joblib_array(stream: IO[bytes], state: Any, report: PickleReport, depth: int,
+                       size_limit: int | None) -> None:
+    layout = _joblib_wrapper_layout(state)
+    if layout is None:
+        raise PickleRejected("a joblib array wrapper has no readable state")
+    has_object, nbytes = layout
+    if has_object:
+        report.nested_pickles += 1
+        scan_pickle(stream, joblib=False, report=report, depth=depth + 1, size_limit=size_limit)
+        return
+    if isinstance(state, dict) and state.get("numpy_array_alignment_bytes") is not None:
+        pad = stream.read(1)
+        if len(pad) != 1:
+            raise PickleRejected("a joblib array is truncated")
+        stream.seek(pad[0], 1)
+    if size_limit is not None and nbytes > size_limit:
+        raise PickleRejected("a joblib array claims more bytes than the whole file holds")
+    start = stream.tell()
+    stream.seek(nbytes, 1)
+    if size_limit is not None and stream.tell() > size_limit:
+        raise PickleRejected("a joblib array is truncated")
+    report.arrays_skipped += 1
+    del start

@@ -1,0 +1,415 @@
+"""Writes of the registry: registering models, uploading versions, scanning verdicts, trust decisions, downloads.
+
+Each records its audit event inside its own transaction. Uploads are judged statically *before* anything is
+stored (a refused upload leaves nothing in storage); the sandboxed load and smoke test run afterwards in a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from portal import context
+from portal.audit import AuditAction, Target, audit_record
+from portal.models import AuditOutcome, Team
+from portal.permissions import require_capability
+from registry import profiling, sandbox, storage
+from registry.models import (
+    Blob,
+    ModelVersion,
+    ReferenceData,
+    RegisteredModel,
+    TeamTrustedType,
+    TrustState,
+    VersionStatus,
+)
+from registry.scanning.archive import extract_zip
+from registry.scanning.findings import Finding, UploadRejected
+from registry.scanning.inspect import inspect_upload
+
+logger = logging.getLogger(__name__)
+
+_SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+def model_target(model: RegisteredModel) -> Target:
+    return Target(type="registeredmodel", id=model.name, repr=model.name, team_slug=model.team.slug)
+
+
+def version_target(version: ModelVersion) -> Target:
+    return Target(type="modelversion", id=f"{version.model.name}/{version.number}", repr=str(version),
+                  team_slug=version.model.team.slug)
+
+
+def _display_filename(name: str) -> str:
+    """The upload's name for display only: never used to name anything stored."""
+    base = PurePosixPath(str(name).replace("\\", "/")).name
+    return _SAFE_FILENAME.sub("_", base)[:200]
+
+
+# --- Registering -----------------------------------------------------------------------------------------------
+
+def model_register(*, name: str, team: Team, description: str = "", tags: list[str] | None = None,
+                   actor: Any) -> RegisteredModel:
+    require_capability(actor, "register_model")
+    if not actor.has_perm("portal.view_all_teams") and not team.members.filter(pk=actor.pk).exists():
+        raise PermissionDenied("You can register models only for teams you belong to.")
+    tags = [str(t).strip()[:50] for t in (tags or []) if str(t).strip()][:20]
+    with transaction.atomic():
+        if RegisteredModel.objects.filter(name=name).exists():
+            raise ValidationError({"name": f"A model named {name!r} already exists; pick another name."})
+        model = RegisteredModel(name=name, team=team, description=description, tags=tags, created_by=actor)
+        model.full_clean()
+        model.save()
+        audit_record(AuditAction.MODEL_REGISTER, actor=actor, target=model_target(model),
+                     after={"name": name, "team": team.slug, "description": description, "tags": tags})
+    return model
+
+
+# --- Uploading -------------------------------------------------------------------------------------------------
+
+@dataclass
+class UploadMetadata:
+    description: str = ""
+    metrics: dict[str, float] | None = None
+    params: dict[str, Any] | None = None
+    mlflow_run_id: str = ""
+    source: str = ""
+    git_commit: str = ""
+    training_data_hash: str = ""
+    intended_use: str = ""
+    limitations: str = ""
+    ethical_considerations: str = ""
+
+
+def validate_metrics(value: Any) -> dict[str, float]:
+    """Metrics are a flat JSON object of finite numbers (from a string or an already parsed object)."""
+    if value in (None, ""):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValidationError({"metrics": f"metrics is not valid JSON ({exc.msg} at character {exc.pos})."}) from None
+    if not isinstance(value, dict):
+        raise ValidationError({"metrics": "metrics must be a JSON object such as {\"accuracy\": 0.93}."})
+    if len(value) > 200:
+        raise ValidationError({"metrics": "at most 200 metrics."})
+    clean: dict[str, float] = {}
+    for key, number in value.items():
+        if not isinstance(key, str) or not key or len(key) > 100:
+            raise ValidationError({"metrics": "metric names are non-empty strings of at most 100 characters."})
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValidationError({"metrics": f"metric {key!r} must be a finite number."})
+        clean[key] = float(number)
+    return clean
+
+
+def _reject_upload(*, model: RegisteredModel, filename: str, findings: list[Finding], actor: Any) -> None:
+    with transaction.atomic():
+        audit_record(AuditAction.VERSION_UPLOAD_REJECTED, actor=actor, target=model_target(model),
+                     outcome=AuditOutcome.FAILURE,
+                     metadata={"filename": filename, "findings": [f.as_dict() for f in findings]})
+
+
+def _trust_for_team(team: Team, untrusted: list[str]) -> tuple[str, list[TeamTrustedType]]:
+    if not untrusted:
+        return TrustState.NOT_NEEDED, []
+    standing = list(TeamTrustedType.objects.filter(team=team, type_name__in=untrusted).select_related("decided_by"))
+    if {s.type_name for s in standing} >= set(untrusted):
+        return TrustState.TRUSTED, standing
+    return TrustState.PENDING, standing
+
+
+def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: UploadedFile | None = None,
+                   meta: UploadMetadata, actor: Any) -> ModelVersion:
+    """Judge, store and record an uploaded model file; the sandboxed check follows in a worker."""
+    require_capability(actor, "register_model")
+    filename = _display_filename(upload.name or "upload")
+    path = Path(upload.temporary_file_path())  # type: ignore[attr-defined]
+    sha256 = getattr(upload, "sha256", None) or storage.sha256_of_file(path)[0]
+    reference_format = None
+    if reference is not None:
+        try:
+            reference_format = profiling.sniff_table_format(Path(reference.temporary_file_path()))  # type: ignore[attr-defined]
+        except profiling.ReferenceDataError as exc:
+            raise ValidationError({"reference_data": str(exc)}) from None
+    try:
+        inspection = inspect_upload(path, filename)
+    except UploadRejected as rejected:
+        _reject_upload(model=model, filename=filename, findings=rejected.findings, actor=actor)
+        raise
+    trust_state, standing = _trust_for_team(model.team, inspection.untrusted_types)
+
+    blob = storage.blob_put(upload, sha256=sha256, size=upload.size or path.stat().st_size)
+    ref_blob = None
+    if reference is not None:
+        ref_path = Path(reference.temporary_file_path())  # type: ignore[attr-defined]
+        ref_sha, ref_size = (getattr(reference, "sha256", None), reference.size) if getattr(reference, "sha256", None) \
+            else storage.sha256_of_file(ref_path)
+        ref_blob = storage.blob_put(reference, sha256=str(ref_sha), size=int(ref_size or 0))
+
+    with transaction.atomic():
+        reference_row = (ReferenceData.objects.create(blob=ref_blob, format=reference_format or "csv")
+                         if ref_blob is not None else None)
+        locked = RegisteredModel.objects.select_for_update().get(pk=model.pk)
+        number = (locked.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+        detail = "Scanning: loading the model in the sandbox."
+        if trust_state == TrustState.PENDING:
+            detail = ("Waiting for an approver to decide whether to trust these types: "
+                      + ", ".join(inspection.untrusted_types))
+        version = ModelVersion(
+            model=locked, number=number, status=VersionStatus.SCANNING, status_detail=detail,
+            artifact=blob, artifact_sha256=sha256, artifact_size=blob.size, original_filename=filename,
+            format=inspection.format, flavors=inspection.flavors, signature=inspection.signature,
+            input_example=inspection.input_example, metrics=meta.metrics or {}, params=meta.params or {},
+            description=meta.description, uploaded_by=actor,
+            mlflow_run_id=meta.mlflow_run_id or inspection.mlflow_run_id, source=meta.source,
+            git_commit=meta.git_commit, training_data_hash=meta.training_data_hash,
+            intended_use=meta.intended_use, limitations=meta.limitations,
+            ethical_considerations=meta.ethical_considerations,
+            scan_findings=[f.as_dict() for f in inspection.findings],
+            untrusted_types=inspection.untrusted_types, trust_state=trust_state,
+            reference=reference_row,
+        )
+        if trust_state == TrustState.TRUSTED and standing:
+            version.trust_decided_by = standing[0].decided_by
+            version.trust_decided_at = max(s.decided_at for s in standing)
+            version.trust_reason = "Standing team decision: " + "; ".join(
+                f"{s.type_name} trusted by {s.decided_by.get_username() if s.decided_by else 'a deleted user'} "
+                f"({s.reason})" for s in standing)
+        version.full_clean(exclude=["model", "artifact", "reference", "uploaded_by", "trust_decided_by"])
+        version.save(force_insert=True)
+        audit_record(
+            AuditAction.VERSION_UPLOAD, actor=actor, target=version_target(version),
+            after={"number": number, "sha256": sha256, "size": blob.size, "format": inspection.format,
+                   "filename": filename, "untrusted_types": inspection.untrusted_types,
+                   "trust_state": trust_state, "reference_sha256": reference_row.blob.sha256 if reference_row else None,
+                   "metrics": version.metrics},
+        )
+        if trust_state != TrustState.PENDING:
+            _enqueue_scan(version)
+    return version
+
+
+def _enqueue_scan(version: ModelVersion) -> None:
+    from registry.tasks import version_scan_task
+
+    ctx = context.current().as_task_kwargs()
+    transaction.on_commit(lambda: version_scan_task.delay(version.pk, request_ctx=ctx))
+
+
+# --- The sandboxed check (run by a worker) ----------------------------------------------------------------------
+
+def _sandbox_target(version: ModelVersion, artifact: Path, work: Path) -> tuple[str, Path]:
+    if version.format == "mlflow":
+        root = work / "model"
+        extract_zip(artifact, root)
+        mlmodels = [p for p in root.rglob("MLmodel") if len(p.relative_to(root).parts) <= 2]
+        return "mlflow", mlmodels[0].parent
+    suffix = {"skops": ".skops", "onnx": ".onnx", "pickle": ".pkl", "joblib": ".joblib"}[version.format]
+    target = work / f"model{suffix}"
+    target.symlink_to(artifact)
+    return version.format, target
+
+
+def _signature_problems(declared: dict[str, Any], observed: dict[str, Any]) -> list[str]:
+    problems = []
+    declared_out = declared.get("outputs") or []
+    observed_out = observed.get("outputs") or []
+    numeric = {"double", "float", "long", "integer"}
+    if declared_out and observed_out and declared_out[0].get("type") and observed_out[0].get("type"):
+        want, got = declared_out[0]["type"], observed_out[0]["type"]
+        if want != got and not (want in numeric and got in numeric):
+            problems.append(f"the signature says predictions are {want} but the model returned {got}")
+    declared_in = [c.get("name") for c in declared.get("inputs") or [] if isinstance(c, dict) and c.get("name")]
+    observed_in = [c["name"] for c in observed.get("inputs") or []]
+    if declared_in and observed_in and set(declared_in) != set(observed_in):
+        missing = sorted(set(declared_in) - set(observed_in))[:5]
+        problems.append(f"the model's inputs differ from its signature (missing: {missing})")
+    return problems
+
+
+def version_scan(*, version_id: int) -> ModelVersion:
+    """Load the version in the sandbox, run its input example, check the output against the signature, profile
+    the reference data, then mark it ready or rejected. Safe to run twice: a version no longer scanning is left."""
+    version = ModelVersion.objects.select_related("model__team", "artifact", "reference__blob").get(pk=version_id)
+    if version.status != VersionStatus.SCANNING or version.trust_state == TrustState.PENDING:
+        return version
+    findings = [Finding(**f) for f in version.scan_findings]
+    report: dict[str, Any] = {}
+    signature = dict(version.signature or {})
+    example = version.input_example
+    problems: list[str] = []
+    reference_profile = None
+    tmp_root = Path(settings.VAR_DIR) / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    try:
+        assert version.artifact is not None
+        with storage.verified_local_path(version.artifact) as artifact, \
+                tempfile.TemporaryDirectory(prefix="scan-", dir=tmp_root) as tmp:
+            fmt, target = _sandbox_target(version, artifact, Path(tmp))
+            options: dict[str, Any] = {"trusted_types": version.untrusted_types if version.trust_state ==
+                                       TrustState.TRUSTED else []}
+            if example is not None and fmt != "mlflow":
+                options["example"] = example
+            if version.reference is not None:
+                with storage.verified_local_path(version.reference.blob) as ref_path:
+                    table = profiling.read_table(ref_path, version.reference.format)
+                    reference_profile = profiling.profile_table(table)
+                    if example is None and fmt != "mlflow":
+                        head = table.slice(0, 5).to_pydict()
+                        options["example"] = {"columns": list(head), "data": [list(r) for r in zip(*head.values(),
+                                                                                                    strict=True)]}
+            result = sandbox.smoke_test(fmt, target, options)
+            report = {"ok": result.ok, "isolated_network": result.isolated_network,
+                      **{k: v for k, v in result.data.items() if k != "ok"}}
+            if not result.isolated_network:
+                findings.append(Finding("info", "no_network_isolation",
+                                        "This host cannot give the sandbox its own network namespace."))
+            if not result.ok:
+                problems.append(f"the model could not be loaded and run in the sandbox: {result.error}")
+                if result.stderr_tail:
+                    report["stderr_tail"] = result.stderr_tail[-1000:]
+            else:
+                observed = {"inputs": result.data.get("inputs", []), "outputs": result.data.get("outputs", [])}
+                problems += _signature_problems(signature, observed)
+                if not signature.get("inputs"):
+                    signature = observed
+                if example is None:
+                    example = result.data.get("example")
+    except storage.IntegrityError as exc:
+        problems.append(str(exc))
+    except UploadRejected as exc:
+        problems.append(str(exc))
+    except profiling.ReferenceDataError as exc:
+        problems.append(f"reference data: {exc}")
+
+    for problem in problems:
+        findings.append(Finding("block", "sandbox_check", problem[:2000]))
+    status = VersionStatus.REJECTED if problems else VersionStatus.READY
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        if locked.status != VersionStatus.SCANNING:
+            return locked
+        locked.status = status
+        locked.status_detail = ("Ready: loaded and ran its input example in the sandbox." if not problems
+                                else "Rejected: " + problems[0][:500])
+        locked.scan_findings = [f.as_dict() for f in findings]
+        locked.sandbox_report = report
+        locked.signature = signature
+        locked.input_example = example
+        locked.scanned_at = timezone.now()
+        locked.save(update_fields=["status", "status_detail", "scan_findings", "sandbox_report", "signature",
+                                   "input_example", "scanned_at"])
+        if reference_profile is not None and locked.reference_id:
+            ReferenceData.objects.filter(pk=locked.reference_id).update(profile=reference_profile,
+                                                                        rows=reference_profile["rows"])
+        audit_record(AuditAction.VERSION_SCAN_VERDICT, actor=None, target=version_target(locked),
+                     outcome=AuditOutcome.SUCCESS if not problems else AuditOutcome.FAILURE,
+                     before={"status": VersionStatus.SCANNING}, after={"status": status, "problems": problems})
+    if problems:
+        _release_rejected_artifact(locked)
+    return locked
+
+
+def _release_rejected_artifact(version: ModelVersion) -> None:
+    """A rejected version keeps its record (and its hash) for the audit trail, but not the bytes."""
+    blob: Blob | None = version.artifact
+    if blob is None:
+        return
+    with transaction.atomic():
+        version.artifact = None
+        version.save(update_fields=["artifact"])
+    storage.blob_delete_if_unused(blob)
+
+
+# --- Trust decisions -------------------------------------------------------------------------------------------
+
+def version_trust_decide(*, version: ModelVersion, trust: bool, reason: str, remember_for_team: bool = False,
+                         actor: Any) -> ModelVersion:
+    """An approver's explicit decision on a version's untrusted skops types (never the uploader's own)."""
+    require_capability(actor, "decide_trust")
+    reason = (reason or "").strip()
+    if len(reason) < 10:
+        raise ValidationError({"reason": "Explain the decision in at least 10 characters; it is kept in the audit trail."})
+    if version.uploaded_by_id == actor.pk:
+        raise PermissionDenied("You uploaded this version, so someone else must decide whether to trust it.")
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().select_related("model__team").get(pk=version.pk)
+        if locked.trust_state != TrustState.PENDING:
+            raise ValidationError({"trust": f"This version's trust is already {locked.get_trust_state_display().lower()}."})
+        locked.trust_state = TrustState.TRUSTED if trust else TrustState.REFUSED
+        locked.trust_decided_by = actor
+        locked.trust_decided_at = timezone.now()
+        locked.trust_reason = reason
+        fields = ["trust_state", "trust_decided_by", "trust_decided_at", "trust_reason"]
+        if trust:
+            locked.status_detail = "Scanning: loading the model in the sandbox."
+        else:
+            locked.status = VersionStatus.REJECTED
+            locked.status_detail = f"Rejected: {actor.get_username()} refused to trust {', '.join(locked.untrusted_types)}."
+            fields += ["status"]
+        locked.save(update_fields=[*fields, "status_detail"])
+        audit_record(AuditAction.VERSION_TRUST_DECISION, actor=actor, target=version_target(locked),
+                     before={"trust_state": TrustState.PENDING},
+                     after={"trust_state": locked.trust_state, "types": locked.untrusted_types, "reason": reason,
+                            "remember_for_team": remember_for_team and trust})
+        if trust and remember_for_team:
+            for type_name in locked.untrusted_types:
+                _, created = TeamTrustedType.objects.get_or_create(
+                    team=locked.model.team, type_name=type_name, defaults={"decided_by": actor, "reason": reason})
+                if created:
+                    audit_record(AuditAction.TEAM_TRUSTED_TYPE_ADD, actor=actor,
+                                 target=Target("team", locked.model.team.slug, locked.model.team.name,
+                                               locked.model.team.slug),
+                                 after={"type": type_name, "reason": reason})
+        if trust:
+            _enqueue_scan(locked)
+    if not trust:
+        _release_rejected_artifact(locked)
+    return locked
+
+
+def team_trust_type(*, team: Team, type_name: str, reason: str, actor: Any) -> TeamTrustedType:
+    """A standing decision to trust one skops type for all of a team's future uploads."""
+    require_capability(actor, "decide_trust")
+    if len((reason or "").strip()) < 10:
+        raise ValidationError({"reason": "Explain the decision in at least 10 characters."})
+    with transaction.atomic():
+        row, created = TeamTrustedType.objects.get_or_create(team=team, type_name=type_name,
+                                                             defaults={"decided_by": actor, "reason": reason})
+        if created:
+            audit_record(AuditAction.TEAM_TRUSTED_TYPE_ADD, actor=actor,
+                         target=Target("team", team.slug, team.name, team.slug),
+                         after={"type": type_name, "reason": reason})
+    return row
+
+
+# --- Reads that are audited -----------------------------------------------------------------------------------
+
+def version_download_record(*, version: ModelVersion, actor: Any) -> None:
+    require_capability(actor, "download_artifact")
+    with transaction.atomic():
+        audit_record(AuditAction.VERSION_DOWNLOAD, actor=actor, target=version_target(version),
+                     metadata={"sha256": version.artifact_sha256})
+
+
+def reference_download_record(*, version: ModelVersion, actor: Any) -> None:
+    require_capability(actor, "download_artifact")
+    with transaction.atomic():
+        audit_record(AuditAction.REFERENCE_DOWNLOAD, actor=actor, target=version_target(version),
+                     metadata={"sha256": version.reference.blob.sha256 if version.reference else None})

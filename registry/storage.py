@@ -1,0 +1,118 @@
+"""The artifact store: content-addressed blobs on Django's storage API (local files by default, S3 if configured).
+
+Names are generated here from the SHA-256 and never taken from an upload. A blob is never overwritten; reading one
+goes through :func:`verified_local_path`, which checks the hash again before anyone uses the bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+from django.db import transaction
+
+from registry.models import Blob
+
+CHUNK = 1024 * 1024
+
+
+class IntegrityError(Exception):
+    """A stored blob no longer matches its hash."""
+
+
+def artifact_storage() -> Storage:
+    return storages["artifacts"]
+
+
+def storage_name(sha256: str) -> str:
+    return f"blobs/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+
+def sha256_of_file(path: str | Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def blob_put(content: IO[bytes] | File, *, sha256: str, size: int) -> Blob:
+    """Store ``content`` (already hashed by the caller) unless a blob with that hash exists; return its row."""
+    existing = Blob.objects.filter(sha256=sha256).first()
+    if existing is not None:
+        return existing
+    storage = artifact_storage()
+    name = storage_name(sha256)
+    if not storage.exists(name):
+        django_file = content if isinstance(content, File) else File(content)
+        saved = storage.save(name, django_file)
+        if saved != name:  # a concurrent writer won the race; ours is a duplicate of the same bytes
+            storage.delete(saved)
+    with transaction.atomic():
+        blob, _created = Blob.objects.get_or_create(sha256=sha256, defaults={"size": size, "storage_name": name})
+    return blob
+
+
+def blob_put_path(path: str | Path) -> Blob:
+    sha, size = sha256_of_file(path)
+    with open(path, "rb") as fh:
+        return blob_put(fh, sha256=sha, size=size)
+
+
+@contextlib.contextmanager
+def verified_local_path(blob: Blob) -> Iterator[Path]:
+    """A local path holding the blob's bytes, checked against its SHA-256 first (a temporary copy for remote stores)."""
+    storage = artifact_storage()
+    try:
+        local = Path(storage.path(blob.storage_name))
+    except NotImplementedError:
+        local = None
+    if local is not None:
+        sha, _size = sha256_of_file(local)
+        if sha != blob.sha256:
+            raise IntegrityError(f"stored blob {blob.sha256[:12]}… no longer matches its hash")
+        yield local
+        return
+    tmp_dir = Path(settings.VAR_DIR) / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, storage.open(blob.storage_name, "rb") as src:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != blob.sha256:
+            raise IntegrityError(f"stored blob {blob.sha256[:12]}… no longer matches its hash")
+        yield Path(tmp_name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+
+
+def blob_delete_if_unused(blob: Blob) -> bool:
+    """Remove a blob that no version or reference data points at (a rejected upload leaves nothing behind)."""
+    from registry.models import ModelVersion, ReferenceData
+
+    if ModelVersion.objects.filter(artifact=blob).exists() or ReferenceData.objects.filter(blob=blob).exists():
+        return False
+    artifact_storage().delete(blob.storage_name)
+    Blob.objects.filter(pk=blob.pk).delete()
+    return True
+
+
+def stream_blob(blob: Blob) -> Any:
+    """An open file of the blob for streaming a download, after its hash was verified."""
+    with verified_local_path(blob):
+        pass
+    return artifact_storage().open(blob.storage_name, "rb")

@@ -1,0 +1,18 @@
+"""Registry background work: the sandboxed check of uploaded versions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from portal.tasks import with_request_context
+from registry import services
+
+
+@shared_task(name="registry.tasks.version_scan", bind=True, max_retries=3, acks_late=True)
+@with_request_context
+def version_scan_task(self: Any, version_id: int) -> str:
+    """Idempotent: a version that is no longer scanning is left as it is, so a redelivered task does nothing."""
+    version = services.version_scan(version_id=version_id)
+    return version.status

@@ -1,0 +1,32 @@
+"""Upload handler that streams every uploaded file to disk and hashes it on the way (one pass, constant memory)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from django.conf import settings
+from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
+
+
+class HashingUploadHandler(TemporaryFileUploadHandler):
+    def new_file(self, *args: Any, **kwargs: Any) -> None:
+        super().new_file(*args, **kwargs)
+        self._digest = hashlib.sha256()
+        self._received = 0
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
+        self._received += len(raw_data)
+        if self._received > settings.PORTAL_MAX_UPLOAD_BYTES:
+            # Mark the request so the view can answer 413 with the limit, then stop reading the body.
+            self.request.portal_upload_too_large = True  # type: ignore[union-attr]
+            self.file.close()
+            raise StopUpload(connection_reset=True)
+        self._digest.update(raw_data)
+        super().receive_data_chunk(raw_data, start)
+
+    def file_complete(self, file_size: int) -> Any:
+        uploaded = super().file_complete(file_size)
+        if uploaded is not None:
+            uploaded.sha256 = self._digest.hexdigest()
+        return uploaded

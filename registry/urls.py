@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from registry import views
+
+app_name = "registry"
+
+urlpatterns = [
+    path("models/", views.model_list, name="models"),
+    path("models/new", views.model_register, name="register"),
+    path("models/<str:name>/", views.model_detail, name="model"),
+    path("models/<str:name>/upload", views.upload_page, name="upload"),
+    path("models/<str:name>/versions/<int:number>/", views.version_detail, name="version"),
+    path("models/<str:name>/versions/<int:number>/trust", views.version_trust, name="version-trust"),
+]

@@ -1,0 +1,141 @@
+// Drag-and-drop upload with a real progress bar, then the scan's status until the version is ready or rejected.
+(function () {
+  "use strict";
+  const form = document.getElementById("upload-form");
+  if (!form) return;
+  const dropzone = document.getElementById("dropzone");
+  const fileInput = document.getElementById("file");
+  const button = document.getElementById("upload-button");
+  const progressWrap = document.getElementById("progress-wrap");
+  const progress = document.getElementById("progress");
+  const progressText = document.getElementById("progress-text");
+  const result = document.getElementById("result");
+  const fileName = document.getElementById("file-name");
+  const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+  const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
+
+  function human(bytes) {
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return bytes.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+
+  function say(html, kind) {
+    result.className = "message " + (kind || "");
+    result.replaceChildren();
+    if (typeof html === "string") { result.textContent = html; } else { result.append(html); }
+  }
+
+  function chosen() {
+    const file = fileInput.files[0];
+    button.disabled = !file;
+    fileName.textContent = file ? file.name + " (" + human(file.size) + ")" : "";
+    if (file && file.size > maxBytes) {
+      say("This file is larger than the upload limit of " + human(maxBytes) + ".", "error");
+      button.disabled = true;
+    } else {
+      result.textContent = "";
+      result.className = "";
+    }
+  }
+
+  fileInput.addEventListener("change", chosen);
+  ["dragenter", "dragover"].forEach((name) => dropzone.addEventListener(name, (event) => {
+    event.preventDefault();
+    dropzone.classList.add("over");
+  }));
+  ["dragleave", "drop"].forEach((name) => dropzone.addEventListener(name, () => dropzone.classList.remove("over")));
+  dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer.files.length) {
+      fileInput.files = event.dataTransfer.files;
+      chosen();
+    }
+  });
+
+  function findingsList(findings) {
+    const list = document.createElement("ul");
+    (findings || []).filter((f) => f.severity !== "info").forEach((f) => {
+      const item = document.createElement("li");
+      item.textContent = (f.member ? f.member + ": " : "") + f.message;
+      list.append(item);
+    });
+    return list;
+  }
+
+  function follow(statusUrl, pageUrl) {
+    fetch(statusUrl, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then((response) => response.json().then((body) => ({ ok: response.ok, body })))
+      .then(({ ok, body }) => {
+        if (!ok) { say(body.error ? body.error.message : "Could not read the version's status.", "error"); return; }
+        const link = document.createElement("a");
+        link.href = pageUrl;
+        link.textContent = "Open version " + body.number;
+        const box = document.createElement("div");
+        const line = document.createElement("p");
+        line.dataset.testid = "final-status";
+        box.append(line);
+        if (body.status === "ready") {
+          line.textContent = "Version " + body.number + " is ready. ";
+          line.append(link);
+          say(box, "success");
+        } else if (body.status === "rejected") {
+          line.textContent = "Version " + body.number + " was rejected: " + body.status_detail + " ";
+          line.append(link);
+          box.append(findingsList(body.scan.findings));
+          say(box, "error");
+        } else {
+          line.textContent = body.status_detail || "Scanning…";
+          line.append(" ", link);
+          say(box, "warning");
+          if (body.scan.trust_state !== "pending") { setTimeout(() => follow(statusUrl, pageUrl), 1000); }
+        }
+      })
+      .catch(() => setTimeout(() => follow(statusUrl, pageUrl), 2000));
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const file = fileInput.files[0];
+    if (!file) return;
+    const data = new FormData(form);
+    data.delete("csrfmiddlewaretoken");
+    ["reference_data"].forEach((name) => { if (!data.get(name) || !data.get(name).size) data.delete(name); });
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", form.dataset.endpoint);
+    xhr.setRequestHeader("X-CSRFToken", csrf);
+    xhr.setRequestHeader("Accept", "application/json");
+    button.disabled = true;
+    progressWrap.hidden = false;
+    say("Uploading…");
+    xhr.upload.addEventListener("progress", (e) => {
+      if (!e.lengthComputable) return;
+      const pct = Math.floor((e.loaded / e.total) * 100);
+      progress.value = pct;
+      progressText.textContent = pct + "% · " + human(e.loaded) + " of " + human(e.total);
+      if (e.loaded === e.total) say("Uploaded; checking the file…");
+    });
+    xhr.addEventListener("load", () => {
+      let body = {};
+      try { body = JSON.parse(xhr.responseText); } catch (err) { body = {}; }
+      if (xhr.status === 201) {
+        progress.value = 100;
+        const statusUrl = form.dataset.endpoint + body.number + "/";
+        const pageUrl = form.dataset.versionPage + "versions/" + body.number + "/";
+        follow(statusUrl, pageUrl);
+      } else {
+        const box = document.createElement("div");
+        const line = document.createElement("p");
+        line.dataset.testid = "final-status";
+        line.textContent = body.error ? body.error.message : "The upload failed (HTTP " + xhr.status + ").";
+        box.append(line);
+        if (body.error && body.error.details && body.error.details.findings) box.append(findingsList(body.error.details.findings));
+        say(box, "error");
+        button.disabled = false;
+      }
+    });
+    xhr.addEventListener("error", () => { say("The connection broke during the upload. Try again.", "error"); button.disabled = false; });
+    xhr.send(data);
+  });
+})();

@@ -7,7 +7,10 @@ and an outsider, a data scientist of team ``other``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,3 +87,47 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the portal's and the test run's settings, plus ``extra``."""
     dropped = ("PORTAL_", "DATABASE_URL", "CELERY_", "DJANGO_")
     return {**{k: v for k, v in os.environ.items() if not k.startswith(dropped)}, **extra}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def celery_worker_process(transactional_db: None) -> Iterator[str]:
+    """A real Celery worker process (solo pool) on Redis, bound to this test's database and to a private queue
+    that this process's ``.delay()`` calls are routed to for the duration of the test."""
+    from django.conf import settings
+
+    from portal.celery import app
+
+    db = settings.DATABASES["default"]
+    assert db["ENGINE"].endswith("postgresql"), "worker tests run against PostgreSQL"
+    queue = f"test-{os.getpid()}-{os.urandom(3).hex()}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool", "solo",
+                             "--loglevel", "WARNING", "-Q", queue, "--without-heartbeat", "--without-gossip",
+                             "--without-mingle"], cwd=ROOT, env=env)
+    previous = app.conf.task_default_queue
+    app.conf.task_default_queue = queue
+    try:
+        yield queue
+    finally:
+        app.conf.task_default_queue = previous
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2, what: str = "") -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.http import FileResponse
@@ -28,6 +29,8 @@ from registry.api.serializers import (
     VersionUploadInput,
 )
 from registry.scanning.findings import UploadRejected
+
+logger = logging.getLogger(__name__)
 
 
 def upload_rejected_response(exc: UploadRejected) -> Response:
@@ -123,8 +126,14 @@ class VersionTrustApi(APIView):
         return Response(VersionSerializer(version).data)
 
 
-def _download(blob: Any, filename: str) -> FileResponse:
-    handle = storage.stream_blob(blob)
+def _download(blob: Any, filename: str) -> Any:
+    try:
+        handle = storage.stream_blob(blob)
+    except storage.IntegrityError as exc:
+        logger.error("Refused to serve %s: %s", filename, exc)
+        return Response(error_body("integrity_error", "The stored file no longer matches its SHA-256, so it is not "
+                                   "served. An administrator has to restore it from backup.", {"sha256": blob.sha256}),
+                        status=status.HTTP_500_INTERNAL_SERVER_ERROR)
     response = FileResponse(handle, as_attachment=True, filename=filename, content_type="application/octet-stream")
     response["X-Content-SHA256"] = blob.sha256
     return response

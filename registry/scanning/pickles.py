@@ -14,6 +14,7 @@ a model file.
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import pickletools
 from dataclasses import dataclass, field
@@ -52,6 +53,15 @@ class PickleReport:
     globals_seen: set[str] = field(default_factory=set)
     arrays_skipped: int = 0
     nested_pickles: int = 0
+
+
+def _python3_name(module: str, name: str, protocol: int) -> tuple[str, str]:
+    """Protocol 0-2 pickles name Python 2 modules (``__builtin__``); the unpickler maps them, and so do we."""
+    if protocol >= 3:
+        return module, name
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 def _in_packages(module: str, packages: tuple[str, ...]) -> bool:
@@ -133,6 +143,7 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
     stack: list[Any] = []
     metastack: list[list[Any]] = []
     memo: dict[int, Any] = {}
+    protocol = 0
 
     def pop_mark() -> list[Any]:
         nonlocal stack
@@ -156,7 +167,10 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
         ops = pickletools.genops(stream)
         for opcode, arg, _pos in ops:
             name = opcode.name
-            if name in ("PROTO", "FRAME"):
+            if name == "PROTO":
+                protocol = int(arg)
+                continue
+            if name == "FRAME":
                 continue
             if name == "STOP":
                 return report
@@ -165,6 +179,7 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
                 stack = []
             elif name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
+                module, attr = _python3_name(module, attr, protocol)
                 check_global(module, attr)
                 report.globals_seen.add(f"{module}.{attr}")
                 if name == "INST":

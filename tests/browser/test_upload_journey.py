@@ -1,0 +1,92 @@
+"""A data scientist drags an MLflow random forest onto the upload page; it reaches `ready` with MLflow's signature."""
+
+from __future__ import annotations
+
+import base64
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from portal.models import Team
+from registry import services
+from tests.browser.conftest import screenshot
+from tests.conftest import PASSWORD
+from tests.registry import files
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _sign_in(page: Any, username: str) -> None:
+    page.goto("/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("nav.mainnav")
+
+
+def _drop(page: Any, selector: str, path: Path) -> None:
+    """A real drop event carrying the file, as when a person drags it from their desktop."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """([name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: "application/zip"}));
+            return dt;
+        }""", [path.name, data])
+    page.dispatch_event(selector, "dragenter", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def test_drag_and_drop_an_mlflow_forest_to_ready(page: Any, personas: dict[str, Any], celery_worker_process: str,
+                                                 tmp_path: Path) -> None:
+    team = Team.objects.get(slug="acme")
+    services.team_trust_type(team=team, type_name="sklearn.tree._tree.Tree", actor=personas["approver1"],
+                             reason="Forests trained by our own pipeline.")
+    _sign_in(page, "dana")
+    page.click("nav.mainnav >> text=Models")
+    page.click("text=Register a model")
+    page.fill("#id_name", "tumour-forest")
+    page.select_option("#id_team", "acme")
+    page.click("main button[type=submit]")
+    page.wait_for_selector("#dropzone")
+
+    archive = files.mlflow_zip(tmp_path, n_estimators=20)
+    _drop(page, "#dropzone", archive)
+    assert archive.name in page.inner_text("[data-testid=file-name]")
+    page.fill("#metrics", '{"accuracy": 0.96}')
+    page.click("#upload-button")
+    page.wait_for_selector("[data-testid=final-status]", timeout=120_000)
+    assert page.eval_on_selector("[data-testid=progress]", "p => p.value") == 100
+    page.locator("[data-testid=final-status]", has_text="is ready").wait_for(timeout=120_000)
+    screenshot(page, "upload-ready")
+    page.click("[data-testid=final-status] a")
+    page.wait_for_selector("[data-testid=signature]")
+    assert page.inner_text("[data-testid=version-status]") == "Ready"
+
+    with zipfile.ZipFile(archive) as z:
+        mlmodel = yaml.safe_load(z.read("MLmodel"))
+    mlflow_inputs = [c["name"] for c in json.loads(mlmodel["signature"]["inputs"])]
+    shown = page.locator("[data-testid=signature] tbody td:first-child").all_inner_texts()
+    assert shown == mlflow_inputs
+    screenshot(page, "version-detail")
+    assert not page.console_errors, page.console_errors
+
+
+def test_a_refused_upload_explains_itself_in_the_page(page: Any, personas: dict[str, Any], tmp_path: Path,
+                                                      transactional_db: None) -> None:
+    services.model_register(name="churn", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    _sign_in(page, "dana")
+    page.goto("/models/churn/upload")
+    evil = tmp_path / "model.pkl"
+    evil.write_bytes(files.pickle_builtins_eval())
+    page.set_input_files("#file", str(evil))
+    page.click("#upload-button")
+    page.wait_for_selector("[data-testid=final-status]")
+    text = page.inner_text("[data-testid=upload-result]")
+    assert "refused" in text and "builtins.eval" in text
+    screenshot(page, "upload-refused")

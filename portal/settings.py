@@ -327,6 +327,8 @@ PORTAL_MAX_UNPACKED_BYTES = env_int("PORTAL_MAX_UNPACKED_MB", 16384, minimum=1) 
 PORTAL_MAX_ARCHIVE_MEMBERS = env_int("PORTAL_MAX_ARCHIVE_MEMBERS", 10000, minimum=1)
 PORTAL_MAX_COMPRESSION_RATIO = env_int("PORTAL_MAX_COMPRESSION_RATIO", 200, minimum=2)
 PORTAL_SANDBOX_TIMEOUT_SECONDS = env_int("PORTAL_SANDBOX_TIMEOUT_SECONDS", 120, minimum=5)
+PORTAL_MLFLOW_TRACKING_URI = env_url("PORTAL_MLFLOW_TRACKING_URI", None,
+                                     schemes={"http", "https", "sqlite", "postgresql", "file"})
 PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
 
 # --- Portal ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ urlpatterns = [
     path("models/new", views.model_register, name="register"),
     path("models/<str:name>/", views.model_detail, name="model"),
     path("models/<str:name>/upload", views.upload_page, name="upload"),
+    path("models/<str:name>/import", views.version_import, name="import"),
     path("models/<str:name>/versions/<int:number>/", views.version_detail, name="version"),
     path("models/<str:name>/versions/<int:number>/trust", views.version_trust, name="version-trust"),
 ]

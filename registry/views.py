@@ -79,7 +79,8 @@ def upload_page(request: HttpRequest, name: str) -> HttpResponse:
     from django.conf import settings
 
     return render(request, "registry/upload.html", {"model": model,
-                                                     "max_upload_mb": settings.PORTAL_MAX_UPLOAD_BYTES // 2**20})
+                                                     "max_upload_mb": settings.PORTAL_MAX_UPLOAD_BYTES // 2**20,
+                                                     "mlflow_configured": bool(settings.PORTAL_MLFLOW_TRACKING_URI)})
 
 
 @login_required
@@ -121,3 +122,22 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
     return redirect("registry:version", name=name, number=number)
 
 
+
+
+@login_required
+@require_POST
+def version_import(request: HttpRequest, name: str) -> HttpResponse:
+    from registry.mlflow_import import version_import_from_mlflow
+    from registry.scanning.findings import UploadRejected
+
+    model = selectors.model_get(user=request.user, name=name, action="register_model")
+    try:
+        version = version_import_from_mlflow(model=model, uri=request.POST.get("uri", ""), actor=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("registry:upload", name=name)
+    except UploadRejected as exc:
+        messages.error(request, "The imported model was refused: " + "; ".join(f.message for f in exc.findings[:3]))
+        return redirect("registry:upload", name=name)
+    messages.success(request, f"Imported as version {version.number}; it is being scanned.")
+    return redirect("registry:version", name=name, number=version.number)

@@ -10,6 +10,7 @@ urlpatterns = [
     path("models/", views.ModelListCreateApi.as_view(), name="models"),
     path("models/<str:name>/", views.ModelDetailApi.as_view(), name="model"),
     path("models/<str:name>/versions/", views.VersionUploadApi.as_view(), name="version-upload"),
+    path("models/<str:name>/versions/import", views.VersionImportApi.as_view(), name="version-import"),
     path("models/<str:name>/versions/<int:number>/", views.VersionDetailApi.as_view(), name="version"),
     path("models/<str:name>/versions/<int:number>/trust", views.VersionTrustApi.as_view(), name="version-trust"),
     path("models/<str:name>/versions/<int:number>/artifact", views.VersionArtifactApi.as_view(),

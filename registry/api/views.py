@@ -8,7 +8,7 @@ from typing import Any
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
@@ -101,6 +101,26 @@ class VersionUploadApi(APIView):
             )
             version = services.version_upload(model=model, upload=values["file"],
                                               reference=values.get("reference_data"), meta=meta, actor=request.user)
+        except UploadRejected as exc:
+            return upload_rejected_response(exc)
+        return Response(VersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+
+class VersionImportInput(serializers.Serializer[Any]):
+    uri = serializers.CharField(max_length=400, help_text="models:/NAME/VERSION or runs:/RUN_ID/PATH")
+
+
+class VersionImportApi(APIView):
+    @extend_schema(request=VersionImportInput, responses={201: VersionSerializer},
+                   summary="Import a version from the configured MLflow tracking server, keeping its lineage")
+    def post(self, request: Request, name: str) -> Response:
+        from registry.mlflow_import import version_import_from_mlflow
+
+        model = selectors.model_get(user=request.user, name=name, action="register_model")
+        data = VersionImportInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            version = version_import_from_mlflow(model=model, uri=data.validated_data["uri"], actor=request.user)
         except UploadRejected as exc:
             return upload_rejected_response(exc)
         return Response(VersionSerializer(version).data, status=status.HTTP_201_CREATED)

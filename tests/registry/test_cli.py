@@ -1,0 +1,51 @@
+"""`portal upload` from a CI pipeline: streams the file, waits for the verdict, exits non-zero on refusal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portal import services as portal_services
+from portal.models import Team
+from registry import services
+from registry.models import ModelVersion
+from tests.conftest import ROOT, clean_env
+from tests.registry import files
+
+pytestmark = pytest.mark.slow
+
+
+def _portal(live_server: Any, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "portal.cli", "--url", live_server.url, *args], cwd=ROOT,
+                          env=clean_env(PORTAL_TOKEN=token), capture_output=True, text=True, timeout=300)
+
+
+def test_portal_upload_waits_for_ready(live_server: Any, celery_worker_process: str, personas: dict[str, Any],
+                                       tmp_path: Path) -> None:
+    services.model_register(name="churn", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="ci", actor=personas["ds"])
+    model = files.joblib_file(tmp_path / "model.joblib")
+    ref = files.reference_csv(tmp_path / "ref.csv")
+    result = _portal(live_server, plaintext, "upload", "churn", str(model), "--reference", str(ref),
+                     "--metrics", '{"auc": 0.9}', "--git-commit", "0123abcd", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "churn v1: scanning" in result.stdout and "churn v1: ready" in result.stdout
+    version = ModelVersion.objects.get()
+    assert version.metrics == {"auc": 0.9} and version.git_commit == "0123abcd" and version.reference is not None
+
+
+def test_portal_upload_reports_a_refusal_with_its_findings(live_server: Any, personas: dict[str, Any],
+                                                           tmp_path: Path, transactional_db: None) -> None:
+    services.model_register(name="churn", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="ci", actor=personas["ds"])
+    evil = tmp_path / "model.pkl"
+    evil.write_bytes(files.pickle_builtins_eval())
+    result = _portal(live_server, plaintext, "upload", "churn", str(evil))
+    assert result.returncode == 1
+    assert "builtins.eval" in result.stderr
+    bad_token = _portal(live_server, "mlp_nope", "upload", "churn", str(evil))
+    assert bad_token.returncode == 1 and "unknown, revoked or expired" in bad_token.stderr

@@ -10,7 +10,6 @@ Files are streamed from disk, so a multi-gigabyte upload needs no more memory th
 from __future__ import annotations
 
 import argparse
-import json
 import mimetypes
 import os
 import sys
@@ -49,6 +48,10 @@ class MultipartStream:
         self.tail = f"--{self.boundary}--\r\n".encode()
         self.length = sum(len(h) + ((p.stat().st_size + 2) if p else 0) for h, p in self.parts) + len(self.tail)
         self.progress = progress
+
+    def __len__(self) -> int:
+        # requests sends a Content-Length (not chunked encoding) for an iterable that knows its length.
+        return self.length
 
     @property
     def content_type(self) -> str:
@@ -125,9 +128,8 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     if args.reference:
         files["reference_data"] = Path(args.reference)
     body = MultipartStream(fields, files, progress=_progress_printer())
-    version = client.call("POST", f"/api/v1/models/{args.model}/versions/", data=iter(body),
-                          headers={"Content-Type": body.content_type, "Content-Length": str(body.length)},
-                          timeout=None)
+    version = client.call("POST", f"/api/v1/models/{args.model}/versions/", data=body,
+                          headers={"Content-Type": body.content_type}, timeout=None)
     print(f"{args.model} v{version['number']}: {version['status']} sha256={version['sha256']}")
     if not args.wait:
         return 0

@@ -45,7 +45,7 @@ def read_table(path: Path, fmt: str) -> Any:
 
     try:
         return pq.read_table(path) if fmt == "parquet" else pacsv.read_csv(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
+    except Exception as exc:
         raise ReferenceDataError(f"the reference data cannot be read as {fmt}: {str(exc)[:300]}") from None
 
 

@@ -187,7 +187,7 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
         )
         if trust_state == TrustState.TRUSTED and standing:
             version.trust_decided_by = standing[0].decided_by
-            version.trust_decided_at = max(s.decided_at for s in standing)
+            version.trust_decided_at = max(s.decided_at for s in standing if s.decided_at)
             version.trust_reason = "Standing team decision: " + "; ".join(
                 f"{s.type_name} trusted by {s.decided_by.get_username() if s.decided_by else 'a deleted user'} "
                 f"({s.reason})" for s in standing)
@@ -235,7 +235,7 @@ def _signature_problems(declared: dict[str, Any], observed: dict[str, Any]) -> l
         want, got = declared_out[0]["type"], observed_out[0]["type"]
         if want != got and not (want in numeric and got in numeric):
             problems.append(f"the signature says predictions are {want} but the model returned {got}")
-    declared_in = [c.get("name") for c in declared.get("inputs") or [] if isinstance(c, dict) and c.get("name")]
+    declared_in = [str(c["name"]) for c in declared.get("inputs") or [] if isinstance(c, dict) and c.get("name")]
     observed_in = [c["name"] for c in observed.get("inputs") or []]
     if declared_in and observed_in and set(declared_in) != set(observed_in):
         missing = sorted(set(declared_in) - set(observed_in))[:5]

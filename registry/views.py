@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -110,7 +109,7 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
     form = TrustDecisionForm(request.POST)
     if not form.is_valid():
         for field, errs in form.errors.items():
-            messages.error(request, f"{field}: {' '.join(errs)}")
+            messages.error(request, f"{field}: {' '.join(str(e) for e in errs)}")
         return redirect("registry:version", name=name, number=number)
     try:
         services.version_trust_decide(version=version, trust=form.cleaned_data["decision"] == "trust",

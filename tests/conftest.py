@@ -27,6 +27,18 @@ os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync 
 PASSWORD = "persona-pass-123456"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_var_dir() -> None:
+    """Start every run with empty artifact and upload folders under the test var/ directory."""
+    import shutil
+
+    from django.conf import settings
+
+    for name in ("artifacts", "uploads", "tmp"):
+        shutil.rmtree(Path(settings.VAR_DIR) / name, ignore_errors=True)
+        (Path(settings.VAR_DIR) / name).mkdir(parents=True, exist_ok=True)
+
+
 @pytest.fixture
 def make_user(db: Any) -> Callable[..., Any]:
     User = get_user_model()

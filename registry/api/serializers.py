@@ -61,7 +61,7 @@ class VersionUploadInput(serializers.Serializer[Any]):
     metrics = serializers.CharField(required=False, allow_blank=True, help_text='JSON object, e.g. {"auc": 0.97}')
     description = serializers.CharField(required=False, allow_blank=True, max_length=5000)
     mlflow_run_id = serializers.CharField(required=False, allow_blank=True, max_length=64)
-    source = serializers.CharField(required=False, allow_blank=True, max_length=500)
+    source = serializers.CharField(required=False, allow_blank=True, max_length=500)  # type: ignore[assignment]
     git_commit = serializers.RegexField(r"^[0-9a-fA-F]{7,64}$", required=False, allow_blank=True)
     training_data_hash = serializers.CharField(required=False, allow_blank=True, max_length=128)
     intended_use = serializers.CharField(required=False, allow_blank=True, max_length=10000)
@@ -76,7 +76,7 @@ class TrustDecisionInput(serializers.Serializer[Any]):
 
 
 class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
-    model = serializers.CharField(source="model.name")
+    model = serializers.CharField(source="model.name")  # type: ignore[assignment]
     sha256 = serializers.CharField(source="artifact_sha256")
     size = serializers.IntegerField(source="artifact_size")
     uploaded_by = serializers.SerializerMethodField()

@@ -87,7 +87,7 @@ class VersionUploadApi(APIView):
         files = request.FILES  # parses the body, streaming files to disk
         if getattr(request._request, "portal_upload_too_large", False):
             return too_large_response()
-        data = VersionUploadInput(data={**request.data.dict(), **files.dict()})
+        data = VersionUploadInput(data={**request.data.dict(), **files.dict()})  # type: ignore[union-attr]
         data.is_valid(raise_exception=True)
         values = data.validated_data
         try:

@@ -78,7 +78,7 @@ def run(args: list[str], *, timeout: int | None = None, memory_mb: int | None = 
             command = [shutil.which("unshare") or "unshare", "--net", "--", *command]
         try:
             proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    preexec_fn=functools.partial(_limits, memory, timeout))  # noqa: PLW1509
+                                    preexec_fn=functools.partial(_limits, memory, timeout))
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -105,6 +105,10 @@ def run(args: list[str], *, timeout: int | None = None, memory_mb: int | None = 
 
 def inspect_onnx(path: Path) -> SandboxResult:
     return run(["inspect-onnx", str(path)], timeout=60, memory_mb=2048)
+
+
+def skops_types(path: Path) -> SandboxResult:
+    return run(["skops-types", str(path)], timeout=60, memory_mb=2048)
 
 
 def smoke_test(fmt: str, path: Path, options: dict[str, Any]) -> SandboxResult:

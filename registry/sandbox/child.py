@@ -1,6 +1,7 @@
 """The program that runs inside the sandbox. It never imports Django or the portal, and it has no secrets.
 
     python -I child.py inspect-onnx PATH
+    python -I child.py skops-types PATH
     python -I child.py smoke FORMAT PATH OPTIONS_JSON
 
 It prints one JSON object on its last line of stdout: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
@@ -49,6 +50,13 @@ def inspect_onnx(path: str) -> dict[str, Any]:
             "opset": [op.version for op in model.opset_import]}
 
 
+def skops_types(path: str) -> dict[str, Any]:
+    """The types in a skops file outside skops' default trusted set (reads the schema only, builds no objects)."""
+    import skops.io
+
+    return {"ok": True, "untrusted": sorted(skops.io.get_untrusted_types(file=path))}
+
+
 def _frame(example: Any, columns: list[str] | None) -> Any:
     import pandas as pd
 
@@ -78,7 +86,7 @@ def _predict(model: Any, frame: Any, fmt: str) -> tuple[Any, Any]:
     if hasattr(target, "predict_proba"):
         try:
             proba = np.asarray(target.predict_proba(frame))
-        except Exception:  # noqa: BLE001 - probabilities are optional
+        except Exception:
             proba = None
     return np.asarray(target.predict(frame)), proba
 
@@ -103,7 +111,7 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
             raw = model.get_raw_model()
             if hasattr(raw, "predict"):
                 target = raw
-        except Exception:  # noqa: BLE001 - not every flavor exposes its raw model
+        except Exception:
             target = model
     elif fmt == "skops":
         import skops.io
@@ -167,13 +175,15 @@ def main(argv: list[str]) -> int:
     try:
         if argv[1] == "inspect-onnx":
             _emit(inspect_onnx(argv[2]))
+        elif argv[1] == "skops-types":
+            _emit(skops_types(argv[2]))
         elif argv[1] == "smoke":
             _emit(smoke(argv[2], argv[3], json.loads(argv[4]) if len(argv) > 4 else {}))
         else:
             _emit({"ok": False, "error": f"unknown mode {argv[1]}"})
     except MemoryError:
         _emit({"ok": False, "error": "the model needed more memory than the sandbox allows"})
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a finding for a person to read
+    except Exception as exc:
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         _emit({"ok": False, "error": detail[:2000]})
     return 0

@@ -50,14 +50,13 @@ def _scan_pickle_file(path: Path, label: str, *, limit: int) -> list[Finding]:
 
 
 def _skops_untrusted(path: Path, label: str) -> list[str]:
-    """The types in a skops file outside skops' default trusted set (reads the schema only, builds no objects)."""
-    import skops.io
-
-    try:
-        return sorted(skops.io.get_untrusted_types(file=str(path)))
-    except Exception as exc:  # noqa: BLE001 - any failure to read the schema means we cannot vouch for it
-        raise _block("corrupt_skops", f"{label or 'file'}: the skops file cannot be read ({type(exc).__name__}).",
-                     label) from None
+    """The types in a skops file outside skops' default trusted set. skops reads only the schema and builds no
+    objects; it still runs in the sandbox, which also keeps scikit-learn out of the web process's memory."""
+    result = sandbox.skops_types(path)
+    if not result.ok:
+        raise _block("corrupt_skops", f"{label or 'file'}: the skops file cannot be read ({result.error[:200]}).",
+                     label)
+    return [str(t) for t in result.data.get("untrusted", [])]
 
 
 def _check_onnx(path: Path, label: str, *, root: Path | None) -> dict[str, Any]:
@@ -181,8 +180,7 @@ def inspect_upload(path: Path, original_name: str) -> Inspection:
             files = extract_zip(path, root)
             names = {str(f.relative_to(root)) for f in files}
             if "schema.json" in names and not any(n.endswith("MLmodel") for n in names):
-                untrusted = _skops_untrusted(path, "")
-                return Inspection(format="skops", flavors=["sklearn"], untrusted_types=untrusted,
+                return Inspection(format="skops", flavors=["sklearn"], untrusted_types=_skops_untrusted(path, ""),
                                   findings=[Finding("info", "skops_scanned", "skops schema read.")])
             model_dir, meta = _load_mlmodel(root)
             untrusted: list[str] = []

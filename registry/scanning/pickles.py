@@ -6,16 +6,15 @@ every global the stream would import: the strings on the stack and in the memo (
 ``NumpyArrayWrapper`` state that says how many raw array bytes follow the wrapper (skipped) or that a nested pickle
 follows (scanned in turn, since joblib loads it with a plain unpickler).
 
-A global is allowed when it is on ``SAFE_CALLABLES``, or when it resolves, without being called, to a *class* defined
-in one of ``SAFE_CLASS_PACKAGES`` (scikit-learn, XGBoost, LightGBM, SciPy's sparse matrices, NumPy). Functions
-outside the explicit list are refused: ``sklearn.datasets.fetch_openml`` is importable but must not be callable from
-a model file.
+A global is allowed when it is on ``SAFE_CALLABLES``, or when it is a *class* defined in one of
+``SAFE_CLASS_PACKAGES`` (scikit-learn, XGBoost, LightGBM, SciPy's sparse matrices, NumPy), as listed in the generated
+``allowed_classes.txt``. Functions outside the explicit list are refused: ``sklearn.datasets.fetch_openml`` is
+importable but must not be callable from a model file.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
-import importlib
 import pickletools
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -69,23 +68,19 @@ def _in_packages(module: str, packages: tuple[str, ...]) -> bool:
 
 
 def check_global(module: str, name: str) -> None:
-    """Raise PickleRejected unless ``module.name`` is allowed. Only trusted packages are ever imported here."""
+    """Raise PickleRejected unless ``module.name`` is allowed. Nothing is imported: classes are looked up in the
+    generated list of model classes (``allowlist.py``), so the web process never loads scikit-learn."""
+    from registry.scanning.allowlist import allowed_classes
+
     qualified = f"{module}.{name}"
     if (module, name) in SAFE_CALLABLES:
         return
     if not _in_packages(module, SAFE_CLASS_PACKAGES):
         raise PickleRejected(f"it would import {qualified}, which is not on the allowlist of model classes",
                              global_name=qualified)
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise PickleRejected(f"it refers to {qualified}, which does not exist in this portal's libraries",
-                             global_name=qualified) from None
-    if not isinstance(obj, type) or not _in_packages(getattr(obj, "__module__", "") or "", SAFE_CLASS_PACKAGES):
-        raise PickleRejected(f"it would call {qualified}, which is a function, not a model class",
-                             global_name=qualified)
+    if f"{module}:{name}" not in allowed_classes():
+        raise PickleRejected(f"it would call {qualified}, which is not a model class on the portal's allowlist "
+                             "(functions are never allowed)", global_name=qualified)
 
 
 class _Mark:
@@ -168,7 +163,7 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
         for opcode, arg, _pos in ops:
             name = opcode.name
             if name == "PROTO":
-                protocol = int(arg)
+                protocol = int(arg or 0)
                 continue
             if name == "FRAME":
                 continue
@@ -217,9 +212,9 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
                     if (joblib and isinstance(func, _Global) and func.name == "NumpyArrayWrapper"):
                         _skip_joblib_array(stream, state, report, depth, size_limit)
             elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(int(arg), _UNKNOWN))
+                stack.append(memo.get(int(arg or 0), _UNKNOWN))
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(arg)] = top()
+                memo[int(arg or 0)] = top()
             elif name == "MEMOIZE":
                 memo[len(memo)] = top()
             elif name == "POP":

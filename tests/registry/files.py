@@ -87,7 +87,6 @@ def onnx_file(dest: Path) -> Path:
 
 
 def onnx_with_external_data(dest: Path, location: str) -> Path:
-    import onnx
     from onnx import TensorProto, helper
 
     tensor = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])

@@ -79,7 +79,7 @@ HOSTILE: dict[str, tuple[str, Callable[[Path], bytes], str]] = {
     "STACK_GLOBAL through the memo": ("model.pkl", lambda t: files.pickle_stack_global_via_memo(), "builtins.exec"),
     "STACK_GLOBAL from a computed name": ("model.pkl", lambda t: files.pickle_stack_global_computed(), "STACK_GLOBAL"),
     "pkgutil.resolve_name": ("model.pkl", lambda t: files.pickle_pkgutil_resolve_name(), "pkgutil.resolve_name"),
-    "a scikit-learn function": ("model.pkl", lambda t: files.pickle_sklearn_function(), "not a model class"),
+    "a scikit-learn function": ("model.pkl", lambda t: files.pickle_sklearn_function(), "functions are never allowed"),
     "persistent ids": ("model.pkl", lambda t: files.pickle_persistent_id(), "persistent ids"),
     "extension registry": ("model.pkl", lambda t: files.pickle_extension_registry(), "extension registry"),
     "pickle nested in a joblib array": ("model.joblib", lambda t: _in_tmp(t, "n.joblib", files.joblib_with_nested_evil),
@@ -99,12 +99,13 @@ HOSTILE: dict[str, tuple[str, Callable[[Path], bytes], str]] = {
 def test_hostile_uploads_are_refused_and_leave_nothing(case: str, personas: dict[str, Any], model: RegisteredModel,
                                                       api_as: Any, tmp_path: Path) -> None:
     filename, builder, expected = HOSTILE[case]
+    stored_before = _artifact_files()
     response = _upload(api_as(personas["ds"]), filename, builder(tmp_path))
     assert 400 <= response.status_code < 500
     body = assert_error_shape(response, response.status_code)
     assert expected.lower() in str(body).lower(), body
     assert not ModelVersion.objects.exists() and not Blob.objects.exists()
-    assert _artifact_files() == []
+    assert _artifact_files() == stored_before
     if response.status_code == 422:
         event = AuditEvent.objects.get(action="version.upload_rejected")
         assert event.outcome == "failure" and event.metadata["findings"]
@@ -140,10 +141,11 @@ def test_onnx_external_data_stays_inside_the_archive(location: str, personas: di
 @override_settings(PORTAL_MAX_UPLOAD_BYTES=4096)
 def test_an_oversize_upload_is_413_with_the_limit(personas: dict[str, Any], model: RegisteredModel,
                                                    api_as: Any) -> None:
+    stored_before = _artifact_files()
     body = assert_error_shape(_upload(api_as(personas["ds"]), "model.pkl", b"\x80\x04" + b"x" * 10000), 413,
                               "too_large")
     assert "limit" in body["error"]["message"]
-    assert not ModelVersion.objects.exists() and _artifact_files() == []
+    assert not ModelVersion.objects.exists() and _artifact_files() == stored_before
 
 
 @override_settings(PORTAL_MAX_UNPACKED_BYTES=1024 * 1024)
@@ -158,6 +160,7 @@ def test_a_compressed_joblib_bomb_is_refused(personas: dict[str, Any], model: Re
 def test_bad_metadata_is_a_400_and_stores_nothing(personas: dict[str, Any], model: RegisteredModel, api_as: Any,
                                                   tmp_path: Path) -> None:
     client = api_as(personas["ds"])
+    stored_before = _artifact_files()
     data = files.skops_file(tmp_path / "m.skops").read_bytes()
     body = assert_error_shape(_upload(client, "m.skops", data, metrics="{not json"), 400, "invalid")
     assert "metrics is not valid JSON" in body["error"]["message"]
@@ -170,7 +173,7 @@ def test_bad_metadata_is_a_400_and_stores_nothing(personas: dict[str, Any], mode
                               400, "invalid")
     assert "CSV" in body["error"]["message"]
     assert_error_shape(client.post("/api/v1/models/churn/versions/", {}, format="multipart"), 400, "invalid")
-    assert not ModelVersion.objects.exists() and _artifact_files() == []
+    assert not ModelVersion.objects.exists() and _artifact_files() == stored_before
 
 
 def test_json_instead_of_multipart_is_415(personas: dict[str, Any], model: RegisteredModel, api_as: Any) -> None:

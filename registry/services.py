@@ -235,8 +235,17 @@ def _signature_problems(declared: dict[str, Any], observed: dict[str, Any]) -> l
         want, got = declared_out[0]["type"], observed_out[0]["type"]
         if want != got and not (want in numeric and got in numeric):
             problems.append(f"the signature says predictions are {want} but the model returned {got}")
-    declared_in = [str(c["name"]) for c in declared.get("inputs") or [] if isinstance(c, dict) and c.get("name")]
+    declared_inputs = [c for c in declared.get("inputs") or [] if isinstance(c, dict)]
     observed_in = [c["name"] for c in observed.get("inputs") or []]
+    tensors = [c for c in declared_inputs if c.get("shape") or c.get("type") == "tensor"]
+    if tensors:
+        # A tensor signature (ONNX, MLflow tensor spec) names the tensor, not columns: compare widths instead.
+        shape = tensors[0].get("shape") or (tensors[0].get("tensor-spec") or {}).get("shape") or []
+        width = shape[1] if len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 else None
+        if width is not None and observed_in and width != len(observed_in):
+            problems.append(f"the model takes {width} features but ran on {len(observed_in)}")
+        return problems
+    declared_in = [str(c["name"]) for c in declared_inputs if c.get("name")]
     if declared_in and observed_in and set(declared_in) != set(observed_in):
         missing = sorted(set(declared_in) - set(observed_in))[:5]
         problems.append(f"the model's inputs differ from its signature (missing: {missing})")

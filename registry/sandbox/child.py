@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -146,11 +147,23 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
             return {"ok": False, "error": "the model does not say how many inputs it takes and no example was given"}
         example = {"columns": columns, "data": [[0.0] * len(columns)]}
     frame = _frame(example, columns).head(MAX_EXAMPLE_ROWS)
+    notes = []
     if feature_names and list(frame.columns) != feature_names:
         missing = [c for c in feature_names if c not in frame.columns]
         if missing:
-            return {"ok": False, "error": f"the example lacks the model's inputs {missing[:5]}"}
+            # LightGBM and others rewrite feature names (spaces to underscores): match them the same way.
+            normalised = {re.sub(r"[^0-9A-Za-z]+", "_", str(c)): c for c in frame.columns}
+            mapping = {normalised.get(re.sub(r"[^0-9A-Za-z]+", "_", f)): f for f in feature_names}
+            if None in mapping:
+                return {"ok": False, "error": f"the example lacks the model's inputs {missing[:5]}"}
+            frame = frame.rename(columns=mapping)
+            notes.append("feature names were matched after normalising punctuation")
         frame = frame[feature_names]
+    elif n_features and frame.shape[1] > n_features:
+        # A model that takes an unnamed tensor: extra columns (a label, an id) are dropped from the end.
+        notes.append(f"the example has {frame.shape[1]} columns and the model takes {n_features}: "
+                     f"the first {n_features} were used")
+        frame = frame.iloc[:, :n_features]
     started = time.perf_counter()
     predictions, proba = _predict(target, frame, fmt)
     predict_seconds = time.perf_counter() - started
@@ -167,6 +180,7 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
         "example": {"columns": [str(c) for c in frame.columns], "data": frame.head(5).to_numpy().tolist()},
         "predictions": np.asarray(predictions)[:5].tolist(),
         "has_proba": proba is not None,
+        "notes": notes,
         "classes": [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else None,
     }
 

@@ -23,7 +23,7 @@ ROLE_LABEL = {"ds": "Data scientist", "approver1": "Approver", "approver2": "App
 
 
 def test_each_demo_user_signs_in_and_sees_their_navigation(page: Any, settings: Any) -> None:
-    call_command("seed_demo", "--force")
+    call_command("seed_demo", "--force", "--users-only")
     for username, expected in NAVIGATION.items():
         page.goto("/")
         assert "/login/" in page.url
@@ -42,7 +42,7 @@ def test_each_demo_user_signs_in_and_sees_their_navigation(page: Any, settings: 
 
 
 def test_a_wrong_password_is_explained_in_the_page(page: Any) -> None:
-    call_command("seed_demo", "--force")
+    call_command("seed_demo", "--force", "--users-only")
     page.goto("/login/")
     page.fill("#id_username", "ds")
     page.fill("#id_password", "not-the-password")
@@ -51,7 +51,7 @@ def test_a_wrong_password_is_explained_in_the_page(page: Any) -> None:
 
 
 def test_a_token_created_on_the_account_page_is_shown_once(page: Any, settings: Any) -> None:
-    call_command("seed_demo", "--force")
+    call_command("seed_demo", "--force", "--users-only")
     page.goto("/login/")
     page.fill("#id_username", "ds")
     page.fill("#id_password", settings.PORTAL_DEMO_PASSWORD)

@@ -22,7 +22,7 @@ def test_seed_demo_refuses_when_debug_is_off() -> None:
 
 
 @override_settings(DEBUG=True, PORTAL_DEMO_PASSWORD="another-demo-pass-1")
-def test_seed_demo_creates_the_contracts_users_once() -> None:
+def test_seed_demo_creates_the_contracts_users_and_model_once() -> None:
     call_command("seed_demo")
     events_after_first = AuditEvent.objects.count()
     call_command("seed_demo")
@@ -34,8 +34,14 @@ def test_seed_demo_creates_the_contracts_users_once() -> None:
         assert team.members.filter(pk=user.pk).exists()
         assert user.check_password("another-demo-pass-1")
     assert verify_chain().ok and events_after_first > 0
+    from registry.models import RegisteredModel
+
+    model = RegisteredModel.objects.get(name="breast-cancer")
+    assert model.team == team
+    assert [(v.number, v.status, v.reference is not None) for v in model.versions.order_by("number")] == [
+        (1, "ready", True), (2, "ready", True)]
 
 
 def test_seed_demo_runs_with_force_even_when_debug_is_off() -> None:
-    call_command("seed_demo", "--force")
+    call_command("seed_demo", "--force", "--users-only")
     assert get_user_model().objects.filter(username="admin", is_staff=True).exists()

@@ -30,8 +30,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--force", action="store_true", help="Seed even though DEBUG is off.")
+        parser.add_argument("--users-only", action="store_true", help="Only the team and users, no demo models.")
 
-    def handle(self, *args: Any, force: bool = False, **options: Any) -> None:
+    def handle(self, *args: Any, force: bool = False, users_only: bool = False, **options: Any) -> None:
         if not settings.DEBUG and not force:
             raise CommandError("DEBUG is off: this looks like a real deployment. Pass --force to seed demo users anyway.")
         password = settings.PORTAL_DEMO_PASSWORD
@@ -51,7 +52,7 @@ class Command(BaseCommand):
                 services.user_set_roles(user=user, roles=[role], actor=None)
                 services.membership_add(team=team, user=user, actor=None)
                 users[username] = user
-        for hook in SEED_HOOKS:
+        for hook in [] if users_only else SEED_HOOKS:
             hook(team=team, users=users, stdout=self.stdout)
         self.stdout.write(self.style.SUCCESS(
             "Demo ready: team 'demo'; users " + ", ".join(u for u, _, _ in DEMO_USERS)

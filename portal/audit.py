@@ -63,6 +63,12 @@ class AuditAction(enum.Enum):
     VERSION_DOWNLOAD = (2015, "version.download")
     REFERENCE_DOWNLOAD = (2016, "reference.download")
     TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
+    # 3000: deployments and traffic
+    DEPLOYMENT_CREATE = (3001, "deployment.create")
+    DEPLOYMENT_LIVE = (3002, "deployment.live")
+    DEPLOYMENT_FAIL = (3003, "deployment.fail")
+    TRAFFIC_SWITCH = (3011, "traffic.switch")
+    FEEDBACK_RECEIVE = (3101, "feedback.receive")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")

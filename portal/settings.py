@@ -5,6 +5,7 @@ See the README's table of variables. Nonsense values stop the process at import 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from datetime import timedelta
@@ -144,7 +145,7 @@ if BROKER_IS_FILESYSTEM:
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # A task not acknowledged within this window is handed to another worker (acks_late below).
-        "visibility_timeout": env_int("PORTAL_CELERY_VISIBILITY_TIMEOUT", 3600, minimum=60),
+        "visibility_timeout": env_int("PORTAL_CELERY_VISIBILITY_TIMEOUT", 3600, minimum=5),
     }
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -155,7 +156,13 @@ CELERY_RESULT_BACKEND = None
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600, minimum=30)
 CELERY_BEAT_SCHEDULE = {
+    "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},
+    "flush-predictions": {
+        "task": "monitoring.tasks.flush_predictions",
+        "schedule": timedelta(seconds=env_int("PORTAL_FLUSH_SECONDS", 2, minimum=1)),
+    },
     "verify-audit-chain-daily": {
         "task": "portal.tasks.audit_chain_verify",
         "schedule": timedelta(hours=env_int("PORTAL_AUDIT_VERIFY_HOURS", 24, minimum=1)),
@@ -329,6 +336,14 @@ PORTAL_MAX_COMPRESSION_RATIO = env_int("PORTAL_MAX_COMPRESSION_RATIO", 200, mini
 PORTAL_SANDBOX_TIMEOUT_SECONDS = env_int("PORTAL_SANDBOX_TIMEOUT_SECONDS", 120, minimum=5)
 PORTAL_MLFLOW_TRACKING_URI = env_url("PORTAL_MLFLOW_TRACKING_URI", None,
                                      schemes={"http", "https", "sqlite", "postgresql", "file"})
+PORTAL_SERVE_RATE_LIMIT = env_int("PORTAL_SERVE_RATE_LIMIT", 5000, minimum=0)  # requests/second/token; 0: off
+PORTAL_PREDICTION_BUFFER_URL = env_url(
+    "PORTAL_PREDICTION_BUFFER_URL",
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else None,
+    schemes={"redis", "rediss"},
+)
+PORTAL_SUBJECT_HASH_KEY = env_optional("PORTAL_SUBJECT_HASH_KEY") or hashlib.sha256(
+    ("subject-hash:" + SECRET_KEY).encode()).hexdigest()
 PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
 
 # --- Portal ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from portal import views
+from registry.serving import views as serving_views
 
 portal_patterns = (
     [
@@ -25,6 +26,8 @@ urlpatterns = [
     path("readyz", views.readyz, name="readyz"),
     path("api/v1/", include("portal.api.urls")),
     path("api/v1/", include("registry.api.urls")),
+    path("api/v1/", include("monitoring.api.urls")),
+    path("api/v1/serve/<str:name>/<str:env>/invocations", serving_views.invocations, name="serve-invocations"),
     path("", include("registry.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     # The split view serves Swagger UI's start-up script as a file, so the CSP can forbid inline scripts.

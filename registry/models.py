@@ -157,3 +157,109 @@ class TeamTrustedType(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type_name} for {self.team}"
+
+
+class Environment(models.TextChoices):
+    DEV = "dev", "dev"
+    STAGE = "stage", "stage"
+    PROD = "prod", "prod"
+
+
+ENVIRONMENT_ORDER = [Environment.DEV, Environment.STAGE, Environment.PROD]
+
+
+class Strategy(models.TextChoices):
+    REPLACE = "replace", "Replace (blue/green)"
+    CANARY = "canary", "Canary / A-B split"
+    SHADOW = "shadow", "Shadow"
+
+
+class DeploymentStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    LIVE = "live", "Live"
+    FAILED = "failed", "Failed"
+    RETIRED = "retired", "Retired"
+
+
+class Deployment(models.Model):
+    """One attempt to put a version live in an environment, carried out by a worker. Its log is shown live."""
+
+    MAX_ATTEMPTS = 3
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="deployments")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="deployments")
+    environment = models.CharField(max_length=8, choices=Environment.choices)
+    strategy = models.CharField(max_length=8, choices=Strategy.choices, default=Strategy.REPLACE)
+    traffic_percent = models.PositiveSmallIntegerField(default=100)
+    status = models.CharField(max_length=8, choices=DeploymentStatus.choices, default=DeploymentStatus.PENDING)
+    progress = models.PositiveSmallIntegerField(default=0)
+    log = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    serving_kind = models.CharField(max_length=16, blank=True)  # onnx | native
+    serving_blob = models.ForeignKey(Blob, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    request_id = models.CharField(max_length=64, blank=True)
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["model", "environment", "-created_at"], name="deployment_model_env")]
+
+    def __str__(self) -> str:
+        return f"{self.version} to {self.environment} ({self.status})"
+
+
+class ServingMode(models.TextChoices):
+    SINGLE = "single", "Single version"
+    CANARY = "canary", "Canary split"
+    SHADOW = "shadow", "Shadow"
+
+
+class EnvironmentState(models.Model):
+    """What serves a model in an environment now. ``generation`` goes up with every switch, so web workers notice
+    a change by comparing one integer."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="environment_states")
+    environment = models.CharField(max_length=8, choices=Environment.choices)
+    champion = models.ForeignKey(Deployment, null=True, on_delete=models.PROTECT, related_name="+")
+    challenger = models.ForeignKey(Deployment, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    mode = models.CharField(max_length=8, choices=ServingMode.choices, default=ServingMode.SINGLE)
+    challenger_percent = models.PositiveSmallIntegerField(default=0)
+    generation = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["model", "environment"], name="environment_state_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}/{self.environment} gen {self.generation}"
+
+
+class ServingInterval(models.Model):
+    """A version serving in an environment from ``started_at`` until ``ended_at`` (open while it serves)."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="serving_intervals")
+    environment = models.CharField(max_length=8, choices=Environment.choices)
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    deployment = models.ForeignKey(Deployment, on_delete=models.PROTECT, related_name="intervals")
+    role = models.CharField(max_length=12)  # champion | canary | shadow
+    traffic_percent = models.PositiveSmallIntegerField()
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["started_at"]
+        indexes = [models.Index(fields=["model", "environment", "started_at"], name="interval_model_env")]
+
+
+class PredictionOutbox(models.Model):
+    """Prediction records waiting for monitoring's flusher, in the embedded mode (Redis holds them otherwise)."""
+
+    payload = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)

@@ -42,6 +42,35 @@ def version_audit_timeline(*, version: ModelVersion) -> QuerySet[AuditEvent]:
                                      target_id=f"{version.model.name}/{version.number}").order_by("seq")
 
 
+def environment_overview(*, model: RegisteredModel) -> dict[str, dict[str, Any]]:
+    """For each environment: the serving versions, traffic split and the latest deployments."""
+    from registry.models import ENVIRONMENT_ORDER, Deployment, EnvironmentState
+
+    states = {s.environment: s for s in EnvironmentState.objects.filter(model=model).select_related(
+        "champion__version", "challenger__version")}
+    recent = list(Deployment.objects.filter(model=model).select_related("version", "requested_by")
+                  .order_by("-created_at")[:30])
+    overview = {}
+    for env in ENVIRONMENT_ORDER:
+        state = states.get(env)
+        overview[str(env)] = {
+            "champion": state.champion.version.number if state and state.champion else None,
+            "challenger": state.challenger.version.number if state and state.challenger else None,
+            "mode": state.mode if state else "single",
+            "challenger_percent": state.challenger_percent if state else 0,
+            "updated_at": state.updated_at if state else None,
+            "deployments": [d for d in recent if d.environment == env][:5],
+        }
+    return overview
+
+
+def deployment_get(*, user: Any, uid: str) -> Any:
+    from registry.models import Deployment
+
+    return get_object_for_user(user, Deployment.objects.select_related("model__team", "version", "requested_by"),
+                               action="view_models", team_field="model__team", uid=uid)
+
+
 def trust_queue(*, user: Any) -> QuerySet[ModelVersion]:
     return scope_to_teams(ModelVersion.objects.filter(trust_state="pending").select_related("model__team",
                                                                                             "uploaded_by"),

@@ -53,6 +53,9 @@ def blob_put(content: IO[bytes] | File, *, sha256: str, size: int) -> Blob:
         return existing
     storage = artifact_storage()
     name = storage_name(sha256)
+    if storage.exists(name) and not _stored_matches(storage, name, sha256):
+        # A file without its row (an interrupted upload) that no longer matches its name: replace it.
+        storage.delete(name)
     if not storage.exists(name):
         django_file = content if isinstance(content, File) else File(content)
         saved = storage.save(name, django_file)
@@ -61,6 +64,14 @@ def blob_put(content: IO[bytes] | File, *, sha256: str, size: int) -> Blob:
     with transaction.atomic():
         blob, _created = Blob.objects.get_or_create(sha256=sha256, defaults={"size": size, "storage_name": name})
     return blob
+
+
+def _stored_matches(storage: Storage, name: str, sha256: str) -> bool:
+    digest = hashlib.sha256()
+    with storage.open(name, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest() == sha256
 
 
 def blob_put_path(path: str | Path) -> Blob:

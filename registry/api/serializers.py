@@ -39,9 +39,17 @@ class ModelSerializer(serializers.ModelSerializer[RegisteredModel]):
 
 class ModelDetailSerializer(ModelSerializer):
     versions = serializers.SerializerMethodField()
+    environments = serializers.SerializerMethodField()
 
     class Meta(ModelSerializer.Meta):
-        fields = [*ModelSerializer.Meta.fields, "versions"]
+        fields = [*ModelSerializer.Meta.fields, "versions", "environments"]
+
+    def get_environments(self, obj: RegisteredModel) -> dict[str, Any]:
+        from registry.selectors import environment_overview
+
+        return {env: {"champion": s["champion"], "challenger": s["challenger"], "mode": s["mode"],
+                      "challenger_percent": s["challenger_percent"]}
+                for env, s in environment_overview(model=obj).items()}
 
     def get_versions(self, obj: RegisteredModel) -> list[dict[str, Any]]:
         return list(VersionSummarySerializer(obj.versions.select_related("uploaded_by").order_by("-number"),
@@ -73,6 +81,35 @@ class TrustDecisionInput(serializers.Serializer[Any]):
     trust = serializers.BooleanField()
     reason = serializers.CharField(max_length=2000)
     remember_for_team = serializers.BooleanField(required=False, default=False)
+
+
+class DeployInput(serializers.Serializer[Any]):
+    environment = serializers.ChoiceField(choices=["dev", "stage", "prod"])
+    strategy = serializers.ChoiceField(choices=["replace", "canary", "shadow"], default="replace")
+    traffic_percent = serializers.IntegerField(min_value=1, max_value=100, default=100)
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+
+
+class DeploymentSerializer(serializers.Serializer[Any]):
+    id = serializers.UUIDField(source="uid")
+    model = serializers.CharField(source="model.name")
+    version = serializers.IntegerField(source="version.number")
+    environment = serializers.CharField()
+    strategy = serializers.CharField()
+    traffic_percent = serializers.IntegerField()
+    status = serializers.CharField()
+    progress = serializers.IntegerField()
+    error = serializers.CharField()
+    log = serializers.JSONField()
+    serving_kind = serializers.CharField()
+    attempts = serializers.IntegerField()
+    requested_by = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField()
+
+    def get_requested_by(self, obj: Any) -> str | None:
+        return _username(obj.requested_by)
 
 
 class VersionSerializer(serializers.ModelSerializer[ModelVersion]):

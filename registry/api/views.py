@@ -21,6 +21,8 @@ from portal.models import Team
 from portal.permissions import get_object_for_user
 from registry import selectors, services, storage
 from registry.api.serializers import (
+    DeployInput,
+    DeploymentSerializer,
     ModelCreateInput,
     ModelDetailSerializer,
     ModelSerializer,
@@ -180,3 +182,25 @@ class VersionReferenceApi(APIView):
             raise ValidationError({"reference_data": "This version has no reference data."})
         services.reference_download_record(version=version, actor=request.user)
         return _download(version.reference.blob, f"{version.model.name}-v{version.number}-reference.{version.reference.format}")
+
+
+class VersionDeployApi(APIView):
+    @extend_schema(request=DeployInput, responses={202: DeploymentSerializer},
+                   summary="Deploy a ready version (data scientists: dev only; stage and prod through promotion)")
+    def post(self, request: Request, name: str, number: int) -> Response:
+        from registry.deployments import deployment_start
+
+        version = selectors.version_get(user=request.user, name=name, number=number, action="view_models")
+        data = DeployInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        deployment = deployment_start(version=version, environment=data.validated_data["environment"],
+                                      strategy=data.validated_data["strategy"],
+                                      traffic_percent=data.validated_data["traffic_percent"],
+                                      reason=data.validated_data.get("reason", ""), actor=request.user)
+        return Response(DeploymentSerializer(deployment).data, status=status.HTTP_202_ACCEPTED)
+
+
+class DeploymentDetailApi(APIView):
+    @extend_schema(responses=DeploymentSerializer, summary="A deployment's status, progress, log and error")
+    def get(self, request: Request, uid: str) -> Response:
+        return Response(DeploymentSerializer(selectors.deployment_get(user=request.user, uid=uid)).data)

@@ -111,5 +111,9 @@ def skops_types(path: Path) -> SandboxResult:
     return run(["skops-types", str(path)], timeout=60, memory_mb=2048)
 
 
+def prepare_serving(fmt: str, path: Path, options: dict[str, Any]) -> SandboxResult:
+    return run(["prepare-serving", fmt, str(path), json.dumps(options)])
+
+
 def smoke_test(fmt: str, path: Path, options: dict[str, Any]) -> SandboxResult:
     return run(["smoke", fmt, str(path), json.dumps(options)])

@@ -185,10 +185,75 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _load(fmt: str, path: str, options: dict[str, Any]) -> Any:
+    if fmt == "mlflow":
+        import mlflow.pyfunc
+
+        model = mlflow.pyfunc.load_model(path)
+        try:
+            raw = model.get_raw_model()
+            return raw if hasattr(raw, "predict") else model
+        except Exception:
+            return model
+    if fmt == "skops":
+        import skops.io
+
+        return skops.io.load(path, trusted=options.get("trusted_types") or [])
+    import joblib
+
+    return joblib.load(path)
+
+
+def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Convert a vetted model to ONNX for the web workers, and keep the conversion only if it predicts exactly what
+    the model itself predicts on the example rows. ONNX loading runs no Python code from the file."""
+    import numpy as np
+
+    columns = options["columns"]
+    rows = np.asarray(options["rows"], dtype="float64")
+    model = _load(fmt, path, options)
+    frame = _frame({"columns": columns, "data": rows.tolist()}, columns)
+    native = np.asarray(model.predict(frame))
+    try:
+        from skl2onnx import to_onnx
+        from sklearn.pipeline import Pipeline
+
+        final = model.steps[-1][1] if isinstance(model, Pipeline) else model
+        conversion_options = {id(final): {"zipmap": False}} if hasattr(final, "predict_proba") else None
+        onnx_model = None
+        for dtype in ("float64", "float32"):
+            try:
+                onnx_model = to_onnx(model, rows[:1].astype(dtype), options=conversion_options, target_opset=17)
+                break
+            except Exception:  # noqa: S112 - the other precision may convert; else the model serves natively
+                continue
+        if onnx_model is None:
+            return {"ok": True, "kind": "native", "reason": "no ONNX converter for this model"}
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        first = session.get_inputs()[0]
+        feed_dtype = np.float32 if first.type == "tensor(float)" else np.float64
+        onnx_pred = np.asarray(session.run(None, {first.name: rows.astype(feed_dtype)})[0]).ravel()
+        if onnx_pred.shape != native.ravel().shape or not np.array_equal(onnx_pred, native.ravel()):
+            if native.dtype.kind == "f" and np.allclose(onnx_pred, native.ravel(), rtol=1e-6, atol=1e-9):
+                pass
+            else:
+                return {"ok": True, "kind": "native", "reason": "the ONNX conversion predicts differently"}
+        with open(options["output"], "wb") as out:
+            out.write(onnx_model.SerializeToString())
+        return {"ok": True, "kind": "onnx", "input_dtype": "float32" if feed_dtype is np.float32 else "float64",
+                "outputs": [o.name for o in session.get_outputs()]}
+    except ImportError:
+        return {"ok": True, "kind": "native", "reason": "skl2onnx is not installed"}
+
+
 def main(argv: list[str]) -> int:
     try:
         if argv[1] == "inspect-onnx":
             _emit(inspect_onnx(argv[2]))
+        elif argv[1] == "prepare-serving":
+            _emit(prepare_serving(argv[2], argv[3], json.loads(argv[4])))
         elif argv[1] == "skops-types":
             _emit(skops_types(argv[2]))
         elif argv[1] == "smoke":

@@ -1,0 +1,49 @@
+"""Ground truth arriving late: ``POST /api/v1/serve/{name}/{env}/feedback``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from monitoring.models import Feedback
+from portal.audit import AuditAction, Target, audit_record
+from registry import selectors
+from registry.models import Environment
+
+MAX_FEEDBACK = 10_000
+
+
+class FeedbackItem(serializers.Serializer[Any]):
+    prediction_id = serializers.RegexField(r"^[0-9a-f]{32}$", error_messages={
+        "invalid": "prediction_id is the 32-character id the prediction returned."})
+    actual = serializers.JSONField()
+
+
+class FeedbackApi(APIView):
+    @extend_schema(request=FeedbackItem(many=True), responses={202: None},
+                   summary="Attach ground truth to predictions by id, in bulk; later values replace earlier ones")
+    def post(self, request: Request, name: str, env: str) -> Response:
+        if env not in Environment.values:
+            raise serializers.ValidationError({"environment": "Use dev, stage or prod."})
+        model = selectors.model_get(user=request.user, name=name, action="view_models")
+        if not isinstance(request.data, list):
+            raise serializers.ValidationError({"body": "Send a JSON list of {prediction_id, actual} objects."})
+        if len(request.data) > MAX_FEEDBACK:
+            raise serializers.ValidationError({"body": f"At most {MAX_FEEDBACK} items per request."})
+        items = FeedbackItem(data=request.data, many=True)
+        items.is_valid(raise_exception=True)
+        rows = [Feedback(prediction_id=i["prediction_id"], actual=i["actual"], submitted_by=request.user.get_username())
+                for i in items.validated_data]
+        with transaction.atomic():
+            Feedback.objects.bulk_create(rows, update_conflicts=True, unique_fields=["prediction_id"],
+                                         update_fields=["actual", "received_at", "submitted_by"], batch_size=2000)
+            audit_record(AuditAction.FEEDBACK_RECEIVE, actor=request.user,
+                         target=Target("environment", f"{name}/{env}", f"{name} {env}", model.team.slug),
+                         metadata={"count": len(rows)})
+        return Response({"accepted": len(rows)}, status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from celery import shared_task
+
+from monitoring.flush import flush_predictions
+
+
+@shared_task(name="monitoring.tasks.flush_predictions", ignore_result=True)
+def flush_predictions_task() -> int:
+    return flush_predictions()

@@ -1,0 +1,328 @@
+"""Deployments: putting a ready version live in an environment without downtime.
+
+A deployment is a row a worker carries out in steps, each logged with its progress: claim, verify the artifact's
+hash, prepare the serving form (ONNX converted and checked in the sandbox, or the vetted native file), warm it and
+run the input example against the signature, then switch the environment's traffic in one transaction. Until that
+last step nothing that serves changes, so a failed deployment leaves the environment as it was.
+
+Retries are safe: a task redelivered after its worker died finds the row ``running``, claims it again (up to
+``Deployment.MAX_ATTEMPTS``) and repeats the steps, which are idempotent; past that it fails with a reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from portal import context
+from portal.audit import AuditAction, Target, audit_record
+from portal.models import AuditOutcome
+from portal.permissions import require_capability
+from registry import sandbox, storage
+from registry.models import (
+    Deployment,
+    DeploymentStatus,
+    Environment,
+    EnvironmentState,
+    ModelVersion,
+    ServingInterval,
+    ServingMode,
+    Strategy,
+    TrustState,
+    VersionStatus,
+)
+from registry.scanning.archive import extract_zip
+
+logger = logging.getLogger(__name__)
+
+
+class DeploymentFailed(Exception):
+    pass
+
+
+def deployment_target(deployment: Deployment) -> Target:
+    return Target(type="deployment", id=str(deployment.uid),
+                  repr=f"{deployment.model.name} v{deployment.version.number} to {deployment.environment}",
+                  team_slug=deployment.model.team.slug)
+
+
+def _check_request(version: ModelVersion, environment: str, strategy: str, traffic_percent: int) -> None:
+    if environment not in Environment.values:
+        raise ValidationError({"environment": f"Unknown environment {environment!r}: use dev, stage or prod."})
+    if strategy not in Strategy.values:
+        raise ValidationError({"strategy": "Use replace, canary or shadow."})
+    if strategy == Strategy.CANARY and not 1 <= traffic_percent <= 99:
+        raise ValidationError({"traffic_percent": "A canary takes between 1 and 99 percent of the traffic."})
+    if version.status != VersionStatus.READY:
+        raise ValidationError({"version": f"Version {version.number} is {version.status}; only ready versions deploy."})
+    if strategy != Strategy.REPLACE:
+        state = EnvironmentState.objects.filter(model=version.model, environment=environment).first()
+        if state is None or state.champion_id is None:
+            raise ValidationError({"strategy": f"Nothing serves {environment} yet: deploy with replace first."})
+
+
+def deployment_start(*, version: ModelVersion, environment: str, strategy: str = Strategy.REPLACE,
+                     traffic_percent: int = 100, actor: Any, reason: str = "",
+                     via_promotion: bool = False) -> Deployment:
+    """Create a deployment and hand it to a worker. Data scientists deploy to dev; stage and prod are reached only
+    through promotion (which calls this with ``via_promotion=True``)."""
+    if not via_promotion:
+        if environment != Environment.DEV:
+            raise PermissionDenied(f"{environment} is reached only through promotion, with approval.")
+        require_capability(actor, "deploy_dev")
+    _check_request(version, environment, strategy, traffic_percent)
+    percent = 100 if strategy == Strategy.REPLACE else traffic_percent
+    with transaction.atomic():
+        deployment = Deployment.objects.create(
+            model=version.model, version=version, environment=environment, strategy=strategy,
+            traffic_percent=percent, requested_by=actor if getattr(actor, "is_authenticated", False) else None,
+            request_id=context.current().request_id, reason=reason,
+            log=[_entry("Deployment requested.")],
+        )
+        audit_record(AuditAction.DEPLOYMENT_CREATE, actor=actor, target=deployment_target(deployment),
+                     after={"version": version.number, "environment": environment, "strategy": strategy,
+                            "traffic_percent": percent, "via_promotion": via_promotion})
+        ctx = context.current().as_task_kwargs()
+
+        def enqueue() -> None:
+            from registry.tasks import deployment_run_task
+
+            deployment_run_task.delay(deployment.pk, request_ctx=ctx)
+
+        transaction.on_commit(enqueue)
+    return deployment
+
+
+def _entry(message: str) -> dict[str, str]:
+    return {"at": timezone.now().isoformat(timespec="seconds"), "message": message}
+
+
+def _step(deployment: Deployment, progress: int, message: str) -> None:
+    deployment.progress = progress
+    deployment.log = [*deployment.log, _entry(message)]
+    Deployment.objects.filter(pk=deployment.pk).update(progress=progress, log=deployment.log)
+
+
+def _claim(deployment_id: int) -> Deployment | None:
+    """Take the deployment for this worker: pending, or running when a redelivered task finds its worker died."""
+    claimable = Q(status=DeploymentStatus.PENDING) | Q(status=DeploymentStatus.RUNNING)
+    claimed = Deployment.objects.filter(claimable, pk=deployment_id, attempts__lt=Deployment.MAX_ATTEMPTS).update(
+        status=DeploymentStatus.RUNNING, attempts=F("attempts") + 1, started_at=timezone.now())
+    if not claimed:
+        return None
+    return Deployment.objects.select_related("model__team", "version__artifact").get(pk=deployment_id)
+
+
+def _example_rows(version: ModelVersion) -> tuple[list[str], list[list[float]]]:
+    columns = [c["name"] for c in version.signature.get("inputs", []) if isinstance(c, dict) and c.get("name")]
+    example = version.input_example if isinstance(version.input_example, dict) else None
+    if example and example.get("columns") and example.get("data"):
+        ex_cols = [str(c) for c in example["columns"]]
+        if columns and set(columns) <= set(ex_cols):
+            index = [ex_cols.index(c) for c in columns]
+            return columns, [[row[i] for i in index] for row in example["data"]]
+        if not columns:
+            return ex_cols, example["data"]
+    raise DeploymentFailed("the version has no input example with its signature's columns to validate against")
+
+
+def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
+    """The serving form: ('onnx', Blob) when the sandbox's ONNX conversion predicts exactly like the model,
+    else ('native', None): web workers then load the vetted artifact itself."""
+    version = deployment.version
+    if version.format == "onnx":
+        return "onnx", version.artifact
+    assert version.artifact is not None
+    columns, rows = _example_rows(version)
+    with storage.verified_local_path(version.artifact) as artifact:
+        if version.format == "mlflow":
+            target = work / "model"
+            extract_zip(artifact, target)
+            mlmodels = [p for p in target.rglob("MLmodel") if len(p.relative_to(target).parts) <= 2]
+            path = mlmodels[0].parent
+        else:
+            path = work / f"model.{version.format}"
+            path.symlink_to(artifact)
+        output = work / "serving.onnx"
+        trusted = version.untrusted_types if version.trust_state == TrustState.TRUSTED else []
+        result = sandbox.prepare_serving(version.format, path, {"columns": columns, "rows": rows,
+                                                                "output": str(output), "trusted_types": trusted})
+    if not result.ok:
+        raise DeploymentFailed(f"preparing the serving form failed: {result.error}")
+    if result.data.get("kind") == "onnx" and output.exists():
+        return "onnx", storage.blob_put_path(output)
+    _step(deployment, 45, f"Serving natively: {result.data.get('reason', 'no ONNX form')}.")
+    return "native", None
+
+
+def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
+    """Load the serving form as a web worker will, and check the input example's output against the signature."""
+    from registry.serving.runtime import load_serving_model
+
+    version = deployment.version
+    loaded = load_serving_model(version=version, kind=kind, blob=blob)
+    columns, rows = _example_rows(version)
+    import numpy as np
+
+    predictions = loaded.predict(np.asarray(rows, dtype="float64"), columns)
+    if len(predictions) != len(rows):
+        raise DeploymentFailed(f"{len(rows)} example rows gave {len(predictions)} predictions")
+    expected = (version.sandbox_report or {}).get("predictions")
+    if expected and [p for p in predictions[: len(expected)]] != expected[: len(predictions)]:
+        raise DeploymentFailed(f"the serving form predicted {predictions[:5]} where the sandbox saw {expected[:5]}")
+
+
+def deployment_run(*, deployment_id: int) -> Deployment | None:
+    deployment = _claim(deployment_id)
+    if deployment is None:
+        current = Deployment.objects.filter(pk=deployment_id).first()
+        if current and current.status == DeploymentStatus.RUNNING and current.attempts >= Deployment.MAX_ATTEMPTS:
+            _fail(current, f"gave up after {current.attempts} attempts: the worker carrying it out kept dying")
+        return current
+    if deployment.attempts > 1:
+        _step(deployment, 5, f"Attempt {deployment.attempts}: the previous worker stopped; starting over.")
+    try:
+        _step(deployment, 10, "Claimed by a worker; verifying the artifact's SHA-256.")
+        version = deployment.version
+        if version.status != VersionStatus.READY or version.artifact is None:
+            raise DeploymentFailed(f"version {version.number} is no longer ready")
+        with storage.verified_local_path(version.artifact):
+            pass
+        _step(deployment, 30, "Artifact verified; preparing the serving form.")
+        tmp_root = Path(settings.VAR_DIR) / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="deploy-", dir=tmp_root) as tmp:
+            kind, blob = _prepare(deployment, Path(tmp))
+        Deployment.objects.filter(pk=deployment.pk).update(serving_kind=kind, serving_blob=blob)
+        deployment.serving_kind, deployment.serving_blob = kind, blob
+        _step(deployment, 60, f"Serving form ready ({kind}); warming it and running the input example.")
+        _warm_and_validate(deployment, kind, blob)
+        _step(deployment, 85, "Input example answered as the signature says; switching traffic.")
+        _switch(deployment)
+    except (DeploymentFailed, storage.IntegrityError, OSError, ValueError) as exc:
+        logger.warning("Deployment %s failed: %s", deployment.uid, exc)
+        _fail(deployment, str(exc))
+    return Deployment.objects.get(pk=deployment.pk)
+
+
+def _fail(deployment: Deployment, error: str) -> None:
+    with transaction.atomic():
+        updated = Deployment.objects.filter(pk=deployment.pk, status=DeploymentStatus.RUNNING).update(
+            status=DeploymentStatus.FAILED, error=error[:4000], finished_at=timezone.now(),
+            log=[*deployment.log, _entry(f"Failed: {error[:500]}")])
+        if updated:
+            audit_record(AuditAction.DEPLOYMENT_FAIL, actor=None, target=deployment_target(deployment),
+                         outcome=AuditOutcome.FAILURE, before={"status": "running"},
+                         after={"status": "failed", "error": error[:1000]})
+
+
+def _switch(deployment: Deployment) -> None:
+    """Make the deployment serve, atomically: the environment's state row is locked, changed and its generation
+    bumped in one transaction; web workers pick the new generation up within a second."""
+    now = timezone.now()
+    with transaction.atomic():
+        state, _ = EnvironmentState.objects.get_or_create(model=deployment.model, environment=deployment.environment)
+        state = EnvironmentState.objects.select_for_update().get(pk=state.pk)
+        before = _state_summary(state)
+        retired: list[int] = []
+        open_intervals = ServingInterval.objects.filter(model=deployment.model, environment=deployment.environment,
+                                                        ended_at__isnull=True)
+        if deployment.strategy == Strategy.REPLACE:
+            retired = [d for d in (state.champion_id, state.challenger_id) if d and d != deployment.pk]
+            open_intervals.update(ended_at=now)
+            state.champion, state.challenger = deployment, None
+            state.mode, state.challenger_percent = ServingMode.SINGLE, 0
+            ServingInterval.objects.create(model=deployment.model, environment=deployment.environment,
+                                           version=deployment.version, deployment=deployment, role="champion",
+                                           traffic_percent=100, started_at=now)
+        else:
+            if state.challenger_id and state.challenger_id != deployment.pk:
+                retired.append(state.challenger_id)
+            open_intervals.exclude(role="champion").update(ended_at=now)
+            state.challenger = deployment
+            state.mode = ServingMode.CANARY if deployment.strategy == Strategy.CANARY else ServingMode.SHADOW
+            state.challenger_percent = deployment.traffic_percent if deployment.strategy == Strategy.CANARY else 0
+            role = "canary" if deployment.strategy == Strategy.CANARY else "shadow"
+            ServingInterval.objects.create(model=deployment.model, environment=deployment.environment,
+                                           version=deployment.version, deployment=deployment, role=role,
+                                           traffic_percent=state.challenger_percent, started_at=now)
+            if state.champion_id:
+                champion_interval = open_intervals.filter(role="champion").first()
+                if champion_interval and deployment.strategy == Strategy.CANARY:
+                    champion_interval.ended_at = now
+                    champion_interval.save(update_fields=["ended_at"])
+                    ServingInterval.objects.create(model=deployment.model, environment=deployment.environment,
+                                                   version=champion_interval.version,
+                                                   deployment_id=state.champion_id, role="champion",
+                                                   traffic_percent=100 - state.challenger_percent, started_at=now)
+        state.generation += 1
+        state.updated_at = now
+        state.save()
+        Deployment.objects.filter(pk__in=retired, status=DeploymentStatus.LIVE).update(
+            status=DeploymentStatus.RETIRED, finished_at=now)
+        Deployment.objects.filter(pk=deployment.pk).update(
+            status=DeploymentStatus.LIVE, progress=100, finished_at=now,
+            log=[*deployment.log, _entry(f"Live in {deployment.environment} ({deployment.get_strategy_display()}).")])
+        audit_record(AuditAction.TRAFFIC_SWITCH, actor=None, target=deployment_target(deployment),
+                     before=before, after=_state_summary(state))
+        audit_record(AuditAction.DEPLOYMENT_LIVE, actor=None, target=deployment_target(deployment),
+                     before={"status": "running"}, after={"status": "live", "retired": len(retired)})
+
+
+def _state_summary(state: EnvironmentState) -> dict[str, Any]:
+    def version_of(deployment_id: int | None) -> int | None:
+        if not deployment_id:
+            return None
+        return Deployment.objects.filter(pk=deployment_id).values_list("version__number", flat=True).first()
+
+    return {"champion": version_of(state.champion_id), "challenger": version_of(state.challenger_id),
+            "mode": state.mode, "challenger_percent": state.challenger_percent, "generation": state.generation}
+
+
+def deployments_reap() -> list[int]:
+    """Hand deployments left pending or running past ``PORTAL_DEPLOYMENT_STALE_SECONDS`` to a worker again (a lost
+    message, a worker killed while the broker still holds its task). Claiming counts attempts, so a deployment that
+    keeps killing its worker ends failed, never stuck."""
+    from registry.tasks import deployment_run_task
+
+    cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_DEPLOYMENT_STALE_SECONDS)
+    stale = list(Deployment.objects.filter(
+        Q(status=DeploymentStatus.PENDING, created_at__lt=cutoff)
+        | Q(status=DeploymentStatus.RUNNING, started_at__lt=cutoff)).values_list("pk", flat=True))
+    for pk in stale:
+        deployment_run_task.delay(pk)
+    return stale
+
+
+def challenger_stop(*, model: Any, environment: str, actor: Any) -> EnvironmentState:
+    """End a canary or shadow: all traffic back to the champion."""
+    require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
+    now = timezone.now()
+    with transaction.atomic():
+        state = EnvironmentState.objects.select_for_update().filter(model=model, environment=environment).first()
+        if state is None or state.challenger_id is None:
+            raise ValidationError({"environment": f"No canary or shadow runs in {environment}."})
+        before = _state_summary(state)
+        Deployment.objects.filter(pk=state.challenger_id).update(status=DeploymentStatus.RETIRED, finished_at=now)
+        ServingInterval.objects.filter(model=model, environment=environment, ended_at__isnull=True).update(ended_at=now)
+        champion = Deployment.objects.get(pk=int(state.champion_id or 0))
+        ServingInterval.objects.create(model=model, environment=environment, version=champion.version,
+                                       deployment=champion, role="champion", traffic_percent=100, started_at=now)
+        state.challenger, state.mode, state.challenger_percent = None, ServingMode.SINGLE, 0
+        state.generation += 1
+        state.updated_at = now
+        state.save()
+        audit_record(AuditAction.TRAFFIC_SWITCH, actor=actor,
+                     target=Target("environment", f"{model.name}/{environment}", f"{model.name} {environment}",
+                                   model.team.slug),
+                     before=before, after=_state_summary(state))
+    return state

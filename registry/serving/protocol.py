@@ -1,0 +1,176 @@
+"""MLflow's scoring protocol: ``dataframe_split``, ``dataframe_records``, ``instances``, ``inputs`` and CSV.
+
+Requests are turned into one float64 matrix in the signature's column order. Errors name the first problem (a
+missing column, a value that is not a number) without echoing the whole schema back.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+MAX_ROWS = 100_000
+
+
+class InputError(Exception):
+    def __init__(self, message: str, code: str = "invalid_input") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ParsedRequest:
+    columns: list[str] | None
+    rows: list[Any]
+    subject_ids: list[str] | None
+
+
+def parse(content_type: str, body: bytes) -> ParsedRequest:
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind == "text/csv":
+        return _parse_csv(body)
+    if kind not in ("application/json", ""):
+        raise InputError("Send JSON (application/json) or CSV (text/csv).", "unsupported_media_type")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"The body is not valid JSON: {exc}.", "parse_error") from None
+    if not isinstance(payload, dict):
+        raise InputError("The body must be a JSON object with one of: dataframe_split, dataframe_records, "
+                         "instances, inputs.")
+    subject_ids = payload.get("subject_ids")
+    if subject_ids is not None and (not isinstance(subject_ids, list)
+                                    or not all(isinstance(s, (str, int)) for s in subject_ids)):
+        raise InputError("subject_ids must be a list of strings, one per row.")
+    keys = [k for k in ("dataframe_split", "dataframe_records", "instances", "inputs") if k in payload]
+    if len(keys) != 1:
+        raise InputError("Give exactly one of: dataframe_split, dataframe_records, instances, inputs.")
+    data = payload[keys[0]]
+    if keys[0] == "dataframe_split":
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise InputError("dataframe_split needs {\"columns\": [...], \"data\": [[...], ...]}.")
+        columns = data.get("columns")
+        if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+            raise InputError("dataframe_split.columns must be a list of column names.")
+        parsed = ParsedRequest(columns, data["data"], None)
+    elif keys[0] == "dataframe_records" or (isinstance(data, list) and data and isinstance(data[0], dict)):
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise InputError(f"{keys[0]} must be a list of objects, one per row.")
+        parsed = ParsedRequest(None, data, None)
+    else:
+        if isinstance(data, dict):
+            raise InputError(f"{keys[0]} as named tensors is not supported here; send rows.")
+        if not isinstance(data, list):
+            raise InputError(f"{keys[0]} must be a list of rows.")
+        parsed = ParsedRequest(None, data, None)
+    if not parsed.rows:
+        raise InputError("There are no rows to score.")
+    if len(parsed.rows) > MAX_ROWS:
+        raise InputError(f"At most {MAX_ROWS} rows per request; use a batch job for more.")
+    if subject_ids is not None:
+        if len(subject_ids) != len(parsed.rows):
+            raise InputError(f"subject_ids has {len(subject_ids)} entries for {len(parsed.rows)} rows.")
+        parsed.subject_ids = [str(s) for s in subject_ids]
+    return parsed
+
+
+def _parse_csv(body: bytes) -> ParsedRequest:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("The CSV is not UTF-8 text.", "parse_error") from None
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError("The CSV is empty.") from None
+    rows = [row for row in reader if row]
+    if not rows:
+        raise InputError("The CSV has a header but no rows.")
+    return ParsedRequest([h.strip() for h in header], rows, None)
+
+
+def to_matrix(parsed: ParsedRequest, columns: list[str]) -> np.ndarray:
+    """Rows as a float64 matrix in ``columns`` order; a missing or non-numeric value is a 400 naming it."""
+    width = len(columns)
+    rows = parsed.rows
+    if parsed.columns is None and rows and isinstance(rows[0], dict):
+        missing = [c for c in columns if c not in rows[0]]
+        if missing:
+            raise InputError(f"Row 0 lacks the input {missing[0]!r}" + (f" and {len(missing) - 1} more." if
+                                                                          len(missing) > 1 else "."))
+        try:
+            matrix = np.array([[row[c] for c in columns] for row in rows], dtype="float64")
+        except KeyError as exc:
+            raise InputError(f"A row lacks the input {exc.args[0]!r}.") from None
+        except (TypeError, ValueError):
+            raise InputError(_first_bad_value(rows, columns)) from None
+        return _finite(matrix, columns)
+    if parsed.columns is not None:
+        index = {c: i for i, c in enumerate(parsed.columns)}
+        missing = [c for c in columns if c not in index]
+        if missing:
+            raise InputError(f"The input {missing[0]!r} is missing" + (f", and {len(missing) - 1} more." if
+                                                                         len(missing) > 1 else "."))
+        order = [index[c] for c in columns]
+    else:
+        order = list(range(width))
+    try:
+        raw = np.array(rows, dtype="float64" if parsed.columns is None or _is_numeric_table(rows) else object)
+    except (TypeError, ValueError):
+        if not _rectangular(rows):
+            raise InputError("Rows have different lengths.") from None
+        raw = np.array(rows, dtype=object)
+    if raw.ndim != 2:
+        raise InputError("Each row must be a list of values.")
+    if raw.shape[1] < (max(order) + 1 if order else 0) or (parsed.columns is None and raw.shape[1] != width):
+        raise InputError(f"Each row needs {width} values in the signature's order; got {raw.shape[1]}.")
+    try:
+        matrix = raw[:, order].astype("float64")
+    except (TypeError, ValueError):
+        names = parsed.columns or columns
+        raise InputError(_first_bad_matrix_value(raw, order, names)) from None
+    return _finite(matrix, columns)
+
+
+def _is_numeric_table(rows: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (rows[0] if rows else []))
+
+
+def _rectangular(rows: list[Any]) -> bool:
+    return all(isinstance(r, list) for r in rows) and len({len(r) for r in rows}) == 1
+
+
+def _first_bad_value(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    for i, row in enumerate(rows):
+        for c in columns:
+            try:
+                float(row[c])
+            except (TypeError, ValueError):
+                return f"Row {i}, input {c!r}: {str(row[c])[:40]!r} is not a number."
+    return "A value is not a number."
+
+
+def _first_bad_matrix_value(raw: np.ndarray, order: list[int], names: list[str]) -> str:
+    for i, row in enumerate(raw):
+        for j in order:
+            try:
+                float(row[j])
+            except (TypeError, ValueError):
+                return f"Row {i}, input {names[j]!r}: {str(row[j])[:40]!r} is not a number."
+    return "A value is not a number."
+
+
+def _finite(matrix: np.ndarray, columns: list[str]) -> np.ndarray:
+    if not np.isfinite(matrix).all():
+        i, j = map(int, np.argwhere(~np.isfinite(matrix))[0])
+        value = matrix[i, j]
+        raise InputError(f"Row {i}, input {columns[j]!r}: {'missing' if math.isnan(value) else value} is not a "
+                         "finite number.")
+    return matrix

@@ -1,0 +1,176 @@
+"""What a web worker keeps in memory to answer predictions: loaded serving forms and each environment's routing.
+
+Routing is re-read from the database at most every ``REFRESH_SECONDS`` per (model, environment), by comparing the
+environment's ``generation``; a traffic switch is therefore picked up within a second, without a restart. A new
+version is loaded before the routing points at it, so requests keep being answered by the old one meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
+
+REFRESH_SECONDS = 0.5
+MAX_LOADED = 16
+
+
+class LoadedModel:
+    def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str) -> None:
+        self.version_number = version_number
+        self.columns = columns
+        self._predict = predict_fn
+        self.kind = kind
+
+    def predict(self, matrix: np.ndarray, columns: list[str] | None = None) -> list[Any]:
+        result = np.asarray(self._predict(matrix)).ravel()
+        return result.tolist()
+
+
+def _onnx_predictor(path: Path) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    first = session.get_inputs()[0]
+    dtype = np.float32 if first.type == "tensor(float)" else np.float64
+    name = first.name
+    output = session.get_outputs()[0].name
+
+    def predict(matrix: np.ndarray) -> Any:
+        return session.run([output], {name: matrix.astype(dtype, copy=False)})[0]
+
+    return predict
+
+
+def _native_predictor(version: ModelVersion, path: Path, columns: list[str]) -> Any:
+    """Load a vetted artifact (scanned, sandbox-checked, trust decided) in this process."""
+    import pandas as pd
+
+    if version.format == "skops":
+        import skops.io
+
+        model = skops.io.load(path, trusted=version.untrusted_types if version.trust_state == TrustState.TRUSTED
+                              else [])
+    elif version.format == "mlflow":
+        import tempfile
+
+        import mlflow.pyfunc
+
+        from registry.scanning.archive import extract_zip
+
+        target = Path(tempfile.mkdtemp(prefix="serving-"))
+        extract_zip(path, target)
+        mlmodel = next(p for p in target.rglob("MLmodel") if len(p.relative_to(target).parts) <= 2)
+        model = mlflow.pyfunc.load_model(str(mlmodel.parent))
+    else:
+        import joblib
+
+        model = joblib.load(path)
+
+    def predict(matrix: np.ndarray) -> Any:
+        return model.predict(pd.DataFrame(matrix, columns=columns))
+
+    return predict
+
+
+def load_serving_model(*, version: ModelVersion, kind: str, blob: Any) -> LoadedModel:
+    from registry import storage
+
+    columns = [c["name"] for c in version.signature.get("inputs", []) if isinstance(c, dict) and c.get("name")]
+    if kind == "onnx":
+        with storage.verified_local_path(blob) as path:
+            predictor = _onnx_predictor(path)
+    else:
+        assert version.artifact is not None
+        with storage.verified_local_path(version.artifact) as path:
+            predictor = _native_predictor(version, path, columns)
+    if not columns:
+        # Tensor signatures (a bare ONNX upload): the width is the tensor's second dimension.
+        shape = (version.signature.get("inputs") or [{}])[0].get("shape") or []
+        columns = [f"f{i}" for i in range(shape[1])] if len(shape) > 1 and shape[1] else []
+    return LoadedModel(version_number=version.number, columns=columns, predict_fn=predictor, kind=kind)
+
+
+@dataclass
+class Route:
+    generation: int
+    champion: tuple[Deployment, LoadedModel] | None
+    challenger: tuple[Deployment, LoadedModel] | None
+    mode: str
+    challenger_percent: int
+    checked_at: float
+
+    def pick(self, key: str | None) -> tuple[str, Deployment, LoadedModel]:
+        """Champion or canary for this request: sticky by ``key`` (same key, same side), random without one."""
+        assert self.champion is not None
+        if self.mode == ServingMode.CANARY and self.challenger is not None:
+            if key:
+                bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=2).digest(), "big") % 100
+            else:
+                bucket = random.randrange(100)  # noqa: S311 - traffic splitting, not security
+            if bucket < self.challenger_percent:
+                return "canary", *self.challenger
+        return "champion", *self.champion
+
+
+class ServingCache:
+    def __init__(self) -> None:
+        self._routes: dict[tuple[int, str], Route] = {}
+        self._models: OrderedDict[int, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._routes.clear()
+            self._models.clear()
+
+    def _loaded(self, deployment: Deployment) -> LoadedModel:
+        cached = self._models.get(deployment.pk)
+        if cached is not None:
+            self._models.move_to_end(deployment.pk)
+            return cached
+        loaded = load_serving_model(version=deployment.version, kind=deployment.serving_kind or "native",
+                                    blob=deployment.serving_blob)
+        self._models[deployment.pk] = loaded
+        while len(self._models) > MAX_LOADED:
+            self._models.popitem(last=False)
+        return loaded
+
+    def route(self, model_id: int, environment: str) -> Route | None:
+        key = (model_id, environment)
+        now = time.monotonic()
+        route = self._routes.get(key)
+        if route is not None and now - route.checked_at < REFRESH_SECONDS:
+            return route
+        generation = (EnvironmentState.objects.filter(model_id=model_id, environment=environment)
+                      .values_list("generation", flat=True).first())
+        if generation is None:
+            self._routes.pop(key, None)
+            return None
+        if route is not None and route.generation == generation:
+            route.checked_at = now
+            return route
+        with self._lock:
+            state = (EnvironmentState.objects.select_related(
+                "champion__version__artifact", "champion__serving_blob", "challenger__version__artifact",
+                "challenger__serving_blob").get(model_id=model_id, environment=environment))
+            champion = (state.champion, self._loaded(state.champion)) if state.champion else None
+            challenger = (state.challenger, self._loaded(state.challenger)) if state.challenger else None
+            route = Route(state.generation, champion, challenger, state.mode, state.challenger_percent, now)
+            self._routes[key] = route
+        return route
+
+
+cache = ServingCache()

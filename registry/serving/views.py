@@ -1,0 +1,178 @@
+"""``POST /api/v1/serve/{name}/{env}/invocations``: the hot path, kept lean on purpose.
+
+A plain Django view (no DRF), orjson in and out, the token and the model lookup cached for ``AUTH_CACHE_SECONDS``
+per process, the route cached per ``runtime.REFRESH_SECONDS``, one Redis round trip for the rate limit and one for
+the prediction log. A revoked token stops working within ``AUTH_CACHE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from portal import context
+from portal.authentication import BearerTokenAuthentication
+from portal.permissions import has_capability, scope_to_teams
+from registry.models import Environment, RegisteredModel
+from registry.serving import buffer, protocol, runtime
+
+logger = logging.getLogger(__name__)
+AUTH_CACHE_SECONDS = 2.0
+_auth_cache: dict[str, tuple[float, Any]] = {}
+_model_cache: dict[tuple[int, str], tuple[float, int | None]] = {}
+_local_counts: dict[tuple[str, int], int] = {}
+_lock = threading.Lock()
+_shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> HttpResponse:
+    response = HttpResponse(orjson.dumps({"error": {"code": code, "message": message, "details": None}}),
+                            status=status, content_type="application/json")
+    for key, value in headers.items():
+        response[key] = value
+    return response
+
+
+def _authenticate(request: HttpRequest) -> tuple[Any, str] | None:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if not header.startswith("Bearer "):
+        return None
+    now = time.monotonic()
+    cached = _auth_cache.get(header)
+    if cached and now - cached[0] < AUTH_CACHE_SECONDS:
+        return cached[1]
+    try:
+        result = BearerTokenAuthentication().authenticate(request)
+    except Exception:
+        result = None
+    value = (result[0], str(result[1].uid)) if result else None
+    _auth_cache[header] = (now, value)
+    if len(_auth_cache) > 10_000:
+        _auth_cache.clear()
+    return value
+
+
+def _model_id(user: Any, name: str) -> int | None:
+    key = (user.pk, name)
+    now = time.monotonic()
+    cached = _model_cache.get(key)
+    if cached and now - cached[0] < AUTH_CACHE_SECONDS:
+        return cached[1]
+    model_id = None
+    if has_capability(user, "view_models"):
+        model_id = scope_to_teams(RegisteredModel.objects.filter(name=name), user).values_list("pk", flat=True).first()
+    _model_cache[key] = (now, model_id)
+    return model_id
+
+
+def _over_limit(token_id: str) -> bool:
+    limit = settings.PORTAL_SERVE_RATE_LIMIT
+    if not limit:
+        return False
+    second = int(time.time())
+    client = buffer.redis_client()
+    if client is not None:
+        key = f"portal:rate:{token_id}:{second}"
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 2)
+        count = pipe.execute()[0]
+    else:
+        with _lock:
+            count = _local_counts.get((token_id, second), 0) + 1
+            _local_counts[(token_id, second)] = count
+            if len(_local_counts) > 10_000:
+                _local_counts.clear()
+    return int(count) > limit
+
+
+def subject_hash(subject_id: str) -> str:
+    return hmac.new(settings.PORTAL_SUBJECT_HASH_KEY.encode(), subject_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _batch(*, name: str, env: str, role: str, version: int, matrix: Any, predictions: list[Any], ids: list[str],
+           latency_ms: float, subjects: list[str] | None, error: str = "") -> dict[str, Any]:
+    return {
+        "model": name, "environment": env, "version": version, "role": role, "ts": time.time(),
+        "latency_ms": round(latency_ms, 3), "request_id": context.current().request_id, "error": error,
+        "ids": ids, "inputs": matrix.tolist(), "outputs": predictions,
+        "subjects": [subject_hash(s) for s in subjects] if subjects else None,
+    }
+
+
+def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[str], subjects: list[str] | None,
+            request_id: str) -> None:
+    """Score a copy of the request with the shadow challenger, after the response; its answer is only logged."""
+    assert route.challenger is not None
+    _deployment, loaded = route.challenger
+    started = time.perf_counter()
+    try:
+        predictions, error = loaded.predict(matrix), ""
+    except Exception as exc:
+        predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
+    with context.bound(context.RequestContext(request_id=request_id)):
+        batch = _batch(name=name, env=env, role="shadow", version=loaded.version_number, matrix=matrix,
+                       predictions=predictions, ids=[uuid.uuid4().hex for _ in ids],
+                       latency_ms=(time.perf_counter() - started) * 1000, subjects=subjects, error=error)
+        batch["shadow_of"] = ids
+        buffer.emit(batch)
+
+
+@csrf_exempt
+def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    started = time.perf_counter()
+    if request.method != "POST":
+        return _error(405, "method_not_allowed", "Send predictions with POST.", Allow="POST")
+    auth = _authenticate(request)
+    if auth is None:
+        return _error(401, "not_authenticated", "Send a valid API token: Authorization: Bearer <token>.",
+                      **{"WWW-Authenticate": "Bearer"})
+    user, token_id = auth
+    if _over_limit(token_id):
+        return _error(429, "throttled", f"More than {settings.PORTAL_SERVE_RATE_LIMIT} requests a second with this "
+                                        "token; slow down.", **{"Retry-After": "1"})
+    if env not in Environment.values:
+        return _error(404, "not_found", f"Unknown environment {env!r}: use dev, stage or prod.")
+    model_id = _model_id(user, name)
+    if model_id is None:
+        return _error(404, "not_found", f"No model named {name!r} that you may use.")
+    route = runtime.cache.route(model_id, env)
+    if route is None or route.champion is None:
+        return _error(404, "not_deployed", f"Nothing serves {name} in {env} yet.")
+    try:
+        parsed = protocol.parse(request.content_type or "", request.body)
+        role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
+                                              or (parsed.subject_ids[0] if parsed.subject_ids else None))
+        matrix = protocol.to_matrix(parsed, loaded.columns)
+    except protocol.InputError as exc:
+        status = 415 if exc.code == "unsupported_media_type" else 400
+        return _error(status, exc.code, str(exc))
+    ids = [uuid.uuid4().hex for _ in range(matrix.shape[0])]
+    try:
+        predictions = loaded.predict(matrix)
+    except Exception as exc:
+        logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
+        buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
+                           predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
+                           subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
+        return _error(500, "model_error", "The model failed on this input; the failure is logged.")
+    latency_ms = (time.perf_counter() - started) * 1000
+    buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
+                       predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids))
+    if route.mode == "shadow" and route.challenger is not None:
+        _shadow_pool.submit(_shadow, route, name, env, matrix, ids, parsed.subject_ids,
+                            context.current().request_id)
+    return HttpResponse(orjson.dumps({"predictions": predictions, "prediction_ids": ids,
+                                      "model_version": loaded.version_number}),
+                        content_type="application/json")

@@ -1,0 +1,273 @@
+"""Deploying versions and scoring them over MLflow's protocol: formats, errors, canary, shadow, logging, feedback."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+
+from monitoring.flush import flush_predictions
+from monitoring.models import Feedback, PredictionLog
+from portal import services as portal_services
+from portal.audit import verify_chain
+from portal.models import AuditEvent, Team
+from registry import deployments, services
+from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval
+from registry.serving import runtime
+from tests.conftest import assert_error_shape
+from tests.registry import files
+
+pytestmark = pytest.mark.django_db
+URL = "/api/v1/serve/churn/dev/invocations"
+
+
+@pytest.fixture(autouse=True)
+def fresh_serving_cache() -> None:
+    runtime.cache.clear()
+    from registry.serving import views
+
+    views._auth_cache.clear()
+    views._model_cache.clear()
+    from registry.serving import buffer
+
+    client = buffer.redis_client()
+    if client is not None:
+        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY)
+
+
+@pytest.fixture
+def two_versions(personas: dict[str, Any], tmp_path: Path) -> list[ModelVersion]:
+    from sklearn.linear_model import LogisticRegression
+
+    team = Team.objects.get(slug="acme")
+    model = services.model_register(name="churn", team=team, actor=personas["ds"])
+    X, y = files._data()
+    versions = []
+    for i, estimator in enumerate((files.logistic_regression(), LogisticRegression(C=0.001, max_iter=50).fit(X, y))):
+        path = files.joblib_file(tmp_path / f"v{i}.joblib", estimator)
+        from registry.localfiles import LocalUpload
+
+        upload = LocalUpload(path, path.name)
+        ref = LocalUpload(files.reference_csv(tmp_path / "ref.csv"), "ref.csv")
+        version = services.version_upload(model=model, upload=upload, reference=ref,
+                                          meta=services.UploadMetadata(), actor=personas["ds"])
+        versions.append(services.version_scan(version_id=version.pk))
+    assert [v.status for v in versions] == ["ready", "ready"], [v.status_detail for v in versions]
+    return versions
+
+
+def _deploy(version: ModelVersion, actor: Any, **kwargs: Any) -> Deployment:
+    deployment = deployments.deployment_start(version=version, environment="dev", actor=actor, **kwargs)
+    result = deployments.deployment_run(deployment_id=deployment.pk)
+    assert result is not None and result.status == "live", (result.error if result else None)
+    return result
+
+
+@pytest.fixture
+def serving(two_versions: list[ModelVersion], personas: dict[str, Any]) -> Client:
+    _deploy(two_versions[0], personas["ds"])
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="serve", actor=personas["ds"])
+    return Client(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+
+
+def _rows(n: int = 3) -> tuple[list[str], list[list[float]]]:
+    X, _y = files._data()
+    return list(X.columns), X.head(n).to_numpy().tolist()
+
+
+def test_every_mlflow_input_format_gives_the_models_own_predictions(serving: Client) -> None:
+    columns, rows = _rows(5)
+    expected = files.logistic_regression().predict(files._data()[0].head(5)).tolist()
+    bodies = [
+        ("application/json", {"dataframe_split": {"columns": columns, "data": rows}}),
+        ("application/json", {"dataframe_records": [dict(zip(columns, r, strict=True)) for r in rows]}),
+        ("application/json", {"instances": rows}),
+        ("application/json", {"inputs": rows}),
+        ("application/json", {"instances": [dict(zip(columns, r, strict=True)) for r in rows]}),
+        ("application/json", {"dataframe_split": {"columns": columns[::-1], "data": [r[::-1] for r in rows]}}),
+    ]
+    for content_type, body in bodies:
+        response = serving.post(URL, json.dumps(body), content_type=content_type)
+        assert response.status_code == 200, response.content
+        answer = response.json()
+        assert answer["predictions"] == expected and answer["model_version"] == 1
+        assert len(set(answer["prediction_ids"])) == 5
+    csv = ",".join(f'"{c}"' for c in columns) + "\n" + "\n".join(",".join(map(str, r)) for r in rows)
+    response = serving.post(URL, csv, content_type="text/csv")
+    assert response.status_code == 200 and response.json()["predictions"] == expected
+
+
+@pytest.mark.parametrize("body,content_type,status,words", [
+    (b"{", "application/json", 400, "not valid JSON"),
+    (b"[1, 2]", "application/json", 400, "JSON object"),
+    (b'{"instances": [[1, 2]]}', "application/json", 400, "30 values"),
+    (b'{"dataframe_split": {"columns": ["a"], "data": [[1]]}}', "application/json", 400, "is missing"),
+    (b'{"dataframe_records": [{"x": 1}]}', "application/json", 400, "lacks the input"),
+    (b'{"instances": []}', "application/json", 400, "no rows"),
+    (b'{"instances": [[1]], "inputs": [[1]]}', "application/json", 400, "exactly one"),
+    (b"<xml/>", "application/xml", 415, "Send JSON"),
+    (b"a,b\n", "text/csv", 400, "no rows"),
+])
+def test_bad_payloads_get_4xx_json_without_the_schema(serving: Client, body: bytes, content_type: str, status: int,
+                                                      words: str) -> None:
+    response = serving.post(URL, body, content_type=content_type)
+    error = assert_error_shape(response, status)
+    assert words in error["error"]["message"]
+    assert "mean fractal dimension" not in error["error"]["message"], "the schema is not echoed back"
+
+
+def test_a_non_numeric_value_is_named(serving: Client) -> None:
+    columns, rows = _rows(2)
+    record = dict(zip(columns, rows[1], strict=True))
+    record["mean radius"] = "abc"
+    body = {"dataframe_records": [dict(zip(columns, rows[0], strict=True)), record]}
+    error = assert_error_shape(serving.post(URL, json.dumps(body), content_type="application/json"), 400)
+    assert "Row 1, input 'mean radius'" in error["error"]["message"]
+    body = {"dataframe_split": {"columns": columns, "data": [[None] * 30]}}
+    assert "not a finite number" in assert_error_shape(serving.post(URL, json.dumps(body),
+                                                                    content_type="application/json"), 400)["error"]["message"]
+
+
+def test_tokens_teams_and_environments_are_checked(serving: Client, personas: dict[str, Any]) -> None:
+    body = json.dumps({"instances": _rows(1)[1]})
+    assert_error_shape(Client().post(URL, body, content_type="application/json"), 401)
+    assert_error_shape(Client(HTTP_AUTHORIZATION="Bearer mlp_wrong").post(URL, body, content_type="application/json"),
+                       401)
+    _t, outsider = portal_services.token_create(user=personas["outsider"], name="x", actor=personas["outsider"])
+    assert_error_shape(Client(HTTP_AUTHORIZATION=f"Bearer {outsider}").post(URL, body,
+                                                                           content_type="application/json"), 404)
+    assert_error_shape(serving.post("/api/v1/serve/churn/prod/invocations", body, content_type="application/json"),
+                       404, "not_deployed")
+    assert_error_shape(serving.post("/api/v1/serve/churn/qa/invocations", body, content_type="application/json"), 404)
+    assert_error_shape(serving.get(URL), 405)
+
+
+def test_the_rate_limit_answers_429(serving: Client, settings: Any) -> None:
+    settings.PORTAL_SERVE_RATE_LIMIT = 3
+    body = json.dumps({"instances": _rows(1)[1]})
+    statuses = [serving.post(URL, body, content_type="application/json").status_code for _ in range(8)]
+    assert 429 in statuses and statuses[0] == 200
+
+
+def test_every_answered_prediction_is_logged_once_and_feedback_attaches(serving: Client, personas: dict[str, Any],
+                                                                        api_as: Any) -> None:
+    columns, rows = _rows(4)
+    ids = []
+    for _ in range(3):
+        body = {"dataframe_split": {"columns": columns, "data": rows}, "subject_ids": ["a", "b", "c", "d"]}
+        ids += serving.post(URL, json.dumps(body), content_type="application/json").json()["prediction_ids"]
+    assert flush_predictions() == 12
+    assert flush_predictions() == 0
+    logged = PredictionLog.objects.filter(pk__in=ids)
+    assert logged.count() == 12 and {p.role for p in logged} == {"champion"}
+    assert all(len(p.subject_hash) == 64 and p.subject_hash != "a" for p in logged)
+    response = api_as(personas["ds"]).post("/api/v1/serve/churn/dev/feedback",
+                                           [{"prediction_id": i, "actual": 1} for i in ids[:5]], format="json")
+    assert response.status_code == 202 and Feedback.objects.count() == 5
+    assert_error_shape(api_as(personas["ds"]).post("/api/v1/serve/churn/dev/feedback", [{"prediction_id": "x"}],
+                                                   format="json"), 400)
+    assert_error_shape(api_as(personas["outsider"]).post("/api/v1/serve/churn/dev/feedback", [], format="json"), 404)
+
+
+def test_a_canary_takes_its_share_within_three_points_sticky_by_key(serving: Client, two_versions: list[ModelVersion],
+                                                                    personas: dict[str, Any]) -> None:
+    _deploy(two_versions[1], personas["ds"], strategy="canary", traffic_percent=30)
+    state = EnvironmentState.objects.get()
+    assert (state.mode, state.challenger_percent) == ("canary", 30)
+    body = json.dumps({"instances": _rows(1)[1]})
+    versions = Counter()
+    for i in range(2000):
+        versions[serving.post(URL, body, content_type="application/json", HTTP_X_ROUTING_KEY=f"customer-{i}")
+                 .json()["model_version"]] += 1
+    assert abs(versions[2] / 2000 - 0.30) <= 0.03, versions
+    sticky = {serving.post(URL, body, content_type="application/json", HTTP_X_ROUTING_KEY="customer-7")
+              .json()["model_version"] for _ in range(20)}
+    assert len(sticky) == 1
+    roles = {i.role: i.traffic_percent for i in ServingInterval.objects.filter(ended_at__isnull=True)}
+    assert roles == {"champion": 70, "canary": 30}
+
+
+def test_shadow_logs_both_answers_and_returns_only_the_champions(serving: Client, two_versions: list[ModelVersion],
+                                                                 personas: dict[str, Any]) -> None:
+    _deploy(two_versions[1], personas["ds"], strategy="shadow")
+    body = json.dumps({"instances": _rows(3)[1]})
+    answer = serving.post(URL, body, content_type="application/json").json()
+    assert answer["model_version"] == 1
+    from registry.serving.views import _shadow_pool
+
+    _shadow_pool.submit(lambda: None).result(timeout=10)
+    flush_predictions()
+    champion_rows = PredictionLog.objects.filter(pk__in=answer["prediction_ids"])
+    assert sorted((p.role, p.version) for p in champion_rows) == [("champion", 1)] * 3
+    shadow_rows = PredictionLog.objects.filter(role="shadow")
+    assert shadow_rows.count() == 3 and {p.version for p in shadow_rows} == {2}
+    assert {p.shadow_of for p in shadow_rows} == set(answer["prediction_ids"])
+
+
+def test_replace_switches_versions_and_audits_with_the_request_id(serving: Client, two_versions: list[ModelVersion],
+                                                                  personas: dict[str, Any]) -> None:
+    body = json.dumps({"instances": _rows(1)[1]})
+    assert serving.post(URL, body, content_type="application/json").json()["model_version"] == 1
+    first = Deployment.objects.get(version__number=1)
+    _deploy(two_versions[1], personas["ds"])
+    runtime.cache.clear()
+    assert serving.post(URL, body, content_type="application/json").json()["model_version"] == 2
+    first.refresh_from_db()
+    assert first.status == "retired"
+    actions = list(AuditEvent.objects.filter(action__startswith="deployment.").values_list("action", flat=True))
+    assert actions.count("deployment.create") == 2 and actions.count("deployment.live") == 2
+    assert AuditEvent.objects.filter(action="traffic.switch").count() == 2 and verify_chain().ok
+    intervals = list(ServingInterval.objects.order_by("started_at").values_list("version__number", "ended_at"))
+    assert intervals[0][0] == 1 and intervals[0][1] is not None and intervals[-1] == (2, None)
+
+
+def test_a_failed_deployment_changes_nothing_that_serves(serving: Client, two_versions: list[ModelVersion],
+                                                         personas: dict[str, Any]) -> None:
+    from registry.storage import artifact_storage
+
+    version = two_versions[1]
+    stored = Path(artifact_storage().path(version.artifact.storage_name))
+    stored.write_bytes(stored.read_bytes() + b"corrupted")
+    deployment = deployments.deployment_start(version=version, environment="dev", actor=personas["ds"])
+    result = deployments.deployment_run(deployment_id=deployment.pk)
+    assert result is not None and result.status == "failed" and "no longer matches" in result.error
+    assert EnvironmentState.objects.get().champion.version.number == 1
+    body = json.dumps({"instances": _rows(1)[1]})
+    assert serving.post(URL, body, content_type="application/json").json()["model_version"] == 1
+    assert AuditEvent.objects.filter(action="deployment.fail", outcome="failure").exists()
+
+
+def test_deploy_rules(two_versions: list[ModelVersion], personas: dict[str, Any], api_as: Any) -> None:
+    client = api_as(personas["ds"])
+    assert_error_shape(client.post("/api/v1/models/churn/versions/1/deploy", {"environment": "prod"}, format="json"),
+                       403)
+    assert_error_shape(client.post("/api/v1/models/churn/versions/1/deploy",
+                                   {"environment": "dev", "strategy": "canary", "traffic_percent": 10},
+                                   format="json"), 400)
+    assert_error_shape(client.post("/api/v1/models/churn/versions/1/deploy", {"environment": "moon"},
+                                   format="json"), 400)
+    assert_error_shape(api_as(personas["viewer"]).post("/api/v1/models/churn/versions/1/deploy",
+                                                       {"environment": "dev"}, format="json"), 403)
+    assert_error_shape(api_as(personas["outsider"]).post("/api/v1/models/churn/versions/1/deploy",
+                                                         {"environment": "dev"}, format="json"), 404)
+    accepted = client.post("/api/v1/models/churn/versions/1/deploy", {"environment": "dev"}, format="json")
+    assert accepted.status_code == 202 and accepted.json()["status"] == "pending"
+    detail = client.get(f"/api/v1/deployments/{accepted.json()['id']}/")
+    assert detail.status_code == 200 and detail.json()["log"][0]["message"] == "Deployment requested."
+    assert_error_shape(api_as(personas["outsider"]).get(f"/api/v1/deployments/{accepted.json()['id']}/"), 404)
+
+
+def test_a_version_that_is_not_ready_does_not_deploy(personas: dict[str, Any], api_as: Any, tmp_path: Path) -> None:
+    team = Team.objects.get(slug="acme")
+    services.model_register(name="churn", team=team, actor=personas["ds"])
+    api_as(personas["ds"]).post("/api/v1/models/churn/versions/", {
+        "file": SimpleUploadedFile("f.skops", files.forest_skops_file(tmp_path / "f.skops").read_bytes())},
+        format="multipart")
+    body = assert_error_shape(api_as(personas["ds"]).post("/api/v1/models/churn/versions/1/deploy",
+                                                          {"environment": "dev"}, format="json"), 400)
+    assert "only ready versions deploy" in body["error"]["message"]

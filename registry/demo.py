@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from portal.models import Team
-from registry import services
+from registry import deployments, services
 from registry.localfiles import LocalUpload
 from registry.models import RegisteredModel, TeamTrustedType, VersionStatus
 
@@ -95,3 +95,9 @@ def seed(*, team: Team, users: dict[str, Any], stdout: Any) -> None:
             version = services.version_scan(version_id=version.pk)
             state = "ready" if version.status == VersionStatus.READY else f"{version.status}: {version.status_detail}"
             stdout.write(f"Demo model {model.name} v{version.number}: {state}")
+    first = model.versions.filter(number=1, status=VersionStatus.READY).first()
+    if first is not None:
+        deployment = deployments.deployment_start(version=first, environment="dev", actor=ds,
+                                                  reason="Demo: the first version serves dev.")
+        deployment = deployments.deployment_run(deployment_id=deployment.pk) or deployment
+        stdout.write(f"Demo model {model.name} v1 in dev: {deployment.status} {deployment.error}".rstrip())

@@ -14,4 +14,6 @@ urlpatterns = [
     path("models/<str:name>/import", views.version_import, name="import"),
     path("models/<str:name>/versions/<int:number>/", views.version_detail, name="version"),
     path("models/<str:name>/versions/<int:number>/trust", views.version_trust, name="version-trust"),
+    path("models/<str:name>/versions/<int:number>/deploy", views.version_deploy, name="version-deploy"),
+    path("deployments/<uuid:uid>/", views.deployment_detail, name="deployment"),
 ]

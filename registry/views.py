@@ -67,6 +67,7 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
              "metrics": {m: [v.metrics.get(m) for v in reversed(versions)] for m in metric_names}}
     return render(request, "registry/model_detail.html", {
         "model": model, "versions": versions, "metric_names": metric_names, "chart": chart,
+        "environments": selectors.environment_overview(model=model),
         "can_upload": has_capability(request.user, "register_model"),
     })
 
@@ -96,6 +97,8 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         "findings": version.scan_findings,
         "timeline": selectors.version_audit_timeline(version=version),
         "can_download": has_capability(request.user, "download_artifact") and version.artifact_id is not None,
+        "can_deploy": has_capability(request.user, "deploy_dev") and version.status == "ready",
+        "dev_serves": selectors.environment_overview(model=version.model)["dev"]["champion"] is not None,
         "can_decide": can_decide,
         "trust_form": TrustDecisionForm() if can_decide else None,
         "sandbox": json.dumps(version.sandbox_report, indent=2, default=str) if version.sandbox_report else "",
@@ -140,3 +143,28 @@ def version_import(request: HttpRequest, name: str) -> HttpResponse:
         return redirect("registry:upload", name=name)
     messages.success(request, f"Imported as version {version.number}; it is being scanned.")
     return redirect("registry:version", name=name, number=version.number)
+
+
+@login_required
+@require_POST
+def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse:
+    from registry.deployments import deployment_start
+
+    version = selectors.version_get(user=request.user, name=name, number=number, action="deploy_dev")
+    try:
+        deployment = deployment_start(version=version, environment="dev",
+                                      strategy=request.POST.get("strategy", "replace"),
+                                      traffic_percent=int(request.POST.get("traffic_percent") or 100),
+                                      reason=request.POST.get("reason", "")[:2000], actor=request.user)
+    except (ValidationError, ValueError) as exc:
+        messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
+        return redirect("registry:version", name=name, number=number)
+    return redirect("registry:deployment", uid=deployment.uid)
+
+
+@login_required
+@require_GET
+def deployment_detail(request: HttpRequest, uid: str) -> HttpResponse:
+    deployment = selectors.deployment_get(user=request.user, uid=uid)
+    return render(request, "registry/deployment_detail.html", {"deployment": deployment,
+                                                                "model": deployment.model})

@@ -105,9 +105,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def celery_worker_process(transactional_db: None) -> Iterator[str]:
-    """A real Celery worker process (solo pool) on Redis, bound to this test's database and to a private queue
-    that this process's ``.delay()`` calls are routed to for the duration of the test."""
+def worker_factory(transactional_db: None) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts real Celery worker processes (solo pool) on Redis, bound to this test's database and to a private
+    queue that this process's ``.delay()`` calls are routed to for the duration of the test."""
     from django.conf import settings
 
     from portal.celery import app
@@ -115,22 +115,39 @@ def celery_worker_process(transactional_db: None) -> Iterator[str]:
     db = settings.DATABASES["default"]
     assert db["ENGINE"].endswith("postgresql"), "worker tests run against PostgreSQL"
     queue = f"test-{os.getpid()}-{os.urandom(3).hex()}"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool", "solo",
-                             "--loglevel", "WARNING", "-Q", queue, "--without-heartbeat", "--without-gossip",
-                             "--without-mingle"], cwd=ROOT, env=env)
+    base_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+                "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(**extra_env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool", "solo",
+                                 "--loglevel", "WARNING", "-Q", queue, "--without-heartbeat", "--without-gossip",
+                                 "--without-mingle", "-n", f"w{len(started)}-{queue}@%h"], cwd=ROOT,
+                                env={**base_env, **extra_env}, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    start.queue = queue  # type: ignore[attr-defined]
     previous = app.conf.task_default_queue
     app.conf.task_default_queue = queue
     try:
-        yield queue
+        yield start
     finally:
         app.conf.task_default_queue = previous
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture
+def celery_worker_process(worker_factory: Callable[..., subprocess.Popen[bytes]]) -> str:
+    """One real worker process on a private queue (see ``worker_factory``)."""
+    worker_factory()
+    return str(worker_factory.queue)  # type: ignore[attr-defined]
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2, what: str = "") -> Any:

@@ -1,0 +1,37 @@
+// Follows a deployment until it is live, failed or retired: status, progress bar and log, refreshed every second.
+(function () {
+  "use strict";
+  const root = document.getElementById("deployment");
+  if (!root) return;
+  const status = root.querySelector("[data-testid=deployment-status]");
+  const progress = root.querySelector("[data-testid=deployment-progress]");
+  const error = root.querySelector("[data-testid=deployment-error]");
+  const log = root.querySelector("[data-testid=deployment-log]");
+  const labels = { pending: "Pending", running: "Running", live: "Live", failed: "Failed", retired: "Retired" };
+
+  function render(d) {
+    status.textContent = labels[d.status] || d.status;
+    status.className = "status status-" + d.status;
+    progress.value = d.progress;
+    error.hidden = !d.error;
+    error.textContent = d.error || "";
+    log.replaceChildren(...d.log.map((entry) => {
+      const item = document.createElement("li");
+      const time = document.createElement("time");
+      time.textContent = entry.at;
+      item.append(time, " " + entry.message);
+      return item;
+    }));
+  }
+
+  function poll() {
+    fetch(root.dataset.statusUrl, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then((r) => r.json())
+      .then((d) => {
+        render(d);
+        if (d.status === "pending" || d.status === "running") setTimeout(poll, 1000);
+      })
+      .catch(() => setTimeout(poll, 3000));
+  }
+  poll();
+})();

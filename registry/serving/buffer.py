@@ -23,11 +23,24 @@ def redis_client() -> Any:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
 
 
-def emit(batch: dict[str, Any]) -> None:
+def encode(batch: dict[str, Any]) -> bytes:
+    return orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def emit(batch: dict[str, Any], *, count_key: str | None = None) -> int | None:
+    """Buffer one batch of records. With ``count_key`` (Redis only) the same round trip also counts the request
+    against the caller's rate limit and returns the count."""
     client = redis_client()
     if client is not None:
-        client.rpush(REDIS_KEY, orjson.dumps(batch))
-        return
+        if count_key is None:
+            client.rpush(REDIS_KEY, encode(batch))
+            return None
+        pipe = client.pipeline(transaction=False)
+        pipe.rpush(REDIS_KEY, encode(batch))
+        pipe.incr(count_key)
+        pipe.expire(count_key, 2)
+        return int(pipe.execute()[1])
     from registry.models import PredictionOutbox
 
-    PredictionOutbox.objects.create(payload=batch)
+    PredictionOutbox.objects.create(payload=orjson.loads(encode(batch)))
+    return None

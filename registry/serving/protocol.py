@@ -173,4 +173,4 @@ def _finite(matrix: np.ndarray, columns: list[str]) -> np.ndarray:
         value = matrix[i, j]
         raise InputError(f"Row {i}, input {columns[j]!r}: {'missing' if math.isnan(value) else value} is not a "
                          "finite number.")
-    return matrix
+    return np.ascontiguousarray(matrix)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -76,25 +76,41 @@ def _model_id(user: Any, name: str) -> int | None:
     return model_id
 
 
+_throttled: dict[str, int] = {}
+
+
 def _over_limit(token_id: str) -> bool:
+    """With Redis, each answered request is counted in the same round trip that logs it (``_count_key``); once a
+    token's count for this second passes the limit, this process refuses it until the second is over."""
     limit = settings.PORTAL_SERVE_RATE_LIMIT
     if not limit:
         return False
     second = int(time.time())
-    client = buffer.redis_client()
-    if client is not None:
-        key = f"portal:rate:{token_id}:{second}"
-        pipe = client.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, 2)
-        count = pipe.execute()[0]
-    else:
-        with _lock:
-            count = _local_counts.get((token_id, second), 0) + 1
-            _local_counts[(token_id, second)] = count
-            if len(_local_counts) > 10_000:
-                _local_counts.clear()
-    return int(count) > limit
+    if buffer.redis_client() is not None:
+        return _throttled.get(token_id) == second
+    with _lock:
+        count = _local_counts.get((token_id, second), 0) + 1
+        _local_counts[(token_id, second)] = count
+        if len(_local_counts) > 10_000:
+            _local_counts.clear()
+    return count > limit
+
+
+def _count_key(token_id: str) -> str | None:
+    if not settings.PORTAL_SERVE_RATE_LIMIT or buffer.redis_client() is None:
+        return None
+    return f"portal:rate:{token_id}:{int(time.time())}"
+
+
+def _record_count(token_id: str, count: int | None) -> None:
+    if count is not None and count >= settings.PORTAL_SERVE_RATE_LIMIT:
+        _throttled[token_id] = int(time.time())
+
+
+def _prediction_ids(n: int) -> list[str]:
+    """32 hex characters each: 26 random per request, 6 for the row (up to 16 million rows)."""
+    base = os.urandom(13).hex()
+    return [f"{base}{i:06x}" for i in range(n)]
 
 
 def subject_hash(subject_id: str) -> str:
@@ -106,7 +122,7 @@ def _batch(*, name: str, env: str, role: str, version: int, matrix: Any, predict
     return {
         "model": name, "environment": env, "version": version, "role": role, "ts": time.time(),
         "latency_ms": round(latency_ms, 3), "request_id": context.current().request_id, "error": error,
-        "ids": ids, "inputs": matrix.tolist(), "outputs": predictions,
+        "ids": ids, "inputs": matrix, "outputs": predictions,
         "subjects": [subject_hash(s) for s in subjects] if subjects else None,
     }
 
@@ -123,7 +139,7 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
         predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
     with context.bound(context.RequestContext(request_id=request_id)):
         batch = _batch(name=name, env=env, role="shadow", version=loaded.version_number, matrix=matrix,
-                       predictions=predictions, ids=[uuid.uuid4().hex for _ in ids],
+                       predictions=predictions, ids=_prediction_ids(len(ids)),
                        latency_ms=(time.perf_counter() - started) * 1000, subjects=subjects, error=error)
         batch["shadow_of"] = ids
         buffer.emit(batch)
@@ -158,7 +174,7 @@ def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
     except protocol.InputError as exc:
         status = 415 if exc.code == "unsupported_media_type" else 400
         return _error(status, exc.code, str(exc))
-    ids = [uuid.uuid4().hex for _ in range(matrix.shape[0])]
+    ids = _prediction_ids(matrix.shape[0])
     try:
         predictions = loaded.predict(matrix)
     except Exception as exc:
@@ -168,8 +184,10 @@ def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
                            subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
         return _error(500, "model_error", "The model failed on this input; the failure is logged.")
     latency_ms = (time.perf_counter() - started) * 1000
-    buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
-                       predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids))
+    count = buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
+                               predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids),
+                        count_key=_count_key(token_id))
+    _record_count(token_id, count)
     if route.mode == "shadow" and route.challenger is not None:
         _shadow_pool.submit(_shadow, route, name, env, matrix, ids, parsed.subject_ids,
                             context.current().request_id)

@@ -32,6 +32,15 @@ def _write(n: int, **kwargs: Any) -> list[AuditEvent]:
                          after={"i": i, "float": 0.1 * i, "text": "naïve ✓"}, **kwargs) for i in range(n)]
 
 
+def _behind_the_triggers_back(sql: str) -> None:
+    """What an attacker with table-owner rights could do: switch the trigger off, change rows, switch it back on."""
+    with connection.cursor() as cur:
+        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        cur.execute("ALTER TABLE portal_auditevent DISABLE TRIGGER portal_auditevent_append_only")
+        cur.execute(sql)
+        cur.execute("ALTER TABLE portal_auditevent ENABLE TRIGGER portal_auditevent_append_only")
+
+
 @pytest.mark.django_db
 def test_each_event_links_to_the_previous_and_hashes_its_canonical_document() -> None:
     events = _write(3)
@@ -83,12 +92,7 @@ def test_deleting_a_user_keeps_their_events_and_the_chain(make_user: Any) -> Non
 def test_a_row_changed_behind_the_triggers_back_is_named_by_verify_audit(capsys: Any) -> None:
     _write(5)
     assert connection.vendor == "postgresql", "the tamper test needs PostgreSQL (CI runs it there)"
-    with connection.cursor() as cur:
-        # What an attacker with table-owner rights could do: switch the trigger off, edit, switch it back on.
-        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        cur.execute("ALTER TABLE portal_auditevent DISABLE TRIGGER portal_auditevent_append_only")
-        cur.execute("UPDATE portal_auditevent SET after = '{\"i\": 99}' WHERE seq = 3")
-        cur.execute("ALTER TABLE portal_auditevent ENABLE TRIGGER portal_auditevent_append_only")
+    _behind_the_triggers_back("UPDATE portal_auditevent SET after = '{\"i\": 99}' WHERE seq = 3")
     verdict = verify_chain()
     assert (verdict.ok, verdict.first_bad, verdict.events) == (False, 3, 2)
     with pytest.raises(SystemExit) as exit_info:
@@ -100,11 +104,7 @@ def test_a_row_changed_behind_the_triggers_back_is_named_by_verify_audit(capsys:
 @pytest.mark.django_db
 def test_removing_the_newest_events_is_caught_by_the_head_row() -> None:
     _write(4)
-    with connection.cursor() as cur:
-        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        cur.execute("ALTER TABLE portal_auditevent DISABLE TRIGGER portal_auditevent_append_only")
-        cur.execute("DELETE FROM portal_auditevent WHERE seq = 4")
-        cur.execute("ALTER TABLE portal_auditevent ENABLE TRIGGER portal_auditevent_append_only")
+    _behind_the_triggers_back("DELETE FROM portal_auditevent WHERE seq = 4")
     verdict = verify_chain()
     assert not verdict.ok and verdict.first_bad == 4
 
@@ -112,11 +112,7 @@ def test_removing_the_newest_events_is_caught_by_the_head_row() -> None:
 @pytest.mark.django_db
 def test_a_removed_event_in_the_middle_is_caught() -> None:
     _write(4)
-    with connection.cursor() as cur:
-        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        cur.execute("ALTER TABLE portal_auditevent DISABLE TRIGGER portal_auditevent_append_only")
-        cur.execute("DELETE FROM portal_auditevent WHERE seq = 2")
-        cur.execute("ALTER TABLE portal_auditevent ENABLE TRIGGER portal_auditevent_append_only")
+    _behind_the_triggers_back("DELETE FROM portal_auditevent WHERE seq = 2")
     verdict = verify_chain()
     assert not verdict.ok and verdict.first_bad == 3
 

@@ -16,7 +16,7 @@ from portal import services as portal_services
 from registry.models import Deployment, ModelVersion
 from registry.serving import runtime
 from tests.conftest import wait_for
-from tests.registry.test_serving import _rows, two_versions  # noqa: F401 - the fixture
+from tests.registry.conftest import rows as _rows
 
 pytestmark = pytest.mark.slow
 

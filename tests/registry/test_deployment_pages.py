@@ -8,7 +8,7 @@ import pytest
 from django.test import Client
 
 from registry.models import Deployment, ModelVersion
-from tests.registry.test_serving import _deploy, two_versions  # noqa: F401 - the fixture
+from tests.registry.conftest import deploy_now as _deploy
 
 pytestmark = pytest.mark.django_db
 

@@ -21,63 +21,11 @@ from registry.models import Deployment, EnvironmentState, ModelVersion, ServingI
 from registry.serving import runtime
 from tests.conftest import assert_error_shape
 from tests.registry import files
+from tests.registry.conftest import deploy_now as _deploy
+from tests.registry.conftest import rows as _rows
 
 pytestmark = pytest.mark.django_db
 URL = "/api/v1/serve/churn/dev/invocations"
-
-
-@pytest.fixture(autouse=True)
-def fresh_serving_cache() -> None:
-    runtime.cache.clear()
-    from registry.serving import views
-
-    views._auth_cache.clear()
-    views._model_cache.clear()
-    from registry.serving import buffer
-
-    client = buffer.redis_client()
-    if client is not None:
-        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY)
-
-
-@pytest.fixture
-def two_versions(personas: dict[str, Any], tmp_path: Path) -> list[ModelVersion]:
-    from sklearn.linear_model import LogisticRegression
-
-    team = Team.objects.get(slug="acme")
-    model = services.model_register(name="churn", team=team, actor=personas["ds"])
-    X, y = files._data()
-    versions = []
-    for i, estimator in enumerate((files.logistic_regression(), LogisticRegression(C=0.001, max_iter=50).fit(X, y))):
-        path = files.joblib_file(tmp_path / f"v{i}.joblib", estimator)
-        from registry.localfiles import LocalUpload
-
-        upload = LocalUpload(path, path.name)
-        ref = LocalUpload(files.reference_csv(tmp_path / "ref.csv"), "ref.csv")
-        version = services.version_upload(model=model, upload=upload, reference=ref,
-                                          meta=services.UploadMetadata(), actor=personas["ds"])
-        versions.append(services.version_scan(version_id=version.pk))
-    assert [v.status for v in versions] == ["ready", "ready"], [v.status_detail for v in versions]
-    return versions
-
-
-def _deploy(version: ModelVersion, actor: Any, **kwargs: Any) -> Deployment:
-    deployment = deployments.deployment_start(version=version, environment="dev", actor=actor, **kwargs)
-    result = deployments.deployment_run(deployment_id=deployment.pk)
-    assert result is not None and result.status == "live", (result.error if result else None)
-    return result
-
-
-@pytest.fixture
-def serving(two_versions: list[ModelVersion], personas: dict[str, Any]) -> Client:
-    _deploy(two_versions[0], personas["ds"])
-    _token, plaintext = portal_services.token_create(user=personas["ds"], name="serve", actor=personas["ds"])
-    return Client(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
-
-
-def _rows(n: int = 3) -> tuple[list[str], list[list[float]]]:
-    X, _y = files._data()
-    return list(X.columns), X.head(n).to_numpy().tolist()
 
 
 def test_every_mlflow_input_format_gives_the_models_own_predictions(serving: Client) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -148,6 +149,10 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
 @csrf_exempt
 def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
     started = time.perf_counter()
+    try:
+        request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on every other path
+    except DisallowedHost:
+        return _error(400, "bad_request", "This host name is not served here.")
     if request.method != "POST":
         return _error(405, "method_not_allowed", "Send predictions with POST.", Allow="POST")
     auth = _authenticate(request)

@@ -10,7 +10,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from portal.audit import AuditAction, audit_record, target_of
-from portal.models import ApiToken, AuditEvent, Membership, Team
+from portal.models import ApiToken, AuditEvent, Membership, Team, TeamWebhook, WebhookDelivery
 
 
 class AuditedAdminMixin:
@@ -88,3 +88,34 @@ class AuditedGroupAdmin(AuditedAdminMixin, GroupAdmin):
 
 
 admin.site.site_header = "MLOps portal administration"
+
+
+@admin.register(TeamWebhook)
+class TeamWebhookAdmin(AuditedAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """The URL field's validator refuses internal targets here too; deliveries check again after resolution."""
+
+    list_display = ["team", "url", "active", "created_at"]
+    list_filter = ["active"]
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["webhook", "event", "status", "attempts", "response_status", "created_at"]
+    list_filter = ["status", "event"]
+    readonly_fields = ["uid", "webhook", "event", "payload", "status", "attempts", "response_status", "error",
+                       "created_at", "last_attempt_at", "delivered_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+def _register_policy_admin() -> None:
+    from registry.models import PromotionPolicy
+
+    @admin.register(PromotionPolicy)
+    class PromotionPolicyAdmin(AuditedAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+        list_display = ["environment", "team", "model", "approvals_required", "metric_tolerance"]
+        list_filter = ["environment"]
+
+
+_register_policy_admin()

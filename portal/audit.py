@@ -69,6 +69,18 @@ class AuditAction(enum.Enum):
     DEPLOYMENT_FAIL = (3003, "deployment.fail")
     TRAFFIC_SWITCH = (3011, "traffic.switch")
     FEEDBACK_RECEIVE = (3101, "feedback.receive")
+    # 4000: promotion, approvals, rollback, notifications
+    PROMOTION_REQUEST = (4001, "promotion.request")
+    PROMOTION_APPROVE = (4002, "promotion.approve")
+    PROMOTION_REJECT = (4003, "promotion.reject")
+    PROMOTION_CANCEL = (4004, "promotion.cancel")
+    PROMOTION_DEPLOY = (4005, "promotion.deploy")
+    PROMOTION_LIVE = (4006, "promotion.live")
+    PROMOTION_FAIL = (4007, "promotion.fail")
+    PROMOTION_GATE_OVERRIDE = (4008, "promotion.gate_override")
+    ENVIRONMENT_ROLLBACK = (4011, "environment.rollback")
+    WEBHOOK_CREATE = (4021, "webhook.create")
+    WEBHOOK_DELETE = (4022, "webhook.delete")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")

@@ -143,6 +143,65 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     return 0 if version["status"] in ("ready", "scanning") else 1
 
 
+def _wait_deployment(client: Client, deployment: dict[str, Any], seconds: int) -> int:
+    deadline = time.monotonic() + seconds
+    while deployment["status"] in ("pending", "running"):
+        if time.monotonic() > deadline:
+            raise CliError(f"deployment still {deployment['status']} after {seconds} s", 1)
+        time.sleep(1)
+        deployment = client.call("GET", f"/api/v1/deployments/{deployment['id']}/")
+    print(f"deployment {deployment['id']}: {deployment['status']}"
+          + (f" - {deployment['error']}" if deployment.get("error") else ""))
+    return 0 if deployment["status"] == "live" else 1
+
+
+def _print_promotion(promotion: dict[str, Any]) -> None:
+    approved = sum(1 for a in promotion["approvals"] if a["decision"] == "approve")
+    print(f"promotion {promotion['id']}: {promotion['model']} v{promotion['version']} to {promotion['target']} "
+          f"{promotion['status']} ({approved}/{promotion['approvals_required']} approvals)")
+    for gate in promotion["gates"]:
+        mark = "pass" if gate["ok"] else ("overridden" if gate["overridden"] else "BLOCKS")
+        print(f"  {mark:10} {gate['label']}: {gate['detail']}")
+
+
+def cmd_promote(client: Client, args: argparse.Namespace) -> int:
+    body = {"target": args.to, "reason": args.reason}
+    if args.override_reason:
+        body["override_reason"] = args.override_reason
+    promotion = client.call("POST", f"/api/v1/models/{args.model}/versions/{args.version}/promote", json=body)
+    _print_promotion(promotion)
+    return 0
+
+
+def cmd_approve(client: Client, args: argparse.Namespace) -> int:
+    promotion = client.call("GET", f"/api/v1/promotions/{args.promotion}/")
+    body = {"comment": args.comment or ""}
+    if promotion["target"] == "prod" and not args.reject:
+        password = os.environ.get("PORTAL_PASSWORD")
+        if not password:
+            if not sys.stdin.isatty():
+                raise CliError("approving a promotion to prod needs your password: set PORTAL_PASSWORD", 2)
+            import getpass
+
+            password = getpass.getpass("Your portal password (prod approvals re-authenticate): ")
+        body["password"] = password
+    action = "reject" if args.reject else "approve"
+    promotion = client.call("POST", f"/api/v1/promotions/{args.promotion}/{action}", json=body)
+    _print_promotion(promotion)
+    if args.wait and promotion.get("deployment"):
+        return _wait_deployment(client, promotion["deployment"], args.wait_seconds)
+    return 0
+
+
+def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"reason": args.reason}
+    if args.to_version:
+        body["to_version"] = args.to_version
+    deployment = client.call("POST", f"/api/v1/models/{args.model}/environments/{args.env}/rollback", json=body)
+    print(f"rolling {args.model} {args.env} back to v{deployment['version']}: deployment {deployment['id']}")
+    return _wait_deployment(client, deployment, args.wait_seconds) if args.wait else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portal", description="Talk to the MLOps portal's API.")
     parser.add_argument("--url", default=os.environ.get("PORTAL_URL", "http://127.0.0.1:8000"),
@@ -161,6 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--wait", action="store_true", help="wait until the version is ready or rejected")
     upload.add_argument("--wait-seconds", type=int, default=600)
     upload.set_defaults(handler=cmd_upload)
+    promote = sub.add_parser("promote", help="request a promotion to stage or prod")
+    promote.add_argument("model")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--to", required=True, choices=["stage", "prod"])
+    promote.add_argument("--reason", required=True)
+    promote.add_argument("--override-reason", help="why an incompatible signature may go ahead (audited)")
+    promote.set_defaults(handler=cmd_promote)
+    approve = sub.add_parser("approve", help="approve (or --reject) a promotion request; prod asks your password "
+                             "($PORTAL_PASSWORD or a prompt)")
+    approve.add_argument("promotion", help="the request's id")
+    approve.add_argument("--comment")
+    approve.add_argument("--reject", action="store_true")
+    approve.add_argument("--wait", action="store_true", help="follow the deployment the approval starts")
+    approve.add_argument("--wait-seconds", type=int, default=600)
+    approve.set_defaults(handler=cmd_approve)
+    rollback = sub.add_parser("rollback", help="roll an environment back to the previously live version")
+    rollback.add_argument("model")
+    rollback.add_argument("env", choices=["dev", "stage", "prod"])
+    rollback.add_argument("--to-version", type=int)
+    rollback.add_argument("--reason", required=True)
+    rollback.add_argument("--wait", action="store_true")
+    rollback.add_argument("--wait-seconds", type=int, default=600)
+    rollback.set_defaults(handler=cmd_rollback)
     return parser
 
 

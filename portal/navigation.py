@@ -21,6 +21,7 @@ class NavEntry:
 ENTRIES: list[NavEntry] = [
     NavEntry("Home", "portal:home"),
     NavEntry("Models", "registry:models", "view_models"),
+    NavEntry("Promotions", "registry:promotions", "view_models"),
     NavEntry("Audit trail", "portal:audit", "view_audit"),
     NavEntry("API docs", "api-docs"),
     NavEntry("Account", "portal:account"),

@@ -349,3 +349,20 @@ PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256
 # --- Portal ---------------------------------------------------------------------------------------------------
 PORTAL_DEMO_PASSWORD = env_str("PORTAL_DEMO_PASSWORD", "demo-pass-123")
 PORTAL_TOKEN_TOUCH_SECONDS = 60  # how stale a token's "last used" may get before it is written again
+
+# --- Notifications: email and outgoing webhooks ----------------------------------------------------------------
+# Without PORTAL_EMAIL_HOST mail is written to files under var/mail (nothing leaves the machine).
+EMAIL_HOST = env_str("PORTAL_EMAIL_HOST", "")
+if EMAIL_HOST:
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_PORT = env_int("PORTAL_EMAIL_PORT", 587, minimum=1, maximum=65535)
+    EMAIL_HOST_USER = env_str("PORTAL_EMAIL_USER", "")
+    EMAIL_HOST_PASSWORD = env_str("PORTAL_EMAIL_PASSWORD", "")
+    EMAIL_USE_TLS = env_bool("PORTAL_EMAIL_TLS", True)
+    EMAIL_TIMEOUT = 10
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    EMAIL_FILE_PATH = str(VAR_DIR / "mail")
+DEFAULT_FROM_EMAIL = env_str("PORTAL_EMAIL_FROM", "mlops-portal@localhost")
+PORTAL_BASE_URL = (env_url("PORTAL_BASE_URL", None, schemes={"http", "https"}) or "http://127.0.0.1:8000").rstrip("/")
+PORTAL_WEBHOOK_ALLOW_HTTP = env_bool("PORTAL_WEBHOOK_ALLOW_HTTP", False)

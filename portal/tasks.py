@@ -37,3 +37,21 @@ def audit_chain_verify_task() -> dict[str, Any]:
     if not verdict.ok:
         logger.error("Audit chain broken at event #%s: %s", verdict.first_bad, verdict.reason)
     return verdict.as_dict()
+
+
+@shared_task(name="portal.tasks.webhook_deliver", bind=True, max_retries=None)
+def webhook_deliver_task(self: Any, delivery_id: int) -> str:
+    """One delivery attempt; a retryable failure comes back after an exponential backoff."""
+    from portal.webhooks import webhook_deliver
+
+    status, retry_in = webhook_deliver(delivery_id=delivery_id)
+    if retry_in is not None:
+        raise self.retry(countdown=retry_in)
+    return status
+
+
+@shared_task(name="portal.tasks.send_email")
+def send_email_task(subject: str, body: str, recipients: list[str]) -> int:
+    from django.core.mail import send_mail
+
+    return send_mail(subject, body, None, recipients, fail_silently=False)

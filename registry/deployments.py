@@ -72,7 +72,7 @@ def _check_request(version: ModelVersion, environment: str, strategy: str, traff
 
 def deployment_start(*, version: ModelVersion, environment: str, strategy: str = Strategy.REPLACE,
                      traffic_percent: int = 100, actor: Any, reason: str = "",
-                     via_promotion: bool = False) -> Deployment:
+                     via_promotion: bool = False, purpose: str = "deploy") -> Deployment:
     """Create a deployment and hand it to a worker. Data scientists deploy to dev; stage and prod are reached only
     through promotion (which calls this with ``via_promotion=True``)."""
     if not via_promotion:
@@ -85,12 +85,13 @@ def deployment_start(*, version: ModelVersion, environment: str, strategy: str =
         deployment = Deployment.objects.create(
             model=version.model, version=version, environment=environment, strategy=strategy,
             traffic_percent=percent, requested_by=actor if getattr(actor, "is_authenticated", False) else None,
-            request_id=context.current().request_id, reason=reason,
-            log=[_entry("Deployment requested.")],
+            request_id=context.current().request_id, reason=reason, purpose=purpose,
+            log=[_entry({"promotion": "Deployment requested by an approved promotion.",
+                         "rollback": "Rollback requested."}.get(purpose, "Deployment requested."))],
         )
         audit_record(AuditAction.DEPLOYMENT_CREATE, actor=actor, target=deployment_target(deployment),
                      after={"version": version.number, "environment": environment, "strategy": strategy,
-                            "traffic_percent": percent, "via_promotion": via_promotion})
+                            "traffic_percent": percent, "purpose": purpose})
         ctx = context.current().as_task_kwargs()
 
         def enqueue() -> None:
@@ -195,6 +196,13 @@ def deployment_run(*, deployment_id: int) -> Deployment | None:
         version = deployment.version
         if version.status != VersionStatus.READY or version.artifact is None:
             raise DeploymentFailed(f"version {version.number} is no longer ready")
+        if deployment.purpose == "promotion":
+            from registry.promotions import deployment_gate_problems
+
+            problems = deployment_gate_problems(deployment)
+            if problems:
+                raise DeploymentFailed("a gate no longer passes: " + "; ".join(problems))
+            _step(deployment, 20, "The promotion's gates still pass.")
         with storage.verified_local_path(version.artifact):
             pass
         _step(deployment, 30, "Artifact verified; preparing the serving form.")
@@ -223,6 +231,9 @@ def _fail(deployment: Deployment, error: str) -> None:
             audit_record(AuditAction.DEPLOYMENT_FAIL, actor=None, target=deployment_target(deployment),
                          outcome=AuditOutcome.FAILURE, before={"status": "running"},
                          after={"status": "failed", "error": error[:1000]})
+            from registry.promotions import deployment_finished
+
+            deployment_finished(deployment, live=False, error=error)
 
 
 def _switch(deployment: Deployment) -> None:
@@ -276,6 +287,9 @@ def _switch(deployment: Deployment) -> None:
                      before=before, after=_state_summary(state))
         audit_record(AuditAction.DEPLOYMENT_LIVE, actor=None, target=deployment_target(deployment),
                      before={"status": "running"}, after={"status": "live", "retired": len(retired)})
+        from registry.promotions import deployment_finished
+
+        deployment_finished(deployment, live=True)
 
 
 def _state_summary(state: EnvironmentState) -> dict[str, Any]:

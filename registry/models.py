@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
-from django.core.validators import RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
 
@@ -203,6 +203,7 @@ class Deployment(models.Model):
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     request_id = models.CharField(max_length=64, blank=True)
     reason = models.TextField(blank=True)
+    purpose = models.CharField(max_length=10, default="deploy")  # DeploymentPurpose
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -263,3 +264,99 @@ class PredictionOutbox(models.Model):
 
     payload = models.JSONField()
     created_at = models.DateTimeField(default=timezone.now)
+
+
+class DeploymentPurpose(models.TextChoices):
+    DEPLOY = "deploy", "Deploy"
+    PROMOTION = "promotion", "Promotion"
+    ROLLBACK = "rollback", "Rollback"
+
+
+class PromotionPolicy(models.Model):
+    """How many approvals a promotion to ``environment`` needs, and how much worse a metric may be than the
+    champion's. The most specific row wins: model, then team, then the global row (neither set), then the
+    defaults in :data:`DEFAULT_APPROVALS`."""
+
+    environment = models.CharField(max_length=8, choices=[(e, e) for e in ("stage", "prod")])
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    model = models.ForeignKey(RegisteredModel, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    approvals_required = models.PositiveSmallIntegerField(validators=[MinValueValidator(1), MaxValueValidator(5)])
+    metric_tolerance = models.FloatField(default=0.01, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+                                         help_text="How much worse than the champion a metric may be (absolute).")
+
+    class Meta:
+        verbose_name_plural = "promotion policies"
+        constraints = [models.UniqueConstraint(fields=["environment", "team", "model"], name="promotion_policy_unique",
+                                               nulls_distinct=False)]
+
+    def __str__(self) -> str:
+        scope = self.model or self.team or "everyone"
+        return f"{self.environment}: {self.approvals_required} approvals ({scope})"
+
+
+DEFAULT_APPROVALS = {"stage": 1, "prod": 2}
+DEFAULT_METRIC_TOLERANCE = 0.01
+
+
+class PromotionStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    APPROVED = "approved", "Approved"
+    REJECTED = "rejected", "Rejected"
+    CANCELLED = "cancelled", "Cancelled"
+    DEPLOYING = "deploying", "Deploying"
+    LIVE = "live", "Live"
+    FAILED = "failed", "Failed"
+
+
+class PromotionRequest(models.Model):
+    """A request to put a version live in stage or prod; approved by people other than the requester and the
+    version's uploader, then carried out by one deployment."""
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="promotions")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="promotions")
+    target = models.CharField(max_length=8, choices=[(e, e) for e in ("stage", "prod")])
+    status = models.CharField(max_length=10, choices=PromotionStatus.choices, default=PromotionStatus.PENDING)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    reason = models.TextField()
+    override_reason = models.TextField(blank=True, help_text="Why an incompatible signature may go ahead.")
+    approvals_required = models.PositiveSmallIntegerField()
+    metric_tolerance = models.FloatField()
+    champion_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.PROTECT,
+                                         related_name="+", help_text="What served the target when requested.")
+    gates = models.JSONField(default=list, blank=True)
+    deployment = models.OneToOneField(Deployment, null=True, blank=True, on_delete=models.PROTECT,
+                                      related_name="promotion")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "-created_at"], name="promotion_status")]
+        constraints = [
+            # At most one open request per version and target: the second click finds the first.
+            models.UniqueConstraint(fields=["version", "target"], name="promotion_one_open",
+                                    condition=models.Q(status__in=["pending", "approved", "deploying"])),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} v{self.version.number} to {self.target} ({self.status})"
+
+
+class ApprovalDecision(models.TextChoices):
+    APPROVE = "approve", "Approved"
+    REJECT = "reject", "Rejected"
+
+
+class PromotionApproval(models.Model):
+    promotion = models.ForeignKey(PromotionRequest, on_delete=models.CASCADE, related_name="approvals")
+    approver = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    decision = models.CharField(max_length=8, choices=ApprovalDecision.choices)
+    comment = models.TextField(blank=True)
+    reauthenticated = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [models.UniqueConstraint(fields=["promotion", "approver"], name="promotion_approval_once")]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry import views
+from registry import promotion_views, views
 
 app_name = "registry"
 
@@ -16,4 +16,12 @@ urlpatterns = [
     path("models/<str:name>/versions/<int:number>/trust", views.version_trust, name="version-trust"),
     path("models/<str:name>/versions/<int:number>/deploy", views.version_deploy, name="version-deploy"),
     path("deployments/<uuid:uid>/", views.deployment_detail, name="deployment"),
+    path("models/<str:name>/versions/<int:number>/promote", promotion_views.version_promote, name="version-promote"),
+    path("models/<str:name>/environments/<str:env>/", promotion_views.environment_page, name="environment"),
+    path("models/<str:name>/environments/<str:env>/rollback", promotion_views.environment_rollback,
+         name="rollback"),
+    path("promotions/", promotion_views.promotion_queue, name="promotions"),
+    path("promotions/<uuid:uid>/", promotion_views.promotion_detail, name="promotion"),
+    path("promotions/<uuid:uid>/decide", promotion_views.promotion_decide, name="promotion-decide"),
+    path("promotions/<uuid:uid>/cancel", promotion_views.promotion_cancel, name="promotion-cancel"),
 ]

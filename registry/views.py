@@ -100,6 +100,9 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         "can_deploy": has_capability(request.user, "deploy_dev") and version.status == "ready",
         "dev_serves": selectors.environment_overview(model=version.model)["dev"]["champion"] is not None,
         "can_decide": can_decide,
+        "can_promote": has_capability(request.user, "request_promotion") and version.status == "ready",
+        "promote_targets": ["stage", "prod"],
+        "open_promotions": version.promotions.filter(status__in=["pending", "approved", "deploying"]),
         "trust_form": TrustDecisionForm() if can_decide else None,
         "sandbox": json.dumps(version.sandbox_report, indent=2, default=str) if version.sandbox_report else "",
     })

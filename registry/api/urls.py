@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry.api import views
+from registry.api import promotions, views
 
 app_name = "registry_api"
 
@@ -19,4 +19,15 @@ urlpatterns = [
          name="version-artifact"),
     path("models/<str:name>/versions/<int:number>/reference", views.VersionReferenceApi.as_view(),
          name="version-reference"),
+    path("models/<str:name>/versions/<int:number>/promote", promotions.PromoteApi.as_view(), name="version-promote"),
+    path("promotions/", promotions.PromotionListApi.as_view(), name="promotions"),
+    path("promotions/<uuid:uid>/", promotions.PromotionDetailApi.as_view(), name="promotion"),
+    path("promotions/<uuid:uid>/approve", promotions.PromotionApproveApi.as_view(), name="promotion-approve"),
+    path("promotions/<uuid:uid>/reject", promotions.PromotionRejectApi.as_view(), name="promotion-reject"),
+    path("promotions/<uuid:uid>/cancel", promotions.PromotionCancelApi.as_view(), name="promotion-cancel"),
+    path("models/<str:name>/environments/<str:env>/rollback", promotions.RollbackApi.as_view(), name="rollback"),
+    path("models/<str:name>/environments/<str:env>/history", promotions.HistoryApi.as_view(), name="history"),
+    path("teams/<slug:slug>/webhooks/", promotions.WebhookListApi.as_view(), name="webhooks"),
+    path("teams/<slug:slug>/webhooks/<int:pk>/deliveries", promotions.WebhookDeliveriesApi.as_view(),
+         name="webhook-deliveries"),
 ]

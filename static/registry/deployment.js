@@ -11,6 +11,12 @@
 
   function render(d) {
     status.textContent = labels[d.status] || d.status;
+    // On a promotion's page, its own status follows the deployment's end.
+    const promotion = document.querySelector("[data-testid=promotion-status]");
+    if (promotion && (d.status === "live" || d.status === "failed")) {
+      promotion.textContent = labels[d.status];
+      promotion.className = "status status-" + d.status;
+    }
     status.className = "status status-" + d.status;
     progress.value = d.progress;
     error.hidden = !d.error;

@@ -49,3 +49,33 @@ def test_portal_upload_reports_a_refusal_with_its_findings(live_server: Any, per
     assert "builtins.eval" in result.stderr
     bad_token = _portal(live_server, "mlp_nope", "upload", "churn", str(evil))
     assert bad_token.returncode == 1 and "unknown, revoked or expired" in bad_token.stderr
+
+
+def test_portal_promote_approve_and_rollback(live_server: Any, worker_factory: Any, personas: dict[str, Any],
+                                             tmp_path: Path) -> None:
+    from registry import promotions
+    from tests.registry.test_promotions import promote_live, upload
+
+    model = services.model_register(name="churn", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    v1 = upload(model, personas["ds"], tmp_path)
+    promote_live(v1, "stage", personas)
+    v2 = upload(model, personas["ds"], tmp_path, c=0.5)
+    worker_factory()
+    tokens = {who: portal_services.token_create(user=personas[who], name="ci", actor=personas[who])[1]
+              for who in ("ds", "approver1")}
+    result = _portal(live_server, tokens["ds"], "promote", "churn", "2", "--to", "stage", "--reason", "better")
+    assert result.returncode == 0, result.stderr
+    assert "to stage pending (0/1 approvals)" in result.stdout and "pass       Signature compatible" in result.stdout
+    uid = result.stdout.split()[1].rstrip(":")
+    mine = _portal(live_server, tokens["ds"], "approve", uid)
+    assert mine.returncode == 1 and "role does not allow" in mine.stderr
+    result = _portal(live_server, tokens["approver1"], "approve", uid, "--comment", "ok", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert ": live" in result.stdout and promotions.champion_version(model, "stage") == v2
+    result = _portal(live_server, tokens["approver1"], "rollback", "churn", "stage", "--reason", "v2 drifts",
+                     "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "back to v1" in result.stdout and promotions.champion_version(model, "stage") == v1
+    refused = _portal(live_server, tokens["approver1"], "rollback", "churn", "stage", "--reason", "x",
+                      "--to-version", "7")
+    assert refused.returncode == 1 and "never served stage" in refused.stderr

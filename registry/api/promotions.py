@@ -1,0 +1,245 @@
+"""REST API of promotion: requests, the approval queue, decisions, rollback, the serving history, team webhooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from django.utils.dateparse import parse_datetime
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from portal.api.pagination import PortalPagination
+from portal.models import Team, TeamWebhook
+from portal.permissions import get_object_for_user, require_capability
+from registry import promotions, selectors
+from registry.api.serializers import DeploymentSerializer, _username
+from registry.models import Environment, PromotionRequest, PromotionStatus
+
+
+class PromoteInput(serializers.Serializer[Any]):
+    target = serializers.ChoiceField(choices=["stage", "prod"])
+    reason = serializers.CharField(max_length=5000)
+    override_reason = serializers.CharField(required=False, allow_blank=True, max_length=5000,
+                                            help_text="Why an incompatible signature may go ahead (audited).")
+
+
+class DecisionInput(serializers.Serializer[Any]):
+    comment = serializers.CharField(required=False, allow_blank=True, max_length=5000)
+    password = serializers.CharField(required=False, allow_blank=True, max_length=512, trim_whitespace=False,
+                                     help_text="Your password; required to approve a promotion to prod.")
+
+
+class RollbackInput(serializers.Serializer[Any]):
+    to_version = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    reason = serializers.CharField(max_length=5000)
+
+
+class PromotionSerializer(serializers.Serializer[Any]):
+    id = serializers.UUIDField(source="uid")
+    model = serializers.CharField(source="model.name")
+    version = serializers.IntegerField(source="version.number")
+    target = serializers.CharField()
+    status = serializers.CharField()
+    reason = serializers.CharField()
+    override_reason = serializers.CharField()
+    requested_by = serializers.SerializerMethodField()
+    uploaded_by = serializers.SerializerMethodField()
+    approvals_required = serializers.IntegerField()
+    metric_tolerance = serializers.FloatField()
+    champion_version = serializers.SerializerMethodField()
+    gates = serializers.JSONField()
+    approvals = serializers.SerializerMethodField()
+    deployment = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    decided_at = serializers.DateTimeField()
+
+    def get_requested_by(self, obj: PromotionRequest) -> str | None:
+        return _username(obj.requested_by)
+
+    def get_uploaded_by(self, obj: PromotionRequest) -> str | None:
+        return _username(obj.version.uploaded_by)
+
+    def get_champion_version(self, obj: PromotionRequest) -> int | None:
+        return obj.champion_version.number if obj.champion_version else None
+
+    def get_approvals(self, obj: PromotionRequest) -> list[dict[str, Any]]:
+        return [{"approver": a.approver.get_username(), "decision": a.decision, "comment": a.comment,
+                 "reauthenticated": a.reauthenticated, "at": a.created_at}
+                for a in obj.approvals.select_related("approver")]
+
+    def get_deployment(self, obj: PromotionRequest) -> dict[str, Any] | None:
+        return dict(DeploymentSerializer(obj.deployment).data) if obj.deployment else None
+
+
+def _promotion(request: Request, uid: str) -> PromotionRequest:
+    try:
+        return get_object_for_user(request.user, PromotionRequest.objects.select_related(
+            "model__team", "version__uploaded_by", "requested_by", "deployment__model", "deployment__version"),
+            action="view_models", team_field="model__team", uid=uid)
+    except DjangoValidationError as exc:
+        raise Http404("Not found.") from exc
+
+
+class PromoteApi(APIView):
+    @extend_schema(request=PromoteInput, responses={201: PromotionSerializer},
+                   summary="Request a promotion to stage or prod; the gates are evaluated at once")
+    def post(self, request: Request, name: str, number: int) -> Response:
+        version = selectors.version_get(user=request.user, name=name, number=number, action="request_promotion")
+        data = PromoteInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        promotion = promotions.promotion_request(version=version, target=data.validated_data["target"],
+                                                 reason=data.validated_data["reason"], actor=request.user,
+                                                 override_reason=data.validated_data.get("override_reason", ""))
+        return Response(PromotionSerializer(promotion).data, status=status.HTTP_201_CREATED)
+
+
+class PromotionListApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("status", OpenApiTypes.STR, enum=PromotionStatus.values),
+                               OpenApiParameter("model", OpenApiTypes.STR)],
+                   responses=PromotionSerializer(many=True), summary="Promotion requests; ?status=pending is the queue")
+    def get(self, request: Request) -> Response:
+        require_capability(request.user, "view_models")
+        wanted = request.query_params.get("status", "")
+        if wanted and wanted not in PromotionStatus.values:
+            raise ValidationError({"status": f"Use one of {', '.join(PromotionStatus.values)}."})
+        qs = promotions.promotion_queue(user=request.user, status=wanted)
+        if request.query_params.get("model"):
+            qs = qs.filter(model__name=request.query_params["model"])
+        paginator = PortalPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(PromotionSerializer(page, many=True).data)
+
+
+class PromotionDetailApi(APIView):
+    @extend_schema(responses=PromotionSerializer, summary="One promotion request with its gates and approvals")
+    def get(self, request: Request, uid: str) -> Response:
+        return Response(PromotionSerializer(_promotion(request, uid)).data)
+
+
+class _DecisionApi(APIView):
+    approve = True
+
+    def post(self, request: Request, uid: str) -> Response:
+        promotion = _promotion(request, uid)
+        data = DecisionInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        promotion = promotions.promotion_decide(promotion=promotion, actor=request.user, approve=self.approve,
+                                                comment=data.validated_data.get("comment", ""),
+                                                password=data.validated_data.get("password", ""))
+        return Response(PromotionSerializer(_promotion(request, str(promotion.uid))).data)
+
+
+class PromotionApproveApi(_DecisionApi):
+    approve = True
+
+    @extend_schema(request=DecisionInput, responses=PromotionSerializer,
+                   summary="Approve (not your own request or upload); prod needs your password")
+    def post(self, request: Request, uid: str) -> Response:
+        return super().post(request, uid)
+
+
+class PromotionRejectApi(_DecisionApi):
+    approve = False
+
+    @extend_schema(request=DecisionInput, responses=PromotionSerializer, summary="Reject, with a comment")
+    def post(self, request: Request, uid: str) -> Response:
+        return super().post(request, uid)
+
+
+class PromotionCancelApi(APIView):
+    @extend_schema(request=None, responses=PromotionSerializer, summary="Cancel your own pending request")
+    def post(self, request: Request, uid: str) -> Response:
+        promotion = promotions.promotion_cancel(promotion=_promotion(request, uid), actor=request.user)
+        return Response(PromotionSerializer(promotion).data)
+
+
+def _environment(env: str) -> str:
+    if env not in Environment.values:
+        raise ValidationError({"environment": f"Unknown environment {env!r}: use dev, stage or prod."})
+    return env
+
+
+class RollbackApi(APIView):
+    @extend_schema(request=RollbackInput, responses={202: DeploymentSerializer},
+                   summary="Roll back to the previously live version, or a chosen one that served there")
+    def post(self, request: Request, name: str, env: str) -> Response:
+        model = selectors.model_get(user=request.user, name=name, action="view_models")
+        data = RollbackInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        deployment = promotions.environment_rollback(model=model, environment=_environment(env),
+                                                     to_version=data.validated_data.get("to_version"),
+                                                     reason=data.validated_data["reason"], actor=request.user)
+        return Response(DeploymentSerializer(deployment).data, status=status.HTTP_202_ACCEPTED)
+
+
+class HistoryApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("at", OpenApiTypes.DATETIME,
+                                                description="ISO time: answer what served then")],
+                   responses=OpenApiTypes.OBJECT, summary="Every version that served an environment, or the one at T")
+    def get(self, request: Request, name: str, env: str) -> Response:
+        model = selectors.model_get(user=request.user, name=name, action="view_models")
+        env = _environment(env)
+        at_raw = request.query_params.get("at")
+        if at_raw:
+            at = parse_datetime(at_raw.replace(" ", "+"))  # a literal '+' arrives as a space in a query string
+            if at is None:
+                raise ValidationError({"at": "Give an ISO 8601 time such as 2026-03-03T14:05:00Z."})
+            if at.tzinfo is None:
+                raise ValidationError({"at": "Give the time zone too (Z or +01:00), so the answer is unambiguous."})
+            return Response({"model": model.name, "environment": env, **promotions.serving_at(model, env, at)})
+        return Response({"model": model.name, "environment": env,
+                         "history": promotions.serving_history(model, env)})
+
+
+class WebhookSerializer(serializers.ModelSerializer[TeamWebhook]):
+    secret = serializers.CharField(write_only=True, min_length=16, max_length=128)
+    events = serializers.ListField(child=serializers.ChoiceField(choices=[
+        "promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live", "promotion.failed",
+        "environment.rollback"]), required=False)
+
+    class Meta:
+        model = TeamWebhook
+        fields = ["id", "url", "secret", "events", "active", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+
+class WebhookListApi(APIView):
+    @extend_schema(responses=WebhookSerializer(many=True), summary="A team's outgoing webhooks")
+    def get(self, request: Request, slug: str) -> Response:
+        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk", action="manage_teams",
+                                   slug=slug)
+        return Response(WebhookSerializer(team.webhooks.all(), many=True).data)
+
+    @extend_schema(request=WebhookSerializer, responses={201: WebhookSerializer},
+                   summary="Add a webhook; internal addresses are refused, also after DNS resolution")
+    def post(self, request: Request, slug: str) -> Response:
+        from portal.webhooks import webhook_create
+
+        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk", action="manage_teams",
+                                   slug=slug)
+        data = WebhookSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        hook = webhook_create(team=team, actor=request.user, **data.validated_data)
+        return Response(WebhookSerializer(hook).data, status=status.HTTP_201_CREATED)
+
+
+class WebhookDeliveriesApi(APIView):
+    @extend_schema(responses=OpenApiTypes.OBJECT, summary="The delivery log of a team's webhook")
+    def get(self, request: Request, slug: str, pk: int) -> Response:
+        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk", action="manage_teams",
+                                   slug=slug)
+        hook = team.webhooks.filter(pk=pk).first()
+        if hook is None:
+            raise Http404("Not found.")
+        rows = [{"id": str(d.uid), "event": d.event, "status": d.status, "attempts": d.attempts,
+                 "response_status": d.response_status, "error": d.error, "created_at": d.created_at,
+                 "last_attempt_at": d.last_attempt_at, "delivered_at": d.delivered_at}
+                for d in hook.deliveries.all()[:200]]
+        return Response({"webhook": hook.pk, "deliveries": rows})

@@ -1,0 +1,171 @@
+"""Promotion pages: request a promotion, the approver queue, one request with its gates and diffs, decisions,
+the environment timeline with "what served at T", and rollback."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+from django.views.decorators.http import require_GET, require_POST
+
+from portal.permissions import get_object_for_user, has_capability, require_capability
+from registry import promotions, selectors
+from registry.models import Environment, PromotionRequest, PromotionStatus
+
+
+def _errors(exc: ValidationError | PermissionDenied) -> str:
+    return " ".join(getattr(exc, "messages", None) or [str(exc)])
+
+
+def _promotion(request: HttpRequest, uid: str) -> PromotionRequest:
+    return get_object_for_user(request.user, PromotionRequest.objects.select_related(
+        "model__team", "version__uploaded_by", "requested_by", "deployment", "champion_version"),
+        action="view_models", team_field="model__team", uid=uid)
+
+
+@login_required
+@require_POST
+def version_promote(request: HttpRequest, name: str, number: int) -> HttpResponse:
+    version = selectors.version_get(user=request.user, name=name, number=number, action="request_promotion")
+    try:
+        promotion = promotions.promotion_request(
+            version=version, target=request.POST.get("target", ""), reason=request.POST.get("reason", "")[:5000],
+            override_reason=request.POST.get("override_reason", "")[:5000], actor=request.user)
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _errors(exc))
+        return redirect("registry:version", name=name, number=number)
+    messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
+    return redirect("registry:promotion", uid=promotion.uid)
+
+
+@login_required
+@require_GET
+def promotion_queue(request: HttpRequest) -> HttpResponse:
+    require_capability(request.user, "view_models")
+    wanted = request.GET.get("status", "pending")
+    if wanted not in PromotionStatus.values and wanted != "all":
+        wanted = "pending"
+    qs = promotions.promotion_queue(user=request.user, status="" if wanted == "all" else wanted)
+    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    rows = [{"p": p, "blocking": [g for g in p.gates if g.get("blocks")],
+             "may_decide": promotions.can_approve(p, request.user)[0]} for p in page]
+    return render(request, "registry/promotion_queue.html", {
+        "page": page, "rows": rows, "status": wanted, "statuses": ["pending", *[s for s in PromotionStatus.values
+                                                                               if s != "pending"], "all"],
+        "query": f"status={wanted}"})
+
+
+@login_required
+@require_GET
+def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
+    promotion = _promotion(request, uid)
+    may_decide, why_not = promotions.can_approve(promotion, request.user)
+    if promotion.status == PromotionStatus.PENDING:
+        # Show the gates as they stand now, not only as they stood at request time.
+        gates = promotions.gates_as_json(promotions.gates_evaluate(
+            promotion.version, promotion.target, override_reason=promotion.override_reason,
+            tolerance=promotion.metric_tolerance))
+    else:
+        gates = promotion.gates
+    champion = promotion.champion_version
+    signature_rows = promotions.signature_diff(promotion.version, champion)
+    return render(request, "registry/promotion_detail.html", {
+        "promotion": promotion, "model": promotion.model, "version": promotion.version, "gates": gates,
+        "blocking": [g for g in gates if g.get("blocks")],
+        "signature_rows": signature_rows,
+        "signature_changes": sum(1 for r in signature_rows if r["change"] != "unchanged") if champion else 0,
+        "metric_rows": promotions.metric_diff(promotion.version, champion, promotion.metric_tolerance),
+        "approvals": list(promotion.approvals.select_related("approver")),
+        "approved_count": promotion.approvals.filter(decision="approve").count(),
+        "may_decide": may_decide, "why_not": why_not if has_capability(request.user, "approve_promotion") else "",
+        "needs_password": promotion.target == Environment.PROD,
+        "may_cancel": promotion.status == PromotionStatus.PENDING and promotion.requested_by_id == request.user.pk,
+    })
+
+
+@login_required
+@require_POST
+def promotion_decide(request: HttpRequest, uid: str) -> HttpResponse:
+    promotion = _promotion(request, uid)
+    decision = request.POST.get("decision")
+    if decision not in ("approve", "reject"):
+        messages.error(request, "Choose Approve or Reject.")
+        return redirect("registry:promotion", uid=uid)
+    try:
+        promotion = promotions.promotion_decide(promotion=promotion, actor=request.user,
+                                                approve=decision == "approve",
+                                                comment=request.POST.get("comment", "")[:5000],
+                                                password=request.POST.get("password", "")[:512])
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _errors(exc))
+        return redirect("registry:promotion", uid=uid)
+    if promotion.status == PromotionStatus.DEPLOYING:
+        messages.success(request, "Approved. The policy is met and the deployment has started.")
+    elif decision == "approve":
+        messages.success(request, "Your approval is recorded; more approvals are needed.")
+    else:
+        messages.success(request, "Rejected. The requester has been told why.")
+    return redirect("registry:promotion", uid=uid)
+
+
+@login_required
+@require_POST
+def promotion_cancel(request: HttpRequest, uid: str) -> HttpResponse:
+    try:
+        promotions.promotion_cancel(promotion=_promotion(request, uid), actor=request.user)
+        messages.success(request, "The request is cancelled.")
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _errors(exc))
+    return redirect("registry:promotion", uid=uid)
+
+
+def _parse_at(raw: str) -> dt.datetime | None:
+    if not raw:
+        return None
+    parsed = parse_datetime(raw)
+    if parsed is None:
+        return None
+    return parsed if parsed.tzinfo else timezone.make_aware(parsed, dt.UTC)
+
+
+@login_required
+@require_GET
+def environment_page(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="view_models")
+    if env not in Environment.values:
+        raise Http404("No such environment.")
+    raw_at = request.GET.get("at", "").strip()[:40]
+    at = _parse_at(raw_at)
+    may_rollback = has_capability(request.user, "deploy_dev" if env == "dev" else "rollback_environment")
+    return render(request, "registry/environment.html", {
+        "model": model, "env": env, "history": promotions.serving_history(model, env),
+        "state": selectors.environment_overview(model=model)[env],
+        "at_raw": raw_at, "at_invalid": bool(raw_at) and at is None,
+        "served_at": promotions.serving_at(model, env, at) if at else None,
+        "may_rollback": may_rollback,
+        "candidates": promotions.rollback_candidates(model, env) if may_rollback else [],
+    })
+
+
+@login_required
+@require_POST
+def environment_rollback(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="view_models")
+    raw = request.POST.get("to_version", "")
+    try:
+        deployment = promotions.environment_rollback(
+            model=model, environment=env, to_version=int(raw) if raw.isdigit() else None,
+            reason=request.POST.get("reason", "")[:5000], actor=request.user)
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, _errors(exc))
+        return redirect("registry:environment", name=name, env=env) if env in Environment.values else \
+            redirect("registry:model", name=name)
+    messages.success(request, f"Rolling {env} back to v{deployment.version.number}.")
+    return redirect("registry:deployment", uid=deployment.uid)

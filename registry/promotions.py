@@ -1,0 +1,521 @@
+"""Promotion dev → stage → prod: requests, gates, four-eyes approval, rollback and the history of what served.
+
+A request names a ready version and a target. Its gates (scan and trust, the path through stage, signature
+compatibility with what the target serves, metrics against the champion, the sandbox's smoke test) are evaluated
+when it is made, shown to approvers, checked again at each approval and once more when the deployment starts.
+People other than the requester and the version's uploader approve it; the approval that meets the policy starts
+exactly one deployment, because approvals take the request's row lock and a unique constraint forbids a second
+vote by the same person.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Q, QuerySet
+from django.urls import reverse
+from django.utils import timezone
+
+from portal.audit import AuditAction, Target, audit_record
+from portal.models import AuditOutcome
+from portal.permissions import has_capability, require_capability, scope_to_teams
+from registry.models import (
+    DEFAULT_APPROVALS,
+    DEFAULT_METRIC_TOLERANCE,
+    ApprovalDecision,
+    Deployment,
+    DeploymentPurpose,
+    Environment,
+    EnvironmentState,
+    ModelVersion,
+    PromotionApproval,
+    PromotionPolicy,
+    PromotionRequest,
+    PromotionStatus,
+    RegisteredModel,
+    ServingInterval,
+    Strategy,
+    TrustState,
+    VersionStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+PROMOTION_TARGETS = ("stage", "prod")
+OPEN_STATUSES = (PromotionStatus.PENDING, PromotionStatus.APPROVED, PromotionStatus.DEPLOYING)
+# Metrics where lower is better; every other metric is taken as higher-is-better.
+LOWER_IS_BETTER = ("loss", "error", "rmse", "mse", "mae", "mape", "logloss", "brier", "latency")
+
+
+class ReauthenticationFailed(PermissionDenied):
+    pass
+
+
+# --- Policy -------------------------------------------------------------------------------------------------------
+
+def policy_for(model: RegisteredModel, environment: str) -> tuple[int, float]:
+    """(approvals required, metric tolerance) for promoting ``model`` to ``environment``: model row, team row,
+    global row, then the defaults."""
+    rows = {(p.model_id is not None, p.team_id is not None): p for p in PromotionPolicy.objects.filter(
+        Q(model=model) | Q(model__isnull=True, team=model.team) | Q(model__isnull=True, team__isnull=True),
+        environment=environment)}
+    for key in ((True, False), (True, True), (False, True), (False, False)):
+        if key in rows:
+            return rows[key].approvals_required, rows[key].metric_tolerance
+    return DEFAULT_APPROVALS[environment], DEFAULT_METRIC_TOLERANCE
+
+
+# --- Gates --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Gate:
+    name: str
+    label: str
+    ok: bool
+    detail: str
+    overridable: bool = False
+    overridden: bool = False
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> bool:
+        return not self.ok and not self.overridden
+
+
+def champion_version(model: RegisteredModel, environment: str) -> ModelVersion | None:
+    state = EnvironmentState.objects.filter(model=model, environment=environment).select_related(
+        "champion__version").first()
+    return state.champion.version if state and state.champion else None
+
+
+def _served_in(version: ModelVersion, environment: str) -> bool:
+    return ServingInterval.objects.filter(version=version, environment=environment,
+                                          role__in=("champion", "canary")).exists()
+
+
+def _columns(signature: dict[str, Any]) -> dict[str, str]:
+    inputs = (signature or {}).get("inputs") or []
+    return {str(c["name"]): str(c.get("type", "")) for c in inputs if isinstance(c, dict) and c.get("name")}
+
+
+def signature_diff(candidate: ModelVersion, champion: ModelVersion | None) -> list[dict[str, Any]]:
+    """One row per input of either version: name, champion's type, candidate's type, change."""
+    new = _columns(candidate.signature)
+    old = _columns(champion.signature) if champion else {}
+    rows = []
+    for name in list(old) + [n for n in new if n not in old]:
+        before, after = old.get(name), new.get(name)
+        change = ("unchanged" if before == after else "removed" if after is None else "added" if before is None
+                  else "retyped")
+        rows.append({"name": name, "champion": before, "candidate": after, "change": change})
+    return rows
+
+
+def _lower_is_better(metric: str) -> bool:
+    lowered = metric.lower()
+    return any(token in lowered for token in LOWER_IS_BETTER)
+
+
+def metric_diff(candidate: ModelVersion, champion: ModelVersion | None, tolerance: float) -> list[dict[str, Any]]:
+    new = candidate.metrics or {}
+    old = (champion.metrics or {}) if champion else {}
+    rows = []
+    for name in sorted(set(new) | set(old)):
+        a, b = old.get(name), new.get(name)
+        row: dict[str, Any] = {"name": name, "champion": a, "candidate": b, "delta": None, "worse": False,
+                               "direction": "lower is better" if _lower_is_better(name) else "higher is better"}
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            row["delta"] = b - a
+            row["worse"] = (b - a > tolerance) if _lower_is_better(name) else (a - b > tolerance)
+        rows.append(row)
+    return rows
+
+
+def gates_evaluate(version: ModelVersion, target: str, *, override_reason: str = "",
+                   tolerance: float | None = None) -> list[Gate]:
+    model = version.model
+    if tolerance is None:
+        tolerance = policy_for(model, target)[1]
+    champion = champion_version(model, target)
+    gates: list[Gate] = []
+
+    scan_ok = version.status == VersionStatus.READY and version.trust_state in (TrustState.NOT_NEEDED,
+                                                                                   TrustState.TRUSTED)
+    if version.status != VersionStatus.READY:
+        scan_detail = f"The version is {version.status}."
+    elif version.trust_state == TrustState.PENDING:
+        scan_detail = "An approver has not yet decided on the file's untrusted types."
+    elif version.trust_state == TrustState.REFUSED:
+        scan_detail = "An approver refused the file's untrusted types."
+    else:
+        scan_detail = "Scan clean" + (" and its untrusted types were trusted by an approver." if
+                                      version.trust_state == TrustState.TRUSTED else ".")
+    gates.append(Gate("scan", "Scan and trust", scan_ok, scan_detail))
+
+    if target == Environment.PROD:
+        served = _served_in(version, Environment.STAGE)
+        gates.append(Gate("path", "Live in stage first", served,
+                          "It has served in stage." if served else "It has never been live in stage: promote it "
+                          "to stage first."))
+
+    sig_rows = signature_diff(version, champion)
+    breaking = [r for r in sig_rows if r["change"] != "unchanged"]
+    if champion is None:
+        gates.append(Gate("signature", "Signature compatible", True, f"Nothing serves {target} yet.",
+                          rows=sig_rows))
+    else:
+        detail = (f"Same inputs as v{champion.number}." if not breaking else
+                  "; ".join(f"{r['name']} {r['change']}" + (f" ({r['champion']} → {r['candidate']})"
+                                                             if r["change"] == "retyped" else "")
+                            for r in breaking[:8]) + f" compared with v{champion.number}, which serves {target} now.")
+        gate = Gate("signature", "Signature compatible", not breaking, detail, overridable=True, rows=sig_rows)
+        if breaking and override_reason.strip():
+            gate.overridden = True
+            gate.detail += f" Overridden: “{override_reason.strip()[:300]}”"
+        gates.append(gate)
+
+    m_rows = metric_diff(version, champion, tolerance)
+    worse = [r for r in m_rows if r["worse"]]
+    compared = [r for r in m_rows if r["delta"] is not None]
+    if champion is None:
+        m_ok, m_detail = True, f"Nothing serves {target} yet."
+    elif not compared:
+        m_ok, m_detail = True, f"No metric in common with v{champion.number} to compare."
+    elif worse:
+        m_ok = False
+        m_detail = "; ".join(f"{r['name']} {r['candidate']:.4g} vs {r['champion']:.4g}" for r in worse) + \
+            f": worse than v{champion.number} by more than the tolerance of {tolerance:g}."
+    else:
+        m_ok, m_detail = True, f"{len(compared)} metric(s) within {tolerance:g} of v{champion.number} or better."
+    gates.append(Gate("metrics", "Metrics vs champion", m_ok, m_detail, rows=m_rows))
+
+    report = version.sandbox_report or {}
+    smoke_ok = bool(report.get("ok")) and version.status == VersionStatus.READY
+    gates.append(Gate("smoke_test", "Sandboxed smoke test", smoke_ok,
+                      f"Loaded in the sandbox and answered {len(report.get('predictions') or [])} example row(s)."
+                      if smoke_ok else "The sandbox's smoke test has not passed."))
+    return gates
+
+
+def gates_as_json(gates: list[Gate]) -> list[dict[str, Any]]:
+    return [{**asdict(g), "blocks": g.blocks} for g in gates]
+
+
+def blocking(gates: list[Gate]) -> list[Gate]:
+    return [g for g in gates if g.blocks]
+
+
+# --- Requests -----------------------------------------------------------------------------------------------------
+
+def promotion_target(promotion: PromotionRequest) -> Target:
+    return Target(type="promotion", id=str(promotion.uid),
+                  repr=f"{promotion.model.name} v{promotion.version.number} to {promotion.target}",
+                  team_slug=promotion.model.team.slug)
+
+
+def promotion_request(*, version: ModelVersion, target: str, reason: str, actor: Any,
+                      override_reason: str = "") -> PromotionRequest:
+    require_capability(actor, "request_promotion")
+    if target not in PROMOTION_TARGETS:
+        raise ValidationError({"target": f"Promote to stage or prod, not {target!r}."})
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why this version should go to " + target + "."})
+    approvals, tolerance = policy_for(version.model, target)
+    gates = gates_evaluate(version, target, override_reason=override_reason, tolerance=tolerance)
+    hard = [g for g in gates if g.name in ("scan", "path", "smoke_test") and not g.ok]
+    if hard:
+        raise ValidationError({"version": [g.detail for g in hard]})
+    champion = champion_version(version.model, target)
+    if champion is not None and champion.pk == version.pk:
+        raise ValidationError({"version": f"v{version.number} already serves {target}."})
+    try:
+        with transaction.atomic():
+            promotion = PromotionRequest.objects.create(
+                model=version.model, version=version, target=target, requested_by=actor, reason=reason.strip(),
+                override_reason=override_reason.strip(), approvals_required=approvals, metric_tolerance=tolerance,
+                champion_version=champion, gates=gates_as_json(gates))
+            audit_record(AuditAction.PROMOTION_REQUEST, actor=actor, target=promotion_target(promotion),
+                         after={"version": version.number, "target": target, "reason": promotion.reason,
+                                "approvals_required": approvals,
+                                "champion": champion.number if champion else None,
+                                "blocking_gates": [g.name for g in blocking(gates)]})
+            if any(g.overridden for g in gates):
+                audit_record(AuditAction.PROMOTION_GATE_OVERRIDE, actor=actor, target=promotion_target(promotion),
+                             after={"gate": "signature", "reason": promotion.override_reason})
+            _notify(promotion, "promotion.requested")
+    except IntegrityError as exc:
+        existing = PromotionRequest.objects.filter(version=version, target=target, status__in=OPEN_STATUSES).first()
+        raise ValidationError({"version": f"v{version.number} already has an open request to {target}"
+                               + (f" ({existing.uid})." if existing else ".")}) from exc
+    return promotion
+
+
+def can_approve(promotion: PromotionRequest, user: Any) -> tuple[bool, str]:
+    """Whether ``user`` may decide on ``promotion``, and why not."""
+    if not has_capability(user, "approve_promotion"):
+        return False, "Your role does not allow approving promotions."
+    if promotion.requested_by_id == user.pk:
+        return False, "You requested this promotion; someone else has to approve it."
+    if promotion.version.uploaded_by_id == user.pk:
+        return False, "You uploaded this version; someone else has to approve it."
+    if promotion.status != PromotionStatus.PENDING:
+        return False, f"The request is {promotion.status}, no longer pending."
+    if any(a.approver_id == user.pk for a in promotion.approvals.all()):
+        return False, "You have already decided on this request."
+    return True, ""
+
+
+def _reauthenticate(promotion: PromotionRequest, actor: Any, password: str) -> None:
+    if promotion.target != Environment.PROD:
+        return
+    if password and actor.check_password(password):
+        return
+    audit_record(AuditAction.AUTH_REAUTH_FAILED, actor=actor, target=promotion_target(promotion),
+                 outcome=AuditOutcome.DENIED, metadata={"for": "promotion.approve"})
+    raise ReauthenticationFailed("Approving a promotion to prod needs your password, and the one given is not "
+                                 "right." if password else "Approving a promotion to prod needs your password.")
+
+
+def promotion_decide(*, promotion: PromotionRequest, actor: Any, approve: bool, comment: str = "",
+                     password: str = "") -> PromotionRequest:
+    """Record one approver's decision. The approval that meets the policy starts the deployment."""
+    if approve:
+        _reauthenticate(promotion, actor, password)
+    with transaction.atomic():
+        locked = PromotionRequest.objects.select_for_update().select_related(
+            "model__team", "version__model").get(pk=promotion.pk)
+        allowed, why = can_approve(locked, actor)
+        if not allowed:
+            raise PermissionDenied(why)
+        if not approve and not comment.strip():
+            raise ValidationError({"comment": "Say why you reject it, so the requester can act on it."})
+        gates: list[Gate] = []
+        if approve:
+            gates = gates_evaluate(locked.version, locked.target, override_reason=locked.override_reason,
+                                   tolerance=locked.metric_tolerance)
+            locked.gates = gates_as_json(gates)
+            if blocking(gates):
+                PromotionRequest.objects.filter(pk=locked.pk).update(gates=locked.gates, updated_at=timezone.now())
+                raise ValidationError({"gates": [f"{g.label}: {g.detail}" for g in blocking(gates)]})
+        PromotionApproval.objects.create(promotion=locked, approver=actor, comment=comment.strip()[:5000],
+                                         decision=ApprovalDecision.APPROVE if approve else ApprovalDecision.REJECT,
+                                         reauthenticated=approve and locked.target == Environment.PROD)
+        now = timezone.now()
+        if not approve:
+            locked.status, locked.decided_at = PromotionStatus.REJECTED, now
+            audit_record(AuditAction.PROMOTION_REJECT, actor=actor, target=promotion_target(locked),
+                         before={"status": "pending"}, after={"status": "rejected", "comment": comment.strip()})
+            locked.updated_at = now
+            locked.save(update_fields=["status", "decided_at", "updated_at"])
+            _notify(locked, "promotion.rejected")
+            return locked
+        count = locked.approvals.filter(decision=ApprovalDecision.APPROVE).count()
+        audit_record(AuditAction.PROMOTION_APPROVE, actor=actor, target=promotion_target(locked),
+                     after={"approvals": count, "required": locked.approvals_required, "comment": comment.strip(),
+                            "reauthenticated": locked.target == Environment.PROD})
+        locked.updated_at = now
+        if count >= locked.approvals_required:
+            locked.status, locked.decided_at = PromotionStatus.APPROVED, now
+            _start_deployment(locked, actor)
+            _notify(locked, "promotion.approved")
+        locked.save(update_fields=["status", "decided_at", "updated_at", "gates", "deployment"])
+        return locked
+
+
+def _start_deployment(promotion: PromotionRequest, actor: Any) -> None:
+    from registry.deployments import deployment_start
+
+    deployment = deployment_start(version=promotion.version, environment=promotion.target,
+                                  strategy=Strategy.REPLACE, actor=actor, via_promotion=True,
+                                  purpose=DeploymentPurpose.PROMOTION,
+                                  reason=f"Promotion requested by {promotion.requested_by}: {promotion.reason}")
+    promotion.deployment = deployment
+    promotion.status = PromotionStatus.DEPLOYING
+    audit_record(AuditAction.PROMOTION_DEPLOY, actor=actor, target=promotion_target(promotion),
+                 before={"status": "approved"}, after={"status": "deploying", "deployment": str(deployment.uid)})
+
+
+def promotion_cancel(*, promotion: PromotionRequest, actor: Any) -> PromotionRequest:
+    with transaction.atomic():
+        locked = PromotionRequest.objects.select_for_update().get(pk=promotion.pk)
+        if locked.requested_by_id != actor.pk and not has_capability(actor, "manage_teams"):
+            raise PermissionDenied("Only the requester (or an administrator) cancels a request.")
+        if locked.status != PromotionStatus.PENDING:
+            raise ValidationError({"status": f"The request is {locked.status}; only pending requests are cancelled."})
+        locked.status, locked.decided_at = PromotionStatus.CANCELLED, timezone.now()
+        locked.updated_at = locked.decided_at
+        locked.save(update_fields=["status", "decided_at", "updated_at"])
+        audit_record(AuditAction.PROMOTION_CANCEL, actor=actor, target=promotion_target(promotion),
+                     before={"status": "pending"}, after={"status": "cancelled"})
+    return locked
+
+
+# --- Called by the deployment service, inside its transactions ----------------------------------------------------
+
+def deployment_gate_problems(deployment: Deployment) -> list[str]:
+    """Gates checked again when a promotion's deployment starts: the world may have moved since approval."""
+    promotion = PromotionRequest.objects.filter(deployment=deployment).first()
+    if promotion is None:
+        return []
+    gates = gates_evaluate(deployment.version, deployment.environment, override_reason=promotion.override_reason,
+                           tolerance=promotion.metric_tolerance)
+    return [f"{g.label}: {g.detail}" for g in blocking(gates)]
+
+
+def deployment_finished(deployment: Deployment, *, live: bool, error: str = "") -> None:
+    updated = PromotionRequest.objects.filter(deployment=deployment, status=PromotionStatus.DEPLOYING).update(
+        status=PromotionStatus.LIVE if live else PromotionStatus.FAILED, updated_at=timezone.now())
+    if not updated:
+        return
+    promotion = PromotionRequest.objects.select_related("model__team", "version").get(deployment=deployment)
+    audit_record(AuditAction.PROMOTION_LIVE if live else AuditAction.PROMOTION_FAIL, actor=None,
+                 target=promotion_target(promotion), before={"status": "deploying"},
+                 after={"status": promotion.status, **({"error": error[:500]} if error else {})},
+                 outcome=AuditOutcome.SUCCESS if live else AuditOutcome.FAILURE)
+    _notify(promotion, "promotion.live" if live else "promotion.failed")
+
+
+# --- Rollback -----------------------------------------------------------------------------------------------------
+
+def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelVersion]:
+    """Versions that served ``environment`` as champion before, newest first, without the one serving now."""
+    current = champion_version(model, environment)
+    seen: list[ModelVersion] = []
+    for interval in ServingInterval.objects.filter(model=model, environment=environment, role="champion").exclude(
+            version=current).select_related("version").order_by("-started_at"):
+        if interval.version not in seen and interval.version.status == VersionStatus.READY:
+            seen.append(interval.version)
+    return seen
+
+
+def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
+                         to_version: int | None = None) -> Deployment:
+    from registry.deployments import deployment_start
+
+    if environment not in Environment.values:
+        raise ValidationError({"environment": f"Unknown environment {environment!r}: use dev, stage or prod."})
+    require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why you roll back; it goes into the timeline and the audit trail."})
+    current = champion_version(model, environment)
+    if current is None:
+        raise ValidationError({"environment": f"Nothing serves {environment}; there is nothing to roll back."})
+    candidates = rollback_candidates(model, environment)
+    if to_version is None:
+        if not candidates:
+            raise ValidationError({"to_version": f"No earlier version served {environment}."})
+        chosen = candidates[0]
+    else:
+        matches = [v for v in candidates if v.number == to_version]
+        if not matches:
+            raise ValidationError({"to_version": f"v{to_version} never served {environment} before (or it serves "
+                                   "now); roll back to one of: " + (", ".join(f"v{v.number}" for v in candidates)
+                                                                   or "none") + "."})
+        chosen = matches[0]
+    with transaction.atomic():
+        deployment = deployment_start(version=chosen, environment=environment, strategy=Strategy.REPLACE,
+                                      actor=actor, via_promotion=True, purpose=DeploymentPurpose.ROLLBACK,
+                                      reason=f"Rollback from v{current.number}: {reason.strip()}")
+        audit_record(AuditAction.ENVIRONMENT_ROLLBACK, actor=actor,
+                     target=Target("environment", f"{model.name}/{environment}", f"{model.name} {environment}",
+                                   model.team.slug),
+                     before={"version": current.number}, after={"version": chosen.number, "reason": reason.strip(),
+                                                                "deployment": str(deployment.uid)})
+        from portal.webhooks import webhooks_notify
+
+        webhooks_notify(team=model.team, event="environment.rollback", payload={
+            "event": "environment.rollback", "model": model.name, "environment": environment,
+            "from_version": current.number, "to_version": chosen.number, "reason": reason.strip(),
+            "by": actor.get_username(), "deployment": str(deployment.uid)})
+    return deployment
+
+
+# --- History ------------------------------------------------------------------------------------------------------
+
+def _interval_row(interval: ServingInterval) -> dict[str, Any]:
+    deployment = interval.deployment
+    promotion = getattr(deployment, "promotion", None)
+    approvals = [a for a in promotion.approvals.all() if a.decision == ApprovalDecision.APPROVE] if promotion else []
+    return {
+        "version": interval.version.number, "role": interval.role, "traffic_percent": interval.traffic_percent,
+        "from": interval.started_at, "to": interval.ended_at, "deployment": str(deployment.uid),
+        "how": deployment.purpose,
+        "requested_by": (promotion.requested_by.get_username() if promotion and promotion.requested_by else
+                         deployment.requested_by.get_username() if deployment.requested_by else None),
+        "approved_by": [a.approver.get_username() for a in approvals],
+        "reason": promotion.reason if promotion else deployment.reason,
+        "promotion": str(promotion.uid) if promotion else None,
+    }
+
+
+def _intervals(model: RegisteredModel, environment: str) -> QuerySet[ServingInterval]:
+    return ServingInterval.objects.filter(model=model, environment=environment).select_related(
+        "version", "deployment__requested_by", "deployment__promotion__requested_by").prefetch_related(
+        "deployment__promotion__approvals__approver")
+
+
+def serving_history(model: RegisteredModel, environment: str) -> list[dict[str, Any]]:
+    """Every interval in which a version served ``environment``, newest first."""
+    return [_interval_row(i) for i in _intervals(model, environment).order_by("-started_at", "-pk")]
+
+
+def serving_at(model: RegisteredModel, environment: str, at: dt.datetime) -> dict[str, Any]:
+    """What served ``environment`` at ``at``: the champion as ``serving`` (None if nothing), others as ``also``."""
+    live = [_interval_row(i) for i in _intervals(model, environment).filter(
+        Q(ended_at__isnull=True) | Q(ended_at__gt=at), started_at__lte=at).order_by("started_at")]
+    champion = next((r for r in live if r["role"] == "champion"), None)
+    return {"at": at, "serving": champion, "also": [r for r in live if r is not champion]}
+
+
+def promotion_queue(*, user: Any, status: str = "") -> QuerySet[PromotionRequest]:
+    qs = scope_to_teams(PromotionRequest.objects.select_related(
+        "model__team", "version__uploaded_by", "requested_by", "deployment"), user, team_field="model__team")
+    if status:
+        qs = qs.filter(status=status)
+    return qs
+
+
+# --- Notifications ------------------------------------------------------------------------------------------------
+
+def _approver_emails(promotion: PromotionRequest) -> list[str]:
+    users = get_user_model().objects.filter(
+        Q(groups__permissions__codename="approve_promotion") | Q(is_superuser=True), is_active=True,
+        memberships__team=promotion.model.team).exclude(email="").exclude(
+        pk__in=[promotion.requested_by_id or 0, promotion.version.uploaded_by_id or 0]).distinct()
+    return sorted({u.email for u in users})
+
+
+def _notify(promotion: PromotionRequest, event: str) -> None:
+    """Email and webhooks for ``event``, sent after the transaction commits (never for a rolled-back change)."""
+    from portal.tasks import send_email_task
+    from portal.webhooks import webhooks_notify
+
+    link = settings.PORTAL_BASE_URL + reverse("registry:promotion", args=[promotion.uid])
+    what = f"{promotion.model.name} v{promotion.version.number} to {promotion.target}"
+    requester = promotion.requested_by
+    if event == "promotion.requested":
+        recipients = _approver_emails(promotion)
+        subject = f"Approval needed: {what}"
+        body = (f"{requester} asks to promote {what}.\n\nReason: {promotion.reason}\n\n"
+                f"Approvals needed: {promotion.approvals_required}\nReview the gates and decide: {link}\n")
+    else:
+        recipients = [requester.email] if requester and requester.email else []
+        outcome = {"promotion.approved": "was approved and is deploying", "promotion.rejected": "was rejected",
+                   "promotion.live": "is live", "promotion.failed": "failed to deploy"}[event]
+        subject = f"Your promotion of {what} {outcome}"
+        comments = "\n".join(f"- {a.approver}: {a.get_decision_display()}. {a.comment}"
+                             for a in promotion.approvals.select_related("approver"))
+        body = f"Your request to promote {what} {outcome}.\n\n{comments}\n\n{link}\n"
+    if recipients:
+        transaction.on_commit(lambda: send_email_task.delay(subject, body, recipients))
+    webhooks_notify(team=promotion.model.team, event=event, payload={
+        "event": event, "promotion": str(promotion.uid), "model": promotion.model.name,
+        "version": promotion.version.number, "target": promotion.target, "status": promotion.status,
+        "requested_by": requester.get_username() if requester else None, "reason": promotion.reason, "url": link})

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from django.core.exceptions import ValidationError
+
 from portal.models import Team
 from registry import deployments, services
 from registry.localfiles import LocalUpload
@@ -101,3 +103,15 @@ def seed(*, team: Team, users: dict[str, Any], stdout: Any) -> None:
                                                   reason="Demo: the first version serves dev.")
         deployment = deployments.deployment_run(deployment_id=deployment.pk) or deployment
         stdout.write(f"Demo model {model.name} v1 in dev: {deployment.status} {deployment.error}".rstrip())
+    second = model.versions.filter(number=2, status=VersionStatus.READY).first()
+    if second is not None:
+        from registry import promotions
+
+        try:
+            promotion = promotions.promotion_request(
+                version=second, target="stage", actor=ds,
+                reason="Demo: the random forest scores higher on held-out data; please review for stage.")
+            stdout.write(f"Demo model {model.name} v2: promotion to stage requested ({promotion.status}); "
+                         "sign in as approver1 to review it.")
+        except ValidationError as exc:
+            stdout.write(f"Demo model {model.name} v2: no promotion requested ({' '.join(exc.messages)})")

@@ -40,6 +40,9 @@ def test_seed_demo_creates_the_contracts_users_and_model_once() -> None:
     assert model.team == team
     assert [(v.number, v.status, v.reference is not None) for v in model.versions.order_by("number")] == [
         (1, "ready", True), (2, "ready", True)]
+    [promotion] = model.promotions.all()
+    assert (promotion.version.number, promotion.target, promotion.status) == (2, "stage", "pending")
+    assert promotion.requested_by.username == "ds" and not any(g["blocks"] for g in promotion.gates)
 
 
 def test_seed_demo_runs_with_force_even_when_debug_is_off() -> None:

@@ -101,7 +101,10 @@ class _Receiver(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
+def receiver(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[_Receiver]]]:
+    """A local HTTP receiver reached as http://hooks.example.com, a name that resolves to a public address."""
+    settings.PORTAL_WEBHOOK_ALLOW_HTTP = True
+    _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
     _Receiver.answers, _Receiver.received = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -111,11 +114,8 @@ def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
 
 
 def test_deliveries_are_signed_retried_with_backoff_and_logged(
-        personas: dict[str, Any], receiver: tuple[str, type[_Receiver]], settings: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        personas: dict[str, Any], receiver: tuple[str, type[_Receiver]], monkeypatch: pytest.MonkeyPatch) -> None:
     url, handler = receiver
-    settings.PORTAL_WEBHOOK_ALLOW_HTTP = True
-    _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
     hook = TeamWebhook.objects.create(team=Team.objects.get(slug="acme"), url=url, secret=SECRET)
     # The receiver stands in for a public host: the address check passes it, the connection goes to it.
     monkeypatch.setattr(webhooks, "resolve_public", lambda host, port: ["127.0.0.1"])
@@ -142,11 +142,8 @@ def test_deliveries_are_signed_retried_with_backoff_and_logged(
 
 
 def test_a_name_that_rebinds_to_loopback_after_saving_is_refused_at_delivery(
-        personas: dict[str, Any], receiver: tuple[str, type[_Receiver]], settings: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        personas: dict[str, Any], receiver: tuple[str, type[_Receiver]], monkeypatch: pytest.MonkeyPatch) -> None:
     url, handler = receiver
-    settings.PORTAL_WEBHOOK_ALLOW_HTTP = True
-    _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
     hook = webhooks.webhook_create(team=Team.objects.get(slug="acme"), url=url, secret=SECRET,
                                    actor=personas["admin"])
     _fake_dns(monkeypatch, {"hooks.example.com": "127.0.0.1"})  # the attacker's DNS now points inside

@@ -366,3 +366,18 @@ else:
 DEFAULT_FROM_EMAIL = env_str("PORTAL_EMAIL_FROM", "mlops-portal@localhost")
 PORTAL_BASE_URL = (env_url("PORTAL_BASE_URL", None, schemes={"http", "https"}) or "http://127.0.0.1:8000").rstrip("/")
 PORTAL_WEBHOOK_ALLOW_HTTP = env_bool("PORTAL_WEBHOOK_ALLOW_HTTP", False)
+
+# --- Audit exports ----------------------------------------------------------------------------------------------
+# Ed25519 private key (PEM, PKCS#8) that signs audit exports; without it one is generated once in var/.
+PORTAL_AUDIT_SIGNING_KEY = env_str("PORTAL_AUDIT_SIGNING_KEY", "")
+if PORTAL_AUDIT_SIGNING_KEY:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as _Ed25519
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key as _load_pem
+
+    try:
+        _valid_key = isinstance(_load_pem(PORTAL_AUDIT_SIGNING_KEY.encode(), password=None), _Ed25519)
+    except (ValueError, TypeError):
+        _valid_key = False
+    if not _valid_key:
+        raise ImproperlyConfigured("PORTAL_AUDIT_SIGNING_KEY must be an unencrypted Ed25519 private key in PEM "
+                                   "(openssl genpkey -algorithm ed25519)")

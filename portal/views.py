@@ -186,8 +186,21 @@ def audit(request: HttpRequest) -> HttpResponse:
     page = Paginator(events, 50).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
-    return render(request, "portal/audit.html", {"form": form, "page": page, "query": query.urlencode()},
-                  status=status)
+    from portal.audit_export import public_key_pem
+
+    export_query = ""
+    if has_capability(request.user, "export_audit") and status == 200:
+        from urllib.parse import urlencode
+
+        names = {"since": "from", "until": "to"}
+        cleaned = form.cleaned_data if request.GET else {}
+        export_query = urlencode({names.get(k, k): (v.isoformat() if hasattr(v, "isoformat") else v)
+                                  for k, v in cleaned.items() if v not in ("", None)})
+    return render(request, "portal/audit.html", {
+        "form": form, "page": page, "query": query.urlencode(),
+        "can_export": has_capability(request.user, "export_audit"), "export_query": export_query,
+        "public_key": public_key_pem() if has_capability(request.user, "export_audit") else "",
+    }, status=status)
 
 
 @login_required

@@ -12,4 +12,6 @@ urlpatterns = [
     path("tokens/<uuid:uid>/", views.TokenRevokeApi.as_view(), name="token-revoke"),
     path("audit/events", views.AuditEventListApi.as_view(), name="audit-events"),
     path("audit/verify", views.AuditVerifyApi.as_view(), name="audit-verify"),
+    path("audit/export", views.AuditExportApi.as_view(), name="audit-export"),
+    path("audit/public-key", views.AuditPublicKeyApi.as_view(), name="audit-public-key"),
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import Http404
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, status
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -113,3 +115,50 @@ class AuditVerifyApi(APIView):
     def get(self, request: Request) -> Response:
         verdict = audit_chain_verify(actor=request.user)
         return Response(ChainVerdictSerializer(verdict.as_dict()).data)
+
+
+class _FirstRenderer(DefaultContentNegotiation):
+    """The contract's ``?format=csv|jsonl`` names the export's format, not one of DRF's renderers."""
+
+    def select_renderer(self, request: Any, renderers: Any, format_suffix: Any = None) -> Any:
+        return renderers[0], renderers[0].media_type
+
+
+class AuditExportApi(APIView):
+    permission_classes = [HasCapability.of("export_audit")]
+    content_negotiation_class = _FirstRenderer
+
+    @extend_schema(parameters=[*_AUDIT_PARAMS, OpenApiParameter("format", OpenApiTypes.STR, enum=["csv", "jsonl"])],
+                   responses={(200, "application/zip"): OpenApiTypes.BINARY},
+                   summary="A streamed ZIP: the events, manifest.json and its Ed25519 signature (audited)")
+    def get(self, request: Request) -> Any:
+        from django.http import StreamingHttpResponse
+        from rest_framework.exceptions import ValidationError
+
+        from portal.audit_export import EXPORT_FORMATS, audit_export_stream
+
+        fmt = request.query_params.get("format", "jsonl")
+        if fmt not in EXPORT_FORMATS:
+            raise ValidationError({"format": "Use csv or jsonl."})
+        params = {k: v for k, v in request.query_params.items() if k not in ("format", "page", "page_size")}
+        filters = audit_filters(params)
+        stream = audit_export_stream(queryset=selectors.audit_event_list(**filters), fmt=fmt, filters=filters,
+                                     actor=request.user)
+        response = StreamingHttpResponse(stream, content_type="application/zip")
+        stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+        response["Content-Disposition"] = f'attachment; filename="audit-export-{stamp}.zip"'
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+class AuditPublicKeyApi(APIView):
+    permission_classes = [HasCapability.of("view_audit")]
+
+    @extend_schema(responses={(200, "application/x-pem-file"): OpenApiTypes.STR},
+                   summary="The PEM public key that signs audit exports")
+    def get(self, request: Request) -> Any:
+        from django.http import HttpResponse
+
+        from portal.audit_export import public_key_pem
+
+        return HttpResponse(public_key_pem(), content_type="application/x-pem-file")

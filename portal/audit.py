@@ -81,6 +81,9 @@ class AuditAction(enum.Enum):
     ENVIRONMENT_ROLLBACK = (4011, "environment.rollback")
     WEBHOOK_CREATE = (4021, "webhook.create")
     WEBHOOK_DELETE = (4022, "webhook.delete")
+    # 5000: data subjects
+    GDPR_SUBJECT_ACCESS = (5001, "gdpr.subject_access")
+    GDPR_ERASURE = (5002, "gdpr.erasure")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -47,3 +48,31 @@ class FeedbackApi(APIView):
                          target=Target("environment", f"{name}/{env}", f"{name} {env}", model.team.slug),
                          metadata={"count": len(rows)})
         return Response({"accepted": len(rows)}, status=status.HTTP_202_ACCEPTED)
+
+
+class ErasureInput(serializers.Serializer[Any]):
+    subject_id = serializers.CharField(max_length=256, trim_whitespace=False)
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=1000)
+
+
+class SubjectExportApi(APIView):
+    @extend_schema(responses={200: OpenApiTypes.OBJECT},
+                   summary="Everything held about a data subject (GDPR Art. 15); audited")
+    def get(self, request: Request, subject_id: str) -> Response:
+        from monitoring.gdpr import subject_export
+
+        if len(subject_id) > 256:
+            raise serializers.ValidationError({"subject_id": "A subject id has at most 256 characters."})
+        return Response(subject_export(subject_id=subject_id, actor=request.user))
+
+
+class ErasureApi(APIView):
+    @extend_schema(request=ErasureInput, responses={200: OpenApiTypes.OBJECT},
+                   summary="Erase a data subject's payloads everywhere (GDPR Art. 17); returns an audited receipt")
+    def post(self, request: Request) -> Response:
+        from monitoring.gdpr import subject_erase
+
+        data = ErasureInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        return Response(subject_erase(subject_id=data.validated_data["subject_id"], actor=request.user,
+                                      reason=data.validated_data.get("reason", "")))

@@ -1,0 +1,61 @@
+"""GDPR subject rights over what the portal holds about a person: access (Art. 15) and erasure (Art. 17).
+
+Subjects are known only by the keyed hash of their id (``PORTAL_SUBJECT_HASH_KEY``); the raw id is never stored,
+not even in the audit events these requests write. Both first drain the prediction buffer, so records still on
+their way to the log are included in an access export and cannot come back after an erasure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from monitoring.flush import flush_predictions
+from monitoring.models import Feedback, PredictionLog
+from portal.audit import AuditAction, Target, audit_record
+from portal.permissions import require_capability
+from registry.serving.views import subject_hash
+
+MAX_SUBJECT_ID = 256
+
+
+def _target(digest: str) -> Target:
+    return Target(type="subject", id=digest, repr=f"subject {digest[:12]}…")
+
+
+def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
+    require_capability(actor, "manage_subjects")
+    digest = subject_hash(subject_id)
+    flush_predictions()
+    predictions = list(PredictionLog.objects.filter(subject_hash=digest).order_by("created_at").values(
+        "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error"))
+    feedback = list(Feedback.objects.filter(prediction_id__in=[p["id"] for p in predictions]).values(
+        "prediction_id", "actual", "received_at"))
+    with transaction.atomic():
+        audit_record(AuditAction.GDPR_SUBJECT_ACCESS, actor=actor, target=_target(digest),
+                     metadata={"predictions": len(predictions), "feedback": len(feedback)})
+    return {"subject_hash": digest, "generated_at": timezone.now(), "predictions": predictions,
+            "feedback": feedback,
+            "stores": ["prediction log (inputs, outputs)", "ground truth (feedback)"]}
+
+
+def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str, Any]:
+    """Erase the subject's payloads everywhere they are held. Prediction rows keep their non-personal facts
+    (model, version, time, latency) so aggregates stay right; inputs, outputs, ground truth and the subject link go.
+    The receipt is the audit event that records the erasure: its sequence number and hash."""
+    require_capability(actor, "manage_subjects")
+    digest = subject_hash(subject_id)
+    flush_predictions()
+    with transaction.atomic():
+        ids = list(PredictionLog.objects.select_for_update().filter(subject_hash=digest).values_list("id", flat=True))
+        feedback = Feedback.objects.filter(prediction_id__in=ids).delete()[0]
+        erased = PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None, subject_hash="",
+                                                                 error="")
+        event = audit_record(AuditAction.GDPR_ERASURE, actor=actor, target=_target(digest),
+                             after={"predictions_erased": erased, "feedback_erased": feedback},
+                             metadata={"reason": reason[:1000]})
+    return {"receipt": {"audit_event_seq": event.seq, "audit_event_hash": event.hash},
+            "subject_hash": digest, "erased": {"predictions": erased, "feedback": feedback},
+            "at": event.timestamp, "by": actor.get_username()}

@@ -19,6 +19,7 @@ from portal.permissions import require_capability
 from registry.serving.views import subject_hash
 
 MAX_SUBJECT_ID = 256
+PURGE_SLICE = 10_000
 
 
 def _target(digest: str) -> Target:
@@ -59,3 +60,34 @@ def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str,
     return {"receipt": {"audit_event_seq": event.seq, "audit_event_hash": event.hash},
             "subject_hash": digest, "erased": {"predictions": erased, "feedback": feedback},
             "at": event.timestamp, "by": actor.get_username()}
+
+
+def payloads_purge(*, now: Any = None) -> dict[str, dict[str, int]]:
+    """Purge prediction payloads past each environment's retention (``PORTAL_RETENTION_DAYS_*``): inputs, outputs,
+    errors, the subject link and ground truth go; model, version, time and latency stay. One audit event per
+    environment that had anything to purge, with the counts."""
+    import datetime as dt
+
+    from django.conf import settings
+
+    now = now or timezone.now()
+    done: dict[str, dict[str, int]] = {}
+    for environment, days in settings.PORTAL_PAYLOAD_RETENTION_DAYS.items():
+        cutoff = now - dt.timedelta(days=days)
+        purged = feedback = 0
+        with transaction.atomic():
+            while True:  # in slices, so one transaction never holds millions of ids
+                ids = list(PredictionLog.objects.filter(environment=environment, created_at__lt=cutoff).exclude(
+                    inputs=None, output=None, subject_hash="").values_list("id", flat=True)[:PURGE_SLICE])
+                if not ids:
+                    break
+                feedback += Feedback.objects.filter(prediction_id__in=ids).delete()[0]
+                purged += PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None,
+                                                                          subject_hash="", error="")
+            if purged:
+                audit_record(AuditAction.RETENTION_PURGE, actor=None,
+                             target=Target("environment", environment, f"prediction payloads in {environment}"),
+                             after={"predictions_purged": purged, "feedback_purged": feedback},
+                             metadata={"retention_days": days, "older_than": cutoff.isoformat()})
+                done[environment] = {"predictions": purged, "feedback": feedback}
+    return done

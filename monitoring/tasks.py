@@ -8,3 +8,10 @@ from monitoring.flush import flush_predictions
 @shared_task(name="monitoring.tasks.flush_predictions", ignore_result=True)
 def flush_predictions_task() -> int:
     return flush_predictions()
+
+
+@shared_task(name="monitoring.tasks.purge_payloads", ignore_result=True)
+def purge_payloads_task() -> dict[str, dict[str, int]]:
+    from monitoring.gdpr import payloads_purge
+
+    return payloads_purge()

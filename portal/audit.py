@@ -84,6 +84,7 @@ class AuditAction(enum.Enum):
     # 5000: data subjects
     GDPR_SUBJECT_ACCESS = (5001, "gdpr.subject_access")
     GDPR_ERASURE = (5002, "gdpr.erasure")
+    RETENTION_PURGE = (5011, "retention.purge")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")

@@ -163,6 +163,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.flush_predictions",
         "schedule": timedelta(seconds=env_int("PORTAL_FLUSH_SECONDS", 2, minimum=1)),
     },
+    "purge-old-payloads": {
+        "task": "monitoring.tasks.purge_payloads",
+        "schedule": timedelta(hours=env_int("PORTAL_RETENTION_CHECK_HOURS", 6, minimum=1)),
+    },
     "verify-audit-chain-daily": {
         "task": "portal.tasks.audit_chain_verify",
         "schedule": timedelta(hours=env_int("PORTAL_AUDIT_VERIFY_HOURS", 24, minimum=1)),
@@ -381,3 +385,11 @@ if PORTAL_AUDIT_SIGNING_KEY:
     if not _valid_key:
         raise ImproperlyConfigured("PORTAL_AUDIT_SIGNING_KEY must be an unencrypted Ed25519 private key in PEM "
                                    "(openssl genpkey -algorithm ed25519)")
+
+# --- Retention ---------------------------------------------------------------------------------------------------
+# Prediction payloads (inputs, outputs, ground truth) older than this many days are purged per environment; the
+# rows' non-personal facts stay for monitoring. Audit events are never purged by the application.
+PORTAL_PAYLOAD_RETENTION_DAYS = {
+    env: env_int(f"PORTAL_RETENTION_DAYS_{env.upper()}", default, minimum=1, maximum=36500)
+    for env, default in (("dev", 30), ("stage", 90), ("prod", 365))
+}

@@ -83,3 +83,31 @@ def test_bad_erasure_requests_get_400(personas: dict[str, Any], api_as: Any) -> 
     assert_error_shape(client.post("/api/v1/gdpr/erasure", {"subject_id": "x" * 300}, format="json"), 400)
     assert_error_shape(client.post("/api/v1/gdpr/erasure", "{oops", content_type="application/json"), 400)
     assert not AuditEvent.objects.filter(action__startswith="gdpr.").exists()
+
+
+def test_retention_purges_old_payloads_only_and_audits_the_counts(
+        serving: Client, personas: dict[str, Any], settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from monitoring import gdpr
+
+    ids = _predict(serving, ["s1", "s2", "s3", "s4"])
+    flush_predictions()
+    Feedback.objects.create(prediction_id=ids[0], actual=1)
+    Feedback.objects.create(prediction_id=ids[3], actual=0)
+    now = timezone.now()
+    PredictionLog.objects.filter(pk__in=ids[:2]).update(created_at=now - dt.timedelta(days=31))
+    PredictionLog.objects.filter(pk=ids[2]).update(created_at=now - dt.timedelta(days=29))
+    monkeypatch.setattr(gdpr, "PURGE_SLICE", 1)  # several slices
+    settings.PORTAL_PAYLOAD_RETENTION_DAYS = {"dev": 30, "stage": 90, "prod": 365}
+    assert gdpr.payloads_purge(now=now) == {"dev": {"predictions": 2, "feedback": 1}}
+    assert gdpr.payloads_purge(now=now) == {}, "a second run finds nothing left to purge"
+    old = PredictionLog.objects.filter(pk__in=ids[:2])
+    assert all(p.inputs is None and p.output is None and p.subject_hash == "" for p in old)
+    assert all(p.inputs for p in PredictionLog.objects.filter(pk__in=ids[2:]))
+    assert list(Feedback.objects.values_list("prediction_id", flat=True)) == [ids[3]]
+    event = AuditEvent.objects.get(action="retention.purge")
+    assert event.after == {"predictions_purged": 2, "feedback_purged": 1} and event.metadata["retention_days"] == 30
+    assert verify_chain().ok

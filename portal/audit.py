@@ -43,6 +43,8 @@ class AuditAction(enum.Enum):
     AUTH_LOCKED_OUT = (1004, "auth.locked_out")
     AUTH_SESSION_EXPIRED = (1005, "auth.session_expired")
     AUTH_REAUTH_FAILED = (1006, "auth.reauth_failed")
+    TWOFA_ENROLL = (1007, "auth.2fa_enroll")
+    TWOFA_FAILURE = (1008, "auth.2fa_failure")
     # 1100: accounts, tokens, teams
     TOKEN_CREATE = (1101, "token.create")
     TOKEN_REVOKE = (1102, "token.revoke")

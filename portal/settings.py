@@ -61,6 +61,9 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_celery_beat",
     "axes",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "portal.apps.PortalConfig",
     "registry.apps.RegistryConfig",
     "monitoring.apps.MonitoringConfig",
@@ -75,7 +78,9 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     "portal.middleware.IdleSessionTimeoutMiddleware",
+    "portal.twofactor.TwoFactorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
@@ -393,3 +398,8 @@ PORTAL_PAYLOAD_RETENTION_DAYS = {
     env: env_int(f"PORTAL_RETENTION_DAYS_{env.upper()}", default, minimum=1, maximum=36500)
     for env, default in (("dev", 30), ("stage", 90), ("prod", 365))
 }
+
+# --- Two-factor sign-in -----------------------------------------------------------------------------------------
+# On: approvers, compliance officers and administrators need a TOTP code (or a recovery code) after the password.
+PORTAL_REQUIRE_2FA = env_bool("PORTAL_REQUIRE_2FA", False)
+OTP_TOTP_ISSUER = "MLOps portal"

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
-from portal import views
+from portal import twofactor, views
 from registry.serving import views as serving_views
 
 portal_patterns = (
@@ -13,6 +13,8 @@ portal_patterns = (
         path("login/", views.login_view, name="login"),
         path("logout/", views.logout_view, name="logout"),
         path("account/", views.account, name="account"),
+        path("account/2fa/enroll", twofactor.enroll, name="2fa-enroll"),
+        path("account/2fa/verify", twofactor.verify, name="2fa-verify"),
         path("account/tokens/<uuid:uid>/revoke", views.token_revoke, name="token-revoke"),
         path("audit/", views.audit, name="audit"),
         path("audit/verify", views.audit_verify, name="audit-verify"),

@@ -15,6 +15,7 @@ import orjson
 from django.db import transaction
 
 from monitoring.models import PredictionLog
+from monitoring.sensitive import protect_row, sensitive_positions
 from registry.models import PredictionOutbox
 from registry.serving import buffer
 
@@ -24,6 +25,9 @@ BATCHES_PER_RUN = 500
 def _rows(batch: dict[str, Any]) -> list[PredictionLog]:
     created = dt.datetime.fromtimestamp(batch["ts"], tz=dt.UTC)
     ids, inputs, outputs = batch["ids"], batch["inputs"], batch["outputs"] or [None] * len(batch["ids"])
+    positions = sensitive_positions(batch["model"], batch["version"])
+    if positions:  # personal and health columns never reach the database in clear
+        inputs = [protect_row(row, positions) for row in inputs]
     subjects = batch.get("subjects") or [""] * len(ids)
     per_row = batch["latency_ms"] / max(len(ids), 1)
     return [PredictionLog(id=ids[i], model_name=batch["model"], version=batch["version"],

@@ -32,6 +32,12 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     flush_predictions()
     predictions = list(PredictionLog.objects.filter(subject_hash=digest).order_by("created_at").values(
         "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error"))
+    from monitoring.sensitive import reveal_row
+    from portal.permissions import has_capability
+
+    may_see = has_capability(actor, "view_sensitive")
+    for p in predictions:
+        p["inputs"] = reveal_row(p["inputs"], may_see=may_see)
     feedback = list(Feedback.objects.filter(prediction_id__in=[p["id"] for p in predictions]).values(
         "prediction_id", "actual", "received_at"))
     with transaction.atomic():

@@ -71,6 +71,7 @@ class AuditAction(enum.Enum):
     DEPLOYMENT_FAIL = (3003, "deployment.fail")
     TRAFFIC_SWITCH = (3011, "traffic.switch")
     FEEDBACK_RECEIVE = (3101, "feedback.receive")
+    PREDICTION_PAYLOAD_VIEW = (3102, "prediction.payload_view")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

@@ -121,7 +121,8 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"{path} is not a file", 2)
-    fields = {k: v for k, v in {"metrics": args.metrics, "description": args.description,
+    fields = {k: v for k, v in {"metrics": args.metrics, "sensitive_columns": args.sensitive_columns,
+                                "description": args.description,
                                 "git_commit": args.git_commit, "source": args.source,
                                 "mlflow_run_id": args.mlflow_run_id}.items() if v}
     files = {"file": path}
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("file")
     upload.add_argument("--reference", help="reference data, CSV or Parquet")
     upload.add_argument("--metrics", help='JSON object, e.g. \'{"auc": 0.91}\'')
+    upload.add_argument("--sensitive-columns", help='JSON object, e.g. \'{"age": "personal"}\'')
     upload.add_argument("--description")
     upload.add_argument("--git-commit")
     upload.add_argument("--source")

@@ -403,3 +403,21 @@ PORTAL_PAYLOAD_RETENTION_DAYS = {
 # On: approvers, compliance officers and administrators need a TOTP code (or a recovery code) after the password.
 PORTAL_REQUIRE_2FA = env_bool("PORTAL_REQUIRE_2FA", False)
 OTP_TOTP_ISSUER = "MLOps portal"
+
+# --- Encryption of sensitive payloads at rest ---------------------------------------------------------------------
+# Fernet keys, comma-separated: the first encrypts, all decrypt (rotate by putting a new key first). Without it a
+# key is derived from the secret key; set it in production so the two can be rotated separately.
+PORTAL_PAYLOAD_KEYS = env_list("PORTAL_PAYLOAD_KEYS", [])
+if not PORTAL_PAYLOAD_KEYS:
+    import base64 as _b64
+
+    PORTAL_PAYLOAD_KEYS = [_b64.urlsafe_b64encode(hashlib.sha256(("payload-key:" + SECRET_KEY).encode()).digest())
+                           .decode()]
+for _k in PORTAL_PAYLOAD_KEYS:
+    try:
+        from cryptography.fernet import Fernet as _Fernet
+
+        _Fernet(_k.encode())
+    except (ValueError, TypeError):
+        raise ImproperlyConfigured("PORTAL_PAYLOAD_KEYS holds a value that is not a Fernet key (32 url-safe "
+                                   "base64 bytes; make one with cryptography.fernet.Fernet.generate_key())") from None

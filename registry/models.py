@@ -116,6 +116,9 @@ class ModelVersion(models.Model):
     intended_use = models.TextField(blank=True)
     limitations = models.TextField(blank=True)
     ethical_considerations = models.TextField(blank=True)
+    # Input columns holding personal or health data: {"column": "personal" | "health"}. Their values are encrypted
+    # at rest in the prediction log and masked for roles without view_sensitive.
+    sensitive_columns = models.JSONField(default=dict, blank=True)
     # Scanning and trust
     scan_findings = models.JSONField(default=list, blank=True)
     untrusted_types = models.JSONField(default=list, blank=True)

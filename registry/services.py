@@ -93,6 +93,28 @@ class UploadMetadata:
     intended_use: str = ""
     limitations: str = ""
     ethical_considerations: str = ""
+    sensitive_columns: dict[str, str] | None = None
+
+
+SENSITIVITY_KINDS = ("personal", "health")
+
+
+def validate_sensitive_columns(value: Any) -> dict[str, str]:
+    """``{"column": "personal" | "health"}`` from a JSON string or an already parsed object."""
+    if value in (None, ""):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValidationError({"sensitive_columns": f"sensitive_columns is not valid JSON ({exc.msg})."}) from None
+    if not isinstance(value, dict) or len(value) > 1000:
+        raise ValidationError({"sensitive_columns": 'sensitive_columns must be a JSON object such as '
+                                                    '{"age": "personal", "diagnosis": "health"}.'})
+    for key, kind in value.items():
+        if not isinstance(key, str) or not key or len(key) > 200 or kind not in SENSITIVITY_KINDS:
+            raise ValidationError({"sensitive_columns": f"column {key!r}: say \"personal\" or \"health\"."})
+    return dict(value)
 
 
 def validate_metrics(value: Any) -> dict[str, float]:
@@ -181,6 +203,7 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
             git_commit=meta.git_commit, training_data_hash=meta.training_data_hash,
             intended_use=meta.intended_use, limitations=meta.limitations,
             ethical_considerations=meta.ethical_considerations,
+            sensitive_columns=meta.sensitive_columns or {},
             scan_findings=[f.as_dict() for f in inspection.findings],
             untrusted_types=inspection.untrusted_types, trust_state=trust_state,
             reference=reference_row,
@@ -298,6 +321,10 @@ def version_scan(*, version_id: int) -> ModelVersion:
                 problems += _signature_problems(signature, observed)
                 if not signature.get("inputs"):
                     signature = observed
+                inputs = {c.get("name") for c in signature.get("inputs", []) if isinstance(c, dict)}
+                unknown = sorted(set(version.sensitive_columns) - inputs)
+                if unknown:
+                    problems.append("columns marked sensitive are not inputs of the model: " + ", ".join(unknown))
                 if example is None:
                     example = result.data.get("example")
     except storage.IntegrityError as exc:

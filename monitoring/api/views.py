@@ -76,3 +76,19 @@ class ErasureApi(APIView):
         data.is_valid(raise_exception=True)
         return Response(subject_erase(subject_id=data.validated_data["subject_id"], actor=request.user,
                                       reason=data.validated_data.get("reason", "")))
+
+
+class RecentPredictionsApi(APIView):
+    @extend_schema(responses={200: OpenApiTypes.OBJECT},
+                   summary="The latest predictions with their inputs; sensitive columns masked without view_sensitive; "
+                           "audited")
+    def get(self, request: Request, name: str, env: str) -> Response:
+        from monitoring.sensitive import recent_predictions
+
+        if env not in Environment.values:
+            raise serializers.ValidationError({"environment": "Use dev, stage or prod."})
+        model = selectors.model_get(user=request.user, name=name, action="view_monitoring")
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= 500:
+            raise serializers.ValidationError({"limit": "Give a number from 1 to 500."})
+        return Response(recent_predictions(model=model, environment=env, actor=request.user, limit=int(raw)))

@@ -67,6 +67,8 @@ class VersionUploadInput(serializers.Serializer[Any]):
     file = serializers.FileField(help_text="zip of an MLflow model directory, .skops, .onnx, .pkl or .joblib")
     reference_data = serializers.FileField(required=False, help_text="CSV or Parquet")
     metrics = serializers.CharField(required=False, allow_blank=True, help_text='JSON object, e.g. {"auc": 0.97}')
+    sensitive_columns = serializers.CharField(required=False, allow_blank=True, max_length=100_000,
+                                              help_text='JSON object, e.g. {"age": "personal", "diagnosis": "health"}')
     description = serializers.CharField(required=False, allow_blank=True, max_length=5000)
     mlflow_run_id = serializers.CharField(required=False, allow_blank=True, max_length=64)
     source = serializers.CharField(required=False, allow_blank=True, max_length=500)  # type: ignore[assignment]
@@ -125,7 +127,8 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     class Meta:
         model = ModelVersion
         fields = ["model", "number", "status", "status_detail", "sha256", "size", "format", "flavors", "signature",
-                  "input_example", "metrics", "params", "description", "uploaded_by", "created_at", "lineage",
+                  "input_example", "metrics", "params", "description", "sensitive_columns", "uploaded_by",
+                  "created_at", "lineage",
                   "model_card", "scan", "reference_data"]
 
     def get_uploaded_by(self, obj: ModelVersion) -> str | None:

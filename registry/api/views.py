@@ -96,6 +96,7 @@ class VersionUploadApi(APIView):
             meta = services.UploadMetadata(
                 description=values.get("description", ""),
                 metrics=services.validate_metrics(values.get("metrics")),
+                sensitive_columns=services.validate_sensitive_columns(values.get("sensitive_columns")),
                 mlflow_run_id=values.get("mlflow_run_id", ""), source=values.get("source", ""),
                 git_commit=values.get("git_commit", ""), training_data_hash=values.get("training_data_hash", ""),
                 intended_use=values.get("intended_use", ""), limitations=values.get("limitations", ""),

@@ -19,6 +19,9 @@ from tests.registry import files
 @pytest.fixture(autouse=True)
 def fresh_serving_cache() -> None:
     runtime.cache.clear()
+    from monitoring import sensitive
+
+    sensitive.sensitive_positions.cache_clear()  # keyed by model name and version, which tests reuse
     from registry.serving import views
 
     views._auth_cache.clear()

@@ -21,6 +21,7 @@ class AuditFilterForm(forms.Form):
     target = forms.CharField(required=False, max_length=200, help_text="type or type:id")
     outcome = forms.ChoiceField(required=False, choices=[("", "any"), ("success", "success"),
                                                          ("failure", "failure"), ("denied", "denied")])
+    model = forms.CharField(required=False, max_length=100, help_text="everything that happened to one model")
     request_id = forms.CharField(required=False, max_length=64)
     since = forms.DateTimeField(required=False, label="From (UTC)",
                                 widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))

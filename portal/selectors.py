@@ -31,6 +31,7 @@ def audit_event_list(
     since: datetime | None = None,
     until: datetime | None = None,
     request_id: str | None = None,
+    model: str | None = None,
 ) -> QuerySet[AuditEvent]:
     """Filtered events, newest first. ``action`` matches a label or a domain prefix (``auth`` or ``auth.``);
     ``target`` is ``type`` or ``type:id``."""
@@ -50,6 +51,10 @@ def audit_event_list(
         qs = qs.filter(team_slug=team)
     if request_id:
         qs = qs.filter(request_id=request_id)
+    if model:
+        # The model itself, its versions and environments ("name/..."), its deployments and promotions ("name v1 ...").
+        qs = qs.filter(Q(target_type="registeredmodel", target_id=model) | Q(target_id__startswith=model + "/")
+                       | Q(target_repr__startswith=model + " "))
     if since:
         qs = qs.filter(timestamp__gte=since)
     if until:

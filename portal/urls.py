@@ -18,6 +18,7 @@ portal_patterns = (
         path("account/tokens/<uuid:uid>/revoke", views.token_revoke, name="token-revoke"),
         path("audit/", views.audit, name="audit"),
         path("audit/verify", views.audit_verify, name="audit-verify"),
+        path("audit/events/<int:seq>/", views.audit_event, name="audit-event"),
     ],
     "portal",
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
@@ -25,7 +28,7 @@ from portal import selectors, services
 from portal.api.errors import json_error_response
 from portal.audit import audit_chain_verify
 from portal.forms import AuditFilterForm, LoginForm, TokenCreateForm
-from portal.models import ApiToken
+from portal.models import ApiToken, AuditEvent
 from portal.permissions import has_capability, require_capability
 from portal.roles import ROLE_LABELS, roles_of
 
@@ -196,11 +199,50 @@ def audit(request: HttpRequest) -> HttpResponse:
         cleaned = form.cleaned_data if request.GET else {}
         export_query = urlencode({names.get(k, k): (v.isoformat() if hasattr(v, "isoformat") else v)
                                   for k, v in cleaned.items() if v not in ("", None)})
+    activity = _activity_chart(events)
     return render(request, "portal/audit.html", {
-        "form": form, "page": page, "query": query.urlencode(),
+        "form": form, "page": page, "query": query.urlencode(), "activity": activity, "audit_links": True,
         "can_export": has_capability(request.user, "export_audit"), "export_query": export_query,
         "public_key": public_key_pem() if has_capability(request.user, "export_audit") else "",
     }, status=status)
+
+
+def _activity_chart(events: Any) -> dict[str, Any]:
+    """Events per day and domain (the action's prefix) over the filtered events' last 30 days, for Plotly."""
+    from django.db.models import Count
+    from django.db.models.functions import TruncDay
+
+    since = timezone.now() - timedelta(days=30)
+    counts = (events.filter(timestamp__gte=since).order_by().annotate(day=TruncDay("timestamp"))
+              .values("day", "action").annotate(n=Count("seq")))
+    series: dict[str, dict[str, int]] = {}
+    for row in counts:
+        domain = row["action"].split(".", 1)[0]
+        day = row["day"].date().isoformat()
+        series.setdefault(domain, {})
+        series[domain][day] = series[domain].get(day, 0) + row["n"]
+    if not series:
+        return {"days": [], "series": {}}
+    today = timezone.now().date()
+    days = [(today - timedelta(days=n)).isoformat() for n in range(30, -1, -1)]  # every day, so the axis reads
+    return {"days": days, "series": {k: [v.get(d, 0) for d in days] for k, v in sorted(series.items())}}
+
+
+@login_required
+@require_GET
+def audit_event(request: HttpRequest, seq: int) -> HttpResponse:
+    require_capability(request.user, "view_audit")
+    event = AuditEvent.objects.filter(seq=seq).first()
+    if event is None:
+        raise Http404("No such event.")
+    before = event.before if isinstance(event.before, dict) else ({} if event.before is None else {"value": event.before})
+    after = event.after if isinstance(event.after, dict) else ({} if event.after is None else {"value": event.after})
+    diff = [{"key": k, "before": before.get(k), "after": after.get(k), "changed": before.get(k) != after.get(k),
+             "in_before": k in before, "in_after": k in after}
+            for k in sorted(set(before) | set(after))]
+    return render(request, "portal/audit_event.html", {"event": event, "diff": diff,
+                                                       "metadata": json.dumps(event.metadata, indent=2,
+                                                                              ensure_ascii=False, default=str)})
 
 
 @login_required

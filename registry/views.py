@@ -69,6 +69,7 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
         "model": model, "versions": versions, "metric_names": metric_names, "chart": chart,
         "environments": selectors.environment_overview(model=model),
         "can_upload": has_capability(request.user, "register_model"),
+        "can_view_audit": has_capability(request.user, "view_audit"),
     })
 
 

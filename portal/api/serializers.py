@@ -57,6 +57,7 @@ class AuditFilterInput(serializers.Serializer[Any]):
     target = serializers.CharField(required=False, max_length=200)
     outcome = serializers.ChoiceField(required=False, choices=["success", "failure", "denied"])
     team = serializers.CharField(required=False, max_length=64)
+    model = serializers.CharField(required=False, max_length=100)
     request_id = serializers.CharField(required=False, max_length=64)
     # "from" is a Python keyword, hence the explicit source mapping in the view.
     since = serializers.DateTimeField(required=False)

@@ -78,6 +78,8 @@ _AUDIT_PARAMS = [
     OpenApiParameter("target", OpenApiTypes.STR, description="type or type:id"),
     OpenApiParameter("outcome", OpenApiTypes.STR, enum=["success", "failure", "denied"]),
     OpenApiParameter("team", OpenApiTypes.STR),
+    OpenApiParameter("model", OpenApiTypes.STR, description="a model's whole timeline: it, its versions, "
+                                                            "environments, deployments and promotions"),
     OpenApiParameter("request_id", OpenApiTypes.STR),
     OpenApiParameter("from", OpenApiTypes.DATETIME, description="inclusive, ISO 8601"),
     OpenApiParameter("to", OpenApiTypes.DATETIME, description="exclusive, ISO 8601"),

@@ -153,3 +153,26 @@ def test_the_audit_page_offers_the_export_of_its_filter_and_the_public_key(
     assert ds.get("/audit/").status_code == 403
     export = client.get("/api/v1/audit/export?format=csv&action=token.create&from=2020-01-01T00%3A00%3A00%2B00%3A00")
     assert export.status_code == 200
+
+
+def test_event_detail_shows_the_diff_and_links_to_timelines(trail: None, personas: dict[str, Any]) -> None:
+    from django.test import Client
+
+    from portal.audit import AuditAction, Target, audit_record
+
+    event = audit_record(AuditAction.ADMIN_CHANGE, actor=personas["admin"],
+                         target=Target("registeredmodel", "churn", "churn", "acme"),
+                         before={"description": "old", "tags": ["a"]}, after={"description": "new", "tags": ["a"]})
+    client = Client()
+    client.force_login(personas["compliance"])
+    listing = client.get("/audit/").content.decode()
+    assert f'href="/audit/events/{event.seq}/"' in listing and 'data-testid="activity-chart"' in listing
+    assert '"admin": [' in listing and ', 30]' in listing  # 31 days, today's bar last
+    page = client.get(f"/audit/events/{event.seq}/").content.decode()
+    assert "description <strong>changed</strong>" in page and "<code>old</code>" in page and "<code>new</code>" in page
+    assert "tags <strong>changed</strong>" not in page
+    assert "/audit/?target=registeredmodel:churn" in page and "/audit/?actor=ada" in page
+    assert client.get("/audit/events/999999/").status_code == 404
+    ds = Client()
+    ds.force_login(personas["ds"])
+    assert ds.get(f"/audit/events/{event.seq}/").status_code == 403

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from pathlib import Path
@@ -492,3 +493,17 @@ def test_promotion_pages_per_role(model: RegisteredModel, personas: dict[str, An
     assert opened == (1 if persona in ("ds", "admin") else 0), (persona, requested.status_code)
     rolled = client.post("/models/churn/environments/stage/rollback", {"reason": "z"})
     assert not Deployment.objects.filter(purpose="rollback").exists(), rolled.status_code
+
+
+def test_a_models_audit_timeline_gathers_its_versions_deployments_and_promotions(
+        model: RegisteredModel, personas: dict[str, Any], api_as: Any, tmp_path: Path) -> None:
+    other = services.model_register(name="churn-eu", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    version = upload(model, personas["ds"], tmp_path)
+    promote_live(version, "stage", personas)
+    assert other.pk
+    events = api_as(personas["compliance"]).get("/api/v1/audit/events", {"model": "churn", "page_size": 200}).json()
+    actions = {e["action"] for e in events["results"]}
+    assert {"model.register", "version.upload", "promotion.request", "promotion.approve", "deployment.create",
+            "deployment.live", "promotion.live"} <= actions
+    assert all("churn-eu" not in (e["target"]["repr"] if isinstance(e.get("target"), dict) else json.dumps(e))
+               for e in events["results"])

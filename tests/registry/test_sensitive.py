@@ -120,3 +120,17 @@ def test_bad_sensitive_columns_get_400(personas: dict[str, Any], api_as: Any, tm
         body = assert_error_shape(response, 400)
         assert "sensitive_columns" in json.dumps(body)
     assert not ModelVersion.objects.exists()
+
+
+def test_records_of_processing_list_categories_serving_retention_and_access(
+        logged: list[str], personas: dict[str, Any]) -> None:
+    client = Client()
+    client.force_login(personas["compliance"])
+    html = client.get("/compliance/processing").content.decode()
+    row = html[html.index('href="/models/churn/"'):]
+    row = row[:row.index("</tr>")]
+    assert "health data" in row and "personal data" in row and "dev: v1" in row and "dev 30 d" in row
+    assert "dana (data_scientist)" in row and "olly" not in row
+    ds = Client()
+    ds.force_login(personas["ds"])
+    assert ds.get("/compliance/processing").status_code == 403

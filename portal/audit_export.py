@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
@@ -92,12 +93,19 @@ class _Sink(io.RawIOBase):
         return data
 
 
+def _dumps(value: Any) -> bytes:
+    """Compact JSON; the verifier re-canonicalises what it parses, so the exported bytes need not be canonical."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits and the like
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _event_line(row: dict[str, Any], fmt: str, writer: Any, buffer: io.StringIO) -> bytes:
     document = {**document_from_row(row), "prev_hash": row["prev_hash"], "hash": row["hash"]}
     if fmt == "jsonl":
-        return (json.dumps(document, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-    values = {**document, **{k: json.dumps(document[k], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-                             for k in JSON_COLUMNS}, "ip": document["ip"] or ""}
+        return _dumps(document) + b"\n"
+    values = {**document, **{k: _dumps(document[k]).decode() for k in JSON_COLUMNS}, "ip": document["ip"] or ""}
     buffer.seek(0)
     buffer.truncate()
     writer.writerow([values[c] for c in CSV_COLUMNS])
@@ -134,7 +142,7 @@ def _zip_stream(rows: Iterator[dict[str, Any]], fmt: str, name: str, key: Ed2551
     count, first_hash, last_hash = 0, None, None
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1, allowZip64=True) as archive:
         with archive.open(name, "w", force_zip64=True) as events:
             if fmt == "csv":
                 header = (",".join(CSV_COLUMNS) + "\n").encode()

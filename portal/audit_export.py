@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from portal.audit import AuditAction, _VERIFY_FIELDS, audit_record, document_from_row
@@ -36,6 +37,7 @@ CSV_COLUMNS = ["seq", "timestamp", "actor", "action", "action_code", "target_typ
                "hash"]
 JSON_COLUMNS = ("before", "after", "metadata")
 FLUSH_BYTES = 256 * 1024
+BATCH_ROWS = 5000
 
 
 def signing_key() -> Ed25519PrivateKey:
@@ -123,9 +125,10 @@ def audit_export_stream(*, queryset: Any, fmt: str, filters: dict[str, Any], act
     head = AuditChainHead.objects.filter(pk=1).values("seq", "hash").first() or {"seq": 0, "hash": ""}
     key = signing_key()
     exported_at = timezone.now()
-    rows = queryset.filter(seq__lte=head["seq"]).order_by("seq").values(*_VERIFY_FIELDS).iterator(chunk_size=2000)
     name = f"audit-events.{fmt}"
-    return _zip_stream(rows, fmt, name, key, {
+    rows = queryset.filter(seq__lte=head["seq"]).order_by("seq")
+    return _zip_stream(_pg_lines(rows, fmt) if connection.vendor == "postgresql" else _python_lines(rows, fmt),
+                       fmt, name, key, {
         "format": fmt, "events_file": name, "exported_at": exported_at.isoformat(),
         "exported_by": actor.get_username(), "export_event_seq": event.seq,
         "filters": {k: str(v) for k, v in filters.items()},
@@ -135,26 +138,155 @@ def audit_export_stream(*, queryset: Any, fmt: str, filters: dict[str, Any], act
     })
 
 
-def _zip_stream(rows: Iterator[dict[str, Any]], fmt: str, name: str, key: Ed25519PrivateKey,
+def _python_lines(queryset: Any, fmt: str) -> Iterator[tuple[bytes, int, str, str]]:
+    """Batches of events as (bytes, count, first hash, last hash), built in Python from the rows (any database)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    batch: list[bytes] = []
+    hashes: list[str] = []
+    for row in queryset.values(*_VERIFY_FIELDS).iterator(chunk_size=2000):
+        batch.append(_event_line(row, fmt, writer, text))
+        hashes.append(row["hash"])
+        if len(batch) >= BATCH_ROWS:
+            yield b"".join(batch), len(batch), hashes[0], hashes[-1]
+            batch, hashes = [], []
+    if batch:
+        yield b"".join(batch), len(batch), hashes[0], hashes[-1]
+
+
+# The same document as portal.audit.event_document, built by PostgreSQL itself: JSON values come out as jsonb's
+# text (valid JSON, not canonical; the verifier re-canonicalises what it parses).
+_PG_FIELDS = {
+    "seq": "seq", "timestamp": "to_char(timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    "actor": "actor_username", "action": "action", "action_code": "action_code", "target_type": "target_type",
+    "target_id": "target_id", "target_repr": "target_repr", "team": "team_slug", "outcome": "outcome",
+    "request_id": "request_id", "ip": "host(ip)", "user_agent": "user_agent",
+    "before": "COALESCE(before::text, 'null')", "after": "COALESCE(after::text, 'null')",
+    "metadata": "COALESCE(metadata::text, 'null')", "prev_hash": "prev_hash", "hash": "hash",
+}
+
+
+def _pg_lines(queryset: Any, fmt: str) -> Iterator[tuple[bytes, int, str, str]]:
+    """Batches of events as (bytes, count, first hash, last hash), PostgreSQL doing the formatting, read through a
+    server-side cursor."""
+    # The filters' own WHERE clause (a semi-join on a subquery would make PostgreSQL sort every row instead of
+    # walking the seq index in order).
+    where_sql, where_params = queryset.query.get_compiler(using=queryset.db).compile(queryset.query.where)
+    where_sql = where_sql or "TRUE"
+    params = list(where_params)
+    if fmt == "jsonl":
+        pairs = ", ".join(f"'{k}', {'(' + v + ')::jsonb' if k in JSON_COLUMNS else v}" for k, v in _PG_FIELDS.items())
+        select = f"json_build_object({pairs})::text, hash"
+    else:
+        select = ", ".join(_PG_FIELDS[c] + "::text" for c in CSV_COLUMNS)
+    # Qualified: an output column named "seq" (text in CSV) would otherwise decide the order.
+    sql = f"SELECT {select} FROM portal_auditevent WHERE {where_sql} ORDER BY portal_auditevent.seq"
+    if fmt == "csv":
+        yield from _pg_copy_csv(sql, params, where_sql)
+        return
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    with transaction.atomic(), connection.connection.cursor(name=f"audit_export_{uuid.uuid4().hex}") as cursor:
+        cursor.itersize = BATCH_ROWS
+        cursor.execute(sql, params)
+        while batch := cursor.fetchmany(BATCH_ROWS):
+            if fmt == "jsonl":
+                data = ("\n".join(line for line, _hash in batch) + "\n").encode()
+            else:
+                text.seek(0)
+                text.truncate()
+                writer.writerows(batch)
+                data = text.getvalue().encode()
+            yield data, len(batch), batch[0][-1], batch[-1][-1]
+
+
+def _pg_copy_csv(sql: str, params: Any, where_sql: str) -> Iterator[tuple[bytes, int, str, str]]:
+    """CSV straight from PostgreSQL's COPY, on its own connection in a thread, handed over through a bounded queue
+    (so memory stays flat and the response streams). Count and first/last hash come from one cheap query: events
+    up to the chain head never change, so both reads see the same rows."""
+    import queue
+    import threading
+
+    raw = connection.get_new_connection(connection.get_connection_params())
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute(f"SELECT count(*), min(seq), max(seq) FROM portal_auditevent WHERE {where_sql}", params)
+            count, low, high = cursor.fetchone()
+            hashes = {}
+            if count:
+                cursor.execute("SELECT seq, hash FROM portal_auditevent WHERE seq IN (%s, %s)", [low, high])
+                hashes = dict(cursor.fetchall())
+            copy_sql = cursor.mogrify(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)", params).decode()
+        chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
+
+        class Writer(io.RawIOBase):
+            """COPY writes row by row; rows are handed over in blocks of FLUSH_BYTES."""
+
+            def __init__(self) -> None:
+                self.parts: list[bytes] = []
+                self.size = 0
+
+            def writable(self) -> bool:
+                return True
+
+            def write(self, data: Any) -> int:
+                self.parts.append(bytes(data))
+                self.size += len(data)
+                if self.size >= FLUSH_BYTES:
+                    self.hand_over()
+                return len(data)
+
+            def hand_over(self) -> None:
+                if self.parts:
+                    chunks.put(b"".join(self.parts))
+                    self.parts, self.size = [], 0
+
+        def pump() -> None:
+            try:
+                writer = Writer()
+                with raw.cursor() as cursor:
+                    cursor.copy_expert(copy_sql, writer, size=FLUSH_BYTES)
+                writer.hand_over()
+                chunks.put(None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                chunks.put(exc)
+
+        thread = threading.Thread(target=pump, name="audit-export-copy", daemon=True)
+        thread.start()
+        buffered: list[bytes] = []
+        size = 0
+        first = True
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            buffered.append(item)
+            size += len(item)
+            if size >= FLUSH_BYTES:
+                yield b"".join(buffered), 0, hashes.get(low, "") if first else "", ""
+                first, buffered, size = False, [], 0
+        thread.join()
+        yield b"".join(buffered), count, hashes.get(low, "") if first else "", hashes.get(high, "")
+    finally:
+        raw.close()
+
+
+def _zip_stream(lines: Iterator[tuple[bytes, int, str, str]], fmt: str, name: str, key: Ed25519PrivateKey,
                 manifest: dict[str, Any]) -> Iterator[bytes]:
     sink = _Sink()
     digest = hashlib.sha256()
     count, first_hash, last_hash = 0, None, None
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1, allowZip64=True) as archive:
         with archive.open(name, "w", force_zip64=True) as events:
             if fmt == "csv":
                 header = (",".join(CSV_COLUMNS) + "\n").encode()
                 events.write(header)
                 digest.update(header)
-            for row in rows:
-                line = _event_line(row, fmt, writer, text)
-                events.write(line)
-                digest.update(line)
-                count += 1
-                first_hash = first_hash or row["hash"]
-                last_hash = row["hash"]
+            for data, n, first, last in lines:
+                events.write(data)
+                digest.update(data)
+                count += n
+                first_hash = first_hash or first or None
+                last_hash = last or last_hash
                 if sink.pending() >= FLUSH_BYTES:
                     yield sink.take()
         manifest = {**manifest, "count": count, "first_hash": first_hash, "last_hash": last_hash,

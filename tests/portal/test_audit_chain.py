@@ -156,3 +156,15 @@ def test_concurrent_writer_processes_leave_one_unbroken_chain() -> None:
     per_writer_counts = {f"w{n}": AuditEvent.objects.filter(target_id__startswith=f"w{n}-").count()
                          for n in range(writers)}
     assert set(per_writer_counts.values()) == {per_writer}
+
+
+def test_the_fast_verifier_agrees_on_values_orjson_writes_differently(db: None) -> None:
+    """Floats in exponent form, control characters and huge integers: orjson's bytes differ from the canonical
+    json.dumps, so the PostgreSQL fast path must fall back to the standard recomputation, not cry tampering."""
+    from portal.audit import AuditAction, _rows, audit_record, verify_chain
+
+    audit_record(AuditAction.AUDIT_VERIFY, actor=None, metadata={"tiny": 1e-05, "huge": 1e16, "big": 2**70,
+                                                                 "ctl": "a\x01b\x7f", "uni": "é\u2028✓"})
+    audit_record(AuditAction.AUDIT_VERIFY, actor=None, after={"nested": [{"z": 1.5, "a": None}]})
+    fast, slow = verify_chain(), verify_chain(_rows())
+    assert fast.ok and slow.ok and fast.head == slow.head and fast.events == slow.events == 2

@@ -99,18 +99,25 @@ class UploadMetadata:
 SENSITIVITY_KINDS = ("personal", "health")
 
 
-def validate_sensitive_columns(value: Any) -> dict[str, str]:
-    """``{"column": "personal" | "health"}`` from a JSON string or an already parsed object."""
+def _json_object(value: Any, field: str, example: str) -> dict[str, Any]:
+    """A JSON object given as a string (a form field) or already parsed; {} when empty."""
     if value in (None, ""):
         return {}
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValidationError({"sensitive_columns": f"sensitive_columns is not valid JSON ({exc.msg})."}) from None
-    if not isinstance(value, dict) or len(value) > 1000:
-        raise ValidationError({"sensitive_columns": 'sensitive_columns must be a JSON object such as '
-                                                    '{"age": "personal", "diagnosis": "health"}.'})
+            raise ValidationError({field: f"{field} is not valid JSON ({exc.msg} at character {exc.pos})."}) from None
+    if not isinstance(value, dict):
+        raise ValidationError({field: f"{field} must be a JSON object such as {example}."})
+    return value
+
+
+def validate_sensitive_columns(value: Any) -> dict[str, str]:
+    """``{"column": "personal" | "health"}`` from a JSON string or an already parsed object."""
+    value = _json_object(value, "sensitive_columns", '{"age": "personal", "diagnosis": "health"}')
+    if len(value) > 1000:
+        raise ValidationError({"sensitive_columns": "at most 1000 columns."})
     for key, kind in value.items():
         if not isinstance(key, str) or not key or len(key) > 200 or kind not in SENSITIVITY_KINDS:
             raise ValidationError({"sensitive_columns": f"column {key!r}: say \"personal\" or \"health\"."})
@@ -119,15 +126,7 @@ def validate_sensitive_columns(value: Any) -> dict[str, str]:
 
 def validate_metrics(value: Any) -> dict[str, float]:
     """Metrics are a flat JSON object of finite numbers (from a string or an already parsed object)."""
-    if value in (None, ""):
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValidationError({"metrics": f"metrics is not valid JSON ({exc.msg} at character {exc.pos})."}) from None
-    if not isinstance(value, dict):
-        raise ValidationError({"metrics": "metrics must be a JSON object such as {\"accuracy\": 0.93}."})
+    value = _json_object(value, "metrics", '{"accuracy": 0.93}')
     if len(value) > 200:
         raise ValidationError({"metrics": "at most 200 metrics."})
     clean: dict[str, float] = {}

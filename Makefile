@@ -15,32 +15,41 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+# Stamps are named after pyproject.toml's content, not its modification time: a virtualenv carried over from
+# another checkout (or a file touched out of order) can never pass for one holding today's dependencies.
+DEPS := $(shell sha256sum pyproject.toml | cut -c1-16)
+INSTALLED := $(VENV)/.installed-$(DEPS)
+INSTALLED_TEST := $(VENV)/.installed-test-$(DEPS)
+
+$(INSTALLED): | $(VENV)/bin/python
 	$(PIP) install --quiet -e .
 	@touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+$(INSTALLED_TEST): | $(VENV)/bin/python
 	$(PIP) install --quiet -e '.[test]'
-	@touch $(VENV)/.installed $@
+	@touch $(INSTALLED) $@
 
-install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install: $(INSTALLED)
+install-test: $(INSTALLED_TEST)
 
-run: $(VENV)/.installed
+run: $(INSTALLED)
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(PY) manage.py collectstatic --noinput -v 0
 	exec $(PY) manage.py runstack
 
-test: $(VENV)/.installed-test
-	$(PY) manage.py makemigrations --check --dry-run --settings=tests.settings >/dev/null || (echo "Models changed without a migration: run manage.py makemigrations"; exit 1)
+test: $(INSTALLED_TEST)
+	@out=$$($(PY) manage.py makemigrations --check --dry-run --settings=tests.settings 2>&1) || { \
+	  echo "$$out"; \
+	  case "$$out" in *"Migrations for"*) echo "Models changed without a migration: run manage.py makemigrations";; \
+	  *) echo "manage.py makemigrations --check could not run (see the error above)";; esac; exit 1; }
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-typecheck: $(VENV)/.installed-test
+typecheck: $(INSTALLED_TEST)
 	$(VENV)/bin/mypy
 
-lint: $(VENV)/.installed-test
+lint: $(INSTALLED_TEST)
 	$(VENV)/bin/ruff check portal registry monitoring tests
 
 clean-var:

@@ -22,6 +22,13 @@ MAX_SUBJECT_ID = 256
 PURGE_SLICE = 10_000
 
 
+def _drain_buffer() -> None:
+    """Everything still on its way to the prediction log, written now (one flush takes at most a bounded number of
+    batches), so an export misses nothing and an erasure cannot be undone by a later flush."""
+    while flush_predictions():
+        pass
+
+
 def _target(digest: str) -> Target:
     return Target(type="subject", id=digest, repr=f"subject {digest[:12]}…")
 
@@ -29,7 +36,7 @@ def _target(digest: str) -> Target:
 def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
-    flush_predictions()
+    _drain_buffer()
     predictions = list(PredictionLog.objects.filter(subject_hash=digest).order_by("created_at").values(
         "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error"))
     from monitoring.sensitive import reveal_row
@@ -54,7 +61,7 @@ def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str,
     The receipt is the audit event that records the erasure: its sequence number and hash."""
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
-    flush_predictions()
+    _drain_buffer()
     with transaction.atomic():
         ids = list(PredictionLog.objects.select_for_update().filter(subject_hash=digest).values_list("id", flat=True))
         feedback = Feedback.objects.filter(prediction_id__in=ids).delete()[0]
@@ -81,8 +88,8 @@ def payloads_purge(*, now: Any = None) -> dict[str, dict[str, int]]:
     for environment, days in settings.PORTAL_PAYLOAD_RETENTION_DAYS.items():
         cutoff = now - dt.timedelta(days=days)
         purged = feedback = 0
-        with transaction.atomic():
-            while True:  # in slices, so one transaction never holds millions of ids
+        with transaction.atomic():  # one per environment, with its audit event; ids are read in slices
+            while True:
                 ids = list(PredictionLog.objects.filter(environment=environment, created_at__lt=cutoff).exclude(
                     inputs=None, output=None, subject_hash="").values_list("id", flat=True)[:PURGE_SLICE])
                 if not ids:
@@ -97,3 +104,55 @@ def payloads_purge(*, now: Any = None) -> dict[str, dict[str, int]]:
                              metadata={"retention_days": days, "older_than": cutoff.isoformat()})
                 done[environment] = {"predictions": purged, "feedback": feedback}
     return done
+
+
+SUBJECT_LOOKBACK_DAYS = 30
+
+
+def records_of_processing() -> dict[str, Any]:
+    """GDPR Art. 30 from the registry: per model its purpose, categories of data, where it serves, how long
+    payloads are kept and who can see them. Users, memberships, versions and serving states take one query each
+    whatever their number; whether subject ids are logged is one EXISTS per model over the last 30 days of its
+    log (a range of the (model, environment, time) index, stopping at the first hit), never the whole table."""
+    import datetime as dt
+
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.db.models import Q
+
+    from portal.models import Membership
+    from registry.models import EnvironmentState, ModelVersion, RegisteredModel
+
+    retention = settings.PORTAL_PAYLOAD_RETENTION_DAYS
+    users = get_user_model().objects.filter(is_active=True).prefetch_related("groups")
+    labels = {u.pk: f"{u.get_username()} ({', '.join(sorted(g.name for g in u.groups.all())) or 'no role'})"
+              for u in users}
+    everywhere = sorted(labels[pk] for pk in users.filter(
+        Q(is_superuser=True) | Q(groups__permissions__codename="view_all_teams")).values_list("pk", flat=True)
+        .distinct() if pk in labels)
+    members: dict[int, list[str]] = {}
+    for team_id, user_id in Membership.objects.filter(user__is_active=True).values_list("team_id", "user_id"):
+        members.setdefault(team_id, []).append(labels[user_id])
+    versions: dict[int, list[Any]] = {}
+    for v in ModelVersion.objects.order_by("number").values("model_id", "sensitive_columns", "intended_use"):
+        versions.setdefault(v["model_id"], []).append(v)
+    serving: dict[int, dict[str, int]] = {}
+    for model_id, env, number in EnvironmentState.objects.filter(champion__isnull=False).values_list(
+            "model_id", "environment", "champion__version__number"):
+        serving.setdefault(model_id, {})[env] = number
+    since = timezone.now() - dt.timedelta(days=SUBJECT_LOOKBACK_DAYS)
+    rows = []
+    for model in RegisteredModel.objects.select_related("team").order_by("name"):
+        own = versions.get(model.pk, [])
+        rows.append({
+            "model": model,
+            "purpose": next((v["intended_use"] for v in reversed(own) if v["intended_use"]), model.description),
+            "categories": sorted({kind for v in own for kind in (v["sensitive_columns"] or {}).values()}),
+            "subject_ids": PredictionLog.objects.filter(model_name=model.name, created_at__gte=since).exclude(
+                subject_hash="").exists(),
+            "serving": serving.get(model.pk, {}),
+            "retention": {env: retention[env] for env in serving.get(model.pk, {})},
+            "access": sorted(members.get(model.team_id, [])),
+        })
+    return {"rows": rows, "everywhere": everywhere, "retention": retention,
+            "subject_lookback_days": SUBJECT_LOOKBACK_DAYS}

@@ -83,11 +83,11 @@ class AuditAction(enum.Enum):
     PROMOTION_GATE_OVERRIDE = (4008, "promotion.gate_override")
     ENVIRONMENT_ROLLBACK = (4011, "environment.rollback")
     WEBHOOK_CREATE = (4021, "webhook.create")
-    WEBHOOK_DELETE = (4022, "webhook.delete")
     # 5000: data subjects
     GDPR_SUBJECT_ACCESS = (5001, "gdpr.subject_access")
     GDPR_ERASURE = (5002, "gdpr.erasure")
     RETENTION_PURGE = (5011, "retention.purge")
+    PAYLOAD_KEYS_ROTATE = (5021, "payload_keys.rotate")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")

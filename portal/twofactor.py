@@ -15,8 +15,7 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
-from django.utils.http import url_has_allowed_host_and_scheme
+from django.shortcuts import redirect, render, resolve_url
 from django.views.decorators.http import require_http_methods
 from django_otp import login as otp_login
 from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
@@ -63,11 +62,9 @@ class TwoFactorMiddleware:
 
 
 def _next(request: HttpRequest) -> str:
-    candidate = request.POST.get("next") or request.GET.get("next") or ""
-    if url_has_allowed_host_and_scheme(candidate, allowed_hosts={request.get_host()},
-                                       require_https=request.is_secure()):
-        return candidate
-    return settings.LOGIN_REDIRECT_URL
+    from portal.views import safe_next_url
+
+    return safe_next_url(request) or resolve_url(settings.LOGIN_REDIRECT_URL)  # a path: templates link to it
 
 
 def _failed(request: HttpRequest, step: str) -> None:

@@ -56,15 +56,21 @@ CAPABILITY_TEXT = {
 
 # --- Sign in / out ------------------------------------------------------------------------------------------------
 
+def safe_next_url(request: HttpRequest) -> str:
+    """The ``next`` of a form or query when it stays on this site, else ""."""
+    next_url = request.POST.get("next") or request.GET.get("next") or ""
+    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()},
+                                           require_https=request.is_secure()):
+        return ""
+    return next_url
+
+
 @sensitive_post_parameters("password")
 @csrf_protect
 @never_cache
 @require_http_methods(["GET", "POST"])
 def login_view(request: HttpRequest) -> HttpResponse:
-    next_url = request.POST.get("next") or request.GET.get("next") or ""
-    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()},
-                                           require_https=request.is_secure()):
-        next_url = ""
+    next_url = safe_next_url(request)
     if request.user.is_authenticated:
         return redirect(next_url or settings.LOGIN_REDIRECT_URL)
     expired = request.session.pop("portal_expired", False)
@@ -341,36 +347,6 @@ def records_of_processing(request: HttpRequest) -> HttpResponse:
     """GDPR Art. 30: which models process which categories of data, for what, kept how long, seen by whom —
     generated from the registry, so it is never out of date."""
     require_capability(request.user, "view_audit")
-    from django.contrib.auth import get_user_model
+    from monitoring.gdpr import records_of_processing as records
 
-    from monitoring.models import PredictionLog
-    from registry.models import EnvironmentState, ModelVersion, RegisteredModel
-
-    retention = settings.PORTAL_PAYLOAD_RETENTION_DAYS
-    users = get_user_model().objects.filter(is_active=True).prefetch_related("groups", "memberships__team")
-    members: dict[int, list[str]] = {}
-    everywhere = []
-    for user in users:
-        roles = ", ".join(sorted(g.name for g in user.groups.all())) or "no role"
-        entry = f"{user.get_username()} ({roles})"
-        if has_capability(user, "view_all_teams"):
-            everywhere.append(entry)
-        for membership in user.memberships.all():
-            members.setdefault(membership.team_id, []).append(entry)
-    rows = []
-    for model in RegisteredModel.objects.select_related("team").order_by("name"):
-        versions = list(ModelVersion.objects.filter(model=model).values("number", "sensitive_columns",
-                                                                          "intended_use"))
-        categories = sorted({kind for v in versions for kind in (v["sensitive_columns"] or {}).values()})
-        serving = {s.environment: s.champion.version.number for s in EnvironmentState.objects.filter(
-            model=model, champion__isnull=False).select_related("champion__version") if s.champion}
-        subjects = PredictionLog.objects.filter(model_name=model.name).exclude(subject_hash="").exists()
-        rows.append({
-            "model": model, "purpose": next((v["intended_use"] for v in reversed(versions) if v["intended_use"]),
-                                            model.description),
-            "categories": categories, "subject_ids": subjects, "serving": serving,
-            "retention": {env: retention[env] for env in serving},
-            "access": sorted(members.get(model.team_id, [])),
-        })
-    return render(request, "portal/records_of_processing.html", {"rows": rows, "everywhere": sorted(everywhere),
-                                                                 "retention": retention})
+    return render(request, "portal/records_of_processing.html", records())

@@ -41,6 +41,7 @@ from registry.models import (
     VersionStatus,
 )
 from registry.scanning.archive import extract_zip
+from registry.selectors import environment_param
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ def deployment_target(deployment: Deployment) -> Target:
 
 
 def _check_request(version: ModelVersion, environment: str, strategy: str, traffic_percent: int) -> None:
-    if environment not in Environment.values:
-        raise ValidationError({"environment": f"Unknown environment {environment!r}: use dev, stage or prod."})
+    environment_param(environment)
     if strategy not in Strategy.values:
         raise ValidationError({"strategy": "Use replace, canary or shadow."})
     if strategy == Strategy.CANARY and not 1 <= traffic_percent <= 99:

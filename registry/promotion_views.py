@@ -11,8 +11,6 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import get_object_for_user, has_capability, require_capability
@@ -25,9 +23,8 @@ def _errors(exc: ValidationError | PermissionDenied) -> str:
 
 
 def _promotion(request: HttpRequest, uid: str) -> PromotionRequest:
-    return get_object_for_user(request.user, PromotionRequest.objects.select_related(
-        "model__team", "version__uploaded_by", "requested_by", "deployment", "champion_version"),
-        action="view_models", team_field="model__team", uid=uid)
+    return get_object_for_user(request.user, promotions.promotion_queue(user=request.user), action="view_models",
+                               team_field="model__team", uid=uid)
 
 
 @login_required
@@ -76,14 +73,15 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
         gates = promotion.gates
     champion = promotion.champion_version
     signature_rows = promotions.signature_diff(promotion.version, champion)
+    approvals = list(promotion.approvals.all())  # prefetched with their approvers
     return render(request, "registry/promotion_detail.html", {
         "promotion": promotion, "model": promotion.model, "version": promotion.version, "gates": gates,
         "blocking": [g for g in gates if g.get("blocks")],
         "signature_rows": signature_rows,
         "signature_changes": sum(1 for r in signature_rows if r["change"] != "unchanged") if champion else 0,
         "metric_rows": promotions.metric_diff(promotion.version, champion, promotion.metric_tolerance),
-        "approvals": list(promotion.approvals.select_related("approver")),
-        "approved_count": promotion.approvals.filter(decision="approve").count(),
+        "approvals": approvals,
+        "approved_count": sum(1 for a in approvals if a.decision == "approve"),
         "may_decide": may_decide, "why_not": why_not if has_capability(request.user, "approve_promotion") else "",
         "needs_password": promotion.target == Environment.PROD,
         "may_cancel": promotion.status == PromotionStatus.PENDING and promotion.requested_by_id == request.user.pk,
@@ -102,7 +100,8 @@ def promotion_decide(request: HttpRequest, uid: str) -> HttpResponse:
         promotion = promotions.promotion_decide(promotion=promotion, actor=request.user,
                                                 approve=decision == "approve",
                                                 comment=request.POST.get("comment", "")[:5000],
-                                                password=request.POST.get("password", "")[:512])
+                                                password=request.POST.get("password", "")[:512],
+                                                request=request)
     except (ValidationError, PermissionDenied) as exc:
         messages.error(request, _errors(exc))
         return redirect("registry:promotion", uid=uid)
@@ -129,10 +128,10 @@ def promotion_cancel(request: HttpRequest, uid: str) -> HttpResponse:
 def _parse_at(raw: str) -> dt.datetime | None:
     if not raw:
         return None
-    parsed = parse_datetime(raw)
-    if parsed is None:
+    try:
+        return promotions.parse_at(raw, naive_is_utc=True)
+    except ValidationError:
         return None
-    return parsed if parsed.tzinfo else timezone.make_aware(parsed, dt.UTC)
 
 
 @login_required

@@ -272,22 +272,38 @@ def can_approve(promotion: PromotionRequest, user: Any) -> tuple[bool, str]:
     return True, ""
 
 
-def _reauthenticate(promotion: PromotionRequest, actor: Any, password: str) -> None:
+def _reauthenticate(promotion: PromotionRequest, actor: Any, password: str, request: Any) -> None:
+    """The approver's password, checked through the sign-in's own backends when there is a request, so wrong
+    guesses count towards the same lockout (django-axes) as wrong sign-ins."""
     if promotion.target != Environment.PROD:
         return
-    if password and actor.check_password(password):
+    locked = False
+    if not password:
+        ok = False
+    elif request is not None:
+        from django.contrib.auth import authenticate
+
+        user = authenticate(request, username=actor.get_username(), password=password)
+        ok = user is not None and user.pk == actor.pk
+        locked = bool(getattr(request, "axes_locked_out", False))
+    else:  # called from code, not from a person's request
+        ok = actor.check_password(password)
+    if ok:
         return
     audit_record(AuditAction.AUTH_REAUTH_FAILED, actor=actor, target=promotion_target(promotion),
-                 outcome=AuditOutcome.DENIED, metadata={"for": "promotion.approve"})
+                 outcome=AuditOutcome.DENIED, metadata={"for": "promotion.approve", "locked_out": locked})
+    if locked:
+        raise ReauthenticationFailed("Too many wrong passwords: your account is locked for a while. Ask an "
+                                     "administrator if you need it sooner.")
     raise ReauthenticationFailed("Approving a promotion to prod needs your password, and the one given is not "
                                  "right." if password else "Approving a promotion to prod needs your password.")
 
 
 def promotion_decide(*, promotion: PromotionRequest, actor: Any, approve: bool, comment: str = "",
-                     password: str = "") -> PromotionRequest:
+                     password: str = "", request: Any = None) -> PromotionRequest:
     """Record one approver's decision. The approval that meets the policy starts the deployment."""
     if approve:
-        _reauthenticate(promotion, actor, password)
+        _reauthenticate(promotion, actor, password, request)
     with transaction.atomic():
         locked = PromotionRequest.objects.select_for_update().select_related(
             "model__team", "version__model").get(pk=promotion.pk)
@@ -302,7 +318,6 @@ def promotion_decide(*, promotion: PromotionRequest, actor: Any, approve: bool, 
                                    tolerance=locked.metric_tolerance)
             locked.gates = gates_as_json(gates)
             if blocking(gates):
-                PromotionRequest.objects.filter(pk=locked.pk).update(gates=locked.gates, updated_at=timezone.now())
                 raise ValidationError({"gates": [f"{g.label}: {g.detail}" for g in blocking(gates)]})
         PromotionApproval.objects.create(promotion=locked, approver=actor, comment=comment.strip()[:5000],
                                          decision=ApprovalDecision.APPROVE if approve else ApprovalDecision.REJECT,
@@ -399,8 +414,9 @@ def environment_rollback(*, model: RegisteredModel, environment: str, reason: st
                          to_version: int | None = None) -> Deployment:
     from registry.deployments import deployment_start
 
-    if environment not in Environment.values:
-        raise ValidationError({"environment": f"Unknown environment {environment!r}: use dev, stage or prod."})
+    from registry.selectors import environment_param
+
+    environment_param(environment)
     require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
     if not reason.strip():
         raise ValidationError({"reason": "Say why you roll back; it goes into the timeline and the audit trail."})
@@ -461,6 +477,24 @@ def _intervals(model: RegisteredModel, environment: str) -> QuerySet[ServingInte
         "deployment__promotion__approvals__approver")
 
 
+def parse_at(raw: str, *, naive_is_utc: bool) -> dt.datetime:
+    """An ISO 8601 instant for "what served at T". Without a zone it is taken as UTC when ``naive_is_utc`` (the
+    page's field), refused otherwise (the API, where an ambiguous time would give a wrong answer silently)."""
+    from django.utils.dateparse import parse_datetime
+
+    try:
+        parsed = parse_datetime(raw.strip().replace(" ", "+"))  # a literal '+' arrives as a space in a query
+    except ValueError:  # well-formed but impossible, such as month 13
+        parsed = None
+    if parsed is None:
+        raise ValidationError({"at": "Give an ISO 8601 time such as 2026-03-03T14:05:00Z."})
+    if parsed.tzinfo is None:
+        if not naive_is_utc:
+            raise ValidationError({"at": "Give the time zone too (Z or +01:00), so the answer is unambiguous."})
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed
+
+
 def serving_history(model: RegisteredModel, environment: str) -> list[dict[str, Any]]:
     """Every interval in which a version served ``environment``, newest first."""
     return [_interval_row(i) for i in _intervals(model, environment).order_by("-started_at", "-pk")]
@@ -476,7 +510,9 @@ def serving_at(model: RegisteredModel, environment: str, at: dt.datetime) -> dic
 
 def promotion_queue(*, user: Any, status: str = "") -> QuerySet[PromotionRequest]:
     qs = scope_to_teams(PromotionRequest.objects.select_related(
-        "model__team", "version__uploaded_by", "requested_by", "deployment"), user, team_field="model__team")
+        "model__team", "version__uploaded_by", "requested_by", "champion_version", "deployment__model",
+        "deployment__version", "deployment__requested_by").prefetch_related("approvals__approver"),
+        user, team_field="model__team")
     if status:
         qs = qs.filter(status=status)
     return qs

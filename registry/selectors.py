@@ -75,3 +75,14 @@ def trust_queue(*, user: Any) -> QuerySet[ModelVersion]:
     return scope_to_teams(ModelVersion.objects.filter(trust_state="pending").select_related("model__team",
                                                                                             "uploaded_by"),
                           user, team_field="model__team").order_by("created_at")
+
+
+def environment_param(env: str) -> str:
+    """An environment named in a URL or body; a clear 400 (Django ValidationError) for anything else."""
+    from django.core.exceptions import ValidationError
+
+    from registry.models import Environment
+
+    if env not in Environment.values:
+        raise ValidationError({"environment": f"Unknown environment {env[:20]!r}: use dev, stage or prod."})
+    return env

@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
 from registry import selectors, services
+from registry.promotions import PROMOTION_TARGETS
 from registry.forms import ModelRegisterForm, TrustDecisionForm
 
 
@@ -102,7 +103,7 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         "dev_serves": selectors.environment_overview(model=version.model)["dev"]["champion"] is not None,
         "can_decide": can_decide,
         "can_promote": has_capability(request.user, "request_promotion") and version.status == "ready",
-        "promote_targets": ["stage", "prod"],
+        "promote_targets": PROMOTION_TARGETS,
         "open_promotions": version.promotions.filter(status__in=["pending", "approved", "deploying"]),
         "trust_form": TrustDecisionForm() if can_decide else None,
         "sandbox": json.dumps(version.sandbox_report, indent=2, default=str) if version.sandbox_report else "",

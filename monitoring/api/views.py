@@ -15,7 +15,6 @@ from rest_framework.views import APIView
 from monitoring.models import Feedback
 from portal.audit import AuditAction, Target, audit_record
 from registry import selectors
-from registry.models import Environment
 
 MAX_FEEDBACK = 10_000
 
@@ -30,8 +29,7 @@ class FeedbackApi(APIView):
     @extend_schema(request=FeedbackItem(many=True), responses={202: None},
                    summary="Attach ground truth to predictions by id, in bulk; later values replace earlier ones")
     def post(self, request: Request, name: str, env: str) -> Response:
-        if env not in Environment.values:
-            raise serializers.ValidationError({"environment": "Use dev, stage or prod."})
+        selectors.environment_param(env)
         model = selectors.model_get(user=request.user, name=name, action="view_models")
         if not isinstance(request.data, list):
             raise serializers.ValidationError({"body": "Send a JSON list of {prediction_id, actual} objects."})
@@ -85,8 +83,7 @@ class RecentPredictionsApi(APIView):
     def get(self, request: Request, name: str, env: str) -> Response:
         from monitoring.sensitive import recent_predictions
 
-        if env not in Environment.values:
-            raise serializers.ValidationError({"environment": "Use dev, stage or prod."})
+        selectors.environment_param(env)
         model = selectors.model_get(user=request.user, name=name, action="view_monitoring")
         raw = request.query_params.get("limit", "50")
         if not raw.isdigit() or not 1 <= int(raw) <= 500:

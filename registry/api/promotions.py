@@ -6,7 +6,6 @@ from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
-from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -20,7 +19,7 @@ from portal.models import Team, TeamWebhook
 from portal.permissions import get_object_for_user, require_capability
 from registry import promotions, selectors
 from registry.api.serializers import DeploymentSerializer, _username
-from registry.models import Environment, PromotionRequest, PromotionStatus
+from registry.models import PromotionRequest, PromotionStatus
 
 
 class PromoteInput(serializers.Serializer[Any]):
@@ -72,18 +71,17 @@ class PromotionSerializer(serializers.Serializer[Any]):
     def get_approvals(self, obj: PromotionRequest) -> list[dict[str, Any]]:
         return [{"approver": a.approver.get_username(), "decision": a.decision, "comment": a.comment,
                  "reauthenticated": a.reauthenticated, "at": a.created_at}
-                for a in obj.approvals.select_related("approver")]
+                for a in obj.approvals.all()]  # prefetched with their approvers
 
     def get_deployment(self, obj: PromotionRequest) -> dict[str, Any] | None:
         return dict(DeploymentSerializer(obj.deployment).data) if obj.deployment else None
 
 
 def _promotion(request: Request, uid: str) -> PromotionRequest:
+    require_capability(request.user, "view_models")
     try:
-        return get_object_for_user(request.user, PromotionRequest.objects.select_related(
-            "model__team", "version__uploaded_by", "requested_by", "deployment__model", "deployment__version"),
-            action="view_models", team_field="model__team", uid=uid)
-    except DjangoValidationError as exc:
+        return promotions.promotion_queue(user=request.user).filter(uid=uid).get()
+    except (DjangoValidationError, PromotionRequest.DoesNotExist) as exc:
         raise Http404("Not found.") from exc
 
 
@@ -132,7 +130,8 @@ class _DecisionApi(APIView):
         data.is_valid(raise_exception=True)
         promotion = promotions.promotion_decide(promotion=promotion, actor=request.user, approve=self.approve,
                                                 comment=data.validated_data.get("comment", ""),
-                                                password=data.validated_data.get("password", ""))
+                                                password=data.validated_data.get("password", ""),
+                                                request=request._request)
         return Response(PromotionSerializer(_promotion(request, str(promotion.uid))).data)
 
 
@@ -160,12 +159,6 @@ class PromotionCancelApi(APIView):
         return Response(PromotionSerializer(promotion).data)
 
 
-def _environment(env: str) -> str:
-    if env not in Environment.values:
-        raise ValidationError({"environment": f"Unknown environment {env!r}: use dev, stage or prod."})
-    return env
-
-
 class RollbackApi(APIView):
     @extend_schema(request=RollbackInput, responses={202: DeploymentSerializer},
                    summary="Roll back to the previously live version, or a chosen one that served there")
@@ -173,7 +166,7 @@ class RollbackApi(APIView):
         model = selectors.model_get(user=request.user, name=name, action="view_models")
         data = RollbackInput(data=request.data)
         data.is_valid(raise_exception=True)
-        deployment = promotions.environment_rollback(model=model, environment=_environment(env),
+        deployment = promotions.environment_rollback(model=model, environment=env,
                                                      to_version=data.validated_data.get("to_version"),
                                                      reason=data.validated_data["reason"], actor=request.user)
         return Response(DeploymentSerializer(deployment).data, status=status.HTTP_202_ACCEPTED)
@@ -185,14 +178,10 @@ class HistoryApi(APIView):
                    responses=OpenApiTypes.OBJECT, summary="Every version that served an environment, or the one at T")
     def get(self, request: Request, name: str, env: str) -> Response:
         model = selectors.model_get(user=request.user, name=name, action="view_models")
-        env = _environment(env)
+        env = selectors.environment_param(env)
         at_raw = request.query_params.get("at")
         if at_raw:
-            at = parse_datetime(at_raw.replace(" ", "+"))  # a literal '+' arrives as a space in a query string
-            if at is None:
-                raise ValidationError({"at": "Give an ISO 8601 time such as 2026-03-03T14:05:00Z."})
-            if at.tzinfo is None:
-                raise ValidationError({"at": "Give the time zone too (Z or +01:00), so the answer is unambiguous."})
+            at = promotions.parse_at(at_raw, naive_is_utc=False)
             return Response({"model": model.name, "environment": env, **promotions.serving_at(model, env, at)})
         return Response({"model": model.name, "environment": env,
                          "history": promotions.serving_history(model, env)})

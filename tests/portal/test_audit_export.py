@@ -118,6 +118,8 @@ def test_export_access_per_role(personas: dict[str, Any], api_as: Any, persona: 
     client = api_as(personas[persona] if persona else None)
     response = client.get("/api/v1/audit/export", {"format": "jsonl"})
     assert response.status_code == expected
+    key = client.get("/api/v1/audit/public-key")  # view_audit: the same roles here
+    assert key.status_code == expected
     if expected != 200:
         assert_error_shape(response, expected)
         assert not AuditEvent.objects.filter(action="audit.export").exists()

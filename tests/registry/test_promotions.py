@@ -507,3 +507,49 @@ def test_a_models_audit_timeline_gathers_its_versions_deployments_and_promotions
             "deployment.live", "promotion.live"} <= actions
     assert all("churn-eu" not in (e["target"]["repr"] if isinstance(e.get("target"), dict) else json.dumps(e))
                for e in events["results"])
+
+
+def test_wrong_prod_passwords_count_towards_the_sign_in_lockout(
+        model: RegisteredModel, personas: dict[str, Any], api_as: Any, tmp_path: Path, settings: Any) -> None:
+    settings.AXES_FAILURE_LIMIT = 3
+    version = upload(model, personas["ds"], tmp_path)
+    promote_live(version, "stage", personas)
+    promotion = promotions.promotion_request(version=version, target="prod", reason="go", actor=personas["ds"])
+    approver = api_as(personas["approver1"])
+    url = f"/api/v1/promotions/{promotion.uid}/approve"
+    for guess in ("guess-one-1", "guess-two-2"):
+        assert_error_shape(approver.post(url, {"password": guess}, format="json"), 403)
+    assert_error_shape(approver.post(url, {"password": "guess-three-3"}, format="json"), 429, "locked_out")
+    assert_error_shape(approver.post(url, {"password": PASSWORD}, format="json"), 429, "locked_out")
+    assert not promotion.approvals.exists()
+    assert AuditEvent.objects.filter(action="auth.reauth_failed").count() >= 3
+    # The same lockout keeps the browser sign-in shut.
+    assert Client().post("/login/", {"username": "alex", "password": PASSWORD}).status_code == 429
+
+
+@pytest.mark.parametrize("persona,history,cancel,deliveries", [
+    (None, 401, 401, 401), ("outsider", 404, 404, 404), ("viewer", 200, 403, 403), ("ds", 200, 200, 403),
+    ("approver1", 200, 403, 403), ("compliance", 200, 403, 403), ("admin", 200, 200, 200)])
+def test_history_cancel_and_webhook_log_per_role(model: RegisteredModel, personas: dict[str, Any], api_as: Any,
+                                                 tmp_path: Path, persona: str | None, history: int, cancel: int,
+                                                 deliveries: int) -> None:
+    from portal.models import TeamWebhook
+
+    version = upload(model, personas["ds"], tmp_path)
+    promotion = promotions.promotion_request(version=version, target="stage", reason="x", actor=personas["ds"])
+    if persona == "admin":  # an admin cancels someone else's request; a data scientist only their own
+        PromotionRequest.objects.filter(pk=promotion.pk).update(requested_by=personas["approver2"])
+    hook = TeamWebhook.objects.create(team=model.team, url="https://hooks.example.com/x", secret="s" * 20)
+    client = api_as(personas[persona] if persona else None)
+    response = client.get("/api/v1/models/churn/environments/stage/history")
+    assert response.status_code == history
+    response = client.post(f"/api/v1/promotions/{promotion.uid}/cancel")
+    assert response.status_code == cancel, response.content
+    promotion.refresh_from_db()
+    assert (promotion.status == "cancelled") == (cancel == 200)
+    response = client.get(f"/api/v1/teams/acme/webhooks/{hook.pk}/deliveries")
+    assert response.status_code == deliveries
+    if history != 200:
+        assert_error_shape(client.get("/api/v1/models/churn/environments/stage/history"), history)
+    assert_error_shape(api_as(personas["ds"]).get(
+        "/api/v1/models/churn/environments/stage/history", {"at": "2026-13-45T00:00:00Z"}), 400)

@@ -87,6 +87,9 @@ def test_payloads_are_masked_without_view_sensitive_and_every_read_is_audited(
     assert "•••" in html and str(SECRET_VALUE) not in html
     assert AuditEvent.objects.filter(action="prediction.payload_view").count() == 3
     assert_error_shape(api_as(personas["outsider"]).get(url), 404)
+    assert_error_shape(api_as(None).get(url), 401)
+    viewer = api_as(personas["viewer"]).get(url).json()  # view_monitoring, not view_sensitive
+    assert viewer["masked"] and "•••" in json.dumps(viewer, ensure_ascii=False)
     assert_error_shape(api_as(personas["ds"]).get(url + "?limit=9999"), 400)
 
 
@@ -98,7 +101,10 @@ def test_keys_rotate_without_losing_old_rows(logged: list[str], settings: Any) -
 
     row = PredictionLog.objects.get(pk=logged[0])
     assert sensitive.reveal_row(row.inputs, may_see=True)[0] == SECRET_VALUE
-    assert sensitive.rotate_payload_keys() == 3
+    from django.core.management import call_command
+
+    call_command("rotate_payload_keys")
+    assert AuditEvent.objects.get(action="payload_keys.rotate").after == {"rows_reencrypted": 3}
     settings.PORTAL_PAYLOAD_KEYS = [new]
     row.refresh_from_db()
     assert sensitive.reveal_row(row.inputs, may_see=True)[0] == SECRET_VALUE

@@ -39,7 +39,7 @@ def _rows(batch: dict[str, Any]) -> list[PredictionLog]:
             for i in range(len(ids))]
 
 
-def _write(batches: list[dict[str, Any]]) -> int:
+def write_batches(batches: list[dict[str, Any]]) -> int:
     rows = [row for batch in batches for row in _rows(batch)]
     PredictionLog.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
     return len(rows)
@@ -54,7 +54,7 @@ def flush_predictions() -> int:
     # Leftovers of a flusher that died after moving but before writing.
     leftovers = client.lrange(buffer.PROCESSING_KEY, 0, -1)
     if leftovers:
-        written += _write([orjson.loads(raw) for raw in leftovers])
+        written += write_batches([orjson.loads(raw) for raw in leftovers])
         client.delete(buffer.PROCESSING_KEY)
     for _ in range(BATCHES_PER_RUN // 50):
         moved = []
@@ -65,7 +65,7 @@ def flush_predictions() -> int:
             moved.append(raw)
         if not moved:
             break
-        written += _write([orjson.loads(raw) for raw in moved])
+        written += write_batches([orjson.loads(raw) for raw in moved])
         client.delete(buffer.PROCESSING_KEY)
     return written
 
@@ -77,5 +77,5 @@ def _flush_outbox() -> int:
             pending = list(PredictionOutbox.objects.select_for_update(skip_locked=True).order_by("pk")[:200])
             if not pending:
                 return written
-            written += _write([p.payload for p in pending])
+            written += write_batches([p.payload for p in pending])
             PredictionOutbox.objects.filter(pk__in=[p.pk for p in pending]).delete()

@@ -72,6 +72,15 @@ class AuditAction(enum.Enum):
     TRAFFIC_SWITCH = (3011, "traffic.switch")
     FEEDBACK_RECEIVE = (3101, "feedback.receive")
     PREDICTION_PAYLOAD_VIEW = (3102, "prediction.payload_view")
+    # 3200: batch scoring
+    BATCH_SUBMIT = (3201, "batch.submit")
+    BATCH_CANCEL = (3202, "batch.cancel")
+    BATCH_DONE = (3203, "batch.done")
+    BATCH_FAIL = (3204, "batch.fail")
+    BATCH_DOWNLOAD = (3205, "batch.download")
+    BATCH_SCHEDULE_CREATE = (3211, "batch_schedule.create")
+    BATCH_SCHEDULE_CHANGE = (3212, "batch_schedule.change")
+    BATCH_SCHEDULE_DELETE = (3213, "batch_schedule.delete")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

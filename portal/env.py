@@ -78,6 +78,17 @@ def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int
     return result
 
 
+def env_float(name: str, default: float, *, minimum: float, maximum: float) -> float:
+    value = raw(name)
+    try:
+        result = default if value is None else float(value.strip())
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number.") from exc
+    if not minimum <= result <= maximum:
+        raise ImproperlyConfigured(f"{name}={result} is outside {minimum} to {maximum}.")
+    return result
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     value = raw(name)
     if value is None:

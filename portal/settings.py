@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from portal.env import env_bool, env_choice, env_int, env_list, env_optional, env_str, env_url
+from portal.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -164,6 +164,7 @@ CELERY_TIMEZONE = "UTC"
 PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600, minimum=30)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},
+    "reap-stale-batch-jobs": {"task": "registry.tasks.batch_reap", "schedule": timedelta(seconds=60)},
     "flush-predictions": {
         "task": "monitoring.tasks.flush_predictions",
         "schedule": timedelta(seconds=env_int("PORTAL_FLUSH_SECONDS", 2, minimum=1)),
@@ -354,6 +355,13 @@ PORTAL_PREDICTION_BUFFER_URL = env_url(
 PORTAL_SUBJECT_HASH_KEY = env_optional("PORTAL_SUBJECT_HASH_KEY") or hashlib.sha256(
     ("subject-hash:" + SECRET_KEY).encode()).hexdigest()
 PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
+# Batch scoring: chunk sizes (CSV by bytes, Parquet by rows), the share of bad rows a job tolerates, when a chunk
+# whose worker went silent is handed out again, and whether batch predictions join the prediction log.
+PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 32, minimum=1, maximum=1024) * 1024 * 1024
+PORTAL_BATCH_CHUNK_ROWS = env_int("PORTAL_BATCH_CHUNK_ROWS", 100_000, minimum=100)
+PORTAL_BATCH_MAX_ERROR_SHARE = env_float("PORTAL_BATCH_MAX_ERROR_SHARE", 0.01, minimum=0.0, maximum=1.0)
+PORTAL_BATCH_STALE_SECONDS = env_int("PORTAL_BATCH_STALE_SECONDS", 300, minimum=5)
+PORTAL_BATCH_LOG_PREDICTIONS = env_bool("PORTAL_BATCH_LOG_PREDICTIONS", True)
 
 # --- Portal ---------------------------------------------------------------------------------------------------
 PORTAL_DEMO_PASSWORD = env_str("PORTAL_DEMO_PASSWORD", "demo-pass-123")

@@ -363,3 +363,138 @@ class PromotionApproval(models.Model):
     class Meta:
         ordering = ["created_at"]
         constraints = [models.UniqueConstraint(fields=["promotion", "approver"], name="promotion_approval_once")]
+
+
+class BatchStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    PLANNING = "planning", "Planning"
+    SCORING = "scoring", "Scoring"
+    ASSEMBLING = "assembling", "Assembling"
+    DONE = "done", "Done"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+BATCH_ACTIVE = (BatchStatus.QUEUED, BatchStatus.PLANNING, BatchStatus.SCORING, BatchStatus.ASSEMBLING)
+
+
+class BatchSchedule(models.Model):
+    """A recurring batch job: on a cron schedule (Celery beat, database-backed), score a file or the newest file of
+    a folder in the team's batch inbox of the artifact store. Each run is a :class:`BatchJob`."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="batch_schedules")
+    environment = models.CharField(max_length=8, choices=Environment.choices)
+    name = models.CharField(max_length=100)
+    location = models.CharField(max_length=400, help_text="A file or folder (ending in /) in the team's batch inbox.")
+    cron = models.CharField(max_length=100, help_text="minute hour day-of-month month day-of-week, in UTC")
+    id_column = models.CharField(max_length=200, blank=True)
+    subject_column = models.CharField(max_length=200, blank=True)
+    enabled = models.BooleanField(default=True)
+    periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,
+                                         on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["model", "name"]
+        constraints = [models.UniqueConstraint(fields=["model", "name"], name="batch_schedule_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}/{self.environment}: {self.name}"
+
+
+class BatchJob(models.Model):
+    """Predictions in bulk for one file, scored in chunks by as many workers as are running. The version (and its
+    serving form) is pinned when the job is submitted; a later switch in the environment does not change it."""
+
+    MAX_CHUNK_ATTEMPTS = 2  # a chunk whose worker died is run once more
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="batch_jobs")
+    environment = models.CharField(max_length=8, choices=Environment.choices)
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="batch_jobs")
+    deployment = models.ForeignKey(Deployment, on_delete=models.PROTECT, related_name="batch_jobs")
+    schedule = models.ForeignKey(BatchSchedule, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    input_blob = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="+")
+    input_format = models.CharField(max_length=8)  # csv | parquet
+    input_filename = models.CharField(max_length=255)
+    columns = models.JSONField(default=list, blank=True)
+    newline = models.CharField(max_length=2, default="\n")
+    id_column = models.CharField(max_length=200, blank=True)
+    subject_column = models.CharField(max_length=200, blank=True)
+    prediction_column = models.CharField(max_length=220, default="prediction")
+    prediction_id_column = models.CharField(max_length=220, default="prediction_id")
+    max_error_share = models.FloatField(validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
+    status = models.CharField(max_length=10, choices=BatchStatus.choices, default=BatchStatus.QUEUED)
+    rows_total = models.BigIntegerField(null=True, blank=True)
+    rows_done = models.BigIntegerField(default=0)
+    rows_failed = models.BigIntegerField(default=0)
+    rows_logged = models.BigIntegerField(default=0)
+    chunks_total = models.PositiveIntegerField(default=0)
+    chunks_done = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    result_blob = models.ForeignKey(Blob, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    errors_blob = models.ForeignKey(Blob, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    scored_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["model", "-created_at"], name="batchjob_model_time"),
+                   models.Index(fields=["status", "created_at"], name="batchjob_status")]
+
+    def __str__(self) -> str:
+        return f"batch {str(self.uid)[:8]} of {self.model.name}/{self.environment} ({self.status})"
+
+    @property
+    def progress(self) -> int:
+        if self.status == BatchStatus.DONE:
+            return 100
+        if not self.rows_total:
+            return 0
+        return min(99, int(100 * self.rows_done / self.rows_total))
+
+    @property
+    def id_prefix(self) -> str:
+        """Prediction ids are this job's 22 hex characters, the chunk's 4 and the row's 6: the same on a re-run."""
+        return self.uid.hex[:22]
+
+
+class ChunkStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+
+
+class BatchChunk(models.Model):
+    job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    start = models.BigIntegerField()  # CSV: byte offset; Parquet: first row group
+    end = models.BigIntegerField()
+    source = models.CharField(max_length=255, blank=True)  # a re-cut Arrow IPC chunk file in the store
+    rows_planned = models.BigIntegerField(default=0)
+    rows = models.BigIntegerField(null=True, blank=True)  # as parsed and scored
+    rows_failed = models.BigIntegerField(default=0)
+    status = models.CharField(max_length=8, choices=ChunkStatus.choices, default=ChunkStatus.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    output_name = models.CharField(max_length=255, blank=True)
+    errors_name = models.CharField(max_length=255, blank=True)
+    log_name = models.CharField(max_length=255, blank=True)
+    logged = models.BooleanField(default=False)
+    worker = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="batch_chunk_unique_index")]
+
+    def __str__(self) -> str:
+        return f"chunk {self.index} of {self.job_id} ({self.status})"

@@ -127,3 +127,87 @@ def stream_blob(blob: Blob) -> Any:
     with verified_local_path(blob):
         pass
     return artifact_storage().open(blob.storage_name, "rb")
+
+
+@contextlib.contextmanager
+def local_path(blob: Blob) -> Iterator[Path]:
+    """A local path of the blob's bytes *without* checking its hash: for callers that read every byte anyway and
+    check the SHA-256 on the way (the batch planner)."""
+    storage = artifact_storage()
+    try:
+        yield Path(storage.path(blob.storage_name))
+        return
+    except NotImplementedError:
+        pass
+    with verified_local_path(blob) as path:
+        yield path
+
+
+def read_range(name: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of a stored file: a seek on local disk, a ranged GET on S3, so a batch
+    worker never fetches more than its chunk."""
+    storage = artifact_storage()
+    if end <= start:
+        return b""
+    bucket = getattr(storage, "bucket", None)
+    if bucket is not None:
+        key = getattr(storage, "_normalize_name", lambda n: n)(name)
+        return bytes(bucket.Object(key).get(Range=f"bytes={start}-{end - 1}")["Body"].read())
+    with storage.open(name, "rb") as fh:
+        fh.seek(start)
+        return bytes(fh.read(end - start))
+
+
+def put_work_file(name: str, data: bytes) -> str:
+    """Write an intermediate file (a batch chunk's output) under ``name``, replacing any earlier one."""
+    from django.core.files.base import ContentFile
+
+    storage = artifact_storage()
+    if storage.exists(name):
+        storage.delete(name)
+    return storage.save(name, ContentFile(data))
+
+
+def read_work_file(name: str) -> bytes:
+    with artifact_storage().open(name, "rb") as fh:
+        return bytes(fh.read())
+
+
+def delete_work_files(prefix: str) -> int:
+    """Remove the intermediate files under ``prefix`` (a folder of the store); returns how many went."""
+    storage = artifact_storage()
+    removed = 0
+    try:
+        _dirs, files = storage.listdir(prefix)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for name in files:
+        storage.delete(f"{prefix.rstrip('/')}/{name}")
+        removed += 1
+    return removed
+
+
+def blob_put_moved(path: str | Path, *, sha256: str, size: int) -> Blob:
+    """Store a file the caller has just written and hashed, moving rather than copying it where the store is local
+    disk (a scored batch result is as big as its input)."""
+    from django.core.files.uploadedfile import TemporaryUploadedFile
+
+    class _Moved(TemporaryUploadedFile):
+        def __init__(self) -> None:  # noqa: D401 - only what FileSystemStorage._save needs
+            File.__init__(self, open(path, "rb"), name=os.path.basename(str(path)))
+            self.size = size
+
+        def temporary_file_path(self) -> str:
+            return str(path)
+
+        def close(self) -> None:
+            if self.file is not None:
+                self.file.close()
+
+    moved = _Moved()
+    try:
+        return blob_put(moved, sha256=sha256, size=size)
+    finally:
+        moved.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -33,3 +33,57 @@ def deployments_reap_task() -> list[int]:
     from registry.deployments import deployments_reap
 
     return deployments_reap()
+
+
+# Batch scoring (registry.batch). Every task claims its row first, so a redelivered message does no harm; acks late
+# and reject on worker lost put a chunk whose worker died back on the queue at once.
+
+
+@shared_task(name="registry.tasks.batch_plan", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@with_request_context
+def batch_plan_task(job_id: int) -> str | None:
+    from registry.batch import batch_plan
+
+    job = batch_plan(job_id=job_id)
+    return job.status if job else None
+
+
+@shared_task(name="registry.tasks.batch_chunk", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@with_request_context
+def batch_chunk_task(chunk_id: int) -> str:
+    from registry.batch import batch_chunk_run
+
+    return batch_chunk_run(chunk_id=chunk_id)
+
+
+@shared_task(name="registry.tasks.batch_assemble", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@with_request_context
+def batch_assemble_task(job_id: int) -> str | None:
+    from registry.batch import batch_assemble
+
+    job = batch_assemble(job_id=job_id)
+    return job.status if job else None
+
+
+@shared_task(name="registry.tasks.batch_log", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@with_request_context
+def batch_log_task(chunk_id: int) -> int:
+    from registry.batch import batch_log_chunk
+
+    return batch_log_chunk(chunk_id=chunk_id)
+
+
+@shared_task(name="registry.tasks.batch_reap", ignore_result=True)
+def batch_reap_task() -> dict[str, int]:
+    from registry.batch import batch_reap
+
+    return batch_reap()
+
+
+@shared_task(name="registry.tasks.batch_schedule_fire", ignore_result=True)
+@with_request_context
+def batch_schedule_fire(schedule_id: int) -> str | None:
+    from registry.batch import batch_schedule_fire as fire
+
+    job = fire(schedule_id=schedule_id)
+    return str(job.uid) if job else None

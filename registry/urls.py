@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry import promotion_views, views
+from registry import batch_views, promotion_views, views
 
 app_name = "registry"
 
@@ -22,6 +22,12 @@ urlpatterns = [
          name="predictions"),
     path("models/<str:name>/environments/<str:env>/rollback", promotion_views.environment_rollback,
          name="rollback"),
+    path("models/<str:name>/batch/", batch_views.batch_page, name="batch"),
+    path("models/<str:name>/batch/schedules", batch_views.schedule_create, name="batch-schedule-create"),
+    path("batch/<uuid:uid>/", batch_views.batch_job_page, name="batch-job"),
+    path("batch/<uuid:uid>/cancel", batch_views.batch_job_cancel, name="batch-job-cancel"),
+    path("batch-schedules/<int:pk>/toggle", batch_views.schedule_toggle, name="batch-schedule-toggle"),
+    path("batch-schedules/<int:pk>/delete", batch_views.schedule_delete, name="batch-schedule-delete"),
     path("promotions/", promotion_views.promotion_queue, name="promotions"),
     path("promotions/<uuid:uid>/", promotion_views.promotion_detail, name="promotion"),
     path("promotions/<uuid:uid>/decide", promotion_views.promotion_decide, name="promotion-decide"),

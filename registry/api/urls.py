@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry.api import promotions, views
+from registry.api import batch, promotions, views
 
 app_name = "registry_api"
 
@@ -27,6 +27,13 @@ urlpatterns = [
     path("promotions/<uuid:uid>/cancel", promotions.PromotionCancelApi.as_view(), name="promotion-cancel"),
     path("models/<str:name>/environments/<str:env>/rollback", promotions.RollbackApi.as_view(), name="rollback"),
     path("models/<str:name>/environments/<str:env>/history", promotions.HistoryApi.as_view(), name="history"),
+    path("batch-jobs/", batch.BatchJobListApi.as_view(), name="batch-jobs"),
+    path("batch-jobs/<uuid:uid>/", batch.BatchJobDetailApi.as_view(), name="batch-job"),
+    path("batch-jobs/<uuid:uid>/result", batch.BatchJobResultApi.as_view(), name="batch-job-result"),
+    path("batch-jobs/<uuid:uid>/errors", batch.BatchJobErrorsApi.as_view(), name="batch-job-errors"),
+    path("batch-jobs/<uuid:uid>/cancel", batch.BatchJobCancelApi.as_view(), name="batch-job-cancel"),
+    path("models/<str:name>/batch-schedules/", batch.BatchScheduleListApi.as_view(), name="batch-schedules"),
+    path("batch-schedules/<int:pk>/", batch.BatchScheduleDetailApi.as_view(), name="batch-schedule"),
     path("teams/<slug:slug>/webhooks/", promotions.WebhookListApi.as_view(), name="webhooks"),
     path("teams/<slug:slug>/webhooks/<int:pk>/deliveries", promotions.WebhookDeliveriesApi.as_view(),
          name="webhook-deliveries"),

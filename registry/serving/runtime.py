@@ -88,7 +88,7 @@ def _native_predictor(version: ModelVersion, path: Path, columns: list[str]) -> 
 def load_serving_model(*, version: ModelVersion, kind: str, blob: Any) -> LoadedModel:
     from registry import storage
 
-    columns = [c["name"] for c in version.signature.get("inputs", []) if isinstance(c, dict) and c.get("name")]
+    columns = named_inputs(version)
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
             predictor = _onnx_predictor(path)
@@ -96,11 +96,22 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any) -> Loaded
         assert version.artifact is not None
         with storage.verified_local_path(version.artifact) as path:
             predictor = _native_predictor(version, path, columns)
+    return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
+                       predict_fn=predictor, kind=kind)
+
+
+def named_inputs(version: ModelVersion) -> list[str]:
+    return [c["name"] for c in version.signature.get("inputs", []) if isinstance(c, dict) and c.get("name")]
+
+
+def input_columns(version: ModelVersion) -> list[str]:
+    """The columns a request must carry, in the model's order: the signature's names, or ``f0``… for a tensor
+    signature (a bare ONNX upload), whose width is the tensor's second dimension."""
+    columns = named_inputs(version)
     if not columns:
-        # Tensor signatures (a bare ONNX upload): the width is the tensor's second dimension.
         shape = (version.signature.get("inputs") or [{}])[0].get("shape") or []
         columns = [f"f{i}" for i in range(shape[1])] if len(shape) > 1 and shape[1] else []
-    return LoadedModel(version_number=version.number, columns=columns, predict_fn=predictor, kind=kind)
+    return columns
 
 
 @dataclass
@@ -135,6 +146,11 @@ class ServingCache:
         with self._lock:
             self._routes.clear()
             self._models.clear()
+
+    def loaded(self, deployment: Deployment) -> LoadedModel:
+        """The deployment's serving form, loaded once per process (batch workers use the one web workers use)."""
+        with self._lock:
+            return self._loaded(deployment)
 
     def _loaded(self, deployment: Deployment) -> LoadedModel:
         cached = self._models.get(deployment.pk)

@@ -14,12 +14,7 @@
   const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
   const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
 
-  function human(bytes) {
-    const units = ["B", "KB", "MB", "GB", "TB"];
-    let i = 0;
-    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
-    return bytes.toFixed(i ? 1 : 0) + " " + units[i];
-  }
+  const human = window.PortalUpload.human;
 
   function say(html, kind) {
     result.className = "message " + (kind || "");
@@ -40,19 +35,7 @@
     }
   }
 
-  fileInput.addEventListener("change", chosen);
-  ["dragenter", "dragover"].forEach((name) => dropzone.addEventListener(name, (event) => {
-    event.preventDefault();
-    dropzone.classList.add("over");
-  }));
-  ["dragleave", "drop"].forEach((name) => dropzone.addEventListener(name, () => dropzone.classList.remove("over")));
-  dropzone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    if (event.dataTransfer.files.length) {
-      fileInput.files = event.dataTransfer.files;
-      chosen();
-    }
-  });
+  window.PortalUpload.bindDropzone(dropzone, fileInput, chosen);
 
   function findingsList(findings) {
     const list = document.createElement("ul");
@@ -102,24 +85,15 @@
     const data = new FormData(form);
     data.delete("csrfmiddlewaretoken");
     ["reference_data"].forEach((name) => { if (!data.get(name) || !data.get(name).size) data.delete(name); });
-    const xhr = new XMLHttpRequest();
-    xhr.open("POST", form.dataset.endpoint);
-    xhr.setRequestHeader("X-CSRFToken", csrf);
-    xhr.setRequestHeader("Accept", "application/json");
     button.disabled = true;
     progressWrap.hidden = false;
     say("Uploading…");
-    xhr.upload.addEventListener("progress", (e) => {
-      if (!e.lengthComputable) return;
-      const pct = Math.floor((e.loaded / e.total) * 100);
+    window.PortalUpload.send(form.dataset.endpoint, data, csrf, (pct, loaded, total) => {
       progress.value = pct;
-      progressText.textContent = pct + "% · " + human(e.loaded) + " of " + human(e.total);
-      if (e.loaded === e.total) say("Uploaded; checking the file…");
-    });
-    xhr.addEventListener("load", () => {
-      let body = {};
-      try { body = JSON.parse(xhr.responseText); } catch (err) { body = {}; }
-      if (xhr.status === 201) {
+      progressText.textContent = pct + "% · " + human(loaded) + " of " + human(total);
+      if (loaded === total) say("Uploaded; checking the file…");
+    }, (status, body) => {
+      if (status === 201) {
         progress.value = 100;
         const statusUrl = form.dataset.endpoint + body.number + "/";
         const pageUrl = form.dataset.versionPage + "versions/" + body.number + "/";
@@ -128,14 +102,12 @@
         const box = document.createElement("div");
         const line = document.createElement("p");
         line.dataset.testid = "final-status";
-        line.textContent = body.error ? body.error.message : "The upload failed (HTTP " + xhr.status + ").";
+        line.textContent = body.error ? body.error.message : "The upload failed (HTTP " + status + ").";
         box.append(line);
         if (body.error && body.error.details && body.error.details.findings) box.append(findingsList(body.error.details.findings));
         say(box, "error");
         button.disabled = false;
       }
     });
-    xhr.addEventListener("error", () => { say("The connection broke during the upload. Try again.", "error"); button.disabled = false; });
-    xhr.send(data);
   });
 })();

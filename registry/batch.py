@@ -1,0 +1,820 @@
+"""Batch scoring: a file scored in chunks by as many workers as are running, assembled in order, logged in bulk.
+
+The steps, each a Celery task that claims its row before working so a redelivered message is harmless:
+
+1. **Submit** (the request): the file's format, header and required columns are checked, the file is stored
+   content-addressed, the serving version is pinned and the job is queued.
+2. **Plan**: one pass over the file checks its SHA-256 and cuts it into chunks (see :mod:`registry.batch_io`);
+   one task per chunk goes to the queue, so every running worker takes a share.
+3. **Score a chunk**: read its byte range (or row groups), check rows against the signature, predict, write the
+   scored part to the artifact store (shared by all hosts). The chunk is marked done once, in the same transaction
+   that counts it into the job; the task that counts the last chunk queues the assembly.
+4. **Assemble**: the parts, in chunk order, become the result file (input columns plus prediction and prediction
+   id); bad rows become the errors file (row, column, reason). The job is ``done`` only if every chunk's rows are
+   there exactly once, and fails when bad rows pass the job's ``max_error_share``.
+5. **Log**: the scored rows join the prediction log in bulk (role ``batch``), after the result is ready.
+
+A worker killed mid-chunk loses that chunk only: the message is redelivered (acks late, reject on worker lost) or
+the reaper hands it out again, and a chunk runs at most ``BatchJob.MAX_CHUNK_ATTEMPTS`` times.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import posixpath
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from portal import context
+from portal.audit import AuditAction, Target, audit_record
+from portal.models import AuditOutcome
+from portal.permissions import has_capability, require_capability
+from registry import batch_io, storage
+from registry.models import (
+    BATCH_ACTIVE,
+    BatchChunk,
+    BatchJob,
+    BatchSchedule,
+    BatchStatus,
+    ChunkStatus,
+    Deployment,
+    EnvironmentState,
+    RegisteredModel,
+)
+from registry.selectors import environment_param
+
+logger = logging.getLogger(__name__)
+INBOX = "batch-inbox"
+
+
+def batch_target(job: BatchJob) -> Target:
+    return Target(type="batchjob", id=str(job.uid), repr=f"{job.model.name}/{job.environment}: {job.input_filename}"[:255],
+                  team_slug=job.model.team.slug)
+
+
+def work_prefix(job: BatchJob) -> str:
+    return f"batch/{job.uid}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submitting
+
+
+@dataclass
+class BatchOptions:
+    id_column: str = ""
+    subject_column: str = ""
+    max_error_share: float | None = None
+
+
+def _champion(model: RegisteredModel, environment: str) -> Deployment:
+    state = (EnvironmentState.objects.select_related("champion__version", "champion__serving_blob")
+             .filter(model=model, environment=environment).first())
+    if state is None or state.champion is None:
+        raise ValidationError({"env": f"Nothing serves {model.name} in {environment} yet; deploy a version first."})
+    return state.champion
+
+
+def batch_submit(*, model: RegisteredModel, environment: str, path: str | Path, filename: str, actor: Any,
+                 options: BatchOptions | None = None, sha256: str | None = None, upload: Any = None,
+                 schedule: BatchSchedule | None = None) -> BatchJob:
+    """Check and store the file, pin the serving version, queue the job. ``upload`` (a temporary uploaded file) is
+    moved into the store rather than copied; otherwise ``path`` is copied."""
+    options = options or BatchOptions()
+    if schedule is None:
+        require_capability(actor, "run_batch")
+    environment_param(environment)
+    share = settings.PORTAL_BATCH_MAX_ERROR_SHARE if options.max_error_share is None else options.max_error_share
+    if not 0.0 <= share <= 1.0:
+        raise ValidationError({"max_error_share": "Give a share between 0 and 1 (0.05 is 5 % of the rows)."})
+    champion = _champion(model, environment)
+    version = champion.version
+    required = _required_columns(version)
+    try:
+        description = batch_io.describe(str(path), filename)
+        batch_io.check_columns(description, required, {"id": options.id_column, "subject id": options.subject_column})
+    except batch_io.BatchInputError as exc:
+        raise ValidationError({"file": str(exc)}) from None
+    if sha256 is None:
+        sha256, size = storage.sha256_of_file(path)
+    else:
+        size = os.path.getsize(path)
+    if upload is not None:
+        blob = storage.blob_put(upload, sha256=sha256, size=size)
+    else:
+        with open(path, "rb") as fh:
+            blob = storage.blob_put(fh, sha256=sha256, size=size)
+    prediction_name, id_name = batch_io.output_names(description.columns)
+    with transaction.atomic():
+        job = BatchJob.objects.create(
+            model=model, environment=environment, version=version, deployment=champion, schedule=schedule,
+            input_blob=blob, input_format=description.format, input_filename=Path(filename).name[:255] or "input",
+            columns=description.columns, newline=description.newline.decode(), id_column=options.id_column,
+            subject_column=options.subject_column, prediction_column=prediction_name,
+            prediction_id_column=id_name, max_error_share=share, rows_total=description.rows,
+            requested_by=actor if getattr(actor, "is_authenticated", False) else None,
+            request_id=context.current().request_id,
+        )
+        audit_record(AuditAction.BATCH_SUBMIT, actor=None if schedule else actor, target=batch_target(job),
+                     after={"version": version.number, "environment": environment, "input_sha256": sha256,
+                            "input_bytes": size, "format": description.format, "schedule": schedule.pk if schedule
+                            else None, "max_error_share": share})
+        _enqueue_on_commit("batch_plan", job.pk)
+    return job
+
+
+def _required_columns(version: Any) -> list[str]:
+    from registry.serving.runtime import input_columns
+
+    columns = input_columns(version)
+    if not columns:
+        raise ValidationError({"model": f"Version {version.number}'s signature names no input columns, so a file's "
+                                        "columns cannot be matched to it."})
+    return columns
+
+
+def _enqueue_on_commit(task: str, *args: Any) -> None:
+    ctx = context.current().as_task_kwargs()
+
+    def enqueue() -> None:
+        from registry import tasks
+
+        getattr(tasks, f"{task}_task").delay(*args, request_ctx=ctx)
+
+    transaction.on_commit(enqueue)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def _claim_job(job_id: int, *statuses: str, to: str) -> BatchJob | None:
+    claimed = BatchJob.objects.filter(pk=job_id, status__in=statuses, attempts__lt=3).update(
+        status=to, attempts=F("attempts") + 1, started_at=timezone.now())
+    if not claimed:
+        return None
+    return BatchJob.objects.select_related("model__team", "version", "deployment", "input_blob").get(pk=job_id)
+
+
+def _give_up_if_stuck(job_id: int, status: str, step: str) -> BatchJob | None:
+    """A job whose step kept killing its worker ends failed with the reason, never stuck."""
+    job = BatchJob.objects.select_related("model__team").filter(pk=job_id).first()
+    if job is not None and job.status == status and job.attempts >= 3:
+        _fail(job, f"{step} was started {job.attempts} times and its worker stopped each time")
+        job.refresh_from_db()
+    return job
+
+
+def batch_plan(*, job_id: int) -> BatchJob | None:
+    job = _claim_job(job_id, BatchStatus.QUEUED, BatchStatus.PLANNING, to=BatchStatus.PLANNING)
+    if job is None:
+        return _give_up_if_stuck(job_id, BatchStatus.PLANNING, "planning")
+    try:
+        if job.input_format == "csv":
+            chunks = _plan_csv(job)
+        else:
+            chunks = _plan_parquet(job)
+    except (batch_io.BatchInputError, storage.IntegrityError) as exc:
+        _fail(job, str(exc))
+        return job
+    with transaction.atomic():
+        BatchChunk.objects.filter(job=job).delete()  # a re-planned job starts its chunks over
+        BatchChunk.objects.bulk_create([
+            BatchChunk(job=job, index=i, start=c.start, end=c.end, rows_planned=c.rows, source=c.source)
+            for i, c in enumerate(chunks)])
+        updated = BatchJob.objects.filter(pk=job.pk, status=BatchStatus.PLANNING).update(
+            status=BatchStatus.SCORING, chunks_total=len(chunks), chunks_done=0, rows_done=0, rows_failed=0,
+            rows_total=sum(c.rows for c in chunks))
+        if updated:
+            ids = list(BatchChunk.objects.filter(job=job).order_by("index").values_list("pk", flat=True))
+            ctx = context.current().as_task_kwargs()
+
+            def enqueue() -> None:
+                from registry.tasks import batch_chunk_task
+
+                for pk in ids:
+                    batch_chunk_task.delay(pk, request_ctx=ctx)
+
+            transaction.on_commit(enqueue)
+    job.refresh_from_db()
+    return job
+
+
+def _plan_csv(job: BatchJob) -> list[batch_io.ChunkPlan]:
+    with storage.local_path(job.input_blob) as path, open(path, "rb") as fh:
+        plan = batch_io.plan_csv(fh, settings.PORTAL_BATCH_CHUNK_BYTES)
+    if plan.sha256 != job.input_blob.sha256:
+        raise storage.IntegrityError("the stored input file no longer matches its SHA-256")
+    return plan.chunks
+
+
+def _plan_parquet(job: BatchJob) -> list[batch_io.ChunkPlan]:
+    chunk_rows = settings.PORTAL_BATCH_CHUNK_ROWS
+    with storage.verified_local_path(job.input_blob) as path:
+        planned = batch_io.plan_parquet(str(path), chunk_rows)
+        chunks: list[batch_io.ChunkPlan] = []
+        for plan in planned:
+            if plan.source != "recut":
+                chunks.append(plan)
+                continue
+            for piece in batch_io.recut_row_group(str(path), plan.start, chunk_rows):
+                name = storage.put_work_file(f"{work_prefix(job)}/in-{len(chunks):05d}.arrow", piece)
+                rows = batch_io.read_ipc(piece).num_rows
+                chunks.append(batch_io.ChunkPlan(0, 0, rows, name))
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring a chunk
+
+
+def _claim_chunk(chunk_id: int) -> BatchChunk | None:
+    claimable = Q(status=ChunkStatus.PENDING) | Q(status=ChunkStatus.RUNNING)
+    claimed = BatchChunk.objects.filter(claimable, pk=chunk_id, attempts__lt=BatchJob.MAX_CHUNK_ATTEMPTS,
+                                        job__status=BatchStatus.SCORING).update(
+        status=ChunkStatus.RUNNING, attempts=F("attempts") + 1, started_at=timezone.now(),
+        worker=f"{socket.gethostname()}:{os.getpid()}"[:200])
+    if not claimed:
+        return None
+    return BatchChunk.objects.select_related("job__model__team", "job__version", "job__deployment__version",
+                                             "job__deployment__serving_blob", "job__input_blob").get(pk=chunk_id)
+
+
+def batch_chunk_run(*, chunk_id: int) -> str:
+    chunk = _claim_chunk(chunk_id)
+    if chunk is None:
+        current = BatchChunk.objects.select_related("job__model__team").filter(pk=chunk_id).first()
+        if current is None:
+            return "gone"
+        if current.status == ChunkStatus.RUNNING and current.attempts >= BatchJob.MAX_CHUNK_ATTEMPTS \
+                and current.job.status == BatchStatus.SCORING:
+            _fail(current.job, f"chunk {current.index + 1} was started {current.attempts} times and its worker "
+                               "stopped each time")
+        return current.status
+    job = chunk.job
+    if chunk.attempts > 1:
+        logger.warning("Batch %s: chunk %s is being run again (attempt %s)", job.uid, chunk.index, chunk.attempts)
+    started = time.perf_counter()
+    try:
+        scored = _score(job, chunk)
+    except batch_io.BatchInputError as exc:
+        _fail(job, f"chunk {chunk.index + 1}: {exc}")
+        return "failed"
+    except Exception as exc:
+        logger.exception("Batch %s: chunk %s failed", job.uid, chunk.index)
+        _fail(job, f"chunk {chunk.index + 1}: the model failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return "failed"
+    seconds = time.perf_counter() - started
+    suffix = f"{chunk.index:05d}-{chunk.attempts}"
+    prefix = work_prefix(job)
+    output_name = storage.put_work_file(f"{prefix}/part-{suffix}", scored.output)
+    errors_name = ""
+    if scored.errors:
+        errors_name = storage.put_work_file(f"{prefix}/errors-{suffix}.csv", batch_io.errors_csv(
+            [(e.row, e.column, e.reason) for e in scored.errors]))
+    log_name = ""
+    if settings.PORTAL_BATCH_LOG_PREDICTIONS and scored.predictions:
+        log_name = storage.put_work_file(f"{prefix}/log-{suffix}.arrow", _log_part(scored, seconds))
+    return _chunk_done(chunk, rows=scored.rows, failed=int((~scored.good).sum()), output_name=output_name,
+                       errors_name=errors_name, log_name=log_name)
+
+
+def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
+    from registry.serving.runtime import cache
+
+    loaded = cache.loaded(job.deployment)
+    required = loaded.columns
+    prefix = f"{job.id_prefix}{chunk.index:04x}"
+    if job.input_format == "csv":
+        data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
+        return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required,
+                                        subject_column=job.subject_column, id_prefix=prefix,
+                                        newline=job.newline.encode(), predict=loaded.predict)
+    if chunk.source:
+        table = batch_io.read_ipc(storage.read_work_file(chunk.source))
+    else:
+        with storage.local_path(job.input_blob) as path:
+            table = batch_io.read_parquet_groups(str(path), int(chunk.start), int(chunk.end))
+    return batch_io.score_arrow_chunk(table, required=required, subject_column=job.subject_column, id_prefix=prefix,
+                                      prediction_name=job.prediction_column, id_name=job.prediction_id_column,
+                                      predict=loaded.predict)
+
+
+def _log_part(scored: batch_io.ScoredChunk, seconds: float) -> bytes:
+    """What the prediction log needs of a chunk, as an Arrow IPC file: ids, inputs, outputs, subjects."""
+    import pyarrow as pa
+
+    good = np.flatnonzero(scored.good)
+    matrix = scored.matrix
+    columns: dict[str, Any] = {"row": pa.array(good, type=pa.int64())}
+    for j in range(matrix.shape[1]):
+        columns[f"x{j}"] = pa.array(matrix[:, j])
+    try:
+        columns["output"] = pa.array(scored.predictions)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        columns["output"] = pa.array([str(p) for p in scored.predictions], type=pa.string())
+    if scored.subjects is not None:
+        columns["subject"] = pa.array([scored.subjects[i] for i in good], type=pa.string())
+    table = pa.table(columns)
+    table = table.replace_schema_metadata({"latency_ms": repr(seconds * 1000 / max(len(good), 1))})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _chunk_done(chunk: BatchChunk, *, rows: int, failed: int, output_name: str, errors_name: str,
+                log_name: str) -> str:
+    with transaction.atomic():
+        updated = BatchChunk.objects.filter(pk=chunk.pk, status=ChunkStatus.RUNNING).update(
+            status=ChunkStatus.DONE, rows=rows, rows_failed=failed, output_name=output_name, errors_name=errors_name,
+            log_name=log_name, finished_at=timezone.now())
+        if not updated:
+            return "duplicate"  # another run of the same chunk finished first; its part is the one used
+        job = BatchJob.objects.select_for_update().get(pk=chunk.job_id)
+        if job.status != BatchStatus.SCORING:
+            return str(job.status)
+        job.chunks_done += 1
+        job.rows_done += rows
+        job.rows_failed += failed
+        job.save(update_fields=["chunks_done", "rows_done", "rows_failed"])
+        if job.chunks_done == job.chunks_total:
+            BatchJob.objects.filter(pk=job.pk).update(scored_at=timezone.now())
+            _enqueue_on_commit("batch_assemble", job.pk)
+    return "done"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assembling
+
+
+def batch_assemble(*, job_id: int) -> BatchJob | None:
+    claimed = BatchJob.objects.filter(Q(status=BatchStatus.SCORING, chunks_done=F("chunks_total"))
+                                      | Q(status=BatchStatus.ASSEMBLING), pk=job_id).update(
+        status=BatchStatus.ASSEMBLING)
+    job = BatchJob.objects.select_related("model__team", "version", "input_blob").filter(pk=job_id).first()
+    if not claimed or job is None:
+        return job
+    chunks = list(BatchChunk.objects.filter(job=job).order_by("index"))
+    problem = _completeness_problem(job, chunks)
+    if problem:
+        _fail(job, problem)
+        return job
+    rows = sum(int(c.rows or 0) for c in chunks)
+    failed = sum(c.rows_failed for c in chunks)
+    errors_blob = _assemble_errors(job, chunks) if failed else None
+    if failed > job.max_error_share * rows:
+        _fail(job, f"{failed:,} of {rows:,} rows ({100 * failed / rows:.2f} %) failed the model's signature, more "
+                   f"than the {100 * job.max_error_share:g} % this job allows; see the errors file.",
+              errors_blob=errors_blob)
+        return job
+    result_blob = _assemble_csv(job, chunks) if job.input_format == "csv" else _assemble_parquet(job, chunks)
+    with transaction.atomic():
+        updated = BatchJob.objects.filter(pk=job.pk, status=BatchStatus.ASSEMBLING).update(
+            status=BatchStatus.DONE, result_blob=result_blob, errors_blob=errors_blob, rows_total=rows,
+            rows_done=rows, rows_failed=failed, finished_at=timezone.now(), error="")
+        if updated:
+            audit_record(AuditAction.BATCH_DONE, actor=None, target=batch_target(job),
+                         before={"status": "assembling"},
+                         after={"status": "done", "rows": rows, "rows_failed": failed, "result_sha256":
+                                result_blob.sha256, "errors_sha256": errors_blob.sha256 if errors_blob else None})
+            pending_logs = [c.pk for c in chunks if c.log_name and not c.logged]
+            ctx = context.current().as_task_kwargs()
+
+            def after() -> None:
+                from registry.tasks import batch_log_task
+
+                _cleanup_parts(job, keep_logs=True)
+                for pk in pending_logs:
+                    batch_log_task.delay(pk, request_ctx=ctx)
+
+            transaction.on_commit(after)
+    job.refresh_from_db()
+    return job
+
+
+def _completeness_problem(job: BatchJob, chunks: list[BatchChunk]) -> str:
+    if len(chunks) != job.chunks_total or [c.index for c in chunks] != list(range(job.chunks_total)):
+        return f"expected {job.chunks_total} chunks, found {len(chunks)}"
+    missing = [c.index + 1 for c in chunks if c.status != ChunkStatus.DONE or not c.output_name or c.rows is None]
+    if missing:
+        return f"chunks {missing[:5]} have no scored part"
+    if job.input_format == "csv":
+        for previous, current in zip(chunks, chunks[1:]):
+            if previous.end != current.start:
+                return f"chunks {previous.index + 1} and {current.index + 1} do not meet"
+        if chunks[-1].end != job.input_blob.size:
+            return "the chunks do not reach the end of the file"
+    return ""
+
+
+def _header_line(job: BatchJob, first_chunk: BatchChunk) -> bytes:
+    header = storage.read_range(job.input_blob.storage_name, 0, int(first_chunk.start))
+    newline = job.newline.encode()
+    body = header[: -len(newline)] if header.endswith(newline) else header.rstrip(b"\r\n")
+    extra = ",".join(batch_io._quote(n) for n in (job.prediction_column, job.prediction_id_column))
+    return body + b"," + extra.encode() + newline
+
+
+def _tmp_file() -> tuple[int, str]:
+    tmp_dir = Path(settings.VAR_DIR) / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=tmp_dir)
+
+
+def _assemble_csv(job: BatchJob, chunks: list[BatchChunk]) -> Any:
+    fd, tmp = _tmp_file()
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as out:
+        for piece in _pieces(_header_line(job, chunks[0]), chunks):
+            digest.update(piece)
+            out.write(piece)
+            size += len(piece)
+    return storage.blob_put_moved(tmp, sha256=digest.hexdigest(), size=size)
+
+
+def _pieces(header: bytes, chunks: list[BatchChunk]) -> Any:
+    yield header
+    store = storage.artifact_storage()
+    for chunk in chunks:
+        with store.open(chunk.output_name, "rb") as fh:
+            while piece := fh.read(storage.CHUNK * 8):
+                yield piece
+
+
+def _assemble_parquet(job: BatchJob, chunks: list[BatchChunk]) -> Any:
+    import pyarrow.parquet as pq
+
+    fd, tmp = _tmp_file()
+    os.close(fd)
+    writer = None
+    try:
+        for chunk in chunks:
+            table = batch_io.read_ipc(storage.read_work_file(chunk.output_name))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            elif table.schema != writer.schema:
+                table = table.cast(writer.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    sha, size = storage.sha256_of_file(tmp)
+    return storage.blob_put_moved(tmp, sha256=sha, size=size)
+
+
+def _assemble_errors(job: BatchJob, chunks: list[BatchChunk]) -> Any:
+    """One errors file for the job: the row number in the input (1 = the first data row), column and reason."""
+    import csv
+    import io
+
+    fd, tmp = _tmp_file()
+    offset = 0
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["row", "column", "reason"])
+        for chunk in chunks:
+            if chunk.errors_name:
+                text = storage.read_work_file(chunk.errors_name).decode("utf-8")
+                for row, column, reason in csv.reader(io.StringIO(text)):
+                    writer.writerow([offset + int(row) + 1, column, reason])
+            offset += int(chunk.rows or 0)
+    sha, size = storage.sha256_of_file(tmp)
+    return storage.blob_put_moved(tmp, sha256=sha, size=size)
+
+
+def _cleanup_parts(job: BatchJob, *, keep_logs: bool) -> None:
+    prefix = work_prefix(job)
+    store = storage.artifact_storage()
+    try:
+        _dirs, files = store.listdir(prefix)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in files:
+        if keep_logs and name.startswith("log-"):
+            continue
+        store.delete(f"{prefix}/{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging into the prediction log
+
+
+def batch_log_chunk(*, chunk_id: int) -> int:
+    """Write one chunk's predictions to the prediction log (ids are fixed, so a repeat inserts nothing twice)."""
+    from monitoring.flush import write_batches
+    from registry.serving.views import subject_hash
+
+    chunk = BatchChunk.objects.select_related("job__model", "job__version").filter(
+        pk=chunk_id, status=ChunkStatus.DONE, logged=False).exclude(log_name="").first()
+    if chunk is None:
+        return 0
+    job = chunk.job
+    try:
+        table = batch_io.read_ipc(storage.read_work_file(chunk.log_name))
+    except FileNotFoundError:
+        logger.error("Batch %s: the log part of chunk %s is gone; its predictions are not logged", job.uid, chunk.index)
+        BatchChunk.objects.filter(pk=chunk.pk).update(logged=True)
+        return 0
+    width = sum(1 for name in table.column_names if name.startswith("x"))
+    matrix = np.column_stack([table.column(f"x{j}").to_numpy() for j in range(width)]) if width else None
+    rows = table.column("row").to_numpy()
+    outputs = table.column("output").to_pylist()
+    subjects = table.column("subject").to_pylist() if "subject" in table.column_names else None
+    latency = float((table.schema.metadata or {}).get(b"latency_ms", b"0"))
+    ts = (job.scored_at or job.created_at).timestamp()
+    prefix = f"{job.id_prefix}{chunk.index:04x}"
+    batches = []
+    step = 5000
+    for lo in range(0, len(rows), step):
+        hi = min(lo + step, len(rows))
+        batches.append({
+            "model": job.model.name, "environment": job.environment, "version": job.version.number, "role": "batch",
+            "ts": ts, "latency_ms": latency * (hi - lo), "request_id": job.request_id, "error": "",
+            "ids": [f"{prefix}{int(r):06x}" for r in rows[lo:hi]],
+            "inputs": matrix[lo:hi].tolist() if matrix is not None else [None] * (hi - lo),
+            "outputs": outputs[lo:hi],
+            "subjects": [subject_hash(s) if s else "" for s in subjects[lo:hi]] if subjects else None,
+        })
+    written = write_batches(batches)
+    with transaction.atomic():
+        if BatchChunk.objects.filter(pk=chunk.pk, logged=False).update(logged=True):
+            BatchJob.objects.filter(pk=job.pk).update(rows_logged=F("rows_logged") + len(rows))
+    storage.artifact_storage().delete(chunk.log_name)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failing, cancelling, reaping
+
+
+def _fail(job: BatchJob, error: str, *, errors_blob: Any = None) -> None:
+    with transaction.atomic():
+        updated = BatchJob.objects.filter(pk=job.pk, status__in=BATCH_ACTIVE).update(
+            status=BatchStatus.FAILED, error=error[:2000], finished_at=timezone.now(),
+            **({"errors_blob": errors_blob} if errors_blob is not None else {}))
+        if updated:
+            audit_record(AuditAction.BATCH_FAIL, actor=None, target=batch_target(job), outcome=AuditOutcome.FAILURE,
+                         before={"status": job.status}, after={"status": "failed", "error": error[:1000]})
+            transaction.on_commit(lambda: _cleanup_parts(job, keep_logs=False))
+    logger.warning("Batch %s failed: %s", job.uid, error)
+
+
+def batch_cancel(*, job: BatchJob, actor: Any) -> BatchJob:
+    require_capability(actor, "run_batch")
+    with transaction.atomic():
+        locked = BatchJob.objects.select_for_update().get(pk=job.pk)
+        if locked.status not in BATCH_ACTIVE:
+            raise ValidationError({"status": f"The job is already {locked.status}; only a queued or running job can "
+                                             "be cancelled."})
+        before = locked.status
+        locked.status = BatchStatus.CANCELLED
+        locked.finished_at = timezone.now()
+        locked.error = f"Cancelled by {getattr(actor, 'username', 'someone')}."
+        locked.save(update_fields=["status", "finished_at", "error"])
+        audit_record(AuditAction.BATCH_CANCEL, actor=actor, target=batch_target(job), before={"status": before},
+                     after={"status": "cancelled", "rows_done": locked.rows_done, "chunks_done": locked.chunks_done})
+        transaction.on_commit(lambda: _cleanup_parts(locked, keep_logs=False))
+    return locked
+
+
+def batch_reap() -> dict[str, int]:
+    """Hand out again what a dead worker or a lost message left behind: jobs stuck planning or assembling, chunks
+    running (or pending) too long, logs never written. Claims count attempts, so nothing loops for ever."""
+    from registry import tasks
+
+    cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_BATCH_STALE_SECONDS)
+    counts = {"plan": 0, "chunk": 0, "assemble": 0, "log": 0}
+    for pk in BatchJob.objects.filter(Q(status=BatchStatus.QUEUED, created_at__lt=cutoff)
+                                      | Q(status=BatchStatus.PLANNING, started_at__lt=cutoff)).values_list("pk",
+                                                                                                           flat=True):
+        tasks.batch_plan_task.delay(pk)
+        counts["plan"] += 1
+    stale_chunks = BatchChunk.objects.filter(job__status=BatchStatus.SCORING).filter(
+        Q(status=ChunkStatus.RUNNING, started_at__lt=cutoff)
+        | Q(status=ChunkStatus.PENDING, job__started_at__lt=cutoff))
+    for pk in stale_chunks.values_list("pk", flat=True)[:1000]:
+        tasks.batch_chunk_task.delay(pk)
+        counts["chunk"] += 1
+    for pk in BatchJob.objects.filter(Q(status=BatchStatus.ASSEMBLING) | Q(status=BatchStatus.SCORING,
+                                                                         chunks_done=F("chunks_total")),
+                                      scored_at__lt=cutoff).values_list("pk", flat=True):
+        tasks.batch_assemble_task.delay(pk)
+        counts["assemble"] += 1
+    for pk in BatchChunk.objects.filter(job__status=BatchStatus.DONE, job__finished_at__lt=cutoff, logged=False,
+                                        status=ChunkStatus.DONE).exclude(log_name="").values_list("pk", flat=True)[:1000]:
+        tasks.batch_log_task.delay(pk)
+        counts["log"] += 1
+    return counts
+
+
+def batch_download_record(*, job: BatchJob, actor: Any, which: str) -> Any:
+    """The blob a user downloads (``result`` or ``errors``), with the audit event saying who fetched which file."""
+    require_capability(actor, "run_batch")
+    blob = job.result_blob if which == "result" else job.errors_blob
+    if blob is None:
+        if which == "result":
+            raise ValidationError({"status": f"The job is {job.status}; its result is there once it is done."})
+        raise ValidationError({"errors": "This job has no errors file: every row passed the signature."})
+    audit_record(AuditAction.BATCH_DOWNLOAD, actor=actor, target=batch_target(job),
+                 metadata={"file": which, "sha256": blob.sha256, "bytes": blob.size})
+    return blob
+
+
+def result_filename(job: BatchJob, which: str) -> str:
+    stem = Path(job.input_filename).stem or "input"
+    if which == "errors":
+        return f"{stem}-errors.csv"
+    return f"{stem}-scored.{'csv' if job.input_format == 'csv' else 'parquet'}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def _check_cron(cron: str) -> list[str]:
+    from celery.schedules import crontab
+
+    fields = cron.split()
+    if len(fields) != 5:
+        raise ValidationError({"cron": "Give five fields: minute hour day-of-month month day-of-week (e.g. "
+                                       "'0 2 * * *' for 02:00 UTC every day)."})
+    try:
+        crontab(*fields)
+    except (ValueError, TypeError) as exc:
+        raise ValidationError({"cron": f"{cron!r} is not a valid schedule: {exc}"}) from None
+    return fields
+
+
+def _check_location(location: str) -> str:
+    location = location.strip()
+    if not location or location.startswith(("/", "\\")) or "\\" in location or "\x00" in location:
+        raise ValidationError({"location": "Give a path inside the team's batch inbox, like 'nightly/' or "
+                                           "'nightly/customers.csv'."})
+    normal = posixpath.normpath(location)
+    if normal.startswith("..") or "/../" in f"/{location}/":
+        raise ValidationError({"location": "The location must stay inside the team's batch inbox (no '..')."})
+    return normal + ("/" if location.endswith("/") else "")
+
+
+def inbox_path(schedule: BatchSchedule) -> str:
+    return f"{INBOX}/{schedule.model.team.slug}/{schedule.location}"
+
+
+def _sync_periodic_task(schedule: BatchSchedule) -> None:
+    import json
+
+    from django_celery_beat.models import CrontabSchedule, PeriodicTask
+
+    minute, hour, dom, month, dow = schedule.cron.split()
+    crontab, _created = CrontabSchedule.objects.get_or_create(minute=minute, hour=hour, day_of_month=dom,
+                                                              month_of_year=month, day_of_week=dow, timezone="UTC")
+    task = schedule.periodic_task or PeriodicTask(name=f"batch-schedule-{schedule.pk}")
+    task.task = "registry.tasks.batch_schedule_fire"
+    task.args = json.dumps([schedule.pk])
+    task.crontab = crontab
+    task.interval = None
+    task.enabled = schedule.enabled
+    task.description = f"Batch schedule {schedule}"
+    task.save()
+    if schedule.periodic_task_id != task.pk:
+        BatchSchedule.objects.filter(pk=schedule.pk).update(periodic_task=task)
+        schedule.periodic_task = task
+
+
+def _schedule_summary(schedule: BatchSchedule) -> dict[str, Any]:
+    return {"name": schedule.name, "environment": schedule.environment, "location": schedule.location,
+            "cron": schedule.cron, "enabled": schedule.enabled, "id_column": schedule.id_column,
+            "subject_column": schedule.subject_column}
+
+
+def schedule_create(*, model: RegisteredModel, environment: str, name: str, location: str, cron: str, actor: Any,
+                    id_column: str = "", subject_column: str = "", enabled: bool = True) -> BatchSchedule:
+    require_capability(actor, "run_batch")
+    environment_param(environment)
+    _check_cron(cron)
+    name = name.strip()
+    if not name:
+        raise ValidationError({"name": "Name the schedule."})
+    if BatchSchedule.objects.filter(model=model, name=name).exists():
+        raise ValidationError({"name": f"{model.name} already has a schedule named {name!r}."})
+    with transaction.atomic():
+        schedule = BatchSchedule.objects.create(
+            model=model, environment=environment, name=name[:100], location=_check_location(location),
+            cron=" ".join(cron.split()), id_column=id_column, subject_column=subject_column, enabled=enabled,
+            created_by=actor)
+        _sync_periodic_task(schedule)
+        audit_record(AuditAction.BATCH_SCHEDULE_CREATE, actor=actor, target=_schedule_target(schedule),
+                     after=_schedule_summary(schedule))
+    return schedule
+
+
+def _schedule_target(schedule: BatchSchedule) -> Target:
+    return Target(type="batchschedule", id=str(schedule.pk), repr=str(schedule)[:255],
+                  team_slug=schedule.model.team.slug)
+
+
+def schedule_update(*, schedule: BatchSchedule, actor: Any, **changes: Any) -> BatchSchedule:
+    require_capability(actor, "run_batch")
+    allowed = {"cron", "enabled", "location", "environment", "id_column", "subject_column"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValidationError({sorted(unknown)[0]: "This field cannot be changed."})
+    if "cron" in changes:
+        _check_cron(changes["cron"])
+        changes["cron"] = " ".join(changes["cron"].split())
+    if "location" in changes:
+        changes["location"] = _check_location(changes["location"])
+    if "environment" in changes:
+        environment_param(changes["environment"])
+    with transaction.atomic():
+        before = _schedule_summary(schedule)
+        for key, value in changes.items():
+            setattr(schedule, key, value)
+        schedule.save()
+        _sync_periodic_task(schedule)
+        audit_record(AuditAction.BATCH_SCHEDULE_CHANGE, actor=actor, target=_schedule_target(schedule),
+                     before=before, after=_schedule_summary(schedule))
+    return schedule
+
+
+def schedule_delete(*, schedule: BatchSchedule, actor: Any) -> None:
+    require_capability(actor, "run_batch")
+    with transaction.atomic():
+        audit_record(AuditAction.BATCH_SCHEDULE_DELETE, actor=actor, target=_schedule_target(schedule),
+                     before=_schedule_summary(schedule))
+        task = schedule.periodic_task
+        schedule.delete()
+        if task is not None:
+            task.delete()
+
+
+def _newest_file(prefix: str) -> str | None:
+    store = storage.artifact_storage()
+    try:
+        _dirs, files = store.listdir(prefix)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    candidates = [f"{prefix.rstrip('/')}/{f}" for f in files if f.lower().endswith((".csv", ".parquet"))]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda name: (store.get_modified_time(name), name))
+
+
+def batch_schedule_fire(*, schedule_id: int) -> BatchJob | None:
+    """One run of a schedule: the file (or the newest CSV/Parquet file of the folder) becomes a job."""
+    schedule = BatchSchedule.objects.select_related("model__team", "created_by").filter(pk=schedule_id).first()
+    if schedule is None or not schedule.enabled:
+        return None
+    now = timezone.now()
+    owner = schedule.created_by
+    try:
+        if owner is None or not has_capability(owner, "run_batch") or not (
+                has_capability(owner, "view_all_teams") or owner.memberships.filter(team=schedule.model.team).exists()):
+            raise PermissionDenied("the schedule's owner may no longer run batch jobs for this team")
+        location = inbox_path(schedule)
+        name = _newest_file(location) if location.endswith("/") else location
+        store = storage.artifact_storage()
+        if name is None or not store.exists(name):
+            raise ValidationError({"location": f"no CSV or Parquet file at {location}"})
+        fd, tmp = _tmp_file()
+        with os.fdopen(fd, "wb") as out, store.open(name, "rb") as src:
+            while piece := src.read(storage.CHUNK * 8):
+                out.write(piece)
+        try:
+            job = batch_submit(model=schedule.model, environment=schedule.environment, path=tmp,
+                               filename=posixpath.basename(name), actor=owner, schedule=schedule,
+                               options=BatchOptions(id_column=schedule.id_column,
+                                                    subject_column=schedule.subject_column))
+        finally:
+            with _suppress():
+                os.unlink(tmp)
+    except (ValidationError, PermissionDenied) as exc:
+        message = "; ".join(m for msgs in exc.message_dict.values() for m in msgs) if isinstance(
+            exc, ValidationError) and hasattr(exc, "message_dict") else str(exc)
+        BatchSchedule.objects.filter(pk=schedule.pk).update(last_run_at=now, last_error=message[:1000])
+        logger.warning("Batch schedule %s did not run: %s", schedule, message)
+        return None
+    BatchSchedule.objects.filter(pk=schedule.pk).update(last_run_at=now, last_error="")
+    return job
+
+
+def _suppress() -> Any:
+    import contextlib
+
+    return contextlib.suppress(FileNotFoundError)

@@ -1,0 +1,101 @@
+"""Batch scoring pages: submit a file (uploaded with a progress bar), follow a job live, cancel it, schedules."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from portal.permissions import has_capability
+from registry import batch, batch_selectors, selectors
+from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
+
+
+def _first_message(exc: ValidationError) -> str:
+    if hasattr(exc, "message_dict"):
+        return "; ".join(m for msgs in exc.message_dict.values() for m in msgs)
+    return "; ".join(exc.messages)
+
+
+@login_required
+@require_GET
+def batch_page(request: HttpRequest, name: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="view_models")
+    serving = dict(EnvironmentState.objects.filter(model=model, champion__isnull=False)
+                   .values_list("environment", "champion__version__number"))
+    jobs = Paginator(batch_selectors.job_list(user=request.user, model=model.name), 25).get_page(request.GET.get("page"))
+    schedules = list(model.batch_schedules.select_related("created_by", "model__team"))
+    return render(request, "registry/batch.html", {
+        "model": model, "jobs": jobs, "schedules": [(s, batch.inbox_path(s)) for s in schedules],
+        "environments": [(str(env), serving.get(str(env))) for env in ENVIRONMENT_ORDER],
+        "can_run": has_capability(request.user, "run_batch"),
+        "max_upload_mb": settings.PORTAL_MAX_UPLOAD_BYTES // (1024 * 1024),
+        "default_share": settings.PORTAL_BATCH_MAX_ERROR_SHARE,
+        "inbox": f"{batch.INBOX}/{model.team.slug}/",
+    })
+
+
+@login_required
+@require_GET
+def batch_job_page(request: HttpRequest, uid: str) -> HttpResponse:
+    job = batch_selectors.job_get(user=request.user, uid=uid)
+    return render(request, "registry/batch_job.html", {
+        "job": job, "model": job.model, "chunks": list(job.chunks.order_by("index")),
+        "can_run": has_capability(request.user, "run_batch"), "active": job.status in batch.BATCH_ACTIVE,
+    })
+
+
+@login_required
+@require_POST
+def batch_job_cancel(request: HttpRequest, uid: str) -> HttpResponse:
+    job = batch_selectors.job_get(user=request.user, uid=uid)
+    try:
+        batch.batch_cancel(job=job, actor=request.user)
+        messages.success(request, "The job is cancelled; chunks not yet scored will not be.")
+    except ValidationError as exc:
+        messages.error(request, _first_message(exc))
+    return redirect("registry:batch-job", uid=job.uid)
+
+
+@login_required
+@require_POST
+def schedule_create(request: HttpRequest, name: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="run_batch")
+    try:
+        schedule = batch.schedule_create(
+            model=model, environment=request.POST.get("environment", ""), name=request.POST.get("name", ""),
+            location=request.POST.get("location", ""), cron=request.POST.get("cron", ""), actor=request.user,
+            id_column=request.POST.get("id_column", "").strip()[:200],
+            subject_column=request.POST.get("subject_column", "").strip()[:200])
+        messages.success(request, f"Schedule {schedule.name} is on: {schedule.cron} (UTC).")
+    except ValidationError as exc:
+        messages.error(request, "The schedule was not created: " + _first_message(exc))
+    return redirect("registry:batch", name=model.name)
+
+
+def _schedule(request: HttpRequest, pk: int) -> BatchSchedule:
+    return batch_selectors.schedule_get(user=request.user, pk=pk)
+
+
+@login_required
+@require_POST
+def schedule_toggle(request: HttpRequest, pk: int) -> HttpResponse:
+    schedule = _schedule(request, pk)
+    batch.schedule_update(schedule=schedule, actor=request.user, enabled=not schedule.enabled)
+    messages.success(request, f"Schedule {schedule.name} is {'on' if schedule.enabled else 'paused'}.")
+    return redirect("registry:batch", name=schedule.model.name)
+
+
+@login_required
+@require_POST
+def schedule_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    schedule = _schedule(request, pk)
+    model_name = schedule.model.name
+    batch.schedule_delete(schedule=schedule, actor=request.user)
+    messages.success(request, f"Schedule {schedule.name} is deleted; its past jobs stay.")
+    return redirect("registry:batch", name=model_name)

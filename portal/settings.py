@@ -148,10 +148,17 @@ if BROKER_IS_FILESYSTEM:
         "store_processed": False,
     }
 else:
+    _visibility = env_int("PORTAL_CELERY_VISIBILITY_TIMEOUT", 3600, minimum=5)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        # A task not acknowledged within this window is handed to another worker (acks_late below).
-        "visibility_timeout": env_int("PORTAL_CELERY_VISIBILITY_TIMEOUT", 3600, minimum=5),
+        # A task not acknowledged within this window is handed to another worker (acks_late below). Workers look
+        # for such tasks every few seconds (kombu's default sweep is every 100 s, whatever the window).
+        "visibility_timeout": _visibility,
+        "unacked_restore_interval": max(1, min(10, _visibility // 2)),
+        "unacked_restore_throttle": 1,
     }
+# The queue tasks go to (and workers take from, unless started with -Q): a worker's own follow-up tasks, such as
+# a batch job's chunks, stay on it.
+CELERY_TASK_DEFAULT_QUEUE = env_str("PORTAL_CELERY_QUEUE", "celery")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -115,7 +115,7 @@ def worker_factory(transactional_db: None) -> Iterator[Callable[..., subprocess.
     db = settings.DATABASES["default"]
     assert db["ENGINE"].endswith("postgresql"), "worker tests run against PostgreSQL"
     queue = f"test-{os.getpid()}-{os.urandom(3).hex()}"
-    base_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+    base_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PORTAL_CELERY_QUEUE": queue,
                 "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
     started: list[subprocess.Popen[bytes]] = []
 

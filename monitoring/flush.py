@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import csv
+import io
+
 import orjson
-from django.db import transaction
+from django.db import connection, transaction
 
 from monitoring.models import PredictionLog
 from monitoring.sensitive import protect_row, sensitive_positions
@@ -39,10 +42,43 @@ def _rows(batch: dict[str, Any]) -> list[PredictionLog]:
             for i in range(len(ids))]
 
 
+COLUMNS = ("id", "model_name", "version", "environment", "role", "created_at", "latency_ms", "inputs", "output",
+           "subject_hash", "request_id", "error", "shadow_of")
+
+
+TEXT_COLUMNS = ("id", "model_name", "environment", "role", "subject_hash", "request_id", "error", "shadow_of")
+
+
 def write_batches(batches: list[dict[str, Any]]) -> int:
+    """Insert the batches' rows, skipping ids already there. On PostgreSQL the rows go through COPY into a staging
+    table and one INSERT … ON CONFLICT DO NOTHING (several times faster than multi-row INSERTs for batch jobs)."""
     rows = [row for batch in batches for row in _rows(batch)]
-    PredictionLog.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
+    if connection.vendor == "postgresql" and len(rows) > 200:
+        _copy(rows)
+    else:
+        PredictionLog.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
     return len(rows)
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _copy(rows: list[PredictionLog]) -> None:
+    table = PredictionLog._meta.db_table
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for r in rows:  # empty unquoted fields are NULL in COPY's CSV format; JSON null is stored as SQL NULL, as the ORM does
+        writer.writerow((r.id, r.model_name, r.version, r.environment, r.role, r.created_at.isoformat(), r.latency_ms,
+                         _json(r.inputs), _json(r.output), r.subject_hash, r.request_id, r.error, r.shadow_of))
+    out.seek(0)
+    columns = ", ".join(COLUMNS)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS predlog_stage (LIKE {table}) ON COMMIT DELETE ROWS")
+        cursor.copy_expert(f"COPY predlog_stage ({columns}) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL "
+                            f"({', '.join(TEXT_COLUMNS)}))", out)  # type: ignore[attr-defined]
+        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM predlog_stage ON CONFLICT (id) DO NOTHING")
+        cursor.execute("TRUNCATE predlog_stage")
 
 
 def flush_predictions() -> int:

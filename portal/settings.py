@@ -364,7 +364,7 @@ PORTAL_SUBJECT_HASH_KEY = env_optional("PORTAL_SUBJECT_HASH_KEY") or hashlib.sha
 PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
 # Batch scoring: chunk sizes (CSV by bytes, Parquet by rows), the share of bad rows a job tolerates, when a chunk
 # whose worker went silent is handed out again, and whether batch predictions join the prediction log.
-PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 32, minimum=1, maximum=1024) * 1024 * 1024
+PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 16, minimum=1, maximum=1024) * 1024 * 1024
 PORTAL_BATCH_CHUNK_ROWS = env_int("PORTAL_BATCH_CHUNK_ROWS", 100_000, minimum=100)
 PORTAL_BATCH_MAX_ERROR_SHARE = env_float("PORTAL_BATCH_MAX_ERROR_SHARE", 0.01, minimum=0.0, maximum=1.0)
 PORTAL_BATCH_STALE_SECONDS = env_int("PORTAL_BATCH_STALE_SECONDS", 300, minimum=5)

@@ -367,7 +367,7 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], sub
     import pyarrow.csv as pacsv
 
     include = list(dict.fromkeys([*required, *([subject_column] if subject_column else [])]))
-    read = pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=max(len(data), 1 << 20) + 1)
+    read = pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=1 << 20)
     parse = pacsv.ParseOptions(newlines_in_values=b'"' in data)
     types = {c: pa.float64() for c in required}
     if subject_column:

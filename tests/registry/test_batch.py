@@ -68,7 +68,7 @@ def test_a_multi_chunk_csv_comes_back_whole_in_order_with_the_models_predictions
         ds_client: Client, settings: Any, two_versions: list[ModelVersion]) -> None:
     settings.PORTAL_BATCH_CHUNK_BYTES = 16 * 1024
     frame = _frame()
-    response = _submit(ds_client, _csv_bytes(frame), id_column="customer")
+    response = _submit(ds_client, _csv_bytes(frame), id_column="customer", subject_column="customer")
     assert response.status_code == 202, response.content
     job = BatchJob.objects.get(uid=response.json()["id"])
     assert job.version == two_versions[0] and job.status == "queued"
@@ -91,6 +91,11 @@ def test_a_multi_chunk_csv_comes_back_whole_in_order_with_the_models_predictions
     logged = PredictionLog.objects.filter(model_name="churn", role="batch")
     assert logged.count() == len(frame)
     assert set(logged.values_list("id", flat=True)) == {r["prediction_id"] for r in rows}
+    from registry.serving.views import subject_hash
+
+    first = logged.get(id=rows[0]["prediction_id"])
+    assert first.subject_hash == subject_hash("c0000") and first.output == expected[0] and first.error == ""
+    assert first.inputs == pytest.approx(frame.iloc[0].tolist())
     # A repeated log task writes nothing twice.
     assert sum(batch.batch_log_chunk(chunk_id=chunk.pk) for chunk in job.chunks.all()) == 0
     assert PredictionLog.objects.filter(role="batch").count() == len(frame)

@@ -106,16 +106,17 @@ def build(work: Path, rows: int) -> tuple[Path, Path, Path, Path]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB, from wait4) and stdout of a one-shot command."""
+    """Wall seconds, peak RSS (MB) and stdout of a one-shot command. The peak comes from /usr/bin/time, whose own
+    child is forked small: Linux counts a child's resident size before exec, so wait4 here would report this
+    (large) benchmark process instead."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    out = proc.stdout.read().decode()
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
     seconds = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"{cmd[:4]} failed with status {status}")
-    return seconds, usage.ru_maxrss / 1024, out
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr[-500:]}")
+    peak = re.search(r"MAXRSS (\d+)", proc.stderr)
+    return seconds, int(peak.group(1)) / 1024 if peak else float("nan"), proc.stdout
 
 
 def vm_hwm(pid: int) -> float:
@@ -158,7 +159,22 @@ def portal_job(url: str, token: str, path: Path) -> tuple[float, dict[str, Any]]
     seconds = time.perf_counter() - started
     if job["status"] != "done":
         raise SystemExit(f"the portal's job ended {job['status']}: {job['error']}")
+    job["phases"] = phases(job, time.time() - seconds)
     return seconds, job
+
+
+def phases(job: dict[str, Any], posted_at: float) -> str:
+    """Where the time went: upload (request until the row exists), planning, scoring, assembly."""
+    import datetime as dt
+
+    def ts(value: str | None) -> float:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else float("nan")
+
+    first_chunk = min(ts(c["started_at"]) for c in job["chunks"])
+    marks = [posted_at, ts(job["created_at"]), ts(job["started_at"]), first_chunk, ts(job["scored_at"]),
+             ts(job["finished_at"])]
+    names = ["upload", "queue", "plan", "score", "assemble"]
+    return ", ".join(f"{n} {b - a:.2f}" for n, a, b in zip(names, marks, marks[1:]))
 
 
 def wait_logged(url: str, token: str, job: dict[str, Any]) -> float:
@@ -250,6 +266,7 @@ def main() -> None:
                     seconds, job = portal_job(url, token, source)
                     results.setdefault(("portal", fmt), []).append(seconds)
                     extra.setdefault(f"chunks-{fmt}", job["chunks_total"])
+                    extra.setdefault(f"phases-{fmt}", []).append(job["phases"])
                     extra.setdefault(f"log-{fmt}", []).append(wait_logged(url, token, job))
                     if i == 0:
                         extra[f"agree-{fmt}"] = check_result(url, token, job, fmt, model_path, source)
@@ -279,6 +296,8 @@ def main() -> None:
           f"own predict: CSV {100 * extra['agree-csv']:.3f} %, Parquet {100 * extra['agree-parquet']:.3f} %")
     print(f"prediction log filled after each job in (median) CSV {statistics.median(extra['log-csv']):.1f} s, "
           f"Parquet {statistics.median(extra['log-parquet']):.1f} s")
+    for fmt in ("csv", "parquet"):
+        print(f"portal phases ({fmt}, s):", " | ".join(extra[f"phases-{fmt}"]))
     print("all runs:", {f"{k[0]}/{k[1]}": [round(x, 2) for x in v] for k, v in results.items()})
 
 

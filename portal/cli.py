@@ -101,6 +101,23 @@ class Client:
             raise CliError(message, 1)
         return body
 
+    def download(self, path: str, dest: Path) -> None:
+        _download(self.session, self.url + path, dest, self.timeout)
+
+
+def _download(session: requests.Session, url: str, dest: Path, timeout: float) -> None:
+    try:
+        with session.get(url, stream=True, timeout=timeout) as response:
+            if response.status_code >= 400:
+                raise CliError(f"download failed: HTTP {response.status_code}", 1)
+            tmp = dest.with_name(dest.name + ".part")
+            with open(tmp, "wb") as out:
+                for chunk in response.iter_content(CHUNK):
+                    out.write(chunk)
+            tmp.replace(dest)
+    except requests.RequestException as exc:
+        raise CliError(f"download failed: {exc}", 2) from None
+
 
 def _progress_printer() -> Any:
     if not sys.stderr.isatty():
@@ -203,6 +220,65 @@ def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
     return _wait_deployment(client, deployment, args.wait_seconds) if args.wait else 0
 
 
+def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"environment": args.env, "strategy": args.strategy}
+    if args.traffic_percent is not None:
+        body["traffic_percent"] = args.traffic_percent
+    deployment = client.call("POST", f"/api/v1/models/{args.model}/versions/{args.version}/deploy", json=body)
+    print(f"deploying {args.model} v{args.version} to {args.env}: deployment {deployment['id']}")
+    return _wait_deployment(client, deployment, args.wait_seconds) if args.wait else 0
+
+
+def cmd_predict(client: Client, args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path} is not a file", 2)
+    kind = "text/csv" if path.suffix.lower() == ".csv" else "application/json"
+    result = client.call("POST", f"/api/v1/serve/{args.model}/{args.env}/invocations", data=path.read_bytes(),
+                         headers={"Content-Type": kind})
+    import json
+
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_batch(client: Client, args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path} is not a file", 2)
+    fields = {"model": args.model, "env": args.env}
+    for name in ("id_column", "subject_column", "max_error_share"):
+        if getattr(args, name) is not None:
+            fields[name] = str(getattr(args, name))
+    body = MultipartStream(fields, {"file": path}, progress=_progress_printer())
+    job = client.call("POST", "/api/v1/batch-jobs/", data=body, headers={"Content-Type": body.content_type},
+                      timeout=None)
+    print(f"batch job {job['id']}: {job['status']}")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.wait_seconds
+    shown = ""
+    while job["status"] in ("queued", "planning", "scoring", "assembling"):
+        if time.monotonic() > deadline:
+            raise CliError(f"batch job still {job['status']} after {args.wait_seconds} s", 1)
+        line = f"{job['status']}: {job['rows_done']:,} of {job['rows_total'] or 0:,} rows"
+        if line != shown and sys.stderr.isatty():
+            sys.stderr.write(f"\r{line}   ")
+            shown = line
+        time.sleep(0.5)
+        job = client.call("GET", f"/api/v1/batch-jobs/{job['id']}/")
+    if shown and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(f"batch job {job['id']}: {job['status']}, {job['rows_done']:,} rows, {job['rows_failed']:,} bad"
+          + (f" - {job['error']}" if job.get("error") else ""))
+    if job["status"] != "done":
+        return 1
+    output = Path(args.output or path.with_name(f"{path.stem}-scored{path.suffix}"))
+    client.download(f"/api/v1/batch-jobs/{job['id']}/result", output)
+    print(f"scored file: {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portal", description="Talk to the MLOps portal's API.")
     parser.add_argument("--url", default=os.environ.get("PORTAL_URL", "http://127.0.0.1:8000"),
@@ -245,6 +321,31 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--wait", action="store_true")
     rollback.add_argument("--wait-seconds", type=int, default=600)
     rollback.set_defaults(handler=cmd_rollback)
+    deploy = sub.add_parser("deploy", help="deploy a ready version (dev; stage and prod go through promote)")
+    deploy.add_argument("model")
+    deploy.add_argument("version", type=int)
+    deploy.add_argument("--env", default="dev", choices=["dev", "stage", "prod"])
+    deploy.add_argument("--strategy", default="replace", choices=["replace", "canary", "shadow"])
+    deploy.add_argument("--traffic-percent", type=int)
+    deploy.add_argument("--wait", action="store_true")
+    deploy.add_argument("--wait-seconds", type=int, default=600)
+    deploy.set_defaults(handler=cmd_deploy)
+    predict = sub.add_parser("predict", help="score a JSON body (MLflow's protocol) or a CSV file in real time")
+    predict.add_argument("model")
+    predict.add_argument("env", choices=["dev", "stage", "prod"])
+    predict.add_argument("file", help="a .json body or a .csv file with a header")
+    predict.set_defaults(handler=cmd_predict)
+    batch = sub.add_parser("batch", help="score a CSV or Parquet file as a batch job")
+    batch.add_argument("model")
+    batch.add_argument("env", choices=["dev", "stage", "prod"])
+    batch.add_argument("file")
+    batch.add_argument("--id-column")
+    batch.add_argument("--subject-column")
+    batch.add_argument("--max-error-share", type=float)
+    batch.add_argument("--wait", action="store_true", help="follow the job and download the scored file")
+    batch.add_argument("--output", help="where to write the scored file (default: FILE-scored.EXT)")
+    batch.add_argument("--wait-seconds", type=int, default=3600)
+    batch.set_defaults(handler=cmd_batch)
     return parser
 
 

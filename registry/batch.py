@@ -268,7 +268,6 @@ def batch_chunk_run(*, chunk_id: int) -> str:
     job = chunk.job
     if chunk.attempts > 1:
         logger.warning("Batch %s: chunk %s is being run again (attempt %s)", job.uid, chunk.index, chunk.attempts)
-    started = time.perf_counter()
     try:
         scored = _score(job, chunk)
     except batch_io.BatchInputError as exc:
@@ -278,7 +277,6 @@ def batch_chunk_run(*, chunk_id: int) -> str:
         logger.exception("Batch %s: chunk %s failed", job.uid, chunk.index)
         _fail(job, f"chunk {chunk.index + 1}: the model failed: {type(exc).__name__}: {str(exc)[:300]}")
         return "failed"
-    seconds = time.perf_counter() - started
     suffix = f"{chunk.index:05d}-{chunk.attempts}"
     prefix = work_prefix(job)
     output_name = storage.put_work_file(f"{prefix}/part-{suffix}", scored.output)
@@ -286,9 +284,8 @@ def batch_chunk_run(*, chunk_id: int) -> str:
     if scored.errors:
         errors_name = storage.put_work_file(f"{prefix}/errors-{suffix}.csv", batch_io.errors_csv(
             [(e.row, e.column, e.reason) for e in scored.errors]))
-    log_name = ""
-    if settings.PORTAL_BATCH_LOG_PREDICTIONS and scored.predictions:
-        log_name = storage.put_work_file(f"{prefix}/log-{suffix}.arrow", _log_part(scored, seconds))
+    # The prediction log reads the scored part again after the job is done, off the path people wait on.
+    log_name = output_name if settings.PORTAL_BATCH_LOG_PREDICTIONS and scored.predictions else ""
     return _chunk_done(chunk, rows=scored.rows, failed=int((~scored.good).sum()), output_name=output_name,
                        errors_name=errors_name, log_name=log_name)
 
@@ -312,29 +309,6 @@ def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
     return batch_io.score_arrow_chunk(table, required=required, subject_column=job.subject_column, id_prefix=prefix,
                                       prediction_name=job.prediction_column, id_name=job.prediction_id_column,
                                       predict=loaded.predict)
-
-
-def _log_part(scored: batch_io.ScoredChunk, seconds: float) -> bytes:
-    """What the prediction log needs of a chunk, as an Arrow IPC file: ids, inputs, outputs, subjects."""
-    import pyarrow as pa
-
-    good = np.flatnonzero(scored.good)
-    matrix = scored.matrix
-    columns: dict[str, Any] = {"row": pa.array(good, type=pa.int64())}
-    for j in range(matrix.shape[1]):
-        columns[f"x{j}"] = pa.array(matrix[:, j])
-    try:
-        columns["output"] = pa.array(scored.predictions)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        columns["output"] = pa.array([str(p) for p in scored.predictions], type=pa.string())
-    if scored.subjects is not None:
-        columns["subject"] = pa.array([scored.subjects[i] for i in good], type=pa.string())
-    table = pa.table(columns)
-    table = table.replace_schema_metadata({"latency_ms": repr(seconds * 1000 / max(len(good), 1))})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
 
 
 def _chunk_done(chunk: BatchChunk, *, rows: int, failed: int, output_name: str, errors_name: str,
@@ -398,7 +372,7 @@ def batch_assemble(*, job_id: int) -> BatchJob | None:
             def after() -> None:
                 from registry.tasks import batch_log_task
 
-                _cleanup_parts(job, keep_logs=True)
+                _cleanup_parts(job, keep={c.log_name for c in chunks if c.log_name and not c.logged})
                 for pk in pending_logs:
                     batch_log_task.delay(pk, request_ctx=ctx)
 
@@ -498,7 +472,8 @@ def _assemble_errors(job: BatchJob, chunks: list[BatchChunk]) -> Any:
     return storage.blob_put_moved(tmp, sha256=sha, size=size)
 
 
-def _cleanup_parts(job: BatchJob, *, keep_logs: bool) -> None:
+def _cleanup_parts(job: BatchJob, *, keep: set[str] | None = None) -> None:
+    """Remove the job's intermediate files, except ``keep`` (scored parts the prediction log still has to read)."""
     prefix = work_prefix(job)
     store = storage.artifact_storage()
     try:
@@ -506,7 +481,7 @@ def _cleanup_parts(job: BatchJob, *, keep_logs: bool) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     for name in files:
-        if keep_logs and name.startswith("log-"):
+        if keep and f"{prefix}/{name}" in keep:
             continue
         store.delete(f"{prefix}/{name}")
 
@@ -526,19 +501,23 @@ def batch_log_chunk(*, chunk_id: int) -> int:
         return 0
     job = chunk.job
     try:
-        table = batch_io.read_ipc(storage.read_work_file(chunk.log_name))
+        data = storage.read_work_file(chunk.log_name)
     except FileNotFoundError:
-        logger.error("Batch %s: the log part of chunk %s is gone; its predictions are not logged", job.uid, chunk.index)
+        logger.error("Batch %s: the scored part of chunk %s is gone; its predictions are not logged", job.uid,
+                     chunk.index)
         BatchChunk.objects.filter(pk=chunk.pk).update(logged=True)
         return 0
-    width = sum(1 for name in table.column_names if name.startswith("x"))
-    matrix = np.column_stack([table.column(f"x{j}").to_numpy() for j in range(width)]) if width else None
-    rows = table.column("row").to_numpy()
-    outputs = table.column("output").to_pylist()
-    subjects = table.column("subject").to_pylist() if "subject" in table.column_names else None
-    latency = float((table.schema.metadata or {}).get(b"latency_ms", b"0"))
+    from registry.serving.runtime import input_columns
+
+    required = input_columns(job.version)
+    logged = batch_io.scored_rows(data, fmt=job.input_format, columns=list(job.columns), required=required,
+                                  subject_column=job.subject_column, prediction_column=job.prediction_column,
+                                  id_column=job.prediction_id_column)
+    matrix, ids, outputs, subjects = logged.matrix, logged.ids, logged.outputs, logged.subjects
+    rows = ids
+    seconds = (chunk.finished_at - chunk.started_at).total_seconds() if chunk.finished_at and chunk.started_at else 0
+    latency = seconds * 1000 / max(int(chunk.rows or 1), 1)
     ts = (job.scored_at or job.created_at).timestamp()
-    prefix = f"{job.id_prefix}{chunk.index:04x}"
     written = 0
     step = 5000  # rows per insert: bounded memory, whatever the chunk's size
     for lo in range(0, len(rows), step):
@@ -546,8 +525,8 @@ def batch_log_chunk(*, chunk_id: int) -> int:
         written += write_batches([{
             "model": job.model.name, "environment": job.environment, "version": job.version.number, "role": "batch",
             "ts": ts, "latency_ms": latency * (hi - lo), "request_id": job.request_id, "error": "",
-            "ids": [f"{prefix}{int(r):06x}" for r in rows[lo:hi]],
-            "inputs": matrix[lo:hi].tolist() if matrix is not None else [None] * (hi - lo),
+            "ids": ids[lo:hi],
+            "inputs": matrix[lo:hi].tolist(),
             "outputs": outputs[lo:hi],
             "subjects": [subject_hash(s) if s else "" for s in subjects[lo:hi]] if subjects else None,
         }])
@@ -570,7 +549,7 @@ def _fail(job: BatchJob, error: str, *, errors_blob: Any = None) -> None:
         if updated:
             audit_record(AuditAction.BATCH_FAIL, actor=None, target=batch_target(job), outcome=AuditOutcome.FAILURE,
                          before={"status": job.status}, after={"status": "failed", "error": error[:1000]})
-            transaction.on_commit(lambda: _cleanup_parts(job, keep_logs=False))
+            transaction.on_commit(lambda: _cleanup_parts(job))
     logger.warning("Batch %s failed: %s", job.uid, error)
 
 
@@ -588,7 +567,7 @@ def batch_cancel(*, job: BatchJob, actor: Any) -> BatchJob:
         locked.save(update_fields=["status", "finished_at", "error"])
         audit_record(AuditAction.BATCH_CANCEL, actor=actor, target=batch_target(job), before={"status": before},
                      after={"status": "cancelled", "rows_done": locked.rows_done, "chunks_done": locked.chunks_done})
-        transaction.on_commit(lambda: _cleanup_parts(locked, keep_logs=False))
+        transaction.on_commit(lambda: _cleanup_parts(locked))
     return locked
 
 

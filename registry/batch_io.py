@@ -284,7 +284,7 @@ class ScoredChunk:
     subjects: list[str] | None
 
 
-def _to_float_columns(table: Any, columns: list[str]) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
+def float_columns(table: Any, columns: list[str]) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
     """The signature's columns as one float64 matrix, a mask of usable rows and the reasons others are not."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -391,7 +391,7 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], sub
 def _score_table(table: Any, *, data: bytes | None, required: list[str], subject_column: str, id_prefix: str,
                  newline: bytes, predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
     n = table.num_rows
-    matrix, good, errors = _to_float_columns(table, required)
+    matrix, good, errors = float_columns(table, required)
     scored_matrix = matrix if good.all() else matrix[good]
     predictions = list(predict(np.ascontiguousarray(scored_matrix))) if scored_matrix.shape[0] else []
     if len(predictions) != scored_matrix.shape[0]:
@@ -484,6 +484,44 @@ def read_ipc(data: bytes) -> Any:
     import pyarrow as pa
 
     return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+
+
+@dataclass
+class LoggedRows:
+    matrix: np.ndarray
+    ids: list[str]
+    outputs: list[Any]
+    subjects: list[str] | None
+
+
+def scored_rows(data: bytes, *, fmt: str, columns: list[str], required: list[str], subject_column: str,
+                prediction_column: str, id_column: str) -> LoggedRows:
+    """The scored rows of a part (inputs, prediction id, prediction, subject) for the prediction log: rows without
+    a prediction (they failed the signature) are left out."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    include = list(dict.fromkeys([*required, prediction_column, id_column, *([subject_column] if subject_column
+                                                                                else [])]))
+    if fmt == "csv":
+        types = {id_column: pa.string(), **({subject_column: pa.string()} if subject_column else {})}
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=[*columns, prediction_column, id_column], use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=b'"' in data),
+            convert_options=pacsv.ConvertOptions(include_columns=include, column_types=types, null_values=[""],
+                                                 strings_can_be_null=True))
+    else:
+        table = read_ipc(data).select(include)
+    matrix, good, _errors = float_columns(table, required)
+    predicted = table.column(prediction_column).is_valid().to_numpy(zero_copy_only=False)
+    keep = good & predicted
+    index = pa.array(np.flatnonzero(keep))
+    subjects = None
+    if subject_column:
+        subjects = ["" if s is None else str(s) for s in table.column(subject_column).take(index).to_pylist()]
+    return LoggedRows(matrix[keep], table.column(id_column).take(index).to_pylist(),
+                      table.column(prediction_column).take(index).to_pylist(), subjects)
 
 
 def errors_csv(errors: list[tuple[int, str, str]]) -> bytes:

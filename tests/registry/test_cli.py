@@ -79,3 +79,32 @@ def test_portal_promote_approve_and_rollback(live_server: Any, worker_factory: A
     refused = _portal(live_server, tokens["approver1"], "rollback", "churn", "stage", "--reason", "x",
                       "--to-version", "7")
     assert refused.returncode == 1 and "never served stage" in refused.stderr
+
+
+def test_portal_deploy_predict_and_batch(live_server: Any, worker_factory: Any, two_versions: list[ModelVersion],
+                                         personas: dict[str, Any], tmp_path: Path) -> None:
+    worker_factory()
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="ci", actor=personas["ds"])
+    deployed = _portal(live_server, plaintext, "deploy", "churn", "1", "--env", "dev", "--wait")
+    assert deployed.returncode == 0, deployed.stderr
+    assert "live" in deployed.stdout
+    X, _y = files._data()
+    frame = X.head(40).copy()
+    frame.insert(0, "customer", [f"c{i}" for i in range(len(frame))])
+    source = tmp_path / "customers.csv"
+    frame.to_csv(source, index=False)
+    predicted = _portal(live_server, plaintext, "predict", "churn", "dev", str(source))
+    assert predicted.returncode == 0, predicted.stderr
+    expected = files.logistic_regression().predict(X.head(40)).tolist()
+    import json
+
+    assert json.loads(predicted.stdout)["predictions"] == expected
+    scored = _portal(live_server, plaintext, "batch", "churn", "dev", str(source), "--id-column", "customer", "--wait")
+    assert scored.returncode == 0, scored.stderr
+    assert "done, 40 rows, 0 bad" in scored.stdout
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "customers-scored.csv").open()))
+    assert [int(r["prediction"]) for r in rows] == expected and rows[0]["customer"] == "c0"
+    refused = _portal(live_server, plaintext, "batch", "churn", "prod", str(source))
+    assert refused.returncode == 1 and "Nothing serves churn in prod" in refused.stderr

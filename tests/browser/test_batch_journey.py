@@ -1,0 +1,61 @@
+"""A data scientist drops a CSV on the batch page, watches it score with a real worker and downloads the result."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import screenshot
+from tests.browser.test_upload_journey import _drop, _sign_in
+from tests.registry import files
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_drop_a_csv_watch_it_score_and_download_it(page: Any, serving: Any, worker_factory: Any,
+                                                   tmp_path: Path) -> None:
+    worker_factory(PORTAL_BATCH_CHUNK_MB="1")
+    import pandas as pd
+
+    X, _y = files._data()
+    frame = pd.concat([X] * 8, ignore_index=True)  # 4,552 rows, several chunks of 1 MB
+    frame.insert(0, "customer", [f"c{i:05d}" for i in range(len(frame))])
+    frame.iloc[7, 3] = None  # one bad row: reported, not fatal
+    source = tmp_path / "customers.csv"
+    frame.to_csv(source, index=False)
+
+    _sign_in(page, "dana")
+    page.goto("/models/churn/")
+    page.click("[data-testid=batch-link]")
+    page.wait_for_selector("#batch-dropzone")
+    # A file without the model's columns is refused in the page, with the reason.
+    bad = tmp_path / "wrong.csv"
+    bad.write_text("customer,age\nc1,40\n")
+    page.set_input_files("#batch-file", str(bad))
+    page.click("#batch-button")
+    page.locator("[data-testid=batch-submit-result]", has_text="lacks the model's input column").wait_for()
+
+    _drop(page, "#batch-dropzone", source)
+    assert "customers.csv" in page.inner_text("[data-testid=batch-file-name]")
+    page.click("#batch-button")
+    page.wait_for_url("**/batch/*/", timeout=60_000)
+    page.locator("[data-testid=batch-status]", has_text="Done").wait_for(timeout=120_000)
+    assert page.eval_on_selector("[data-testid=batch-progress]", "p => p.value") == 100
+    assert page.inner_text("[data-testid=batch-rows]").startswith(f"{len(frame):,} of {len(frame):,}")
+    assert page.inner_text("[data-testid=batch-bad-rows]") == "1"
+    assert page.locator("[data-testid=batch-chunk-table] tbody tr").count() >= 2
+    screenshot(page, "batch-done")
+    with page.expect_download() as download:
+        page.click("[data-testid=batch-result-link]")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert [r["customer"] for r in rows] == frame["customer"].tolist()
+    assert rows[7]["prediction"] == "" and rows[8]["prediction"] in ("0", "1")
+    with page.expect_download() as download:
+        page.click("[data-testid=batch-errors-link]")
+    errors = Path(download.value.path()).read_text().splitlines()
+    assert errors[1] == f"8,{frame.columns[3]},missing value"
+    assert not page.console_errors, page.console_errors

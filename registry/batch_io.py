@@ -168,60 +168,86 @@ class CsvPlan:
         return sum(c.rows for c in self.chunks)
 
 
-def plan_csv(fh: IO[bytes], chunk_bytes: int) -> CsvPlan:
-    """One pass over the file: its SHA-256, and chunks of about ``chunk_bytes`` that end on row boundaries, each
-    with its number of lines (an estimate of its rows: the worker's parse is what counts, blank lines drop out)."""
-    digest = hashlib.sha256()
-    quotes = 0  # quote characters before the current position
-    pos = 0  # file offset of ``block``'s first byte
-    header_end: int | None = None
-    chunk_start = rows = 0
-    chunks: list[ChunkPlan] = []
-    ends_with_newline = True
-    while block := fh.read(BLOCK):
-        digest.update(block)
+class CsvPlanner:
+    """Cuts a CSV into chunks of about ``chunk_bytes`` that end on row boundaries, fed block by block (from a file,
+    or from an upload while it arrives). Each chunk carries its number of lines: an estimate of its rows, since
+    the worker's parse is what counts (blank lines drop out)."""
+
+    def __init__(self, chunk_bytes: int, *, digest: bool = True) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.digest = hashlib.sha256() if digest else None
+        self.quotes = 0  # quote characters before the current position
+        self.pos = 0  # file offset of the next block's first byte
+        self.header_end: int | None = None
+        self.chunk_start = self.rows = 0
+        self.chunks: list[ChunkPlan] = []
+        self.ends_with_newline = True
+        self._pending = b""  # the start of the file until its header line is complete
+
+    def feed(self, block: bytes) -> None:
+        if not block:
+            return
+        if self.digest is not None:
+            self.digest.update(block)
         i = 0
-        if header_end is None:
+        if self.header_end is None:
+            block = self._pending + block
             first = _first_row_end(block)
             if first is None:
-                raise BatchInputError("The CSV's header line is not complete in its first 8 MB.")
-            quotes = block.count(b'"', 0, first)
+                if len(block) > SNIFF_BYTES:
+                    raise BatchInputError("The CSV's header line is longer than 1 MB; is this a CSV file?")
+                self._pending = block
+                return
+            self._pending = b""
+            self.quotes = block.count(b'"', 0, first)
             i = first + 1
-            header_end = chunk_start = first + 1
-        if quotes % 2 == 0 and block.find(b'"', i) < 0:
+            self.header_end = self.chunk_start = first + 1
+        pos, chunk_bytes = self.pos, self.chunk_bytes
+        if self.quotes % 2 == 0 and block.find(b'"', i) < 0:
             # The common case, at memchr speed: every newline ends a row.
             while True:
-                target = chunk_start + chunk_bytes - pos - 1
+                target = self.chunk_start + chunk_bytes - pos - 1
                 nl = block.find(b"\n", max(target, i)) if target < len(block) else -1
                 if nl < 0:
-                    rows += block.count(b"\n", i)
+                    self.rows += block.count(b"\n", i)
                     break
-                rows += block.count(b"\n", i, nl + 1)
+                self.rows += block.count(b"\n", i, nl + 1)
                 i = nl + 1
-                chunks.append(ChunkPlan(chunk_start, pos + i, rows))
-                chunk_start, rows = pos + i, 0
+                self.chunks.append(ChunkPlan(self.chunk_start, pos + i, self.rows))
+                self.chunk_start, self.rows = pos + i, 0
         else:
             while (nl := block.find(b"\n", i)) >= 0:
-                quotes += block.count(b'"', i, nl)
+                self.quotes += block.count(b'"', i, nl)
                 i = nl + 1
-                if quotes % 2:
+                if self.quotes % 2:
                     continue  # a line break inside a quoted field: the row goes on
-                rows += 1
-                if pos + i - chunk_start >= chunk_bytes:
-                    chunks.append(ChunkPlan(chunk_start, pos + i, rows))
-                    chunk_start, rows = pos + i, 0
-            quotes += block.count(b'"', i)
-        ends_with_newline = block.endswith(b"\n")
-        pos += len(block)
-    if quotes % 2:
-        raise BatchInputError("The CSV ends inside a quoted field: a quote character is never closed.")
-    if header_end is None:
-        raise BatchInputError("The file is empty.")
-    if pos > chunk_start:
-        chunks.append(ChunkPlan(chunk_start, pos, rows + (0 if ends_with_newline else 1)))
-    if not any(c.rows for c in chunks):
-        raise BatchInputError("The CSV has a header but no rows.")
-    return CsvPlan(digest.hexdigest(), pos, header_end, chunks)
+                self.rows += 1
+                if pos + i - self.chunk_start >= chunk_bytes:
+                    self.chunks.append(ChunkPlan(self.chunk_start, pos + i, self.rows))
+                    self.chunk_start, self.rows = pos + i, 0
+            self.quotes += block.count(b'"', i)
+        self.ends_with_newline = block.endswith(b"\n")
+        self.pos += len(block)
+
+    def finish(self) -> CsvPlan:
+        if self.quotes % 2:
+            raise BatchInputError("The CSV ends inside a quoted field: a quote character is never closed.")
+        if self.header_end is None:
+            raise BatchInputError("The file is empty." if not self._pending else "The CSV has a header but no rows.")
+        chunks = list(self.chunks)
+        if self.pos > self.chunk_start:
+            chunks.append(ChunkPlan(self.chunk_start, self.pos, self.rows + (0 if self.ends_with_newline else 1)))
+        if not any(c.rows for c in chunks):
+            raise BatchInputError("The CSV has a header but no rows.")
+        return CsvPlan(self.digest.hexdigest() if self.digest is not None else "", self.pos, self.header_end, chunks)
+
+
+def plan_csv(fh: IO[bytes], chunk_bytes: int) -> CsvPlan:
+    """One pass over a file: its SHA-256 and its chunks (see :class:`CsvPlanner`)."""
+    planner = CsvPlanner(chunk_bytes)
+    while block := fh.read(BLOCK):
+        planner.feed(block)
+    return planner.finish()
 
 
 def plan_parquet(path: str, chunk_rows: int) -> list[ChunkPlan]:

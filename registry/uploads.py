@@ -14,6 +14,12 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
         super().new_file(*args, **kwargs)
         self._digest = hashlib.sha256()
         self._received = 0
+        # A batch input is cut into chunks on the way in, so its job can start scoring without reading it again.
+        self._planner: Any = None
+        if self.request is not None and self.request.path.startswith("/api/v1/batch-jobs"):
+            from registry.batch_io import CsvPlanner
+
+            self._planner = CsvPlanner(settings.PORTAL_BATCH_CHUNK_BYTES, digest=False)
 
     def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
         self._received += len(raw_data)
@@ -23,10 +29,30 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
             self.file.close()
             raise StopUpload(connection_reset=True)
         self._digest.update(raw_data)
+        if self._planner is not None:
+            self._plan(raw_data)
         super().receive_data_chunk(raw_data, start)
+
+    def _plan(self, raw_data: bytes) -> None:
+        from registry.batch_io import BatchInputError
+
+        try:
+            self._planner.feed(raw_data)
+        except BatchInputError:
+            self._planner = None  # not a CSV we can cut; the submission checks say why, or a worker plans it
 
     def file_complete(self, file_size: int) -> Any:
         uploaded = super().file_complete(file_size)
         if uploaded is not None:
             uploaded.sha256 = self._digest.hexdigest()  # type: ignore[attr-defined]
+            uploaded.csv_plan = None  # type: ignore[attr-defined]
+            if self._planner is not None:
+                from registry.batch_io import BatchInputError
+
+                try:
+                    plan = self._planner.finish()
+                    plan.sha256 = uploaded.sha256  # type: ignore[attr-defined]
+                    uploaded.csv_plan = plan  # type: ignore[attr-defined]
+                except BatchInputError:
+                    pass
         return uploaded

@@ -126,6 +126,7 @@ class BatchJobListApi(APIView):
         job = batch.batch_submit(
             model=model, environment=values["env"], path=upload.temporary_file_path(), filename=upload.name or "",
             actor=request.user, sha256=getattr(upload, "sha256", None), upload=upload,
+            csv_plan=getattr(upload, "csv_plan", None),
             options=batch.BatchOptions(id_column=values.get("id_column", ""),
                                        subject_column=values.get("subject_column", ""),
                                        max_error_share=values.get("max_error_share")))

@@ -71,7 +71,8 @@ def test_a_multi_chunk_csv_comes_back_whole_in_order_with_the_models_predictions
     response = _submit(ds_client, _csv_bytes(frame), id_column="customer", subject_column="customer")
     assert response.status_code == 202, response.content
     job = BatchJob.objects.get(uid=response.json()["id"])
-    assert job.version == two_versions[0] and job.status == "queued"
+    # Cut into chunks while it arrived: scoring can start without a worker reading the file again.
+    assert job.version == two_versions[0] and job.status == "scoring" and job.chunks.count() == job.chunks_total > 1
     job = run_inline(job)
     assert job.status == "done", job.error
     assert job.chunks_total >= 5 and job.rows_total == len(frame) == job.rows_done

@@ -65,7 +65,8 @@ def _ping(names: list[str]) -> bool:
 
 
 @pytest.fixture
-def ds_client(serving: Client, personas: dict[str, Any]) -> Client:
+def ds_client(serving: Client, personas: dict[str, Any], settings: Any) -> Client:
+    settings.PORTAL_BATCH_CHUNK_BYTES = 1024 * 1024  # uploads are cut into chunks on the way in, here
     client = Client()
     client.force_login(personas["ds"])
     return client

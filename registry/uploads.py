@@ -36,6 +36,9 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
     def _plan(self, raw_data: bytes) -> None:
         from registry.batch_io import BatchInputError
 
+        if b"\x00" in raw_data or (self._received == len(raw_data) and raw_data.startswith(b"PAR1")):
+            self._planner = None  # binary (Parquet): nothing to cut here
+            return
         try:
             self._planner.feed(raw_data)
         except BatchInputError:

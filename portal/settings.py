@@ -319,6 +319,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # One name for the dev/stage/prod choice set, wherever a serializer uses it.
+    "ENUM_NAME_OVERRIDES": {"EnvironmentEnum": "registry.models.Environment"},
 }
 
 # --- Logging: one line per record, with the request id ---------------------------------------------------------

@@ -28,6 +28,18 @@ VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
+# Management commands that only read the code and migrations (CI's "models match migrations" check): they sign and
+# encrypt nothing, so they run without the production secret.
+OFFLINE_COMMANDS = frozenset({"makemigrations", "showmigrations", "sqlmigrate", "help", "version"})
+
+
+def _offline_command() -> bool:
+    import sys
+
+    argv = sys.argv
+    return len(argv) > 1 and os.path.basename(argv[0]) in ("manage.py", "django-admin") and argv[1] in OFFLINE_COMMANDS
+
+
 def _secret_key() -> str:
     configured = env_optional("PORTAL_SECRET_KEY")
     if configured:
@@ -35,6 +47,8 @@ def _secret_key() -> str:
             raise ImproperlyConfigured("PORTAL_SECRET_KEY must be at least 50 characters with 5 distinct ones.")
         return configured
     if not DEBUG:
+        if _offline_command():
+            return secrets.token_urlsafe(64)  # nothing signed or encrypted outlives this process
         raise ImproperlyConfigured("PORTAL_SECRET_KEY (or PORTAL_SECRET_KEY_FILE) must be set when PORTAL_DEBUG is off.")
     # Development: one random key per checkout, kept under var/ so sessions survive restarts.
     key_file = VAR_DIR / "secret_key"

@@ -36,6 +36,8 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 DB_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/bench_batch")
 BROKER = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/5")
 
+from bench.serving import BENCH_USER  # noqa: E402
+from bench.upload import free_port, peak_rss_mb, worker_pids  # noqa: E402
 from portal.cli import MultipartStream  # noqa: E402
 
 LIMIT = '''
@@ -50,21 +52,8 @@ pacsv.write_csv(table, dst) if dst.endswith(".csv") else pq.write_table(table, d
 print("SECONDS", time.perf_counter() - t0)
 '''
 
-SETUP = '''
-import shutil, sys
-from pathlib import Path
-from django.contrib.auth.models import Group, User
-from portal.models import Membership, Team
-from portal.roles import sync_roles
-from portal import services as portal_services
-from registry import deployments, services
-from registry.localfiles import LocalUpload
-work = Path(sys.argv[1])
-sync_roles()
-user, _ = User.objects.get_or_create(username="bench")
-user.groups.add(Group.objects.get(name="data_scientist"))
-team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
-Membership.objects.get_or_create(team=team, user=user)
+SETUP = BENCH_USER + '''
+import shutil
 archive = shutil.make_archive(str(work / "model"), "zip", root_dir=work / "mlflow-model")
 model = services.model_register(name="bench-batch", team=team, actor=user)
 version = services.version_upload(model=model, upload=LocalUpload(Path(archive), "model.zip"), reference=None,
@@ -117,29 +106,6 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str
         raise SystemExit(f"{cmd[:4]} failed: {proc.stderr[-500:]}")
     peak = re.search(r"MAXRSS (\d+)", proc.stderr)
     return seconds, int(peak.group(1)) / 1024 if peak else float("nan"), proc.stdout
-
-
-def vm_hwm(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def portal_job(url: str, token: str, path: Path) -> tuple[float, dict[str, Any]]:
@@ -270,8 +236,8 @@ def main() -> None:
                     extra.setdefault(f"log-{fmt}", []).append(wait_logged(url, token, job))
                     if i == 0:
                         extra[f"agree-{fmt}"] = check_result(url, token, job, fmt, model_path, source)
-            worker_rss = max(vm_hwm(p) for w in workers for p in [w.pid, *children(w.pid)])
-            web_rss = max(vm_hwm(p) for p in children(web.pid))
+            worker_rss = max(peak_rss_mb(p) for w in workers for p in [w.pid, *worker_pids(w.pid)])
+            web_rss = max(peak_rss_mb(p) for p in worker_pids(web.pid))
         finally:
             for proc in (web, *workers):
                 if proc.poll() is None:

@@ -157,7 +157,8 @@ def portal_env(work: Path) -> dict[str, str]:
     return env
 
 
-SETUP = '''
+# Shared by the benchmarks' set-up scripts (run with `manage.py shell -c`): a data scientist `bench` in team `bench`.
+BENCH_USER = '''
 import sys
 from pathlib import Path
 from django.contrib.auth.models import Group, User
@@ -166,13 +167,16 @@ from portal.roles import sync_roles
 from portal import services as portal_services
 from registry import deployments, services
 from registry.localfiles import LocalUpload
-from registry.serving import buffer
 work = Path(sys.argv[1])
 sync_roles()
 user, _ = User.objects.get_or_create(username="bench")
 user.groups.add(Group.objects.get(name="data_scientist"))
 team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
 Membership.objects.get_or_create(team=team, user=user)
+'''
+
+SETUP = BENCH_USER + '''
+from registry.serving import buffer
 import shutil
 archive = shutil.make_archive(str(work / "model"), "zip", root_dir=work / "mlflow-model")
 model = services.model_register(name="bench-lr", team=team, actor=user)

@@ -54,6 +54,11 @@ CAPABILITY_TEXT = {
 }
 
 
+def error_text(exc: Exception) -> str:
+    """A ValidationError's (or PermissionDenied's) messages as one line for a page message or a stored reason."""
+    return " ".join(getattr(exc, "messages", None) or [str(exc)])
+
+
 # --- Sign in / out ------------------------------------------------------------------------------------------------
 
 def safe_next_url(request: HttpRequest) -> str:

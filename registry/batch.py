@@ -20,6 +20,7 @@ the reaper hands it out again, and a chunk runs at most ``BatchJob.MAX_CHUNK_ATT
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -169,7 +170,7 @@ def _enqueue_on_commit(task: str, *args: Any) -> None:
 
 
 def _claim_job(job_id: int, *statuses: str, to: str) -> BatchJob | None:
-    claimed = BatchJob.objects.filter(pk=job_id, status__in=statuses, attempts__lt=3).update(
+    claimed = BatchJob.objects.filter(pk=job_id, status__in=statuses, attempts__lt=BatchJob.MAX_STEP_ATTEMPTS).update(
         status=to, attempts=F("attempts") + 1, started_at=timezone.now())
     if not claimed:
         return None
@@ -179,7 +180,7 @@ def _claim_job(job_id: int, *statuses: str, to: str) -> BatchJob | None:
 def _give_up_if_stuck(job_id: int, status: str, step: str) -> BatchJob | None:
     """A job whose step kept killing its worker ends failed with the reason, never stuck."""
     job = BatchJob.objects.select_related("model__team").filter(pk=job_id).first()
-    if job is not None and job.status == status and job.attempts >= 3:
+    if job is not None and job.status == status and job.attempts >= BatchJob.MAX_STEP_ATTEMPTS:
         _fail(job, f"{step} was started {job.attempts} times and its worker stopped each time")
         job.refresh_from_db()
     return job
@@ -309,16 +310,14 @@ def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
     prefix = f"{job.id_prefix}{chunk.index:04x}"
     if job.input_format == "csv":
         data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
-        return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required,
-                                        subject_column=job.subject_column, id_prefix=prefix,
+        return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required, id_prefix=prefix,
                                         newline=job.newline.encode(), predict=loaded.predict)
     if chunk.source:
         table = batch_io.read_ipc(storage.read_work_file(chunk.source))
     else:
         with storage.local_path(job.input_blob) as path:
             table = batch_io.read_parquet_groups(str(path), int(chunk.start), int(chunk.end))
-    return batch_io.score_arrow_chunk(table, required=required, subject_column=job.subject_column, id_prefix=prefix,
-                                      prediction_name=job.prediction_column, id_name=job.prediction_id_column,
+    return batch_io.score_arrow_chunk(table, required=required, id_prefix=prefix, prediction_name=job.prediction_column, id_name=job.prediction_id_column,
                                       predict=loaded.predict)
 
 
@@ -541,16 +540,7 @@ def _assemble_errors(job: BatchJob, chunks: list[BatchChunk]) -> Any:
 
 def _cleanup_parts(job: BatchJob, *, keep: set[str] | None = None) -> None:
     """Remove the job's intermediate files, except ``keep`` (scored parts the prediction log still has to read)."""
-    prefix = work_prefix(job)
-    store = storage.artifact_storage()
-    try:
-        _dirs, files = store.listdir(prefix)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in files:
-        if keep and f"{prefix}/{name}" in keep:
-            continue
-        store.delete(f"{prefix}/{name}")
+    storage.delete_work_files(work_prefix(job), keep=keep or frozenset())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -847,19 +837,14 @@ def batch_schedule_fire(*, schedule_id: int) -> BatchJob | None:
                                options=BatchOptions(id_column=schedule.id_column,
                                                     subject_column=schedule.subject_column))
         finally:
-            with _suppress():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     except (ValidationError, PermissionDenied) as exc:
-        message = "; ".join(m for msgs in exc.message_dict.values() for m in msgs) if isinstance(
-            exc, ValidationError) and hasattr(exc, "message_dict") else str(exc)
+        from portal.views import error_text
+
+        message = error_text(exc)
         BatchSchedule.objects.filter(pk=schedule.pk).update(last_run_at=now, last_error=message[:1000])
         logger.warning("Batch schedule %s did not run: %s", schedule, message)
         return None
     BatchSchedule.objects.filter(pk=schedule.pk).update(last_run_at=now, last_error="")
     return job
-
-
-def _suppress() -> Any:
-    import contextlib
-
-    return contextlib.suppress(FileNotFoundError)

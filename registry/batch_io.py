@@ -276,16 +276,13 @@ def plan_parquet(path: str, chunk_rows: int) -> list[ChunkPlan]:
 
 
 def recut_row_group(path: str, group: int, chunk_rows: int) -> Iterator[bytes]:
-    """A big row group as Arrow IPC files of ``chunk_rows`` rows each, one column at a time in memory."""
-    import pyarrow as pa
+    """A big row group as Arrow IPC files of ``chunk_rows`` rows each (pyarrow decodes the row group's column
+    chunks to do it, so a single huge row group costs the planner its decoded size once)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=[group]):
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        yield sink.getvalue().to_pybytes()
+        yield ipc_bytes(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,10 +301,9 @@ class ScoredChunk:
     output: bytes  # CSV lines without a header, or an Arrow IPC file
     rows: int
     errors: list[RowError]
-    matrix: np.ndarray  # the good rows' inputs, for the prediction log
     good: np.ndarray  # boolean mask of rows that were scored
     predictions: list[Any]  # one per good row
-    subjects: list[str] | None
+    ids: list[str]  # one prediction id per row
 
 
 def float_columns(table: Any, columns: list[str]) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
@@ -386,18 +382,16 @@ def _fast_predictions(predictions: list[Any], good: np.ndarray) -> list[str]:
     return _predictions_text(predictions, good)
 
 
-def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], subject_column: str = "",
-                    id_prefix: str, newline: bytes, predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
+def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_prefix: str, newline: bytes,
+                    predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
     """Score the rows in ``data`` (whole rows of a CSV without its header)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    include = list(dict.fromkeys([*required, *([subject_column] if subject_column else [])]))
+    include = list(dict.fromkeys(required))
     read = pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=1 << 20)
     parse = pacsv.ParseOptions(newlines_in_values=b'"' in data)
     types = {c: pa.float64() for c in required}
-    if subject_column:
-        types[subject_column] = pa.string()
     try:
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
                                convert_options=pacsv.ConvertOptions(include_columns=include, column_types=types,
@@ -410,30 +404,23 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], sub
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
                                convert_options=pacsv.ConvertOptions(include_columns=include, column_types=text_types,
                                                                     null_values=[""], strings_can_be_null=True))
-    return _score_table(table, data=data, required=required, subject_column=subject_column, id_prefix=id_prefix,
-                        newline=newline, predict=predict)
+    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict)
+    cells = _fast_predictions(scored.predictions, scored.good)
+    output = _append_columns(data, cells, scored.ids, newline, scored.rows)
+    scored.output = output if output is not None else _rewrite_csv(data, cells=cells, ids=scored.ids)
+    return scored
 
 
-def _score_table(table: Any, *, data: bytes | None, required: list[str], subject_column: str, id_prefix: str,
-                 newline: bytes, predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
+def _score_table(table: Any, *, required: list[str], id_prefix: str,
+                 predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
+    """Check the rows against the signature and predict the good ones; the caller writes the output."""
     n = table.num_rows
     matrix, good, errors = float_columns(table, required)
     scored_matrix = matrix if good.all() else matrix[good]
     predictions = list(predict(np.ascontiguousarray(scored_matrix))) if scored_matrix.shape[0] else []
     if len(predictions) != scored_matrix.shape[0]:
         raise RuntimeError(f"the model returned {len(predictions)} predictions for {scored_matrix.shape[0]} rows")
-    ids = [f"{id_prefix}{i:06x}" for i in range(n)]
-    subjects = None
-    if subject_column:
-        subjects = ["" if s is None else str(s) for s in table.column(subject_column).to_pylist()]
-    if data is not None:
-        cells = _fast_predictions(predictions, good)
-        output = _append_columns(data, cells, ids, newline, n)
-        if output is None:
-            output = _rewrite_csv(data, table_columns=None, cells=cells, ids=ids)
-    else:
-        output = b""
-    return ScoredChunk(output, n, errors, scored_matrix, good, predictions, subjects)
+    return ScoredChunk(b"", n, errors, good, predictions, [f"{id_prefix}{i:06x}" for i in range(n)])
 
 
 def _append_columns(data: bytes, cells: list[str], ids: list[str], newline: bytes, n: int) -> bytes | None:
@@ -454,7 +441,7 @@ def _append_columns(data: bytes, cells: list[str], ids: list[str], newline: byte
     return joined + newline
 
 
-def _rewrite_csv(data: bytes, *, table_columns: list[str] | None, cells: list[str], ids: list[str]) -> bytes:
+def _rewrite_csv(data: bytes, *, cells: list[str], ids: list[str]) -> bytes:
     """The slow path for chunks with quoted fields: every row re-written by the csv module."""
     reader = csv.reader(io.StringIO(data.decode("utf-8")))
     out = io.StringIO()
@@ -476,14 +463,12 @@ def _unquote(cell: str) -> str:
     return cell
 
 
-def score_arrow_chunk(table: Any, *, required: list[str], subject_column: str, id_prefix: str,
-                      prediction_name: str, id_name: str,
+def score_arrow_chunk(table: Any, *, required: list[str], id_prefix: str, prediction_name: str, id_name: str,
                       predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
     """Score an Arrow table (a Parquet chunk); the output is an Arrow IPC file of the input plus two columns."""
     import pyarrow as pa
 
-    scored = _score_table(table, data=None, required=required, subject_column=subject_column, id_prefix=id_prefix,
-                          newline=b"\n", predict=predict)
+    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict)
     full: list[Any] = [None] * table.num_rows
     for i, value in zip(np.flatnonzero(scored.good), scored.predictions):
         full[i] = value
@@ -491,13 +476,20 @@ def score_arrow_chunk(table: Any, *, required: list[str], subject_column: str, i
         pred_array = pa.array(full)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pred_array = pa.array([None if v is None else str(v) for v in full], type=pa.string())
-    out = table.append_column(prediction_name, pred_array).append_column(
-        id_name, pa.array([f"{id_prefix}{i:06x}" for i in range(table.num_rows)], type=pa.string()))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, out.schema) as writer:
-        writer.write_table(out)
-    scored.output = sink.getvalue().to_pybytes()
+    out = table.append_column(prediction_name, pred_array).append_column(id_name, pa.array(scored.ids,
+                                                                                           type=pa.string()))
+    scored.output = ipc_bytes(out)
     return scored
+
+
+def ipc_bytes(data: Any) -> bytes:
+    """An Arrow table or record batch as the bytes of an Arrow IPC file."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, data.schema) as writer:
+        writer.write(data)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def read_parquet_groups(path: str, start: int, end: int) -> Any:

@@ -12,14 +12,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import has_capability
+from portal.views import error_text
 from registry import batch, batch_selectors, selectors
 from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
-
-
-def _first_message(exc: ValidationError) -> str:
-    if hasattr(exc, "message_dict"):
-        return "; ".join(m for msgs in exc.message_dict.values() for m in msgs)
-    return "; ".join(exc.messages)
 
 
 @login_required
@@ -58,7 +53,7 @@ def batch_job_cancel(request: HttpRequest, uid: str) -> HttpResponse:
         batch.batch_cancel(job=job, actor=request.user)
         messages.success(request, "The job is cancelled; chunks not yet scored will not be.")
     except ValidationError as exc:
-        messages.error(request, _first_message(exc))
+        messages.error(request, error_text(exc))
     return redirect("registry:batch-job", uid=job.uid)
 
 
@@ -74,7 +69,7 @@ def schedule_create(request: HttpRequest, name: str) -> HttpResponse:
             subject_column=request.POST.get("subject_column", "").strip()[:200])
         messages.success(request, f"Schedule {schedule.name} is on: {schedule.cron} (UTC).")
     except ValidationError as exc:
-        messages.error(request, "The schedule was not created: " + _first_message(exc))
+        messages.error(request, "The schedule was not created: " + error_text(exc))
     return redirect("registry:batch", name=model.name)
 
 

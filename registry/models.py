@@ -410,6 +410,7 @@ class BatchJob(models.Model):
     serving form) is pinned when the job is submitted; a later switch in the environment does not change it."""
 
     MAX_CHUNK_ATTEMPTS = 2  # a chunk whose worker died is run once more
+    MAX_STEP_ATTEMPTS = 3  # planning, which a dying worker may also interrupt
 
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="batch_jobs")

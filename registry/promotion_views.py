@@ -14,12 +14,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import get_object_for_user, has_capability, require_capability
+from portal.views import error_text
 from registry import promotions, selectors
 from registry.models import Environment, PromotionRequest, PromotionStatus
-
-
-def _errors(exc: ValidationError | PermissionDenied) -> str:
-    return " ".join(getattr(exc, "messages", None) or [str(exc)])
 
 
 def _promotion(request: HttpRequest, uid: str) -> PromotionRequest:
@@ -36,7 +33,7 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
             version=version, target=request.POST.get("target", ""), reason=request.POST.get("reason", "")[:5000],
             override_reason=request.POST.get("override_reason", "")[:5000], actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _errors(exc))
+        messages.error(request, error_text(exc))
         return redirect("registry:version", name=name, number=number)
     messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
     return redirect("registry:promotion", uid=promotion.uid)
@@ -103,7 +100,7 @@ def promotion_decide(request: HttpRequest, uid: str) -> HttpResponse:
                                                 password=request.POST.get("password", "")[:512],
                                                 request=request)
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _errors(exc))
+        messages.error(request, error_text(exc))
         return redirect("registry:promotion", uid=uid)
     if promotion.status == PromotionStatus.DEPLOYING:
         messages.success(request, "Approved. The policy is met and the deployment has started.")
@@ -121,7 +118,7 @@ def promotion_cancel(request: HttpRequest, uid: str) -> HttpResponse:
         promotions.promotion_cancel(promotion=_promotion(request, uid), actor=request.user)
         messages.success(request, "The request is cancelled.")
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _errors(exc))
+        messages.error(request, error_text(exc))
     return redirect("registry:promotion", uid=uid)
 
 
@@ -163,7 +160,7 @@ def environment_rollback(request: HttpRequest, name: str, env: str) -> HttpRespo
             model=model, environment=env, to_version=int(raw) if raw.isdigit() else None,
             reason=request.POST.get("reason", "")[:5000], actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
-        messages.error(request, _errors(exc))
+        messages.error(request, error_text(exc))
         return redirect("registry:environment", name=name, env=env) if env in Environment.values else \
             redirect("registry:model", name=name)
     messages.success(request, f"Rolling {env} back to v{deployment.version.number}.")

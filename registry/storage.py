@@ -173,8 +173,9 @@ def read_work_file(name: str) -> bytes:
         return bytes(fh.read())
 
 
-def delete_work_files(prefix: str) -> int:
-    """Remove the intermediate files under ``prefix`` (a folder of the store); returns how many went."""
+def delete_work_files(prefix: str, *, keep: set[str] | frozenset[str] = frozenset()) -> int:
+    """Remove the intermediate files under ``prefix`` (a folder of the store) but those named in ``keep``; returns
+    how many went."""
     storage = artifact_storage()
     removed = 0
     try:
@@ -182,8 +183,10 @@ def delete_work_files(prefix: str) -> int:
     except (FileNotFoundError, NotADirectoryError):
         return 0
     for name in files:
-        storage.delete(f"{prefix.rstrip('/')}/{name}")
-        removed += 1
+        full = f"{prefix.rstrip('/')}/{name}"
+        if full not in keep:
+            storage.delete(full)
+            removed += 1
     return removed
 
 

@@ -26,6 +26,37 @@ window.PortalUpload = (function () {
     });
   }
 
+  // A file picker with a drop zone: shows the chosen file's name and size, refuses one over `maxBytes`, enables
+  // `button`. Returns `say(content, kind)`, which puts a message (text or a node) in `result`.
+  function picker(zone, input, button, name, result, maxBytes) {
+    const say = (content, kind) => {
+      result.className = "message " + (kind || "");
+      result.replaceChildren();
+      if (typeof content === "string") { result.textContent = content; } else { result.append(content); }
+    };
+    bindDropzone(zone, input, () => {
+      const file = input.files[0];
+      name.textContent = file ? file.name + " (" + human(file.size) + ")" : "";
+      button.disabled = !file || file.size > maxBytes;
+      if (file && file.size > maxBytes) {
+        say("This file is larger than the upload limit of " + human(maxBytes) + ".", "error");
+      } else {
+        result.textContent = "";
+        result.className = "";
+      }
+    });
+    return say;
+  }
+
+  // A `progress` callback for send() that fills `bar` and `text`, and says when the server has all of it.
+  function showProgress(bar, text, say) {
+    return (pct, loaded, total) => {
+      bar.value = pct;
+      text.textContent = pct + "% · " + human(loaded) + " of " + human(total);
+      if (loaded === total) say("Uploaded; checking the file…");
+    };
+  }
+
   // POST `data` to `url`; `progress(percent, loaded, total)` while sending; `done(status, body)` at the end.
   function send(url, data, csrf, progress, done) {
     const xhr = new XMLHttpRequest();
@@ -44,5 +75,5 @@ window.PortalUpload = (function () {
     xhr.send(data);
   }
 
-  return { human, bindDropzone, send };
+  return { human, picker, showProgress, send };
 })();

@@ -13,20 +13,8 @@
     const name = document.getElementById("batch-file-name");
     const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
     const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
-    const human = window.PortalUpload.human;
-
-    const say = (message, kind) => {
-      result.className = "message " + (kind || "");
-      result.textContent = message;
-    };
-    const chosen = () => {
-      const file = input.files[0];
-      name.textContent = file ? file.name + " (" + human(file.size) + ")" : "";
-      button.disabled = !file || file.size > maxBytes;
-      if (file && file.size > maxBytes) say("This file is larger than the upload limit of " + human(maxBytes) + ".", "error");
-      else { result.textContent = ""; result.className = ""; }
-    };
-    window.PortalUpload.bindDropzone(document.getElementById("batch-dropzone"), input, chosen);
+    const say = window.PortalUpload.picker(document.getElementById("batch-dropzone"), input, button, name, result,
+      maxBytes);
 
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -38,11 +26,8 @@
       button.disabled = true;
       wrap.hidden = false;
       say("Uploading…");
-      window.PortalUpload.send(form.dataset.endpoint, data, csrf, (pct, loaded, total) => {
-        bar.value = pct;
-        text.textContent = pct + "% · " + human(loaded) + " of " + human(total);
-        if (loaded === total) say("Uploaded; checking the file…");
-      }, (status, body) => {
+      window.PortalUpload.send(form.dataset.endpoint, data, csrf, window.PortalUpload.showProgress(bar, text, say),
+        (status, body) => {
         if (status === 202) {
           say("Accepted; opening the job…", "success");
           window.location.assign(form.dataset.jobPage + body.id + "/");

@@ -14,28 +14,7 @@
   const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
   const maxBytes = Number(form.dataset.maxBytes) * 1024 * 1024;
 
-  const human = window.PortalUpload.human;
-
-  function say(html, kind) {
-    result.className = "message " + (kind || "");
-    result.replaceChildren();
-    if (typeof html === "string") { result.textContent = html; } else { result.append(html); }
-  }
-
-  function chosen() {
-    const file = fileInput.files[0];
-    button.disabled = !file;
-    fileName.textContent = file ? file.name + " (" + human(file.size) + ")" : "";
-    if (file && file.size > maxBytes) {
-      say("This file is larger than the upload limit of " + human(maxBytes) + ".", "error");
-      button.disabled = true;
-    } else {
-      result.textContent = "";
-      result.className = "";
-    }
-  }
-
-  window.PortalUpload.bindDropzone(dropzone, fileInput, chosen);
+  const say = window.PortalUpload.picker(dropzone, fileInput, button, fileName, result, maxBytes);
 
   function findingsList(findings) {
     const list = document.createElement("ul");
@@ -88,11 +67,8 @@
     button.disabled = true;
     progressWrap.hidden = false;
     say("Uploading…");
-    window.PortalUpload.send(form.dataset.endpoint, data, csrf, (pct, loaded, total) => {
-      progress.value = pct;
-      progressText.textContent = pct + "% · " + human(loaded) + " of " + human(total);
-      if (loaded === total) say("Uploaded; checking the file…");
-    }, (status, body) => {
+    window.PortalUpload.send(form.dataset.endpoint, data, csrf, window.PortalUpload.showProgress(progress, progressText, say),
+      (status, body) => {
       if (status === 201) {
         progress.value = 100;
         const statusUrl = form.dataset.endpoint + body.number + "/";

@@ -227,10 +227,12 @@ def test_roles_and_teams(serving: Client, personas: dict[str, Any], api_as: Any)
         assert client.get(f"/api/v1/batch-jobs/{uid}/").status_code == 200  # they see their team's jobs
         assert client.post(f"/api/v1/batch-jobs/{uid}/cancel").status_code == 403
         assert client.get(f"/api/v1/batch-jobs/{uid}/result").status_code == 403
+        assert client.get(f"/api/v1/batch-jobs/{uid}/errors").status_code == 403
     outsider = api_as(personas["outsider"])
     assert outsider.get(f"/api/v1/batch-jobs/{uid}/").status_code == 404
     assert outsider.post(f"/api/v1/batch-jobs/{uid}/cancel").status_code == 404
     assert outsider.get(f"/api/v1/batch-jobs/{uid}/result").status_code == 404
+    assert outsider.get(f"/api/v1/batch-jobs/{uid}/errors").status_code == 404
     assert uid not in str(outsider.get("/api/v1/batch-jobs/").json())
     upload = io.BytesIO(data)
     upload.name = "in.csv"
@@ -238,6 +240,8 @@ def test_roles_and_teams(serving: Client, personas: dict[str, Any], api_as: Any)
                          format="multipart").status_code == 404
     anonymous = api_as(None)
     assert anonymous.get(f"/api/v1/batch-jobs/{uid}/").status_code == 401
+    assert anonymous.get("/api/v1/batch-jobs/").status_code == 401
+    assert anonymous.get(f"/api/v1/batch-jobs/{uid}/result").status_code == 401
     # The result is there only once the job is done.
     assert assert_error_shape(ds.get(f"/api/v1/batch-jobs/{uid}/result"), 400)
 
@@ -264,6 +268,18 @@ def test_schedules_are_audited_beat_rows_and_a_run_scores_the_newest_file(
     assert response.status_code == 201, response.content
     schedule = BatchSchedule.objects.get(pk=response.json()["id"])
     task = PeriodicTask.objects.get(pk=schedule.periodic_task_id)
+    # Who may see and change it: the team (viewers read only), nobody outside it.
+    path = f"/api/v1/batch-schedules/{schedule.pk}/"
+    viewer, outsider = api_as(personas["viewer"]), api_as(personas["outsider"])
+    assert viewer.get(path).status_code == 200
+    assert viewer.patch(path, {"enabled": False}, format="json").status_code == 403
+    assert viewer.delete(path).status_code == 403
+    for call in (outsider.get(path), outsider.patch(path, {"enabled": False}, format="json"), outsider.delete(path),
+                 outsider.get("/api/v1/models/churn/batch-schedules/")):
+        assert call.status_code == 404
+    assert api_as(None).get(path).status_code == 401
+    assert ds.patch(path, {"name": "renamed"}, format="json").status_code == 400
+    assert ds.patch(path, {"cron": "nonsense"}, format="json").status_code == 400
     assert task.task == "registry.tasks.batch_schedule_fire" and task.args == f"[{schedule.pk}]"
     assert (task.crontab.minute, task.crontab.hour) == ("0", "2") and task.enabled
     # Nothing in the folder yet: the run says so and makes no job.

@@ -18,6 +18,7 @@ import orjson
 from django.db import connection, transaction
 
 from monitoring.models import PredictionLog
+from monitoring.rollups import mark_dirty
 from monitoring.sensitive import protect_row, sensitive_positions
 from registry.models import PredictionOutbox
 from registry.serving import buffer
@@ -53,10 +54,12 @@ def write_batches(batches: list[dict[str, Any]]) -> int:
     """Insert the batches' rows, skipping ids already there. On PostgreSQL the rows go through COPY into a staging
     table and one INSERT … ON CONFLICT DO NOTHING (several times faster than multi-row INSERTs for batch jobs)."""
     rows = [row for batch in batches for row in _rows(batch)]
-    if connection.vendor == "postgresql" and len(rows) > 200:
-        _copy(rows)
-    else:
-        PredictionLog.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
+    with transaction.atomic():
+        if connection.vendor == "postgresql" and len(rows) > 200:
+            _copy(rows)
+        else:
+            PredictionLog.objects.bulk_create(rows, ignore_conflicts=True, batch_size=2000)
+        mark_dirty((b["model"], b["environment"], dt.datetime.fromtimestamp(b["ts"], tz=dt.UTC)) for b in batches)
     return len(rows)
 
 

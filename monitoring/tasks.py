@@ -15,3 +15,17 @@ def purge_payloads_task() -> dict[str, dict[str, int]]:
     from monitoring.gdpr import payloads_purge
 
     return payloads_purge()
+
+
+@shared_task(name="monitoring.tasks.rollup", ignore_result=True)
+def rollup_task() -> int:
+    from monitoring.rollups import rollup_dirty
+
+    return rollup_dirty()
+
+
+@shared_task(name="monitoring.tasks.evaluate_alerts", ignore_result=True)
+def evaluate_alerts_task() -> dict[str, int]:
+    from monitoring.alerts import evaluate_alerts
+
+    return evaluate_alerts()

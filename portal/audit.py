@@ -81,6 +81,11 @@ class AuditAction(enum.Enum):
     BATCH_SCHEDULE_CREATE = (3211, "batch_schedule.create")
     BATCH_SCHEDULE_CHANGE = (3212, "batch_schedule.change")
     BATCH_SCHEDULE_DELETE = (3213, "batch_schedule.delete")
+    # 3300: monitoring
+    ALERT_FIRE = (3301, "alert.fire")
+    ALERT_ACKNOWLEDGE = (3302, "alert.acknowledge")
+    ALERT_RESOLVE = (3303, "alert.resolve")
+    MONITORING_SETTINGS_CHANGE = (3311, "monitoring.settings_change")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

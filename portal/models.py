@@ -33,6 +33,7 @@ class Team(models.Model):
             ("download_artifact", "Download model artifacts"),
             ("run_batch", "Submit batch scoring jobs"),
             ("view_monitoring", "See monitoring pages"),
+            ("manage_alerts", "Acknowledge and resolve alerts, set a model's monitoring thresholds"),
             ("view_audit", "Search the audit trail"),
             ("export_audit", "Export the audit trail"),
             ("manage_subjects", "Answer data subject access and erasure requests"),

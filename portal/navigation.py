@@ -22,6 +22,7 @@ ENTRIES: list[NavEntry] = [
     NavEntry("Home", "portal:home"),
     NavEntry("Models", "registry:models", "view_models"),
     NavEntry("Promotions", "registry:promotions", "view_models"),
+    NavEntry("Monitoring", "monitoring:portfolio", "view_monitoring"),
     NavEntry("Audit trail", "portal:audit", "view_audit"),
     NavEntry("API docs", "api-docs"),
     NavEntry("Account", "portal:account"),

@@ -153,13 +153,16 @@ BROKER_IS_FILESYSTEM = CELERY_BROKER_URL.startswith("filesystem://")
 if BROKER_IS_FILESYSTEM:
     _queue_dir = VAR_DIR / "celery" / "queue"
     _processed_dir = VAR_DIR / "celery" / "processed"
-    for _d in (_queue_dir, _processed_dir):
+    _control_dir = VAR_DIR / "celery" / "control"
+    for _d in (_queue_dir, _processed_dir, _control_dir):
         _d.mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
         "processed_folder": str(_processed_dir),
         "store_processed": False,
+        # Broadcasts (remote control, revoke) keep their exchange tables here, not in the working directory.
+        "control_folder": str(_control_dir),
     }
 else:
     _visibility = env_int("PORTAL_CELERY_VISIBILITY_TIMEOUT", 3600, minimum=5)
@@ -193,6 +196,14 @@ CELERY_BEAT_SCHEDULE = {
     "purge-old-payloads": {
         "task": "monitoring.tasks.purge_payloads",
         "schedule": timedelta(hours=env_int("PORTAL_RETENTION_CHECK_HOURS", 6, minimum=1)),
+    },
+    "monitoring-rollups": {
+        "task": "monitoring.tasks.rollup",
+        "schedule": timedelta(seconds=env_int("PORTAL_ROLLUP_SECONDS", 30, minimum=5)),
+    },
+    "monitoring-alerts": {
+        "task": "monitoring.tasks.evaluate_alerts",
+        "schedule": timedelta(seconds=env_int("PORTAL_ALERT_SECONDS", 60, minimum=10)),
     },
     "verify-audit-chain-daily": {
         "task": "portal.tasks.audit_chain_verify",
@@ -406,6 +417,18 @@ else:
 DEFAULT_FROM_EMAIL = env_str("PORTAL_EMAIL_FROM", "mlops-portal@localhost")
 PORTAL_BASE_URL = (env_url("PORTAL_BASE_URL", None, schemes={"http", "https"}) or "http://127.0.0.1:8000").rstrip("/")
 PORTAL_WEBHOOK_ALLOW_HTTP = env_bool("PORTAL_WEBHOOK_ALLOW_HTTP", False)
+
+# --- Monitoring -------------------------------------------------------------------------------------------------
+# /metrics answers a bearer token (PORTAL_METRICS_TOKEN) or a client address inside PORTAL_METRICS_ALLOW (CIDRs).
+PORTAL_METRICS_TOKEN = env_str("PORTAL_METRICS_TOKEN", "")
+try:
+    import ipaddress as _ipaddress
+
+    PORTAL_METRICS_ALLOW = [_ipaddress.ip_network(n, strict=False)
+                            for n in env_list("PORTAL_METRICS_ALLOW", ["127.0.0.1/32", "::1/128"])]
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"PORTAL_METRICS_ALLOW: {_exc} (give comma-separated networks, e.g. "
+                               "10.0.0.0/8,127.0.0.1/32)") from None
 
 # --- Audit exports ----------------------------------------------------------------------------------------------
 # Ed25519 private key (PEM, PKCS#8) that signs audit exports; without it one is generated once in var/.

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
+from monitoring import views as monitoring_views
 from portal import twofactor, views
 from registry.serving import views as serving_views
 
@@ -33,6 +34,8 @@ urlpatterns = [
     path("api/v1/", include("monitoring.api.urls")),
     path("api/v1/serve/<str:name>/<str:env>/invocations", serving_views.invocations, name="serve-invocations"),
     path("", include("registry.urls")),
+    path("", include("monitoring.urls")),
+    path("metrics", monitoring_views.prometheus_metrics, name="metrics"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     # The split view serves Swagger UI's start-up script as a file, so the CSP can forbid inline scripts.
     path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="api-schema"), name="api-docs"),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from monitoring.api import views
+from monitoring.api import monitoring, views
 
 app_name = "monitoring_api"
 
@@ -12,4 +12,11 @@ urlpatterns = [
     path("gdpr/erasure", views.ErasureApi.as_view(), name="gdpr-erasure"),
     path("models/<str:name>/environments/<str:env>/predictions", views.RecentPredictionsApi.as_view(),
          name="recent-predictions"),
+    path("models/<str:name>/environments/<str:env>/monitoring", monitoring.MonitoringApi.as_view(),
+         name="monitoring"),
+    path("models/<str:name>/monitoring-settings", monitoring.MonitoringSettingsApi.as_view(),
+         name="monitoring-settings"),
+    path("alerts/", monitoring.AlertListApi.as_view(), name="alerts"),
+    path("alerts/<uuid:uid>/acknowledge", monitoring.AlertAcknowledgeApi.as_view(), name="alert-acknowledge"),
+    path("alerts/<uuid:uid>/resolve", monitoring.AlertResolveApi.as_view(), name="alert-resolve"),
 ]

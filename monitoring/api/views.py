@@ -13,6 +13,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from monitoring.models import Feedback
+from monitoring.rollups import mark_dirty_for_predictions
 from portal.audit import AuditAction, Target, audit_record
 from registry import selectors
 
@@ -42,6 +43,7 @@ class FeedbackApi(APIView):
         with transaction.atomic():
             Feedback.objects.bulk_create(rows, update_conflicts=True, unique_fields=["prediction_id"],
                                          update_fields=["actual", "received_at", "submitted_by"], batch_size=2000)
+            mark_dirty_for_predictions([r.prediction_id for r in rows])
             audit_record(AuditAction.FEEDBACK_RECEIVE, actor=request.user,
                          target=Target("environment", f"{name}/{env}", f"{name} {env}", model.team.slug),
                          metadata={"count": len(rows)})

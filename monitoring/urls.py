@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from monitoring import views
+
+app_name = "monitoring"
+
+urlpatterns = [
+    path("monitoring/", views.portfolio, name="portfolio"),
+    path("models/<str:name>/environments/<str:env>/monitoring", views.model_monitoring, name="model"),
+    path("models/<str:name>/environments/<str:env>/monitoring/settings", views.settings_change, name="settings"),
+    path("alerts/<uuid:uid>/acknowledge", views.alert_acknowledge, name="alert-acknowledge"),
+    path("alerts/<uuid:uid>/resolve", views.alert_resolve, name="alert-resolve"),
+]

@@ -1,0 +1,124 @@
+"""Monitoring pages: the portfolio (every serving environment with a traffic light), one model's environment with
+its Plotly panels, alert acknowledgement and resolution, thresholds, and Prometheus ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from monitoring import alerts, metrics, selectors
+from monitoring.models import Alert, MonitoringSettings
+from portal.permissions import get_object_for_user, has_capability, require_capability
+from registry import selectors as registry_selectors
+from registry.models import Environment
+
+RANGE_LABELS = {"1h": "Last hour", "6h": "6 hours", "24h": "24 hours", "7d": "7 days", "30d": "30 days",
+                "90d": "90 days"}
+
+
+@login_required
+@require_GET
+def portfolio(request: HttpRequest) -> HttpResponse:
+    require_capability(request.user, "view_monitoring")
+    rows = selectors.portfolio(user=request.user)
+    schedule: Any = settings.CELERY_BEAT_SCHEDULE["monitoring-rollups"]["schedule"]
+    return render(request, "monitoring/portfolio.html", {
+        "rows": rows, "rollup_seconds": int(schedule.total_seconds())})
+
+
+def _environment(request: HttpRequest, name: str, env: str) -> Any:
+    model = registry_selectors.model_get(user=request.user, name=name, action="view_monitoring")
+    if env not in Environment.values:
+        raise Http404("No such environment.")
+    return model
+
+
+@login_required
+@require_GET
+def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    model = _environment(request, name, env)
+    try:
+        start, end = selectors.parse_range(request.GET)
+        invalid = ""
+    except ValueError as exc:
+        start, end = selectors.parse_range({})
+        invalid = str(exc)
+    summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end)
+    settings_row = MonitoringSettings.objects.filter(model=model).first()
+    preset = request.GET.get("range", "" if request.GET.get("from") else "24h")
+    return render(request, "monitoring/model.html", {
+        "model": model, "env": env, "summary": summary, "ranges": RANGE_LABELS, "preset": preset,
+        "invalid": invalid, "chart_data": {k: summary[k] for k in (
+            "time", "series", "heatmap", "distributions", "prediction_distribution", "drift", "roles", "granularity")},
+        "alerts": Alert.objects.filter(model=model, environment=env).select_related(
+            "acknowledged_by", "resolved_by").order_by("-opened_at")[:20],
+        "may_manage": has_capability(request.user, "manage_alerts"),
+        "thresholds_json": orjson.dumps(settings_row.thresholds if settings_row else {},
+                                        option=orjson.OPT_INDENT_2).decode(),
+        "target_column": settings_row.target_column if settings_row else "",
+        "defaults": alerts.thresholds_defaults(),
+    })
+
+
+def _alert(request: HttpRequest, uid: str) -> Alert:
+    return get_object_for_user(request.user, Alert.objects.select_related("model__team"), action="manage_alerts",
+                               team_field="model__team", uid=uid)
+
+
+@login_required
+@require_POST
+def alert_acknowledge(request: HttpRequest, uid: str) -> HttpResponse:
+    alert = _alert(request, uid)
+    try:
+        alerts.alert_acknowledge(alert=alert, actor=request.user, comment=request.POST.get("comment", "")[:1000])
+        messages.success(request, "Alert acknowledged; it stays open until its condition clears or it is resolved.")
+    except alerts.AlertError as exc:
+        messages.error(request, str(exc))
+    return redirect("monitoring:model", name=alert.model.name, env=alert.environment)
+
+
+@login_required
+@require_POST
+def alert_resolve(request: HttpRequest, uid: str) -> HttpResponse:
+    alert = _alert(request, uid)
+    try:
+        alerts.alert_resolve(alert=alert, actor=request.user, resolution=request.POST.get("resolution", "")[:2000])
+        messages.success(request, "Alert resolved.")
+    except alerts.AlertError as exc:
+        messages.error(request, str(exc))
+    return redirect("monitoring:model", name=alert.model.name, env=alert.environment)
+
+
+@login_required
+@require_POST
+def settings_change(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    model = _environment(request, name, env)
+    require_capability(request.user, "manage_alerts")
+    try:
+        thresholds = orjson.loads(request.POST.get("thresholds", "").strip() or "{}")
+    except orjson.JSONDecodeError as exc:
+        messages.error(request, f"Thresholds are not valid JSON: {exc}.")
+        return redirect("monitoring:model", name=name, env=env)
+    try:
+        alerts.monitoring_settings_change(model=model, thresholds=thresholds, actor=request.user,
+                                          target_column=request.POST.get("target_column", ""))
+        messages.success(request, "Monitoring thresholds saved; alerts use them from their next evaluation.")
+    except (alerts.AlertError, PermissionDenied) as exc:
+        messages.error(request, str(exc))
+    return redirect("monitoring:model", name=name, env=env)
+
+
+@require_GET
+def prometheus_metrics(request: HttpRequest) -> HttpResponse:
+    if not metrics.allowed(request):
+        return HttpResponse("Not allowed: send the metrics token (Authorization: Bearer …) or scrape from an "
+                            "address in PORTAL_METRICS_ALLOW.\n", status=403, content_type="text/plain")
+    return HttpResponse(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")

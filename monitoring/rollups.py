@@ -26,6 +26,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from monitoring.additive import add
+from monitoring.drift import numeric_bins
 from monitoring.models import Feedback, Granularity, PredictionLog, Rollup, RollupDirty
 
 # 20 bins per decade from 0.01 ms to 100 s: a percentile read from them is within 6 % of the exact value.
@@ -156,14 +157,6 @@ def version_spec(model_name: str, version_number: int) -> VersionSpec:
 
 # --- Computing minutes from raw rows -----------------------------------------------------------------------------
 
-def _numeric_bins(values: np.ndarray, edges: np.ndarray) -> list[int]:
-    """Counts on the reference bins ``(-inf, e0), [e0, e1) … [e_last, +inf)`` then the missing count."""
-    missing = np.isnan(values)
-    present = values[~missing]
-    counts = np.bincount(np.searchsorted(edges, present, side="right"), minlength=len(edges) + 1)
-    return [int(c) for c in counts] + [int(missing.sum())]
-
-
 def _as_float(value: Any) -> float:
     if isinstance(value, bool):
         return float(value)
@@ -214,7 +207,7 @@ def summarise(rows: list[tuple[float, str, Any, Any, Any]], spec: VersionSpec) -
         for f in spec.features:
             if f.kind == "numeric":
                 assert f.edges is not None
-                features[f.name] = (_numeric_bins(matrix[:, f.index], f.edges) if matrix is not None
+                features[f.name] = (numeric_bins(matrix[:, f.index], f.edges) if matrix is not None
                                     else [0] * (len(f.edges) + 2))
             else:
                 features[f.name] = dict(Counter(category_key(row[f.index] if isinstance(row, list) and
@@ -233,7 +226,7 @@ def summarise(rows: list[tuple[float, str, Any, Any, Any]], spec: VersionSpec) -
     if spec.target is not None:
         t = spec.target
         if t.kind == "numeric" and t.edges is not None:
-            data["predictions"]["bins"] = _numeric_bins(np.array([_as_float(o) for o in outputs], dtype="float64"),
+            data["predictions"]["bins"] = numeric_bins(np.array([_as_float(o) for o in outputs], dtype="float64"),
                                                         t.edges)
         else:
             data["predictions"]["cats"] = dict(Counter(category_key(o, t.categories) for o in outputs))

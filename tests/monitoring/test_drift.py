@@ -67,3 +67,13 @@ def test_numeric_and_categorical_features_are_judged_against_the_thresholds() ->
     assert unseen["status"] == "alert", "a category never seen in the reference is drift"
     labels = drift.distribution(colour, {"red": 50, "blue": 30, "__other__": 40})["labels"]
     assert labels == ["red", "blue", "__other__"]
+
+
+@pytest.mark.parametrize("edge_count", [1, 9, 60])
+def test_numeric_bins_match_numpys_histogram_on_the_reference_bins(edge_count: int) -> None:
+    rng = np.random.default_rng(edge_count)
+    edges = np.unique(np.quantile(rng.normal(size=1000), np.linspace(0.05, 0.95, edge_count)))
+    values = np.concatenate([rng.normal(0.3, 1.2, 5000), edges, [np.nan, np.nan, np.inf, -np.inf]])
+    expected = np.histogram(values[~np.isnan(values)], bins=np.concatenate(([-np.inf], edges, [np.inf])))[0]
+    assert drift.numeric_bins(values, edges) == [*expected.tolist(), 2]
+    assert drift.numeric_bins(np.array([]), edges) == [0] * (len(edges) + 2)

@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from monitoring.models import Feedback
 from monitoring.rollups import mark_dirty_for_predictions
 from portal.audit import AuditAction, Target, audit_record
+from portal.permissions import require_capability
 from registry import selectors
 
 MAX_FEEDBACK = 10_000
@@ -72,6 +73,7 @@ class ErasureApi(APIView):
     def post(self, request: Request) -> Response:
         from monitoring.gdpr import subject_erase
 
+        require_capability(request.user, "manage_subjects")  # before the body is looked at: no hints to others
         data = ErasureInput(data=request.data)
         data.is_valid(raise_exception=True)
         return Response(subject_erase(subject_id=data.validated_data["subject_id"], actor=request.user,

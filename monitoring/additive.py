@@ -20,6 +20,6 @@ def add(a: Any, b: Any, sign: int = 1) -> Any:
     if isinstance(b, list):
         if len(a) != len(b):  # never for one version's bins; kept safe for hand-edited rows
             a = list(a) + [0] * (len(b) - len(a))
-        return [x + sign * y for x, y in zip(a, b)] + list(a[len(b):])
+        return [x + sign * y for x, y in zip(a, b, strict=False)] + list(a[len(b):])
     result = a + sign * b
     return round(result, 9) if isinstance(result, float) else result

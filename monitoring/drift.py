@@ -17,6 +17,7 @@ proportions ``p = r / sum(r)`` and ``q = c / sum(c)``:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -104,7 +105,7 @@ def aligned(reference_profile: dict[str, Any], current: Any) -> tuple[list[str],
     categorical one a dict of category counts (``__missing__`` for missing values)."""
     if reference_profile.get("kind") == "numeric":
         edges = reference_profile.get("edges") or []
-        labels = ([f"< {edges[0]:.4g}"] + [f"[{a:.4g}, {b:.4g})" for a, b in zip(edges, edges[1:])]
+        labels = ([f"< {edges[0]:.4g}"] + [f"[{a:.4g}, {b:.4g})" for a, b in itertools.pairwise(edges)]
                   + [f"≥ {edges[-1]:.4g}"]) if edges else ["all"]
         stored = list(reference_profile.get("counts") or [])
         ref = np.asarray((stored + [0] * len(labels))[:len(labels)], dtype="float64")  # a malformed profile: no crash
@@ -121,7 +122,7 @@ def aligned(reference_profile: dict[str, Any], current: Any) -> tuple[list[str],
 
 def feature_drift(name: str, reference_profile: dict[str, Any], current: Any,
                   thresholds: dict[str, Any]) -> dict[str, Any]:
-    labels, ref, cur, missing = aligned(reference_profile, current)
+    _labels, ref, cur, missing = aligned(reference_profile, current)
     n = int(cur.sum())
     kind = reference_profile.get("kind", "numeric")
     result: dict[str, Any] = {"feature": name, "kind": kind, "rows": n, "missing": missing,

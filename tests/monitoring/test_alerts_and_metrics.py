@@ -7,7 +7,6 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 from django.core import mail
 from django.test import Client

@@ -26,7 +26,7 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) or isinstance(b, float):
         return bool(a == pytest.approx(b, rel=1e-9, abs=1e-8))
     return bool(a == b)
@@ -40,7 +40,7 @@ def _stored(granularity: str) -> dict[tuple[Any, int, str], dict[str, Any]]:
 
 def _spread(log_rows: Callable[..., list[str]]) -> dict[str, Any]:
     """Rows over two days: several minutes, two hours, two days, errors, a canary, varied latencies."""
-    columns, X, y = reference_matrix()
+    _columns, X, y = reference_matrix()
     rng = np.random.default_rng(7)
     written: dict[str, Any] = {"latencies": [], "ids": []}
     for k, offset in enumerate([dt.timedelta(0), dt.timedelta(minutes=1, seconds=30), dt.timedelta(minutes=59),
@@ -119,7 +119,7 @@ def test_late_ground_truth_lands_in_the_buckets_of_its_predictions(
     # Days later, the truth for the early predictions: 40 right, 10 wrong.
     actual = [int(v) for v in y[:40]] + [1 - int(v) for v in y[40:50]]
     response = api_as(personas["ds"]).post("/api/v1/serve/churn/dev/feedback",
-                                           [{"prediction_id": i, "actual": a} for i, a in zip(early, actual)],
+                                           [{"prediction_id": i, "actual": a} for i, a in zip(early, actual, strict=True)],
                                            format="json")
     assert response.status_code == 202, response.content
     assert RollupDirty.objects.count() == 1
@@ -143,7 +143,7 @@ def test_regression_sums_give_mae_rmse_and_r2() -> None:
     actual = rng.normal(10, 3, 500)
     predicted = actual + rng.normal(0, 1, 500)
     spec = rollups.VersionSpec(1, [], None, "regression")
-    rows = [(1.0, "", None, float(p), float(a)) for p, a in zip(predicted, actual)]
+    rows = [(1.0, "", None, float(p), float(a)) for p, a in zip(predicted, actual, strict=True)]
     half = [rollups.summarise(rows[:200], spec), rollups.summarise(rows[200:], spec)]
     merged = add(half[0], half[1])
     metrics = accuracy_metrics(merged["truth"], "regression")

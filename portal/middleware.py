@@ -30,6 +30,21 @@ def client_ip(request: HttpRequest) -> str | None:
         return None
 
 
+NUL_MESSAGE = "The address contains a NUL character (%00), which no name, id or filter can hold; remove it."
+
+
+def _nul_refusal(request: HttpRequest) -> HttpResponse | None:
+    """A NUL in the path or query string cannot reach a database (PostgreSQL text refuses it): a 400 up front."""
+    query = request.META.get("QUERY_STRING", "")
+    if "%00" not in query and "\x00" not in query and "\x00" not in request.path:
+        return None
+    if request.path.startswith("/api/"):
+        from portal.api.errors import json_error_response
+
+        return json_error_response(request, 400, "invalid_request", NUL_MESSAGE)
+    return HttpResponse(NUL_MESSAGE, status=400, content_type="text/plain; charset=utf-8")
+
+
 class RequestContextMiddleware:
     """Give every request an id (kept from a sane incoming X-Request-ID) and echo it in the response."""
 
@@ -44,7 +59,7 @@ class RequestContextMiddleware:
         )
         request.request_id = ctx.request_id  # type: ignore[attr-defined]
         with context.bound(ctx):
-            response = self.get_response(request)
+            response = _nul_refusal(request) or self.get_response(request)
         response["X-Request-ID"] = ctx.request_id
         return response
 

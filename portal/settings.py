@@ -346,6 +346,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # One name for the dev/stage/prod choice set, wherever a serializer uses it.
     "ENUM_NAME_OVERRIDES": {"EnvironmentEnum": "registry.models.Environment"},
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "portal.api.errors.document_errors"],
 }
 
 # --- Logging: one line per record, with the request id ---------------------------------------------------------

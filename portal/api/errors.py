@@ -70,3 +70,33 @@ def exception_handler(exc: Exception, ctx: dict[str, Any]) -> Response | None:
 
 def json_error_response(request: HttpRequest, status_code: int, code: str, message: str) -> JsonResponse:
     return JsonResponse(error_body(code, message, None), status=status_code)
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["code", "message", "details"],
+        "properties": {
+            "code": {"type": "string", "description": "A stable machine-readable code, e.g. validation_error."},
+            "message": {"type": "string", "description": "What went wrong and what to do, for a person."},
+            "details": {"description": "Per-field messages or other specifics; may be null."},
+        },
+    }},
+}
+
+
+def document_errors(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """drf-spectacular post-processing hook: every operation may answer a 4xx in the contract's error shape, and the
+    schema says so (clients and schemathesis then know what a refusal looks like)."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    reference = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for operations in result.get("paths", {}).values():
+        for method, operation in operations.items():
+            if method in ("get", "post", "put", "patch", "delete"):
+                operation.setdefault("responses", {}).setdefault(
+                    "4XX", {"description": "Refused: bad input, not signed in, not allowed, not found, conflict, "
+                                           "too large, unsupported media type or rate-limited.",
+                            "content": reference})
+    return result

@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal.api.pagination import PortalPagination
+from portal.api.pagination import PortalPagination, paginated
 from portal.permissions import require_capability
 from registry import batch, batch_selectors, selectors
 from registry.api.views import _download, too_large_response
@@ -47,9 +47,9 @@ class BatchJobSerializer(serializers.Serializer[Any]):
     schedule = serializers.SerializerMethodField()
     requested_by = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
-    started_at = serializers.DateTimeField()
-    scored_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    scored_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
     seconds = serializers.SerializerMethodField()
 
     def get_result_sha256(self, obj: Any) -> str | None:
@@ -79,8 +79,8 @@ class BatchChunkSerializer(serializers.Serializer[Any]):
     rows_failed = serializers.IntegerField()
     attempts = serializers.IntegerField()
     worker = serializers.CharField()
-    started_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
 
 
 class BatchJobDetailSerializer(BatchJobSerializer):
@@ -103,7 +103,8 @@ class BatchJobListApi(APIView):
     parser_classes = [MultiPartParser]
 
     @extend_schema(parameters=[OpenApiParameter("model", OpenApiTypes.STR), OpenApiParameter("status", OpenApiTypes.STR)],
-                   responses=BatchJobSerializer(many=True), summary="Batch jobs of the caller's teams, newest first")
+                   responses=paginated(BatchJobSerializer, "PaginatedBatchJobList"),
+                   operation_id="v1_batch_jobs_list", summary="Batch jobs of the caller's teams, newest first")
     def get(self, request: Request) -> Response:
         qs = batch_selectors.job_list(user=request.user, model=request.query_params.get("model", ""),
                                       status=request.query_params.get("status", ""))
@@ -118,7 +119,8 @@ class BatchJobListApi(APIView):
         files = request.FILES
         if getattr(request._request, "portal_upload_too_large", False):
             return too_large_response()
-        data = BatchSubmitInput(data={**request.data.dict(), **files.dict()})  # type: ignore[union-attr]
+        fields = request.data.dict() if hasattr(request.data, "dict") else {}  # no body at all: {}
+        data = BatchSubmitInput(data={**fields, **files.dict()})
         data.is_valid(raise_exception=True)
         values = data.validated_data
         model = selectors.model_get(user=request.user, name=values["model"], action="run_batch")
@@ -183,7 +185,7 @@ class BatchScheduleSerializer(serializers.Serializer[Any]):
     subject_column = serializers.CharField(required=False, allow_blank=True, max_length=200)
     enabled = serializers.BooleanField(required=False, default=True)
     inbox_path = serializers.SerializerMethodField()
-    last_run_at = serializers.DateTimeField(read_only=True)
+    last_run_at = serializers.DateTimeField(read_only=True, allow_null=True)
     last_error = serializers.CharField(read_only=True)
 
     def get_inbox_path(self, obj: Any) -> str:

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal.api.pagination import PortalPagination
+from portal.api.pagination import PortalPagination, paginated
 from portal.models import Team, TeamWebhook
 from portal.permissions import get_object_for_user, require_capability
 from registry import promotions, selectors
@@ -57,7 +57,7 @@ class PromotionSerializer(serializers.Serializer[Any]):
     approvals = serializers.SerializerMethodField()
     deployment = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
-    decided_at = serializers.DateTimeField()
+    decided_at = serializers.DateTimeField(allow_null=True)
 
     def get_requested_by(self, obj: PromotionRequest) -> str | None:
         return _username(obj.requested_by)
@@ -101,7 +101,8 @@ class PromoteApi(APIView):
 class PromotionListApi(APIView):
     @extend_schema(parameters=[OpenApiParameter("status", OpenApiTypes.STR, enum=PromotionStatus.values),
                                OpenApiParameter("model", OpenApiTypes.STR)],
-                   responses=PromotionSerializer(many=True), summary="Promotion requests; ?status=pending is the queue")
+                   responses=paginated(PromotionSerializer, "PaginatedPromotionList"),
+                   operation_id="v1_promotions_list", summary="Promotion requests; ?status=pending is the queue")
     def get(self, request: Request) -> Response:
         require_capability(request.user, "view_models")
         wanted = request.query_params.get("status", "")

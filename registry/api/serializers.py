@@ -107,8 +107,8 @@ class DeploymentSerializer(serializers.Serializer[Any]):
     attempts = serializers.IntegerField()
     requested_by = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
-    started_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
 
     def get_requested_by(self, obj: Any) -> str | None:
         return _username(obj.requested_by)

@@ -16,7 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from portal.api.errors import error_body
-from portal.api.pagination import PortalPagination
+from portal.api.pagination import PortalPagination, paginated
 from portal.models import Team
 from portal.permissions import get_object_for_user
 from registry import selectors, services, storage
@@ -53,7 +53,8 @@ def too_large_response() -> Response:
 
 class ModelListCreateApi(APIView):
     @extend_schema(parameters=[OpenApiParameter("search", OpenApiTypes.STR), OpenApiParameter("team", OpenApiTypes.STR)],
-                   responses=ModelSerializer(many=True), summary="Registered models of the caller's teams")
+                   responses=paginated(ModelSerializer, "PaginatedModelList"), operation_id="v1_models_list",
+                   summary="Registered models of the caller's teams")
     def get(self, request: Request) -> Response:
         qs = selectors.model_list(user=request.user, search=request.query_params.get("search", ""),
                                   team=request.query_params.get("team", ""))

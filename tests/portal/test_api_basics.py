@@ -98,3 +98,11 @@ def test_me_and_tokens_per_role(personas: dict[str, Any], api_as: Any, persona: 
     expected = 401 if persona is None else 200
     assert client.get("/api/v1/me").status_code == expected
     assert client.get("/api/v1/tokens/").status_code == expected
+
+
+def test_a_nul_in_the_address_is_a_400_not_a_database_error(client: Any, personas: dict[str, Any]) -> None:
+    client.force_login(personas["ds"])
+    api = client.get("/api/v1/alerts/", {"environment": "dev\x00"})
+    assert api.status_code == 400 and "NUL character" in api.json()["error"]["message"]
+    page = client.get("/models/?search=a%00b")
+    assert page.status_code == 400 and b"NUL character" in page.content

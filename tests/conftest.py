@@ -6,7 +6,9 @@ and an outsider, a data scientist of team ``other``.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -37,6 +39,36 @@ def fresh_var_dir() -> None:
     for name in ("artifacts", "uploads", "tmp"):
         shutil.rmtree(Path(settings.VAR_DIR) / name, ignore_errors=True)
         (Path(settings.VAR_DIR) / name).mkdir(parents=True, exist_ok=True)
+
+
+class _SecretWatch(logging.Handler):
+    """Collects log records (of this process) that carry an API token or a persona's password."""
+
+    PATTERNS = (re.compile(r"mlp_[A-Za-z0-9_-]{40}"), re.compile(re.escape(PASSWORD)))
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage() + (record.exc_text or "")
+        except Exception:  # a record that cannot format itself holds no readable secret
+            return
+        if any(p.search(text) for p in self.PATTERNS):
+            self.leaks.append(f"{record.name}: {text[:300]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """Across the whole run, nothing the portal logs holds a token or a password (checked when the run ends)."""
+    watch = _SecretWatch()
+    logging.getLogger().addHandler(watch)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(watch)
+    assert not watch.leaks, f"secrets in the application log: {watch.leaks[:5]}"
 
 
 @pytest.fixture

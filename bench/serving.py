@@ -111,13 +111,27 @@ def parse_wrk(out: str) -> dict[str, float]:
             "socket_errors": errors.group(0) if errors else ""}
 
 
-def run_wrk(url: str, body_file: Path, seconds: int, connections: int, token: str | None, work: Path) -> dict[str, float]:
+def run_wrk(url: str, body_file: Path, seconds: int, connections: int, token: str | None, work: Path,
+            delay_ms: int | None = None) -> dict[str, float]:
+    """wrk against ``url``; with ``delay_ms``, each connection waits that long between its requests (a throttle)."""
     script = work / f"wrk-{body_file.stem}-{abs(hash(url))}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
-    script.write_text(WRK_LUA.replace("{auth}", auth).replace("{body}", str(body_file)))
+    throttle = f"\nfunction delay()\n  return {delay_ms}\nend\n" if delay_ms is not None else ""
+    script.write_text(WRK_LUA.replace("{auth}", auth).replace("{body}", str(body_file)) + throttle)
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
+
+
+def logged_count(env: dict[str, str]) -> int:
+    """Drain the prediction buffer into the log, then count the benchmark model's logged predictions."""
+    out = subprocess.run([PY, "manage.py", "shell", "-c",
+                          "from monitoring.flush import flush_predictions\n"
+                          "while flush_predictions(): pass\n"
+                          "from monitoring.models import PredictionLog\n"
+                          "print('LOGGED', PredictionLog.objects.filter(model_name='bench-lr').count())"],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    return int(re.search(r"LOGGED (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
 def build_model(work: Path) -> tuple[Path, Path, list[str]]:
@@ -249,13 +263,7 @@ def main() -> None:
                     proc.wait(timeout=30)
 
         # Every answered portal prediction must be in the log once the flusher has drained the buffer.
-        flushed = subprocess.run([PY, "manage.py", "shell", "-c",
-                                  "from monitoring.flush import flush_predictions\n"
-                                  "while flush_predictions(): pass\n"
-                                  "from monitoring.models import PredictionLog\n"
-                                  "print('LOGGED', PredictionLog.objects.filter(model_name='bench-lr').count())"],
-                                 cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-        logged = int(re.search(r"LOGGED (\d+)", flushed).group(1))  # type: ignore[union-attr]
+        logged = logged_count(env)
 
     print(f"\nmodel: LogisticRegression, 20 features; portal serving form: {serving_kind}; "
           f"wrk -t2 -c{args.connections} -d{args.seconds}s\n")

@@ -31,18 +31,14 @@ from serving import (  # the serving benchmark's helpers: one way to build, star
     PY,
     ROOT,
     SETUP,
-    WRK_LUA,
     body,
     build_model,
     free_port,
-    parse_wrk,
+    logged_count,
     portal_env,
     run_wrk,
     wait_up,
 )
-
-THROTTLE = "\nfunction delay()\n  return {delay}\nend\n"
-
 
 def rss_mb(pid: int) -> float:
     try:
@@ -64,26 +60,6 @@ def process_tree(pid: int) -> list[int]:
     for child in children(pid):
         found += process_tree(child)
     return found
-
-
-def throttled_wrk(url: str, body_file: Path, seconds: int, connections: int, token: str, delay_ms: int,
-                  work: Path) -> dict[str, float]:
-    script = work / "wrk-soak.lua"
-    script.write_text(WRK_LUA.replace("{auth}", f'wrk.headers["Authorization"] = "Bearer {token}"')
-                      .replace("{body}", str(body_file)) + THROTTLE.replace("{delay}", str(delay_ms)))
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
-    return parse_wrk(out)
-
-
-def logged_count(env: dict[str, str]) -> int:
-    out = subprocess.run([PY, "manage.py", "shell", "-c",
-                          "from monitoring.flush import flush_predictions\n"
-                          "while flush_predictions(): pass\n"
-                          "from monitoring.models import PredictionLog\n"
-                          "print('LOGGED', PredictionLog.objects.filter(model_name='bench-lr').count())"],
-                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-    return int(re.search(r"LOGGED (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
 def main() -> None:
@@ -123,7 +99,7 @@ def main() -> None:
             # Each connection waits `delay` between requests: rate = connections * 1000 / (delay + latency). The
             # latency at half load is not the latency at peak: one calibration run measures it.
             delay_ms = max(0, round(args.connections * 1000 / target - peak["p50"]))
-            probe = throttled_wrk(url, one_row, 10, args.connections, token, delay_ms, work)
+            probe = run_wrk(url, one_row, 10, args.connections, token, work, delay_ms)
             latency = max(0.0, args.connections * 1000 / probe["rps"] - delay_ms)
             delay_ms = max(0, round(args.connections * 1000 / target - latency))
             before_soak += probe["total"] - probe["non2xx"]
@@ -133,7 +109,7 @@ def main() -> None:
                   flush=True)
             print(f"{'minute':>6}{'req/s':>9}{'p99 ms':>9}{'errors':>8}{'web MB':>9}{'worker MB':>11}", flush=True)
             for minute in range(1, args.minutes + 1):
-                result = throttled_wrk(url, one_row, 60, args.connections, token, delay_ms, work)
+                result = run_wrk(url, one_row, 60, args.connections, token, work, delay_ms)
                 web_pids = [p for p in process_tree(web.pid) if p != web.pid]  # the workers, not the arbiter
                 result["web_mb"] = sum(rss_mb(p) for p in web_pids)
                 result["worker_mb"] = sum(rss_mb(p) for p in process_tree(worker.pid))

@@ -271,6 +271,14 @@ def roles_report(rows: list[Rollup], task: str) -> dict[str, Any]:
     return out
 
 
+def alert_get(*, user: Any, uid: str) -> Alert:
+    """An alert of the user's teams that they may acknowledge or resolve (404 outside them, 403 without the role)."""
+    from portal.permissions import get_object_for_user
+
+    return get_object_for_user(user, Alert.objects.select_related("model__team"), action="manage_alerts",
+                               team_field="model__team", uid=uid)
+
+
 def alert_json(alert: Alert) -> dict[str, Any]:
     return {"id": str(alert.uid), "kind": alert.kind, "subject": alert.subject, "severity": alert.severity,
             "status": alert.status, "value": alert.value, "threshold": alert.threshold, "message": alert.message,

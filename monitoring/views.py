@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from monitoring import alerts, metrics, selectors
 from monitoring.models import Alert, MonitoringSettings
-from portal.permissions import get_object_for_user, has_capability, require_capability
+from portal.permissions import has_capability, require_capability
 from registry import selectors as registry_selectors
 from registry.models import Environment
 
@@ -68,15 +68,11 @@ def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
     })
 
 
-def _alert(request: HttpRequest, uid: str) -> Alert:
-    return get_object_for_user(request.user, Alert.objects.select_related("model__team"), action="manage_alerts",
-                               team_field="model__team", uid=uid)
-
 
 @login_required
 @require_POST
 def alert_acknowledge(request: HttpRequest, uid: str) -> HttpResponse:
-    alert = _alert(request, uid)
+    alert = selectors.alert_get(user=request.user, uid=uid)
     try:
         alerts.alert_acknowledge(alert=alert, actor=request.user, comment=request.POST.get("comment", "")[:1000])
         messages.success(request, "Alert acknowledged; it stays open until its condition clears or it is resolved.")
@@ -88,7 +84,7 @@ def alert_acknowledge(request: HttpRequest, uid: str) -> HttpResponse:
 @login_required
 @require_POST
 def alert_resolve(request: HttpRequest, uid: str) -> HttpResponse:
-    alert = _alert(request, uid)
+    alert = selectors.alert_get(user=request.user, uid=uid)
     try:
         alerts.alert_resolve(alert=alert, actor=request.user, resolution=request.POST.get("resolution", "")[:2000])
         messages.success(request, "Alert resolved.")

@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 from monitoring import alerts, selectors
 from monitoring.models import Alert, AlertStatus, MonitoringSettings
 from portal.api.pagination import PortalPagination
-from portal.permissions import get_object_for_user, require_capability, scope_to_teams
+from portal.permissions import require_capability, scope_to_teams
 from registry import selectors as registry_selectors
 
 
@@ -77,16 +77,12 @@ class ResolveInput(serializers.Serializer[Any]):
     resolution = serializers.CharField(max_length=2000)
 
 
-def _alert(request: Request, uid: str) -> Alert:
-    return get_object_for_user(request.user, Alert.objects.select_related("model__team"), action="manage_alerts",
-                               team_field="model__team", uid=uid)
-
 
 class AlertAcknowledgeApi(APIView):
     @extend_schema(request=AcknowledgeInput, responses=OpenApiTypes.OBJECT,
                    summary="Acknowledge a firing alert (someone is on it); audited")
     def post(self, request: Request, uid: str) -> Response:
-        alert = _alert(request, uid)
+        alert = selectors.alert_get(user=request.user, uid=uid)
         data = AcknowledgeInput(data=request.data)
         data.is_valid(raise_exception=True)
         try:
@@ -101,7 +97,7 @@ class AlertResolveApi(APIView):
     @extend_schema(request=ResolveInput, responses=OpenApiTypes.OBJECT,
                    summary="Resolve an open alert with a note; audited")
     def post(self, request: Request, uid: str) -> Response:
-        alert = _alert(request, uid)
+        alert = selectors.alert_get(user=request.user, uid=uid)
         data = ResolveInput(data=request.data)
         data.is_valid(raise_exception=True)
         try:

@@ -2,17 +2,18 @@
 
 Nothing is lost when the flusher dies mid-way: records are moved atomically from the buffer to a processing list
 (Redis LMOVE) before they are written, the processing list is written again on the next run, and rows are keyed by
-prediction id so writing twice inserts once. In the embedded mode the outbox rows are deleted in the same
-transaction that inserts them.
+prediction id so writing twice inserts once. The outbox rows (the embedded mode's buffer, and where serving
+writes while Redis is unreachable) are deleted in the same transaction that inserts them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
-
 import csv
+import datetime as dt
 import io
+import logging
+import time
+from typing import Any
 
 import orjson
 from django.db import connection, transaction
@@ -23,7 +24,10 @@ from monitoring.sensitive import protect_row, sensitive_positions
 from registry.models import PredictionOutbox
 from registry.serving import buffer
 
-BATCHES_PER_RUN = 500
+MOVE_BATCHES = 200  # records (one per request) moved and written at a time
+FLUSH_BUDGET_SECONDS = 10  # a run drains until the buffer is empty or this much time has passed
+LOCK_KEY = "portal:predictions:flush-lock"
+logger = logging.getLogger(__name__)
 
 
 def _rows(batch: dict[str, Any]) -> list[PredictionLog]:
@@ -85,28 +89,48 @@ def _copy(rows: list[PredictionLog]) -> None:
 
 
 def flush_predictions() -> int:
-    """Drain the buffer once; returns how many predictions were written."""
+    """Drain the buffer once; returns how many predictions were written. With Redis, the database outbox is drained
+    too: serving writes there while Redis is unreachable."""
     client = buffer.redis_client()
     if client is None:
         return _flush_outbox()
-    written = 0
-    # Leftovers of a flusher that died after moving but before writing.
-    leftovers = client.lrange(buffer.PROCESSING_KEY, 0, -1)
-    if leftovers:
-        written += write_batches([orjson.loads(raw) for raw in leftovers])
-        client.delete(buffer.PROCESSING_KEY)
-    for _ in range(BATCHES_PER_RUN // 50):
-        moved = []
-        for _ in range(50):
-            raw = client.lmove(buffer.REDIS_KEY, buffer.PROCESSING_KEY, "LEFT", "RIGHT")
-            if raw is None:
+    try:
+        written = _flush_redis(client)
+    finally:
+        written_outbox = _flush_outbox()  # even when Redis is away: that is when the outbox fills
+    return written + written_outbox
+
+
+def _flush_redis(client: Any) -> int:
+    """Move up to ``MOVE_BATCHES`` records at a time (one atomic round trip) and write them, until the buffer is
+    empty or ``FLUSH_BUDGET_SECONDS`` have passed. One flusher at a time (a Redis lock): two would each write what
+    the other moved to the processing list."""
+    lock = client.lock(LOCK_KEY, timeout=FLUSH_BUDGET_SECONDS * 6, blocking=False)
+    if not lock.acquire(blocking=False):
+        return 0
+    try:
+        written = 0
+        # Leftovers of a flusher that died after moving but before writing.
+        leftovers = client.lrange(buffer.PROCESSING_KEY, 0, -1)
+        if leftovers:
+            written += write_batches([orjson.loads(raw) for raw in leftovers])
+            client.delete(buffer.PROCESSING_KEY)
+        deadline = time.monotonic() + FLUSH_BUDGET_SECONDS
+        while time.monotonic() < deadline:
+            pipe = client.pipeline(transaction=True)
+            for _ in range(MOVE_BATCHES):
+                pipe.lmove(buffer.REDIS_KEY, buffer.PROCESSING_KEY, "LEFT", "RIGHT")
+            moved = [raw for raw in pipe.execute() if raw is not None]
+            if not moved:
                 break
-            moved.append(raw)
-        if not moved:
-            break
-        written += write_batches([orjson.loads(raw) for raw in moved])
-        client.delete(buffer.PROCESSING_KEY)
-    return written
+            written += write_batches([orjson.loads(raw) for raw in moved])
+            client.delete(buffer.PROCESSING_KEY)
+        return written
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired (a very slow write): the next flusher takes over
+            logger.warning("Prediction flusher: the lock expired before the flush ended")
 
 
 def _flush_outbox() -> int:

@@ -1,16 +1,32 @@
 """Where serving puts prediction records for monitoring's flusher: a Redis list, or the database outbox in the
-embedded mode. Serving never imports monitoring (the flusher lives there and drains this buffer)."""
+embedded mode. Serving never imports monitoring (the flusher lives there and drains this buffer).
+
+When Redis cannot be reached, records go to the database outbox instead (the flusher drains both), and Redis is
+left alone for ``REDIS_PAUSE_SECONDS`` so that requests do not each wait for a refused connection. If neither can
+take the record, ``emit`` raises ``BufferUnavailable`` and the caller must not hand out the prediction: an answer
+is only given once its log record is safe.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from typing import Any
 
 import orjson
 from django.conf import settings
+from django.db import DatabaseError
 
+logger = logging.getLogger(__name__)
 REDIS_KEY = "portal:predictions"
 PROCESSING_KEY = "portal:predictions:processing"
+REDIS_PAUSE_SECONDS = 1.0
+_redis_paused_until = 0.0
+
+
+class BufferUnavailable(Exception):
+    """Neither Redis nor the database would take the record."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -19,8 +35,18 @@ def redis_client() -> Any:
     if not url:
         return None
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+    # One immediate retry: it reconnects a socket that a Redis restart closed; a server that is down fails fast.
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30,
+                                retry=Retry(NoBackoff(), 1))
+
+
+def redis_errors() -> tuple[type[Exception], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
 
 
 def encode(batch: dict[str, Any]) -> bytes:
@@ -30,17 +56,26 @@ def encode(batch: dict[str, Any]) -> bytes:
 def emit(batch: dict[str, Any], *, count_key: str | None = None) -> int | None:
     """Buffer one batch of records. With ``count_key`` (Redis only) the same round trip also counts the request
     against the caller's rate limit and returns the count."""
+    global _redis_paused_until
     client = redis_client()
-    if client is not None:
-        if count_key is None:
-            client.rpush(REDIS_KEY, encode(batch))
-            return None
-        pipe = client.pipeline(transaction=False)
-        pipe.rpush(REDIS_KEY, encode(batch))
-        pipe.incr(count_key)
-        pipe.expire(count_key, 2)
-        return int(pipe.execute()[1])
+    if client is not None and time.monotonic() >= _redis_paused_until:
+        try:
+            if count_key is None:
+                client.rpush(REDIS_KEY, encode(batch))
+                return None
+            pipe = client.pipeline(transaction=False)
+            pipe.rpush(REDIS_KEY, encode(batch))
+            pipe.incr(count_key)
+            pipe.expire(count_key, 2)
+            return int(pipe.execute()[1])
+        except redis_errors() as exc:
+            _redis_paused_until = time.monotonic() + REDIS_PAUSE_SECONDS
+            logger.warning("Prediction buffer: Redis unreachable (%s); writing to the database outbox for %.0f s",
+                           type(exc).__name__, REDIS_PAUSE_SECONDS)
     from registry.models import PredictionOutbox
 
-    PredictionOutbox.objects.create(payload=orjson.loads(encode(batch)))
+    try:
+        PredictionOutbox.objects.create(payload=orjson.loads(encode(batch)))
+    except DatabaseError as exc:
+        raise BufferUnavailable(f"prediction log unavailable: {type(exc).__name__}") from exc
     return None

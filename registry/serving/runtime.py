@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from django.db import DatabaseError
 
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
 
 REFRESH_SECONDS = 0.5
+STALE_SECONDS = 300.0  # how long a route read before a database outage keeps serving during it
 MAX_LOADED = 16
 
 
@@ -170,8 +172,13 @@ class ServingCache:
         route = self._routes.get(key)
         if route is not None and now - route.checked_at < REFRESH_SECONDS:
             return route
-        generation = (EnvironmentState.objects.filter(model_id=model_id, environment=environment)
-                      .values_list("generation", flat=True).first())
+        try:
+            generation = (EnvironmentState.objects.filter(model_id=model_id, environment=environment)
+                          .values_list("generation", flat=True).first())
+        except DatabaseError:
+            if route is not None and now - route.checked_at < STALE_SECONDS:
+                return route  # the database is away: keep serving what was live, for a while
+            raise
         if generation is None:
             self._routes.pop(key, None)
             return None

@@ -3,6 +3,11 @@
 A plain Django view (no DRF), orjson in and out, the token and the model lookup cached for ``AUTH_CACHE_SECONDS``
 per process, the route cached per ``runtime.REFRESH_SECONDS``, one Redis round trip for the rate limit and one for
 the prediction log. A revoked token stops working within ``AUTH_CACHE_SECONDS``.
+
+While the database is unreachable, what this process last read (token, model, route) keeps serving for up to
+``runtime.STALE_SECONDS``: scoring outlives a database restart, and a token revoked during the outage stops working
+once the database answers again. A caller the process has not seen gets a 503, as does any request whose prediction
+record cannot be buffered (an answer is only handed out once its log record is safe).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -55,6 +61,10 @@ def _authenticate(request: HttpRequest) -> tuple[Any, str] | None:
         return cached[1]
     try:
         result = BearerTokenAuthentication().authenticate(request)
+    except DatabaseError:
+        if cached and now - cached[0] < runtime.STALE_SECONDS:
+            return cached[1]
+        raise
     except Exception:
         result = None
     value = (result[0], str(result[1].uid)) if result else None
@@ -71,8 +81,14 @@ def _model_id(user: Any, name: str) -> int | None:
     if cached and now - cached[0] < AUTH_CACHE_SECONDS:
         return cached[1]
     model_id = None
-    if has_capability(user, "view_models"):
-        model_id = scope_to_teams(RegisteredModel.objects.filter(name=name), user).values_list("pk", flat=True).first()
+    try:
+        if has_capability(user, "view_models"):
+            model_id = (scope_to_teams(RegisteredModel.objects.filter(name=name), user)
+                        .values_list("pk", flat=True).first())
+    except DatabaseError:
+        if cached and now - cached[0] < runtime.STALE_SECONDS:
+            return cached[1]
+        raise
     _model_cache[key] = (now, model_id)
     return model_id
 
@@ -146,8 +162,24 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
         buffer.emit(batch)
 
 
+def _unavailable(what: str) -> HttpResponse:
+    return _error(503, "unavailable", f"Scoring is briefly unavailable ({what}); retry in a moment.",
+                  **{"Retry-After": "1"})
+
+
 @csrf_exempt
 def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    try:
+        return _invocations(request, name, env)
+    except DatabaseError as exc:
+        logger.warning("Scoring %s in %s: database unavailable (%s)", name, env, type(exc).__name__)
+        return _unavailable("the database is unreachable")
+    except buffer.BufferUnavailable:
+        logger.warning("Scoring %s in %s: neither Redis nor the database takes prediction records", name, env)
+        return _unavailable("the prediction log is unreachable")
+
+
+def _invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
     started = time.perf_counter()
     try:
         request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on every other path

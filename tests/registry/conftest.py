@@ -26,11 +26,12 @@ def fresh_serving_cache() -> None:
 
     views._auth_cache.clear()
     views._model_cache.clear()
+    from monitoring.flush import LOCK_KEY
     from registry.serving import buffer
 
     client = buffer.redis_client()
     if client is not None:
-        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY)
+        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY, LOCK_KEY)
 
 
 @pytest.fixture

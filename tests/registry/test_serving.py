@@ -219,3 +219,111 @@ def test_a_version_that_is_not_ready_does_not_deploy(personas: dict[str, Any], a
     body = assert_error_shape(api_as(personas["ds"]).post("/api/v1/models/churn/versions/1/deploy",
                                                           {"environment": "dev"}, format="json"), 400)
     assert "only ready versions deploy" in body["error"]["message"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens there once the socket is closed
+
+
+def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(serving: Client,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from registry.models import PredictionOutbox
+    from registry.serving import buffer
+
+    real = buffer.redis_client()
+    dead = redis.Redis(port=_closed_port(), socket_connect_timeout=1, socket_timeout=1)
+    monkeypatch.setattr(buffer, "redis_client", lambda: dead)
+    monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
+    body = json.dumps({"instances": _rows(2)[1]})
+    answers = [serving.post(URL, body, content_type="application/json") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert PredictionOutbox.objects.count() == 3
+    ids = [i for a in answers for i in a.json()["prediction_ids"]]
+    # The flusher drains the outbox even while Redis is away, and again (nothing left) once it is back.
+    with pytest.raises(redis.ConnectionError):
+        flush_predictions()
+    assert PredictionOutbox.objects.count() == 0 and PredictionLog.objects.filter(pk__in=ids).count() == 6
+    monkeypatch.setattr(buffer, "redis_client", lambda: real)
+    assert flush_predictions() == 0
+
+
+def test_when_neither_redis_nor_the_database_take_the_record_the_answer_is_withheld(
+        serving: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+    from django.db import OperationalError
+
+    from registry.models import PredictionOutbox
+    from registry.serving import buffer
+
+    monkeypatch.setattr(buffer, "redis_client", lambda: redis.Redis(port=_closed_port(), socket_connect_timeout=1))
+    monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(PredictionOutbox.objects, "create", refuse)
+    response = serving.post(URL, json.dumps({"instances": _rows(1)[1]}), content_type="application/json")
+    assert_error_shape(response, 503)
+    assert response["Retry-After"] == "1" and "prediction_ids" not in response.content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_outage_keeps_serving_what_was_live_and_refuses_strangers(serving: Client,
+                                                                            personas: dict[str, Any]) -> None:
+    from django.db import connection
+
+    body = json.dumps({"instances": _rows(1)[1]})
+    assert serving.post(URL, body, content_type="application/json").status_code == 200
+    _token, stranger = portal_services.token_create(user=personas["ds"], name="new", actor=personas["ds"])
+    port = connection.settings_dict["PORT"]
+    connection.close()
+    connection.settings_dict["PORT"] = str(_closed_port())  # the database goes away, for real: connections refused
+    try:
+        from registry.serving import views
+
+        for key in list(views._auth_cache):  # past the 2 s freshness window: every lookup now tries the database
+            views._auth_cache[key] = (views._auth_cache[key][0] - 10, views._auth_cache[key][1])
+        for key in list(views._model_cache):
+            views._model_cache[key] = (views._model_cache[key][0] - 10, views._model_cache[key][1])
+        for route in runtime.cache._routes.values():
+            route.checked_at -= 10
+        answer = serving.post(URL, body, content_type="application/json")
+        assert answer.status_code == 200 and answer.json()["model_version"] == 1
+        refused = Client(HTTP_AUTHORIZATION=f"Bearer {stranger}").post(URL, body, content_type="application/json")
+        assert_error_shape(refused, 503)
+        assert "database" in refused.json()["error"]["message"]
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = port
+    flush_predictions()
+    assert PredictionLog.objects.filter(pk__in=answer.json()["prediction_ids"]).count() == 1
+
+
+def test_one_flush_drains_the_whole_buffer_and_flushers_take_turns(serving: Client) -> None:
+    from monitoring import flush
+    from registry.serving import buffer
+
+    client = buffer.redis_client()
+    if client is None:
+        pytest.skip("the Redis buffer is not configured (embedded mode drains the outbox)")
+    body = json.dumps({"instances": _rows(1)[1]})
+    ids = [serving.post(URL, body, content_type="application/json").json()["prediction_ids"][0] for _ in range(5)]
+    for i in range(2 * flush.MOVE_BATCHES):  # more than one move at a time: the same run goes on
+        buffer.emit({"model": "churn", "environment": "dev", "version": 1, "role": "champion", "ts": 1.7e9,
+                     "latency_ms": 1.0, "request_id": "", "error": "", "ids": [f"bulk{i:028d}"],
+                     "inputs": [_rows(1)[1][0]], "outputs": [0], "subjects": None})
+    held = client.lock(flush.LOCK_KEY, timeout=30)
+    assert held.acquire(blocking=False)
+    try:
+        assert flush.flush_predictions() == 0  # another flusher holds the lock: this one leaves the buffer alone
+        assert client.llen(buffer.REDIS_KEY) == 5 + 2 * flush.MOVE_BATCHES
+    finally:
+        held.release()
+    assert flush.flush_predictions() == 5 + 2 * flush.MOVE_BATCHES
+    assert client.llen(buffer.REDIS_KEY) == 0 and PredictionLog.objects.filter(pk__in=ids).count() == 5

@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `make run` is the developer's demo: DEBUG on unless the caller says otherwise.
 run: export PORTAL_DEBUG ?= 1
 
-.PHONY: run test test-long soak install install-test typecheck lint clean-var
+.PHONY: run test test-long soak faults install install-test typecheck lint clean-var
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -47,12 +47,16 @@ test: $(INSTALLED_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The long suites (not in `make test`): real gunicorn, Celery, PostgreSQL and Redis under load for minutes.
-# They need wrk (apt-get install wrk). Fault injection is not part of them yet.
+# The soak needs wrk (apt-get install wrk); fault injection starts its own PostgreSQL cluster and Redis server so
+# that restarting them disturbs no one else (PostgreSQL's server binaries and redis-server must be installed).
 SOAK_MINUTES ?= 10
 soak: $(INSTALLED_TEST)
 	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
-test-long: soak
+faults: $(INSTALLED_TEST)
+	$(PY) bench/faults.py
+
+test-long: faults soak
 
 typecheck: $(INSTALLED_TEST)
 	$(VENV)/bin/mypy

@@ -183,6 +183,10 @@ CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Sending a task while the broker restarts waits for it (about 20 s at most) instead of failing at once: a batch
+# chunk's follow-up or a deployment queued on commit is not dropped by a Redis restart. Past that, the reapers
+# (beat, every minute) hand out again what is left pending.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
 PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600, minimum=30)

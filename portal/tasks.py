@@ -7,12 +7,21 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+import redis
 from celery import shared_task
+from django.db import InterfaceError, OperationalError
+from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from portal import context
 from portal.audit import audit_chain_verify
 
 logger = logging.getLogger(__name__)
+
+# A database or broker that is restarting: the task runs again after 2, 4, 8… (at most 30) seconds, up to 8 times.
+# Only for tasks whose service claims its row first, so that running again is safe.
+TRANSIENT_ERRORS = (InterfaceError, OperationalError, BrokerUnreachable, redis.ConnectionError, redis.TimeoutError)
+RETRY_TRANSIENT: dict[str, Any] = {"autoretry_for": TRANSIENT_ERRORS, "retry_backoff": 2, "retry_backoff_max": 30,
+                                   "retry_jitter": False, "max_retries": 8}
 
 
 def with_request_context(func: Callable[..., Any]) -> Callable[..., Any]:

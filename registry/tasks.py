@@ -6,11 +6,11 @@ from typing import Any
 
 from celery import shared_task
 
-from portal.tasks import with_request_context
+from portal.tasks import RETRY_TRANSIENT, with_request_context
 from registry import services
 
 
-@shared_task(name="registry.tasks.version_scan", bind=True, max_retries=3, acks_late=True)
+@shared_task(name="registry.tasks.version_scan", bind=True, acks_late=True, **RETRY_TRANSIENT)
 @with_request_context
 def version_scan_task(self: Any, version_id: int) -> str:
     """Idempotent: a version that is no longer scanning is left as it is, so a redelivered task does nothing."""
@@ -18,10 +18,11 @@ def version_scan_task(self: Any, version_id: int) -> str:
     return version.status
 
 
-@shared_task(name="registry.tasks.deployment_run", acks_late=True, reject_on_worker_lost=True, max_retries=0)
+@shared_task(name="registry.tasks.deployment_run", acks_late=True, reject_on_worker_lost=True, **RETRY_TRANSIENT)
 @with_request_context
 def deployment_run_task(deployment_id: int) -> str | None:
-    """Redelivered if its worker dies (acks late, reject on worker lost); the service claims safely."""
+    """Redelivered if its worker dies (acks late, reject on worker lost), run again if the database or the broker
+    was briefly away; the service claims safely."""
     from registry.deployments import deployment_run
 
     deployment = deployment_run(deployment_id=deployment_id)
@@ -36,10 +37,12 @@ def deployments_reap_task() -> list[int]:
 
 
 # Batch scoring (registry.batch). Every task claims its row first, so a redelivered message does no harm; acks late
-# and reject on worker lost put a chunk whose worker died back on the queue at once.
+# and reject on worker lost put a chunk whose worker died back on the queue at once; a database or broker restart
+# makes the task run again shortly (RETRY_TRANSIENT).
 
 
-@shared_task(name="registry.tasks.batch_plan", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(name="registry.tasks.batch_plan", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             **RETRY_TRANSIENT)
 @with_request_context
 def batch_plan_task(job_id: int) -> str | None:
     from registry.batch import batch_plan
@@ -48,7 +51,8 @@ def batch_plan_task(job_id: int) -> str | None:
     return job.status if job else None
 
 
-@shared_task(name="registry.tasks.batch_chunk", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(name="registry.tasks.batch_chunk", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             **RETRY_TRANSIENT)
 @with_request_context
 def batch_chunk_task(chunk_id: int) -> str:
     from registry.batch import batch_chunk_run
@@ -56,7 +60,8 @@ def batch_chunk_task(chunk_id: int) -> str:
     return batch_chunk_run(chunk_id=chunk_id)
 
 
-@shared_task(name="registry.tasks.batch_assemble", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(name="registry.tasks.batch_assemble", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             **RETRY_TRANSIENT)
 @with_request_context
 def batch_assemble_task(job_id: int) -> str | None:
     from registry.batch import batch_assemble
@@ -65,7 +70,8 @@ def batch_assemble_task(job_id: int) -> str | None:
     return job.status if job else None
 
 
-@shared_task(name="registry.tasks.batch_log", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(name="registry.tasks.batch_log", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             **RETRY_TRANSIENT)
 @with_request_context
 def batch_log_task(chunk_id: int) -> int:
     from registry.batch import batch_log_chunk

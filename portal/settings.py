@@ -173,9 +173,23 @@ else:
         "unacked_restore_interval": max(1, min(10, _visibility // 2)),
         "unacked_restore_throttle": 1,
     }
-# The queue tasks go to (and workers take from, unless started with -Q): a worker's own follow-up tasks, such as
-# a batch job's chunks, stay on it.
-CELERY_TASK_DEFAULT_QUEUE = env_str("PORTAL_CELERY_QUEUE", "celery")
+# Queues, so that each kind of work can run on its own hosts (`celery worker -Q score`); a worker started without
+# -Q takes from all of them. `scan`: the sandboxed check of uploads; `deploy`: deployments; `score`: batch jobs;
+# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks).
+# PORTAL_CELERY_QUEUE sends every task to that one queue instead (a private worker, as the tests start).
+PORTAL_CELERY_QUEUES = ("celery", "scan", "deploy", "score", "monitor")
+_single_queue = env_str("PORTAL_CELERY_QUEUE", "")
+CELERY_TASK_DEFAULT_QUEUE = _single_queue or "celery"
+if not _single_queue:
+    from kombu import Queue
+
+    CELERY_TASK_QUEUES = [Queue(name) for name in PORTAL_CELERY_QUEUES]
+    CELERY_TASK_ROUTES = {
+        "registry.tasks.version_scan": {"queue": "scan"},
+        "registry.tasks.deployment*": {"queue": "deploy"},
+        "registry.tasks.batch_*": {"queue": "score"},
+        "monitoring.tasks.*": {"queue": "monitor"},
+    }
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -18,6 +18,8 @@ os.environ.setdefault("PORTAL_SECURE_COOKIES", "0")
 os.environ.setdefault("PORTAL_HSTS_SECONDS", "0")
 os.environ.setdefault("PORTAL_VAR_DIR", str(_root / "var" / "test"))
 os.environ.setdefault("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,testserver")
+# One queue: the worker fixtures move it to a private queue per test (tests/portal/test_settings.py checks routing).
+os.environ.setdefault("PORTAL_CELERY_QUEUE", "celery")
 
 from portal.settings import *
 

@@ -12,7 +12,8 @@ import yaml
 from tests.conftest import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
-APP_SERVICES = ("web", "worker", "beat", "migrate")
+WORKERS = ("worker-scan", "worker-deploy", "worker-score", "worker-monitor")
+APP_SERVICES = ("web", *WORKERS, "beat", "migrate")
 
 
 def _compose() -> dict:  # type: ignore[type-arg]
@@ -21,14 +22,25 @@ def _compose() -> dict:  # type: ignore[type-arg]
 
 def test_compose_has_the_services_with_health_checks_and_volumes() -> None:
     services = _compose()["services"]
-    assert {"web", "worker", "beat", "postgres", "redis"} <= set(services)
-    for name in ("web", "worker", "postgres", "redis"):
+    assert {"web", *WORKERS, "beat", "postgres", "redis"} <= set(services)
+    for name in ("web", *WORKERS, "postgres", "redis"):
         assert "healthcheck" in services[name], name
     assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any("/data" in v for v in services["redis"]["volumes"])
     assert "gunicorn" in services["web"]["command"]
-    assert services["worker"]["command"][:4] == ["celery", "-A", "portal", "worker"]
     assert services["beat"]["command"][:4] == ["celery", "-A", "portal", "beat"]
+
+
+def test_each_queue_has_its_own_worker_service() -> None:
+    from django.conf import settings
+
+    services = _compose()["services"]
+    consumed = []
+    for name in WORKERS:
+        command = services[name]["command"]
+        assert command[:4] == ["celery", "-A", "portal", "worker"], name
+        consumed += command[command.index("-Q") + 1].split(",")
+    assert sorted(consumed) == sorted(settings.PORTAL_CELERY_QUEUES)
 
 
 def test_every_app_service_gets_what_the_settings_require(tmp_path: Path) -> None:
@@ -63,5 +75,5 @@ def test_the_dockerfile_is_multi_stage_and_runs_unprivileged() -> None:
     assert stages == ["build", "runtime"]
     user_lines = re.findall(r"^USER (\S+)$", dockerfile, flags=re.MULTILINE)
     assert user_lines and user_lines[-1] not in ("root", "0")
-    for name in ("web", "worker", "beat"):
+    for name in ("web", *WORKERS, "beat"):
         assert _compose()["services"][name].get("user") in (None, "portal", "10001")

@@ -102,3 +102,53 @@ def test_the_readme_documents_every_variable_the_settings_read() -> None:
     assert read, "the settings read no variables?"
     missing = sorted(v for v in read if f"`{v}`" not in readme)
     assert not missing, f"README's table lacks: {missing}"
+
+
+ROUTES = {
+    "registry.tasks.version_scan": "scan",
+    "registry.tasks.deployment_run": "deploy",
+    "registry.tasks.deployments_reap": "deploy",
+    "registry.tasks.batch_plan": "score",
+    "registry.tasks.batch_chunk": "score",
+    "registry.tasks.batch_assemble": "score",
+    "registry.tasks.batch_log": "score",
+    "registry.tasks.batch_reap": "score",
+    "registry.tasks.batch_schedule_fire": "score",
+    "monitoring.tasks.flush_predictions": "monitor",
+    "monitoring.tasks.rollup": "monitor",
+    "monitoring.tasks.evaluate_alerts": "monitor",
+    "monitoring.tasks.purge_payloads": "monitor",
+    "portal.tasks.webhook_deliver": "celery",
+    "portal.tasks.send_email": "celery",
+    "portal.tasks.audit_chain_verify": "celery",
+}
+ROUTE_SCRIPT = """
+import json, django
+django.setup()
+from portal.celery import app
+app.loader.import_default_modules()
+names = sorted(n for n in app.tasks if not n.startswith("celery."))
+routes = {n: app.amqp.router.route({}, n)["queue"].name for n in names}
+print(json.dumps({"routes": routes, "consumed": sorted(q.name for q in app.amqp.queues.consume_from.values())
+                  if app.amqp.queues.consume_from else sorted(app.amqp.queues)}))
+"""
+
+
+@pytest.mark.parametrize("single_queue", ["", "private-q"])
+def test_tasks_are_routed_to_their_queue_unless_one_queue_is_asked_for(tmp_path: Path, single_queue: str) -> None:
+    import json
+
+    extra = {"PORTAL_CELERY_QUEUE": single_queue} if single_queue else {}
+    result = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env=clean_env(PORTAL_VAR_DIR=str(tmp_path),
+                                                       DJANGO_SETTINGS_MODULE="portal.settings",
+                                                       **PRODUCTION_ENV, **extra))
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(found["routes"]) == set(ROUTES), "a new task needs its queue here (and in the compose file)"
+    if single_queue:
+        assert set(found["routes"].values()) == {single_queue}
+    else:
+        assert found["routes"] == ROUTES
+        # A worker started without -Q takes from every queue (what `make run` starts).
+        assert found["consumed"] == sorted({"celery", "scan", "deploy", "score", "monitor"})

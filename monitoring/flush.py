@@ -84,7 +84,7 @@ def _copy(rows: list[PredictionLog]) -> None:
         cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS predlog_stage (LIKE {table}) ON COMMIT DELETE ROWS")
         cursor.copy_expert(f"COPY predlog_stage ({columns}) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL "
                             f"({', '.join(TEXT_COLUMNS)}))", out)  # type: ignore[attr-defined]
-        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM predlog_stage ON CONFLICT (id) DO NOTHING")
+        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM predlog_stage ON CONFLICT DO NOTHING")
         cursor.execute("TRUNCATE predlog_stage")
 
 

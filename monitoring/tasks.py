@@ -29,3 +29,10 @@ def evaluate_alerts_task() -> dict[str, int]:
     from monitoring.alerts import evaluate_alerts
 
     return evaluate_alerts()
+
+
+@shared_task(name="monitoring.tasks.partitions_maintain", ignore_result=True)
+def partitions_maintain_task() -> dict[str, object]:
+    from monitoring.partitions import partitions_maintain
+
+    return partitions_maintain()

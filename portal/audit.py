@@ -101,6 +101,7 @@ class AuditAction(enum.Enum):
     GDPR_SUBJECT_ACCESS = (5001, "gdpr.subject_access")
     GDPR_ERASURE = (5002, "gdpr.erasure")
     RETENTION_PURGE = (5011, "retention.purge")
+    RETENTION_DROP_PARTITION = (5012, "retention.drop_partition")
     PAYLOAD_KEYS_ROTATE = (5021, "payload_keys.rotate")
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")

@@ -215,6 +215,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.purge_payloads",
         "schedule": timedelta(hours=env_int("PORTAL_RETENTION_CHECK_HOURS", 6, minimum=1)),
     },
+    "monitoring-partitions": {"task": "monitoring.tasks.partitions_maintain", "schedule": timedelta(hours=1)},
     "monitoring-rollups": {
         "task": "monitoring.tasks.rollup",
         "schedule": timedelta(seconds=env_int("PORTAL_ROLLUP_SECONDS", 30, minimum=5)),
@@ -467,6 +468,10 @@ if PORTAL_AUDIT_SIGNING_KEY:
 # --- Retention ---------------------------------------------------------------------------------------------------
 # Prediction payloads (inputs, outputs, ground truth) older than this many days are purged per environment; the
 # rows' non-personal facts stay for monitoring. Audit events are never purged by the application.
+# Whole partitions of the prediction log (one a day) and of the rollups (one a month) older than this many days are
+# dropped by beat (PostgreSQL). 0 keeps them for ever; payloads inside are purged earlier anyway (below).
+PORTAL_PREDICTION_LOG_RETENTION_DAYS = env_int("PORTAL_PREDICTION_LOG_RETENTION_DAYS", 0, minimum=0, maximum=36500)
+PORTAL_ROLLUP_RETENTION_DAYS = env_int("PORTAL_ROLLUP_RETENTION_DAYS", 0, minimum=0, maximum=36500)
 PORTAL_PAYLOAD_RETENTION_DAYS = {
     env: env_int(f"PORTAL_RETENTION_DAYS_{env.upper()}", default, minimum=1, maximum=36500)
     for env, default in (("dev", 30), ("stage", 90), ("prod", 365))

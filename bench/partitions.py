@@ -1,0 +1,190 @@
+"""The prediction log at volume: the partitioned table (one partition a day) against the same table unpartitioned.
+
+    .venv/bin/python bench/partitions.py [--rows 50000000] [--days 30] [--flush-rows 1000000]
+
+One PostgreSQL database (DATABASE_URL's server, database `portal_bench_partitions`), migrated as the portal is, so
+`monitoring_predictionlog` is partitioned by day; the peer is a plain copy of it (`predlog_plain`: same columns,
+same indexes, no partitions), as the log was before. Both get the same rows:
+
+1. flush throughput on the empty tables: ``--flush-rows`` predictions through the flusher's own code
+   (``monitoring.flush.write_batches``: COPY into a staging table, INSERT … ON CONFLICT DO NOTHING), 20,000 rows a
+   call, as a busy flusher writes them;
+2. ``--rows`` rows spread evenly over ``--days`` days up to now (8 numeric inputs each), generated inside the server
+   (``generate_series``) into both tables;
+3. flush throughput again, now on top of the full tables;
+4. a monitoring query (the rollup's raw-row read, one hour of one model) on each: its time and its plan (which
+   tables it touches);
+5. retention of the oldest day: DROP of its partition against DELETE of its rows;
+6. sizes on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portal").rsplit("/", 1)[0]
+DB = f"{SERVER}/portal_bench_partitions"
+INPUTS = 8
+COLUMNS = ("id, model_name, version, environment, role, created_at, latency_ms, inputs, output, subject_hash, "
+           "request_id, error, shadow_of")
+
+
+def setup_django() -> None:
+    os.environ.update(DATABASE_URL=DB, DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_DEBUG="0",
+                      PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
+                      PORTAL_ALLOWED_HOSTS="localhost", CELERY_BROKER_URL="redis://127.0.0.1:6379/3",
+                      PORTAL_LOG_LEVEL="WARNING")
+    os.environ.setdefault("PORTAL_VAR_DIR", str(ROOT / "var" / "bench-partitions"))
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def sql(cursor, statement: str, params: list | None = None) -> float:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    cursor.execute(statement, params or [])
+    return time.perf_counter() - started
+
+
+def generate(cursor, table: str, first: int, count: int, start: dt.datetime, span: float, total: int,  # type: ignore[no-untyped-def]
+             ) -> float:
+    inputs = ", ".join("round(random()::numeric, 3)" for _ in range(INPUTS))
+    return sql(cursor, f"""
+        INSERT INTO {table} ({COLUMNS})
+        SELECT md5(g::text || 'bench'), 'bench-lr', 1, 'prod', 'champion',
+               %s::timestamptz + make_interval(secs => g * %s / %s), random() * 5, jsonb_build_array({inputs}),
+               to_jsonb(g % 2), '', '', '', ''
+        FROM generate_series(%s, %s) g""", [start, span, total, first, first + count - 1])
+
+
+def flush_rate(table: str, rows: int, at: dt.datetime, tag: str, rows_per_batch: int = 100) -> float:
+    """Rows/s through the flusher's write path into ``table`` (the model's table name is pointed at it): 200
+    records a call (what one move from Redis takes) of ``rows_per_batch`` rows each (1: real-time requests of one
+    row; 100: batch-sized requests)."""
+    from monitoring.flush import write_batches
+    from monitoring.models import PredictionLog
+
+    original = PredictionLog._meta.db_table
+    PredictionLog._meta.db_table = table
+    try:
+        batches_per_call = 200
+        done, started = 0, time.perf_counter()
+        n = 0
+        while done < rows:
+            batches = []
+            for b in range(batches_per_call):
+                ids = [f"{tag}{n:08d}{b:04d}{i:04d}" for i in range(rows_per_batch)]
+                batches.append({"model": "bench-lr", "environment": "prod", "version": 1, "role": "champion",
+                                "ts": (at + dt.timedelta(milliseconds=n * 10 + b)).timestamp(), "latency_ms": 1.0,
+                                "request_id": "", "error": "", "ids": ids,
+                                "inputs": [[0.5] * INPUTS] * rows_per_batch, "outputs": [1] * rows_per_batch,
+                                "subjects": None})
+            done += write_batches(batches)
+            n += 1
+        return done / (time.perf_counter() - started)
+    finally:
+        PredictionLog._meta.db_table = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=50_000_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--flush-rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    for statement in ("DROP DATABASE IF EXISTS portal_bench_partitions", "CREATE DATABASE portal_bench_partitions"):
+        subprocess.run(["psql", f"{SERVER}/postgres", "-qc", statement], check=True, capture_output=True)
+    setup_django()
+    from django.core.management import call_command
+    from django.db import connection
+
+    from monitoring import partitions
+    from monitoring.rollups import ROW_SQL
+
+    call_command("migrate", verbosity=0)
+    now = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    start = partitions.unit_start(now - dt.timedelta(days=args.days), "day")
+    span = (now - start).total_seconds()
+    partitions.partitions_ensure(extra_starts={"monitoring_predictionlog": [start + dt.timedelta(days=d)
+                                                                           for d in range(args.days + 1)]})
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE predlog_plain (LIKE monitoring_predictionlog INCLUDING ALL)")
+        tables = ("monitoring_predictionlog", "predlog_plain")
+        print(f"{args.rows:,} rows over {args.days} days ({args.rows / args.days:,.0f} a day), {INPUTS} inputs each; "
+              f"partitions: {len(partitions.partitions(partitions.SPECS[0]))}", flush=True)
+
+        print("\n1. flush throughput, empty tables (write_batches, 200 records a call)", flush=True)
+        empty = {t: flush_rate(t, args.flush_rows, now - dt.timedelta(minutes=30), "e") for t in tables}
+        single = flush_rate(tables[0], args.flush_rows // 10, now - dt.timedelta(minutes=40), "s", rows_per_batch=1)
+        for t in tables:
+            print(f"   {t:<26} {empty[t]:>10,.0f} rows/s (records of 100 rows)", flush=True)
+        print(f"   {tables[0]:<26} {single:>10,.0f} rows/s (records of 1 row: real-time requests)", flush=True)
+
+        print(f"\n2. loading {args.rows:,} rows into each (generate_series, in the server)", flush=True)
+        step = 5_000_000
+        for t in tables:
+            took = 0.0
+            for first in range(1, args.rows + 1, step):
+                took += generate(cursor, t, first, min(step, args.rows - first + 1), start, span, args.rows)
+                print(f"   {t}: {min(first + step - 1, args.rows):,} rows, {took:.0f} s", flush=True)
+            sql(cursor, f"ANALYZE {t}")
+
+        print("\n3. flush throughput on top of the full tables", flush=True)
+        full = {t: flush_rate(t, args.flush_rows, now - dt.timedelta(minutes=20), "f") for t in tables}
+        for t in tables:
+            print(f"   {t:<26} {full[t]:>10,.0f} rows/s ({full[t] / empty[t]:.2f}x of empty)", flush=True)
+
+        print("\n4. monitoring query: one hour of one model (the rollup's raw-row read), median of 5", flush=True)
+        hour = now - dt.timedelta(days=args.days // 2)
+        plans = {}
+        for t in tables:
+            query = ROW_SQL.format(log=t, feedback="monitoring_feedback")
+            params = ["bench-lr", "prod", hour, hour + dt.timedelta(hours=1)]
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                cursor.execute(query, params)
+                rows = len(cursor.fetchall())
+                times.append(time.perf_counter() - started)
+            cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + query, params)
+            plans[t] = [line for (line,) in cursor.fetchall()]
+            print(f"   {t:<26} {statistics.median(times) * 1000:>8.1f} ms, {rows:,} rows", flush=True)
+        for t in tables:
+            print(f"\n   EXPLAIN on {t}:")
+            for line in plans[t]:
+                print(f"     {line}")
+
+        print("\n5. retention: the oldest day goes", flush=True)
+        oldest = partitions.partitions(partitions.SPECS[0])[0]
+        cursor.execute("SELECT count(*) FROM predlog_plain WHERE created_at < %s", [oldest.upper])
+        day_rows = cursor.fetchone()[0]
+        drop = sql(cursor, f"ALTER TABLE monitoring_predictionlog DETACH PARTITION {oldest.name}")
+        drop += sql(cursor, f"DROP TABLE {oldest.name}")
+        delete = sql(cursor, "DELETE FROM predlog_plain WHERE created_at < %s", [oldest.upper])
+        print(f"   partitioned: DETACH + DROP {oldest.name}: {drop * 1000:.1f} ms", flush=True)
+        print(f"   plain: DELETE of the same {day_rows:,} rows: {delete:.1f} s ({delete / drop:,.0f}x; the plain "
+              f"table also keeps their dead space until VACUUM)", flush=True)
+
+        print("\n6. sizes", flush=True)
+        for t in tables:
+            cursor.execute("SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) FROM pg_partition_tree(%s)"
+                           if t == "monitoring_predictionlog" else
+                           "SELECT pg_size_pretty(pg_total_relation_size(%s::regclass))", [t])
+            print(f"   {t:<26} {cursor.fetchone()[0]}")
+    if not os.environ.get("BENCH_KEEP"):
+        connection.close()
+        subprocess.run(["psql", f"{SERVER}/postgres", "-qc", "DROP DATABASE portal_bench_partitions"], check=True,
+                       capture_output=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -165,8 +165,12 @@ def body(columns: list[str], rows: int, work: Path) -> Path:
 
 
 def portal_env(work: Path) -> dict[str, str]:
+    """The portal as production runs it: debug off (under DEBUG, Django keeps every query of a long-lived worker in
+    memory, which Celery warns about), plain HTTP on loopback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PORTAL_", "DJANGO_"))}
-    env.update(DATABASE_URL=DB_URL, CELERY_BROKER_URL=BROKER, PORTAL_DEBUG="1", PORTAL_VAR_DIR=str(work / "var"),
+    env.update(DATABASE_URL=DB_URL, CELERY_BROKER_URL=BROKER, PORTAL_DEBUG="0", PORTAL_VAR_DIR=str(work / "var"),
+               PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
+               PORTAL_ALLOWED_HOSTS="127.0.0.1,localhost", PORTAL_SECURE_SSL_REDIRECT="0", PORTAL_SECURE_COOKIES="0",
                PORTAL_SERVE_RATE_LIMIT="1000000", PORTAL_LOG_LEVEL="WARNING")
     return env
 

@@ -62,12 +62,12 @@ def generate(cursor, table: str, first: int, count: int, start: dt.datetime, spa
         INSERT INTO {table} ({COLUMNS})
         SELECT md5(g::text || 'bench'), 'bench-lr', 1, 'prod', 'champion',
                %s::timestamptz + make_interval(secs => g * %s / %s), random() * 5, jsonb_build_array({inputs}),
-               to_jsonb(g % 2), '', '', '', ''
+               to_jsonb(mod(g, 2)), '', '', '', ''
         FROM generate_series(%s, %s) g""", [start, span, total, first, first + count - 1])
 
 
 def flush_rate(table: str, rows: int, at: dt.datetime, tag: str, rows_per_batch: int = 100) -> float:
-    """Rows/s through the flusher's write path into ``table`` (the model's table name is pointed at it): 200
+    """Rows/s through the flusher's write path into ``table`` (the model's table name is pointed at it): MOVE_BATCHES
     records a call (what one move from Redis takes) of ``rows_per_batch`` rows each (1: real-time requests of one
     row; 100: batch-sized requests)."""
     from monitoring.flush import write_batches
@@ -76,7 +76,9 @@ def flush_rate(table: str, rows: int, at: dt.datetime, tag: str, rows_per_batch:
     original = PredictionLog._meta.db_table
     PredictionLog._meta.db_table = table
     try:
-        batches_per_call = 200
+        from monitoring.flush import MOVE_BATCHES
+
+        batches_per_call = MOVE_BATCHES
         done, started = 0, time.perf_counter()
         n = 0
         while done < rows:
@@ -122,7 +124,7 @@ def main() -> None:
         print(f"{args.rows:,} rows over {args.days} days ({args.rows / args.days:,.0f} a day), {INPUTS} inputs each; "
               f"partitions: {len(partitions.partitions(partitions.SPECS[0]))}", flush=True)
 
-        print("\n1. flush throughput, empty tables (write_batches, 200 records a call)", flush=True)
+        print("\n1. flush throughput, empty tables (write_batches, MOVE_BATCHES records a call)", flush=True)
         empty = {t: flush_rate(t, args.flush_rows, now - dt.timedelta(minutes=30), "e") for t in tables}
         single = flush_rate(tables[0], args.flush_rows // 10, now - dt.timedelta(minutes=40), "s", rows_per_batch=1)
         for t in tables:

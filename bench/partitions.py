@@ -102,8 +102,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--flush-rows", type=int, default=1_000_000)
+    parser.add_argument("--resume", action="store_true", help="the rows are loaded: build the indexes, measure")
     args = parser.parse_args()
-    for statement in ("DROP DATABASE IF EXISTS portal_bench_partitions", "CREATE DATABASE portal_bench_partitions"):
+    if args.resume:
+        return resume(args)
+    for statement in ("DROP DATABASE IF EXISTS portal_bench_partitions WITH (FORCE)",
+                      "CREATE DATABASE portal_bench_partitions"):
         subprocess.run(["psql", f"{SERVER}/postgres", "-qc", statement], check=True, capture_output=True)
     setup_django()
     from django.core.management import call_command
@@ -131,19 +135,90 @@ def main() -> None:
             print(f"   {t:<26} {empty[t]:>10,.0f} rows/s (records of 100 rows)", flush=True)
         print(f"   {tables[0]:<26} {single:>10,.0f} rows/s (records of 1 row: real-time requests)", flush=True)
 
-        print(f"\n2. loading {args.rows:,} rows into each (generate_series, in the server)", flush=True)
-        step = 5_000_000
-        for t in tables:
-            took = 0.0
-            for first in range(1, args.rows + 1, step):
-                took += generate(cursor, t, first, min(step, args.rows - first + 1), start, span, args.rows)
-                print(f"   {t}: {min(first + step - 1, args.rows):,} rows, {took:.0f} s", flush=True)
-            sql(cursor, f"ANALYZE {t}")
+        print(f"\n2. loading {args.rows:,} rows (generate_series, in the server; indexes built after the load, as a "
+              "bulk load does)", flush=True)
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(%s)", [list(tables)])
+        indexes = cursor.fetchall()
+        cursor.execute("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                       "WHERE conrelid::regclass::text = ANY(%s) AND contype = 'p'", [list(tables)])
+        keys = cursor.fetchall()
+        # Kept in the database, so that --resume can build them after an interrupted run.
+        cursor.execute("CREATE TABLE bench_saved_ddl (kind text, tbl text, name text, definition text)")
+        for table, name, definition in keys:
+            cursor.execute("INSERT INTO bench_saved_ddl VALUES ('key', %s, %s, %s)", [table, name, definition])
+        for name, definition in indexes:
+            if not any(name == key for _t, key, _d in keys):
+                cursor.execute("INSERT INTO bench_saved_ddl VALUES ('index', '', %s, %s)", [name, definition])
+        for table, name, _definition in keys:
+            sql(cursor, f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+        for name, _definition in indexes:
+            if not any(name == key for _t, key, _d in keys):
+                sql(cursor, f'DROP INDEX IF EXISTS "{name}"')
+        took = 0.0
+        for first in range(1, args.rows + 1, step := 5_000_000):
+            took += generate(cursor, tables[0], first, min(step, args.rows - first + 1), start, span, args.rows)
+            print(f"   {tables[0]}: {min(first + step - 1, args.rows):,} rows, {took:.0f} s", flush=True)
+        # The generated rows (32-character ids); each table keeps the rows it was flushed in step 1.
+        copied = sql(cursor, f"INSERT INTO {tables[1]} SELECT * FROM {tables[0]} WHERE length(id) = 32")
+        print(f"   {tables[1]}: the same rows copied in {copied:.0f} s", flush=True)
+        build_indexes(cursor, tables)
 
+        measure(cursor, args, now, empty)
+    finish()
+
+
+def build_indexes(cursor, tables: tuple[str, str]) -> None:  # type: ignore[no-untyped-def]
+    sql(cursor, "SET maintenance_work_mem = '2GB'")
+    cursor.execute("SELECT kind, tbl, name, definition FROM bench_saved_ddl")
+    saved = cursor.fetchall()
+    for table in tables:
+        built = 0.0
+        for kind, t, name, definition in saved:
+            if kind == "key" and t == table:
+                cursor.execute("SELECT 1 FROM pg_constraint WHERE conname = %s", [name])
+                if not cursor.fetchone():  # (a resumed run may have built it already)
+                    built += sql(cursor, f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
+            elif kind == "index" and (f" ON public.{table} " in definition or f" ON ONLY public.{table} " in definition):
+                built += sql(cursor, definition.replace("ON ONLY", "ON").replace("CREATE INDEX ", "CREATE INDEX IF NOT "
+                                                                                              "EXISTS "))
+        built += sql(cursor, f"ANALYZE {table}")
+        print(f"   {table}: primary key and indexes built in {built:.0f} s", flush=True)
+
+
+def resume(args: argparse.Namespace) -> None:
+    setup_django()
+    from django.db import connection
+
+    tables = ("monitoring_predictionlog", "predlog_plain")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT max(created_at) FROM monitoring_predictionlog")
+        now = cursor.fetchone()[0]
+        print(f"resuming on {args.rows:,} loaded rows: building indexes", flush=True)
+        build_indexes(cursor, tables)
+        measure(cursor, args, now, None)
+    finish()
+
+
+def finish() -> None:
+    from django.db import connection
+
+    if not os.environ.get("BENCH_KEEP"):
+        connection.close()
+        subprocess.run(["psql", f"{SERVER}/postgres", "-qc", "DROP DATABASE portal_bench_partitions"], check=True,
+                       capture_output=True)
+
+
+def measure(cursor, args: argparse.Namespace, now: dt.datetime, empty: dict[str, float] | None) -> None:  # type: ignore[no-untyped-def]
+    from monitoring import partitions
+    from monitoring.rollups import ROW_SQL
+
+    tables = ("monitoring_predictionlog", "predlog_plain")
+    if True:
         print("\n3. flush throughput on top of the full tables", flush=True)
         full = {t: flush_rate(t, args.flush_rows, now - dt.timedelta(minutes=20), "f") for t in tables}
         for t in tables:
-            print(f"   {t:<26} {full[t]:>10,.0f} rows/s ({full[t] / empty[t]:.2f}x of empty)", flush=True)
+            ratio = f" ({full[t] / empty[t]:.2f}x of empty)" if empty else ""
+            print(f"   {t:<26} {full[t]:>10,.0f} rows/s{ratio}", flush=True)
 
         print("\n4. monitoring query: one hour of one model (the rollup's raw-row read), median of 5", flush=True)
         hour = now - dt.timedelta(days=args.days // 2)
@@ -182,10 +257,6 @@ def main() -> None:
                            if t == "monitoring_predictionlog" else
                            "SELECT pg_size_pretty(pg_total_relation_size(%s::regclass))", [t])
             print(f"   {t:<26} {cursor.fetchone()[0]}")
-    if not os.environ.get("BENCH_KEEP"):
-        connection.close()
-        subprocess.run(["psql", f"{SERVER}/postgres", "-qc", "DROP DATABASE portal_bench_partitions"], check=True,
-                       capture_output=True)
 
 
 if __name__ == "__main__":

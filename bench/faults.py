@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,21 +170,26 @@ class Load:
 
 
 def fault_report(load: Load, name: str, down_at: float, up_at: float) -> dict[str, float]:
-    window = [a for a in load.answers if down_at - 1 <= a.at]
-    failed = [a for a in window if a.status != 200 and a.at <= up_at + 30]
+    failed = Counter(a.status for a in load.answers if down_at - 1 <= a.at <= up_at + 30 and a.status != 200)
     good_after = [a.at for a in load.answers if a.at >= up_at and a.status == 200]
     recovery = (min(good_after) - up_at) if good_after else float("inf")
-    statuses: dict[int, int] = {}
-    for a in failed:
-        statuses[a.status] = statuses.get(a.status, 0) + 1
-    described = ", ".join(f"{k or 'no answer'}: {v}" for k, v in sorted(statuses.items())) or "none"
+    described = ", ".join(f"{k or 'no answer'}: {v}" for k, v in sorted(failed.items())) or "none"
     during = [a for a in load.answers if down_at <= a.at <= up_at]
     ok_during = sum(1 for a in during if a.status == 200)
     print(f"{name}: down {up_at - down_at:.1f} s; {ok_during}/{len(during)} requests answered 200 while it was down; "
-          f"failed from 1 s before until 30 s after: {len(failed)} "
-          f"({described}); first good "
-          f"answer {recovery:.2f} s after it was back", flush=True)
-    return {"failed": len(failed), "recovery": recovery}
+          f"failed from 1 s before until 30 s after: {failed.total()} ({described}); first good answer "
+          f"{recovery:.2f} s after it was back", flush=True)
+    return {"failed": failed.total(), "recovery": recovery}
+
+
+def outage(load: Load, service: PrivatePostgres | PrivateRedis, seconds: float) -> tuple[float, float]:
+    """Stop ``service``, keep it down ``seconds``, start it again; returns when it went down and came back, on the
+    load's clock."""
+    down = load.now()
+    service.stop()
+    time.sleep(seconds)
+    service.start()
+    return down, load.now()
 
 
 def main() -> None:
@@ -238,11 +244,7 @@ def main() -> None:
             print(f"batch job {job_id} submitted at {load.now():.1f} s (200,000 rows)", flush=True)
             seen = wait_for(f"{base}/api/v1/batch-jobs/{job_id}/", api, lambda j: (j.get("rows_done") or 0) > 0)
             print(f"  Redis goes down with the job {seen['status']}, {seen['rows_done']:,} rows done", flush=True)
-            redis_down = load.now()
-            rds.stop()
-            time.sleep(args.outage)
-            rds.start()
-            redis_up = load.now()
+            redis_down, redis_up = outage(load, rds, args.outage)
             time.sleep(15)
             deployment = requests.post(f"{base}/api/v1/models/bench-lr/versions/1/deploy", headers=api, timeout=30,
                                        json={"environment": "dev", "strategy": "replace"})
@@ -252,11 +254,7 @@ def main() -> None:
             seen = wait_for(f"{base}/api/v1/deployments/{deployment_id}/", api,
                             lambda d: d["status"] == "running" and d["progress"] >= 30)
             print(f"  PostgreSQL goes down with the deployment {seen['status']} at {seen['progress']} %", flush=True)
-            pg_down = load.now()
-            pg.stop()
-            time.sleep(args.outage)
-            pg.start()
-            pg_up = load.now()
+            pg_down, pg_up = outage(load, pg, args.outage)
             time.sleep(25)
             load.finish()
             print(f"\nload: {len(load.answers):,} requests over {load.now():.0f} s at {args.rate:.0f} req/s "

@@ -76,6 +76,13 @@ f:close()
 '''
 
 
+def recreate_database(url: str) -> None:
+    """Drop the database ``url`` names (cutting off any session left in it) and create it empty."""
+    server, name = url.rsplit("/", 1)
+    for statement in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
+        subprocess.run(["psql", f"{server}/postgres", "-qc", statement], check=True, capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,10 +227,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
-    subprocess.run(["psql", DB_URL.rsplit("/", 1)[0] + "/postgres", "-qc", f"DROP DATABASE IF EXISTS {DB_URL.rsplit('/', 1)[1]}"],
-                   check=True, capture_output=True)
-    subprocess.run(["psql", DB_URL.rsplit("/", 1)[0] + "/postgres", "-qc", f"CREATE DATABASE {DB_URL.rsplit('/', 1)[1]}"],
-                   check=True, capture_output=True)
+    recreate_database(DB_URL)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
         mlflow_dir, native, columns = build_model(work)

@@ -36,6 +36,7 @@ from serving import (  # the serving benchmark's helpers: one way to build, star
     free_port,
     logged_count,
     portal_env,
+    recreate_database,
     run_wrk,
     wait_up,
 )
@@ -67,10 +68,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=int, default=10)
     parser.add_argument("--connections", type=int, default=8)
     args = parser.parse_args()
-    admin = DB_URL.rsplit("/", 1)[0] + "/postgres"
-    name = DB_URL.rsplit("/", 1)[1]
-    for sql in (f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"):
-        subprocess.run(["psql", admin, "-qc", sql], check=True, capture_output=True)
+    recreate_database(DB_URL)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         work = Path(tmp)
         _mlflow_dir, _native, columns = build_model(work)

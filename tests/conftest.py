@@ -136,6 +136,29 @@ def clean_env(**extra: str) -> dict[str, str]:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (once the probing socket is closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def manage(*args: str, env_vars: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``manage.py ARGS`` in a fresh process with only ``env_vars`` (and a private var folder) as configuration."""
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=clean_env(PORTAL_VAR_DIR=str(tmp_path), **env_vars), timeout=120)
+
+
+def settings_variables() -> set[str]:
+    """Every environment variable the settings (and the rest of ``portal/``) read through ``portal.env``."""
+    found: set[str] = set()
+    for path in (ROOT / "portal").rglob("*.py"):
+        found |= set(re.findall(r'env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', path.read_text()))
+    return found
+
+
 @pytest.fixture
 def worker_factory(transactional_db: None) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts real Celery worker processes (solo pool) on Redis, bound to this test's database and to a private

@@ -10,17 +10,15 @@ import datetime as dt
 
 from django.db import migrations
 
-TABLES = (("monitoring_predictionlog", "created_at", "day"), ("monitoring_rollup", "start", "month"))
-
-
 def partition(apps, schema_editor):
     if schema_editor.connection.vendor != "postgresql":
         return
     from monitoring import partitions
 
+    tables = [(spec.table, spec.column, spec.unit) for spec in partitions.SPECS]
     indexes_of, uniques_of = {}, {}
     with schema_editor.connection.cursor() as cursor:
-        for table, column, _unit in TABLES:
+        for table, column, _unit in tables:
             cursor.execute("SELECT conname, contype, pg_get_constraintdef(oid) FROM pg_constraint "
                            "WHERE conrelid = %s::regclass AND contype IN ('p', 'u')", [table])
             constraints = cursor.fetchall()
@@ -45,18 +43,18 @@ def partition(apps, schema_editor):
             cursor.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
         # A partition for each day (month) that holds rows, besides those around now.
         extra = {}
-        for table, column, unit in TABLES:
+        for table, column, unit in tables:
             cursor.execute(f"SELECT DISTINCT date_trunc(%s, {column} AT TIME ZONE 'UTC') FROM {table}_unpartitioned",
                            [unit])
             extra[table] = [start.replace(tzinfo=dt.UTC) for (start,) in cursor.fetchall()]
     partitions.partitions_ensure(extra_starts=extra)
     with schema_editor.connection.cursor() as cursor:
-        for table, _column, _unit in TABLES:
+        for table, _column, _unit in tables:
             cursor.execute(f"INSERT INTO {table} SELECT * FROM {table}_unpartitioned")
             cursor.execute(f"DROP TABLE {table}_unpartitioned")
         cursor.execute("SELECT setval('monitoring_rollup_id_seq', GREATEST((SELECT max(id) FROM monitoring_rollup), 0) "
                        "+ 1, false)")
-        for table, _column, _unit in TABLES:
+        for table, _column, _unit in tables:
             for _name, definition in indexes_of[table]:
                 cursor.execute(definition)
             for name, definition in uniques_of[table]:

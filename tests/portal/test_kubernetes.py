@@ -3,17 +3,15 @@ Kubernetes API schemas by kubernetes-validate, then checked against what the set
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import clean_env
+from tests.conftest import manage, settings_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod")
@@ -97,9 +95,7 @@ def test_secrets_arrive_as_files_and_the_config_names_only_variables_the_portal_
     config = _by(rendered, "ConfigMap")["portal-config"]["data"]
     for secret in ("PORTAL_SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "PORTAL_METRICS_TOKEN"):
         assert secret not in config and config[f"{secret}_FILE"].startswith("/run/secrets/portal/")
-    read = set()
-    for path in (ROOT / "portal").rglob("*.py"):
-        read |= set(re.findall(r'env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', path.read_text()))
+    read = settings_variables()
     outside = {"MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "HF_HUB_OFFLINE", "HOME"}
     unknown = sorted(k for k in config if k.removesuffix("_FILE") not in read | outside)
     assert not unknown, f"the ConfigMap sets variables nothing reads (typos?): {unknown}"
@@ -115,10 +111,9 @@ def test_the_settings_start_with_the_manifests_values(tmp_path: Path) -> None:
                "broker_url": "redis://redis:6379/0", "metrics_token": "metrics-token-0123456789abcdef"}
     for name, value in secrets.items():
         (tmp_path / name).write_text(value + "\n")
-    env = {k: v.replace("/run/secrets/portal", str(tmp_path)) for k, v in config.items()}
-    env.update(PORTAL_VAR_DIR=str(tmp_path / "var"), HOME=str(tmp_path))
-    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "DEBUG"], cwd=ROOT,
-                            env=clean_env(**env), capture_output=True, text=True, timeout=120)
+    env = {k: v.replace("/run/secrets/portal", str(tmp_path)) for k, v in config.items() if k != "PORTAL_VAR_DIR"}
+    env.update(HOME=str(tmp_path))
+    result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars=env, tmp_path=tmp_path / "var")
     assert result.returncode == 0, result.stderr
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,16 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env
+from tests.conftest import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -47,7 +40,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_make_run_serves_runs_tasks_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     var = tmp_path / "var"
     log = open(tmp_path / "run.log", "w")
     env = clean_env(PORT=str(port), PORTAL_VAR_DIR=str(var), PORTAL_WEB_WORKERS="1", PORTAL_WORKER_CONCURRENCY="1")

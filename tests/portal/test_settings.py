@@ -10,7 +10,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from portal import env
-from tests.conftest import clean_env
+from tests.conftest import clean_env, manage, settings_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,27 +23,22 @@ PRODUCTION_ENV = {
 }
 
 
-def _manage(*args: str, env_vars: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=clean_env(PORTAL_VAR_DIR=str(tmp_path), **env_vars), timeout=120)
-
-
 def test_check_deploy_is_clean_with_production_values(tmp_path: Path) -> None:
-    result = _manage("check", "--deploy", "--fail-level", "DEBUG", env_vars=PRODUCTION_ENV, tmp_path=tmp_path)
+    result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars=PRODUCTION_ENV, tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
 
 
 def test_production_without_a_secret_key_refuses_to_start(tmp_path: Path) -> None:
     values = {k: v for k, v in PRODUCTION_ENV.items() if k != "PORTAL_SECRET_KEY"}
-    result = _manage("check", env_vars=values, tmp_path=tmp_path)
+    result = manage("check", env_vars=values, tmp_path=tmp_path)
     assert result.returncode != 0 and "PORTAL_SECRET_KEY" in result.stderr
     assert "Traceback" not in result.stderr, "a setting to fix is said in one line"
 
 
 def test_the_migrations_check_needs_no_secrets(tmp_path: Path) -> None:
     """CI's "models match migrations" check runs on a bare checkout, without the production secret."""
-    result = _manage("makemigrations", "--check", "--dry-run", env_vars={}, tmp_path=tmp_path)
+    result = manage("makemigrations", "--check", "--dry-run", env_vars={}, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "No changes detected" in result.stdout
 
@@ -58,7 +53,7 @@ def test_the_migrations_check_needs_no_secrets(tmp_path: Path) -> None:
 ])
 def test_nonsense_stops_the_process_with_the_variables_name(tmp_path: Path, name: str, value: str,
                                                              expected: str) -> None:
-    result = _manage("check", env_vars={**PRODUCTION_ENV, name: value}, tmp_path=tmp_path)
+    result = manage("check", env_vars={**PRODUCTION_ENV, name: value}, tmp_path=tmp_path)
     assert result.returncode != 0
     assert name in result.stderr and expected in result.stderr
 
@@ -67,7 +62,7 @@ def test_secrets_can_come_from_files(tmp_path: Path) -> None:
     secret_file = tmp_path / "key"
     secret_file.write_text(PRODUCTION_ENV["PORTAL_SECRET_KEY"] + "\n")
     values = {k: v for k, v in PRODUCTION_ENV.items() if k != "PORTAL_SECRET_KEY"}
-    result = _manage("check", "--deploy", "--fail-level", "DEBUG", env_vars={**values,
+    result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars={**values,
                      "PORTAL_SECRET_KEY_FILE": str(secret_file)}, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -93,12 +88,8 @@ def test_env_helpers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_the_readme_documents_every_variable_the_settings_read() -> None:
-    import re
-
     readme = (ROOT / "README.md").read_text()
-    read = set()
-    for path in (ROOT / "portal").rglob("*.py"):
-        read |= set(re.findall(r'env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', path.read_text()))
+    read = settings_variables()
     assert read, "the settings read no variables?"
     missing = sorted(v for v in read if f"`{v}`" not in readme)
     assert not missing, f"README's table lacks: {missing}"

@@ -74,3 +74,11 @@ def rows(n: int = 3) -> tuple[list[str], list[list[float]]]:
     return list(X.columns), X.head(n).to_numpy().tolist()
 
 
+@pytest.fixture
+def ds_client(serving: Client, personas: dict[str, Any], settings: Any) -> Client:
+    """A data scientist's browser session, with uploads cut into 1 MB chunks on the way in (batch jobs of several
+    chunks from small files)."""
+    settings.PORTAL_BATCH_CHUNK_BYTES = 1024 * 1024
+    client = Client()
+    client.force_login(personas["ds"])
+    return client

@@ -64,14 +64,6 @@ def _ping(names: list[str]) -> bool:
     return len(replies) == len(names)
 
 
-@pytest.fixture
-def ds_client(serving: Client, personas: dict[str, Any], settings: Any) -> Client:
-    settings.PORTAL_BATCH_CHUNK_BYTES = 1024 * 1024  # uploads are cut into chunks on the way in, here
-    client = Client()
-    client.force_login(personas["ds"])
-    return client
-
-
 def test_two_workers_share_the_chunks_and_the_result_is_whole_and_in_order(
         worker_factory: Any, ds_client: Client, two_versions: list[ModelVersion]) -> None:
     import socket

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from django.test import Client
 
 from registry import storage
 from registry.models import Blob, ModelVersion
-from tests.conftest import assert_error_shape, wait_for
+from tests.conftest import assert_error_shape, free_port, wait_for
 from tests.registry.conftest import deploy_now
 from tests.registry.test_batch_workers import WORKER_ENV, _big_csv, _finished, _result, _submit
 
@@ -30,22 +29,22 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "portal-test", "AWS_SECRET_ACCESS_KEY": "por
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            pytest.fail("moto's S3 server did not start")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail("moto's S3 server did not start")
-                time.sleep(0.05)
-        yield endpoint
+        wait_for(listening, timeout=10, interval=0.05, what="moto's S3 server")
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -164,11 +163,3 @@ def test_a_batch_job_on_s3_with_a_real_worker(worker_factory: Any, ds_client: Cl
              what="the prediction log to take every row")
     wait_for(lambda: not [k for k in _keys(bucket) if k.startswith(work_prefix(job))], timeout=60,
              what="the job's work files to leave the bucket")
-
-
-@pytest.fixture
-def ds_client(serving: Client, personas: dict[str, Any], settings: Any) -> Client:
-    settings.PORTAL_BATCH_CHUNK_BYTES = 1024 * 1024
-    client = Client()
-    client.force_login(personas["ds"])
-    return client

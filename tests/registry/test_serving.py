@@ -19,7 +19,7 @@ from portal.models import AuditEvent, Team
 from registry import deployments, services
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval
 from registry.serving import runtime
-from tests.conftest import assert_error_shape
+from tests.conftest import assert_error_shape, free_port
 from tests.registry import files
 from tests.registry.conftest import deploy_now as _deploy
 from tests.registry.conftest import rows as _rows
@@ -221,14 +221,6 @@ def test_a_version_that_is_not_ready_does_not_deploy(personas: dict[str, Any], a
     assert "only ready versions deploy" in body["error"]["message"]
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens there once the socket is closed
-
-
 def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(serving: Client,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import redis
@@ -237,7 +229,7 @@ def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(ser
     from registry.serving import buffer
 
     real = buffer.redis_client()
-    dead = redis.Redis(port=_closed_port(), socket_connect_timeout=1, socket_timeout=1)
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=1, socket_timeout=1)
     monkeypatch.setattr(buffer, "redis_client", lambda: dead)
     monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
     body = json.dumps({"instances": _rows(2)[1]})
@@ -261,7 +253,7 @@ def test_when_neither_redis_nor_the_database_take_the_record_the_answer_is_withh
     from registry.models import PredictionOutbox
     from registry.serving import buffer
 
-    monkeypatch.setattr(buffer, "redis_client", lambda: redis.Redis(port=_closed_port(), socket_connect_timeout=1))
+    monkeypatch.setattr(buffer, "redis_client", lambda: redis.Redis(port=free_port(), socket_connect_timeout=1))
     monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
 
     def refuse(*args: Any, **kwargs: Any) -> None:
@@ -283,7 +275,7 @@ def test_a_database_outage_keeps_serving_what_was_live_and_refuses_strangers(ser
     _token, stranger = portal_services.token_create(user=personas["ds"], name="new", actor=personas["ds"])
     port = connection.settings_dict["PORT"]
     connection.close()
-    connection.settings_dict["PORT"] = str(_closed_port())  # the database goes away, for real: connections refused
+    connection.settings_dict["PORT"] = str(free_port())  # the database goes away, for real: connections refused
     try:
         from registry.serving import views
 

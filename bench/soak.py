@@ -105,16 +105,19 @@ def main() -> None:
             print(f"peak {peak['rps']:.0f} req/s (p50 {peak['p50']:.2f} ms); soaking at about {target:.0f} req/s "
                   f"for {args.minutes} min (wrk -c{args.connections}, {delay_ms} ms between a connection's requests)",
                   flush=True)
-            print(f"{'minute':>6}{'req/s':>9}{'p99 ms':>9}{'errors':>8}{'web MB':>9}{'worker MB':>11}", flush=True)
+            print(f"{'minute':>6}{'req/s':>9}{'p99 ms':>9}{'errors':>8}{'web MB':>9}{'worker MB':>11}"
+                  f"{'(beat)':>8}", flush=True)
             for minute in range(1, args.minutes + 1):
                 result = run_wrk(url, one_row, 60, args.connections, token, work, delay_ms)
                 web_pids = [p for p in process_tree(web.pid) if p != web.pid]  # the workers, not the arbiter
                 result["web_mb"] = sum(rss_mb(p) for p in web_pids)
                 result["worker_mb"] = sum(rss_mb(p) for p in process_tree(worker.pid))
+                result["beat_mb"] = sum(rss_mb(p) for p in children(worker.pid))  # -B runs beat in a child
                 result["errors"] = result["non2xx"] + (1 if result["socket_errors"] else 0)
                 minutes.append(result)
                 print(f"{minute:>6}{result['rps']:>9.0f}{result['p99']:>9.2f}{result['non2xx']:>8}"
-                      f"{result['web_mb']:>9.1f}{result['worker_mb']:>11.1f}  {result['socket_errors']}", flush=True)
+                      f"{result['web_mb']:>9.1f}{result['worker_mb']:>11.1f}{result['beat_mb']:>8.1f}  "
+                      f"{result['socket_errors']}", flush=True)
             time.sleep(5)  # the last flush by beat
             logged = logged_count(env)
         finally:

@@ -35,7 +35,10 @@ MAX_LABELS = 50
 MAX_CONFUSION = 200
 OTHER = "__other__"
 MISSING = "__missing__"
-CHUNK_ROWS = 20_000
+# Raw rows are read and summarised this many at a time. Per minute of 30k one-row predictions (20 inputs), measured
+# in-process: 20,000 held 57 MB more at the peak than idle (which the allocator then keeps) and took 396 ms; 5,000
+# holds 17 MB and takes 344 ms; 2,000 holds 7 MB but takes 442 ms.
+CHUNK_ROWS = 5_000
 CLASSIFIER_TYPES = {"long", "integer", "int", "int32", "int64", "string", "str", "boolean", "bool", "binary"}
 REGRESSOR_TYPES = {"double", "float", "float32", "float64"}
 

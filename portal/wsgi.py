@@ -2,7 +2,8 @@
 
 ``/api/v1/serve/<model>/<env>/invocations`` uses none of sessions, authentication middleware, messages, CSRF or
 lockouts (it authenticates bearer tokens itself), so it gets a second Django handler built with only the
-request-id, security and security-header middleware: the same URL configuration and view, less work per request.
+request-id, security and security-header middleware, and a URL configuration holding only that route
+(``registry.serving.urls``): the same view, less work per request.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LEAN_MIDDLEWARE = [
     "portal.middleware.SecurityHeadersMiddleware",
 ]
 SCORING_PATH = re.compile(r"^/api/v1/serve/[^/]+/[^/]+/invocations$")
+SCORING_URLCONF = "registry.serving.urls"
 
 
 class LeanHandler(WSGIHandler):
@@ -36,6 +38,10 @@ class LeanHandler(WSGIHandler):
             super().load_middleware(is_async)
         finally:
             settings.MIDDLEWARE = full
+
+    def resolve_request(self, request: Any) -> Any:
+        request.urlconf = SCORING_URLCONF
+        return super().resolve_request(request)
 
 
 _full = get_wsgi_application()

@@ -43,6 +43,21 @@ def redis_client() -> Any:
                                 retry=Retry(NoBackoff(), 1))
 
 
+# Push the record and count the request in one command (one reply to parse instead of three). redis-py's Script
+# sends EVALSHA and loads the script again when the server has lost it (a restart).
+PUSH_AND_COUNT = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local count = redis.call('INCR', KEYS[2])
+if count == 1 then redis.call('EXPIRE', KEYS[2], 2) end
+return count
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _push_and_count(client: Any) -> Any:
+    return client.register_script(PUSH_AND_COUNT)
+
+
 def redis_errors() -> tuple[type[Exception], ...]:
     import redis
 
@@ -63,11 +78,7 @@ def emit(batch: dict[str, Any], *, count_key: str | None = None) -> int | None:
             if count_key is None:
                 client.rpush(REDIS_KEY, encode(batch))
                 return None
-            pipe = client.pipeline(transaction=False)
-            pipe.rpush(REDIS_KEY, encode(batch))
-            pipe.incr(count_key)
-            pipe.expire(count_key, 2)
-            return int(pipe.execute()[1])
+            return int(_push_and_count(client)(keys=[REDIS_KEY, count_key], args=[encode(batch)]))
         except redis_errors() as exc:
             _redis_paused_until = time.monotonic() + REDIS_PAUSE_SECONDS
             logger.warning("Prediction buffer: Redis unreachable (%s); writing to the database outbox for %.0f s",

@@ -18,7 +18,7 @@ from portal.audit import verify_chain
 from portal.models import AuditEvent, Team
 from registry import deployments, services
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval
-from registry.serving import runtime
+from registry.serving import buffer, runtime
 from tests.conftest import assert_error_shape, free_port
 from tests.registry import files
 from tests.registry.conftest import deploy_now as _deploy
@@ -100,6 +100,18 @@ def test_the_rate_limit_answers_429(serving: Client, settings: Any) -> None:
     body = json.dumps({"instances": _rows(1)[1]})
     statuses = [serving.post(URL, body, content_type="application/json").status_code for _ in range(8)]
     assert 429 in statuses and statuses[0] == 200
+
+
+def test_the_log_and_count_script_survives_redis_losing_it(serving: Client, settings: Any) -> None:
+    """A Redis restart forgets loaded scripts: the buffer loads its script again and the record is not lost."""
+    settings.PORTAL_SERVE_RATE_LIMIT = 100
+    body = json.dumps({"instances": _rows(1)[1]})
+    assert serving.post(URL, body, content_type="application/json").status_code == 200
+    buffer.redis_client().script_flush()
+    response = serving.post(URL, body, content_type="application/json")
+    assert response.status_code == 200
+    assert flush_predictions() == 2
+    assert PredictionLog.objects.filter(pk__in=response.json()["prediction_ids"]).count() == 1
 
 
 def test_every_answered_prediction_is_logged_once_and_feedback_attaches(serving: Client, personas: dict[str, Any],

@@ -131,10 +131,18 @@ def run_wrk(url: str, body_file: Path, seconds: int, connections: int, token: st
 
 
 def logged_count(env: dict[str, str]) -> int:
-    """Drain the prediction buffer into the log, then count the benchmark model's logged predictions."""
+    """Drain the prediction buffer into the log, then count the benchmark model's logged predictions. A flush that
+    finds another flusher (the worker's) at work moves nothing: wait until Redis holds no record (10 minutes at most)."""
     out = subprocess.run([PY, "manage.py", "shell", "-c",
+                          "import time\n"
                           "from monitoring.flush import flush_predictions\n"
-                          "while flush_predictions(): pass\n"
+                          "from registry.serving import buffer\n"
+                          "client, deadline = buffer.redis_client(), time.monotonic() + 600\n"
+                          "while time.monotonic() < deadline:\n"
+                          "    if flush_predictions(): continue\n"
+                          "    if client is None or not (client.llen(buffer.REDIS_KEY)\n"
+                          "                              or client.llen(buffer.PROCESSING_KEY)): break\n"
+                          "    time.sleep(0.5)\n"
                           "from monitoring.models import PredictionLog\n"
                           "print('LOGGED', PredictionLog.objects.filter(model_name='bench-lr').count())"],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout

@@ -131,18 +131,11 @@ def run_wrk(url: str, body_file: Path, seconds: int, connections: int, token: st
 
 
 def logged_count(env: dict[str, str]) -> int:
-    """Drain the prediction buffer into the log, then count the benchmark model's logged predictions. A flush that
-    finds another flusher (the worker's) at work moves nothing: wait until Redis holds no record (10 minutes at most)."""
+    """Drain the prediction buffer into the log (waiting for the worker's flusher if it is at work, 10 minutes at
+    most), then count the benchmark model's logged predictions."""
     out = subprocess.run([PY, "manage.py", "shell", "-c",
-                          "import time\n"
-                          "from monitoring.flush import flush_predictions\n"
-                          "from registry.serving import buffer\n"
-                          "client, deadline = buffer.redis_client(), time.monotonic() + 600\n"
-                          "while time.monotonic() < deadline:\n"
-                          "    if flush_predictions(): continue\n"
-                          "    if client is None or not (client.llen(buffer.REDIS_KEY)\n"
-                          "                              or client.llen(buffer.PROCESSING_KEY)): break\n"
-                          "    time.sleep(0.5)\n"
+                          "from monitoring.flush import drain\n"
+                          "drain(timeout=600)\n"
                           "from monitoring.models import PredictionLog\n"
                           "print('LOGGED', PredictionLog.objects.filter(model_name='bench-lr').count())"],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout

@@ -103,6 +103,27 @@ def flush_predictions() -> int:
     return written + written_outbox
 
 
+def drain(*, timeout: float = FLUSH_BUDGET_SECONDS * 6) -> int:
+    """Flush until nothing is on its way to the log, and return how many predictions this call wrote. A flush that
+    finds another flusher at work (beat's) moves nothing while that flusher still holds records in the processing list
+    or locked outbox rows: wait for it, up to ``timeout`` (the flush lock's own lifetime), then log and give up."""
+    client = buffer.redis_client()
+    written = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        moved = flush_predictions()
+        written += moved
+        if moved:
+            continue
+        in_redis = client is not None and (client.llen(buffer.REDIS_KEY) or client.llen(buffer.PROCESSING_KEY))
+        if not in_redis and not PredictionOutbox.objects.exists():
+            return written
+        if time.monotonic() >= deadline:
+            logger.warning("Prediction flusher: records still on their way to the log after %.0f s", timeout)
+            return written
+        time.sleep(0.1)
+
+
 def _flush_redis(client: Any) -> int:
     """Move up to ``MOVE_BATCHES`` records at a time (one atomic round trip) and write them, until the buffer is
     empty or ``FLUSH_BUDGET_SECONDS`` have passed. One flusher at a time (a Redis lock): two would each write what

@@ -12,7 +12,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from monitoring.flush import flush_predictions
+from monitoring.flush import drain
 from monitoring.models import Feedback, PredictionLog
 from portal.audit import AuditAction, Target, audit_record
 from portal.permissions import require_capability
@@ -22,13 +22,6 @@ MAX_SUBJECT_ID = 256
 PURGE_SLICE = 10_000
 
 
-def _drain_buffer() -> None:
-    """Everything still on its way to the prediction log, written now (one flush takes at most a bounded number of
-    batches), so an export misses nothing and an erasure cannot be undone by a later flush."""
-    while flush_predictions():
-        pass
-
-
 def _target(digest: str) -> Target:
     return Target(type="subject", id=digest, repr=f"subject {digest[:12]}…")
 
@@ -36,7 +29,7 @@ def _target(digest: str) -> Target:
 def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
-    _drain_buffer()
+    drain()
     predictions = list(PredictionLog.objects.filter(subject_hash=digest).order_by("created_at").values(
         "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error"))
     from monitoring.sensitive import reveal_row
@@ -61,7 +54,7 @@ def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str,
     The receipt is the audit event that records the erasure: its sequence number and hash."""
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
-    _drain_buffer()
+    drain()
     with transaction.atomic():
         ids = list(PredictionLog.objects.select_for_update().filter(subject_hash=digest).values_list("id", flat=True))
         feedback = Feedback.objects.filter(prediction_id__in=ids).delete()[0]

@@ -44,3 +44,16 @@ def test_the_lean_path_still_refuses_unknown_hosts() -> None:
 def test_other_paths_keep_the_full_stack() -> None:
     status, headers, _content = _call("/api/v1/tokens/")
     assert status.startswith("401") and "Vary" in headers
+
+
+def test_an_unexpected_failure_on_the_lean_path_answers_the_contracts_json_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean handler resolves with its own URL configuration; its error handlers must be the portal's."""
+    from registry.serving import views
+
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(views, "_invocations", broken)
+    status, headers, content = _call("/api/v1/serve/churn/dev/invocations")
+    assert status.startswith("500") and headers["Content-Type"].startswith("application/json")
+    assert json.loads(content)["error"]["code"] == "server_error" and b"boom" not in content

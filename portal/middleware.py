@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
@@ -24,8 +25,14 @@ def client_ip(request: HttpRequest) -> str | None:
         forwarded = [p.strip() for p in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if p.strip()]
         if len(forwarded) >= hops:
             candidate = forwarded[-hops]
+    return _normal_ip(candidate) if candidate else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _normal_ip(candidate: str) -> str | None:
+    """An address in its canonical form, remembered: parsing it afresh cost each scoring request several us."""
     try:
-        return ipaddress.ip_address(candidate).compressed if candidate else None
+        return ipaddress.ip_address(candidate).compressed
     except ValueError:
         return None
 
@@ -45,6 +52,14 @@ def _nul_refusal(request: HttpRequest) -> HttpResponse | None:
     return HttpResponse(NUL_MESSAGE, status=400, content_type="text/plain; charset=utf-8")
 
 
+def request_context(request: HttpRequest) -> context.RequestContext:
+    return context.RequestContext(
+        request_id=context.new_request_id(request.META.get("HTTP_X_REQUEST_ID")),
+        ip=client_ip(request),
+        user_agent=request.META.get("HTTP_USER_AGENT", "")[:512],
+    )
+
+
 class RequestContextMiddleware:
     """Give every request an id (kept from a sane incoming X-Request-ID) and echo it in the response."""
 
@@ -52,11 +67,7 @@ class RequestContextMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        ctx = context.RequestContext(
-            request_id=context.new_request_id(request.META.get("HTTP_X_REQUEST_ID")),
-            ip=client_ip(request),
-            user_agent=request.META.get("HTTP_USER_AGENT", "")[:512],
-        )
+        ctx = request_context(request)
         request.request_id = ctx.request_id  # type: ignore[attr-defined]
         with context.bound(ctx):
             response = _nul_refusal(request) or self.get_response(request)
@@ -86,14 +97,17 @@ class SecurityHeadersMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        response = self.get_response(request)
-        response.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        response.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=()")
-        response.setdefault("Cross-Origin-Resource-Policy", "same-origin")
-        if request.path.startswith("/api/") or (getattr(request, "user", None) and request.user.is_authenticated):
-            # Pages with a user's data must not linger in shared caches or the back button of a shared machine.
-            response.setdefault("Cache-Control", "no-store")
-        return response
+        return add_security_headers(request, self.get_response(request))
+
+
+def add_security_headers(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    response.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=()")
+    response.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+    if request.path.startswith("/api/") or (getattr(request, "user", None) and request.user.is_authenticated):
+        # Pages with a user's data must not linger in shared caches or the back button of a shared machine.
+        response.setdefault("Cache-Control", "no-store")
+    return response
 
 
 class IdleSessionTimeoutMiddleware:

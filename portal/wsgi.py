@@ -1,15 +1,15 @@
-"""The WSGI entry point. Scoring requests go through a lean handler; everything else through the full stack.
+"""The WSGI entry point. Scoring requests go through the scoring application; everything else through the full stack.
 
 ``/api/v1/serve/<model>/<env>/invocations`` uses none of sessions, authentication middleware, messages, CSRF or
-lockouts (it authenticates bearer tokens itself), so it gets a second Django handler built with only the
-request-id, security and security-header middleware, and a URL configuration holding only that route
-(``registry.serving.urls``): the same view, less work per request.
+lockouts (it authenticates bearer tokens itself). It is answered by ``registry.serving.wsgi.ScoringApplication``,
+which calls the scoring view's ``score`` without Django's request handler. What that application does not take (a
+query string, a redirect to HTTPS...) goes to a second Django handler built with only the request-id, security and
+security-header middleware, and a URL configuration holding only that route (``registry.serving.urls``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,13 +17,15 @@ from django.core.handlers.wsgi import WSGIHandler
 from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+_full = get_wsgi_application()  # sets Django up before the scoring application's imports
+
+from registry.serving.wsgi import SCORING_PATH, ScoringApplication  # noqa: E402 - needs Django set up
 
 LEAN_MIDDLEWARE = [
     "portal.middleware.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "portal.middleware.SecurityHeadersMiddleware",
 ]
-SCORING_PATH = re.compile(r"^/api/v1/serve/[^/]+/[^/]+/invocations$")
 SCORING_URLCONF = "registry.serving.urls"
 
 
@@ -44,11 +46,11 @@ class LeanHandler(WSGIHandler):
         return super().resolve_request(request)
 
 
-_full = get_wsgi_application()
 _lean = LeanHandler()
+_scoring = ScoringApplication(fallback=_lean)
 
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     if SCORING_PATH.match(environ.get("PATH_INFO", "")):
-        return _lean(environ, start_response)
+        return _scoring(environ, start_response)
     return _full(environ, start_response)

@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
+from django.http import HttpResponse
+from django.test import Client
+from django.test.client import ClientHandler
 from rest_framework.test import APIClient
 
 from portal import services
@@ -114,6 +117,44 @@ def api_as(db: Any) -> Callable[[Any], APIClient]:
         return client
 
     return client_for
+
+
+class EntryPointClient(Client):
+    """Django's test client whose scoring requests go through the production WSGI entry point
+    (``portal.wsgi.application``, which answers them without Django's handler); other requests go the usual way."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__(**defaults)
+        self.handler = self._handle  # type: ignore[assignment]
+        self._django = ClientHandler(enforce_csrf_checks=False)
+
+    def _handle(self, environ: dict[str, Any]) -> HttpResponse:
+        from django.core import signals
+        from django.db import close_old_connections
+
+        from portal.wsgi import application
+        from registry.serving.wsgi import SCORING_PATH
+
+        if not SCORING_PATH.match(environ["PATH_INFO"]):
+            return self._django(environ)
+        captured: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            captured["status"], captured["headers"] = status, headers
+
+        # As Django's ClientHandler does: the test's transaction must outlive the request's connection upkeep.
+        signals.request_started.disconnect(close_old_connections)
+        signals.request_finished.disconnect(close_old_connections)
+        try:
+            content = b"".join(application(environ, start_response))
+        finally:
+            signals.request_started.connect(close_old_connections)
+            signals.request_finished.connect(close_old_connections)
+        response = HttpResponse(content, status=int(captured["status"].split()[0]))
+        for key, value in captured["headers"]:
+            response[key] = value
+        response.wsgi_request = None  # type: ignore[attr-defined]
+        return response
 
 
 def assert_error_shape(response: Any, status: int, code: str | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from django.conf import settings
@@ -43,12 +43,17 @@ _lock = threading.Lock()
 _shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> HttpResponse:
-    response = HttpResponse(orjson.dumps({"error": {"code": code, "message": message, "details": None}}),
-                            status=status, content_type="application/json")
-    for key, value in headers.items():
-        response[key] = value
-    return response
+class Answer(NamedTuple):
+    """A scoring answer before any HTTP machinery: status, JSON body and the headers of its own (Retry-After...).
+    The Django view and the scoring WSGI application (``registry.serving.wsgi``) both send it."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> Answer:
+    return Answer(status, orjson.dumps({"error": {"code": code, "message": message, "details": None}}), headers)
 
 
 def _authenticate(request: HttpRequest) -> tuple[Any, str] | None:
@@ -162,13 +167,22 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
         buffer.emit(batch)
 
 
-def _unavailable(what: str) -> HttpResponse:
+def _unavailable(what: str) -> Answer:
     return _error(503, "unavailable", f"Scoring is briefly unavailable ({what}); retry in a moment.",
                   **{"Retry-After": "1"})
 
 
 @csrf_exempt
 def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    """The scoring route through Django's handler (the test client, and requests the WSGI application hands on)."""
+    answer = score(request, name, env)
+    response = HttpResponse(answer.body, status=answer.status, content_type="application/json")
+    for key, value in answer.headers.items():
+        response[key] = value
+    return response
+
+
+def score(request: HttpRequest, name: str, env: str) -> Answer:
     try:
         return _invocations(request, name, env)
     except DatabaseError as exc:
@@ -179,7 +193,7 @@ def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
         return _unavailable("the prediction log is unreachable")
 
 
-def _invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
+def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     started = time.perf_counter()
     try:
         request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on every other path
@@ -228,6 +242,5 @@ def _invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
     if route.mode == "shadow" and route.challenger is not None:
         _shadow_pool.submit(_shadow, route, name, env, matrix, ids, parsed.subject_ids,
                             context.current().request_id)
-    return HttpResponse(orjson.dumps({"predictions": predictions, "prediction_ids": ids,
-                                      "model_version": loaded.version_number}),
-                        content_type="application/json")
+    return Answer(200, orjson.dumps({"predictions": predictions, "prediction_ids": ids,
+                                     "model_version": loaded.version_number}), {})

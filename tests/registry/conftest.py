@@ -13,6 +13,7 @@ from portal.models import Team
 from registry import deployments, services
 from registry.models import Deployment, ModelVersion
 from registry.serving import runtime
+from tests.conftest import EntryPointClient
 from tests.registry import files
 
 
@@ -66,7 +67,7 @@ def deploy_now(version: ModelVersion, actor: Any, **kwargs: Any) -> Deployment:
 def serving(two_versions: list[ModelVersion], personas: dict[str, Any]) -> Client:
     deploy_now(two_versions[0], personas["ds"])
     _token, plaintext = portal_services.token_create(user=personas["ds"], name="serve", actor=personas["ds"])
-    return Client(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    return EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
 
 
 def rows(n: int = 3) -> tuple[list[str], list[list[float]]]:

@@ -112,15 +112,14 @@ def to_matrix(parsed: ParsedRequest, columns: list[str]) -> np.ndarray:
         except (TypeError, ValueError):
             raise InputError(_first_bad_value(rows, columns)) from None
         return _finite(matrix, columns)
-    if parsed.columns is not None:
+    order: list[int] | None = None  # None: the columns come in the signature's order already (the usual case)
+    if parsed.columns is not None and parsed.columns != columns:
         index = {c: i for i, c in enumerate(parsed.columns)}
         missing = [c for c in columns if c not in index]
         if missing:
             raise InputError(f"The input {missing[0]!r} is missing" + (f", and {len(missing) - 1} more." if
                                                                          len(missing) > 1 else "."))
         order = [index[c] for c in columns]
-    else:
-        order = list(range(width))
     try:
         raw = np.array(rows, dtype="float64" if parsed.columns is None or _is_numeric_table(rows) else object)
     except (TypeError, ValueError):
@@ -129,18 +128,23 @@ def to_matrix(parsed: ParsedRequest, columns: list[str]) -> np.ndarray:
         raw = np.array(rows, dtype=object)
     if raw.ndim != 2:
         raise InputError("Each row must be a list of values.")
-    if raw.shape[1] < (max(order) + 1 if order else 0) or (parsed.columns is None and raw.shape[1] != width):
+    needed = width if order is None else max(order) + 1 if order else 0
+    if raw.shape[1] < needed or (parsed.columns is None and raw.shape[1] != width):
         raise InputError(f"Each row needs {width} values in the signature's order; got {raw.shape[1]}.")
     try:
-        matrix = raw[:, order].astype("float64")
+        matrix = (raw[:, :width] if order is None else raw[:, order]).astype("float64", copy=False)
     except (TypeError, ValueError):
         names = parsed.columns or columns
-        raise InputError(_first_bad_matrix_value(raw, order, names)) from None
+        raise InputError(_first_bad_matrix_value(raw, order or list(range(width)), names)) from None
     return _finite(matrix, columns)
 
 
+_NUMBERS = {int, float}
+
+
 def _is_numeric_table(rows: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (rows[0] if rows else []))
+    """Whether the first row holds only JSON numbers (not strings, not booleans)."""
+    return {type(v) for v in (rows[0] if rows else [])} <= _NUMBERS
 
 
 def _rectangular(rows: list[Any]) -> bool:

@@ -1,8 +1,11 @@
 """``POST /api/v1/serve/{name}/{env}/invocations``: the hot path, kept lean on purpose.
 
-A plain Django view (no DRF), orjson in and out, the token and the model lookup cached for ``AUTH_CACHE_SECONDS``
-per process, the route cached per ``runtime.REFRESH_SECONDS``, one Redis round trip for the rate limit and one for
-the prediction log. A revoked token stops working within ``AUTH_CACHE_SECONDS``.
+``score`` does the work and returns an ``Answer`` (status, JSON body, headers): the production entry point sends it
+through ``registry.serving.wsgi`` without Django's request handler; the ``invocations`` view sends it through Django
+(the lean handler's fallback, the test client, a live-server thread). orjson in and out, the token and the model
+lookup cached for ``AUTH_CACHE_SECONDS`` per process, the route cached per ``runtime.REFRESH_SECONDS``, one Redis
+round trip that both logs the predictions and counts the request against the token's rate limit. A revoked token
+stops working within ``AUTH_CACHE_SECONDS``.
 
 While the database is unreachable, what this process last read (token, model, route) keeps serving for up to
 ``runtime.STALE_SECONDS``: scoring outlives a database restart, and a token revoked during the outage stops working

@@ -114,6 +114,22 @@ def test_the_log_and_count_script_survives_redis_losing_it(serving: Client, sett
     assert PredictionLog.objects.filter(pk__in=response.json()["prediction_ids"]).count() == 1
 
 
+def test_the_scoring_connection_comes_back_after_redis_drops_it(serving: Client) -> None:
+    """The scoring path keeps one Redis connection per process: a connection Redis closed (a restart, a timeout,
+    CLIENT KILL) is opened again by the next request, whose record still goes to Redis and not to the outbox."""
+    from registry.models import PredictionOutbox
+
+    body = json.dumps({"instances": _rows(1)[1]})
+    first = serving.post(URL, body, content_type="application/json")
+    assert first.status_code == 200
+    assert buffer.redis_client().client_kill_filter(_type="normal", skipme=True) >= 1
+    second = serving.post(URL, body, content_type="application/json")
+    assert second.status_code == 200 and PredictionOutbox.objects.count() == 0
+    assert flush_predictions() == 2
+    ids = first.json()["prediction_ids"] + second.json()["prediction_ids"]
+    assert PredictionLog.objects.filter(pk__in=ids).count() == 2
+
+
 def test_every_answered_prediction_is_logged_once_and_feedback_attaches(serving: Client, personas: dict[str, Any],
                                                                         api_as: Any) -> None:
     columns, rows = _rows(4)
@@ -233,7 +249,7 @@ def test_a_version_that_is_not_ready_does_not_deploy(personas: dict[str, Any], a
     assert "only ready versions deploy" in body["error"]["message"]
 
 
-def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(serving: Client,
+def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(serving: Client, settings: Any,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import redis
 
@@ -241,8 +257,10 @@ def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(ser
     from registry.serving import buffer
 
     real = buffer.redis_client()
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=1, socket_timeout=1)
-    monkeypatch.setattr(buffer, "redis_client", lambda: dead)
+    dead_url = f"redis://127.0.0.1:{free_port()}/0"
+    dead = redis.Redis.from_url(dead_url, socket_connect_timeout=1, socket_timeout=1)
+    settings.PORTAL_PREDICTION_BUFFER_URL = dead_url  # the scoring path's own connection
+    monkeypatch.setattr(buffer, "redis_client", lambda: dead)  # the flusher's
     monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
     body = json.dumps({"instances": _rows(2)[1]})
     answers = [serving.post(URL, body, content_type="application/json") for _ in range(3)]
@@ -258,14 +276,13 @@ def test_with_redis_unreachable_predictions_go_to_the_outbox_and_are_flushed(ser
 
 
 def test_when_neither_redis_nor_the_database_take_the_record_the_answer_is_withheld(
-        serving: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    import redis
+        serving: Client, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from django.db import OperationalError
 
     from registry.models import PredictionOutbox
     from registry.serving import buffer
 
-    monkeypatch.setattr(buffer, "redis_client", lambda: redis.Redis(port=free_port(), socket_connect_timeout=1))
+    settings.PORTAL_PREDICTION_BUFFER_URL = f"redis://127.0.0.1:{free_port()}/0"
     monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
 
     def refuse(*args: Any, **kwargs: Any) -> None:

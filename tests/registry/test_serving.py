@@ -102,18 +102,6 @@ def test_the_rate_limit_answers_429(serving: Client, settings: Any) -> None:
     assert 429 in statuses and statuses[0] == 200
 
 
-def test_the_log_and_count_script_survives_redis_losing_it(serving: Client, settings: Any) -> None:
-    """A Redis restart forgets loaded scripts: the buffer loads its script again and the record is not lost."""
-    settings.PORTAL_SERVE_RATE_LIMIT = 100
-    body = json.dumps({"instances": _rows(1)[1]})
-    assert serving.post(URL, body, content_type="application/json").status_code == 200
-    buffer.redis_client().script_flush()
-    response = serving.post(URL, body, content_type="application/json")
-    assert response.status_code == 200
-    assert flush_predictions() == 2
-    assert PredictionLog.objects.filter(pk__in=response.json()["prediction_ids"]).count() == 1
-
-
 def test_the_scoring_connection_comes_back_after_redis_drops_it(serving: Client) -> None:
     """The scoring path keeps one Redis connection per process: a connection Redis closed (a restart, a timeout,
     CLIENT KILL) is opened again by the next request, whose record still goes to Redis and not to the outbox."""
@@ -128,6 +116,21 @@ def test_the_scoring_connection_comes_back_after_redis_drops_it(serving: Client)
     assert flush_predictions() == 2
     ids = first.json()["prediction_ids"] + second.json()["prediction_ids"]
     assert PredictionLog.objects.filter(pk__in=ids).count() == 2
+
+
+def test_an_error_reply_leaves_the_scoring_connection_in_step(settings: Any) -> None:
+    """Every reply of a pipelined write is read, even after an error reply: the next write reads its own."""
+    import redis
+
+    client = buffer.redis_client()
+    client.delete("portal:test:list", "portal:test:pushed")
+    client.rpush("portal:test:list", "not a counter")
+    connection = buffer.ScoringConnection(settings.PORTAL_PREDICTION_BUFFER_URL)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        connection.run(("RPUSH", "portal:test:pushed", "a"), ("INCR", "portal:test:list"),
+                       ("EXPIRE", "portal:test:list", 2, "NX"))
+    assert connection.run(("RPUSH", "portal:test:pushed", "b"), ("LLEN", "portal:test:pushed")) == [2, 2]
+    client.delete("portal:test:list", "portal:test:pushed")
 
 
 def test_every_answered_prediction_is_logged_once_and_feedback_attaches(serving: Client, personas: dict[str, Any],

@@ -54,6 +54,12 @@ class Answer(NamedTuple):
     body: bytes
     headers: dict[str, str]
 
+    def as_response(self) -> HttpResponse:
+        response = HttpResponse(self.body, status=self.status, content_type="application/json")
+        for key, value in self.headers.items():
+            response[key] = value
+        return response
+
 
 def _error(status: int, code: str, message: str, **headers: str) -> Answer:
     return Answer(status, orjson.dumps({"error": {"code": code, "message": message, "details": None}}), headers)
@@ -178,11 +184,7 @@ def _unavailable(what: str) -> Answer:
 @csrf_exempt
 def invocations(request: HttpRequest, name: str, env: str) -> HttpResponse:
     """The scoring route through Django's handler (the test client, and requests the WSGI application hands on)."""
-    answer = score(request, name, env)
-    response = HttpResponse(answer.body, status=answer.status, content_type="application/json")
-    for key, value in answer.headers.items():
-        response[key] = value
-    return response
+    return score(request, name, env).as_response()
 
 
 def score(request: HttpRequest, name: str, env: str) -> Answer:

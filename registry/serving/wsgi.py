@@ -69,13 +69,12 @@ class ScoringApplication:
                 except Exception as exc:  # what Django's handler does with it: logged, signalled, handler400/500
                     return self._send(start_response, request, ctx, response_for_exception(request, exc))
                 if answer.status >= 400:
-                    response = HttpResponse(answer.body, status=answer.status, content_type="application/json")
-                    for key, value in answer.headers.items():
-                        response[key] = value
+                    response = answer.as_response()
                     log_response("%s: %s", response.reason_phrase, request.path, response=response, request=request)
                     return self._send(start_response, request, ctx, response)
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(answer.body))),
-                                      *self.headers[request.is_secure()], ("X-Request-ID", ctx.request_id)])
+                                      *answer.headers.items(), *self.headers[request.is_secure()],
+                                      ("X-Request-ID", ctx.request_id)])
             return [answer.body]
         finally:
             signals.request_finished.send(sender=self.__class__)

@@ -34,10 +34,8 @@ class BufferUnavailable(Exception):
 @functools.lru_cache(maxsize=1)
 def redis_client() -> Any:
     url = settings.PORTAL_PREDICTION_BUFFER_URL
-    return _connect(url) if url else None
-
-
-def _connect(url: str) -> Any:
+    if not url:
+        return None
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -106,6 +104,12 @@ def redis_errors() -> tuple[type[Exception], ...]:
     return (redis.ConnectionError, redis.TimeoutError)
 
 
+def _refused() -> type[Exception]:
+    import redis
+
+    return redis.ResponseError
+
+
 def encode(batch: dict[str, Any]) -> bytes:
     return orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -123,10 +127,10 @@ def emit(batch: dict[str, Any], *, count_key: str | None = None) -> int | None:
                 return None
             return int(connection.run(("RPUSH", REDIS_KEY, encode(batch)), ("INCR", count_key),
                                       ("EXPIRE", count_key, 2, "NX"))[1])
-        except redis_errors() as exc:
+        except (*redis_errors(), _refused()) as exc:  # refused: out of memory, read-only replica...
             _redis_paused_until = time.monotonic() + REDIS_PAUSE_SECONDS
-            logger.warning("Prediction buffer: Redis unreachable (%s); writing to the database outbox for %.0f s",
-                           type(exc).__name__, REDIS_PAUSE_SECONDS)
+            logger.warning("Prediction buffer: Redis unreachable or refusing (%s: %s); writing to the database outbox "
+                           "for %.0f s", type(exc).__name__, str(exc)[:200], REDIS_PAUSE_SECONDS)
     from registry.models import PredictionOutbox
 
     try:

@@ -133,6 +133,22 @@ def test_an_error_reply_leaves_the_scoring_connection_in_step(settings: Any) -> 
     client.delete("portal:test:list", "portal:test:pushed")
 
 
+def test_a_record_redis_refuses_goes_to_the_outbox(serving: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error reply (here the buffer's key holds the wrong type; in life an out-of-memory Redis or a read-only
+    replica) is handled like an unreachable Redis: the record goes to the database outbox and the answer is given."""
+    from registry.models import PredictionOutbox
+
+    monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
+    client = buffer.redis_client()
+    client.set(buffer.REDIS_KEY, "not a list")
+    try:
+        response = serving.post(URL, json.dumps({"instances": _rows(1)[1]}), content_type="application/json")
+    finally:
+        client.delete(buffer.REDIS_KEY)
+    assert response.status_code == 200
+    assert [r.payload["ids"] for r in PredictionOutbox.objects.all()] == [response.json()["prediction_ids"]]
+
+
 def test_every_answered_prediction_is_logged_once_and_feedback_attaches(serving: Client, personas: dict[str, Any],
                                                                         api_as: Any) -> None:
     columns, rows = _rows(4)

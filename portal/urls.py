@@ -6,7 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from monitoring import views as monitoring_views
 from portal import twofactor, views
-from registry.serving import urls as serving_urls
+from registry.serving import views as serving_views
 
 portal_patterns = (
     [
@@ -32,7 +32,7 @@ urlpatterns = [
     path("api/v1/", include("portal.api.urls")),
     path("api/v1/", include("registry.api.urls")),
     path("api/v1/", include("monitoring.api.urls")),
-    *serving_urls.urlpatterns,  # the scoring route; the lean scoring handler resolves with that module alone
+    path("api/v1/serve/<str:name>/<str:env>/invocations", serving_views.invocations, name="serve-invocations"),
     path("", include("registry.urls")),
     path("", include("monitoring.urls")),
     path("metrics", monitoring_views.prometheus_metrics, name="metrics"),

@@ -4,7 +4,7 @@
 lockouts (it authenticates bearer tokens itself). It is answered by ``registry.serving.wsgi.ScoringApplication``,
 which calls the scoring view's ``score`` without Django's request handler. What that application does not take (a
 query string, a redirect to HTTPS...) goes to a second Django handler built with only the request-id, security and
-security-header middleware, and a URL configuration holding only that route (``registry.serving.urls``).
+security-header middleware.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ LEAN_MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "portal.middleware.SecurityHeadersMiddleware",
 ]
-SCORING_URLCONF = "registry.serving.urls"
 
 
 class LeanHandler(WSGIHandler):
@@ -40,10 +39,6 @@ class LeanHandler(WSGIHandler):
             super().load_middleware(is_async)
         finally:
             settings.MIDDLEWARE = full
-
-    def resolve_request(self, request: Any) -> Any:
-        request.urlconf = SCORING_URLCONF
-        return super().resolve_request(request)
 
 
 _lean = LeanHandler()

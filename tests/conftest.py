@@ -129,32 +129,40 @@ class EntryPointClient(Client):
         self._django = ClientHandler(enforce_csrf_checks=False)
 
     def _handle(self, environ: dict[str, Any]) -> HttpResponse:
-        from django.core import signals
-        from django.db import close_old_connections
-
-        from portal.wsgi import application
         from registry.serving.wsgi import SCORING_PATH
 
         if not SCORING_PATH.match(environ["PATH_INFO"]):
             return self._django(environ)
-        captured: dict[str, Any] = {}
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-            captured["status"], captured["headers"] = status, headers
-
-        # As Django's ClientHandler does: the test's transaction must outlive the request's connection upkeep.
-        signals.request_started.disconnect(close_old_connections)
-        signals.request_finished.disconnect(close_old_connections)
-        try:
-            content = b"".join(application(environ, start_response))
-        finally:
-            signals.request_started.connect(close_old_connections)
-            signals.request_finished.connect(close_old_connections)
-        response = HttpResponse(content, status=int(captured["status"].split()[0]))
-        for key, value in captured["headers"]:
+        status, headers, content = call_entry_point(environ)
+        response = HttpResponse(content, status=int(status.split()[0]))
+        for key, value in headers:
             response[key] = value
         response.wsgi_request = None  # type: ignore[attr-defined]
         return response
+
+
+def call_entry_point(environ: dict[str, Any], app: Any = None) -> tuple[str, list[tuple[str, str]], bytes]:
+    """One request through ``app`` (default: the production entry point ``portal.wsgi.application``): its status
+    line, headers and body."""
+    from django.core import signals
+    from django.db import close_old_connections
+
+    from portal.wsgi import application
+
+    captured: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        captured["status"], captured["headers"] = status, headers
+
+    # As Django's ClientHandler does: the test's transaction must outlive the request's connection upkeep.
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        content = b"".join((app or application)(environ, start_response))
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
+    return captured["status"], captured["headers"], content
 
 
 def assert_error_shape(response: Any, status: int, code: str | None = None) -> dict[str, Any]:

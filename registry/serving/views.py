@@ -32,6 +32,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from portal import context
+from portal.api.errors import error_body
 from portal.authentication import BearerTokenAuthentication
 from portal.permissions import has_capability, scope_to_teams
 from registry.models import Environment, RegisteredModel
@@ -62,7 +63,7 @@ class Answer(NamedTuple):
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> Answer:
-    return Answer(status, orjson.dumps({"error": {"code": code, "message": message, "details": None}}), headers)
+    return Answer(status, orjson.dumps(error_body(code, message)), headers)
 
 
 def _authenticate(request: HttpRequest) -> tuple[Any, str] | None:

@@ -9,15 +9,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import assert_error_shape
+from tests.conftest import assert_error_shape, call_entry_point
 
 pytestmark = pytest.mark.django_db
 
 
 def _call(path: str, *, host: str = "localhost", body: bytes = b"{}", auth: str = "", query: str = "",
           request_id: str = "", forwarded_proto: str = "", app: Any = None) -> tuple[str, dict[str, str], bytes]:
-    from portal.wsgi import application
-
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SERVER_NAME": "localhost", "SERVER_PORT": "80",
                "HTTP_HOST": host, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
                "CONTENT_TYPE": "application/json", "wsgi.url_scheme": "http", "REMOTE_ADDR": "127.0.0.1",
@@ -26,13 +24,8 @@ def _call(path: str, *, host: str = "localhost", body: bytes = b"{}", auth: str 
                        ("HTTP_X_FORWARDED_PROTO", forwarded_proto)):
         if value:
             environ[key] = value
-    captured: dict[str, Any] = {}
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-        captured["status"], captured["headers"] = status, dict(headers)
-
-    content = b"".join((app or application)(environ, start_response))
-    return captured["status"], captured["headers"], content
+    status, headers, content = call_entry_point(environ, app)
+    return status, dict(headers), content
 
 
 def test_scoring_goes_through_the_lean_handler_with_ids_and_security_headers() -> None:
@@ -53,7 +46,8 @@ def test_other_paths_keep_the_full_stack() -> None:
 
 
 def test_an_unexpected_failure_on_the_lean_path_answers_the_contracts_json_500(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lean handler resolves with its own URL configuration; its error handlers must be the portal's."""
+    """An unexpected failure while scoring answers the contract's JSON 500 (the portal's handler500), not an HTML
+    page."""
     from registry.serving import views
 
     def broken(*_args: Any) -> Any:

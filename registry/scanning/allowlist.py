@@ -23,7 +23,35 @@ NUMPY_MODULES = ("numpy", "numpy.random", "numpy.dtypes", "numpy.random._mt19937
                  "numpy.random._philox", "numpy.random._sfc64", "numpy.random._generator", "numpy.random.mtrand",
                  "numpy.random.bit_generator")
 SKIP_PARTS = {"tests", "test", "testing", "conftest", "_build_utils", "externals", "__check_build", "benchmarks",
-              "experimental", "dask", "spark", "plotting"}
+              "experimental", "dask", "spark", "plotting",
+              # test helpers (sklearn.utils._testing.TempMemmap dumps data to temporary files) and mock estimators
+              "_testing", "_mocking",
+              # scipy.sparse.linalg's operators call the functions they hold when constructed (_init_dtype runs
+              # matvec); no model pickle holds one
+              "linalg"}
+# Classes that open, write or map files, open sockets, or call what they are given, with why. No model pickle names
+# them, and each is a gadget: numpy.memmap(path, mode="w+") plus SETITEMS writes chosen bytes to any path.
+GADGETS = {
+    "numpy:memmap": "opens, creates and writes the file it is given",
+    "numpy:vectorize": "calls the function it wraps",
+    "sklearn.utils.parallel:Parallel": "calling it runs the functions it is given",
+    "sklearn.utils.parallel:_FuncWrapper": "calling it runs the function it wraps",
+    "sklearn.datasets._base:RemoteFileMetadata": "names a file to download",
+    "lightgbm.basic:_TempFile": "creates temporary files",
+    "lightgbm.basic:Dataset": "reads a data file from a path",
+    "xgboost.core:DMatrix": "reads a data file from a path or URI",
+    "xgboost.core:QuantileDMatrix": "reads data through callbacks and cache files",
+    "xgboost.core:ExtMemQuantileDMatrix": "writes external-memory cache files",
+    "xgboost.core:DataIter": "writes cache files under a prefix it is given",
+    "xgboost.core:_ProxyDMatrix": "wraps native data handles",
+    "xgboost._data_utils:ArrowArray": "a ctypes structure of raw pointers",
+    "xgboost._data_utils:ArrowDeviceArray": "a ctypes structure of raw pointers",
+    "xgboost._data_utils:ArrowSchema": "a ctypes structure of raw pointers",
+    "xgboost.tracker:RabitTracker": "opens a listening socket",
+    "xgboost.federated:FederatedTracker": "starts a network server",
+    "xgboost.collective:CommunicatorContext": "joins a network communicator",
+    "xgboost.collective:Config": "configures a network communicator",
+}
 
 
 def _classes_in(module_name: str) -> set[str]:
@@ -66,7 +94,7 @@ def generate() -> list[str]:
                         pending.append((module.__path__, info.name))
     for module_name in NUMPY_MODULES:
         names |= _classes_in(module_name)
-    return sorted(names)
+    return sorted(names - set(GADGETS))
 
 
 @functools.lru_cache(maxsize=1)

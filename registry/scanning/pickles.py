@@ -34,14 +34,23 @@ SAFE_CALLABLES: frozenset[tuple[str, str]] = frozenset({
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
     ("numpy.random._pickle", "__generator_ctor"),
-    ("joblib.numpy_pickle", "NumpyArrayWrapper"), ("joblib.numpy_pickle_compat", "NDArrayWrapper"),
+    # Not joblib.numpy_pickle_compat.NDArrayWrapper: joblib calls np.load(its filename, allow_pickle=True).
+    ("joblib.numpy_pickle", "NumpyArrayWrapper"),
     ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csc", "csc_matrix"),
 })
 SAFE_CLASS_PACKAGES = ("sklearn", "xgboost", "lightgbm", "scipy.sparse", "numpy")
+# Model classes a pickle may rebuild (NEWOBJ, copyreg._reconstructor, then BUILD) but never construct (REDUCE, OBJ,
+# INST run __init__): Booster(model_file=path) reads any file on the host as a model.
+NO_CONSTRUCTOR: dict[str, str] = {
+    "lightgbm.basic.Booster": "its constructor reads a model file from a path",
+    "xgboost.core.Booster": "its constructor reads a model file from a path",
+}
 MAX_NESTING = 4
 
 
 class PickleRejected(Exception):
+    """``global_name`` is set when the stream names a global that is not allowed (a pickle, whatever else it is)."""
+
     def __init__(self, message: str, *, global_name: str | None = None) -> None:
         super().__init__(message)
         self.global_name = global_name
@@ -83,6 +92,13 @@ def check_global(module: str, name: str) -> None:
                              "(functions are never allowed)", global_name=qualified)
 
 
+def _check_constructor(func: Any) -> None:
+    if isinstance(func, _Global) and f"{func.module}.{func.name}" in NO_CONSTRUCTOR:
+        qualified = f"{func.module}.{func.name}"
+        raise PickleRejected(f"it calls the constructor of {qualified}, which model files never do "
+                             f"({NO_CONSTRUCTOR[qualified]})", global_name=qualified)
+
+
 class _Mark:
     pass
 
@@ -104,29 +120,110 @@ _UNKNOWN = object()
 _MARK = _Mark()
 
 
-def _joblib_wrapper_layout(state: Any) -> tuple[bool, int] | None:
-    """(has_object_dtype, byte count) of the raw data that follows a NumpyArrayWrapper, from its BUILD state."""
-    if not isinstance(state, dict):
-        return None
-    shape, dtype = state.get("shape"), state.get("dtype")
-    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise PickleRejected("a joblib array has a shape that is not a tuple of sizes")
-    if not (isinstance(dtype, _Call) and isinstance(dtype.func, _Global) and dtype.func.name == "dtype"
-            and isinstance(dtype.args, tuple) and dtype.args and isinstance(dtype.args[0], str)):
-        raise PickleRejected("a joblib array's element type cannot be read statically")
+# Element kinds whose bytes joblib reads as raw data: bool, integers, floats, complex, fixed-width bytes and text,
+# dates and durations. Nothing in them is a pointer, so nothing in them is unpickled.
+_RAW_KINDS = frozenset("biufcSUMm")
+
+
+def _static_dtype(value: Any, depth: int = 0) -> Any:
+    """The numpy dtype the unpickler would build from ``numpy.dtype(code, False, True)`` and its BUILD state, made
+    from statically known values only, or PickleRejected when any part of it is not known with certainty.
+
+    numpy's ``dtype.__setstate__`` decides what the dtype really is: its field list (a 'V8' can hold an object field)
+    and its flags (a 'f8' whose state sets the has-object flag is an object dtype to joblib). So the dtype is rebuilt
+    the same way, from plain strings, numbers and other statically rebuilt dtypes, and judged by the result."""
     import numpy as np
 
+    if depth > 8:
+        raise PickleRejected("a joblib array's element type is nested deeper than any model needs")
+    if not (isinstance(value, _Call) and isinstance(value.func, _Global)
+            and (value.func.module, value.func.name) == ("numpy", "dtype")
+            and isinstance(value.args, tuple) and value.args and isinstance(value.args[0], str)
+            and all(isinstance(a, bool) for a in value.args[1:])):
+        raise PickleRejected("a joblib array's element type cannot be read statically")
     try:
-        code = dtype.args[0]
-        if isinstance(dtype.state, tuple) and len(dtype.state) > 1 and dtype.state[1] in "<>|=":
-            code = (dtype.state[1] if dtype.state[1] != "|" else "") + code
-        np_dtype = np.dtype(code)
+        dtype: Any = np.dtype(*value.args)
     except (TypeError, ValueError):
-        raise PickleRejected(f"a joblib array has an unknown element type {dtype.args[0]!r}") from None
+        raise PickleRejected(f"a joblib array has an unknown element type {value.args[0]!r}") from None
+    state = value.state
+    if state is None:
+        return dtype
+    if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+            and state[1] in ("<", ">", "|", "=") and all(isinstance(x, int) for x in state[5:8])):
+        raise PickleRejected(f"a joblib array's element type {value.args[0]!r} has a state the scanner cannot read")
+    subarray, names, fields = state[2], state[3], state[4]
+    if subarray is not None:
+        if not (isinstance(subarray, tuple) and len(subarray) == 2 and isinstance(subarray[1], tuple)
+                and all(isinstance(d, int) for d in subarray[1])):
+            raise PickleRejected("a joblib array's element type has a sub-array the scanner cannot read")
+        subarray = (_static_dtype(subarray[0], depth + 1), subarray[1])
+    if names is not None or fields is not None:
+        if not (isinstance(names, tuple) and all(isinstance(n, str) for n in names) and isinstance(fields, dict)
+                and set(fields) == set(names)):
+            raise PickleRejected("a joblib array's structured element type has fields the scanner cannot read")
+        rebuilt = {}
+        for n in names:
+            spec = fields[n]
+            if not (isinstance(spec, tuple) and len(spec) in (2, 3) and isinstance(spec[1], int)
+                    and (len(spec) == 2 or isinstance(spec[2], str | None))):
+                raise PickleRejected(f"a joblib array's field {n!r} has a layout the scanner cannot read")
+            rebuilt[n] = (_static_dtype(spec[0], depth + 1), *spec[1:])
+        fields = rebuilt
+    metadata = state[8] if len(state) == 9 else None
+    if metadata is not None:
+        raise PickleRejected("a joblib array's element type carries metadata, which model files do not need")
+    try:
+        dtype.__setstate__((state[0], state[1], subarray, names, fields, *state[5:8]))
+    except (TypeError, ValueError, KeyError):
+        raise PickleRejected(f"a joblib array's element type {value.args[0]!r} has an invalid state") from None
+    return dtype
+
+
+def _raw_safe(dtype: Any) -> bool:
+    """True when every byte of an element of ``dtype`` is plain data (recursing into fields and sub-arrays)."""
+    if dtype.hasobject:
+        return False
+    if dtype.subdtype is not None:
+        return _raw_safe(dtype.subdtype[0])
+    if dtype.fields is not None:
+        return all(_raw_safe(spec[0]) for spec in dtype.fields.values())
+    return dtype.kind in _RAW_KINDS
+
+
+def _joblib_wrapper_layout(state: Any) -> tuple[bool, int] | None:
+    """(has_object_dtype, byte count) of the raw data that follows a NumpyArrayWrapper, from its BUILD state.
+
+    Raw bytes are skipped only for element types known with certainty to hold plain data; an object type (by code,
+    field or flag) means joblib unpickles what follows, so it is scanned; anything else is refused."""
+    if not isinstance(state, dict):
+        return None
+    shape = state.get("shape")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise PickleRejected("a joblib array has a shape that is not a tuple of sizes")
+    dtype = _static_dtype(state.get("dtype"))
     count = 1
     for d in shape:
         count *= d
-    return np_dtype.hasobject, count * np_dtype.itemsize
+    if dtype.hasobject:
+        return True, 0
+    if not _raw_safe(dtype):
+        raise PickleRejected(f"a joblib array has the element type {dtype.str!r} ({dtype.kind!r} kind), whose "
+                             "bytes the scanner cannot vouch for as plain numbers; save the model with plain "
+                             "numeric arrays")
+    return False, count * dtype.itemsize
+
+
+def _is_array_wrapper(obj: Any) -> bool:
+    """Whether joblib's unpickler would take ``obj`` for a NumpyArrayWrapper and read array data after its BUILD:
+    made by NEWOBJ/REDUCE/OBJ/INST on the class, or by copyreg._reconstructor(NumpyArrayWrapper, ...)."""
+    if not isinstance(obj, _Call) or not isinstance(obj.func, _Global):
+        return False
+    if obj.func.name == "NumpyArrayWrapper":
+        return True
+    if obj.func.name == "_reconstructor" and isinstance(obj.args, tuple) and obj.args:
+        cls = obj.args[0]
+        return isinstance(cls, _Global) and cls.name == "NumpyArrayWrapper"
+    return False
 
 
 def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport | None = None,
@@ -178,8 +275,8 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
                 check_global(module, attr)
                 report.globals_seen.add(f"{module}.{attr}")
                 if name == "INST":
-                    pop_mark()
-                    stack.append(_UNKNOWN)
+                    _check_constructor(_Global(module, attr))
+                    stack.append(_Call(_Global(module, attr), tuple(pop_mark())))
                 else:
                     stack.append(_Global(module, attr))
             elif name == "STACK_GLOBAL":
@@ -196,21 +293,29 @@ def scan_pickle(stream: IO[bytes], *, joblib: bool = False, report: PickleReport
                 raise PickleRejected("it imports through the copyreg extension registry, which hides the name")
             elif name in ("REDUCE", "NEWOBJ"):
                 args, func = pop(), pop()
+                if name == "REDUCE":
+                    _check_constructor(func)
                 stack.append(_Call(func, args))
             elif name == "NEWOBJ_EX":
                 _kwargs, args, func = pop(), pop(), pop()
                 stack.append(_Call(func, args))
             elif name == "OBJ":
                 items = pop_mark()
+                if items:
+                    _check_constructor(items[0])
                 stack.append(_Call(items[0] if items else _UNKNOWN, tuple(items[1:])))
             elif name == "BUILD":
                 state = pop()
                 obj = top()
-                if isinstance(obj, _Call):
+                if joblib and _is_array_wrapper(obj):
+                    _check_wrapper_construction(obj)
                     obj.state = state
-                    func = obj.func
-                    if (joblib and isinstance(func, _Global) and func.name == "NumpyArrayWrapper"):
-                        _skip_joblib_array(stream, state, report, depth, size_limit)
+                    _skip_joblib_array(stream, state, report, depth, size_limit)
+                elif isinstance(obj, _Call):
+                    obj.state = state
+                elif joblib and obj is _UNKNOWN:
+                    raise PickleRejected("it sets the state of an object the scanner cannot identify, which in a "
+                                         "joblib file could be an array wrapper whose data it would then misread")
             elif name in ("GET", "BINGET", "LONG_BINGET"):
                 stack.append(memo.get(int(arg or 0), _UNKNOWN))
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
@@ -289,6 +394,19 @@ def _pairs_to_dict(items: list[Any]) -> dict[Any, Any]:
         if _hashable(k):
             result[k] = v
     return result
+
+
+def _check_wrapper_construction(obj: _Call) -> None:
+    """joblib makes its wrappers without constructor arguments and sets their state once. Constructor arguments or
+    a second BUILD would give the wrapper attributes (an alignment, a dtype) that its BUILD state does not show."""
+    if obj.state is not None:
+        raise PickleRejected("it sets the state of a joblib array wrapper twice")
+    constructed_bare = obj.args == () or (
+        isinstance(obj.func, _Global) and obj.func.name == "_reconstructor" and isinstance(obj.args, tuple)
+        and len(obj.args) == 3 and isinstance(obj.args[1], _Global)
+        and (obj.args[1].module, obj.args[1].name) == ("builtins", "object") and obj.args[2] is None)
+    if not constructed_bare:
+        raise PickleRejected("it builds a joblib array wrapper with constructor arguments, which joblib never does")
 
 
 def _skip_joblib_array(stream: IO[bytes], state: Any, report: PickleReport, depth: int,

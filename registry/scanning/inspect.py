@@ -4,6 +4,7 @@ may be kept. Every member of an archive is judged by its content, never by its n
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -18,8 +19,19 @@ from registry.scanning.archive import extract_zip
 from registry.scanning.findings import Finding, UploadRejected
 from registry.scanning.pickles import PickleRejected, scan_pickle
 
-CODE_SUFFIXES = {".py", ".pyc", ".pyo", ".so", ".dll", ".dylib", ".pyd", ".sh", ".exe"}
+# .pth: a path hook (site runs its import lines); .egg and .whl: zips Python imports from when on sys.path.
+CODE_SUFFIXES = {".py", ".pyc", ".pyo", ".so", ".dll", ".dylib", ".pyd", ".sh", ".exe", ".pth", ".egg", ".whl"}
 MAX_METADATA_BYTES = 5 * 1024 * 1024
+# Flavor configuration keys naming the file (or folder) a flavor loads as the model; MLflow's sklearn, pyfunc and
+# lightgbm flavors load these with pickle or cloudpickle.
+MODEL_FILE_KEYS = ("pickled_model", "model_path", "data", "python_model", "model_data", "model_file")
+# What a named model file may be besides a pickle the scanner passes, a skops zip or an ONNX graph: XGBoost's JSON
+# and UBJSON models start with '{', LightGBM's text model with 'tree\n'. No unpickler can start on either: '{' is no
+# opcode and 't' (TUPLE) needs a MARK first.
+NATIVE_MODEL_HEADS = (b"{", b"tree\n")
+LOADER_MODULE = re.compile(r"mlflow(\.[A-Za-z_][A-Za-z0-9_]*)+")
+_EOCD = b"PK\x05\x06"
+_IMPORTABLE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 @dataclass
@@ -79,9 +91,47 @@ def _check_onnx(path: Path, label: str, *, root: Path | None) -> dict[str, Any]:
     return result.data
 
 
+def _hides_a_zip(path: Path) -> bool:
+    """Whether a zip's end-of-central-directory record appears anywhere in the file: zipimport finds an archive from
+    its end, so text with a zip appended is an importable archive once its path is on sys.path."""
+    tail = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            if _EOCD in tail + chunk:
+                return True
+            tail = chunk[-(len(_EOCD) - 1):]
+    return False
+
+
+def _scan_as_pickle(path: Path, label: str, why: str) -> list[Finding]:
+    """Scan content that sniffing could not classify as a format the portal checks: it must be a clean pickle."""
+    try:
+        with open(path, "rb") as fh:
+            report = scan_pickle(fh, joblib=True, size_limit=path.stat().st_size)
+    except PickleRejected as exc:
+        raise _block("unsafe_pickle", f"{label}: {why}, so it must be a pickle the scanner passes, and it is "
+                                      f"not: {exc}.", label) from None
+    return [Finding("info", "pickle_scanned", f"{label}: scanned as a pickle, {len(report.globals_seen)} allowed "
+                                              f"imports.", label)]
+
+
+def _probe_text(path: Path, label: str) -> list[Finding]:
+    """Text can be a protocol 0 pickle. Text that names a forbidden, importable global in pickle form is refused;
+    text that is simply not a pickle (YAML, JSON, CSV) fails at its first opcodes, or names no importable module
+    ('channels:' reads as GLOBAL 'hannels:'), and is kept."""
+    try:
+        with open(path, "rb") as fh:
+            scan_pickle(fh, joblib=True, size_limit=path.stat().st_size)
+    except PickleRejected as exc:
+        if exc.global_name is not None and _IMPORTABLE.fullmatch(exc.global_name):
+            raise _block("unsafe_pickle", f"{label}: this text is a pickle, refused because {exc}.", label) from None
+    return []
+
+
 def _judge_file(path: Path, label: str, *, root: Path | None, limit: int, work: Path,
-                untrusted: list[str], depth: int = 0) -> list[Finding]:
-    """Judge one file (or archive member) by its content."""
+                untrusted: list[str], depth: int = 0, model_file: str = "") -> list[Finding]:
+    """Judge one file (or archive member) by its content. ``model_file`` names the MLmodel key that makes the file
+    one a flavor loads as its model (MLflow unpickles it whatever its first bytes)."""
     suffix = path.suffix.lower()
     if suffix in CODE_SUFFIXES:
         raise _block("code_in_archive", f"{label}: the portal accepts serialized models, not code files.", label)
@@ -107,11 +157,24 @@ def _judge_file(path: Path, label: str, *, root: Path | None, limit: int, work: 
             findings += _judge_file(f, f"{label}/{f.relative_to(inner)}", root=inner, limit=limit, work=work,
                                     untrusted=untrusted, depth=depth + 1)
         return findings
-    if kind == detect.ONNX and suffix == ".onnx":
+    if kind == detect.ONNX:
         _check_onnx(path, label, root=root)
         return [Finding("info", "onnx_checked", f"{label}: ONNX graph checked in the sandbox.", label)]
     if suffix in (".pkl", ".pickle", ".joblib", ".skops", ".onnx"):
         raise _block("content_mismatch", f"{label}: named {suffix} but its content is {kind}.", label)
+    if kind in (detect.TEXT, detect.UNKNOWN) and _hides_a_zip(path):
+        raise _block("hidden_zip", f"{label}: a zip archive is hidden inside this {kind} file; Python imports "
+                                   "modules from such a file once its path is on sys.path. Remove it.", label)
+    if model_file:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if head.startswith(NATIVE_MODEL_HEADS):
+            return [Finding("info", "native_model", f"{label}: a native XGBoost or LightGBM model file.", label)]
+        return _scan_as_pickle(path, label, f"MLmodel names it as the model ({model_file}), which MLflow unpickles")
+    if kind == detect.UNKNOWN:
+        return _scan_as_pickle(path, label, "its content is no format the portal recognises")
+    if kind == detect.TEXT:
+        return _probe_text(path, label)
     return []
 
 
@@ -130,6 +193,71 @@ def _load_mlmodel(root: Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(meta, dict) or not isinstance(meta.get("flavors"), dict):
         raise _block("bad_mlmodel", "MLmodel has no flavors section.", "MLmodel")
     return mlmodel.parent, meta
+
+
+def _inside(root: Path, base: Path, rel: Any) -> Path | None:
+    if not isinstance(rel, str) or not rel.strip():
+        return None
+    target = (base / rel).resolve()
+    return target if target == root.resolve() or root.resolve() in target.parents else None
+
+
+def _files_at(target: Path) -> list[Path]:
+    if target.is_file():
+        return [target]
+    return sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else []
+
+
+def _mlmodel_rules(root: Path, model_dir: Path, meta: dict[str, Any]) -> dict[Path, str]:
+    """Apply MLmodel's own rules: refuse code (``code`` paths, which MLflow puts first on sys.path, and loader
+    modules outside MLflow's flavors), and return the files each flavor loads as its model, by the key naming them.
+
+    The portal holds no trust flow for code (only for skops types), so a model carrying code is refused."""
+    findings: list[Finding] = []
+    model_files: dict[Path, str] = {}
+    for flavor, conf in meta["flavors"].items():
+        if not isinstance(conf, dict):
+            continue
+        loader = conf.get("loader_module")
+        if loader is not None and not (isinstance(loader, str) and LOADER_MODULE.fullmatch(loader)):
+            findings.append(Finding("block", "loader_module",
+                                    f"MLmodel's {flavor} flavor has loader_module {loader!r}, which is not one of "
+                                    "MLflow's own flavor modules (mlflow.*); MLflow would import it to load the "
+                                    "model. Save the model with a built-in flavor.", "MLmodel"))
+        for key in ("code", "code_paths"):
+            value = conf.get(key)
+            if not value:
+                continue
+            paths = value if isinstance(value, list) else [value]
+            named = []
+            for rel in paths:
+                target = _inside(root, model_dir, rel)
+                for f in _files_at(target) if target else []:
+                    member = str(f.relative_to(root))
+                    if f.suffix.lower() in (".zip", ".egg", ".whl") or _hides_a_zip(f):
+                        findings.append(Finding("block", "hidden_zip",
+                                                f"{member}: a code path holds a zip archive; Python imports modules "
+                                                "from it once the path is on sys.path.", member))
+                named.append(str(rel))
+            findings.append(Finding("block", "code_in_archive",
+                                    f"MLmodel's {flavor} flavor names code ({key}: {', '.join(named)}), which MLflow "
+                                    "puts on sys.path and imports from; the portal accepts serialized models, not "
+                                    "code.", "MLmodel"))
+        refs: list[tuple[str, Any]] = [(key, conf.get(key)) for key in MODEL_FILE_KEYS]
+        artifacts = conf.get("artifacts")
+        if isinstance(artifacts, dict):
+            refs += [("artifacts", a.get("path")) for a in artifacts.values() if isinstance(a, dict)]
+        for key, rel in refs:
+            target = _inside(root, model_dir, rel)
+            if target is None and isinstance(rel, str) and rel.strip():
+                findings.append(Finding("block", "unsafe_path", f"MLmodel's {flavor} flavor names {rel!r} as {key}, "
+                                                                "which is outside the model.", "MLmodel"))
+            for f in _files_at(target) if target else []:
+                model_files.setdefault(f, f"{flavor}.{key}")
+    blocking = [f for f in findings if f.severity == "block"]
+    if blocking:
+        raise UploadRejected(blocking)
+    return model_files
 
 
 def _mlflow_signature(meta: dict[str, Any]) -> dict[str, Any]:
@@ -183,11 +311,12 @@ def inspect_upload(path: Path, original_name: str) -> Inspection:
                 return Inspection(format="skops", flavors=["sklearn"], untrusted_types=_skops_untrusted(path, ""),
                                   findings=[Finding("info", "skops_scanned", "skops schema read.")])
             model_dir, meta = _load_mlmodel(root)
+            model_files = _mlmodel_rules(root, model_dir, meta)
             untrusted: list[str] = []
             findings: list[Finding] = []
             for f in files:
                 findings += _judge_file(f, str(f.relative_to(root)), root=root, limit=limit, work=work,
-                                        untrusted=untrusted, depth=1)
+                                        untrusted=untrusted, depth=1, model_file=model_files.get(f.resolve(), ""))
             flavors = sorted(meta["flavors"])
             return Inspection(
                 format="mlflow", flavors=flavors, signature=_mlflow_signature(meta),

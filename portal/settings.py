@@ -409,6 +409,13 @@ PORTAL_PREDICTION_BUFFER_URL = env_url(
 PORTAL_SUBJECT_HASH_KEY = env_optional("PORTAL_SUBJECT_HASH_KEY") or hashlib.sha256(
     ("subject-hash:" + SECRET_KEY).encode()).hexdigest()
 PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
+# Without a working sandbox, /readyz fails unless this is off (hosts that serve only ONNX models).
+PORTAL_SANDBOX_REQUIRED = env_bool("PORTAL_SANDBOX_REQUIRED", True)
+PORTAL_SANDBOX_TMP_MB = env_int("PORTAL_SANDBOX_TMP_MB", 1024, minimum=16)  # the sandbox's private /tmp
+# Model hosts: sandboxed processes that serve artifacts whose loaders run code (registry/sandbox/hosts.py).
+PORTAL_MODEL_HOSTS_PER_PROCESS = env_int("PORTAL_MODEL_HOSTS_PER_PROCESS", 8, minimum=1)
+PORTAL_MODEL_HOST_IDLE_SECONDS = env_int("PORTAL_MODEL_HOST_IDLE_SECONDS", 900, minimum=10)
+PORTAL_MODEL_HOST_TIMEOUT_SECONDS = env_int("PORTAL_MODEL_HOST_TIMEOUT_SECONDS", 30, minimum=1)
 # Batch scoring: chunk sizes (CSV by bytes, Parquet by rows), the share of bad rows a job tolerates, when a chunk
 # whose worker went silent is handed out again, and whether batch predictions join the prediction log.
 PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 16, minimum=1, maximum=1024) * 1024 * 1024

@@ -306,13 +306,27 @@ def _check_broker() -> str | None:
     return None
 
 
+def _check_sandbox() -> str | None:
+    """The model sandbox (bubblewrap): without it no pickle, joblib, skops or MLflow model is loaded here."""
+    from registry.sandbox import bwrap
+
+    reason = bwrap.probe()
+    return f"sandbox: {reason}" if reason else None
+
+
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
+    sandbox = _check_sandbox()
     problems = [p for p in (_check_database(), _check_broker()) if p]
+    if sandbox and settings.PORTAL_SANDBOX_REQUIRED:
+        problems.append(sandbox)
     body = {"status": "ok" if not problems else "unavailable", "checks": {
         "database": "ok" if not any(p.startswith("database") for p in problems) else "failing",
         "broker": "ok" if not any(p.startswith("broker") for p in problems) else "failing",
+        "sandbox": "ok" if not sandbox else "failing" if settings.PORTAL_SANDBOX_REQUIRED else "unavailable",
     }}
+    if sandbox:
+        body["sandbox"] = sandbox.removeprefix("sandbox: ")
     if problems:
         logger.warning("readiness check failed: %s", "; ".join(problems))
         return JsonResponse(body, status=503)

@@ -8,6 +8,8 @@ class RegistryConfig(AppConfig):
     verbose_name = "Model registry"
 
     def ready(self) -> None:
+        from registry import checks  # noqa: F401 - registers the sandbox's start-up check
+
         from portal.management.commands.seed_demo import SEED_HOOKS
         from registry.demo import seed
 

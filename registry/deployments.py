@@ -153,28 +153,82 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
         else:
             path = work / f"model.{version.format}"
             path.symlink_to(artifact)
-        output = work / "serving.onnx"
+        out = work / "out"
+        out.mkdir()
+        output = out / "serving.onnx"
         trusted = version.untrusted_types if version.trust_state == TrustState.TRUSTED else []
-        result = sandbox.prepare_serving(version.format, path, {"columns": columns, "rows": rows,
-                                                                "output": str(output), "trusted_types": trusted})
+        try:
+            result = sandbox.prepare_serving(version.format, path, {"columns": columns, "rows": rows,
+                                                                    "trusted_types": trusted}, out=out)
+        except sandbox.SandboxUnavailable as exc:
+            raise DeploymentFailed(f"the model sandbox is unavailable on this worker: {exc}") from None
     if not result.ok:
         raise DeploymentFailed(f"preparing the serving form failed: {result.error}")
-    if result.data.get("kind") == "onnx" and output.exists():
+    if result.data.get("kind") == "onnx" and output.is_file() and not output.is_symlink():
+        problems = onnx_serving_problems(output)
+        if problems:
+            raise DeploymentFailed("the sandbox's ONNX form cannot serve in-process: " + "; ".join(problems))
         return "onnx", storage.blob_put_path(output)
     _step(deployment, 45, f"Serving natively: {result.data.get('reason', 'no ONNX form')}.")
     return "native", None
+
+
+ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def onnx_serving_problems(path: Path) -> list[str]:
+    """An ONNX file written by a sandbox is data from an untrusted process: before a web worker loads it, its graph
+    may use only onnxruntime's built-in operator sets and keep every tensor inside the file (an external-data
+    location would make onnxruntime read another file of the web worker's)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a malformed protobuf of any kind
+        return [f"not a readable ONNX model ({type(exc).__name__})"]
+    problems = []
+    domains = {op.domain for op in model.opset_import} | {node.domain for node in model.graph.node}
+    for function in model.functions:
+        domains |= {node.domain for node in function.node}
+    unknown = sorted(domains - ONNX_DOMAINS)
+    if unknown:
+        problems.append("operators from custom domains " + ", ".join(repr(d) for d in unknown[:5]))
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        if any(uses_external_data(t) for t in graph.initializer):
+            problems.append("a tensor keeps its data in another file")
+            break
+        for node in graph.node:
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.HasField("g") else [])
+                graphs.extend(attribute.graphs)
+                tensors = ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+                if any(uses_external_data(t) for t in tensors):
+                    problems.append("a tensor keeps its data in another file")
+                    graphs.clear()
+                    break
+    return problems
 
 
 def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
     """Load the serving form as a web worker will, and check the input example's output against the signature."""
     from registry.serving.runtime import load_serving_model
 
+    from registry.sandbox.hosts import HostModelError, HostUnavailable
+
     version = deployment.version
     loaded = load_serving_model(version=version, kind=kind, blob=blob)
     columns, rows = _example_rows(version)
     import numpy as np
 
-    predictions = loaded.predict(np.asarray(rows, dtype="float64"), columns)
+    try:
+        predictions = loaded.predict(np.asarray(rows, dtype="float64"), columns)
+    except (HostUnavailable, HostModelError) as exc:
+        raise DeploymentFailed(f"the model host could not answer the input example: {exc}") from None
+    finally:
+        loaded.close()
     if len(predictions) != len(rows):
         raise DeploymentFailed(f"{len(rows)} example rows gave {len(predictions)} predictions")
     expected = (version.sandbox_report or {}).get("predictions")

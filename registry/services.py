@@ -308,9 +308,6 @@ def version_scan(*, version_id: int) -> ModelVersion:
             result = sandbox.smoke_test(fmt, target, options)
             report = {"ok": result.ok, "isolated_network": result.isolated_network,
                       **{k: v for k, v in result.data.items() if k != "ok"}}
-            if not result.isolated_network:
-                findings.append(Finding("info", "no_network_isolation",
-                                        "This host cannot give the sandbox its own network namespace."))
             if not result.ok:
                 problems.append(f"the model could not be loaded and run in the sandbox: {result.error}")
                 if result.stderr_tail:
@@ -326,6 +323,14 @@ def version_scan(*, version_id: int) -> ModelVersion:
                     problems.append("columns marked sensitive are not inputs of the model: " + ", ".join(unknown))
                 if example is None:
                     example = result.data.get("example")
+    except sandbox.SandboxUnavailable as exc:
+        # Not the model's fault: it stays scanning (nothing is lost) and says why; a worker with a sandbox can
+        # check it later (the scan task is idempotent).
+        logger.error("Version %s not checked: the model sandbox is unavailable (%s)", version.pk, exc)
+        ModelVersion.objects.filter(pk=version.pk, status=VersionStatus.SCANNING).update(
+            status_detail=f"Waiting: the model sandbox is unavailable on the scan worker ({exc})."[:1000])
+        version.refresh_from_db()
+        return version
     except storage.IntegrityError as exc:
         problems.append(str(exc))
     except UploadRejected as exc:

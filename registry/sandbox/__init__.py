@@ -1,21 +1,19 @@
-"""Run untrusted model files in a separate, locked-down process and take back data only (JSON).
+"""Run untrusted model files in a bubblewrap sandbox and take back data only (JSON).
 
-The child gets a scrubbed environment (no secrets, no database or broker URLs), a private working folder, a new
-network namespace where the system allows it (``unshare --net``), resource limits (address space, CPU time, file
-size, open files, no core dumps) and a wall-clock timeout. The web and worker processes never unpickle or load a
-model themselves.
+Every load of an artifact whose loader can run code (pickle, joblib, cloudpickle, MLflow pyfunc, skops, anything
+with a ``code:`` path), and every parse of an uploaded ONNX graph, happens in a process built by ``bwrap.command``:
+its own namespaces, uid 65534, the system and Python read-only, only that artifact bound, a private ``/tmp``, no
+``var/``, no secrets, no network, no child processes, resource limits. One-shot checks (``run``) go through this
+module; serving goes through long-lived hosts (``hosts``). Where bubblewrap cannot run, nothing is loaded: the
+check answers why (``bwrap.probe``), start-up warns or fails (``registry.checks``) and ``/readyz`` says so.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import resource
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,14 @@ from typing import Any
 
 from django.conf import settings
 
-CHILD = Path(__file__).with_name("child.py")
+from registry.sandbox import bwrap
+from registry.sandbox.bwrap import SandboxUnavailable
+
+__all__ = ["SandboxResult", "SandboxUnavailable", "inspect_onnx", "prepare_serving", "run", "skops_types",
+           "smoke_test", "unavailable_reason"]
+
+OUTPUT_TAIL_BYTES = 256 * 1024
+MAX_FILE_BYTES = 1024 * 1024 * 1024  # the largest file a sandbox may write (its converted ONNX form)
 
 
 @dataclass
@@ -31,89 +36,101 @@ class SandboxResult:
     ok: bool
     data: dict[str, Any] = field(default_factory=dict)
     error: str = ""
-    isolated_network: bool = False
+    isolated_network: bool = True
     stderr_tail: str = ""
 
 
-@functools.lru_cache(maxsize=1)
-def network_isolation_available() -> bool:
-    unshare = shutil.which("unshare")
-    if not unshare:
-        return False
-    try:
-        return subprocess.run([unshare, "--net", "--", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+def unavailable_reason() -> str | None:
+    return bwrap.probe()
 
 
-def _limits(memory_bytes: int, cpu_seconds: int) -> None:
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024 * 1024, 512 * 1024 * 1024))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _tail(handle: Any) -> bytes:
+    handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, handle.tell() - OUTPUT_TAIL_BYTES))
+    return handle.read()
 
 
-def run(args: list[str], *, timeout: int | None = None, memory_mb: int | None = None) -> SandboxResult:
+def run(argv: list[str], mounts: bwrap.Mounts, *, timeout: int | None = None,
+        memory_mb: int | None = None) -> SandboxResult:
+    """Run ``child.py`` once in the sandbox. Raises ``SandboxUnavailable`` where no sandbox can start: the caller
+    must then leave the artifact unloaded, never load it some other way."""
+    reason = bwrap.probe()
+    if reason:
+        raise SandboxUnavailable(reason)
     timeout = timeout or settings.PORTAL_SANDBOX_TIMEOUT_SECONDS
     memory = (memory_mb or settings.PORTAL_SANDBOX_MEMORY_MB) * 1024 * 1024
-    isolated = network_isolation_available()
-    with tempfile.TemporaryDirectory(prefix="sandbox-", dir=settings.VAR_DIR / "tmp") as home:
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": home,
-            "TMPDIR": home,
-            "LANG": "C.UTF-8",
-            "MLFLOW_DISABLE_TELEMETRY": "1",
-            "DO_NOT_TRACK": "1",
-            "HF_HUB_OFFLINE": "1",
-            "MLFLOW_TRACKING_URI": f"file://{home}/mlruns",
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-        command = [sys.executable, "-I", str(CHILD), *args]
-        if isolated:
-            command = [shutil.which("unshare") or "unshare", "--net", "--", *command]
+    limits = f"{memory},{timeout},{MAX_FILE_BYTES},256"
+    seccomp = bwrap.seccomp_file()
+    tmp_root = Path(settings.VAR_DIR) / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    # Output goes to files, not pipes: a model that prints gigabytes fills at most RLIMIT_FSIZE of disk, and only
+    # the tail is read back.
+    with tempfile.TemporaryFile(dir=tmp_root) as out, tempfile.TemporaryFile(dir=tmp_root) as err:
         try:
-            proc = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    preexec_fn=functools.partial(_limits, memory, timeout))
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                return SandboxResult(False, error=f"loading the model took longer than {timeout} s",
-                                     isolated_network=isolated)
+            command = bwrap.command(["--limits", limits, *argv], mounts, seccomp_fd=seccomp,
+                                    tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
+            proc = subprocess.Popen(command, env=bwrap.environment(), cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, start_new_session=True,
+                                    pass_fds=(seccomp,) if seccomp is not None else ())
         except OSError as exc:
-            return SandboxResult(False, error=f"the sandbox could not start ({exc.strerror})", isolated_network=isolated)
-    stderr_tail = err.decode("utf-8", "replace")[-2000:]
-    lines = [line for line in out.decode("utf-8", "replace").splitlines() if line.strip()]
+            return SandboxResult(False, error=f"the sandbox could not start ({exc.strerror or exc})")
+        finally:
+            if seccomp is not None:
+                os.close(seccomp)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return SandboxResult(False, error=f"loading the model took longer than {timeout} s")
+        stdout, stderr = _tail(out), _tail(err)
+    stderr_tail = stderr.decode("utf-8", "replace")[-2000:]
+    lines = [line for line in stdout.decode("utf-8", "replace").splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        return SandboxResult(False, error=f"the sandboxed load crashed ({why})", isolated_network=isolated,
-                             stderr_tail=stderr_tail)
+        return SandboxResult(False, error=f"the sandboxed load crashed ({why})", stderr_tail=stderr_tail)
     try:
         data = json.loads(lines[-1])
     except json.JSONDecodeError:
         return SandboxResult(False, error="the sandbox answered something that is not a report",
-                             isolated_network=isolated, stderr_tail=stderr_tail)
-    return SandboxResult(bool(data.get("ok")), data=data, error=str(data.get("error") or ""),
-                         isolated_network=isolated, stderr_tail=stderr_tail)
+                             stderr_tail=stderr_tail)
+    if not isinstance(data, dict):
+        return SandboxResult(False, error="the sandbox answered something that is not a report",
+                             stderr_tail=stderr_tail)
+    return SandboxResult(bool(data.get("ok")), data=data, error=str(data.get("error") or "")[:2000],
+                         stderr_tail=stderr_tail)
+
+
+def _model(path: Path) -> bwrap.Mounts:
+    return bwrap.Mounts(model=path, model_name=path.name)
+
+
+def _checked_at_upload(mode: str, path: Path) -> SandboxResult:
+    """The checks an upload waits for: without a sandbox they fail, saying why, and the upload is refused."""
+    mounts = _model(path)
+    try:
+        return run([mode, mounts.inside_model()], mounts, timeout=60, memory_mb=2048)
+    except SandboxUnavailable as exc:
+        return SandboxResult(False, error=f"the model sandbox is unavailable on this server: {exc}")
 
 
 def inspect_onnx(path: Path) -> SandboxResult:
-    return run(["inspect-onnx", str(path)], timeout=60, memory_mb=2048)
+    return _checked_at_upload("inspect-onnx", path)
 
 
 def skops_types(path: Path) -> SandboxResult:
-    return run(["skops-types", str(path)], timeout=60, memory_mb=2048)
+    return _checked_at_upload("skops-types", path)
 
 
-def prepare_serving(fmt: str, path: Path, options: dict[str, Any]) -> SandboxResult:
-    return run(["prepare-serving", fmt, str(path), json.dumps(options)])
+def prepare_serving(fmt: str, path: Path, options: dict[str, Any], *, out: Path) -> SandboxResult:
+    """Convert to ONNX where that predicts like the model; the sandbox writes ``serving.onnx`` into ``out`` (an
+    empty folder, the only place it may write outside its ``/tmp``)."""
+    mounts = _model(path)
+    mounts.out = out
+    return run(["prepare-serving", fmt, mounts.inside_model(),
+                json.dumps({**options, "output": f"{bwrap.INSIDE_OUT}/serving.onnx"})], mounts)
 
 
 def smoke_test(fmt: str, path: Path, options: dict[str, Any]) -> SandboxResult:
-    return run(["smoke", fmt, str(path), json.dumps(options)])
+    mounts = _model(path)
+    return run(["smoke", fmt, mounts.inside_model(), json.dumps(options)], mounts)

@@ -1,10 +1,18 @@
-"""The program that runs inside the sandbox. It never imports Django or the portal, and it has no secrets.
+"""The program that runs inside the sandbox (see ``bwrap.py``). It never imports Django or the portal, and it has
+no secrets to give away: it sees the system, Python, and the one artifact bound at ``/model``.
 
-    python -I child.py inspect-onnx PATH
-    python -I child.py skops-types PATH
-    python -I child.py smoke FORMAT PATH OPTIONS_JSON
+    python -I child.py --limits AS,CPU,FSIZE,NOFILE inspect-onnx PATH
+    python -I child.py --limits ... skops-types PATH
+    python -I child.py --limits ... smoke FORMAT PATH OPTIONS_JSON
+    python -I child.py --limits ... prepare-serving FORMAT PATH OPTIONS_JSON
+    python -I child.py --limits ... host FORMAT PATH OPTIONS_JSON
+    python -I child.py probe
 
-It prints one JSON object on its last line of stdout: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+One-shot modes print one JSON object on their last line of stdout: ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``. ``host`` loads the model once and then answers frames on its standard input
+(a Unix socket): each frame is a 4-byte big-endian length, a JSON header of that length, and, when the header says
+``nbytes``, that many raw bytes (a C-ordered float64 matrix of ``shape``). Answers are frames with a JSON header
+only. The limits are set before anything reads the artifact, and cannot be raised again from inside.
 """
 
 from __future__ import annotations
@@ -12,12 +20,47 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
+import struct
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, BinaryIO
 
 MAX_EXAMPLE_ROWS = 20
+MAX_ERROR_CHARS = 2000
+FRAME_HEADER = struct.Struct(">I")
+
+
+def set_limits(spec: str) -> None:
+    """Address space (bytes), CPU seconds (0: none, for long-lived hosts), file size (bytes), open files."""
+    address_space, cpu, file_size, files = (int(x) for x in spec.split(","))
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    if cpu:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def read_exact(stream: BinaryIO, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            raise EOFError("the other side closed the connection")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def write_frame(stream: BinaryIO, header: bytes, payload: bytes = b"") -> None:
+    stream.write(FRAME_HEADER.pack(len(header)) + header + payload)
+    stream.flush()
+
+
+def _error_text(exc: BaseException) -> str:
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()[:MAX_ERROR_CHARS]
 
 
 def _emit(payload: dict[str, Any]) -> None:
@@ -248,7 +291,75 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
         return {"ok": True, "kind": "native", "reason": "skl2onnx is not installed"}
 
 
+def _load_for_serving(fmt: str, path: str, options: dict[str, Any]) -> Any:
+    """What a web worker used to load in-process: MLflow models through pyfunc (MLflow's own input handling),
+    the rest as the estimator."""
+    if fmt == "mlflow":
+        import mlflow.pyfunc
+
+        return mlflow.pyfunc.load_model(path)
+    return _load(fmt, path, options)
+
+
+def host(fmt: str, path: str, options: dict[str, Any]) -> int:
+    """Load once, then answer predict frames until the parent closes the socket."""
+    import numpy as np
+    import orjson
+    import pandas as pd
+
+    # The socket is kept on private descriptors; 0 and 1 are pointed away so that a model that prints (or reads)
+    # cannot break the framing by accident.
+    reader = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    writer = os.fdopen(os.dup(1), "wb", buffering=0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    started = time.perf_counter()
+    try:
+        model = _load_for_serving(fmt, path, options)
+    except MemoryError:
+        write_frame(writer, orjson.dumps({"ok": False, "error": "the model needed more memory than the sandbox allows"}))
+        return 0
+    except Exception as exc:
+        write_frame(writer, orjson.dumps({"ok": False, "error": _error_text(exc)}))
+        return 0
+    write_frame(writer, orjson.dumps({"ok": True, "ready": True,
+                                      "load_seconds": round(time.perf_counter() - started, 4)}))
+    while True:
+        try:
+            (size,) = FRAME_HEADER.unpack(read_exact(reader, FRAME_HEADER.size))
+            header = orjson.loads(read_exact(reader, size))
+            payload = read_exact(reader, int(header.get("nbytes") or 0))
+        except EOFError:
+            return 0
+        try:
+            if header.get("op") == "ping":
+                answer: dict[str, Any] = {"ok": True}
+            else:
+                matrix = np.frombuffer(payload, dtype="float64").reshape(header["shape"])
+                frame = pd.DataFrame(matrix, columns=header.get("columns") or None)
+                result = model.predict(frame)
+                if isinstance(result, (pd.DataFrame, pd.Series)):
+                    result = result.to_numpy()
+                predictions = np.asarray(result).ravel()
+                answer = {"ok": True, "predictions": predictions.tolist()}
+            body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+        except MemoryError:
+            body = orjson.dumps({"ok": False, "error": "the model needed more memory than the sandbox allows"})
+        except Exception as exc:
+            body = orjson.dumps({"ok": False, "error": _error_text(exc)})
+        write_frame(writer, body)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[1] == "probe":
+        _emit({"ok": True})
+        return 0
+    if len(argv) > 2 and argv[1] == "--limits":
+        set_limits(argv[2])
+        argv = [argv[0], *argv[3:]]
+    if argv[1] == "host":
+        return host(argv[2], argv[3], json.loads(argv[4]))
     try:
         if argv[1] == "inspect-onnx":
             _emit(inspect_onnx(argv[2]))
@@ -263,8 +374,7 @@ def main(argv: list[str]) -> int:
     except MemoryError:
         _emit({"ok": False, "error": "the model needed more memory than the sandbox allows"})
     except Exception as exc:
-        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        _emit({"ok": False, "error": detail[:2000]})
+        _emit({"ok": False, "error": _error_text(exc)})
     return 0
 
 

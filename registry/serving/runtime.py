@@ -1,4 +1,8 @@
-"""What a web worker keeps in memory to answer predictions: loaded serving forms and each environment's routing.
+"""What a web worker keeps in memory to answer predictions: serving forms and each environment's routing.
+
+A serving form is either an ONNX session in this process (the fast path: onnxruntime runs no code from the file)
+or a client of a sandboxed model host (``registry.sandbox.hosts``) for any artifact whose loader can run code:
+this process never unpickles, imports or executes an uploaded artifact.
 
 Routing is re-read from the database at most every ``REFRESH_SECONDS`` per (model, environment), by comparing the
 environment's ``generation``; a traffic switch is therefore picked up within a second, without a restart. A new
@@ -8,7 +12,9 @@ version is loaded before the routing points at it, so requests keep being answer
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -17,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from django.conf import settings
 from django.db import DatabaseError
 
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
+from registry.sandbox import hosts
 
 REFRESH_SECONDS = 0.5
 STALE_SECONDS = 300.0  # how long a route read before a database outage keeps serving during it
@@ -27,15 +35,24 @@ MAX_LOADED = 16
 
 
 class LoadedModel:
-    def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str) -> None:
+    def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
+                 close: Any = None) -> None:
         self.version_number = version_number
         self.columns = columns
         self._predict = predict_fn
+        self._close = close
         self.kind = kind
 
     def predict(self, matrix: np.ndarray, columns: list[str] | None = None) -> list[Any]:
-        result = np.asarray(self._predict(matrix)).ravel()
-        return result.tolist()
+        result = self._predict(matrix)
+        if isinstance(result, list):
+            return result
+        return np.asarray(result).ravel().tolist()
+
+    def close(self) -> None:
+        """Stop what serves this form (a sandboxed model host); an in-process ONNX session just goes."""
+        if self._close is not None:
+            self._close()
 
 
 def _onnx_predictor(path: Path) -> Any:
@@ -56,50 +73,62 @@ def _onnx_predictor(path: Path) -> Any:
     return predict
 
 
-def _native_predictor(version: ModelVersion, path: Path, columns: list[str]) -> Any:
-    """Load a vetted artifact (scanned, sandbox-checked, trust decided) in this process."""
-    import pandas as pd
+def materialiser(version: ModelVersion) -> hosts.Materialise:
+    """What a model host loads: the verified artifact linked (or copied) into the host's own folder, an MLflow
+    archive unpacked there. Called at every (re)start, so a host never depends on a file someone else cleans up."""
+    blob = version.artifact
+    fmt = version.format
+    trusted = version.untrusted_types if version.trust_state == TrustState.TRUSTED else []
+    assert blob is not None
 
-    if version.format == "skops":
-        import skops.io
-
-        model = skops.io.load(path, trusted=version.untrusted_types if version.trust_state == TrustState.TRUSTED
-                              else [])
-    elif version.format == "mlflow":
-        import tempfile
-
-        import mlflow.pyfunc
-
+    def materialise(work: Path) -> tuple[str, Path, dict[str, Any]]:
+        from registry import storage
         from registry.scanning.archive import extract_zip
 
-        target = Path(tempfile.mkdtemp(prefix="serving-"))
-        extract_zip(path, target)
-        mlmodel = next(p for p in target.rglob("MLmodel") if len(p.relative_to(target).parts) <= 2)
-        model = mlflow.pyfunc.load_model(str(mlmodel.parent))
-    else:
-        import joblib
+        with storage.verified_local_path(blob) as path:
+            if fmt == "mlflow":
+                target = work / "model"
+                extract_zip(path, target)
+                mlmodel = next(p for p in target.rglob("MLmodel") if len(p.relative_to(target).parts) <= 2)
+                return fmt, mlmodel.parent, {"trusted_types": trusted}
+            local = work / f"model.{fmt}"
+            try:
+                os.link(path, local)
+            except OSError:
+                shutil.copyfile(path, local)
+        return fmt, local, {"trusted_types": trusted}
 
-        model = joblib.load(path)
-
-    def predict(matrix: np.ndarray) -> Any:
-        return model.predict(pd.DataFrame(matrix, columns=columns))
-
-    return predict
+    return materialise
 
 
-def load_serving_model(*, version: ModelVersion, kind: str, blob: Any) -> LoadedModel:
+def _hosted_predictor(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, Any]:
+    """A predictor that asks the version's sandboxed model host; the artifact is never loaded in this process."""
+    label = f"{key} (version {version.number}, {version.format})"
+    materialise = materialiser(version)
+    timeout = settings.PORTAL_MODEL_HOST_TIMEOUT_SECONDS
+
+    def predict(matrix: np.ndarray) -> list[Any]:
+        host = hosts.pool.get(key, materialise, label=label)
+        return host.predict(matrix, columns or None, timeout=timeout + matrix.shape[0] / 1000)
+
+    return predict, lambda: hosts.pool.release(key)
+
+
+def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str | None = None) -> LoadedModel:
+    """The serving form: an ONNX session in this process (onnxruntime runs no code from the file), or a client of
+    a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
     from registry import storage
 
     columns = named_inputs(version)
+    close = None
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
             predictor = _onnx_predictor(path)
     else:
         assert version.artifact is not None
-        with storage.verified_local_path(version.artifact) as path:
-            predictor = _native_predictor(version, path, columns)
+        predictor, close = _hosted_predictor(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
-                       predict_fn=predictor, kind=kind)
+                       predict_fn=predictor, kind=kind, close=close)
 
 
 def named_inputs(version: ModelVersion) -> list[str]:
@@ -147,7 +176,10 @@ class ServingCache:
     def clear(self) -> None:
         with self._lock:
             self._routes.clear()
+            models = list(self._models.values())
             self._models.clear()
+        for loaded in models:
+            loaded.close()
 
     def loaded(self, deployment: Deployment) -> LoadedModel:
         """The deployment's serving form, loaded once per process (batch workers use the one web workers use)."""
@@ -160,10 +192,11 @@ class ServingCache:
             self._models.move_to_end(deployment.pk)
             return cached
         loaded = load_serving_model(version=deployment.version, kind=deployment.serving_kind or "native",
-                                    blob=deployment.serving_blob)
+                                    blob=deployment.serving_blob, key=f"deployment-{deployment.pk}")
         self._models[deployment.pk] = loaded
         while len(self._models) > MAX_LOADED:
-            self._models.popitem(last=False)
+            _pk, evicted = self._models.popitem(last=False)
+            evicted.close()
         return loaded
 
     def route(self, model_id: int, environment: str) -> Route | None:

@@ -36,6 +36,7 @@ from portal.api.errors import error_body
 from portal.authentication import BearerTokenAuthentication
 from portal.permissions import has_capability, scope_to_teams
 from registry.models import Environment, RegisteredModel
+from registry.sandbox import hosts
 from registry.serving import buffer, protocol, runtime
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,12 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     ids = _prediction_ids(matrix.shape[0])
     try:
         predictions = loaded.predict(matrix)
+    except hosts.HostUnavailable as exc:
+        buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
+                           predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
+                           subjects=parsed.subject_ids, error=f"HostUnavailable: {exc}"[:500]))
+        return _error(503, "model_unavailable", f"Version {loaded.version_number} of {name} cannot answer right now: "
+                      f"{exc}. Other models are not affected; retry in a moment.", **{"Retry-After": "2"})
     except Exception as exc:
         logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
         buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,

@@ -1,0 +1,329 @@
+"""Model hosts: a long-lived sandboxed process per served artifact, reached over a Unix socket.
+
+A web worker (or a Celery worker scoring a batch, or warming a deployment) never loads an artifact whose loader can
+run code. It starts a host instead: ``bwrap.command`` around ``child.py host``, with the artifact bound read-only,
+one end of a ``socketpair`` as the host's standard input and output, and the other end kept here. Requests go out
+as a small JSON header plus the raw float64 matrix; answers come back as JSON, size-capped and checked (the host is
+hostile until proven otherwise, so nothing it sends is unpickled or trusted beyond "a list of scalars").
+
+Supervision, per process: a host is started on first use and after a crash (with backoff: 1, 2, 4… up to 60 s,
+during which its callers get ``HostUnavailable``, a 503), stopped when idle for ``PORTAL_MODEL_HOST_IDLE_SECONDS``
+or when this process holds more than ``PORTAL_MODEL_HOSTS_PER_PROCESS`` (least recently used first), and killed
+when a request outlives its timeout. A crashed or hung host fails only its own callers; the process that talks to
+it, and every other host, carry on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from django.conf import settings
+
+from registry.sandbox import bwrap
+from registry.sandbox.child import FRAME_HEADER
+
+logger = logging.getLogger(__name__)
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+MAX_ERROR_CHARS = 500
+BACKOFF_MAX_SECONDS = 60.0
+
+
+class HostUnavailable(Exception):
+    """The model's host is down, starting, or restarting after a crash: the caller answers 503."""
+
+
+class HostModelError(Exception):
+    """The model raised on this input (its host is fine): the caller answers as for any model failure."""
+
+
+# Materialise fills an empty folder with what the host loads and returns (format, path inside that folder, options).
+Materialise = Callable[[Path], tuple[str, Path, dict[str, Any]]]
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise EOFError("the model host closed its socket")
+        got += n
+    return bytes(buffer)
+
+
+class ModelHost:
+    def __init__(self, key: str, materialise: Materialise, *, label: str) -> None:
+        self.key = key
+        self.label = label
+        self._materialise = materialise
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._work: Path | None = None
+        self._owner = 0
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error = ""
+        self.last_used = time.monotonic()
+        self.starts = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return (self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None)
+
+    def _start(self) -> None:
+        reason = bwrap.probe()
+        if reason:
+            raise HostUnavailable(f"the model sandbox is unavailable on this host: {reason}")
+        root = Path(settings.VAR_DIR) / "tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="host-", dir=root))
+        self._work = work
+        try:
+            fmt, path, options = self._materialise(work)
+        except Exception:
+            self._cleanup()
+            raise
+        mounts = bwrap.Mounts(model=path, model_name=path.name)
+        memory = settings.PORTAL_SANDBOX_MEMORY_MB * 1024 * 1024
+        limits = f"{memory},0,{64 * 1024 * 1024},256"
+        seccomp = bwrap.seccomp_file()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = bwrap.command(["--limits", limits, "host", fmt, mounts.inside_model(), orjson.dumps(options).decode()],
+                                 mounts, seccomp_fd=seccomp, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
+            with open(work / "stderr.log", "wb") as stderr:
+                self._proc = subprocess.Popen(argv, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr, env=bwrap.environment(),
+                                              cwd="/", start_new_session=True,
+                                              pass_fds=(seccomp,) if seccomp is not None else ())
+        except Exception:
+            parent.close()
+            self._cleanup()
+            raise
+        finally:
+            child.close()
+            if seccomp is not None:
+                os.close(seccomp)
+        self._sock = parent
+        self._owner = os.getpid()
+        self.starts += 1
+        try:
+            ready = self._receive(settings.PORTAL_SANDBOX_TIMEOUT_SECONDS)
+        except HostUnavailable:
+            self.stop()
+            raise
+        if not ready.get("ok"):
+            error = str(ready.get("error") or "the model could not be loaded")[:MAX_ERROR_CHARS]
+            self.stop()
+            raise HostUnavailable(f"the model host could not load the model: {error}")
+        logger.info("Model host %s started (pid %s, loaded in %s s)", self.label, self._proc.pid,
+                    ready.get("load_seconds"))
+
+    def stop(self) -> None:
+        proc, sock = self._proc, self._sock
+        self._proc, self._sock = None, None
+        if sock is not None:
+            sock.close()
+        if proc is not None and self._owner == os.getpid():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                logger.warning("Model host %s did not exit after SIGKILL", self.label)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+
+    def _stderr_tail(self) -> str:
+        if self._work is None:
+            return ""
+        try:
+            with open(self._work / "stderr.log", "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 2000))
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _exit_text(self) -> str:
+        code = self._proc.poll() if self._proc is not None else None
+        if code is not None and code < 0:
+            return f"was killed by signal {-code}"
+        if code is not None:
+            return f"exited with status {code}"
+        return "closed its connection"
+
+    def _crashed(self, why: str) -> HostUnavailable:
+        self._failures += 1
+        delay = min(2.0 ** (self._failures - 1), BACKOFF_MAX_SECONDS)
+        self._retry_at = time.monotonic() + delay
+        tail = self._stderr_tail()
+        self.last_error = why
+        logger.warning("Model host %s failed (%s); restarting in %.0f s at the earliest. Its stderr ended: %s",
+                       self.label, why, delay, tail[-500:])
+        self.stop()
+        return HostUnavailable(f"the model host {why}; it restarts within {delay:.0f} s")
+
+    # --- requests ----------------------------------------------------------------------------------------------
+
+    def _receive(self, timeout: float) -> dict[str, Any]:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        try:
+            (size,) = FRAME_HEADER.unpack(_recv_exact(self._sock, FRAME_HEADER.size))
+            if size > MAX_ANSWER_BYTES:
+                raise HostUnavailable(f"the model host sent an answer of {size} bytes (at most {MAX_ANSWER_BYTES})")
+            answer = orjson.loads(_recv_exact(self._sock, size))
+        except TimeoutError:
+            raise self._crashed(f"did not answer within {timeout:.0f} s") from None
+        except (EOFError, OSError):
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+            raise self._crashed(self._exit_text()) from None
+        except orjson.JSONDecodeError:
+            raise self._crashed("sent something that is not an answer") from None
+        if not isinstance(answer, dict):
+            raise self._crashed("sent something that is not an answer")
+        return answer
+
+    def predict(self, matrix: np.ndarray, columns: list[str] | None, *, timeout: float) -> list[Any]:
+        with self._lock:
+            self.last_used = time.monotonic()
+            if not self.running:
+                if self._proc is not None and self._owner == os.getpid():
+                    raise self._crashed(self._exit_text())  # died between requests: counted, backed off
+                if self._proc is not None or self._sock is not None:
+                    self._proc, self._sock = None, None  # inherited across a fork: not ours to use or kill
+                wait = self._retry_at - time.monotonic()
+                if wait > 0:
+                    raise HostUnavailable(f"the model host is restarting after a failure ({self.last_error}); "
+                                          f"retry in {wait:.0f} s")
+                try:
+                    self._start()
+                except HostUnavailable as exc:
+                    if self._retry_at <= time.monotonic():  # a load that failed cleanly: back off all the same
+                        self._failures += 1
+                        self._retry_at = time.monotonic() + min(2.0 ** (self._failures - 1), BACKOFF_MAX_SECONDS)
+                    self.last_error = str(exc)
+                    raise
+                except OSError as exc:
+                    raise self._crashed(f"could not start ({exc.strerror or exc})") from None
+            data = np.ascontiguousarray(matrix, dtype="float64")
+            header = orjson.dumps({"op": "predict", "columns": columns, "shape": list(data.shape),
+                                   "nbytes": data.nbytes})
+            assert self._sock is not None
+            try:
+                self._sock.settimeout(timeout)
+                self._sock.sendall(FRAME_HEADER.pack(len(header)) + header)
+                self._sock.sendall(data.data.cast("B"))
+            except TimeoutError:
+                raise self._crashed(f"did not take the request within {timeout:.0f} s") from None
+            except OSError:
+                raise self._crashed("closed its connection") from None
+            answer = self._receive(timeout)
+            if not answer.get("ok"):
+                raise HostModelError(str(answer.get("error") or "the model failed")[:MAX_ERROR_CHARS])
+            predictions = answer.get("predictions")
+            if not isinstance(predictions, list) or len(predictions) != data.shape[0]:
+                raise self._crashed(f"answered {len(predictions) if isinstance(predictions, list) else 'no'} "
+                                    f"predictions for {data.shape[0]} rows")
+            self._failures = 0
+            self.last_used = time.monotonic()
+            return predictions
+
+
+class HostPool:
+    """The model hosts this process has started, bounded in number and reaped when idle."""
+
+    def __init__(self) -> None:
+        self._hosts: OrderedDict[str, ModelHost] = OrderedDict()
+        self._lock = threading.Lock()
+        self._reaper_pid = 0
+
+    def get(self, key: str, materialise: Materialise, *, label: str) -> ModelHost:
+        with self._lock:
+            self._ensure_reaper()
+            host = self._hosts.get(key)
+            if host is None:
+                host = ModelHost(key, materialise, label=label)
+                self._hosts[key] = host
+            self._hosts.move_to_end(key)
+            running = [h for h in self._hosts.values() if h.running and h is not host]
+            excess = len(running) + 1 - settings.PORTAL_MODEL_HOSTS_PER_PROCESS
+            for victim in running[:max(0, excess)]:
+                logger.info("Stopping model host %s: this process holds its maximum of hosts", victim.label)
+                victim.stop()
+            return host
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            host = self._hosts.pop(key, None)
+        if host is not None:
+            host.stop()
+
+    def reap(self, idle_seconds: float | None = None) -> int:
+        idle = settings.PORTAL_MODEL_HOST_IDLE_SECONDS if idle_seconds is None else idle_seconds
+        now = time.monotonic()
+        with self._lock:
+            stale = [h for h in self._hosts.values() if h.running and now - h.last_used > idle]
+        for host in stale:
+            if host._lock.acquire(blocking=False):
+                try:
+                    logger.info("Stopping model host %s: idle for %.0f s", host.label, now - host.last_used)
+                    host.stop()
+                finally:
+                    host._lock.release()
+        return len(stale)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            hosts = list(self._hosts.values())
+            self._hosts.clear()
+        for host in hosts:
+            host.stop()
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper_pid == os.getpid():
+            return
+        self._reaper_pid = os.getpid()
+
+        def loop() -> None:
+            while True:
+                time.sleep(max(5.0, min(60.0, settings.PORTAL_MODEL_HOST_IDLE_SECONDS / 4)))
+                try:
+                    self.reap()
+                except Exception:  # the reaper must outlive any one failure
+                    logger.exception("Reaping idle model hosts failed")
+
+        threading.Thread(target=loop, name="model-host-reaper", daemon=True).start()
+
+
+pool = HostPool()
+atexit.register(pool.stop_all)

@@ -13,6 +13,9 @@ RUN pip wheel --wheel-dir /wheels .
 FROM python:3.11-slim-bookworm AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     DJANGO_SETTINGS_MODULE=portal.settings PORTAL_VAR_DIR=/var/lib/portal
+# bubblewrap: the sandbox uploaded models are loaded in. It needs user namespaces, which Docker's default seccomp
+# profile refuses: see the README's "Model isolation" for which container runs it and how.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 portal \
  && useradd --system --uid 10001 --gid portal --home-dir /app --shell /usr/sbin/nologin portal \
  && mkdir -p /var/lib/portal && chown portal:portal /var/lib/portal

@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `make run` is the developer's demo: DEBUG on unless the caller says otherwise.
 run: export PORTAL_DEBUG ?= 1
 
-.PHONY: run test test-long soak faults install install-test typecheck lint clean-var
+.PHONY: run sandbox-check test test-long soak faults install install-test typecheck lint clean-var
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -32,7 +32,19 @@ $(INSTALLED_TEST): | $(VENV)/bin/python
 install: $(INSTALLED)
 install-test: $(INSTALLED_TEST)
 
-run: $(INSTALLED)
+# Uploaded models are loaded only inside bubblewrap's sandbox: find it, or install it where we can (as root on
+# Debian or Ubuntu), or say in one line how to get it. Without it the portal still runs and serves ONNX models.
+sandbox-check:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing bubblewrap (the model sandbox)..."; \
+	    (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; }) \
+	      || echo "Could not install bubblewrap: uploaded models will not be loaded until it is (apt-get install bubblewrap)."; \
+	  else \
+	    echo "bubblewrap is missing: uploaded models will not be loaded until it is installed (sudo apt-get install bubblewrap, or dnf install bubblewrap)."; \
+	  fi; }
+
+run: $(INSTALLED) sandbox-check
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(PY) manage.py collectstatic --noinput -v 0

@@ -301,6 +301,63 @@ def _load_for_serving(fmt: str, path: str, options: dict[str, Any]) -> Any:
     return _load(fmt, path, options)
 
 
+MAX_LOGGED_CELLS = 1_000_000
+
+
+class _Capture:
+    """Stands in for the pyfunc model inside MLflow's own ``invocations``, keeping what it was called with."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.metadata = model.metadata
+        self.data: Any = None
+        self.params: Any = None
+
+    def predict(self, data: Any, params: Any = None) -> Any:
+        self.data, self.params = data, params
+        return self.model.predict(data, params=params)
+
+
+def _loggable(data: Any) -> tuple[list[str] | None, list[list[Any]] | None, int]:
+    """The parsed input as columns and rows for the prediction log (JSON-safe), and its row count."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        rows = len(data)
+        if rows * max(1, data.shape[1]) > MAX_LOGGED_CELLS:
+            return [str(c) for c in data.columns], None, rows
+        frame = data.astype(object).where(pd.notna(data), None)
+        return [str(c) for c in data.columns], frame.to_numpy().tolist(), rows
+    if isinstance(data, np.ndarray):
+        rows = int(data.shape[0]) if data.ndim else 1
+        flat = data.reshape(rows, -1) if data.ndim > 1 else data.reshape(-1, 1)
+        if flat.size > MAX_LOGGED_CELLS or data.dtype.kind not in "biufUSb?":
+            return None, None, rows
+        return None, flat.tolist(), rows
+    if isinstance(data, dict) and data and all(isinstance(v, np.ndarray) for v in data.values()):
+        rows = min(int(v.shape[0]) if v.ndim else 1 for v in data.values())
+        return list(map(str, data)), None, rows
+    return None, None, len(data) if isinstance(data, list) else 1
+
+
+def _invoke(model: Any, body: bytes, content_type: str) -> dict[str, Any]:
+    """Answer a request exactly as MLflow's scoring server would (its own parsing, schema enforcement, params and
+    output encoding), plus the parsed input for the prediction log."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    capture = _Capture(model)
+    try:
+        result = scoring_server.invocations(body, content_type, capture, model.metadata.get_input_schema())
+        status, text = result.status, result.response
+    except MlflowException as exc:
+        status = exc.get_http_status_code()
+        text = json.dumps({"error_code": exc.error_code, "message": str(exc.message)[:MAX_ERROR_CHARS]})
+    columns, rows, count = _loggable(capture.data) if capture.data is not None else (None, None, 0)
+    return {"ok": True, "status": status, "body": text, "columns": columns, "rows": rows, "count": count}
+
+
 def host(fmt: str, path: str, options: dict[str, Any]) -> int:
     """Load once, then answer predict frames until the parent closes the socket."""
     import numpy as np
@@ -335,6 +392,8 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
         try:
             if header.get("op") == "ping":
                 answer: dict[str, Any] = {"ok": True}
+            elif header.get("op") == "invoke":
+                answer = _invoke(model, payload, str(header.get("content_type") or ""))
             else:
                 matrix = np.frombuffer(payload, dtype="float64").reshape(header["shape"])
                 frame = pd.DataFrame(matrix, columns=header.get("columns") or None)

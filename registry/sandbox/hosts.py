@@ -27,6 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from registry.sandbox import bwrap
 from registry.sandbox.child import FRAME_HEADER
 
 logger = logging.getLogger(__name__)
-MAX_ANSWER_BYTES = 256 * 1024 * 1024
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # 100,000 rows of predictions are about 2.5 MB of JSON
 MAX_ERROR_CHARS = 500
 BACKOFF_MAX_SECONDS = 60.0
 
@@ -213,50 +214,88 @@ class ModelHost:
             raise self._crashed("sent something that is not an answer")
         return answer
 
-    def predict(self, matrix: np.ndarray, columns: list[str] | None, *, timeout: float) -> list[Any]:
+    def _ensure_started(self) -> None:
+        if self.running:
+            return
+        if self._proc is not None and self._owner == os.getpid():
+            raise self._crashed(self._exit_text())  # died between requests: counted, backed off
+        if self._proc is not None or self._sock is not None:
+            self._proc, self._sock = None, None  # inherited across a fork: not ours to use or kill
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            raise HostUnavailable(f"the model host is restarting after a failure ({self.last_error}); "
+                                  f"retry in {wait:.0f} s")
+        try:
+            self._start()
+        except HostUnavailable as exc:
+            if self._retry_at <= time.monotonic():  # a load that failed cleanly: back off all the same
+                self._failures += 1
+                self._retry_at = time.monotonic() + min(2.0 ** (self._failures - 1), BACKOFF_MAX_SECONDS)
+            self.last_error = str(exc)
+            raise
+        except OSError as exc:
+            raise self._crashed(f"could not start ({exc.strerror or exc})") from None
+
+    def _request(self, header: dict[str, Any], payload: Any, *, timeout: float) -> dict[str, Any]:
+        """One frame out, one answer back; starts the host first if it is not running."""
         with self._lock:
             self.last_used = time.monotonic()
-            if not self.running:
-                if self._proc is not None and self._owner == os.getpid():
-                    raise self._crashed(self._exit_text())  # died between requests: counted, backed off
-                if self._proc is not None or self._sock is not None:
-                    self._proc, self._sock = None, None  # inherited across a fork: not ours to use or kill
-                wait = self._retry_at - time.monotonic()
-                if wait > 0:
-                    raise HostUnavailable(f"the model host is restarting after a failure ({self.last_error}); "
-                                          f"retry in {wait:.0f} s")
-                try:
-                    self._start()
-                except HostUnavailable as exc:
-                    if self._retry_at <= time.monotonic():  # a load that failed cleanly: back off all the same
-                        self._failures += 1
-                        self._retry_at = time.monotonic() + min(2.0 ** (self._failures - 1), BACKOFF_MAX_SECONDS)
-                    self.last_error = str(exc)
-                    raise
-                except OSError as exc:
-                    raise self._crashed(f"could not start ({exc.strerror or exc})") from None
-            data = np.ascontiguousarray(matrix, dtype="float64")
-            header = orjson.dumps({"op": "predict", "columns": columns, "shape": list(data.shape),
-                                   "nbytes": data.nbytes})
+            self._ensure_started()
+            encoded = orjson.dumps(header)
             assert self._sock is not None
             try:
                 self._sock.settimeout(timeout)
-                self._sock.sendall(FRAME_HEADER.pack(len(header)) + header)
-                self._sock.sendall(data.data.cast("B"))
+                self._sock.sendall(FRAME_HEADER.pack(len(encoded)) + encoded)
+                if header.get("nbytes"):
+                    self._sock.sendall(payload)
             except TimeoutError:
                 raise self._crashed(f"did not take the request within {timeout:.0f} s") from None
             except OSError:
                 raise self._crashed("closed its connection") from None
             answer = self._receive(timeout)
-            if not answer.get("ok"):
-                raise HostModelError(str(answer.get("error") or "the model failed")[:MAX_ERROR_CHARS])
-            predictions = answer.get("predictions")
-            if not isinstance(predictions, list) or len(predictions) != data.shape[0]:
+            if answer.get("ok"):
+                self._failures = 0
+            self.last_used = time.monotonic()
+            return answer
+
+    def predict(self, matrix: np.ndarray, columns: list[str] | None, *, timeout: float) -> list[Any]:
+        """The model's predictions for the rows of a float64 matrix (pickle, joblib and skops estimators)."""
+        data = np.ascontiguousarray(matrix, dtype="float64")
+        answer = self._request({"op": "predict", "columns": columns, "shape": list(data.shape),
+                                "nbytes": data.nbytes}, data.data.cast("B"), timeout=timeout)
+        if not answer.get("ok"):
+            raise HostModelError(str(answer.get("error") or "the model failed")[:MAX_ERROR_CHARS])
+        predictions = answer.get("predictions")
+        if not isinstance(predictions, list) or len(predictions) != data.shape[0]:
+            with self._lock:
                 raise self._crashed(f"answered {len(predictions) if isinstance(predictions, list) else 'no'} "
                                     f"predictions for {data.shape[0]} rows")
-            self._failures = 0
-            self.last_used = time.monotonic()
-            return predictions
+        return predictions
+
+    def invoke(self, body: bytes, content_type: str, *, timeout: float) -> Invocation:
+        """A scoring request answered by MLflow's own scoring code inside the sandbox (MLflow models)."""
+        answer = self._request({"op": "invoke", "content_type": content_type, "nbytes": len(body)}, body,
+                               timeout=timeout)
+        if not answer.get("ok"):
+            raise HostModelError(str(answer.get("error") or "the model failed")[:MAX_ERROR_CHARS])
+        status, text = answer.get("status"), answer.get("body")
+        columns, rows, count = answer.get("columns"), answer.get("rows"), answer.get("count")
+        if (not isinstance(status, int) or not 200 <= status <= 599 or not isinstance(text, str)
+                or not isinstance(count, int) or count < 0
+                or not (columns is None or (isinstance(columns, list) and all(isinstance(c, str) for c in columns)))
+                or not (rows is None or isinstance(rows, list))):
+            with self._lock:
+                raise self._crashed("sent an answer that does not have the shape of one")
+        return Invocation(status=status, body=text, columns=columns, rows=rows, count=count)
+
+
+@dataclass
+class Invocation:
+    status: int
+    body: str
+    columns: list[str] | None
+    rows: list[Any] | None
+    count: int
 
 
 class HostPool:

@@ -235,3 +235,58 @@ def test_hosts_are_bounded_per_process_and_reaped_when_idle(tmp_path: Path, sett
 def test_the_seccomp_program_is_well_formed() -> None:
     program = bwrap.seccomp_program()
     assert program is not None and len(program) % 8 == 0
+
+
+def _mlflow_pipeline_zip(tmp_path: Path) -> tuple[Path, Any, Any]:
+    """The docs idiom: a Pipeline over string and numeric columns, signature inferred from input and output."""
+    import zipfile
+
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"plan": rng.choice(["basic", "premium", "gold"], 200), "age": rng.integers(18, 80, 200),
+                      "spend": rng.random(200) * 100})
+    y = ((X.plan == "premium") | (X.spend > 60)).astype(int)
+    pipe = Pipeline([("ct", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
+                                               ("sc", StandardScaler(), ["age", "spend"])])),
+                     ("lr", LogisticRegression())]).fit(X, y)
+    folder = tmp_path / "mlmodel"
+    mlflow.sklearn.save_model(pipe, str(folder), signature=infer_signature(X, pipe.predict(X)),
+                              input_example=X.head(3))
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.rglob("*"):
+            zf.write(path, Path("model") / path.relative_to(folder))
+    return archive, pipe, X
+
+
+@pytest.mark.django_db
+def test_an_mlflow_model_is_answered_by_mlflows_own_scoring_code_in_its_host(tmp_path: Path) -> None:
+    import orjson
+
+    archive, pipe, X = _mlflow_pipeline_zip(tmp_path)
+    version = ModelVersion(number=1, format="mlflow", artifact=storage.blob_put_path(archive), signature={})
+    host = hosts.pool.get("t-mlflow", runtime.materialiser(version), label="t")
+    try:
+        rows = X.head(4)
+        body = orjson.dumps({"dataframe_split": {"columns": list(rows.columns), "data": rows.to_numpy().tolist()}})
+        answer = host.invoke(body, "application/json", timeout=30)
+        assert answer.status == 200, answer.body
+        assert orjson.loads(answer.body)["predictions"] == pipe.predict(rows).tolist()
+        assert answer.columns == ["plan", "age", "spend"] and answer.count == 4
+        assert answer.rows is not None and answer.rows[0][0] == rows.iloc[0]["plan"]
+        missing = host.invoke(orjson.dumps({"dataframe_split": {"columns": ["plan"], "data": [["gold"]]}}),
+                              "application/json", timeout=30)
+        assert missing.status == 400, missing.body
+        assert orjson.loads(missing.body)["error_code"] == "INVALID_PARAMETER_VALUE" and "age" in missing.body
+        unsupported = host.invoke(b"x", "application/xml", timeout=30)
+        assert unsupported.status == 415
+        assert host.starts == 1
+    finally:
+        hosts.pool.release("t-mlflow")

@@ -1,0 +1,625 @@
+"""Acceptance suite: a model file is a program, and a hostile one gets nowhere.
+
+Each case uploads a model that, when loaded, tries something nasty (payloads: ``tests/registry/hostile.py``), through
+the real entry points: the REST upload, a real Celery worker process that scans it, and, if it becomes ready, a
+deployment to dev carried out by that worker, a scoring request through ``portal.wsgi.application`` and a small batch
+job scored by the worker. After every stage the suite checks that:
+
+- no canary file exists outside the sandbox (the exact targets, and a search by name and content under ``var/``,
+  ``/tmp``, the working directory and site-packages, which gets a recursive search once per case);
+- no secret (the real SECRET_KEY, the database and broker URLs, the database's name, a sentinel only the worker's
+  environment holds) appears in any HTTP response, version, deployment, batch job, prediction log or log line, nor
+  the ``ESCAPED-<token>`` marker that a bounded fork or memory bomb writes when nothing stopped it;
+- no Redis key and no PostgreSQL table was written by the payload;
+- the worker, a decoy process started by the test, and the web process are alive, and a benign model deployed
+  beside the hostile one keeps answering 200 (a hostile model may fail its own callers with a 5xx, nothing else).
+
+The worker, the users and the benign deployment are shared by the whole module (one set-up, then about 10 s per
+case); the database is flushed at the end as ``transactional_db`` would. A case that kills the worker gets a new
+one for the cases after it. Every payload is bounded (see ``hostile.py``), so a case that gets out does not take
+the machine down with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from tests.conftest import ROOT, EntryPointClient
+from tests.registry import files, hostile
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+TOKEN = secrets.token_hex(6)  # per run: every canary, key, table and marker carries it
+SENTINEL_NAME = "HOSTILE_SUITE_SENTINEL"
+SENTINEL_VALUE = f"worker-environ-{secrets.token_hex(12)}"  # only in the environment of the test's worker and decoy
+ESCAPED = f"ESCAPED-{TOKEN}"
+SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
+SCAN_TIMEOUT = 150  # the sandbox's own timeout is 120 s
+DEPLOY_TIMEOUT = 90  # a deployment takes about 10 s; one still running after this is stuck
+BATCH_TIMEOUT = 90
+
+# case id: what the payload does (hostile.ACTIONS), or "memmap" for the plain-pickle case.
+CASES: dict[str, str] = {
+    "write a canary into var/": "write_var",
+    "write a canary into /tmp": "write_tmp",
+    "drop a .pth into site-packages": "write_pth",
+    "write a canary into the working directory": "write_cwd",
+    "secrets back through the prediction output": "exfil_output",
+    "secrets back through an exception at load": "exfil_exception_load",
+    "secrets back through an exception at predict": "exfil_exception_predict",
+    "secrets back through stderr": "exfil_stderr",
+    "secrets back through the input example and signature": "exfil_signature",
+    "write a Redis key": "net_redis",
+    "write a PostgreSQL row": "net_postgres",
+    "fork bomb": "fork_bomb",
+    "memory bomb": "memory_bomb",
+    "kill the parent process": "kill_parent",
+    "kill every process in sight": "kill_all",
+    # Not a code model: a scikit-learn pickle the scanner accepts (numpy.memmap is a NumPy class on its allowlist)
+    # that creates a file wherever it is unpickled.
+    "plain pickle writing a file through numpy.memmap": "memmap",
+}
+
+
+# --- Evidence ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Evidence:
+    case: str
+    stages: list[str] = field(default_factory=list)
+    route: str = ""
+    refusals: list[str] = field(default_factory=list)
+    texts: list[tuple[str, str]] = field(default_factory=list)  # (where, text) searched for secrets
+    problems: list[str] = field(default_factory=list)
+
+    def text(self, where: str, value: Any) -> None:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif not isinstance(value, str):
+            value = json.dumps(value, default=str)
+        self.texts.append((where, value))
+
+
+class _LogCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        self.lines.append(f"{record.name}: {text} {record.exc_text or ''}")
+
+
+class Arena:
+    """What the cases share: a worker on a private queue, a decoy process, a data scientist's clients, the benign
+    deployment, and the secrets to look for."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from django.conf import settings
+
+        # Not under pytest's basetemp, which a concurrent pytest run may rotate away; skipped by the canary search.
+        self.tmp = Path(tempfile.mkdtemp(prefix="hostile-suite-"))
+        self.var_dir = Path(settings.VAR_DIR)
+        db = settings.DATABASES["default"]
+        self.db_name = str(db["NAME"])
+        self.worker_db_url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+        self.queue = f"hostile-{os.getpid()}-{secrets.token_hex(3)}"
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.worker_logs: list[Path] = []
+        self.log_offsets: dict[Path, int] = {}
+        self.decoy: subprocess.Popen[bytes] | None = None
+        self.logs = _LogCollector()
+        self.log_mark = 0
+        self.secret_key_file = self.var_dir / "secret_key"
+        self.made_secret_key_file = False
+        self.started = time.time()
+        self.api = APIClient()
+        self.scorer: EntryPointClient | None = None
+        self.benign_columns: list[str] = []
+        self.benign_rows: list[list[float]] = []
+        self.secrets = {
+            "the SECRET_KEY": settings.SECRET_KEY,
+            "the worker's DATABASE_URL": self.worker_db_url,
+            "the web process's DATABASE_URL": os.environ.get("DATABASE_URL", self.worker_db_url),
+            "the database name": self.db_name,
+            "the broker URL": str(settings.CELERY_BROKER_URL),
+            "the worker's environment (sentinel)": SENTINEL_VALUE,
+            "the escape marker of a bounded bomb": ESCAPED,
+        }
+        self.setting = hostile.Setting(
+            token=TOKEN, var_dir=str(self.var_dir), site_packages=str(SITE_PACKAGES), sentinel_name=SENTINEL_NAME,
+            host_pid_namespace=os.readlink("/proc/self/ns/pid"),
+            secret_files=[str(self.secret_key_file), str(ROOT / "var" / "secret_key"), str(ROOT / "secrets" / "secret_key")],
+            env_names=["PORTAL_SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", SENTINEL_NAME],
+            pg_databases=["postgres", "portal", self.db_name])
+
+    # processes
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PORTAL_CELERY_QUEUE": self.queue,
+               "DATABASE_URL": self.worker_db_url, SENTINEL_NAME: SENTINEL_VALUE}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "--pool", "solo",
+                                     "--loglevel", "WARNING", "-Q", self.queue, "--without-heartbeat",
+                                     "--without-gossip", "--without-mingle", "-n",
+                                     f"w{len(self.workers)}-{self.queue}@%h"],
+                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers.append(proc)
+        self.worker_logs.append(log)
+        return proc
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes]:
+        return self.workers[-1]
+
+    def start_decoy(self) -> None:
+        self.decoy = subprocess.Popen(["sleep", "3600"], env={"PATH": "/usr/bin:/bin", SENTINEL_NAME: SENTINEL_VALUE},
+                                      start_new_session=True)
+
+    def worker_alive(self) -> bool:
+        return self.worker.poll() is None
+
+    def new_worker_log(self) -> str:
+        text = []
+        for log in self.worker_logs:
+            with open(log, "rb") as fh:
+                fh.seek(self.log_offsets.get(log, 0))
+                data = fh.read()
+                self.log_offsets[log] = fh.tell()
+            text.append(data.decode("utf-8", "replace"))
+        return "".join(text)
+
+    def new_log_lines(self) -> str:
+        lines = self.logs.lines[self.log_mark:]
+        self.log_mark = len(self.logs.lines)
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        for proc in [*self.workers, *([self.decoy] if self.decoy else [])]:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+
+
+# --- What a payload may have left outside ---------------------------------------------------------------------
+
+CANARY_NAMES = (f"hostile-canary-{TOKEN}", f"hostile_canary_{TOKEN}")
+CANARY_CONTENT = (f"# {TOKEN}: a comment line".encode(), ESCAPED.encode())
+
+
+def _is_canary(path: Path, *, since: float) -> bool:
+    if any(n in path.name for n in CANARY_NAMES):
+        return True
+    try:
+        st = path.lstat()
+        if not path.is_file() or path.is_symlink() or st.st_size > 64 * 1024 or st.st_mtime < since:
+            return False
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return any(c in data for c in CANARY_CONTENT)
+
+
+def _walk(root: Path, *, since: float, skip: tuple[Path, ...] = ()) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: None):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        for name in [*filenames, *dirnames]:
+            if _is_canary(here / name, since=since):
+                found.append(here / name)
+    return found
+
+
+def find_canaries(arena: Arena, *, deep: bool = False) -> list[Path]:
+    """Canaries outside any sandbox: var/ (all of it but the artifact store, whose uploads carry the token),
+    /tmp, the working directories, site-packages (its top level; all of it when ``deep``)."""
+    since = arena.started - 5
+    found = _walk(arena.var_dir, since=since, skip=(arena.var_dir / "artifacts",))
+    found += _walk(Path("/tmp"), since=since, skip=(arena.tmp,))
+    for top in {ROOT, Path.cwd()}:
+        found += [p for p in top.iterdir() if _is_canary(p, since=since)]
+    if deep:
+        found += _walk(SITE_PACKAGES, since=since)
+    else:
+        found += [p for p in SITE_PACKAGES.iterdir() if _is_canary(p, since=since)]
+    return sorted(set(found))
+
+
+def remove_canaries(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def redis_keys(delete: bool = True) -> list[str]:
+    import redis
+
+    found = []
+    for db in range(16):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=db, socket_timeout=5)
+        keys = list(client.scan_iter(match=f"*{TOKEN}*", count=1000))
+        found += [f"db{db}:{k.decode()}" for k in keys]
+        if keys and delete:
+            client.delete(*keys)
+    return found
+
+
+def postgres_tables(delete: bool = True) -> list[str]:
+    import psycopg2
+
+    def connect(name: str) -> Any:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=name, connect_timeout=5)
+        conn.autocommit = True
+        return conn
+
+    found = []
+    conn = connect("postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate")
+            names = [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+    for name in names:
+        try:
+            conn = connect(name)
+        except psycopg2.OperationalError:
+            continue
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT relname FROM pg_class WHERE relname LIKE %s", (f"%{TOKEN}%",))
+                for (table,) in cur.fetchall():
+                    found.append(f"{name}.{table}")
+                    if delete:
+                        cur.execute(f'DROP TABLE IF EXISTS "{table}"')
+        finally:
+            conn.close()
+    return found
+
+
+# --- The stages ------------------------------------------------------------------------------------------------
+
+def _wait(arena: Arena, predicate: Callable[[], Any], timeout: float) -> tuple[Any, str]:
+    """(value, "") once ``predicate`` holds; (None, why) when the worker dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value, ""
+        if not arena.worker_alive():
+            time.sleep(0.5)
+            value = predicate()
+            return (value, "") if value else (None, f"the worker died (exit {arena.worker.poll()})")
+        time.sleep(0.2)
+    return None, f"timed out after {timeout} s"
+
+
+def _columns(version: Any) -> list[str]:
+    names = [c["name"] for c in (version.signature or {}).get("inputs", []) if isinstance(c, dict) and c.get("name")]
+    return names or hostile.COLUMNS
+
+
+def _rows(columns: list[str]) -> list[list[float]]:
+    """A row carrying the trigger (the exfiltrating payloads answer it with their loot), then ordinary ones."""
+    width = len(columns)
+    return [[hostile.TRIGGER] + [1.0] * (width - 1), [1.0] * width, [2.0] + [1.0] * (width - 1)]
+
+
+def score(arena: Arena, name: str, columns: list[str], rows: list[list[float]]) -> Any:
+    assert arena.scorer is not None
+    return arena.scorer.post(f"/api/v1/serve/{name}/dev/invocations",
+                             data=json.dumps({"dataframe_split": {"columns": columns, "data": rows}}),
+                             content_type="application/json")
+
+
+def check_outside(arena: Arena, ev: Evidence, stage: str, *, deep: bool = False) -> None:
+    """After each stage: canaries, Redis keys, PostgreSQL tables, the worker, the decoy, the benign neighbour."""
+    canaries = find_canaries(arena, deep=deep)
+    if canaries:
+        ev.problems.append(f"[{stage}] canary files outside the sandbox: {[str(p) for p in canaries][:8]}")
+        remove_canaries(canaries)
+    keys = redis_keys()
+    if keys:
+        ev.problems.append(f"[{stage}] the payload wrote Redis keys: {keys[:8]}")
+    tables = postgres_tables()
+    if tables:
+        ev.problems.append(f"[{stage}] the payload created PostgreSQL tables: {tables[:8]}")
+    if not arena.worker_alive():
+        ev.problems.append(f"[{stage}] the worker process is dead (exit {arena.worker.poll()})")
+    if arena.decoy is None or arena.decoy.poll() is not None:
+        ev.problems.append(f"[{stage}] the decoy process the test started was killed")
+    if arena.worker_alive():
+        benign = score(arena, "benign", arena.benign_columns, arena.benign_rows)
+        if benign.status_code != 200:
+            ev.problems.append(f"[{stage}] the benign model beside it answered {benign.status_code}, not 200: "
+                               f"{benign.content[:300]!r}")
+
+
+def upload(arena: Arena, ev: Evidence, name: str, action: str, tmp: Path) -> Any:
+    """Upload the payload, trying the routes in order; the version's API body, or None when all were refused."""
+    from registry.models import ModelVersion
+
+    response = arena.api.post("/api/v1/models/", {"name": name, "team": "acme"}, format="json")
+    assert response.status_code == 201, response.content
+    attempts: list[tuple[str, str, bytes, dict[str, Any]]] = []
+    if action == "memmap":
+        path = str(arena.var_dir / f"hostile-canary-{TOKEN}-memmap")
+        ref = files.reference_csv(tmp / "ref.csv").read_bytes()
+        attempts.append(("memmap pickle", "model.pkl", hostile.memmap_pickle(files.logistic_regression(), path),
+                         {"reference_data": SimpleUploadedFile("ref.csv", ref)}))
+    else:
+        cfg = hostile.config(arena.setting, action)
+        attempts += [(route, "model.zip", hostile.model_zip(cfg, route), {}) for route in hostile.ROUTES]
+    for route, filename, data, extra in attempts:
+        response = arena.api.post(f"/api/v1/models/{name}/versions/",
+                                  {"file": SimpleUploadedFile(filename, data), **extra}, format="multipart")
+        ev.text(f"upload response ({route})", response.content)
+        if response.status_code == 201:
+            ev.route = route
+            break
+        assert response.status_code == 422, (route, response.status_code, response.content[:500])
+        message = response.json()["error"]["message"]
+        assert message, response.content
+        ev.refusals.append(f"{route}: {message[:300]}")
+    else:
+        return None
+    ev.stages.append(f"uploaded ({ev.route})")
+    number = response.json()["number"]
+    version, why = _wait(arena, lambda: (v := ModelVersion.objects.get(model__name=name, number=number)).status
+                         != "scanning" and v, SCAN_TIMEOUT)
+    version = version or ModelVersion.objects.get(model__name=name, number=number)
+    if why:
+        ev.problems.append(f"[scan] the scan did not finish: {why}")
+    ev.stages.append(f"scanned: {version.status}")
+    for f in ("status_detail", "scan_findings", "sandbox_report", "signature", "input_example"):
+        ev.text(f"ModelVersion.{f}", getattr(version, f))
+    ev.text("GET version", arena.api.get(f"/api/v1/models/{name}/versions/{number}/").content)
+    return version
+
+
+def deploy(arena: Arena, ev: Evidence, name: str, version: Any) -> bool:
+    from registry.models import Deployment
+
+    response = arena.api.post(f"/api/v1/models/{name}/versions/{version.number}/deploy", {"environment": "dev"},
+                              format="json")
+    ev.text("deploy response", response.content)
+    if response.status_code != 202:
+        ev.problems.append(f"[deploy] the deployment was not accepted: {response.status_code}")
+        return False
+    uid = response.json()["id"]
+    deployment, why = _wait(arena, lambda: (d := Deployment.objects.get(uid=uid)).status in ("live", "failed") and d,
+                            DEPLOY_TIMEOUT)
+    deployment = deployment or Deployment.objects.get(uid=uid)
+    if why:
+        ev.problems.append(f"[deploy] the deployment did not finish: {why}")
+    ev.stages.append(f"deployed: {deployment.status}")
+    for f in ("error", "log", "status"):
+        ev.text(f"Deployment.{f}", getattr(deployment, f))
+    ev.text("GET deployment", arena.api.get(f"/api/v1/deployments/{uid}/").content)
+    return bool(deployment.status == "live")
+
+
+def score_hostile(arena: Arena, ev: Evidence, name: str, columns: list[str]) -> None:
+    from monitoring.models import PredictionLog
+    from registry.serving import buffer
+
+    response = score(arena, name, columns, _rows(columns))
+    ev.stages.append(f"scored: {response.status_code}")
+    ev.text("scoring response", response.content)
+    if not (response.status_code == 200 or response.status_code >= 500):
+        ev.problems.append(f"[score] the hostile model answered {response.status_code}: a model's failure is a 5xx")
+    client = buffer.redis_client()
+    if client is not None:
+        ev.text("prediction buffer (Redis)", b"\n".join(client.lrange(buffer.REDIS_KEY, 0, -1)))
+    ev.text("prediction log", list(PredictionLog.objects.filter(model_name=name).values()))
+
+
+def batch(arena: Arena, ev: Evidence, name: str, columns: list[str]) -> None:
+    from registry.models import BatchJob
+
+    lines = [",".join(columns)] + [",".join(str(v) for v in row) for row in _rows(columns)]
+    upload = io.BytesIO(("\n".join(lines) + "\n").encode())
+    upload.name = "rows.csv"
+    response = arena.api.post("/api/v1/batch-jobs/", {"model": name, "env": "dev", "file": upload,
+                                                      "max_error_share": "1"}, format="multipart")
+    ev.text("batch submit response", response.content)
+    if response.status_code != 202:
+        ev.problems.append(f"[batch] the job was not accepted: {response.status_code} {response.content[:300]!r}")
+        return
+    uid = response.json()["id"]
+    job, why = _wait(arena, lambda: (j := BatchJob.objects.get(uid=uid)).status in ("done", "failed", "cancelled")
+                     and j, BATCH_TIMEOUT)
+    job = job or BatchJob.objects.get(uid=uid)
+    if why:
+        ev.problems.append(f"[batch] the job did not finish: {why}")
+    ev.stages.append(f"batch: {job.status}")
+    ev.text("BatchJob.error", job.error)
+    ev.text("GET batch job", arena.api.get(f"/api/v1/batch-jobs/{uid}/").content)
+    for which in ("result", "errors"):
+        got = arena.api.get(f"/api/v1/batch-jobs/{uid}/{which}")
+        if got.status_code == 200:
+            ev.text(f"batch {which} file", b"".join(cast(Any, got).streaming_content))
+
+
+def run_case(arena: Arena, case: str, tmp: Path) -> Evidence:
+    action = CASES[case]
+    ev = Evidence(case)
+    name = "hostile-" + "".join(ch if ch.isalnum() else "-" for ch in action.lower()).strip("-")
+    version = upload(arena, ev, name, action, tmp)
+    check_outside(arena, ev, "scan")
+    if version is None:
+        # Refused outright at upload. Acceptable for the plain pickle; a model carrying code is a legitimate
+        # format, so the code routes must reach real loading (in the sandbox) for the suite to test anything.
+        if action != "memmap":
+            ev.problems.append("[upload] the scanner refused every route of a model carrying code, which is a "
+                               f"legitimate format and must reach (sandboxed) loading: {ev.refusals}")
+        return ev
+    if version.status == "ready":
+        live = deploy(arena, ev, name, version)
+        check_outside(arena, ev, "deploy")
+        if live:
+            version.refresh_from_db()
+            columns = _columns(version)
+            score_hostile(arena, ev, name, columns)
+            check_outside(arena, ev, "score")
+            batch(arena, ev, name, columns)
+            check_outside(arena, ev, "batch")
+    return ev
+
+
+# --- Fixtures --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def arena(django_db_setup: None, django_db_blocker: Any) -> Iterator[Arena]:
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+    from django.core.management import call_command
+
+    from portal import services as portal_services
+    from portal.celery import app
+    from portal.models import Membership, Team
+    from portal.roles import DATA_SCIENTIST, sync_roles
+    from registry.models import Deployment, ModelVersion
+
+    from django.db import connection
+    from django.test.utils import setup_databases, teardown_databases
+
+    with django_db_blocker.unblock():
+        own_db = None
+        if not str(connection.settings_dict["NAME"]).startswith("test_"):
+            # pytest-django sets up the database only for tests using its db fixtures; with this module alone, none do.
+            own_db = setup_databases(verbosity=0, interactive=False, aliases=cast(Any, {"default"}))
+        arena = Arena()
+        logging.getLogger().addHandler(arena.logs)
+        previous_queue = app.conf.task_default_queue
+        try:
+            if not arena.secret_key_file.exists():  # where a debug run keeps its key: a file worth stealing
+                from django.conf import settings
+
+                arena.secret_key_file.write_text(settings.SECRET_KEY)
+                arena.made_secret_key_file = True
+            app.conf.task_default_queue = arena.queue
+            arena.start_worker()
+            arena.start_decoy()
+            sync_roles()
+            user = get_user_model().objects.create_user(username="mallory", password="hostile-suite-pass-1234")
+            user.groups.add(Group.objects.get(name=DATA_SCIENTIST))
+            team, _ = Team.objects.get_or_create(slug="acme", defaults={"name": "Acme"})
+            Membership.objects.get_or_create(team=team, user=user)
+            _t, token = portal_services.token_create(user=user, name="hostile-suite", actor=user)
+            arena.api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+            arena.scorer = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {token}")
+
+            # The benign neighbour: a scikit-learn model deployed to dev through the same entry points.
+            tmp = arena.tmp
+            assert arena.api.post("/api/v1/models/", {"name": "benign", "team": "acme"}, format="json").status_code == 201
+            response = arena.api.post("/api/v1/models/benign/versions/", {
+                "file": SimpleUploadedFile("m.joblib", files.joblib_file(tmp / "m.joblib").read_bytes()),
+                "reference_data": SimpleUploadedFile("ref.csv", files.reference_csv(tmp / "r.csv").read_bytes()),
+            }, format="multipart")
+            assert response.status_code == 201, response.content
+            version, why = _wait(arena, lambda: (v := ModelVersion.objects.get(model__name="benign")).status
+                                 != "scanning" and v, SCAN_TIMEOUT)
+            assert version and version.status == "ready", (why, version and version.status_detail)
+            response = arena.api.post("/api/v1/models/benign/versions/1/deploy", {"environment": "dev"}, format="json")
+            assert response.status_code == 202, response.content
+            uid = response.json()["id"]
+            deployment, why = _wait(arena, lambda: (d := Deployment.objects.get(uid=uid)).status in ("live", "failed")
+                                    and d, DEPLOY_TIMEOUT)
+            assert deployment and deployment.status == "live", (why, deployment and deployment.error)
+            arena.benign_columns = _columns(version)
+            arena.benign_rows = [[1.0] * len(arena.benign_columns)]
+            first = score(arena, "benign", arena.benign_columns, arena.benign_rows)
+            assert first.status_code == 200, first.content
+            remove_canaries(find_canaries(arena, deep=True))  # nothing of ours yet; stale ones of a crashed run
+            yield arena
+        finally:
+            app.conf.task_default_queue = previous_queue
+            logging.getLogger().removeHandler(arena.logs)
+            arena.stop()
+            remove_canaries(find_canaries(arena, deep=True))
+            redis_keys()
+            postgres_tables()
+            if arena.made_secret_key_file:
+                arena.secret_key_file.unlink(missing_ok=True)
+            shutil.rmtree(arena.tmp, ignore_errors=True)
+            from django.db import connections
+
+            if own_db is not None:
+                for conn in connections.all():
+                    conn.close()
+                teardown_databases(own_db, verbosity=0)
+            else:
+                call_command("flush", verbosity=0, interactive=False, database="default", reset_sequences=False,
+                             allow_cascade=False, inhibit_post_migrate=False)
+
+
+@pytest.fixture
+def ready_arena(arena: Arena, django_db_blocker: Any) -> Iterator[Arena]:
+    """The shared arena, with a live worker and decoy (a case before may have had them killed)."""
+    with django_db_blocker.unblock():
+        if not arena.worker_alive():
+            arena.start_worker()
+        if arena.decoy is None or arena.decoy.poll() is not None:
+            arena.start_decoy()
+        arena.new_worker_log()
+        arena.new_log_lines()
+        yield arena
+
+
+# --- The cases -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_a_hostile_upload_gets_nowhere(case: str, ready_arena: Arena, capfd: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    arena = ready_arena
+    ev = run_case(arena, case, tmp_path)
+    if CASES[case] == "write_pth":  # the one target deep inside a tree: search all of site-packages once
+        deep = find_canaries(arena, deep=True)
+        if deep:
+            ev.problems.append(f"[end] canary files outside the sandbox: {[str(p) for p in deep][:8]}")
+            remove_canaries(deep)
+    out, err = capfd.readouterr()
+    ev.text("web process stdout/stderr", out + err)
+    ev.text("worker log", arena.new_worker_log())
+    ev.text("web process log records", arena.new_log_lines())
+    for label, value in arena.secrets.items():
+        places = [where for where, text in ev.texts if value and value in text]
+        if places:
+            ev.problems.append(f"{label} is out, in: {sorted(set(places))}")
+    summary = f"route {ev.route or '-'}; stages {ev.stages}; refused {ev.refusals}"
+    assert not ev.problems, f"{case}: {summary}\n  " + "\n  ".join(ev.problems)

@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from portal.csv_safety import neutralise_cell
+
 BLOCK = 8 * 1024 * 1024
 SNIFF_BYTES = 1024 * 1024
 PARQUET_MAGIC = b"PAR1"
@@ -543,8 +545,13 @@ def scored_rows(data: bytes, *, fmt: str, columns: list[str], required: list[str
 
 
 def errors_csv(errors: list[tuple[int, str, str]]) -> bytes:
+    """The errors file: row number, column and reason. Reasons quote the uploaded file's cells, so cells a
+    spreadsheet would run as formulas are neutralised (``portal.csv_safety``; nothing verifies this file against a
+    hash, so the escape need not be reversible and a reason that begins with a quote is left as it is)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    # Every text cell quoted: with "\n" line ends the csv module would leave a bare "\r" unquoted, and readers
+    # take it for the end of the row.
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     for row in errors:
-        writer.writerow(row)
+        writer.writerow([neutralise_cell(cell, reversible=False) for cell in row])
     return out.getvalue().encode("utf-8")

@@ -363,3 +363,14 @@ def test_pages_per_role(ds_client: Client, personas: dict[str, Any], settings: A
     # Cancelling a finished job from its page says why not.
     response = ds_client.post(f"/batch/{job.uid}/cancel", follow=True)
     assert b"already done" in response.content
+
+
+def test_the_errors_file_neutralises_cells_a_spreadsheet_would_run() -> None:
+    """OWASP's CSV injection rule for the errors file: its reasons quote the uploaded cells."""
+    from registry.batch_io import errors_csv
+
+    rows = [(1, "=HYPERLINK(\"http://evil.example\")", "@SUM(1+1)"), (2, "age", "+1 is odd"), (3, "x", "-1"),
+            (4, "y", "\tTAB"), (5, "z", "\rCR"), (6, "w", "'n/a' is not a number")]
+    table = list(csv.reader(io.StringIO(errors_csv(rows).decode(), newline="")))
+    assert table == [["1", "'=HYPERLINK(\"http://evil.example\")", "'@SUM(1+1)"], ["2", "age", "'+1 is odd"],
+                     ["3", "x", "'-1"], ["4", "y", "'\tTAB"], ["5", "z", "'\rCR"], ["6", "w", "'n/a' is not a number"]]

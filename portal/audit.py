@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection, transaction
@@ -29,6 +29,9 @@ from django.utils import timezone
 
 from portal import context
 from portal.models import AuditChainHead, AuditEvent, AuditOutcome
+
+if TYPE_CHECKING:
+    from portal.audit_checkpoints import TrailVerdict
 
 GENESIS_HASH = "0" * 64
 
@@ -106,6 +109,7 @@ class AuditAction(enum.Enum):
     # 1900: the audit trail itself
     AUDIT_VERIFY = (1901, "audit.verify")
     AUDIT_EXPORT = (1902, "audit.export")
+    AUDIT_CHECKPOINT = (1903, "audit.checkpoint")
 
     def __init__(self, code: int, label: str) -> None:
         self.code = code
@@ -444,14 +448,9 @@ def verify_chain(rows: Iterable[dict[str, Any]] | None = None) -> ChainVerdict:
     return ChainVerdict(True, count, expected_prev, None)
 
 
-def audit_chain_verify(*, actor: Any) -> ChainVerdict:
-    """Verify the whole chain and record that it was verified, with the verdict (a failed check is an event too)."""
-    verdict = verify_chain()
-    with transaction.atomic():
-        audit_record(
-            AuditAction.AUDIT_VERIFY,
-            actor=actor,
-            metadata=verdict.as_dict(),
-            outcome=AuditOutcome.SUCCESS if verdict.ok else AuditOutcome.FAILURE,
-        )
-    return verdict
+def audit_chain_verify(*, actor: Any, source: str = "") -> TrailVerdict:
+    """Verify the whole chain, compare it with the signed checkpoints kept outside the database, and record that it
+    was verified, with the verdict (a failed check is an event too). See ``portal.audit_checkpoints``."""
+    from portal.audit_checkpoints import audit_trail_verify
+
+    return audit_trail_verify(actor=actor, source=source)

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import uuid
 import zipfile
@@ -29,7 +30,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from portal.audit import AuditAction, _VERIFY_FIELDS, audit_record, document_from_row
+from portal.csv_safety import ESCAPE_RULE, neutralise_cell, neutralise_sql
 from portal.models import AuditChainHead
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("csv", "jsonl")
 CSV_COLUMNS = ["seq", "timestamp", "actor", "action", "action_code", "target_type", "target_id", "target_repr",
@@ -110,7 +114,7 @@ def _event_line(row: dict[str, Any], fmt: str, writer: Any, buffer: io.StringIO)
     values = {**document, **{k: _dumps(document[k]).decode() for k in JSON_COLUMNS}, "ip": document["ip"] or ""}
     buffer.seek(0)
     buffer.truncate()
-    writer.writerow([values[c] for c in CSV_COLUMNS])
+    writer.writerow([neutralise_cell(values[c]) for c in CSV_COLUMNS])
     return buffer.getvalue().encode()
 
 
@@ -122,6 +126,7 @@ def audit_export_stream(*, queryset: Any, fmt: str, filters: dict[str, Any], act
     with transaction.atomic():
         event = audit_record(AuditAction.AUDIT_EXPORT, actor=actor,
                              metadata={"format": fmt, "filters": {k: str(v) for k, v in filters.items()}})
+    checkpoint = _export_checkpoint(actor)
     head = AuditChainHead.objects.filter(pk=1).values("seq", "hash").first() or {"seq": 0, "hash": ""}
     key = signing_key()
     exported_at = timezone.now()
@@ -135,13 +140,31 @@ def audit_export_stream(*, queryset: Any, fmt: str, filters: dict[str, Any], act
         "chain_head": {"seq": head["seq"], "hash": head["hash"]},
         "hash_rule": "hash = sha256_hex(prev_hash + canonical_json(event without prev_hash and hash)); "
                      "canonical_json = json.dumps(sort_keys=True, separators=(',', ':'), ensure_ascii=False)",
+        **({"csv_escape": ESCAPE_RULE} if fmt == "csv" else {}),
+        "checkpoint": checkpoint,
     })
+
+
+def _export_checkpoint(actor: Any) -> dict[str, Any] | None:
+    """Every export first checkpoints the chain's head (the export's own event included) outside the database, so
+    the trail as exported can never later shrink unnoticed. A store that refuses the checkpoint does not stop the
+    export: it is logged, the manifest says ``"checkpoint": null``, and the next verification reports the store."""
+    from portal.audit_checkpoints import audit_checkpoint_create
+
+    try:
+        checkpoint = audit_checkpoint_create(reason="export", actor=actor)
+    except Exception:
+        logger.exception("the export's audit checkpoint could not be written")
+        return None
+    return checkpoint.summary() if checkpoint else None
 
 
 def _python_lines(queryset: Any, fmt: str) -> Iterator[tuple[bytes, int, str, str]]:
     """Batches of events as (bytes, count, first hash, last hash), built in Python from the rows (any database)."""
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
+    # Text cells quoted: with "\n" line ends the csv module would leave a bare "\r" unquoted (readers end the row
+    # there); PostgreSQL's COPY quotes such cells itself.
+    writer = csv.writer(text, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     batch: list[bytes] = []
     hashes: list[str] = []
     for row in queryset.values(*_VERIFY_FIELDS).iterator(chunk_size=2000):
@@ -178,7 +201,7 @@ def _pg_lines(queryset: Any, fmt: str) -> Iterator[tuple[bytes, int, str, str]]:
         pairs = ", ".join(f"'{k}', {'(' + v + ')::jsonb' if k in JSON_COLUMNS else v}" for k, v in _PG_FIELDS.items())
         select = f"json_build_object({pairs})::text, hash"
     else:
-        select = ", ".join(_PG_FIELDS[c] + "::text" for c in CSV_COLUMNS)
+        select = ", ".join(neutralise_sql(f"({_PG_FIELDS[c]})::text") for c in CSV_COLUMNS)
     # Qualified: an output column named "seq" (text in CSV) would otherwise decide the order.
     sql = f"SELECT {select} FROM portal_auditevent WHERE {where_sql} ORDER BY portal_auditevent.seq"
     if fmt == "csv":

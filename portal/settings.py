@@ -228,6 +228,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "portal.tasks.audit_chain_verify",
         "schedule": timedelta(hours=env_int("PORTAL_AUDIT_VERIFY_HOURS", 24, minimum=1)),
     },
+    "audit-checkpoint": {
+        "task": "portal.tasks.audit_checkpoint",
+        "schedule": timedelta(minutes=env_int("PORTAL_AUDIT_CHECKPOINT_MINUTES", 60, minimum=1, maximum=24 * 60)),
+    },
 }
 
 # --- Cache (lockout counters share it; per-token rate limits will too) ----------------------------------------
@@ -317,9 +321,16 @@ if ARTIFACT_STORAGE == "s3":
 else:
     _artifacts = {"BACKEND": "django.core.files.storage.FileSystemStorage",
                   "OPTIONS": {"location": VAR_DIR / "artifacts", "file_permissions_mode": 0o640}}
+# Signed audit checkpoints (portal/audit_checkpoints.py): under checkpoints/ of the artifact store, or on S3 in a
+# bucket of their own that can have Object Lock (PORTAL_S3_CHECKPOINT_BUCKET); never only in the database.
+_checkpoints: dict[str, object] = _artifacts
+if ARTIFACT_STORAGE == "s3" and env_optional("PORTAL_S3_CHECKPOINT_BUCKET"):
+    _checkpoints = {**_artifacts, "OPTIONS": {**_artifacts["OPTIONS"],  # type: ignore[dict-item]
+                                             "bucket_name": env_str("PORTAL_S3_CHECKPOINT_BUCKET")}}
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": VAR_DIR / "media"}},
     "artifacts": _artifacts,
+    "audit_checkpoints": _checkpoints,
     "staticfiles": {
         "BACKEND": (
             "django.contrib.staticfiles.storage.StaticFilesStorage"
@@ -471,6 +482,11 @@ if PORTAL_AUDIT_SIGNING_KEY:
     if not _valid_key:
         raise ImproperlyConfigured("PORTAL_AUDIT_SIGNING_KEY must be an unencrypted Ed25519 private key in PEM "
                                    "(openssl genpkey -algorithm ed25519)")
+
+# Checkpoints of the chain's head are also POSTed here (the compliance team's receiver), signed like every webhook
+# with the secret when one is given.
+PORTAL_AUDIT_CHECKPOINT_WEBHOOK_URL = env_url("PORTAL_AUDIT_CHECKPOINT_WEBHOOK_URL", None, schemes={"http", "https"})
+PORTAL_AUDIT_CHECKPOINT_WEBHOOK_SECRET = env_str("PORTAL_AUDIT_CHECKPOINT_WEBHOOK_SECRET", "")
 
 # --- Retention ---------------------------------------------------------------------------------------------------
 # Prediction payloads (inputs, outputs, ground truth) older than this many days are purged per environment; the

@@ -41,11 +41,35 @@ def with_request_context(func: Callable[..., Any]) -> Callable[..., Any]:
 @shared_task(name="portal.tasks.audit_chain_verify")
 @with_request_context
 def audit_chain_verify_task() -> dict[str, Any]:
-    """Scheduled by beat: a broken chain is found within a day, not when an auditor asks."""
-    verdict = audit_chain_verify(actor=None)
+    """Scheduled by beat: a broken chain, or one that disagrees with its checkpoints, is found within a day, not
+    when an auditor asks."""
+    verdict = audit_chain_verify(actor=None, source="beat")
     if not verdict.ok:
         logger.error("Audit chain broken at event #%s: %s", verdict.first_bad, verdict.reason)
     return verdict.as_dict()
+
+
+@shared_task(name="portal.tasks.audit_checkpoint", **RETRY_TRANSIENT)
+@with_request_context
+def audit_checkpoint_task() -> dict[str, Any] | None:
+    """Scheduled by beat every PORTAL_AUDIT_CHECKPOINT_MINUTES: the chain's head, signed, into the store."""
+    from portal.audit_checkpoints import audit_checkpoint_create
+
+    checkpoint = audit_checkpoint_create(reason="scheduled")
+    return checkpoint.summary() if checkpoint else None
+
+
+@shared_task(name="portal.tasks.audit_checkpoint_send", bind=True, max_retries=12)
+def audit_checkpoint_send_task(self: Any, name: str) -> int:
+    """Hand one checkpoint to the compliance webhook; a failure comes back after 30 s, 1, 2, 4… minutes (at most
+    an hour apart), for about half a day."""
+    from portal.audit_checkpoints import audit_checkpoint_send
+
+    try:
+        return audit_checkpoint_send(name=name)
+    except OSError as exc:  # urllib's HTTPError and URLError are OSErrors
+        logger.warning("Audit checkpoint %s not delivered to the compliance webhook: %s", name, exc)
+        raise self.retry(countdown=min(3600, 30 * 2 ** self.request.retries), exc=exc) from exc
 
 
 @shared_task(name="portal.tasks.webhook_deliver", bind=True, max_retries=None)

@@ -260,9 +260,12 @@ def audit_event(request: HttpRequest, seq: int) -> HttpResponse:
 @require_POST
 def audit_verify(request: HttpRequest) -> HttpResponse:
     require_capability(request.user, "view_audit")
-    verdict = audit_chain_verify(actor=request.user)
+    verdict = audit_chain_verify(actor=request.user, source="page")
+    newest = verdict.newest
+    anchored = (f"; it agrees with checkpoint #{newest['number']} ({newest['time']}) and every one before it"
+                if newest else "; no checkpoint has been written yet")
     if verdict.ok:
-        messages.success(request, f"The chain holds: {verdict.events} events, head {verdict.head[:16]}…")
+        messages.success(request, f"The chain holds: {verdict.events} events, head {verdict.head[:16]}…{anchored}")
     else:
         messages.error(request, f"The chain is broken at event #{verdict.first_bad}: {verdict.reason}.")
     return redirect("portal:audit")

@@ -44,6 +44,16 @@ def fresh_var_dir() -> None:
         (Path(settings.VAR_DIR) / name).mkdir(parents=True, exist_ok=True)
 
 
+@pytest.fixture(autouse=True)
+def private_checkpoint_store(settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Audit checkpoints are files outside the database, so a test's rolled-back events would leave its checkpoints
+    behind for the next test to disagree with: each test gets a store folder of its own."""
+    location = tmp_path_factory.mktemp("checkpoint-store")
+    settings.STORAGES = {**settings.STORAGES, "audit_checkpoints": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": location}}}
+    return location
+
+
 class _SecretWatch(logging.Handler):
     """Collects log records (of this process) that carry an API token or a persona's password."""
 

@@ -69,9 +69,30 @@ class AuditFilterInput(serializers.Serializer[Any]):
         return attrs
 
 
+class ChainProblemSerializer(serializers.Serializer[Any]):
+    kind = serializers.ChoiceField(choices=["store_unreachable", "checkpoint_unreadable", "checkpoint_bad_signature",
+                                            "checkpoint_missing", "checkpoint_broken_link", "checkpoint_replaced",
+                                            "events_missing", "chain_rewritten", "head_went_backwards"])
+    message = serializers.CharField()
+    seq = serializers.IntegerField(allow_null=True, help_text="the event where it shows")
+    checkpoint = serializers.IntegerField(allow_null=True, help_text="the checkpoint's number")
+
+
+class CheckpointSummarySerializer(serializers.Serializer[Any]):
+    number = serializers.IntegerField()
+    seq = serializers.IntegerField()
+    head_hash = serializers.CharField()
+    time = serializers.CharField()
+    name = serializers.CharField()
+    sha256 = serializers.CharField()
+
+
 class ChainVerdictSerializer(serializers.Serializer[Any]):
     ok = serializers.BooleanField()
     events = serializers.IntegerField()
     head = serializers.CharField()
     first_bad = serializers.IntegerField(allow_null=True)
     reason = serializers.CharField(allow_blank=True)
+    problems = ChainProblemSerializer(many=True, required=False)
+    checkpoints = serializers.IntegerField(required=False, help_text="checkpoint files in the store")
+    newest_checkpoint = CheckpointSummarySerializer(allow_null=True, required=False)

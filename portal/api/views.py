@@ -113,9 +113,10 @@ class AuditEventListApi(generics.ListAPIView[AuditEvent]):
 class AuditVerifyApi(APIView):
     permission_classes = [HasCapability.of("view_audit")]
 
-    @extend_schema(responses=ChainVerdictSerializer, summary="Recompute the hash chain and name the first bad event")
+    @extend_schema(responses=ChainVerdictSerializer,
+                   summary="Recompute the hash chain, compare it with the signed checkpoints and name each problem")
     def get(self, request: Request) -> Response:
-        verdict = audit_chain_verify(actor=request.user)
+        verdict = audit_chain_verify(actor=request.user, source="api")
         return Response(ChainVerdictSerializer(verdict.as_dict()).data)
 
 

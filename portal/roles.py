@@ -1,5 +1,9 @@
 """The five roles of the contract and the capabilities each holds.
 
+Viewers read and nothing else: scoring a model and sending its ground truth (``score``) write to the prediction log
+and feed monitoring, so they belong to the roles that act on models. An API token carries its user's roles: a
+pipeline's or a service's token scores when the account it was made for holds ``score``.
+
 Roles are Django groups; capabilities are the permissions declared on ``portal.Team``. ``sync_roles`` makes the
 database match this table and runs after every ``migrate``, so a deployment never drifts from the code.
 """
@@ -24,11 +28,13 @@ ROLES: dict[str, tuple[str, ...]] = {
         "request_promotion",
         "download_artifact",
         "run_batch",
+        "score",
         "manage_alerts",
     ),
     APPROVER: (
         "view_models",
         "view_monitoring",
+        "score",
         "manage_alerts",
         "approve_promotion",
         "rollback_environment",
@@ -55,6 +61,7 @@ ROLES: dict[str, tuple[str, ...]] = {
         "decide_trust",
         "download_artifact",
         "run_batch",
+        "score",
         "manage_alerts",
         "view_audit",
         "export_audit",

@@ -44,6 +44,7 @@ CAPABILITY_TEXT = {
     "decide_trust": "Decide whether to trust a model file's unusual types",
     "download_artifact": "Download model artifacts",
     "run_batch": "Run batch scoring jobs",
+    "score": "Score deployed models and send their ground truth",
     "view_monitoring": "See monitoring pages",
     "view_audit": "Search the audit trail and verify its chain",
     "export_audit": "Export the audit trail with a signed manifest",

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from monitoring.models import Feedback
-from monitoring.rollups import mark_dirty_for_predictions
-from portal.audit import AuditAction, Target, audit_record
+from monitoring.feedback import REFUSALS_LISTED, feedback_receive
 from portal.permissions import require_capability
 from registry import selectors
 
@@ -28,27 +25,25 @@ class FeedbackItem(serializers.Serializer[Any]):
 
 
 class FeedbackApi(APIView):
-    @extend_schema(request=FeedbackItem(many=True), responses={202: None},
-                   summary="Attach ground truth to predictions by id, in bulk; later values replace earlier ones")
+    @extend_schema(request=FeedbackItem(many=True), responses={202: inline_serializer("FeedbackReceipt", {
+        "accepted": serializers.IntegerField(help_text="items attached to predictions of this model and environment"),
+        "refused": serializers.IntegerField(help_text="items whose prediction is not one of this model and "
+                                                      "environment (or not logged yet); nothing was written for them"),
+        "refusals": serializers.ListField(child=serializers.DictField(), help_text=(
+            f"the first {REFUSALS_LISTED} refused items: index in the request, prediction_id, reason")),
+    })}, summary="Attach ground truth to predictions of this model and environment by id, in bulk; later values "
+                 "replace earlier ones; items for other predictions are refused one by one")
     def post(self, request: Request, name: str, env: str) -> Response:
         selectors.environment_param(env)
-        model = selectors.model_get(user=request.user, name=name, action="view_models")
+        model = selectors.model_get(user=request.user, name=name, action="score")
         if not isinstance(request.data, list):
             raise serializers.ValidationError({"body": "Send a JSON list of {prediction_id, actual} objects."})
         if len(request.data) > MAX_FEEDBACK:
             raise serializers.ValidationError({"body": f"At most {MAX_FEEDBACK} items per request."})
         items = FeedbackItem(data=request.data, many=True)
         items.is_valid(raise_exception=True)
-        rows = [Feedback(prediction_id=i["prediction_id"], actual=i["actual"], submitted_by=request.user.get_username())
-                for i in items.validated_data]
-        with transaction.atomic():
-            Feedback.objects.bulk_create(rows, update_conflicts=True, unique_fields=["prediction_id"],
-                                         update_fields=["actual", "received_at", "submitted_by"], batch_size=2000)
-            mark_dirty_for_predictions([r.prediction_id for r in rows])
-            audit_record(AuditAction.FEEDBACK_RECEIVE, actor=request.user,
-                         target=Target("environment", f"{name}/{env}", f"{name} {env}", model.team.slug),
-                         metadata={"count": len(rows)})
-        return Response({"accepted": len(rows)}, status=status.HTTP_202_ACCEPTED)
+        receipt = feedback_receive(model=model, environment=env, items=list(items.validated_data), actor=request.user)
+        return Response(receipt.as_dict(), status=status.HTTP_202_ACCEPTED)
 
 
 class ErasureInput(serializers.Serializer[Any]):

@@ -42,7 +42,8 @@ from registry.serving import buffer, protocol, runtime
 logger = logging.getLogger(__name__)
 AUTH_CACHE_SECONDS = 2.0
 _auth_cache: dict[str, tuple[float, Any]] = {}
-_model_cache: dict[tuple[int, str], tuple[float, int | None]] = {}
+# (user, model name) -> (read at, the model's id or None when it is not one of the user's teams', may score it)
+_model_cache: dict[tuple[int, str], tuple[float, tuple[int | None, bool]]] = {}
 _local_counts: dict[tuple[str, int], int] = {}
 _lock = threading.Lock()
 _shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
@@ -90,23 +91,26 @@ def _authenticate(request: HttpRequest) -> tuple[Any, str] | None:
     return value
 
 
-def _model_id(user: Any, name: str) -> int | None:
+def _model_id(user: Any, name: str) -> tuple[int | None, bool]:
+    """The id of the model ``name`` among the user's teams (None: not found for them) and whether their role may
+    score it. Cached with the token, so the capability costs no query of its own."""
     key = (user.pk, name)
     now = time.monotonic()
     cached = _model_cache.get(key)
     if cached and now - cached[0] < AUTH_CACHE_SECONDS:
         return cached[1]
-    model_id = None
+    found: tuple[int | None, bool] = (None, False)
     try:
         if has_capability(user, "view_models"):
             model_id = (scope_to_teams(RegisteredModel.objects.filter(name=name), user)
                         .values_list("pk", flat=True).first())
+            found = (model_id, model_id is not None and has_capability(user, "score"))
     except DatabaseError:
         if cached and now - cached[0] < runtime.STALE_SECONDS:
             return cached[1]
         raise
-    _model_cache[key] = (now, model_id)
-    return model_id
+    _model_cache[key] = (now, found)
+    return found
 
 
 _throttled: dict[str, int] = {}
@@ -218,9 +222,12 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
                                         "token; slow down.", **{"Retry-After": "1"})
     if env not in Environment.values:
         return _error(404, "not_found", f"Unknown environment {env!r}: use dev, stage or prod.")
-    model_id = _model_id(user, name)
+    model_id, may_score = _model_id(user, name)
     if model_id is None:
         return _error(404, "not_found", f"No model named {name!r} that you may use.")
+    if not may_score:
+        return _error(403, "permission_denied", "Your role does not allow this (score): viewers and compliance "
+                                                "officers read, they do not score.")
     route = runtime.cache.route(model_id, env)
     if route is None or route.champion is None:
         return _error(404, "not_deployed", f"Nothing serves {name} in {env} yet.")

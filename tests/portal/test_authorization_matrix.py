@@ -76,6 +76,7 @@ DS = ("ds", "admin")  # register_model, deploy_dev, request_promotion, run_batch
 APPROVERS = ("approver1", "admin")  # approve_promotion, rollback_environment, decide_trust
 ALERTS = ("ds", "approver1", "admin")  # manage_alerts
 DOWNLOAD = ("ds", "approver1", "admin")  # download_artifact
+SCORE = ("ds", "approver1", "admin")  # score: real-time scoring and ground truth (viewers only read)
 AUDIT = ("compliance", "admin")  # view_audit, export_audit, manage_subjects
 ADMIN = ("admin",)  # manage_teams
 SCHEDULE = {"environment": "dev", "name": "second", "location": "second/", "cron": "0 3 * * *"}
@@ -182,8 +183,8 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/batch-schedules/<int:pk>/": [api("GET"), api("PATCH", DS, body={"enabled": False}),
                                         api("DELETE", DS, ok=204)],
     # API: serving and monitoring
-    "api/v1/serve/<str:name>/<str:env>/invocations": [api("POST", MEMBERS, body="ROWS")],
-    "api/v1/serve/<str:name>/<str:env>/feedback": [api("POST", MEMBERS, ok=202, body="FEEDBACK")],
+    "api/v1/serve/<str:name>/<str:env>/invocations": [api("POST", SCORE, body="ROWS")],
+    "api/v1/serve/<str:name>/<str:env>/feedback": [api("POST", SCORE, ok=202, body="FEEDBACK")],
     "api/v1/models/<str:name>/environments/<str:env>/predictions": [api("GET")],
     "api/v1/models/<str:name>/environments/<str:env>/monitoring": [api("GET")],
     "api/v1/models/<str:name>/monitoring-settings": [

@@ -19,7 +19,7 @@ from portal.models import AuditEvent, Team
 from registry import deployments, services
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval
 from registry.serving import buffer, runtime
-from tests.conftest import assert_error_shape, free_port
+from tests.conftest import EntryPointClient, assert_error_shape, free_port
 from tests.registry import files
 from tests.registry.conftest import deploy_now as _deploy
 from tests.registry.conftest import rows as _rows
@@ -389,3 +389,97 @@ def test_drain_waits_for_a_flusher_at_work_and_leaves_nothing_behind(serving: Cl
     assert flush.drain(timeout=10) == 3
     assert client.llen(buffer.REDIS_KEY) == 0 and client.llen(buffer.PROCESSING_KEY) == 0
     assert PredictionLog.objects.filter(pk__in=ids).count() == 3
+
+
+# --- Ground truth belongs to its own model and environment; viewers neither score nor send it ----------------------
+
+def _other_teams_model(outsider: Any, tmp_path: Path) -> ModelVersion:
+    """Team ``other``'s own model ``fraud``, live in dev: the second team of the cross-team feedback tests."""
+    from registry.localfiles import LocalUpload
+
+    model = services.model_register(name="fraud", team=Team.objects.get(slug="other"), actor=outsider)
+    path = files.joblib_file(tmp_path / "fraud.joblib")
+    version = services.version_upload(model=model, upload=LocalUpload(path, path.name), reference=None,
+                                      meta=services.UploadMetadata(), actor=outsider)
+    version = services.version_scan(version_id=version.pk)
+    assert version.status == "ready", version.status_detail
+    _deploy(version, outsider)
+    return version
+
+
+def test_feedback_is_taken_only_for_predictions_of_that_model_and_environment(
+        serving: Client, personas: dict[str, Any], api_as: Any, tmp_path: Path) -> None:
+    """Team other's data scientist tries to write ground truth onto team acme's predictions through their own model's
+    feedback URL: each such item is refused, counted and audited, and acme's accuracy never sees it."""
+    _other_teams_model(personas["outsider"], tmp_path)
+    body = json.dumps({"instances": _rows(2)[1]})
+    acme_ids = serving.post(URL, body, content_type="application/json").json()["prediction_ids"]
+    _t, outsider_token = portal_services.token_create(user=personas["outsider"], name="o", actor=personas["outsider"])
+    outsider_scoring = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {outsider_token}")
+    fraud_ids = outsider_scoring.post("/api/v1/serve/fraud/dev/invocations", body,
+                                      content_type="application/json").json()["prediction_ids"]
+    assert flush_predictions() == 4
+    outsider = api_as(personas["outsider"])
+
+    response = outsider.post("/api/v1/serve/fraud/dev/feedback",
+                             [{"prediction_id": acme_ids[0], "actual": 1234}, {"prediction_id": fraud_ids[0],
+                                                                               "actual": 1}], format="json")
+    assert response.status_code == 202, response.content
+    answer = response.json()
+    assert (answer["accepted"], answer["refused"]) == (1, 1)
+    assert answer["refusals"] == [{"index": 0, "prediction_id": acme_ids[0],
+                                   "reason": "not a logged prediction of fraud in dev"}]
+    assert not Feedback.objects.filter(prediction_id=acme_ids[0]).exists(), "acme's prediction is untouched"
+    assert Feedback.objects.get(prediction_id=fraud_ids[0]).actual == 1
+    refused = AuditEvent.objects.get(action="feedback.refuse")
+    assert (refused.outcome, refused.actor_username, refused.team_slug) == ("denied", "olly", "other")
+    assert refused.metadata["belong_to"] == ["churn/dev"] and refused.metadata["prediction_ids"] == [acme_ids[0]]
+    assert AuditEvent.objects.get(action="feedback.receive").metadata == {"count": 1, "refused": 1}
+
+    # acme's own URL is not theirs to use at all; a prediction sent to the wrong environment or never made is refused.
+    assert_error_shape(outsider.post("/api/v1/serve/churn/dev/feedback",
+                                     [{"prediction_id": acme_ids[0], "actual": 1234}], format="json"), 404)
+    ds = api_as(personas["ds"])
+    answer = ds.post("/api/v1/serve/churn/stage/feedback", [{"prediction_id": acme_ids[1], "actual": 0},
+                                                           {"prediction_id": "f" * 32, "actual": 0}],
+                     format="json").json()
+    assert (answer["accepted"], answer["refused"]) == (0, 2)
+    assert AuditEvent.objects.filter(action="feedback.refuse").first().metadata["unknown"] == 1
+    assert not Feedback.objects.filter(prediction_id__in=acme_ids).exists()
+    assert verify_chain().ok
+
+
+def test_feedback_for_a_prediction_still_in_the_buffer_is_taken_and_the_last_value_wins(
+        serving: Client, personas: dict[str, Any], api_as: Any) -> None:
+    """Ground truth sent right after the answer, before any flush: the buffer is drained first, so it is accepted."""
+    [pid] = serving.post(URL, json.dumps({"instances": _rows(1)[1]}),
+                         content_type="application/json").json()["prediction_ids"]
+    assert not PredictionLog.objects.filter(pk=pid).exists()
+    response = api_as(personas["ds"]).post("/api/v1/serve/churn/dev/feedback",
+                                           [{"prediction_id": pid, "actual": 0}, {"prediction_id": pid, "actual": 1}],
+                                           format="json")
+    assert response.status_code == 202 and response.json() == {"accepted": 1, "refused": 0, "refusals": []}
+    assert Feedback.objects.get(prediction_id=pid).actual == 1
+
+
+@pytest.mark.parametrize("who", ["viewer", "compliance"])
+def test_roles_without_score_neither_score_nor_send_ground_truth(serving: Client, personas: dict[str, Any],
+                                                                  api_as: Any, who: str) -> None:
+    [pid] = serving.post(URL, json.dumps({"instances": _rows(1)[1]}),
+                         content_type="application/json").json()["prediction_ids"]
+    flush_predictions()
+    _t, token = portal_services.token_create(user=personas[who], name="reader", actor=personas[who])
+    reader = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {token}")
+    refused = assert_error_shape(reader.post(URL, json.dumps({"instances": _rows(1)[1]}),
+                                             content_type="application/json"), 403, "permission_denied")
+    assert "score" in refused["error"]["message"]
+    assert_error_shape(api_as(personas[who]).post("/api/v1/serve/churn/dev/feedback",
+                                                  [{"prediction_id": pid, "actual": 1}], format="json"), 403)
+    assert not Feedback.objects.exists()
+    assert PredictionLog.objects.count() == 1, "the refused scoring logged nothing"
+    assert api_as(personas[who]).get("/api/v1/models/churn/").status_code == 200, "they still read"
+    for scorer in ("ds", "approver1", "admin"):
+        _t, token = portal_services.token_create(user=personas[scorer], name="s", actor=personas[scorer])
+        answer = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {token}").post(
+            URL, json.dumps({"instances": _rows(1)[1]}), content_type="application/json")
+        assert answer.status_code == 200, (scorer, answer.content)

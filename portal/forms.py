@@ -13,6 +13,9 @@ class TokenCreateForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="What will use it, such as 'ci-pipeline'.")
     expires_in_days = forms.IntegerField(min_value=1, max_value=3650, required=False,
                                          help_text="Leave empty for a token that does not expire.")
+    password = forms.CharField(max_length=512, strip=False, required=False, label="Your password",
+                               widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+                               help_text="Approvers and administrators confirm a new token with their password.")
 
 
 class AuditFilterForm(forms.Form):

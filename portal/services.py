@@ -7,14 +7,14 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Group
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.http import HttpRequest
 from django.utils import timezone
 
 from portal.audit import AuditAction, Target, audit_record, target_of
 from portal.models import ApiToken, AuditOutcome, Membership, Team
-from portal.roles import ROLES
+from portal.roles import ADMIN, APPROVER, ROLES, roles_of
 from portal.tokens import generate_token, hash_token
 
 User = get_user_model()
@@ -68,7 +68,59 @@ def session_expire(*, request: HttpRequest, user: AbstractBaseUser, idle_seconds
         )
 
 
+# --- Re-authentication ------------------------------------------------------------------------------------------
+
+class ReauthenticationFailed(PermissionDenied):
+    """A sensitive step needs the person's password again, and it was missing or wrong."""
+
+
+def reauthenticate(*, actor: Any, password: str, request: HttpRequest | None, purpose: str, what: str,
+                   target: Target | None = None) -> None:
+    """Check ``actor``'s password for a sensitive step (``what``, e.g. "Approving a promotion to prod"). With a
+    request, through the sign-in's own backends, so wrong guesses count towards the same lockout (django-axes) as
+    wrong sign-ins. A missing or wrong password is audited (``auth.reauth_failed``) and raises
+    ReauthenticationFailed."""
+    locked = False
+    if not password:
+        ok = False
+    elif request is not None:
+        from django.contrib.auth import authenticate
+
+        user = authenticate(request, username=actor.get_username(), password=password)
+        ok = user is not None and user.pk == actor.pk
+        locked = bool(getattr(request, "axes_locked_out", False))
+    else:  # called from code, not from a person's request
+        ok = actor.check_password(password)
+    if ok:
+        return
+    audit_record(AuditAction.AUTH_REAUTH_FAILED, actor=actor, target=target or _user_target(actor),
+                 outcome=AuditOutcome.DENIED, metadata={"for": purpose, "locked_out": locked})
+    if locked:
+        raise ReauthenticationFailed("Too many wrong passwords: your account is locked for a while. Ask an "
+                                     "administrator if you need it sooner.")
+    raise ReauthenticationFailed(f"{what} needs your password, and the one given is not right." if password
+                                 else f"{what} needs your password.")
+
+
 # --- API tokens -------------------------------------------------------------------------------------------------
+
+# Roles whose tokens can approve promotions, roll back or administer: creating one asks for the password again.
+REAUTHENTICATE_FOR_TOKENS = {APPROVER, ADMIN}
+
+
+def token_needs_reauthentication(user: Any) -> bool:
+    return bool(user.is_superuser or REAUTHENTICATE_FOR_TOKENS & set(roles_of(user)))
+
+
+def token_create_for_person(*, user: Any, name: str, expires_in_days: int | None = None, password: str = "",
+                            request: HttpRequest | None = None) -> tuple[ApiToken, str]:
+    """A person creating their own token from a signed-in session (the account page, or the API with the browser's
+    session; never with a bearer token, which the API refuses before this). Approvers and administrators give their
+    password again: a hijacked session alone must not mint a long-lived credential of those roles."""
+    if token_needs_reauthentication(user):
+        reauthenticate(actor=user, password=password, request=request, purpose="token.create",
+                       what="Creating an API token as an approver or administrator")
+    return token_create(user=user, name=name, expires_in_days=expires_in_days, actor=user)
 
 MAX_TOKENS_PER_USER = 50
 

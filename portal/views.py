@@ -139,6 +139,7 @@ def home(request: HttpRequest) -> HttpResponse:
     })
 
 
+@sensitive_post_parameters("password")
 @login_required
 @require_http_methods(["GET", "POST"])
 def account(request: HttpRequest) -> HttpResponse:
@@ -149,20 +150,25 @@ def account(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         if form.is_valid():
             try:
-                _token, new_token = services.token_create(
+                _token, new_token = services.token_create_for_person(
                     user=user, name=form.cleaned_data["name"],
-                    expires_in_days=form.cleaned_data.get("expires_in_days"), actor=user)
+                    expires_in_days=form.cleaned_data.get("expires_in_days"),
+                    password=form.cleaned_data.get("password") or "", request=request)
                 form = TokenCreateForm()
             except ValidationError as exc:
                 for field, errs in exc.message_dict.items():
                     form.add_error(field if field in form.fields else None, errs)
                 status = 400
+            except services.ReauthenticationFailed as exc:
+                form.add_error("password", str(exc))
+                status = 403
         else:
             status = 400
     # The secret is rendered in this response only and never stored, so no redirect-after-post here.
     return render(request, "portal/account.html", {
         "form": form,
         "new_token": new_token,
+        "needs_password": services.token_needs_reauthentication(user),
         "tokens": selectors.token_list(user=user),
         "roles": [ROLE_LABELS.get(r, r) for r in roles_of(user)],
         "teams": selectors.team_list(user=user),

@@ -26,6 +26,7 @@ from django.utils import timezone
 from portal.audit import AuditAction, Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability, scope_to_teams
+from portal.services import reauthenticate
 from registry.models import (
     DEFAULT_APPROVALS,
     DEFAULT_METRIC_TOLERANCE,
@@ -52,10 +53,6 @@ PROMOTION_TARGETS = ("stage", "prod")
 OPEN_STATUSES = (PromotionStatus.PENDING, PromotionStatus.APPROVED, PromotionStatus.DEPLOYING)
 # Metrics where lower is better; every other metric is taken as higher-is-better.
 LOWER_IS_BETTER = ("loss", "error", "rmse", "mse", "mae", "mape", "logloss", "brier", "latency")
-
-
-class ReauthenticationFailed(PermissionDenied):
-    pass
 
 
 # --- Policy -------------------------------------------------------------------------------------------------------
@@ -273,30 +270,11 @@ def can_approve(promotion: PromotionRequest, user: Any) -> tuple[bool, str]:
 
 
 def _reauthenticate(promotion: PromotionRequest, actor: Any, password: str, request: Any) -> None:
-    """The approver's password, checked through the sign-in's own backends when there is a request, so wrong
-    guesses count towards the same lockout (django-axes) as wrong sign-ins."""
+    """Approving a promotion to prod takes the approver's password (``portal.services.reauthenticate``)."""
     if promotion.target != Environment.PROD:
         return
-    locked = False
-    if not password:
-        ok = False
-    elif request is not None:
-        from django.contrib.auth import authenticate
-
-        user = authenticate(request, username=actor.get_username(), password=password)
-        ok = user is not None and user.pk == actor.pk
-        locked = bool(getattr(request, "axes_locked_out", False))
-    else:  # called from code, not from a person's request
-        ok = actor.check_password(password)
-    if ok:
-        return
-    audit_record(AuditAction.AUTH_REAUTH_FAILED, actor=actor, target=promotion_target(promotion),
-                 outcome=AuditOutcome.DENIED, metadata={"for": "promotion.approve", "locked_out": locked})
-    if locked:
-        raise ReauthenticationFailed("Too many wrong passwords: your account is locked for a while. Ask an "
-                                     "administrator if you need it sooner.")
-    raise ReauthenticationFailed("Approving a promotion to prod needs your password, and the one given is not "
-                                 "right." if password else "Approving a promotion to prod needs your password.")
+    reauthenticate(actor=actor, password=password, request=request, purpose="promotion.approve",
+                   what="Approving a promotion to prod", target=promotion_target(promotion))
 
 
 def promotion_decide(*, promotion: PromotionRequest, actor: Any, approve: bool, comment: str = "",

@@ -20,6 +20,9 @@ class TokenSerializer(serializers.ModelSerializer[ApiToken]):
 class TokenCreateInput(serializers.Serializer[Any]):
     name = serializers.CharField(max_length=100)
     expires_in_days = serializers.IntegerField(min_value=1, max_value=3650, required=False, allow_null=True)
+    password = serializers.CharField(required=False, allow_blank=True, max_length=512, trim_whitespace=False,
+                                     write_only=True, help_text="Your password; required of approvers and "
+                                                                "administrators.")
 
 
 class TokenCreatedSerializer(TokenSerializer):

@@ -8,7 +8,7 @@ from django.http import Http404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import generics, status
+from rest_framework import exceptions, generics, status
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -44,20 +44,38 @@ class MeApi(APIView):
         return Response(MeSerializer(data).data)
 
 
+class SessionRequired(exceptions.PermissionDenied):
+    default_detail = ("API tokens are created only from a signed-in session (the Account page, or this endpoint with "
+                      "the browser's session), never with another token: a token that could mint tokens would "
+                      "outlive its own revocation.")
+    default_code = "session_required"
+
+
+class ReauthenticationRequired(exceptions.PermissionDenied):
+    default_code = "reauthentication_required"
+
+
 class TokenListCreateApi(APIView):
     @extend_schema(responses=TokenSerializer(many=True), summary="The caller's API tokens (never their secrets)")
     def get(self, request: Request) -> Response:
         return Response(TokenSerializer(selectors.token_list(user=request.user), many=True).data)
 
     @extend_schema(request=TokenCreateInput, responses={201: TokenCreatedSerializer},
-                   summary="Create a token; the secret is in this response only")
+                   summary="Create a token from a signed-in browser session (never with a bearer token); approvers "
+                           "and administrators give their password again; the secret is in this response only")
     def post(self, request: Request) -> Response:
+        if isinstance(request.auth, ApiToken):
+            raise SessionRequired()
         data = TokenCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
-        token, plaintext = services.token_create(
-            user=request.user, name=data.validated_data["name"],
-            expires_in_days=data.validated_data.get("expires_in_days"), actor=request.user,
-        )
+        try:
+            token, plaintext = services.token_create_for_person(
+                user=request.user, name=data.validated_data["name"],
+                expires_in_days=data.validated_data.get("expires_in_days"),
+                password=data.validated_data.get("password", ""), request=request._request,
+            )
+        except services.ReauthenticationFailed as exc:
+            raise ReauthenticationRequired(str(exc)) from exc
         token.token = plaintext  # type: ignore[attr-defined]
         return Response(TokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)
 

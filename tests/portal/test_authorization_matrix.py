@@ -142,7 +142,8 @@ TABLE: dict[str, list[Call]] = {
     "alerts/<uuid:uid>/resolve": [page("POST", ALERTS, ok=302, body={"resolution": "fixed"})],
     # API: the foundation
     "api/v1/me": [api("GET", ALL)],
-    "api/v1/tokens/": [api("GET", ALL), api("POST", ALL, ok=201, body={"name": "matrix"})],
+    # Tokens are created from a signed-in session only (tests/portal/test_tokens.py), never with a bearer token.
+    "api/v1/tokens/": [api("GET", ALL), api("POST", (), outsider=403, body={"name": "matrix"})],
     "api/v1/tokens/<uuid:uid>/": [api("DELETE", ("ds",), denied=404)],  # anyone else's token: not found
     "api/v1/audit/events": [api("GET", AUDIT, outsider=403)],
     "api/v1/audit/verify": [api("GET", AUDIT, outsider=403)],

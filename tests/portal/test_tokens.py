@@ -15,7 +15,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from portal.models import ApiToken, AuditEvent
-from tests.conftest import assert_error_shape
+from tests.conftest import PASSWORD, assert_error_shape
 
 pytestmark = pytest.mark.django_db
 
@@ -101,8 +101,61 @@ def test_the_account_page_explains_a_bad_token_form(client: Client, personas: di
     assert not ApiToken.objects.exists()
 
 
-def test_token_input_is_validated(personas: dict[str, Any], api_as: Any) -> None:
-    client = api_as(personas["ds"])
+def test_token_input_is_validated(personas: dict[str, Any]) -> None:
+    client = APIClient()
+    client.force_login(personas["ds"])
     body = assert_error_shape(client.post("/api/v1/tokens/", {"name": "x", "expires_in_days": 0}, format="json"),
                               400, "invalid")
     assert "expires_in_days" in body["error"]["details"]
+
+
+# --- Tokens come from people, not from other tokens ----------------------------------------------------------------
+
+@pytest.mark.parametrize("who", ["ds", "approver1", "admin"])
+def test_a_bearer_token_cannot_create_tokens(personas: dict[str, Any], api_as: Any, who: str) -> None:
+    """A stolen token that could mint tokens would outlive its own revocation: the API refuses, whatever the body
+    (the password included), and writes nothing."""
+    client = api_as(personas[who])
+    before = (ApiToken.objects.count(), AuditEvent.objects.count())
+    body = assert_error_shape(client.post("/api/v1/tokens/", {"name": "child", "password": PASSWORD}, format="json"),
+                              403, "session_required")
+    assert "signed-in session" in body["error"]["message"]
+    assert (ApiToken.objects.count(), AuditEvent.objects.count()) == before
+    assert client.get("/api/v1/tokens/").status_code == 200, "listing (and revoking) with a token still works"
+
+
+def test_approvers_and_admins_confirm_a_new_token_with_their_password(personas: dict[str, Any]) -> None:
+    for who in ("approver1", "admin"):
+        session = APIClient()
+        session.force_login(personas[who])
+        missing = assert_error_shape(session.post("/api/v1/tokens/", {"name": "ci"}, format="json"), 403,
+                                     "reauthentication_required")
+        assert "needs your password" in missing["error"]["message"]
+        wrong = assert_error_shape(session.post("/api/v1/tokens/", {"name": "ci", "password": "not-it-at-all"},
+                                                format="json"), 403, "reauthentication_required")
+        assert "not right" in wrong["error"]["message"]
+        assert not ApiToken.objects.filter(user=personas[who]).exists()
+        created = session.post("/api/v1/tokens/", {"name": "ci", "password": PASSWORD}, format="json")
+        assert created.status_code == 201, created.content
+        assert "password" not in created.json()
+    failures = AuditEvent.objects.filter(action="auth.reauth_failed")
+    assert failures.count() == 4 and {e.metadata["for"] for e in failures} == {"token.create"}
+    assert {e.outcome for e in failures} == {"denied"}
+    session = APIClient()
+    session.force_login(personas["ds"])
+    assert session.post("/api/v1/tokens/", {"name": "ci"}, format="json").status_code == 201, \
+        "a data scientist's session needs no password"
+
+
+def test_the_account_page_asks_approvers_and_admins_for_their_password(client: Client,
+                                                                       personas: dict[str, Any]) -> None:
+    client.force_login(personas["admin"])
+    assert b'name="password"' in client.get(reverse("portal:account")).content
+    page = client.post(reverse("portal:account"), {"name": "notebook"})
+    assert page.status_code == 403 and b"needs your password" in page.content
+    assert page.context["new_token"] is None and not ApiToken.objects.exists()
+    page = client.post(reverse("portal:account"), {"name": "notebook", "password": PASSWORD})
+    assert page.status_code == 200 and page.context["new_token"]
+    assert PASSWORD.encode() not in page.content
+    client.force_login(personas["ds"])
+    assert b'name="password"' not in client.get(reverse("portal:account")).content

@@ -455,6 +455,13 @@ else:
 DEFAULT_FROM_EMAIL = env_str("PORTAL_EMAIL_FROM", "mlops-portal@localhost")
 PORTAL_BASE_URL = (env_url("PORTAL_BASE_URL", None, schemes={"http", "https"}) or "http://127.0.0.1:8000").rstrip("/")
 PORTAL_WEBHOOK_ALLOW_HTTP = env_bool("PORTAL_WEBHOOK_ALLOW_HTTP", False)
+# The ports a webhook URL may name (an https URL without one is 443, an http one 80).
+try:
+    PORTAL_WEBHOOK_PORTS = tuple(sorted({int(p) for p in env_list("PORTAL_WEBHOOK_PORTS", ["443", "8443"])}))
+except ValueError:
+    raise ImproperlyConfigured("PORTAL_WEBHOOK_PORTS must be comma-separated port numbers, e.g. 443,8443") from None
+if not PORTAL_WEBHOOK_PORTS or not all(1 <= p <= 65535 for p in PORTAL_WEBHOOK_PORTS):
+    raise ImproperlyConfigured("PORTAL_WEBHOOK_PORTS must list ports between 1 and 65535, e.g. 443,8443")
 
 # --- Monitoring -------------------------------------------------------------------------------------------------
 # /metrics answers a bearer token (PORTAL_METRICS_TOKEN) or a client address inside PORTAL_METRICS_ALLOW (CIDRs).

@@ -1,8 +1,9 @@
 """Outgoing webhooks: URL validation that refuses internal targets, HMAC-signed delivery, retries with backoff.
 
-A URL is checked twice: when it is saved (scheme, no credentials, a literal IP must be public) and at every
-delivery, after DNS resolution. The delivery then connects to the very address that was checked, so a name that
-resolves to a public address at check time and to 127.0.0.1 a moment later (DNS rebinding) cannot reach inside.
+A URL is checked twice: when it is saved (scheme, no credentials, a port in ``PORTAL_WEBHOOK_PORTS``, a literal IP
+outside every special-purpose block of ``portal.special_addresses``) and at every delivery, after DNS resolution.
+The delivery then connects to the very address that was checked, so a name that resolves to a public address at
+check time and to 127.0.0.1 a moment later (DNS rebinding) cannot reach inside.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from portal import special_addresses
+
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 6
@@ -33,19 +36,7 @@ METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data", "inst
 
 
 def _address_refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return _address_refusal(address.ipv4_mapped)
-    if address.is_loopback:
-        return "a loopback address"
-    if address.is_link_local:
-        return "a link-local address (cloud metadata lives there)"
-    if address.is_private:
-        return "a private address"
-    if address.is_multicast or address.is_reserved or address.is_unspecified:
-        return "a reserved address"
-    if not address.is_global:
-        return "an address that is not publicly routable"
-    return None
+    return special_addresses.refusal(address)
 
 
 def resolve_public(host: str, port: int) -> list[str]:
@@ -81,6 +72,10 @@ def validate_webhook_url(url: str, *, resolve: bool = True) -> tuple[str, int, l
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise ValidationError("The webhook URL's port is not a number between 1 and 65535.") from exc
+    if port not in settings.PORTAL_WEBHOOK_PORTS:
+        allowed_ports = ", ".join(str(p) for p in settings.PORTAL_WEBHOOK_PORTS)
+        raise ValidationError(f"Webhook URLs may use port {allowed_ports} only (PORTAL_WEBHOOK_PORTS); this one uses "
+                              f"{port}.")
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:

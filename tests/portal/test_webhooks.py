@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 
-from portal import webhooks
+from portal import special_addresses, webhooks
 from portal.models import AuditEvent, Team, TeamWebhook, WebhookDelivery
 from tests.conftest import assert_error_shape
 
@@ -107,6 +107,7 @@ def receiver(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
     _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
     _Receiver.answers, _Receiver.received = [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    settings.PORTAL_WEBHOOK_PORTS = (443, 8443, server.server_address[1])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://hooks.example.com:{server.server_address[1]}/portal", _Receiver
@@ -150,7 +151,91 @@ def test_a_name_that_rebinds_to_loopback_after_saving_is_refused_at_delivery(
     [delivery] = webhooks.webhooks_notify(team=hook.team, event="promotion.live", payload={})
     assert webhooks.webhook_deliver(delivery_id=delivery.pk) == ("failed", None)
     delivery.refresh_from_db()
-    assert "127.0.0.1" in delivery.error and "loopback" in delivery.error
+    assert "127.0.0.1" in delivery.error and "loopback" in delivery.error.lower()
     assert handler.received == [], "nothing reached the loopback receiver"
     log = WebhookDelivery.objects.filter(webhook=hook).values_list("status", flat=True)
     assert list(log) == ["failed"]
+
+
+# --- Every special-purpose block of IANA's registries, and the ports ----------------------------------------------
+
+def _samples(block: special_addresses.SpecialRange) -> list[str]:
+    """The first, a middle and the last address of a block."""
+    net = block.network
+    return sorted({str(net[0]), str(net[net.num_addresses // 2]), str(net[-1])})
+
+
+@pytest.mark.parametrize("block", special_addresses.SPECIAL_RANGES, ids=lambda b: f"{b.network} {b.name}")
+def test_every_special_purpose_block_is_refused_literally_and_after_resolution(
+        block: special_addresses.SpecialRange, monkeypatch: pytest.MonkeyPatch) -> None:
+    for address in _samples(block):
+        literal = f"[{address}]" if ":" in address else address
+        with pytest.raises(ValidationError) as refused:
+            webhooks.validate_webhook_url(f"https://{literal}/hook")
+        assert "public addresses" in str(refused.value)
+        # The same address behind a name (saved while it pointed elsewhere, say) is refused at delivery time.
+        _fake_dns(monkeypatch, {"hooks.example.com": address})
+        with pytest.raises(ValidationError, match="resolves to"):
+            webhooks.validate_webhook_url("https://hooks.example.com/hook")
+    named = special_addresses.special_range(block.network[0])
+    assert named is not None and named.network.prefixlen >= block.network.prefixlen
+
+
+@pytest.mark.parametrize("url,words", [
+    ("https://[2002:7f00:1::]/x", "6to4"),  # 127.0.0.1 inside 6to4: the review's finding
+    ("https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x", "TEREDO"),
+    ("https://[64:ff9b::a9fe:a9fe]/x", "NAT64"),  # 169.254.169.254 through NAT64
+    ("https://[64:ff9b:1::7f00:1]/x", "local-use NAT64"),
+    ("https://[2001:20::1]/x", "ORCHIDv2"),
+    ("https://[2001:db8::1]/x", "Documentation"),
+    ("https://[3fff::1]/x", "Documentation"),
+    ("https://192.0.2.10/x", "TEST-NET-1"),
+    ("https://198.19.0.1/x", "Benchmarking"),
+    ("https://[2001:2::1]/x", "Benchmarking"),
+    ("https://100.100.100.200/x", "Shared Address Space"),
+    ("https://0.1.2.3/x", "This network"),
+    ("https://241.0.0.1/x", "Reserved"),
+    ("https://239.1.1.1/x", "Multicast"),
+    ("https://[ff02::1]/x", "Multicast"),
+    ("https://[fd12:3456::1]/x", "Unique-Local"),
+    ("https://[::ffff:10.0.0.1]/x", "IPv4-mapped"),
+    ("https://[::10.0.0.1]/x", "IPv4-compatible"),
+    ("https://[::ffff:0:7f00:1]/x", "IPv4-translated"),
+    ("https://[fe80::1%25eth0]/x", "Link-Local"),
+])
+def test_the_review_s_address_forms_are_refused_by_name(url: str, words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        webhooks.validate_webhook_url(url)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "100.63.255.255", "100.128.0.1", "198.17.255.255",
+                                     "198.20.0.1", "2606:2800:220:1:248:1893:25c8:1946", "2001:4860:4860::8888",
+                                     "2003::1", "2620:4f:8001::1"])
+def test_public_neighbours_of_the_blocks_are_accepted(address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dns(monkeypatch, {"hooks.example.com": address})
+    assert webhooks.validate_webhook_url("https://hooks.example.com/x")[2] == [address]
+
+
+def test_only_the_allowed_ports_are_accepted(personas: dict[str, Any], api_as: Any, settings: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
+    assert webhooks.validate_webhook_url("https://hooks.example.com/x")[1] == 443
+    assert webhooks.validate_webhook_url("https://hooks.example.com:8443/x")[1] == 8443
+    for url in ("https://hooks.example.com:22/x", "https://hooks.example.com:6379/x",
+                "https://hooks.example.com:80/x", "https://93.184.216.34:9200/x"):
+        with pytest.raises(ValidationError, match="PORTAL_WEBHOOK_PORTS"):
+            webhooks.validate_webhook_url(url)
+    admin = api_as(personas["admin"])
+    body = assert_error_shape(admin.post("/api/v1/teams/acme/webhooks/", {"url": "https://hooks.example.com:6379/x",
+                                                                         "secret": SECRET}, format="json"), 400)
+    assert "port" in body["error"]["message"] and not TeamWebhook.objects.exists()
+
+    settings.PORTAL_WEBHOOK_PORTS = (443, 9443)
+    assert webhooks.validate_webhook_url("https://hooks.example.com:9443/x")[1] == 9443
+    hook = TeamWebhook.objects.create(team=Team.objects.get(slug="acme"), url="https://hooks.example.com:9443/x",
+                                      secret=SECRET)
+    settings.PORTAL_WEBHOOK_PORTS = (443, 8443)  # the port is taken off the list after the URL was saved
+    [delivery] = webhooks.webhooks_notify(team=hook.team, event="promotion.live", payload={})
+    assert webhooks.webhook_deliver(delivery_id=delivery.pk) == ("failed", None)
+    delivery.refresh_from_db()
+    assert "9443" in delivery.error and delivery.attempts == 1

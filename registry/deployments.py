@@ -169,7 +169,11 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
         if problems:
             raise DeploymentFailed("the sandbox's ONNX form cannot serve in-process: " + "; ".join(problems))
         return "onnx", storage.blob_put_path(output)
-    _step(deployment, 45, f"Serving natively: {result.data.get('reason', 'no ONNX form')}.")
+    if version.format == "mlflow":
+        _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host "
+                              f"({result.data.get('reason', 'no ONNX form')}).")
+        return "mlflow", None
+    _step(deployment, 45, f"Serving from a sandboxed model host: {result.data.get('reason', 'no ONNX form')}.")
     return "native", None
 
 
@@ -224,7 +228,22 @@ def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
     import numpy as np
 
     try:
-        predictions = loaded.predict(np.asarray(rows, dtype="float64"), columns)
+        if loaded.answers_requests:
+            import orjson
+
+            body = orjson.dumps({"dataframe_split": {"columns": columns, "data": rows}})
+            answer = loaded.invoke(body, "application/json")
+            if answer.status != 200:
+                raise DeploymentFailed(f"MLflow's scoring code refused the input example ({answer.status}): "
+                                       f"{answer.body[:500]}")
+            predictions = orjson.loads(answer.body).get("predictions")
+            if not isinstance(predictions, list):
+                predictions = [predictions]
+            if predictions and isinstance(predictions[0], dict):
+                return  # a frame of outputs per row: MLflow's own encoding, nothing to compare
+            predictions = np.asarray(predictions).ravel().tolist()
+        else:
+            predictions = loaded.predict(np.asarray(rows, dtype="float64"), columns)
     except (HostUnavailable, HostModelError) as exc:
         raise DeploymentFailed(f"the model host could not answer the input example: {exc}") from None
     finally:

@@ -248,13 +248,26 @@ def _sandbox_target(version: ModelVersion, artifact: Path, work: Path) -> tuple[
     return version.format, target
 
 
+def _output_type(spec: dict[str, Any]) -> str:
+    """A declared output's type as a column type: MLflow writes ``infer_signature(X, model.predict(X))``'s output
+    as a tensor whose numpy dtype says what it holds (int64 labels, float64 values, object strings)."""
+    if spec.get("type") != "tensor":
+        return str(spec.get("type") or "")
+    dtype = str((spec.get("tensor-spec") or {}).get("dtype") or "")
+    for prefix, kind in (("int", "long"), ("uint", "long"), ("float", "double"), ("bool", "boolean"),
+                         ("str", "string"), ("object", "string"), ("bytes", "binary")):
+        if dtype.startswith(prefix):
+            return kind
+    return dtype
+
+
 def _signature_problems(declared: dict[str, Any], observed: dict[str, Any]) -> list[str]:
     problems = []
     declared_out = declared.get("outputs") or []
     observed_out = observed.get("outputs") or []
     numeric = {"double", "float", "long", "integer"}
-    if declared_out and observed_out and declared_out[0].get("type") and observed_out[0].get("type"):
-        want, got = declared_out[0]["type"], observed_out[0]["type"]
+    if declared_out and observed_out and _output_type(declared_out[0]) and observed_out[0].get("type"):
+        want, got = _output_type(declared_out[0]), observed_out[0]["type"]
         if want != got and not (want in numeric and got in numeric):
             problems.append(f"the signature says predictions are {want} but the model returned {got}")
     declared_inputs = [c for c in declared.get("inputs") or [] if isinstance(c, dict)]

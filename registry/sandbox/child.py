@@ -253,7 +253,11 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
     import numpy as np
 
     columns = options["columns"]
-    rows = np.asarray(options["rows"], dtype="float64")
+    try:
+        rows = np.asarray(options["rows"], dtype="float64")
+    except (TypeError, ValueError):
+        return {"ok": True, "kind": "native", "reason": "not every input is a number, and the in-process ONNX "
+                                                        "form takes one numeric matrix"}
     model = _load(fmt, path, options)
     frame = _frame({"columns": columns, "data": rows.tolist()}, columns)
     native = np.asarray(model.predict(frame))

@@ -35,13 +35,27 @@ MAX_LOADED = 16
 
 
 class LoadedModel:
+    """A serving form as the scoring view, batch workers and deployment warm-up use it. ``kind``: ``onnx`` (in
+    this process), ``native`` (a sandboxed host fed float64 matrices) or ``mlflow`` (a sandboxed host that answers
+    whole requests with MLflow's own scoring code, ``invoke``)."""
+
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
-                 close: Any = None) -> None:
+                 close: Any = None, invoke_fn: Any = None) -> None:
         self.version_number = version_number
         self.columns = columns
         self._predict = predict_fn
+        self._invoke = invoke_fn
         self._close = close
         self.kind = kind
+
+    @property
+    def answers_requests(self) -> bool:
+        return self._invoke is not None
+
+    def invoke(self, body: bytes, content_type: str) -> hosts.Invocation:
+        assert self._invoke is not None
+        invocation: hosts.Invocation = self._invoke(body, content_type)
+        return invocation
 
     def predict(self, matrix: np.ndarray, columns: list[str] | None = None) -> list[Any]:
         result = self._predict(matrix)
@@ -101,8 +115,9 @@ def materialiser(version: ModelVersion) -> hosts.Materialise:
     return materialise
 
 
-def _hosted_predictor(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, Any]:
-    """A predictor that asks the version's sandboxed model host; the artifact is never loaded in this process."""
+def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, Any, Any]:
+    """Predict, invoke and close through the version's sandboxed model host; the artifact is never loaded in this
+    process. The host starts on first use."""
     label = f"{key} (version {version.number}, {version.format})"
     materialise = materialiser(version)
     timeout = settings.PORTAL_MODEL_HOST_TIMEOUT_SECONDS
@@ -111,7 +126,11 @@ def _hosted_predictor(key: str, version: ModelVersion, columns: list[str]) -> tu
         host = hosts.pool.get(key, materialise, label=label)
         return host.predict(matrix, columns or None, timeout=timeout + matrix.shape[0] / 1000)
 
-    return predict, lambda: hosts.pool.release(key)
+    def invoke(body: bytes, content_type: str) -> hosts.Invocation:
+        host = hosts.pool.get(key, materialise, label=label)
+        return host.invoke(body, content_type, timeout=timeout + len(body) / 100_000)
+
+    return predict, invoke, lambda: hosts.pool.release(key)
 
 
 def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str | None = None) -> LoadedModel:
@@ -120,15 +139,16 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     from registry import storage
 
     columns = named_inputs(version)
-    close = None
+    close = invoke = None
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
             predictor = _onnx_predictor(path)
     else:
         assert version.artifact is not None
-        predictor, close = _hosted_predictor(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
+        predictor, invoke, close = _hosted(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
-                       predict_fn=predictor, kind=kind, close=close)
+                       predict_fn=predictor, kind=kind, close=close,
+                       invoke_fn=invoke if kind == "mlflow" else None)
 
 
 def named_inputs(version: ModelVersion) -> list[str]:
@@ -153,6 +173,11 @@ class Route:
     mode: str
     challenger_percent: int
     checked_at: float
+
+    @property
+    def answers_requests(self) -> bool:
+        """Whether a side is answered whole by MLflow's scoring code (the request is then not parsed here)."""
+        return any(side is not None and side[1].answers_requests for side in (self.champion, self.challenger))
 
     def pick(self, key: str | None) -> tuple[str, Deployment, LoadedModel]:
         """Champion or canary for this request: sticky by ``key`` (same key, same side), random without one."""

@@ -165,21 +165,155 @@ def _batch(*, name: str, env: str, role: str, version: int, matrix: Any, predict
 
 
 def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[str], subjects: list[str] | None,
-            request_id: str) -> None:
-    """Score a copy of the request with the shadow challenger, after the response; its answer is only logged."""
+            request_id: str, request: tuple[bytes, str] | None = None) -> None:
+    """Score a copy of the request with the shadow challenger, after the response; its answer is only logged.
+    ``request`` (body and content type) is given when the champion answered it whole (an MLflow host)."""
     assert route.challenger is not None
     _deployment, loaded = route.challenger
     started = time.perf_counter()
     try:
-        predictions, error = loaded.predict(matrix), ""
+        if loaded.answers_requests and request is not None:
+            answer = loaded.invoke(*request)
+            predictions, error = _predictions(answer.body), ""
+            matrix = _logged_rows(answer, loaded.columns)
+            if answer.status != 200:
+                predictions, error = [], f"MLflow {answer.status}: {answer.body}"[:500]
+        else:
+            if matrix is None and request is not None:
+                matrix = protocol.to_matrix(protocol.parse(request[1], request[0]), loaded.columns)
+            predictions, error = loaded.predict(matrix), ""
     except Exception as exc:
         predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
+    if not isinstance(predictions, list) or len(predictions) != len(ids):
+        predictions = []
+    if matrix is None:
+        matrix = [None] * len(ids)
     with context.bound(context.RequestContext(request_id=request_id)):
         batch = _batch(name=name, env=env, role="shadow", version=loaded.version_number, matrix=matrix,
                        predictions=predictions, ids=_prediction_ids(len(ids)),
                        latency_ms=(time.perf_counter() - started) * 1000, subjects=subjects, error=error)
         batch["shadow_of"] = ids
         buffer.emit(batch)
+
+
+# --- MLflow models: answered whole by MLflow's own scoring code in their sandboxed host ------------------------
+
+def _split_subjects(content_type: str, body: bytes) -> tuple[list[str] | None, bytes]:
+    """The portal's ``subject_ids`` extension, taken out of a JSON body before it goes to MLflow's parser (which
+    knows nothing of it). Bodies without it are passed on untouched, byte for byte."""
+    if b'"subject_ids"' not in body or not content_type.split(";", 1)[0].strip().lower().endswith("json"):
+        return None, body
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, body  # MLflow's parser answers for it
+    if not isinstance(payload, dict) or "subject_ids" not in payload:
+        return None, body
+    subjects = payload.pop("subject_ids")
+    if not isinstance(subjects, list) or not all(isinstance(s, (str, int)) for s in subjects):
+        raise protocol.InputError("subject_ids must be a list of strings, one per row.")
+    return [str(s) for s in subjects], orjson.dumps(payload)
+
+
+def _predictions(text: str) -> Any:
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        import json
+
+        payload = json.loads(text)  # MLflow writes NaN and Infinity, which orjson does not read (null on the way out)
+    return payload.get("predictions", payload) if isinstance(payload, dict) else payload
+
+
+def _logged_rows(answer: hosts.Invocation, columns: list[str]) -> list[Any]:
+    """The request's rows as the prediction log keeps them: in the signature's column order where it has one."""
+    rows = answer.rows
+    if rows is None:
+        return [None] * answer.count
+    if answer.columns and columns and answer.columns != columns:
+        index = {c: i for i, c in enumerate(answer.columns)}
+        return [[row[index[c]] if c in index else None for c in columns] for row in rows]
+    return rows
+
+
+def _mlflow_error(answer: hosts.Invocation) -> Answer:
+    """MLflow's own status and ``error_code``/``message``, with the contract's ``error`` object beside them."""
+    try:
+        body = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"message": answer.body}
+    code = str(body.get("error_code") or ("BAD_REQUEST" if answer.status < 500 else "INTERNAL_ERROR"))
+    message = str(body.get("message") or "The model refused this input.")[:2000]
+    contract = "unsupported_media_type" if answer.status == 415 else "invalid_input" if answer.status < 500 \
+        else "model_error"
+    return Answer(answer.status, orjson.dumps({"error_code": code, "message": message,
+                                               **error_body(contract, message)}), {})
+
+
+def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, token_id: str,
+            started: float) -> Answer:
+    content_type = request.META.get("CONTENT_TYPE", "")
+    try:
+        subjects, body = _split_subjects(content_type, request.body)
+    except protocol.InputError as exc:
+        return _error(400, exc.code, str(exc))
+    role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY") or (subjects[0] if subjects
+                                                                                     else None))
+    if not loaded.answers_requests:  # a canary of another kind beside an MLflow champion
+        try:
+            parsed = protocol.parse(content_type, request.body)
+            matrix = protocol.to_matrix(parsed, loaded.columns)
+            predictions = loaded.predict(matrix)
+        except protocol.InputError as exc:
+            return _error(415 if exc.code == "unsupported_media_type" else 400, exc.code, str(exc))
+        except hosts.HostUnavailable as exc:
+            return _model_unavailable(name, loaded, exc)
+        except Exception:
+            logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
+            return _error(500, "model_error", "The model failed on this input; the failure is logged.")
+        return _answered(name=name, env=env, role=role, loaded=loaded, rows=matrix, predictions=predictions,
+                         subjects=parsed.subject_ids, token_id=token_id, started=started, route=route,
+                         request=(request.body, content_type))
+    try:
+        answer = loaded.invoke(body, content_type)
+    except hosts.HostUnavailable as exc:
+        return _model_unavailable(name, loaded, exc)
+    except hosts.HostModelError:
+        logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
+        return _error(500, "model_error", "The model failed on this input; the failure is logged.")
+    if answer.status != 200:
+        return _mlflow_error(answer)
+    if subjects is not None and len(subjects) != answer.count:
+        return _error(400, "invalid_input", f"subject_ids has {len(subjects)} entries for {answer.count} rows.")
+    predictions = _predictions(answer.body)
+    return _answered(name=name, env=env, role=role, loaded=loaded, rows=_logged_rows(answer, loaded.columns),
+                     predictions=predictions, subjects=subjects, token_id=token_id, started=started, route=route,
+                     request=(body, content_type), count=answer.count)
+
+
+def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, rows: Any, predictions: Any,
+              subjects: list[str] | None, token_id: str, started: float, route: runtime.Route,
+              request: tuple[bytes, str], count: int | None = None) -> Answer:
+    n = count if count is not None else len(rows)
+    ids = _prediction_ids(n)
+    per_row = predictions if isinstance(predictions, list) and len(predictions) == n else [None] * n
+    count_now = buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=rows,
+                                   predictions=per_row, ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
+                                   subjects=subjects), count_key=_count_key(token_id))
+    _record_count(token_id, count_now)
+    if route.mode == "shadow" and route.challenger is not None:
+        _shadow_pool.submit(_shadow, route, name, env, None, ids, subjects, context.current().request_id,
+                            request)
+    return Answer(200, orjson.dumps({"predictions": predictions, "prediction_ids": ids,
+                                     "model_version": loaded.version_number}, option=orjson.OPT_SERIALIZE_NUMPY),
+                  {})
+
+
+def _model_unavailable(name: str, loaded: runtime.LoadedModel, exc: Exception) -> Answer:
+    return _error(503, "model_unavailable", f"Version {loaded.version_number} of {name} cannot answer right now: "
+                  f"{exc}. Other models are not affected; retry in a moment.", **{"Retry-After": "2"})
 
 
 def _unavailable(what: str) -> Answer:
@@ -231,6 +365,8 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     route = runtime.cache.route(model_id, env)
     if route is None or route.champion is None:
         return _error(404, "not_deployed", f"Nothing serves {name} in {env} yet.")
+    if route.answers_requests:
+        return _invoke(request, route, name=name, env=env, token_id=token_id, started=started)
     try:
         parsed = protocol.parse(request.content_type or "", request.body)
         role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
@@ -246,8 +382,7 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
                            predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
                            subjects=parsed.subject_ids, error=f"HostUnavailable: {exc}"[:500]))
-        return _error(503, "model_unavailable", f"Version {loaded.version_number} of {name} cannot answer right now: "
-                      f"{exc}. Other models are not affected; retry in a moment.", **{"Retry-After": "2"})
+        return _model_unavailable(name, loaded, exc)
     except Exception as exc:
         logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
         buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,

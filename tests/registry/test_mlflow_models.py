@@ -1,0 +1,118 @@
+"""MLflow models logged the way MLflow's documentation shows, uploaded, checked, deployed and scored for real.
+
+A model that cannot be served as an in-process ONNX graph (here: a Pipeline over string and numeric columns) is
+answered whole by MLflow's own scoring code inside its sandboxed model host, so the answers, the status codes and
+the error codes are MLflow's.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from portal import services as portal_services
+from portal.models import Team
+from registry import services
+from registry.localfiles import LocalUpload
+from registry.sandbox import bwrap
+from tests.conftest import EntryPointClient
+from tests.registry.conftest import deploy_now
+
+pytestmark = [pytest.mark.django_db,
+              pytest.mark.skipif(bwrap.probe() is not None, reason=f"no sandbox here: {bwrap.probe()}")]
+URL = "/api/v1/serve/plans/dev/invocations"
+
+
+def _docs_idiom_pipeline(tmp_path: Path) -> tuple[Path, Any, Any]:
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(7)
+    X = pd.DataFrame({"plan": rng.choice(["basic", "premium", "gold"], 300), "age": rng.integers(18, 80, 300),
+                      "spend": rng.random(300) * 100})
+    y = ((X.plan == "premium") | (X.spend > 60)).astype(int)
+    pipe = Pipeline([("prep", ColumnTransformer([("onehot", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
+                                                 ("scale", StandardScaler(), ["age", "spend"])])),
+                     ("clf", LogisticRegression())]).fit(X, y)
+    folder = tmp_path / "model"
+    mlflow.sklearn.save_model(pipe, str(folder), signature=infer_signature(X, pipe.predict(X)),
+                              input_example=X.head(3))
+    archive = tmp_path / "plans.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.rglob("*"):
+            zf.write(path, Path("model") / path.relative_to(folder))
+    return archive, pipe, X
+
+
+@pytest.fixture
+def plans(personas: dict[str, Any], tmp_path: Path) -> tuple[EntryPointClient, Any, Any]:
+    archive, pipe, X = _docs_idiom_pipeline(tmp_path)
+    model = services.model_register(name="plans", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    version = services.version_upload(model=model, upload=LocalUpload(archive, archive.name), reference=None,
+                                      meta=services.UploadMetadata(), actor=personas["ds"])
+    version = services.version_scan(version_id=version.pk)
+    assert version.status == "ready", version.status_detail
+    deployment = deploy_now(version, personas["ds"])
+    assert deployment.serving_kind == "mlflow"
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="serve", actor=personas["ds"])
+    return EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {plaintext}"), pipe, X
+
+
+def test_a_pipeline_over_strings_and_numbers_serves_the_models_own_answers(plans: Any) -> None:
+    client, pipe, X = plans
+    rows = X.head(5)
+    expected = pipe.predict(rows).tolist()
+    records = json.loads(rows.to_json(orient="records"))
+    split = {"columns": list(rows.columns), "data": json.loads(rows.to_json(orient="values", double_precision=15))}
+    for body in ({"dataframe_split": split}, {"dataframe_records": records}, {"instances": records},
+                 {"dataframe_split": split, "subject_ids": ["a", "b", "c", "d", "e"]}):
+        response = client.post(URL, json.dumps(body), content_type="application/json")
+        assert response.status_code == 200, response.content
+        answer = response.json()
+        assert answer["predictions"] == expected and answer["model_version"] == 1
+        assert len(answer["prediction_ids"]) == 5
+    csv = rows.to_csv(index=False)
+    response = client.post(URL, csv, content_type="text/csv")
+    assert response.status_code == 200 and response.json()["predictions"] == expected
+
+
+def test_mlflows_errors_keep_their_status_and_error_code(plans: Any) -> None:
+    client, _pipe, _X = plans
+    response = client.post(URL, json.dumps({"dataframe_split": {"columns": ["plan"], "data": [["gold"]]}}),
+                           content_type="application/json")
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE" and "age" in body["message"]
+    assert body["error"]["code"] == "invalid_input" and body["error"]["message"] == body["message"]
+    response = client.post(URL, b"<xml/>", content_type="application/xml")
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+    response = client.post(URL, json.dumps({"dataframe_split": {"columns": ["plan"], "data": [["gold"]]},
+                                            "subject_ids": "nope"}), content_type="application/json")
+    assert response.status_code == 400 and "subject_ids" in response.json()["error"]["message"]
+
+
+def test_what_was_asked_is_logged_in_the_signatures_order(plans: Any) -> None:
+    from monitoring.flush import flush_predictions
+    from monitoring.models import PredictionLog
+
+    client, pipe, X = plans
+    rows = X.head(2)[["spend", "plan", "age"]]  # another order than the signature's
+    body = {"dataframe_split": {"columns": list(rows.columns), "data": json.loads(rows.to_json(orient="values", double_precision=15))}}
+    response = client.post(URL, json.dumps(body), content_type="application/json")
+    assert response.status_code == 200, response.content
+    ids = response.json()["prediction_ids"]
+    flush_predictions()
+    logged = {p.id: p for p in PredictionLog.objects.filter(id__in=ids)}
+    first = logged[ids[0]]
+    assert first.inputs == [X.iloc[0]["plan"], int(X.iloc[0]["age"]), float(X.iloc[0]["spend"])]
+    assert first.output == pipe.predict(X.head(1)).tolist()[0]

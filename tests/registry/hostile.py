@@ -45,7 +45,7 @@ MEMORY_HEADROOM = 6 * 1024**3  # a memory bomb nothing stops gives up while this
 MEMORY_SECONDS = 60
 
 ACTIONS = (
-    "write_var", "write_tmp", "write_pth", "write_cwd",
+    "none", "write_var", "write_tmp", "write_pth", "write_cwd",
     "exfil_output", "exfil_exception_load", "exfil_exception_predict", "exfil_stderr", "exfil_signature",
     "net_redis", "net_postgres", "fork_bomb", "memory_bomb", "kill_parent", "kill_all",
 )

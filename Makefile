@@ -44,7 +44,10 @@ sandbox-check:
 	    echo "bubblewrap is missing: uploaded models will not be loaded until it is installed (sudo apt-get install bubblewrap, or dnf install bubblewrap)."; \
 	  fi; }
 
+# The demo's settings (secrets, PORTAL_DEBUG, URLs) go to var/demo.env first, so that manage.py and the portal command
+# work from a second terminal without variables (portal/demo_env.py); nothing is written when PORTAL_DEBUG is off.
 run: $(INSTALLED) sandbox-check
+	$(PY) -m portal.demo_env
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(PY) manage.py collectstatic --noinput -v 0

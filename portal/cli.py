@@ -21,6 +21,8 @@ from typing import Any
 
 import requests
 
+from portal import demo_env
+
 CHUNK = 1024 * 1024
 
 
@@ -281,8 +283,10 @@ def cmd_batch(client: Client, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portal", description="Talk to the MLOps portal's API.")
-    parser.add_argument("--url", default=os.environ.get("PORTAL_URL", "http://127.0.0.1:8000"),
-                        help="the portal's address (default: $PORTAL_URL)")
+    parser.add_argument("--url", default=os.environ.get("PORTAL_URL") or demo_env.cli_value("PORTAL_URL")
+                        or "http://127.0.0.1:8000",
+                        help="the portal's address (default: $PORTAL_URL, else the address `make run` wrote to "
+                             "var/demo.env, else http://127.0.0.1:8000)")
     parser.add_argument("--token", default=os.environ.get("PORTAL_TOKEN"), help="API token (default: $PORTAL_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
     upload = sub.add_parser("upload", help="upload a model file as a new version")

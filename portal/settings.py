@@ -14,6 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from portal import demo_env
 from portal.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -23,9 +24,21 @@ for _quiet in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DISABLE_TELEMETRY", 
     os.environ.setdefault(_quiet, "1")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")
 
-DEBUG = env_bool("PORTAL_DEBUG", False)
 VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
+# A var folder where `make run` set up the demo holds demo.env (its secrets, PORTAL_DEBUG=1, its URLs): loaded before
+# anything else is read, so manage.py works from any terminal. Explicit variables win; PORTAL_DEBUG=0 ignores it.
+DEMO_ENV_LOADED = demo_env.load(VAR_DIR)
+
+# PORTAL_DEBUG is the demo mode: generated secrets, relaxed transport security, demo seeding. Django's own DEBUG
+# (its debug pages listing every route, settings and local variables) only with PORTAL_DEBUG_PAGES on top; the demo
+# shows the production 404 and 500 pages otherwise.
+PORTAL_DEBUG = env_bool("PORTAL_DEBUG", False)
+_debug_pages = env_bool("PORTAL_DEBUG_PAGES", False)
+if _debug_pages and not PORTAL_DEBUG:
+    raise ImproperlyConfigured("PORTAL_DEBUG_PAGES shows Django's debug pages (routes, settings, local variables): "
+                               "only with PORTAL_DEBUG=1, never in production.")
+DEBUG = PORTAL_DEBUG and _debug_pages
 
 
 # Management commands that only read the code and migrations (CI's "models match migrations" check): they sign and
@@ -46,11 +59,13 @@ def _secret_key() -> str:
         if len(configured) < 50 or len(set(configured)) < 5:
             raise ImproperlyConfigured("PORTAL_SECRET_KEY must be at least 50 characters with 5 distinct ones.")
         return configured
-    if not DEBUG:
+    if not PORTAL_DEBUG:
         if _offline_command():
             return secrets.token_urlsafe(64)  # nothing signed or encrypted outlives this process
-        raise ImproperlyConfigured("PORTAL_SECRET_KEY (or PORTAL_SECRET_KEY_FILE) must be set when PORTAL_DEBUG is off.")
-    # Development: one random key per checkout, kept under var/ so sessions survive restarts.
+        raise ImproperlyConfigured("PORTAL_SECRET_KEY (or PORTAL_SECRET_KEY_FILE) must be set when PORTAL_DEBUG is off "
+                                   f"(the demo's `make run` keeps it in {VAR_DIR / demo_env.FILE_NAME}, which this var "
+                                   "folder does not have).")
+    # Development without `make run` (PORTAL_DEBUG=1 by hand): one random key per checkout, kept under var/.
     key_file = VAR_DIR / "secret_key"
     if not key_file.exists():
         key_file.write_text(secrets.token_urlsafe(64), encoding="utf-8")
@@ -280,11 +295,11 @@ AXES_LOCKOUT_CALLABLE = "portal.views.lockout_response"
 AXES_VERBOSE = False
 AXES_ENABLE_ACCESS_FAILURE_LOG = False
 
-# --- Transport security: on unless DEBUG ----------------------------------------------------------------------
-SECURE_SSL_REDIRECT = env_bool("PORTAL_SECURE_SSL_REDIRECT", not DEBUG)
-SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", not DEBUG)
+# --- Transport security: on unless PORTAL_DEBUG ---------------------------------------------------------------
+SECURE_SSL_REDIRECT = env_bool("PORTAL_SECURE_SSL_REDIRECT", not PORTAL_DEBUG)
+SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", not PORTAL_DEBUG)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
-SECURE_HSTS_SECONDS = env_int("PORTAL_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
+SECURE_HSTS_SECONDS = env_int("PORTAL_HSTS_SECONDS", 0 if PORTAL_DEBUG else 31_536_000, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PORTAL_HSTS_INCLUDE_SUBDOMAINS", SECURE_HSTS_SECONDS > 0)
 SECURE_HSTS_PRELOAD = env_bool("PORTAL_HSTS_PRELOAD", SECURE_HSTS_SECONDS > 0)
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -334,12 +349,12 @@ STORAGES = {
     "staticfiles": {
         "BACKEND": (
             "django.contrib.staticfiles.storage.StaticFilesStorage"
-            if DEBUG
+            if PORTAL_DEBUG
             else "whitenoise.storage.CompressedManifestStaticFilesStorage"
         )
     },
 }
-WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_USE_FINDERS = PORTAL_DEBUG
 
 LANGUAGE_CODE = "en-gb"
 TIME_ZONE = "UTC"

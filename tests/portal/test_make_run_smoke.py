@@ -1,8 +1,10 @@
 """`make run` in its embedded mode (SQLite + filesystem broker under a fresh var/): it starts, serves, runs tasks
-on a real worker, and Ctrl-C stops every process."""
+on a real worker, a second process with no variables creates a token that works on it, and Ctrl-C stops every
+process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -61,6 +63,24 @@ def test_make_run_serves_runs_tasks_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             pytest.fail("make run did not answer /healthz within 240 s")
         status, body = _get(base + "/login/")
         assert status == 200 and "Sign in" in body
+
+        # The README's second terminal: no variable at all but where var/ is (README: `manage.py create_token ds`).
+        assert (var / "demo.env").stat().st_mode & 0o777 == 0o600
+        second = subprocess.run([sys.executable, "manage.py", "create_token", "ds"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env=clean_env(PORTAL_VAR_DIR=str(var)))
+        assert second.returncode == 0, second.stderr
+        token = second.stdout.strip().splitlines()[-1]
+        me = urllib.request.Request(base + "/api/v1/me", headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+        with urllib.request.urlopen(me, timeout=5) as response:  # noqa: S310 - our own loopback server
+            assert json.loads(response.read())["username"] == "ds", "the token works on the running demo"
+        cli = subprocess.run([sys.executable, "-c", "from portal.cli import build_parser; "
+                              "print(build_parser().parse_args(['predict', 'm', 'dev', 'f.json']).url)"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             env=clean_env(PORTAL_VAR_DIR=str(var)))
+        assert cli.stdout.strip() == base, "the portal command finds the demo's address"
+        # Production-style error pages in the demo: no route list, no settings.
+        status, body = _get(base + "/no-such-page")
+        assert status == 404 and "There is nothing at this address" in body and "URLconf" not in body
         assert _get(base + "/readyz")[0] == 200
         assert (var / "portal.sqlite3").exists() and (var / "celery" / "queue").is_dir()
 

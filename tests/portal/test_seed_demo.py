@@ -21,7 +21,7 @@ def test_seed_demo_refuses_when_debug_is_off() -> None:
         call_command("seed_demo")
 
 
-@override_settings(DEBUG=True, PORTAL_DEMO_PASSWORD="another-demo-pass-1")
+@override_settings(PORTAL_DEBUG=True, PORTAL_DEMO_PASSWORD="another-demo-pass-1")
 def test_seed_demo_creates_the_contracts_users_and_model_once() -> None:
     call_command("seed_demo")
     events_after_first = AuditEvent.objects.count()

@@ -146,3 +146,81 @@ def test_tasks_are_routed_to_their_queue_unless_one_queue_is_asked_for(tmp_path:
         assert found["routes"] == ROUTES
         # A worker started without -Q takes from every queue (what `make run` starts).
         assert found["consumed"] == sorted({"celery", "scan", "deploy", "score", "monitor"})
+
+
+# --- The demo's var/demo.env: a second terminal works, production still refuses ----------------------------------
+
+SHOW = "from django.conf import settings as s; print(s.PORTAL_DEBUG, s.DEBUG, s.DEMO_ENV_LOADED, s.SECRET_KEY[:8])"
+
+
+def _shown(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1].split()
+
+
+def _write_demo(folder: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    """What `make run` does first, in a process of its own: `python -m portal.demo_env` with PORTAL_DEBUG on."""
+    return subprocess.run([sys.executable, "-m", "portal.demo_env"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=clean_env(PORTAL_VAR_DIR=str(folder), PORTAL_DEBUG="1", **extra))
+
+
+def test_make_runs_demo_file_lets_a_bare_second_process_start(tmp_path: Path) -> None:
+    written = _write_demo(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path / 'demo.sqlite3'}")
+    assert written.returncode == 0, written.stderr
+    demo = tmp_path / "demo.env"
+    assert demo.stat().st_mode & 0o777 == 0o600
+    text = demo.read_text()
+    for key in ("PORTAL_DEBUG=1", "PORTAL_SECRET_KEY=", "PORTAL_PAYLOAD_KEYS=", "PORTAL_SUBJECT_HASH_KEY=",
+                "PORTAL_AUDIT_SIGNING_KEY_FILE=", "DATABASE_URL=sqlite:///", "PORTAL_URL=http://127.0.0.1:8000"):
+        assert key in text, key
+    # A second terminal: no variable at all but the var folder (which `make run` and manage.py share by default).
+    shown = manage("shell", "-c", SHOW, env_vars={}, tmp_path=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    secret = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("PORTAL_SECRET_KEY="))
+    assert _shown(shown) == ["True", "False", "True", secret[:8]], "demo mode, production error pages"
+    again = _write_demo(tmp_path)
+    assert again.returncode == 0 and secret in demo.read_text(), "the secrets are generated once"
+    assert "DATABASE_URL" not in demo.read_text(), "a make run without DATABASE_URL is back on the default"
+    pages = manage("shell", "-c", SHOW, env_vars={"PORTAL_DEBUG_PAGES": "1"}, tmp_path=tmp_path)
+    assert _shown(pages)[:2] == ["True", "True"], "Django's debug pages only when asked for"
+    explicit = manage("shell", "-c", SHOW, env_vars={"PORTAL_SECRET_KEY": PRODUCTION_ENV["PORTAL_SECRET_KEY"]},
+                      tmp_path=tmp_path)
+    assert _shown(explicit)[3] == PRODUCTION_ENV["PORTAL_SECRET_KEY"][:8], "explicit variables win"
+
+
+def test_production_ignores_or_refuses_a_demo_file(tmp_path: Path) -> None:
+    assert _write_demo(tmp_path).returncode == 0
+    values = {k: v for k, v in PRODUCTION_ENV.items() if k != "PORTAL_SECRET_KEY"}
+    result = manage("check", env_vars=values, tmp_path=tmp_path)  # PORTAL_DEBUG=0, as Kubernetes' config map says
+    assert result.returncode != 0 and "PORTAL_SECRET_KEY" in result.stderr, "an explicit PORTAL_DEBUG=0 ignores it"
+    demo = tmp_path / "demo.env"
+    demo.chmod(0o644)
+    loose = manage("check", env_vars={}, tmp_path=tmp_path)
+    assert loose.returncode != 0 and "chmod 600" in loose.stderr and "Traceback" not in loose.stderr
+    demo.chmod(0o600)
+    with demo.open("a") as fh:
+        fh.write("PORTAL_SECURE_COOKIES=0\n")
+    planted = manage("check", env_vars={}, tmp_path=tmp_path)
+    assert planted.returncode != 0 and "may be set here" in planted.stderr
+    off = subprocess.run([sys.executable, "-m", "portal.demo_env"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=clean_env(PORTAL_VAR_DIR=str(tmp_path / "prod"), PORTAL_DEBUG="0"))
+    assert off.returncode == 0 and not (tmp_path / "prod" / "demo.env").exists(), "nothing written with debug off"
+    pages = manage("check", env_vars={**PRODUCTION_ENV, "PORTAL_DEBUG_PAGES": "1"}, tmp_path=tmp_path / "p2")
+    assert pages.returncode != 0 and "PORTAL_DEBUG_PAGES" in pages.stderr
+
+
+def test_an_older_demo_folder_keeps_its_keys(tmp_path: Path) -> None:
+    """A demo var folder from before demo.env: its secret key is kept and the payload and subject-hash keys are the
+    ones the settings derived from it, so its encrypted payloads and subject hashes stay readable."""
+    import base64
+    import hashlib
+
+    old = "an-older-demo-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz"
+    (tmp_path / "secret_key").write_text(old)
+    assert _write_demo(tmp_path).returncode == 0
+    values = dict(line.split("=", 1) for line in (tmp_path / "demo.env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert values["PORTAL_SECRET_KEY"] == old
+    assert values["PORTAL_SUBJECT_HASH_KEY"] == hashlib.sha256(("subject-hash:" + old).encode()).hexdigest()
+    assert values["PORTAL_PAYLOAD_KEYS"] == base64.urlsafe_b64encode(
+        hashlib.sha256(("payload-key:" + old).encode()).digest()).decode()

@@ -86,7 +86,7 @@ class Command(BaseCommand):
             f"  MLOps portal is running at {url}",
             f"  API docs: {url}/api/docs/",
         ]
-        if settings.DEBUG:
+        if settings.PORTAL_DEBUG:
             lines.append(f"  Demo sign-ins (password: {settings.PORTAL_DEMO_PASSWORD}):")
             lines.extend(f"    {username:<11} {role}" for username, role, _ in DEMO_USERS)
         lines += ["  Ctrl-C stops web, worker and beat.", ""]

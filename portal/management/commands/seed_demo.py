@@ -33,7 +33,7 @@ class Command(BaseCommand):
         parser.add_argument("--users-only", action="store_true", help="Only the team and users, no demo models.")
 
     def handle(self, *args: Any, force: bool = False, users_only: bool = False, **options: Any) -> None:
-        if not settings.DEBUG and not force:
+        if not settings.PORTAL_DEBUG and not force:
             raise CommandError("DEBUG is off: this looks like a real deployment. Pass --force to seed demo users anyway.")
         password = settings.PORTAL_DEMO_PASSWORD
         User = get_user_model()

@@ -38,7 +38,7 @@ from registry.models import (
 )
 from registry.scanning.archive import extract_zip
 from registry.scanning.findings import Finding, UploadRejected
-from registry.scanning.inspect import inspect_upload
+from registry.scanning.inspect import CODE_PREFIX, inspect_upload
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +147,11 @@ def _reject_upload(*, model: RegisteredModel, filename: str, findings: list[Find
 
 
 def _trust_for_team(team: Team, untrusted: list[str]) -> tuple[str, list[TeamTrustedType]]:
+    """A team's standing decisions cover skops types; code an upload brings is decided for that upload alone."""
     if not untrusted:
         return TrustState.NOT_NEEDED, []
+    if any(t.startswith(CODE_PREFIX) for t in untrusted):
+        return TrustState.PENDING, []
     standing = list(TeamTrustedType.objects.filter(team=team, type_name__in=untrusted).select_related("decided_by"))
     if {s.type_name for s in standing} >= set(untrusted):
         return TrustState.TRUSTED, standing
@@ -422,7 +425,7 @@ def version_trust_decide(*, version: ModelVersion, trust: bool, reason: str, rem
                      after={"trust_state": locked.trust_state, "types": locked.untrusted_types, "reason": reason,
                             "remember_for_team": remember_for_team and trust})
         if trust and remember_for_team:
-            for type_name in locked.untrusted_types:
+            for type_name in [t for t in locked.untrusted_types if not t.startswith(CODE_PREFIX)]:
                 _, created = TeamTrustedType.objects.get_or_create(
                     team=locked.model.team, type_name=type_name, defaults={"decided_by": actor, "reason": reason})
                 if created:

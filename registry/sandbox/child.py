@@ -150,10 +150,12 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
             info = meta.saved_input_example_info
             with open(os.path.join(path, info["artifact_path"]), encoding="utf-8") as fh:
                 example = json.load(fh)
+            if isinstance(example, dict) and "inputs" in example and set(example) <= {"inputs", "params"}:
+                example = example["inputs"]  # logged with params
         target: Any = model
         try:
             raw = model.get_raw_model()
-            if hasattr(raw, "predict"):
+            if _is_estimator(raw):
                 target = raw
         except Exception:
             target = model
@@ -228,6 +230,12 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_estimator(obj: Any) -> bool:
+    """A scikit-learn-style estimator (what the raw model of the sklearn, xgboost and lightgbm flavors is), not a
+    custom ``PythonModel`` (whose ``predict`` takes a context first) or anything else."""
+    return hasattr(obj, "predict") and hasattr(obj, "get_params")
+
+
 def _load(fmt: str, path: str, options: dict[str, Any]) -> Any:
     if fmt == "mlflow":
         import mlflow.pyfunc
@@ -235,7 +243,7 @@ def _load(fmt: str, path: str, options: dict[str, Any]) -> Any:
         model = mlflow.pyfunc.load_model(path)
         try:
             raw = model.get_raw_model()
-            return raw if hasattr(raw, "predict") else model
+            return raw if _is_estimator(raw) else model
         except Exception:
             return model
     if fmt == "skops":
@@ -259,6 +267,8 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
         return {"ok": True, "kind": "native", "reason": "not every input is a number, and the in-process ONNX "
                                                         "form takes one numeric matrix"}
     model = _load(fmt, path, options)
+    if not _is_estimator(model):
+        return {"ok": True, "kind": "native", "reason": "not a scikit-learn estimator, which the ONNX converter needs"}
     frame = _frame({"columns": columns, "data": rows.tolist()}, columns)
     native = np.asarray(model.predict(frame))
     try:

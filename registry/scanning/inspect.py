@@ -208,25 +208,65 @@ def _files_at(target: Path) -> list[Path]:
     return sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else []
 
 
-def _mlmodel_rules(root: Path, model_dir: Path, meta: dict[str, Any]) -> dict[Path, str]:
-    """Apply MLmodel's own rules: refuse code (``code`` paths, which MLflow puts first on sys.path, and loader
-    modules outside MLflow's flavors), and return the files each flavor loads as its model, by the key naming them.
+CODE_PREFIX = "custom code: "
 
-    The portal holds no trust flow for code (only for skops types), so a model carrying code is refused."""
+
+def carried_code(root: Path, model_dir: Path, meta: dict[str, Any]) -> tuple[list[str], set[Path]]:
+    """What code an MLflow model brings, as lines an approver reads, and the members that are that code: a custom
+    ``python_model`` (cloudpickled), ``code``/``code_paths`` (put first on sys.path), a ``loader_module`` outside
+    MLflow's own flavors. Such a model is held until an approver who did not upload it trusts it; it then loads only
+    in the sandbox, like every model."""
+    lines: list[str] = []
+    members: set[Path] = set()
+    for flavor, conf in meta["flavors"].items():
+        if not isinstance(conf, dict):
+            continue
+        loader = conf.get("loader_module")
+        if isinstance(loader, str) and loader and not LOADER_MODULE.fullmatch(loader):
+            lines.append(f"{CODE_PREFIX}{flavor} flavor imports loader_module {loader}")
+        code_path = conf.get("model_code_path")
+        if isinstance(code_path, str) and code_path:
+            # Models from code: MLflow copies the script into the model folder and runs it to build the model.
+            found = [p for p in model_dir.glob(PurePosixPath(code_path).name) if p.is_file()]
+            members.update(found)
+            lines.append(f"{CODE_PREFIX}{flavor} flavor runs its model code ({PurePosixPath(code_path).name})")
+        python_model = conf.get("python_model")
+        if flavor == "python_function" and isinstance(python_model, str) and python_model:
+            target = _inside(root, model_dir, python_model)
+            if target is not None:
+                members.update(_files_at(target))
+                lines.append(f"{CODE_PREFIX}{flavor} flavor unpickles a custom PythonModel ({python_model})")
+        for key in ("code", "code_paths"):
+            value = conf.get(key)
+            for rel in (value if isinstance(value, list) else [value]) if value else []:
+                target = _inside(root, model_dir, rel)
+                found = _files_at(target) if target else []
+                members.update(found)
+                if found:
+                    lines.append(f"{CODE_PREFIX}{flavor} flavor puts {rel} on sys.path ({len(found)} files)")
+    if lines:
+        members.update(p for p in model_dir.rglob("*") if p.is_file() and p.suffix.lower() in CODE_SUFFIXES)
+    return sorted(set(lines)), {m.resolve() for m in members}
+
+
+def _mlmodel_rules(root: Path, model_dir: Path, meta: dict[str, Any], *, code_held: bool = False) -> dict[Path, str]:
+    """Apply MLmodel's own rules and return the files each flavor loads as its model, by the key naming them.
+    Code (``code`` paths, loader modules outside MLflow's flavors) is refused unless ``code_held``: the version then
+    waits for an approver's trust decision (``carried_code``)."""
     findings: list[Finding] = []
     model_files: dict[Path, str] = {}
     for flavor, conf in meta["flavors"].items():
         if not isinstance(conf, dict):
             continue
         loader = conf.get("loader_module")
-        if loader is not None and not (isinstance(loader, str) and LOADER_MODULE.fullmatch(loader)):
+        if not code_held and loader is not None and not (isinstance(loader, str) and LOADER_MODULE.fullmatch(loader)):
             findings.append(Finding("block", "loader_module",
                                     f"MLmodel's {flavor} flavor has loader_module {loader!r}, which is not one of "
                                     "MLflow's own flavor modules (mlflow.*); MLflow would import it to load the "
                                     "model. Save the model with a built-in flavor.", "MLmodel"))
         for key in ("code", "code_paths"):
             value = conf.get(key)
-            if not value:
+            if not value or code_held:
                 continue
             paths = value if isinstance(value, list) else [value]
             named = []
@@ -285,6 +325,8 @@ def _mlflow_example(model_dir: Path, meta: dict[str, Any]) -> Any:
         example = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _block("bad_example", "the input example is not valid JSON.", str(rel)) from None
+    if isinstance(example, dict) and "inputs" in example and set(example) <= {"inputs", "params"}:
+        example = example["inputs"]  # logged with params: MLflow wraps the example as {"inputs", "params"}
     if isinstance(example, dict) and "dataframe_split" in example:
         example = example["dataframe_split"]
     return example
@@ -311,10 +353,17 @@ def inspect_upload(path: Path, original_name: str) -> Inspection:
                 return Inspection(format="skops", flavors=["sklearn"], untrusted_types=_skops_untrusted(path, ""),
                                   findings=[Finding("info", "skops_scanned", "skops schema read.")])
             model_dir, meta = _load_mlmodel(root)
-            model_files = _mlmodel_rules(root, model_dir, meta)
-            untrusted: list[str] = []
+            code, code_members = carried_code(root, model_dir, meta)
+            model_files = _mlmodel_rules(root, model_dir, meta, code_held=bool(code))
+            untrusted: list[str] = list(code)
             findings: list[Finding] = []
+            if code:
+                findings.append(Finding("wait", "carries_code", "The model brings its own code ("
+                                        + "; ".join(c.removeprefix(CODE_PREFIX) for c in code) + "): it waits "
+                                        "for an approver's trust decision and then runs only in the sandbox."))
             for f in files:
+                if f.resolve() in code_members:
+                    continue  # code, shown to the approver; the sandbox, not the scanner, is its boundary
                 findings += _judge_file(f, str(f.relative_to(root)), root=root, limit=limit, work=work,
                                         untrusted=untrusted, depth=1, model_file=model_files.get(f.resolve(), ""))
             flavors = sorted(meta["flavors"])

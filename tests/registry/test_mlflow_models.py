@@ -116,3 +116,64 @@ def test_what_was_asked_is_logged_in_the_signatures_order(plans: Any) -> None:
     first = logged[ids[0]]
     assert first.inputs == [X.iloc[0]["plan"], int(X.iloc[0]["age"]), float(X.iloc[0]["spend"])]
     assert first.output == pipe.predict(X.head(1)).tolist()[0]
+
+
+MODEL_CODE = '''
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Scaled(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input["x"] * (params or {}).get("factor", 2)
+
+
+mlflow.models.set_model(Scaled())
+'''
+
+
+def test_a_custom_pyfunc_waits_for_an_approvers_trust_then_serves_with_its_params(
+        personas: dict[str, Any], tmp_path: Path) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+    from django.core.exceptions import PermissionDenied
+    from mlflow.models import infer_signature
+
+    code = tmp_path / "scaled_model.py"
+    code.write_text(MODEL_CODE)
+    X = pd.DataFrame({"x": [1.0, 2.0, 3.0]})
+    folder = tmp_path / "model"
+    mlflow.pyfunc.save_model(str(folder), python_model=str(code), input_example=(X, {"factor": 2}),
+                             signature=infer_signature(X, X["x"] * 2, params={"factor": 2}))
+    archive = tmp_path / "scaled.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.rglob("*"):
+            zf.write(path, Path("model") / path.relative_to(folder))
+    model = services.model_register(name="plans", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    version = services.version_upload(model=model, upload=LocalUpload(archive, archive.name), reference=None,
+                                      meta=services.UploadMetadata(), actor=personas["ds"])
+    assert version.trust_state == "pending" and version.status == "scanning"
+    assert any("runs its model code (scaled_model.py)" in t for t in version.untrusted_types), version.untrusted_types
+    assert any(f["code"] == "carries_code" for f in version.scan_findings)
+    with pytest.raises(PermissionDenied):  # four eyes: not the uploader
+        services.version_trust_decide(version=version, trust=True, reason="I wrote it, trust me", actor=personas["ds"])
+    version = services.version_trust_decide(version=version, trust=True, reason="Reviewed scaled_model.py: arithmetic only",
+                                            remember_for_team=True, actor=personas["approver1"])
+    version = services.version_scan(version_id=version.pk)
+    assert version.status == "ready", version.status_detail
+    deployment = deploy_now(version, personas["ds"])
+    assert deployment.serving_kind == "mlflow"
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="serve", actor=personas["ds"])
+    client = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    body = {"dataframe_split": {"columns": ["x"], "data": [[1.5], [4.0]]}}
+    response = client.post(URL, json.dumps(body), content_type="application/json")
+    # MLflow answers a column-based output signature as records, and so does the portal.
+    assert response.status_code == 200 and response.json()["predictions"] == [{"x": 3.0}, {"x": 8.0}], response.content
+    response = client.post(URL, json.dumps({**body, "params": {"factor": 10}}), content_type="application/json")
+    assert response.status_code == 200 and response.json()["predictions"] == [{"x": 15.0}, {"x": 40.0}], response.content
+    response = client.post(URL, json.dumps({**body, "params": {"factor": "ten"}}), content_type="application/json")
+    assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    # A standing team decision never covers code: the next upload of the same code waits again.
+    again = services.version_upload(model=model, upload=LocalUpload(archive, archive.name), reference=None,
+                                    meta=services.UploadMetadata(), actor=personas["ds"])
+    assert again.trust_state == "pending"

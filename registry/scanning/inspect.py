@@ -249,11 +249,39 @@ def carried_code(root: Path, model_dir: Path, meta: dict[str, Any]) -> tuple[lis
     return sorted(set(lines)), {m.resolve() for m in members}
 
 
+# MLflow flavor -> the Python package its loader imports (where the names differ).
+FLAVOR_LIBRARIES = {"sklearn": "sklearn", "pytorch": "torch", "tensorflow": "tensorflow", "keras": "keras",
+                    "transformers": "transformers", "sentence_transformers": "sentence_transformers",
+                    "spacy": "spacy", "catboost": "catboost", "prophet": "prophet", "h2o": "h2o",
+                    "paddle": "paddle", "spark": "pyspark", "onnx": "onnxruntime", "statsmodels": "statsmodels",
+                    "xgboost": "xgboost", "lightgbm": "lightgbm", "pmdarima": "pmdarima"}
+
+
+def _missing_library(meta: dict[str, Any]) -> Finding | None:
+    """The library the model's pyfunc loader needs, when this portal does not have it installed."""
+    import importlib.util
+
+    pyfunc = meta["flavors"].get("python_function")
+    loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
+    if not isinstance(loader, str) or not loader.startswith("mlflow.") or loader.startswith("mlflow.pyfunc"):
+        return None
+    flavor = loader.split(".")[1]
+    library = FLAVOR_LIBRARIES.get(flavor, flavor)
+    if importlib.util.find_spec(library) is not None:
+        return None
+    return Finding("block", "flavor_not_installed",
+                   f"This is an MLflow {flavor} model and the portal does not have {library} installed, so it cannot "
+                   f"load it. Ask an administrator to install {library}, or log the model with a flavor the portal "
+                   "has (sklearn, xgboost, lightgbm, onnx, statsmodels where installed, or python_function).",
+                   "MLmodel")
+
+
 def _mlmodel_rules(root: Path, model_dir: Path, meta: dict[str, Any], *, code_held: bool = False) -> dict[Path, str]:
     """Apply MLmodel's own rules and return the files each flavor loads as its model, by the key naming them.
     Code (``code`` paths, loader modules outside MLflow's flavors) is refused unless ``code_held``: the version then
     waits for an approver's trust decision (``carried_code``)."""
-    findings: list[Finding] = []
+    missing = _missing_library(meta)
+    findings: list[Finding] = [missing] if missing else []
     model_files: dict[Path, str] = {}
     for flavor, conf in meta["flavors"].items():
         if not isinstance(conf, dict):

@@ -177,3 +177,20 @@ def test_a_custom_pyfunc_waits_for_an_approvers_trust_then_serves_with_its_param
     again = services.version_upload(model=model, upload=LocalUpload(archive, archive.name), reference=None,
                                     meta=services.UploadMetadata(), actor=personas["ds"])
     assert again.trust_state == "pending"
+
+
+def test_a_flavor_whose_library_is_missing_is_refused_naming_it(personas: dict[str, Any], tmp_path: Path) -> None:
+    from registry.scanning.findings import UploadRejected
+
+    archive = tmp_path / "torch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("model/MLmodel", "flavors:\n  python_function:\n    loader_module: mlflow.pytorch\n"
+                                     "    data: data\n  pytorch:\n    model_data: data\n")
+        zf.writestr("model/data/model.pth", b"\x80\x04N.")
+    model = services.model_register(name="plans", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    with pytest.raises(UploadRejected) as rejected:
+        services.version_upload(model=model, upload=LocalUpload(archive, archive.name), reference=None,
+                                meta=services.UploadMetadata(), actor=personas["ds"])
+    assert [f.code for f in rejected.value.findings] == ["flavor_not_installed"]
+    assert "torch" in rejected.value.findings[0].message
+    assert not model.versions.exists()

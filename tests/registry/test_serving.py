@@ -483,3 +483,26 @@ def test_roles_without_score_neither_score_nor_send_ground_truth(serving: Client
         answer = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {token}").post(
             URL, json.dumps({"instances": _rows(1)[1]}), content_type="application/json")
         assert answer.status_code == 200, (scorer, answer.content)
+
+
+def test_the_score_check_costs_no_query_on_a_warm_scoring_path(serving: Client, personas: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capability is cached with the token and the model lookup: once warm, neither an answered request nor a
+    viewer's refusal reads the database (the caches' windows stretched so a slow machine cannot refresh them)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from registry.serving import views
+
+    monkeypatch.setattr(views, "AUTH_CACHE_SECONDS", 600.0)
+    monkeypatch.setattr(runtime, "REFRESH_SECONDS", 600.0)
+    _t, token = portal_services.token_create(user=personas["viewer"], name="reader", actor=personas["viewer"])
+    viewer = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {token}")
+    body = json.dumps({"instances": _rows(1)[1]})
+    assert serving.post(URL, body, content_type="application/json").status_code == 200
+    assert viewer.post(URL, body, content_type="application/json").status_code == 403
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(20):
+            assert serving.post(URL, body, content_type="application/json").status_code == 200
+            assert viewer.post(URL, body, content_type="application/json").status_code == 403
+    assert len(queries) == 0, [q["sql"][:120] for q in queries]

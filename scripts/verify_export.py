@@ -129,7 +129,9 @@ def verify(path: str, public_key_pem: bytes, *, wanted: frozenset[int] = frozens
 
 
 def _say(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    kind = type(exc)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{name}: {exc}" if str(exc) else name
 
 
 def _public_key(pem: bytes) -> Any:

@@ -9,6 +9,7 @@ class PortalConfig(AppConfig):
     verbose_name = "Portal"
 
     def ready(self) -> None:
+        import portal.checks  # registers the start-up check of the keys production must set
         import portal.schema  # noqa: F401 - registers the OpenAPI extension for bearer tokens
         from portal.roles import sync_roles
 

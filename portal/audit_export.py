@@ -26,6 +26,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -45,8 +46,13 @@ BATCH_ROWS = 5000
 
 
 def signing_key() -> Ed25519PrivateKey:
-    """The key that signs exports: ``PORTAL_AUDIT_SIGNING_KEY`` (PEM), else one generated once under ``var/``."""
+    """The key that signs exports and checkpoints: ``PORTAL_AUDIT_SIGNING_KEY`` (PEM), else, in the demo only, one
+    generated once under ``var/``."""
     pem = settings.PORTAL_AUDIT_SIGNING_KEY
+    if not pem and not getattr(settings, "PORTAL_DEBUG", settings.DEBUG):
+        # A key made up per host would sign with a different key on every pod (portal/checks.py says so at start).
+        raise ImproperlyConfigured("PORTAL_AUDIT_SIGNING_KEY (or PORTAL_AUDIT_SIGNING_KEY_FILE) must be set when "
+                                   "PORTAL_DEBUG is off.")
     if not pem:
         path = Path(settings.VAR_DIR) / "audit_signing_key.pem"
         if not path.exists():

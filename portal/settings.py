@@ -544,3 +544,9 @@ for _k in PORTAL_PAYLOAD_KEYS:
     except (ValueError, TypeError):
         raise ImproperlyConfigured("PORTAL_PAYLOAD_KEYS holds a value that is not a Fernet key (32 url-safe "
                                    "base64 bytes; make one with cryptography.fernet.Fernet.generate_key())") from None
+
+# Keys production must give explicitly, not derive from the secret key or generate on the host (portal/checks.py
+# stops start-up and /readyz naming each one missing while PORTAL_DEBUG is off). The offline commands use none.
+PORTAL_KEYS_NOT_SET = () if _offline_command() else tuple(
+    name for name in ("PORTAL_PAYLOAD_KEYS", "PORTAL_SUBJECT_HASH_KEY", "PORTAL_AUDIT_SIGNING_KEY")
+    if env_optional(name) is None)

@@ -324,17 +324,29 @@ def _check_sandbox() -> str | None:
     return f"sandbox: {reason}" if reason else None
 
 
+def _check_keys() -> str | None:
+    """Keys production must set explicitly (portal/checks.py): a pod without them takes no traffic."""
+    from portal.checks import keys_not_set
+
+    missing = keys_not_set()
+    return f"keys: not set: {', '.join(missing)}" if missing else None
+
+
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
     sandbox = _check_sandbox()
-    problems = [p for p in (_check_database(), _check_broker()) if p]
+    keys = _check_keys()
+    problems = [p for p in (_check_database(), _check_broker(), keys) if p]
     if sandbox and settings.PORTAL_SANDBOX_REQUIRED:
         problems.append(sandbox)
     body = {"status": "ok" if not problems else "unavailable", "checks": {
         "database": "ok" if not any(p.startswith("database") for p in problems) else "failing",
         "broker": "ok" if not any(p.startswith("broker") for p in problems) else "failing",
         "sandbox": "ok" if not sandbox else "failing" if settings.PORTAL_SANDBOX_REQUIRED else "unavailable",
+        "keys": "ok" if not keys else "failing",
     }}
+    if keys:
+        body["keys"] = keys.removeprefix("keys: ")
     if sandbox:
         body["sandbox"] = sandbox.removeprefix("sandbox: ")
     if problems:

@@ -11,6 +11,11 @@ from pathlib import Path
 _root = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PORTAL_SECRET_KEY", "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz")
 os.environ.setdefault("PORTAL_DEBUG", "0")
+# Production's rule (portal/checks.py): the keys are given, never derived or generated. Test-only values.
+os.environ.setdefault("PORTAL_PAYLOAD_KEYS", "NH4Yxr2bIzZf21P0Yo8BK1qjWifarquKp4AmIWPb1M4=")
+os.environ.setdefault("PORTAL_SUBJECT_HASH_KEY", "tests-only-subject-hash-key-0123456789abcdef")
+os.environ.setdefault("PORTAL_AUDIT_SIGNING_KEY", "-----BEGIN PRIVATE KEY-----\n"
+                      "MC4CAQAwBQYDK2VwBCIEIAxg0LrD3ZcITDl5pc8XWLWbYIvYvhVevwpMSOYI4mkk\n-----END PRIVATE KEY-----\n")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portal")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
 os.environ.setdefault("PORTAL_SECURE_SSL_REDIRECT", "0")

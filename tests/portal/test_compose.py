@@ -60,9 +60,18 @@ def test_every_app_service_gets_what_the_settings_require(tmp_path: Path) -> Non
         assert {"postgres", "redis"} <= set(service["depends_on"])
     # The same values must satisfy the settings module, including check --deploy.
     env = dict(compose["services"]["web"]["environment"])
-    key = tmp_path / "secret_key"
-    key.write_text("compose-check-secret-key-abcdefghijklmnopqrstuvwxyz-0123456789")
-    env.update(PORTAL_SECRET_KEY_FILE=str(key), PORTAL_VAR_DIR=str(tmp_path / "var"))
+    secrets = {"PORTAL_SECRET_KEY": "compose-check-secret-key-abcdefghijklmnopqrstuvwxyz-0123456789",
+               "PORTAL_PAYLOAD_KEYS": "NH4Yxr2bIzZf21P0Yo8BK1qjWifarquKp4AmIWPb1M4=",
+               "PORTAL_SUBJECT_HASH_KEY": "compose-check-subject-hash-key-0123456789abcdef",
+               "PORTAL_AUDIT_SIGNING_KEY": "-----BEGIN PRIVATE KEY-----\n"
+                                            "MC4CAQAwBQYDK2VwBCIEIAxg0LrD3ZcITDl5pc8XWLWbYIvYvhVevwpMSOYI4mkk\n"
+                                            "-----END PRIVATE KEY-----\n"}
+    for name, value in secrets.items():
+        assert f"{name}_FILE" in env and name not in env, f"{name} comes from a secret file"
+        assert env[f"{name}_FILE"].rsplit("/", 1)[-1] in compose["services"]["web"]["secrets"]
+        (tmp_path / name).write_text(value)
+        env[f"{name}_FILE"] = str(tmp_path / name)
+    env.update(PORTAL_VAR_DIR=str(tmp_path / "var"))
     result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "DEBUG"], cwd=ROOT,
                             env=clean_env(**{k: str(v) for k, v in env.items()}),
                             capture_output=True, text=True, timeout=120)

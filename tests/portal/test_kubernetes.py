@@ -93,7 +93,8 @@ def test_web_probes_resources_and_security(rendered: list[dict[str, Any]]) -> No
 def test_secrets_arrive_as_files_and_the_config_names_only_variables_the_portal_reads(
         rendered: list[dict[str, Any]]) -> None:
     config = _by(rendered, "ConfigMap")["portal-config"]["data"]
-    for secret in ("PORTAL_SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "PORTAL_METRICS_TOKEN"):
+    for secret in ("PORTAL_SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "PORTAL_METRICS_TOKEN",
+                   "PORTAL_PAYLOAD_KEYS", "PORTAL_SUBJECT_HASH_KEY", "PORTAL_AUDIT_SIGNING_KEY"):
         assert secret not in config and config[f"{secret}_FILE"].startswith("/run/secrets/portal/")
     read = settings_variables()
     outside = {"MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "HF_HUB_OFFLINE", "HOME"}
@@ -108,13 +109,22 @@ def test_the_settings_start_with_the_manifests_values(tmp_path: Path) -> None:
     config = dict(_by(_render("prod"), "ConfigMap")["portal-config"]["data"])
     secrets = {"secret_key": "k8s-check-secret-key-abcdefghijklmnopqrstuvwxyz-0123456789-abcdef",
                "database_url": "postgres://portal:secret@postgres:5432/portal",
-               "broker_url": "redis://redis:6379/0", "metrics_token": "metrics-token-0123456789abcdef"}
+               "broker_url": "redis://redis:6379/0", "metrics_token": "metrics-token-0123456789abcdef",
+               "payload_keys": "NH4Yxr2bIzZf21P0Yo8BK1qjWifarquKp4AmIWPb1M4=",
+               "subject_hash_key": "k8s-check-subject-hash-key-0123456789abcdef",
+               "audit_signing_key": "-----BEGIN PRIVATE KEY-----\n"
+                                            "MC4CAQAwBQYDK2VwBCIEIAxg0LrD3ZcITDl5pc8XWLWbYIvYvhVevwpMSOYI4mkk\n"
+                                            "-----END PRIVATE KEY-----"}
     for name, value in secrets.items():
         (tmp_path / name).write_text(value + "\n")
     env = {k: v.replace("/run/secrets/portal", str(tmp_path)) for k, v in config.items() if k != "PORTAL_VAR_DIR"}
     env.update(HOME=str(tmp_path))
     result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars=env, tmp_path=tmp_path / "var")
     assert result.returncode == 0, result.stderr
+    # Without the keys' secret files the portal does not start (issue 21 item 6).
+    (tmp_path / "payload_keys").unlink()
+    result = manage("check", env_vars=env, tmp_path=tmp_path / "var")
+    assert result.returncode != 0 and "payload_keys" in result.stderr
 
 
 def test_the_scan_worker_is_off_the_network() -> None:

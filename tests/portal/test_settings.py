@@ -20,7 +20,13 @@ PRODUCTION_ENV = {
     "PORTAL_ALLOWED_HOSTS": "portal.example.com",
     "DATABASE_URL": "postgres://portal:secret@db.example.com:5432/portal",
     "CELERY_BROKER_URL": "redis://redis.example.com:6379/0",
+    "PORTAL_PAYLOAD_KEYS": "NH4Yxr2bIzZf21P0Yo8BK1qjWifarquKp4AmIWPb1M4=",
+    "PORTAL_SUBJECT_HASH_KEY": "production-like-subject-hash-key-0123456789abcdef",
+    "PORTAL_AUDIT_SIGNING_KEY": "-----BEGIN PRIVATE KEY-----\n"
+                                "MC4CAQAwBQYDK2VwBCIEIAxg0LrD3ZcITDl5pc8XWLWbYIvYvhVevwpMSOYI4mkk\n"
+                                "-----END PRIVATE KEY-----\n",
 }
+KEYS = ("PORTAL_PAYLOAD_KEYS", "PORTAL_SUBJECT_HASH_KEY", "PORTAL_AUDIT_SIGNING_KEY")
 
 
 def test_check_deploy_is_clean_with_production_values(tmp_path: Path) -> None:
@@ -34,6 +40,34 @@ def test_production_without_a_secret_key_refuses_to_start(tmp_path: Path) -> Non
     result = manage("check", env_vars=values, tmp_path=tmp_path)
     assert result.returncode != 0 and "PORTAL_SECRET_KEY" in result.stderr
     assert "Traceback" not in result.stderr, "a setting to fix is said in one line"
+
+
+@pytest.mark.parametrize("missing", [*[(k,) for k in KEYS], KEYS])
+def test_production_refuses_to_start_without_each_key_it_would_otherwise_derive(tmp_path: Path,
+                                                                                 missing: tuple[str, ...]) -> None:
+    """Issue 21 item 6: derived payload and subject-hash keys die with a rotated secret key; a generated signing key
+    differs per pod. `check` and `migrate` (the deployment's first step) stop, naming each key that is missing."""
+    values = {k: v for k, v in PRODUCTION_ENV.items() if k not in missing}
+    for command in (("check",), ("check", "--deploy"), ("migrate",)):
+        local = {"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"} if command[0] == "migrate" else {}
+        result = manage(*command, env_vars={**values, **local}, tmp_path=tmp_path)
+        assert result.returncode != 0, (command, result.stdout)
+        for name in KEYS:
+            assert (f"{name} is not set" in result.stderr) == (name in missing), (command, name, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "db.sqlite3").exists() or "portal_auditevent" not in (tmp_path / "db.sqlite3").read_text(
+        errors="ignore"), "migrate stopped before it touched the database"
+    demo = manage("check", env_vars={**values, "PORTAL_DEBUG": "1"}, tmp_path=tmp_path / "demo")
+    assert demo.returncode == 0 and "is not set" not in demo.stderr, "the demo may still generate them"
+
+
+def test_keys_may_come_from_files(tmp_path: Path) -> None:
+    values = {k: v for k, v in PRODUCTION_ENV.items() if k not in KEYS}
+    for name in KEYS:
+        (tmp_path / name).write_text(PRODUCTION_ENV[name] + "\n")
+        values[f"{name}_FILE"] = str(tmp_path / name)
+    result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars=values, tmp_path=tmp_path / "var")
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_migrations_check_needs_no_secrets(tmp_path: Path) -> None:

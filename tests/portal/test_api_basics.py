@@ -13,15 +13,22 @@ from tests.conftest import assert_error_shape
 pytestmark = pytest.mark.django_db
 
 
-def test_malformed_json_is_a_400_with_the_contracts_shape(personas: dict[str, Any], api_as: Any) -> None:
-    client = api_as(personas["ds"])
+def _session(user: Any) -> APIClient:
+    """A signed-in browser session (token creation takes one; a bearer token is refused there)."""
+    client = APIClient()
+    client.force_login(user)
+    return client
+
+
+def test_malformed_json_is_a_400_with_the_contracts_shape(personas: dict[str, Any]) -> None:
+    client = _session(personas["ds"])
     response = client.post("/api/v1/tokens/", data=b'{"name": ', content_type="application/json")
     body = assert_error_shape(response, 400, "parse_error")
     assert "JSON" in body["error"]["message"]
 
 
-def test_a_wrong_schema_names_the_field(personas: dict[str, Any], api_as: Any) -> None:
-    client = api_as(personas["ds"])
+def test_a_wrong_schema_names_the_field(personas: dict[str, Any]) -> None:
+    client = _session(personas["ds"])
     body = assert_error_shape(client.post("/api/v1/tokens/", {"name": ["a"]}, format="json"), 400, "invalid")
     assert "name" in body["error"]["details"] and body["error"]["message"].startswith("The request is not valid: name")
 

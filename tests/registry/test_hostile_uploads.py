@@ -547,6 +547,10 @@ def arena(django_db_setup: None, django_db_blocker: Any) -> Iterator[Arena]:
             # pytest-django sets up the database only for tests using its db fixtures; with this module alone, none do.
             own_db = setup_databases(verbosity=0, interactive=False, aliases=cast(Any, {"default"}))
         arena = Arena()
+        # Importing the WSGI entry point runs django.setup(), whose logging dictConfig drops the root logger's
+        # handlers: import it first, or the collector would stop seeing the web process's log records.
+        import portal.wsgi  # noqa: F401
+
         logging.getLogger().addHandler(arena.logs)
         previous_queue = app.conf.task_default_queue
         try:
@@ -614,6 +618,8 @@ def arena(django_db_setup: None, django_db_blocker: Any) -> Iterator[Arena]:
 @pytest.fixture
 def ready_arena(arena: Arena, django_db_blocker: Any) -> Iterator[Arena]:
     """The shared arena, with a live worker and decoy (a case before may have had them killed)."""
+    if arena.logs not in logging.getLogger().handlers:  # something reconfigured logging since
+        logging.getLogger().addHandler(arena.logs)
     with django_db_blocker.unblock():
         if not arena.worker_alive():
             arena.start_worker()

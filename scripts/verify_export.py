@@ -23,6 +23,7 @@ import base64
 import csv
 import hashlib
 import io
+import itertools
 import json
 import struct
 import sys
@@ -218,7 +219,7 @@ def check_against_checkpoints(manifest: dict[str, Any], hashes: dict[int, str],
     if not before:
         return f"no checkpoint given precedes the export, so its completeness is not judged{later}"
     latest = before[-1]
-    for older, newer in zip(checkpoints, checkpoints[1:], strict=False):
+    for older, newer in itertools.pairwise(checkpoints):
         if newer["seq"] < older["seq"]:
             raise Invalid(f"the trail went backwards between checkpoint #{older['number']} (event #{older['seq']}) "
                           f"and #{newer['number']} (event #{newer['seq']}): events were cut off in between")

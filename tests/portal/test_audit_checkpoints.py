@@ -219,6 +219,23 @@ def test_a_checkpoint_signed_by_another_key_is_named() -> None:
     assert "differs from the one the trail recorded at event #" in found["checkpoint_replaced"].message
 
 
+def test_beat_writes_checkpoints_and_its_daily_check_names_what_they_show() -> None:
+    from portal.tasks import audit_chain_verify_task, audit_checkpoint_task
+
+    _write(4)
+    written = audit_checkpoint_task()
+    assert written is not None and written["number"] == 1 and written["seq"] == 4
+    assert audit_checkpoint_task() is None, "nothing new since"
+    assert audit_chain_verify_task()["ok"] is True
+    _as_superuser(("DELETE FROM portal_auditevent WHERE seq > %s", [2]))
+    _reset_head_to_newest()
+    verdict = audit_chain_verify_task()
+    assert verdict["ok"] is False
+    assert {p["kind"] for p in verdict["problems"]} == {"events_missing", "head_went_backwards"}
+    recorded = AuditEvent.objects.filter(action="audit.verify").latest("seq")
+    assert recorded.outcome == "failure" and recorded.metadata["source"] == "beat"
+
+
 def test_an_unreachable_store_fails_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     from portal import audit_checkpoints
 

@@ -11,11 +11,12 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import get_object_for_user, has_capability, require_capability
 from portal.views import error_text
-from registry import promotions, selectors
+from registry import call_examples, promotions, selectors
 from registry.models import Environment, PromotionRequest, PromotionStatus
 
 
@@ -140,7 +141,11 @@ def environment_page(request: HttpRequest, name: str, env: str) -> HttpResponse:
     raw_at = request.GET.get("at", "").strip()[:40]
     at = _parse_at(raw_at)
     may_rollback = has_capability(request.user, "deploy_dev" if env == "dev" else "rollback_environment")
+    serving = call_examples.serving_version(model=model, environment=env)
+    url = request.build_absolute_uri(reverse("serve-invocations", args=[model.name, env]))
     return render(request, "registry/environment.html", {
+        "call": call_examples.call_example(version=serving, url=url) if serving is not None else None,
+        "call_url": url, "call_version": serving, "may_score": has_capability(request.user, "score"),
         "model": model, "env": env, "history": promotions.serving_history(model, env),
         "state": selectors.environment_overview(model=model)[env],
         "at_raw": raw_at, "at_invalid": bool(raw_at) and at is None,

@@ -1,0 +1,156 @@
+"""How to call a deployed model: a request body built from the serving version's input example or signature, shown
+as the URL, a curl command and a Python snippet on the environment page.
+
+Invariants: the examples never hold a secret (the token is read from ``$PORTAL_TOKEN``); the curl command is one a
+POSIX shell runs as shown (every argument quoted with ``shlex.quote``) and the Python snippet is valid Python
+(values written as Python literals, never pasted JSON); values of columns marked sensitive are replaced by typed
+placeholders, so an example row holding personal data is not repeated to every reader of the page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pprint
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from registry.models import EnvironmentState, ModelVersion, RegisteredModel
+
+MAX_EXAMPLE_ROWS = 3
+MAX_EXAMPLE_COLUMNS = 200
+TOKEN_VARIABLE = "PORTAL_TOKEN"  # noqa: S105 (the name of a variable, not a secret)
+
+# What MLflow's column types take in a JSON body (its scoring server parses datetimes from ISO strings and binary
+# from base64).
+_PLACEHOLDERS: dict[str, Any] = {
+    "string": "text", "integer": 0, "long": 0, "float": 0.0, "double": 0.0, "boolean": False,
+    "datetime": "2024-01-01T00:00:00", "binary": "",
+}
+
+
+@dataclass(frozen=True)
+class CallExample:
+    url: str
+    body: dict[str, Any]
+    source: str  # "example" (the version's input example), "signature" (placeholders) or "none"
+    curl: str
+    python: str
+    placeholder_columns: tuple[str, ...] = ()
+
+
+def _placeholder(spec: dict[str, Any]) -> Any:
+    kind = str(spec.get("type") or "")
+    if kind == "tensor":
+        dtype = str((spec.get("tensor-spec") or {}).get("dtype") or "")
+        return "text" if dtype.startswith(("str", "object")) else 0 if dtype.startswith(("int", "uint")) else 0.0
+    if kind == "array":
+        return [_placeholder(spec.get("items") or {})]
+    return _PLACEHOLDERS.get(kind, 0.0)
+
+
+def _input_specs(version: ModelVersion) -> list[dict[str, Any]]:
+    inputs = (version.signature or {}).get("inputs") or []
+    return [c for c in inputs if isinstance(c, dict)][:MAX_EXAMPLE_COLUMNS] if isinstance(inputs, list) else []
+
+
+def _split_from_example(example: Any, names: list[str]) -> dict[str, Any] | None:
+    """The stored input example as ``{"columns", "data"}`` rows, or None when it is not a table."""
+    if isinstance(example, dict) and isinstance(example.get("data"), list):
+        columns = example.get("columns") or names
+        data = example["data"]
+    elif isinstance(example, list) and example and all(isinstance(r, dict) for r in example):
+        columns = list(example[0])
+        data = [[r.get(c) for c in columns] for r in example]
+    elif isinstance(example, list) and example and all(isinstance(r, list) for r in example) and names:
+        columns, data = names, example
+    else:
+        return None
+    if not isinstance(columns, list) or not columns or not all(isinstance(r, list) and len(r) == len(columns)
+                                                                for r in data) or not data:
+        return None
+    return {"columns": list(columns), "data": [list(r) for r in data[:MAX_EXAMPLE_ROWS]]}
+
+
+def example_body(version: ModelVersion) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    """The body to show: (body, where it came from, columns whose example values were replaced)."""
+    specs = _input_specs(version)
+    named = [c for c in specs if c.get("name") is not None and c.get("type") != "tensor"]
+    names = [str(c["name"]) for c in named]
+    sensitive = set(version.sensitive_columns or {})
+    split = _split_from_example(version.input_example, names)
+    if split is not None:
+        by_name = {str(c["name"]): c for c in named}
+        hidden = tuple(c for c in split["columns"] if c in sensitive)
+        for row in split["data"]:
+            for i, column in enumerate(split["columns"]):
+                if column in sensitive:
+                    row[i] = _placeholder(by_name.get(column, {"type": "string"}))
+        return {"dataframe_split": split}, "example", hidden
+    if named:
+        return ({"dataframe_split": {"columns": names, "data": [[_placeholder(c) for c in named]]}}, "signature",
+                tuple(names))
+    tensors = [c for c in specs if c.get("type") == "tensor"]
+    if tensors:
+        shape = (tensors[0].get("tensor-spec") or {}).get("shape") or []
+        width = shape[1] if len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 else 1
+        row = [_placeholder(tensors[0])] * min(width, MAX_EXAMPLE_COLUMNS)
+        if len(tensors) == 1 or not all(t.get("name") for t in tensors):
+            return {"inputs": [row]}, "signature", ()
+        return {"inputs": {str(t["name"]): [[_placeholder(t)]] for t in tensors}}, "signature", ()
+    return {"dataframe_split": {"columns": [], "data": []}}, "none", ()
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: an example's missing value is sent as null, as pandas writes it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _curl(url: str, body: dict[str, Any]) -> str:
+    payload = json.dumps(body, ensure_ascii=False, allow_nan=False)
+    return " \\\n".join([
+        f"curl -sS -X POST {shlex.quote(url)}",
+        f'  -H "Authorization: Bearer ${TOKEN_VARIABLE}"',
+        "  -H 'Content-Type: application/json'",
+        f"  --data {shlex.quote(payload)}",
+    ])
+
+
+def _python(url: str, body: dict[str, Any]) -> str:
+    literal = pprint.pformat(body, indent=1, width=100, sort_dicts=False).replace("\n", "\n    ")
+    return "\n".join([
+        "import os",
+        "",
+        "import requests",
+        "",
+        "response = requests.post(",
+        f"    {url!r},",
+        f'    headers={{"Authorization": f"Bearer {{os.environ[{TOKEN_VARIABLE!r}]}}"}},',
+        f"    json={literal},",
+        "    timeout=30,",
+        ")",
+        "response.raise_for_status()",
+        'print(response.json()["predictions"])',
+    ])
+
+
+def call_example(*, version: ModelVersion, url: str) -> CallExample:
+    """The ways to call ``url`` (the absolute scoring URL of an environment) with a body ``version`` accepts."""
+    body, source, placeholders = example_body(version)
+    body = _finite(body)
+    return CallExample(url=url, body=body, source=source, curl=_curl(url, body), python=_python(url, body),
+                       placeholder_columns=placeholders)
+
+
+def serving_version(*, model: RegisteredModel, environment: str) -> ModelVersion | None:
+    """The version answering most of ``environment``'s traffic (the champion), whose inputs the example follows."""
+    state = (EnvironmentState.objects.filter(model=model, environment=environment)
+             .select_related("champion__version").first())
+    return state.champion.version if state is not None and state.champion is not None else None

@@ -1,17 +1,36 @@
-"""Serving benchmark: MLflow's scoring server, the portal, and a bare Django view, side by side on one model.
+"""Serving benchmark: MLflow's scoring server, the portal's two serving paths, MLServer and a bare Django view, side
+by side on one model.
 
-    .venv/bin/python bench/serving.py [--seconds 10] [--connections 8]
+    .venv/bin/python bench/serving.py [--seconds 10] [--connections 8] [--runs 2] [--hop-calls 2000]
 
-One run, one machine, one model (scikit-learn logistic regression, 20 numeric features, saved by MLflow 3.17), one
-load generator (wrk from Debian's packages), 1-row and 100-row JSON bodies:
+One machine, one model (scikit-learn logistic regression, 20 numeric features, saved by MLflow 3.17), one load
+generator (wrk from Debian's packages), 1-row and 100-row bodies holding the same rows:
 
 - MLflow's own scoring server: ``mlflow models serve --env-manager local`` with 2 workers;
-- the portal: gunicorn with 2 workers on PostgreSQL + Redis (DATABASE_URL / CELERY_BROKER_URL, defaulting to the
-  local services), bearer-token auth, rate limiting and prediction logging on, the version deployed by the real
-  deployment service;
+- the portal: gunicorn with 2 workers on PostgreSQL + Redis (BENCH_DATABASE_URL / BENCH_BROKER_URL, defaulting to
+  a database of its own, ``portal_bench_serving``, dropped and re-created, and Redis DB 7 on the local services),
+  bearer-token auth, rate limiting and prediction logging on, each version deployed by the real deployment service,
+  measured on its two serving paths:
+  - the fast path: model ``bench-lr``, converted to ONNX and run in the web worker;
+  - the sandboxed path: model ``bench-lr-sandboxed`` (the same MLflow archive) deployed with serving kind
+    ``native``, so each web worker asks its own bubblewrap-sandboxed model host over a Unix socket. The model
+    converts to ONNX, so the set-up script (this benchmark's own process only) replaces the deployment's
+    "prepare the serving form" step by the answer it gives a model skl2onnx cannot convert, ``("native", None)``;
+    everything else (warming through a host, the input example, the traffic switch) is the real deployment;
+- MLServer (Seldon) 1.7 with ``mlserver-sklearn`` serving the same estimator (joblib) with ``parallel_workers`` 2,
+  its V2 inference protocol over HTTP (one FP64 tensor of shape [rows, 20]), ``debug`` off, metrics on (its
+  defaults otherwise). It runs from a virtualenv of its own, never the project's (skipped, saying so, when it is
+  missing; BENCH_MLSERVER_VENV, default /tmp/mlserver-venv):
+      python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver mlserver-sklearn 'uvloop<0.21'
 - a bare Django view (orjson + numpy + ``predict``, no middleware) with 2 gunicorn workers: this stack's ceiling.
 
-Prints requests/s, p50 and p99 for each, the ratios, and checks that every answered prediction reached the log.
+All servers are started once and stay up; each run measures every target in turn (a 2 s warm-up, then the
+measurement), so load from elsewhere on the machine spreads over all of them, then the portal's two paths and
+MLServer once more with one connection and 1-row bodies: under 8 connections a p50 is mostly queueing, with one it
+is the latency a request adds. Prints requests/s, p50 and p99 per run and their medians, the ratios per run and
+their medians, and checks that every answered prediction reached the log. Then, without HTTP, the socket hop itself: the median time of ``LoadedModel.predict`` on a 1-row matrix for
+the sandboxed host and for the in-process ONNX session, and a breakdown of the host's share (an empty ``ping``
+frame's round trip; what the host runs per request, timed in this benchmark's own process on its own model).
 """
 
 from __future__ import annotations
@@ -119,25 +138,25 @@ def parse_wrk(out: str) -> dict[str, float]:
 
 
 def run_wrk(url: str, body_file: Path, seconds: int, connections: int, token: str | None, work: Path,
-            delay_ms: int | None = None) -> dict[str, float]:
+            delay_ms: int | None = None, threads: int = 2) -> dict[str, float]:
     """wrk against ``url``; with ``delay_ms``, each connection waits that long between its requests (a throttle)."""
     script = work / f"wrk-{body_file.stem}-{abs(hash(url))}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
     throttle = f"\nfunction delay()\n  return {delay_ms}\nend\n" if delay_ms is not None else ""
     script.write_text(WRK_LUA.replace("{auth}", auth).replace("{body}", str(body_file)) + throttle)
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 
 
-def logged_count(env: dict[str, str]) -> int:
+def logged_count(env: dict[str, str], models: tuple[str, ...] = ("bench-lr",)) -> int:
     """Drain the prediction buffer into the log (waiting for the worker's flusher if it is at work, 10 minutes at
-    most), then count the benchmark model's logged predictions."""
+    most), then count the benchmark models' logged predictions."""
     out = subprocess.run([PY, "manage.py", "shell", "-c",
                           "from monitoring.flush import drain\n"
                           "drain(timeout=600)\n"
                           "from monitoring.models import PredictionLog\n"
-                          "print('LOGGED', PredictionLog.objects.filter(model_name='bench-lr').count())"],
+                          f"print('LOGGED', PredictionLog.objects.filter(model_name__in={list(models)!r}).count())"],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
     return int(re.search(r"LOGGED (\d+)", out).group(1))  # type: ignore[union-attr]
 
@@ -179,8 +198,23 @@ def portal_env(work: Path) -> dict[str, str]:
     env.update(DATABASE_URL=DB_URL, CELERY_BROKER_URL=BROKER, PORTAL_DEBUG="0", PORTAL_VAR_DIR=str(work / "var"),
                PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
                PORTAL_ALLOWED_HOSTS="127.0.0.1,localhost", PORTAL_SECURE_SSL_REDIRECT="0", PORTAL_SECURE_COOKIES="0",
-               PORTAL_SERVE_RATE_LIMIT="1000000", PORTAL_LOG_LEVEL="WARNING")
+               PORTAL_SERVE_RATE_LIMIT="1000000", PORTAL_LOG_LEVEL="WARNING", **bench_keys())
     return env
+
+
+def bench_keys() -> dict[str, str]:
+    """Keys made up for one benchmark: outside the demo the portal wants the keys protecting data at rest set
+    explicitly (payload encryption, subject hashing, audit signing), never derived or generated by itself."""
+    import secrets
+
+    from cryptography.fernet import Fernet
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signing = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()).decode()
+    return {"PORTAL_PAYLOAD_KEYS": Fernet.generate_key().decode(), "PORTAL_SUBJECT_HASH_KEY": secrets.token_hex(32),
+            "PORTAL_AUDIT_SIGNING_KEY": signing}
 
 
 # Shared by the benchmarks' set-up scripts (run with `manage.py shell -c`): a data scientist `bench` in team `bench`.
@@ -221,13 +255,177 @@ print("TOKEN", portal_services.token_create(user=user, name="bench", actor=user)
 '''
 
 
+# The same archive as a second model, deployed with serving kind "native": a sandboxed model host per web worker.
+# skl2onnx converts a logistic regression, so the deployment's "prepare the serving form" step is replaced, in this
+# set-up process only, by what it answers for a model it cannot convert; the rest is the real deployment (warming
+# through a host, the input example against the signature, the traffic switch). No setting of the portal changes.
+SANDBOXED_SETUP = BENCH_USER + '''
+archive = work / "model.zip"
+model = services.model_register(name="bench-lr-sandboxed", team=team, actor=user)
+version = services.version_upload(model=model, upload=LocalUpload(archive, "model.zip"),
+                                  reference=LocalUpload(work / "reference.csv", "reference.csv"),
+                                  meta=services.UploadMetadata(), actor=user)
+version = services.version_scan(version_id=version.pk)
+assert version.status == "ready", version.status_detail
+real_prepare = deployments._prepare
+def no_onnx_form(deployment, tmp):
+    deployments._step(deployment, 45, "Serving natively: bench/serving.py measures the sandboxed model host.")
+    return "native", None
+deployments._prepare = no_onnx_form
+try:
+    d = deployments.deployment_run(deployment_id=deployments.deployment_start(version=version, environment="dev",
+                                                                               actor=user).pk)
+finally:
+    deployments._prepare = real_prepare
+assert d.status == "live", d.error
+assert d.serving_kind == "native" and d.serving_blob is None, (d.serving_kind, d.serving_blob)
+print("SERVING", d.serving_kind)
+'''
+
+# The socket hop without HTTP, in one process of the portal's (settings, database): LoadedModel.predict on a 1-row
+# matrix through the sandboxed host and through the in-process ONNX session, interleaved in blocks; then what the
+# host's time is made of: an empty ping frame's round trip (socket, framing, two wake-ups), and the host's own work
+# per request timed here, outside the sandbox, on the benchmark's own model (mlflow.pyfunc's predict on a one-row
+# DataFrame, as child.host() does for an MLflow archive; the bare estimator on a DataFrame and on an array).
+HOP = '''
+import json, statistics, sys, time, warnings
+from pathlib import Path
+import numpy as np
+import orjson
+from registry.models import Deployment
+from registry.serving import runtime
+from registry.sandbox import hosts
+from registry.sandbox.child import FRAME_HEADER
+work = Path(sys.argv[1])
+calls = int(sys.argv[2])
+def live(name):
+    return Deployment.objects.select_related("version__artifact", "serving_blob").get(
+        model__name=name, environment="dev", status="live")
+fast_d, host_d = live("bench-lr"), live("bench-lr-sandboxed")
+fast = runtime.load_serving_model(version=fast_d.version, kind=fast_d.serving_kind, blob=fast_d.serving_blob)
+hosted = runtime.load_serving_model(version=host_d.version, kind=host_d.serving_kind, blob=host_d.serving_blob,
+                                    key="bench-hop")
+assert fast.kind == "onnx" and hosted.kind == "native", (fast.kind, hosted.kind)
+row = np.asarray(json.loads((work / "body-1.json").read_text())["dataframe_split"]["data"], dtype="float64")
+columns = fast.columns
+hosted.predict(row)  # starts the host
+host = hosts.pool.get("bench-hop", runtime.materialiser(host_d.version), label="bench-hop")
+ping_header = orjson.dumps({"op": "ping"})
+def ping():
+    with host._lock:
+        host._sock.sendall(FRAME_HEADER.pack(len(ping_header)) + ping_header)
+        assert host._receive(5).get("ok")
+import mlflow.pyfunc
+import pandas as pd
+warnings.simplefilter("ignore")
+pyfunc = mlflow.pyfunc.load_model(str(work / "mlflow-model"))
+estimator = pyfunc.get_raw_model()
+frame = lambda: pd.DataFrame(row, columns=columns)
+subjects = {
+    "host: LoadedModel.predict": lambda: hosted.predict(row),
+    "fast: LoadedModel.predict (ONNX)": lambda: fast.predict(row),
+    "host: empty ping frame": ping,
+    "in-process pyfunc.predict(DataFrame)": lambda: pyfunc.predict(frame()),
+    "in-process estimator.predict(DataFrame)": lambda: estimator.predict(frame()),
+    "in-process estimator.predict(ndarray)": lambda: estimator.predict(row),
+    "in-process DataFrame(1 row) build": frame,
+}
+samples = {name: [] for name in subjects}
+for fn in subjects.values():
+    for _ in range(100):
+        fn()
+block = 250
+for _ in range(max(1, calls // block)):
+    for name, fn in subjects.items():
+        out = samples[name]
+        for _ in range(block):
+            t0 = time.perf_counter_ns()
+            fn()
+            out.append(time.perf_counter_ns() - t0)
+hosted.close()
+print("HOP " + json.dumps({name: statistics.median(v) / 1000 for name, v in samples.items()}))
+'''
+
+
+def mlserver_setup(work: Path, native: Path, venv: Path) -> tuple[list[str], dict[str, str], Path]:
+    """A model repository for MLServer: settings (2 parallel workers, debug off, ports filled in at start) and the
+    estimator, saved with joblib."""
+    repo = work / "mlserver"
+    (repo / "bench-lr").mkdir(parents=True)
+    shutil.copyfile(native, repo / "bench-lr" / "model.joblib")
+    (repo / "bench-lr" / "model-settings.json").write_text(json.dumps({
+        "name": "bench-lr", "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib", "version": "v1"}}))
+    (repo / "settings.json").write_text(json.dumps({
+        "parallel_workers": 2, "debug": False, "host": "127.0.0.1", "http_port": free_port(),
+        "grpc_port": free_port(), "metrics_port": free_port(), "metrics_dir": str(work / "mlserver-metrics")}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PORTAL_", "DJANGO_", "MLSERVER_"))}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",  # as the model hosts run
+               PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
+    return [str(venv / "bin" / "mlserver"), "start", str(repo)], env, repo
+
+
+def v2_body(rest_body: Path, work: Path) -> Path:
+    """The rows of an MLflow ``dataframe_split`` body as one V2 FP64 tensor."""
+    data = json.loads(rest_body.read_text())["dataframe_split"]["data"]
+    path = work / f"v2-{rest_body.stem}.json"
+    path.write_text(json.dumps({"inputs": [{"name": "input-0", "shape": [len(data), len(data[0])],
+                                            "datatype": "FP64", "data": [x for r in data for x in r]}]}))
+    return path
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+FAST, SANDBOXED, MLFLOW, BARE, MLSERVER = ("portal fast (ONNX)", "portal sandboxed host", "mlflow models serve",
+                                           "bare Django view", "MLServer (2 workers)")
+TARGETS = {"fast / MLflow": ">= 20", "fast / bare": ">= 0.6", "sandboxed / MLServer": ">= 1.0",
+           "sandboxed / fast": "", "hop p50 ms (sandboxed - fast)": "< 1", "hop p50 ms, 1 connection": "< 1"}
+
+
+def ratios(results: dict[tuple[str, int], dict[str, float]], rows: int) -> dict[str, float]:
+    r = {name: results[(name, rows)] for name in (FAST, SANDBOXED, MLFLOW, BARE, MLSERVER)
+         if (name, rows) in results}
+    out = {"fast / MLflow": r[FAST]["rps"] / r[MLFLOW]["rps"], "fast / bare": r[FAST]["rps"] / r[BARE]["rps"]}
+    if MLSERVER in r:
+        out["sandboxed / MLServer"] = r[SANDBOXED]["rps"] / r[MLSERVER]["rps"]
+    out["sandboxed / fast"] = r[SANDBOXED]["rps"] / r[FAST]["rps"]
+    out["hop p50 ms (sandboxed - fast)"] = r[SANDBOXED]["p50"] - r[FAST]["p50"]
+    one = (f"{SANDBOXED}, 1 conn", rows), (f"{FAST}, 1 conn", rows)
+    if all(key in results for key in one):
+        out["hop p50 ms, 1 connection"] = results[one[0]]["p50"] - results[one[1]]["p50"]
+    return out
+
+
+def print_table(title: str, results: dict[tuple[str, int], dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'server':<32}{'rows':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+    for (name, rows), r in results.items():
+        print(f"{name:<32}{rows:>5}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['non2xx']:>9.0f}  "
+              f"{r.get('socket_errors', '')}", flush=True)
+
+
+Target = tuple[str, str, "str | None", dict[int, Path]]  # name, path, bearer token, {rows: body file}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=2, help="rounds over every target; medians are printed")
+    parser.add_argument("--hop-calls", type=int, default=2000, help="calls per subject of the in-process hop timing")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
+    venv = Path(os.environ.get("BENCH_MLSERVER_VENV", "/tmp/mlserver-venv"))  # noqa: S108 - a benchmark's venv
+    mlserver_missing = "" if (venv / "bin" / "mlserver").is_file() else (
+        f"MLServer skipped: no virtualenv at {venv} (python3 -m venv {venv} && {venv}/bin/pip install mlserver "
+        "mlserver-sklearn 'uvloop<0.21'; or set BENCH_MLSERVER_VENV)")
+    if mlserver_missing:
+        print(mlserver_missing, flush=True)
     recreate_database(DB_URL)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
@@ -239,56 +437,119 @@ def main() -> None:
                              cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
         serving_kind = re.search(r"SERVING (\S+)", out).group(1)  # type: ignore[union-attr]
+        out = subprocess.run([PY, "manage.py", "shell", "-c",
+                              SANDBOXED_SETUP.replace("sys.argv[1]", repr(str(work)))],
+                             cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+        sandboxed_kind = re.search(r"SERVING (\S+)", out).group(1)  # type: ignore[union-attr]
         (work / "bare_settings.py").write_text(BARE_SETTINGS)
         (work / "bare_app.py").write_text(BARE_APP)
 
-        servers = {
-            "mlflow models serve": ([PY, "-m", "mlflow", "models", "serve", "-m", str(mlflow_dir), "--env-manager",
-                                     "local", "-h", "127.0.0.1", "-p", "{port}", "-w", "2"], "/invocations",
-                                    None, {**env, "MLFLOW_DISABLE_TELEMETRY": "1",
-                                           "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"}),
+        # name -> (command, working folder, environment, what it serves)
+        servers: dict[str, tuple[list[str], Path, dict[str, str], list[Target]]] = {
+            "mlflow": ([PY, "-m", "mlflow", "models", "serve", "-m", str(mlflow_dir), "--env-manager", "local",
+                        "-h", "127.0.0.1", "-p", "{port}", "-w", "2"], ROOT,
+                       {**env, "MLFLOW_DISABLE_TELEMETRY": "1",
+                        "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"},
+                       [(MLFLOW, "/invocations", None, bodies)]),
             "portal": ([PY, "-m", "gunicorn", "portal.wsgi:application", "-w", "2", "-b", "127.0.0.1:{port}",
-                        "--log-level", "warning"], "/api/v1/serve/bench-lr/dev/invocations", token, env),
-            "bare Django view": ([PY, "-m", "gunicorn", "--chdir", str(work), "django.core.wsgi:get_wsgi_application()",
-                                  "-w", "2", "-b", "127.0.0.1:{port}", "--log-level", "warning"], "/invocations", None,
-                                 {**env, "DJANGO_SETTINGS_MODULE": "bare_settings", "BARE_MODEL": str(native),
-                                  "PYTHONPATH": str(work)}),
+                        "--log-level", "warning"], ROOT, env,
+                       [(FAST, "/api/v1/serve/bench-lr/dev/invocations", token, bodies),
+                        (SANDBOXED, "/api/v1/serve/bench-lr-sandboxed/dev/invocations", token, bodies)]),
+            "bare": ([PY, "-m", "gunicorn", "--chdir", str(work), "django.core.wsgi:get_wsgi_application()",
+                      "-w", "2", "-b", "127.0.0.1:{port}", "--log-level", "warning"], ROOT,
+                     {**env, "DJANGO_SETTINGS_MODULE": "bare_settings", "BARE_MODEL": str(native),
+                      "PYTHONPATH": str(work)}, [(BARE, "/invocations", None, bodies)]),
         }
-        results: dict[tuple[str, int], dict[str, float]] = {}
-        for name, (cmd, path, auth, server_env) in servers.items():
-            port = free_port()
-            proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], cwd=ROOT, env=server_env,
-                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = f"http://127.0.0.1:{port}{path}"
-            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {auth}"} if auth else {})}
-            try:
-                wait_up(url, proc, bodies[1].read_bytes(), headers)
-                for rows, body_file in bodies.items():
-                    run_wrk(url, body_file, 2, args.connections, auth, work)  # warm-up
-                    results[(name, rows)] = run_wrk(url, body_file, args.seconds, args.connections, auth, work)
-            finally:
+        if not mlserver_missing:
+            cmd, mlserver_env, repo = mlserver_setup(work, native, venv)
+            servers["mlserver"] = (cmd, work, mlserver_env,
+                                   [(MLSERVER, "/v2/models/bench-lr/infer", None,
+                                     {rows: v2_body(b, work) for rows, b in bodies.items()})])
+        procs: list[subprocess.Popen[bytes]] = []
+        urls: list[tuple[str, str, str | None, dict[int, Path]]] = []
+        runs: list[dict[tuple[str, int], dict[str, float]]] = []
+        try:
+            for name, (cmd, cwd, server_env, targets) in servers.items():
+                port = free_port()
+                if name == "mlserver":
+                    settings_file = repo / "settings.json"
+                    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "http_port": port}))
+                with open(work / f"{name}.log", "wb") as log:
+                    procs.append(subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], cwd=cwd,
+                                                  env=server_env, start_new_session=True, stdout=log,
+                                                  stderr=subprocess.STDOUT))
+                for target, path, auth, target_bodies in targets:
+                    url = f"http://127.0.0.1:{port}{path}"
+                    headers = {"Content-Type": "application/json",
+                               **({"Authorization": f"Bearer {auth}"} if auth else {})}
+                    try:
+                        wait_up(url, procs[-1], target_bodies[1].read_bytes(), headers)
+                    except SystemExit:
+                        print((work / f"{name}.log").read_text()[-3000:])
+                        raise
+                    # Every worker starts what it serves (a sandboxed host, MLServer's pool) before any run.
+                    run_wrk(url, target_bodies[1], 5, args.connections, auth, work)
+                    urls.append((target, url, auth, target_bodies))
+            for n in range(args.runs):
+                results: dict[tuple[str, int], dict[str, float]] = {}
+                for target, url, auth, target_bodies in urls:
+                    for rows, body_file in target_bodies.items():
+                        run_wrk(url, body_file, 2, args.connections, auth, work)  # warm-up
+                        results[(target, rows)] = run_wrk(url, body_file, args.seconds, args.connections, auth,
+                                                          work)
+                # Latency without queueing: one connection, one request at a time, 1-row bodies. Under the
+                # throughput runs' 8 connections a p50 is mostly time spent waiting behind other requests.
+                for target, url, auth, target_bodies in urls:
+                    if target in (FAST, SANDBOXED, MLSERVER):
+                        run_wrk(url, target_bodies[1], 2, 1, auth, work, threads=1)
+                        results[(f"{target}, 1 conn", 1)] = run_wrk(url, target_bodies[1], args.seconds, 1, auth,
+                                                                    work, threads=1)
+                runs.append(results)
+                print_table(f"run {n + 1} of {args.runs}", results)
+        finally:
+            for proc in procs:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=30)
 
-        # Every answered portal prediction must be in the log once the flusher has drained the buffer.
-        logged = logged_count(env)
+        hop_script = HOP.replace("sys.argv[1]", repr(str(work))).replace("sys.argv[2]", repr(str(args.hop_calls)))
+        hop_out = subprocess.run([PY, "manage.py", "shell", "-c", hop_script], cwd=ROOT, env=env, check=True,
+                                 capture_output=True, text=True).stdout
+        hop = json.loads(re.search(r"HOP (.*)", hop_out).group(1))  # type: ignore[union-attr]
 
-    print(f"\nmodel: LogisticRegression, 20 features; portal serving form: {serving_kind}; "
-          f"wrk -t2 -c{args.connections} -d{args.seconds}s\n")
-    print(f"{'server':<22}{'rows':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
-    for (name, rows), r in results.items():
-        print(f"{name:<22}{rows:>5}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['non2xx']:>9}  {r['socket_errors']}")
+        # Every answered portal prediction must be in the log once the flusher has drained the buffer.
+        logged = logged_count(env, ("bench-lr", "bench-lr-sandboxed"))
+
+    medians = {key: {field: median([run[key][field] for run in runs]) for field in ("rps", "p50", "p99", "non2xx")}
+               for key in runs[0]}
+    print(f"\nmodel: LogisticRegression, 20 features; serving forms: {FAST}: {serving_kind}, {SANDBOXED}: "
+          f"{sandboxed_kind}; wrk -t2 -c{args.connections} -d{args.seconds}s; {args.runs} runs")
+    if mlserver_missing:
+        print(mlserver_missing)
+    print_table(f"medians over {args.runs} runs", medians)
     for rows in bodies:
-        portal, mlflow_, bare = (results[(n, rows)]["rps"] for n in ("portal", "mlflow models serve",
-                                                                      "bare Django view"))
-        print(f"\n{rows}-row bodies: portal / MLflow = {portal / mlflow_:.1f}x (target >= 20x); "
-              f"portal / bare view = {portal / bare:.2f}x (target >= 0.6x)")
-    expected = sum((results[("portal", rows)]["total"] - results[("portal", rows)]["non2xx"]) * rows
-                   for rows in bodies)
-    expected_min = expected  # warm-up requests are logged too, so the log may hold more
+        per_run = [ratios(run, rows) for run in runs]
+        print(f"\n{rows}-row bodies{'':<22}{'target':>8}"
+              + "".join(f"{'run ' + str(i + 1):>9}" for i in range(len(runs))) + f"{'median':>9}")
+        for name in per_run[0]:
+            values = [r[name] for r in per_run]
+            print(f"  {name:<33}{TARGETS[name]:>8}" + "".join(f"{v:>9.2f}" for v in values)
+                  + f"{median(values):>9.2f}")
+    print(f"\nthe hop without HTTP, median microseconds per call on a 1-row matrix ({args.hop_calls} calls each, "
+          "interleaved in blocks of 250):")
+    for name, us in hop.items():
+        print(f"  {name:<44}{us:>9.0f}")
+    print(f"  {'host - fast':<44}"
+          f"{hop['host: LoadedModel.predict'] - hop['fast: LoadedModel.predict (ONNX)']:>9.0f}")
+    expected = sum((r["total"] - r["non2xx"]) * rows for run in runs for (name, rows), r in run.items()
+                   if name.startswith((FAST, SANDBOXED)))
     print(f"\nportal predictions answered in the measured runs: {expected}; in the log after flushing: {logged} "
-          f"({'all present' if logged >= expected_min else 'MISSING ' + str(expected_min - logged)}; the log also "
+          f"({'all present' if logged >= expected else 'MISSING ' + str(expected - logged)}; the log also "
           "holds the warm-up and readiness requests)")
 
 

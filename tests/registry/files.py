@@ -11,6 +11,7 @@ import zipfile
 import zlib
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -239,3 +240,31 @@ def mlflow_zip_with_member(dest: Path, source_zip: Path, name: str, data: bytes,
             out.writestr(info, src.read(info))
         out.writestr(name, data)
     return dest
+
+
+def docs_idiom_pipeline(tmp_path: Path) -> tuple[Path, Any, Any]:
+    """MLflow's documentation idiom: a Pipeline over string and numeric columns, saved with
+    ``signature=infer_signature(X, model.predict(X))`` and an input example, zipped as an upload."""
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(7)
+    X = pd.DataFrame({"plan": rng.choice(["basic", "premium", "gold"], 300), "age": rng.integers(18, 80, 300),
+                      "spend": rng.random(300) * 100})
+    y = ((X.plan == "premium") | (X.spend > 60)).astype(int)
+    pipe = Pipeline([("prep", ColumnTransformer([("onehot", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
+                                                 ("scale", StandardScaler(), ["age", "spend"])])),
+                     ("clf", LogisticRegression())]).fit(X, y)
+    folder = tmp_path / "model"
+    mlflow.sklearn.save_model(pipe, str(folder), signature=infer_signature(X, pipe.predict(X)),
+                              input_example=X.head(3))
+    archive = tmp_path / "plans.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.rglob("*"):
+            zf.write(path, Path("model") / path.relative_to(folder))
+    return archive, pipe, X

@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from portal import services as portal_services
@@ -21,37 +20,12 @@ from registry import services
 from registry.localfiles import LocalUpload
 from registry.sandbox import bwrap
 from tests.conftest import EntryPointClient
+from tests.registry.files import docs_idiom_pipeline as _docs_idiom_pipeline
 from tests.registry.conftest import deploy_now
 
 pytestmark = [pytest.mark.django_db,
               pytest.mark.skipif(bwrap.probe() is not None, reason=f"no sandbox here: {bwrap.probe()}")]
 URL = "/api/v1/serve/plans/dev/invocations"
-
-
-def _docs_idiom_pipeline(tmp_path: Path) -> tuple[Path, Any, Any]:
-    import mlflow.sklearn
-    import pandas as pd
-    from mlflow.models import infer_signature
-    from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-    rng = np.random.default_rng(7)
-    X = pd.DataFrame({"plan": rng.choice(["basic", "premium", "gold"], 300), "age": rng.integers(18, 80, 300),
-                      "spend": rng.random(300) * 100})
-    y = ((X.plan == "premium") | (X.spend > 60)).astype(int)
-    pipe = Pipeline([("prep", ColumnTransformer([("onehot", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
-                                                 ("scale", StandardScaler(), ["age", "spend"])])),
-                     ("clf", LogisticRegression())]).fit(X, y)
-    folder = tmp_path / "model"
-    mlflow.sklearn.save_model(pipe, str(folder), signature=infer_signature(X, pipe.predict(X)),
-                              input_example=X.head(3))
-    archive = tmp_path / "plans.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in folder.rglob("*"):
-            zf.write(path, Path("model") / path.relative_to(folder))
-    return archive, pipe, X
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from registry import sandbox, storage
 from registry.models import ModelVersion
 from registry.sandbox import bwrap, hosts
 from registry.serving import runtime
+from tests.registry import files
 
 pytestmark = pytest.mark.skipif(bwrap.probe() is not None, reason=f"no sandbox here: {bwrap.probe()}")
 
@@ -237,40 +238,11 @@ def test_the_seccomp_program_is_well_formed() -> None:
     assert program is not None and len(program) % 8 == 0
 
 
-def _mlflow_pipeline_zip(tmp_path: Path) -> tuple[Path, Any, Any]:
-    """The docs idiom: a Pipeline over string and numeric columns, signature inferred from input and output."""
-    import zipfile
-
-    import mlflow.sklearn
-    import pandas as pd
-    from mlflow.models import infer_signature
-    from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-    rng = np.random.default_rng(0)
-    X = pd.DataFrame({"plan": rng.choice(["basic", "premium", "gold"], 200), "age": rng.integers(18, 80, 200),
-                      "spend": rng.random(200) * 100})
-    y = ((X.plan == "premium") | (X.spend > 60)).astype(int)
-    pipe = Pipeline([("ct", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
-                                               ("sc", StandardScaler(), ["age", "spend"])])),
-                     ("lr", LogisticRegression())]).fit(X, y)
-    folder = tmp_path / "mlmodel"
-    mlflow.sklearn.save_model(pipe, str(folder), signature=infer_signature(X, pipe.predict(X)),
-                              input_example=X.head(3))
-    archive = tmp_path / "model.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in folder.rglob("*"):
-            zf.write(path, Path("model") / path.relative_to(folder))
-    return archive, pipe, X
-
-
 @pytest.mark.django_db
 def test_an_mlflow_model_is_answered_by_mlflows_own_scoring_code_in_its_host(tmp_path: Path) -> None:
     import orjson
 
-    archive, pipe, X = _mlflow_pipeline_zip(tmp_path)
+    archive, pipe, X = files.docs_idiom_pipeline(tmp_path)
     version = ModelVersion(number=1, format="mlflow", artifact=storage.blob_put_path(archive), signature={})
     host = hosts.pool.get("t-mlflow", runtime.materialiser(version), label="t")
     try:

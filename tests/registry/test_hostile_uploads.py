@@ -54,7 +54,7 @@ SENTINEL_VALUE = f"worker-environ-{secrets.token_hex(12)}"  # only in the enviro
 ESCAPED = f"ESCAPED-{TOKEN}"
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 SCAN_TIMEOUT = 150  # the sandbox's own timeout is 120 s
-DEPLOY_TIMEOUT = 90  # a deployment takes about 10 s; one still running after this is stuck
+DEPLOY_TIMEOUT = 150  # about 10 s normally, a minute for the memory bomb on a busy machine; longer is stuck
 BATCH_TIMEOUT = 90
 
 # case id: what the payload does (hostile.ACTIONS), or "memmap" for the plain-pickle case.
@@ -472,7 +472,9 @@ def score_hostile(arena: Arena, ev: Evidence, name: str, columns: list[str]) -> 
         ev.problems.append(f"[score] the hostile model answered {response.status_code}: a model's failure is a 5xx")
     client = buffer.redis_client()
     if client is not None:
-        ev.text("prediction buffer (Redis)", b"\n".join(client.lrange(buffer.REDIS_KEY, 0, -1)))
+        # Only this model's records: the buffer is shared with whatever else uses this Redis database.
+        records = [r for r in client.lrange(buffer.REDIS_KEY, 0, -1) if name.encode() in r]
+        ev.text("prediction buffer (Redis)", b"\n".join(records))
     ev.text("prediction log", list(PredictionLog.objects.filter(model_name=name).values()))
 
 

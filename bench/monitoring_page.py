@@ -23,6 +23,7 @@ import psycopg2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.serving import bench_keys  # noqa: E402 - production asks for explicit keys
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "portal_bench_monitoring"
 DB_URL = ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
@@ -37,7 +38,8 @@ def configure() -> None:
                       PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
                       PORTAL_ALLOWED_HOSTS="testserver", PORTAL_SECURE_SSL_REDIRECT="0",
                       PORTAL_SECURE_COOKIES="0", PORTAL_VAR_DIR=str(ROOT / "var" / "bench" / "monitoring"),
-                      PORTAL_LOG_LEVEL="WARNING", DJANGO_SETTINGS_MODULE="portal.settings")
+                      PORTAL_LOG_LEVEL="WARNING", DJANGO_SETTINGS_MODULE="portal.settings",
+                      **bench_keys())
 
 
 def fresh_database() -> None:

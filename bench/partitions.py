@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import recreate_database  # noqa: E402 - the benchmarks' one way to start a database afresh
+from serving import bench_keys, recreate_database  # noqa: E402 - the benchmarks' one way to start a database afresh
 SERVER = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portal").rsplit("/", 1)[0]
 DB = f"{SERVER}/portal_bench_partitions"
 INPUTS = 8
@@ -45,7 +45,7 @@ def setup_django() -> None:
     os.environ.update(DATABASE_URL=DB, DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_DEBUG="0",
                       PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
                       PORTAL_ALLOWED_HOSTS="localhost", CELERY_BROKER_URL="redis://127.0.0.1:6379/3",
-                      PORTAL_LOG_LEVEL="WARNING")
+                      PORTAL_LOG_LEVEL="WARNING", **bench_keys())
     os.environ.setdefault("PORTAL_VAR_DIR", str(ROOT / "var" / "bench-partitions"))
     sys.path.insert(0, str(ROOT))
     import django

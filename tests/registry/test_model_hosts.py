@@ -262,3 +262,34 @@ def test_an_mlflow_model_is_answered_by_mlflows_own_scoring_code_in_its_host(tmp
         assert host.starts == 1
     finally:
         hosts.pool.release("t-mlflow")
+
+
+@pytest.mark.django_db
+def test_the_matrix_path_answers_as_the_estimator_does_on_a_frame(tmp_path: Path) -> None:
+    """The host feeds a bare array only where that gives the DataFrame's answers: not to a ColumnTransformer that
+    picks columns by name, nor when the request's column order is not the one the estimator was fitted with."""
+    import joblib
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame({"a": rng.random(50), "b": rng.random(50) * 10})
+    y = X["a"] * 3 - X["b"]
+    plain = LinearRegression().fit(X, y)
+    by_name = Pipeline([("pick", ColumnTransformer([("s", StandardScaler(), ["b"])])),
+                        ("lr", LinearRegression())]).fit(X, y)
+    rows = X.head(3)
+    for i, estimator in enumerate((plain, by_name)):
+        path = tmp_path / f"m{i}.joblib"
+        joblib.dump(estimator, path)
+        version = _version(path)
+        version.format = "joblib"
+        loaded = runtime.load_serving_model(version=version, kind="native", blob=None, key=f"t-matrix-{i}")
+        try:
+            for _ in range(3):  # the first call decides, the next ones use the decision
+                assert loaded.predict(rows.to_numpy()) == estimator.predict(rows).tolist()
+        finally:
+            loaded.close()

@@ -8,7 +8,8 @@ What a sandboxed process sees and may do:
   (the interpreter's prefix and the virtualenv), a few loader files of ``/etc``; the program ``/sandbox/child.py``;
   the artifact it is asked to load at ``/model`` (read-only); at most one empty folder it may write, ``/out``;
   a private tmpfs ``/tmp`` of bounded size; its own ``/proc`` and a minimal ``/dev``; the root itself is
-  remounted read-only, so ``/tmp`` and ``/out`` are the only places it can write;
+  remounted read-only, and so is ``/dev``, so ``/tmp``, a 64 MB ``/dev/shm`` and ``/out`` are the only places it
+  can write;
 - never the project folder, ``var/`` (secret key, database, blobs, broker queue), ``/root``, ``/home`` or the
   rest of ``/etc``, and nothing of the parent's environment: bubblewrap itself is started with an allowlisted
   environment (its own ``/proc/1/environ`` is visible inside) and the program gets the same allowlist;
@@ -35,7 +36,9 @@ INSIDE_CHILD = "/sandbox/child.py"
 INSIDE_MODEL = "/model"
 INSIDE_OUT = "/out"
 INSIDE_TMP = "/tmp"  # noqa: S108 - the sandbox's own private tmpfs, not the host's /tmp
+INSIDE_SHM = "/dev/shm"  # noqa: S108 - likewise its own
 NOBODY = 65534
+SHM_MB = 64  # /dev/shm, for libraries that keep semaphores or small shared buffers there
 
 # Variables a sandboxed process may get from the parent, when set there (thread counts and BLAS kernels change
 # results or speed, never carry a secret). Everything else it gets is fixed here.
@@ -184,7 +187,8 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
             args += ["--ro-bind", etc, etc]
     for root in _python_roots():
         args += ["--ro-bind", root, root]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", INSIDE_TMP,
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", INSIDE_SHM,
+             "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", INSIDE_TMP,
              "--ro-bind", str(CHILD), INSIDE_CHILD]
     if mounts.model is not None:
         args += ["--ro-bind", str(mounts.model.resolve()), mounts.inside_model()]
@@ -192,7 +196,7 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
         args += ["--bind", str(mounts.out.resolve()), INSIDE_OUT]
     for source, inside in mounts.extra_ro:
         args += ["--ro-bind", str(source.resolve()), inside]
-    args += ["--remount-ro", "/", "--chdir", INSIDE_TMP]
+    args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", INSIDE_TMP]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
     return [*args, "--", sys.executable, "-I", "-B", INSIDE_CHILD, *argv]

@@ -74,7 +74,8 @@ def attempt(name, fn):
         results.append(f"{name}: {fn()}")
     except BaseException as exc:
         results.append(f"{name} refused: {type(exc).__name__}")
-for target in (VAR + '/CANARY', BASE + '/CANARY', '/tmp/CANARY-host', SITE + '/CANARY.pth', '/CANARY'):
+for target in (VAR + '/CANARY', BASE + '/CANARY', '/tmp/CANARY-host', SITE + '/CANARY.pth', '/CANARY',
+               '/dev/CANARY'):
     attempt('write ' + target, lambda t=target: open(t, 'w').write('x'))
 attempt('secret', lambda: open(VAR + '/secret_key').read())
 attempt('environ', lambda: [open(f'/proc/{p}/environ', 'rb').read() for p in os.listdir('/proc') if p.isdigit()])
@@ -98,7 +99,7 @@ def test_a_one_shot_load_sees_nothing_and_keeps_nothing(tmp_path: Path, canary: 
     assert not result.ok
     report = result.error.removeprefix("RuntimeError: ")
     outcome = dict(part.split(": ", 1) if ": " in part else (part, "") for part in report.split(" | "))
-    for target in (f"{settings.VAR_DIR}/{canary}", f"{settings.BASE_DIR}/{canary}", f"/{canary}"):
+    for target in (f"{settings.VAR_DIR}/{canary}", f"{settings.BASE_DIR}/{canary}", f"/{canary}", f"/dev/{canary}"):
         assert f"write {target} refused" in outcome, report
     assert any(k.startswith("write ") and k.endswith(".pth refused") for k in outcome), report
     assert outcome.get(f"write /tmp/{canary}-host") == "1"  # its private /tmp, gone with it

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import pprint
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -113,8 +112,39 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _json_literal(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def _python_literal(value: Any) -> str:
+    """``value`` as Python source. JSON's string escapes are all Python escapes, so strings are written as JSON
+    writes them (double quotes, like the curl body); true, false and null are not Python."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _json_literal(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_json_literal(str(k))}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"not JSON data: {type(value).__name__}")
+
+
+def _layout(body: dict[str, Any], literal: Any, *, indent: str, step: str, trailing: str) -> str:
+    """A body written one example row per line, so a person can see and edit the rows; other bodies on one line."""
+    split = body.get("dataframe_split") if list(body) == ["dataframe_split"] else None
+    if not isinstance(split, dict) or list(split) != ["columns", "data"] or not split["data"]:
+        return str(literal(body))
+    inner = indent + step
+    rows = ",\n".join(f"{inner}{step}{literal(row)}" for row in split["data"])
+    return (f'{{"dataframe_split": {{\n{inner}"columns": {literal(split["columns"])},\n{inner}"data": [\n'
+            f"{rows}{trailing}\n{inner}]}}}}")
+
+
 def _curl(url: str, body: dict[str, Any]) -> str:
-    payload = json.dumps(body, ensure_ascii=False, allow_nan=False)
+    payload = _layout(body, _json_literal, indent="  ", step="  ", trailing="")
     return " \\\n".join([
         f"curl -sS -X POST {shlex.quote(url)}",
         f'  -H "Authorization: Bearer ${TOKEN_VARIABLE}"',
@@ -124,16 +154,15 @@ def _curl(url: str, body: dict[str, Any]) -> str:
 
 
 def _python(url: str, body: dict[str, Any]) -> str:
-    literal = pprint.pformat(body, indent=1, width=100, sort_dicts=False).replace("\n", "\n    ")
     return "\n".join([
         "import os",
         "",
         "import requests",
         "",
         "response = requests.post(",
-        f"    {url!r},",
+        f"    {_json_literal(url)},",
         f'    headers={{"Authorization": f"Bearer {{os.environ[{TOKEN_VARIABLE!r}]}}"}},',
-        f"    json={literal},",
+        f"    json={_layout(body, _python_literal, indent='    ', step='    ', trailing=',')},",
         "    timeout=30,",
         ")",
         "response.raise_for_status()",

@@ -1,4 +1,5 @@
-"""MLflow's scoring protocol: ``dataframe_split``, ``dataframe_records``, ``instances``, ``inputs`` and CSV.
+"""MLflow's scoring protocol: ``dataframe_split``, ``dataframe_records``, ``instances``, ``inputs`` (rows, records or
+named tensors), CSV and Parquet, with MLflow's content-type rules (UTF-8 only, no other parameters: 415).
 
 Requests are turned into one float64 matrix in the signature's column order. Errors name the first problem (a
 missing column, a value that is not a number) without echoing the whole schema back.
@@ -16,6 +17,7 @@ import numpy as np
 import orjson
 
 MAX_ROWS = 100_000
+PARQUET = "application/vnd.apache.parquet"
 
 
 class InputError(Exception):
@@ -32,11 +34,17 @@ class ParsedRequest:
 
 
 def parse(content_type: str, body: bytes) -> ParsedRequest:
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    kind, _, parameters = (content_type or "").partition(";")
+    kind = kind.strip().lower()
+    if parameters:
+        _check_parameters(parameters)
     if kind == "text/csv":
         return _parse_csv(body)
+    if kind == PARQUET:
+        return _parse_parquet(body)
     if kind not in ("application/json", ""):
-        raise InputError("Send JSON (application/json) or CSV (text/csv).", "unsupported_media_type")
+        raise InputError(f"Send JSON (application/json), CSV (text/csv) or Parquet ({PARQUET}); got {kind!r}.",
+                         "unsupported_media_type")
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -63,9 +71,12 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise InputError(f"{keys[0]} must be a list of objects, one per row.")
         parsed = ParsedRequest(None, data, None)
+    elif isinstance(data, dict):  # named tensors: {"inputs": {"column": [value, ...], ...}}
+        values = list(data.values())
+        if not values or not all(isinstance(v, list) for v in values) or len({len(v) for v in values}) != 1:
+            raise InputError(f"{keys[0]} as named tensors needs one list of values per input, all as long.")
+        parsed = ParsedRequest([str(c) for c in data], [list(r) for r in zip(*values, strict=True)], None)
     else:
-        if isinstance(data, dict):
-            raise InputError(f"{keys[0]} as named tensors is not supported here; send rows.")
         if not isinstance(data, list):
             raise InputError(f"{keys[0]} must be a list of rows.")
         parsed = ParsedRequest(None, data, None)
@@ -78,6 +89,35 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
             raise InputError(f"subject_ids has {len(subject_ids)} entries for {len(parsed.rows)} rows.")
         parsed.subject_ids = [str(s) for s in subject_ids]
     return parsed
+
+
+def _check_parameters(parameters: str) -> None:
+    """As MLflow's scoring server: ``charset`` may only be UTF-8, and no other parameter is known."""
+    for pair in parameters.split(";"):
+        key, _, value = pair.partition("=")
+        key = key.strip().lower()
+        if key == "charset":
+            if value.strip().strip('"').lower() != "utf-8":
+                raise InputError("The scoring server only supports UTF-8.", "unsupported_media_type")
+        elif key:
+            raise InputError(f"Unrecognized content type parameter: {key}.", "unsupported_media_type")
+
+
+def _parse_parquet(body: bytes) -> ParsedRequest:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(pyarrow.BufferReader(body))
+    except Exception as exc:  # any malformed file: pyarrow raises several kinds
+        raise InputError(f"The body is not a Parquet file: {str(exc)[:200]}", "parse_error") from None
+    columns = [c for c in table.column_names if not c.startswith("__index_level_")]  # a saved pandas index
+    if table.num_rows > MAX_ROWS:
+        raise InputError(f"At most {MAX_ROWS} rows per request; use a batch job for more.")
+    if not columns or not table.num_rows:
+        raise InputError("There are no rows to score.")
+    rows = [list(r) for r in zip(*(table.column(c).to_pylist() for c in columns), strict=True)]
+    return ParsedRequest(columns, rows, None)
 
 
 def _parse_csv(body: bytes) -> ParsedRequest:

@@ -140,6 +140,7 @@ class Arena:
         self.made_secret_key_file = False
         self.started = time.time()
         self.api = APIClient()
+        self.approver_api = APIClient()  # trusts code an upload brings, when the portal asks for that
         self.scorer: EntryPointClient | None = None
         self.benign_columns: list[str] = []
         self.benign_rows: list[list[float]] = []
@@ -427,6 +428,14 @@ def upload(arena: Arena, ev: Evidence, name: str, action: str, tmp: Path) -> Any
         ev.route = "cloudpickle, past the scanner"
     ev.stages.append(f"uploaded ({ev.route})")
     number = response.json()["number"]
+    if ModelVersion.objects.get(model__name=name, number=number).trust_state == "pending":
+        # The portal holds code for an approver's decision. The suite's approver trusts it: the sandbox must
+        # contain a model whatever a person decided about it.
+        trust = arena.approver_api.post(f"/api/v1/models/{name}/versions/{number}/trust",
+                                        {"trust": True, "reason": "hostile-upload suite"}, format="json")
+        ev.text("trust response", trust.content)
+        assert trust.status_code == 200, trust.content
+        ev.stages.append("code trusted by an approver")
     version, why = _wait(arena, lambda: (v := ModelVersion.objects.get(model__name=name, number=number)).status
                          != "scanning" and v, SCAN_TIMEOUT)
     version = version or ModelVersion.objects.get(model__name=name, number=number)
@@ -572,6 +581,13 @@ def arena(django_db_setup: None, django_db_blocker: Any) -> Iterator[Arena]:
             _t, token = portal_services.token_create(user=user, name="hostile-suite", actor=user)
             arena.api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
             arena.scorer = EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {token}")
+            from portal.roles import APPROVER
+
+            approver = get_user_model().objects.create_user(username="trusting-tom", password="hostile-suite-pass-5678")
+            approver.groups.add(Group.objects.get(name=APPROVER))
+            Membership.objects.get_or_create(team=team, user=approver)
+            _t, approver_token = portal_services.token_create(user=approver, name="hostile-suite", actor=approver)
+            arena.approver_api.credentials(HTTP_AUTHORIZATION=f"Bearer {approver_token}")
 
             # The benign neighbour: a scikit-learn model deployed to dev through the same entry points.
             tmp = arena.tmp

@@ -33,11 +33,10 @@ SCAN_TIMEOUT_MS = 480_000
 DEPLOY_TIMEOUT_MS = 300_000
 
 
-# Under the live server every request runs in a thread of its own, and a model host started by a request is
-# killed when that thread ends (bubblewrap's --die-with-parent sets PR_SET_PDEATHSIG, which follows the thread that
-# forked it, not the process), so the next request finds the host dead and answers 503 model_unavailable with
-# Retry-After, as for any crashed host. gunicorn's sync workers (make run, Docker, Kubernetes) start hosts from
-# their main thread and keep them. A client honours Retry-After; so does this test, once.
+# Under pytest-django's live server (a thread per request), the MLflow model host that the first scoring request
+# starts is found dead (SIGKILL) by the next request, which answers 503 model_unavailable with Retry-After, as for any
+# crashed host; the request after that starts a new host. Seen on every run; not yet explained (reported to the
+# sandbox's owners). A client honours Retry-After; so does this test, once per example.
 RETRY_AFTER_SECONDS = 3
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,22 @@ class HostModelError(Exception):
 
 # Materialise fills an empty folder with what the host loads and returns (format, path inside that folder, options).
 Materialise = Callable[[Path], tuple[str, Path, dict[str, Any]]]
+
+
+_spawner: tuple[int, ThreadPoolExecutor] | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Start a host from this process's one long-lived spawner thread. bubblewrap's --die-with-parent is tied to
+    the *thread* that started it: a host started from a request thread of a threaded server (runserver, gunicorn
+    --threads, a test's live server) was killed as soon as that request's thread ended."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():  # a forked child has none of its parent's threads
+            _spawner = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-host-spawner"))
+        executor = _spawner[1]
+    return executor.submit(start).result()
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -112,9 +129,9 @@ class ModelHost:
             argv = bwrap.command(["--limits", limits, "host", fmt, mounts.inside_model(), orjson.dumps(options).decode()],
                                  mounts, seccomp_fd=seccomp, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
             with open(work / "stderr.log", "wb") as stderr:
-                self._proc = subprocess.Popen(argv, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr, env=bwrap.environment(),
-                                              cwd="/", start_new_session=True,
-                                              pass_fds=(seccomp,) if seccomp is not None else ())
+                self._proc = _spawn(lambda: subprocess.Popen(
+                    argv, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr, env=bwrap.environment(),
+                    cwd="/", start_new_session=True, pass_fds=(seccomp,) if seccomp is not None else ()))
         except Exception:
             parent.close()
             self._cleanup()

@@ -294,3 +294,23 @@ def test_the_matrix_path_answers_as_the_estimator_does_on_a_frame(tmp_path: Path
                 assert loaded.predict(rows.to_numpy()) == estimator.predict(rows).tolist()
         finally:
             loaded.close()
+
+
+@pytest.mark.django_db
+def test_a_host_started_by_a_short_lived_thread_outlives_it(tmp_path: Path) -> None:
+    """Threaded servers answer each request on a thread of its own; a host one of them started must survive it."""
+    import threading
+
+    path = _pickle_file(tmp_path, _Payload("", "return [5.0] * len(X)"))
+    loaded = runtime.load_serving_model(version=_version(path), kind="native", blob=None, key="t-thread")
+    try:
+        matrix = np.array([[1.0, 2.0]])
+        answers: list[Any] = []
+        request_thread = threading.Thread(target=lambda: answers.append(loaded.predict(matrix)))
+        request_thread.start()
+        request_thread.join()
+        time.sleep(0.5)  # a parent-death signal, if any, has arrived by now
+        assert answers == [[5.0]] and loaded.predict(matrix) == [5.0]
+        assert hosts.pool._hosts["t-thread"].starts == 1
+    finally:
+        loaded.close()

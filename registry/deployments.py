@@ -27,6 +27,7 @@ from portal import context
 from portal.audit import AuditAction, Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import require_capability
+from portal.tasks import TRANSIENT_ERRORS
 from registry import sandbox, storage
 from registry.models import (
     Deployment,
@@ -292,6 +293,13 @@ def deployment_run(*, deployment_id: int) -> Deployment | None:
     except (DeploymentFailed, storage.IntegrityError, OSError, ValueError) as exc:
         logger.warning("Deployment %s failed: %s", deployment.uid, exc)
         _fail(deployment, str(exc))
+    except TRANSIENT_ERRORS:
+        raise  # the database or the broker is briefly away: the task runs again and claims the row anew
+    except Exception as exc:
+        # Anything else must still end the deployment (it would stay 'running' until the reaper's 10 minutes).
+        logger.exception("Deployment %s failed unexpectedly", deployment.uid)
+        _fail(deployment, f"an unexpected error ({type(exc).__name__}) stopped the deployment; the worker's log "
+                          "has the details")
     return Deployment.objects.get(pk=deployment.pk)
 
 

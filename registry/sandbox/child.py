@@ -362,14 +362,19 @@ def _invoke(model: Any, body: bytes, content_type: str) -> dict[str, Any]:
     from mlflow.pyfunc import scoring_server
 
     capture = _Capture(model)
+    model_error = ""
     try:
         result = scoring_server.invocations(body, content_type, capture, model.metadata.get_input_schema())
         status, text = result.status, result.response
     except MlflowException as exc:
         status = exc.get_http_status_code()
         text = json.dumps({"error_code": exc.error_code, "message": str(exc.message)[:MAX_ERROR_CHARS]})
+        trace = str(getattr(exc, "json_kwargs", {}).get("stack_trace") or "")
+        if trace:  # MLflow's answer when the model itself raised: keep its last line for the prediction log
+            model_error = (trace.strip().splitlines() or [""])[-1][:MAX_ERROR_CHARS]
     columns, rows, count = _loggable(capture.data) if capture.data is not None else (None, None, 0)
-    return {"ok": True, "status": status, "body": text, "columns": columns, "rows": rows, "count": count}
+    return {"ok": True, "status": status, "body": text, "columns": columns, "rows": rows, "count": count,
+            "model_error": model_error}
 
 
 class _MatrixPredictor:

@@ -303,7 +303,9 @@ class ModelHost:
                 or not (rows is None or isinstance(rows, list))):
             with self._lock:
                 raise self._crashed("sent an answer that does not have the shape of one")
-        return Invocation(status=status, body=text, columns=columns, rows=rows, count=count)
+        model_error = answer.get("model_error")
+        return Invocation(status=status, body=text, columns=columns, rows=rows, count=count,
+                          model_error=model_error[:MAX_ERROR_CHARS] if isinstance(model_error, str) else "")
 
 
 @dataclass
@@ -313,6 +315,7 @@ class Invocation:
     columns: list[str] | None
     rows: list[Any] | None
     count: int
+    model_error: str = ""  # the model raised (MLflow answers 400 for it): its exception's last line, for the log
 
 
 class HostPool:

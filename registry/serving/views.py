@@ -284,6 +284,15 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
         return _error(500, "model_error", "The model failed on this input; the failure is logged.")
     if answer.status != 200:
+        if answer.model_error:  # MLflow answers a model's own failure with 400; monitoring counts it as an error
+            logger.warning("Model %s v%s failed in %s: %s", name, loaded.version_number, env, answer.model_error)
+            n = answer.count or 1
+            buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number,
+                               matrix=_logged_rows(answer, loaded.columns) if answer.count else [None],
+                               predictions=[], ids=_prediction_ids(n),
+                               latency_ms=(time.perf_counter() - started) * 1000,
+                               subjects=subjects if subjects and len(subjects) == n else None,
+                               error=answer.model_error))
         return _mlflow_error(answer)
     if subjects is not None and len(subjects) != answer.count:
         return _error(400, "invalid_input", f"subject_ids has {len(subjects)} entries for {answer.count} rows.")

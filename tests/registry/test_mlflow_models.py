@@ -99,7 +99,10 @@ from mlflow.pyfunc import PythonModel
 
 class Scaled(PythonModel):
     def predict(self, context, model_input, params=None):
-        return model_input["x"] * (params or {}).get("factor", 2)
+        factor = (params or {}).get("factor", 2)
+        if factor == 0:
+            raise ZeroDivisionError("factor zero is not allowed here")
+        return model_input["x"] * factor
 
 
 mlflow.models.set_model(Scaled())
@@ -147,6 +150,16 @@ def test_a_custom_pyfunc_waits_for_an_approvers_trust_then_serves_with_its_param
     assert response.status_code == 200 and response.json()["predictions"] == [{"x": 15.0}, {"x": 40.0}], response.content
     response = client.post(URL, json.dumps({**body, "params": {"factor": "ten"}}), content_type="application/json")
     assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    # The model itself raising: MLflow's 400 BAD_REQUEST, and the prediction log counts the failure.
+    from monitoring.flush import flush_predictions
+    from monitoring.models import PredictionLog
+
+    response = client.post(URL, json.dumps({**body, "params": {"factor": 0}}), content_type="application/json")
+    assert response.status_code == 400 and response.json()["error_code"] == "BAD_REQUEST", response.content
+    assert "factor zero" not in response.json()["message"]  # the model's own text stays out of the answer
+    flush_predictions()
+    failed = PredictionLog.objects.filter(model_name="plans").exclude(error="")
+    assert failed.count() == 2 and all("factor zero is not allowed" in p.error for p in failed)
     # A standing team decision never covers code: the next upload of the same code waits again.
     again = services.version_upload(model=model, upload=LocalUpload(archive, archive.name), reference=None,
                                     meta=services.UploadMetadata(), actor=personas["ds"])

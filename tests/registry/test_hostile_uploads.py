@@ -12,7 +12,8 @@ job scored by the worker. After every stage the suite checks that:
   the ``ESCAPED-<token>`` marker that a bounded fork or memory bomb writes when nothing stopped it;
 - no Redis key and no PostgreSQL table was written by the payload;
 - the worker, a decoy process started by the test, and the web process are alive, and a benign model deployed
-  beside the hostile one keeps answering 200 (a hostile model may fail its own callers with a 5xx, nothing else).
+  beside the hostile one keeps answering 200 (a hostile model may fail its own callers with a 5xx, or MLflow's own
+  400 BAD_REQUEST for a model that raised, nothing else).
 
 The worker, the users and the benign deployment are shared by the whole module (one set-up, then about 10 s per
 case); the database is flushed at the end as ``transactional_db`` would. A case that kills the worker gets a new
@@ -477,8 +478,13 @@ def score_hostile(arena: Arena, ev: Evidence, name: str, columns: list[str]) -> 
     response = score(arena, name, columns, _rows(columns))
     ev.stages.append(f"scored: {response.status_code}")
     ev.text("scoring response", response.content)
-    if not (response.status_code == 200 or response.status_code >= 500):
-        ev.problems.append(f"[score] the hostile model answered {response.status_code}: a model's failure is a 5xx")
+    mlflow_model_error = (response.status_code == 400 and response.get("Content-Type", "").startswith(
+        "application/json") and response.json().get("error_code") == "BAD_REQUEST")
+    if not (response.status_code == 200 or response.status_code >= 500 or mlflow_model_error):
+        # MLflow's scoring code answers a model that raises with 400 BAD_REQUEST (and the portal keeps that answer
+        # for MLflow models); anything else a hostile model gets is a 5xx.
+        ev.problems.append(f"[score] the hostile model answered {response.status_code}: a model's failure is a 5xx "
+                           "(or MLflow's own 400 BAD_REQUEST)")
     client = buffer.redis_client()
     if client is not None:
         # Only this model's records: the buffer is shared with whatever else uses this Redis database.

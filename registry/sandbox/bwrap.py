@@ -14,8 +14,11 @@ What a sandboxed process sees and may do:
   rest of ``/etc``, and nothing of the parent's environment: bubblewrap itself is started with an allowlisted
   environment (its own ``/proc/1/environ`` is visible inside) and the program gets the same allowlist;
 - no process creation besides threads (a seccomp filter answers fork, vfork and non-thread clone with EPERM and
-  clone3 with ENOSYS, so a fork bomb stops at its first fork), and resource limits the program sets on itself
-  before it touches the artifact (address space, CPU time, file size, open files, no core dumps).
+  clone3 with ENOSYS, so a fork bomb stops at its first fork), no ptrace, keyring, io_uring, BPF, perf,
+  userfaultfd, memfd or kexec, sockets of the Unix and IP families only (``_DENIED``); ``/proc/sys`` and the
+  other writable kernel files read-only, kernel internals hidden (``PROC_READ_ONLY``, ``PROC_HIDDEN``); and
+  resource limits the program sets on itself before it touches the artifact (address space, CPU time, file size,
+  open files, no core dumps).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CHILD = Path(__file__).with_name("child.py")
 INSIDE_CHILD = "/sandbox/child.py"
@@ -60,6 +64,9 @@ FIXED_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONHASHSEED": "0",
 }
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+PROC_HIDDEN = ("/proc/kcore", "/proc/keys", "/proc/key-users", "/proc/timer_list", "/proc/sched_debug",
+               "/proc/kallsyms", "/proc/latency_stats")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 
 
@@ -73,21 +80,68 @@ def environment() -> dict[str, str]:
     return env
 
 
-# --- The seccomp filter: threads yes, processes no ------------------------------------------------------------
+# --- The seccomp filter: threads yes, processes no, and no kernel interface a model has no use for -------------
 
-_ARCH = {  # AUDIT_ARCH_*, and the syscall numbers of clone, fork, vfork, clone3 (None: no such call)
-    "x86_64": (0xC000003E, 56, 57, 58, 435),
-    "aarch64": (0xC00000B7, 220, None, None, 435),
+_ARCH: dict[str, tuple[int, dict[str, int | None]]] = {  # AUDIT_ARCH_*, and the numbers of the calls the filter looks at (None: no such call there)
+    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "socket": 41, "ptrace": 101,
+                            "process_vm_readv": 310, "process_vm_writev": 311, "keyctl": 250, "add_key": 248,
+                            "request_key": 249, "io_uring_setup": 425, "io_uring_enter": 426,
+                            "io_uring_register": 427, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+                            "memfd_create": 319, "kexec_load": 246, "kexec_file_load": 320, "personality": 135}),
+    "aarch64": (0xC00000B7, {"clone": 220, "fork": None, "vfork": None, "clone3": 435, "socket": 198, "ptrace": 117,
+                             "process_vm_readv": 270, "process_vm_writev": 271, "keyctl": 219, "add_key": 217,
+                             "request_key": 218, "io_uring_setup": 425, "io_uring_enter": 426,
+                             "io_uring_register": 427, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
+                             "memfd_create": 279, "kexec_load": 104, "kexec_file_load": 294, "personality": 92}),
 }
+# Refused with EPERM: process creation (a fork bomb stops at its first fork; RLIMIT_NPROC does not count a
+# sandbox whose uid maps to root), tracing other processes, the kernel keyring (shared with the parent's session),
+# io_uring, BPF, perf, userfaultfd, anonymous memory files (their pages escape RLIMIT_AS), kexec, personality.
+_DENIED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "keyctl", "add_key", "request_key",
+           "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open", "userfaultfd",
+           "memfd_create", "kexec_load", "kexec_file_load", "personality")
+_SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6 (its own loopback only); not netlink, vsock, packet
 _CLONE_THREAD = 0x00010000
 _RET_ALLOW = 0x7FFF0000
 _RET_EPERM = 0x00050000 | 1
+_RET_EAFNOSUPPORT = 0x00050000 | 97
 _RET_ENOSYS = 0x00050000 | 38
 _RET_KILL = 0x80000000  # SECCOMP_RET_KILL_PROCESS
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 
 
 def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
+
+
+def _assemble(program: list[Any]) -> bytes:
+    """Classic BPF with jumps to labels. Entries: ("label", 0) marks a place; (op, k, true_label, false_label, 0)
+    is a conditional jump (a None label falls through); ("ld", offset) loads a word; ("ret", value) returns."""
+    places: dict[str, int] = {}
+    index = 0
+    for entry in program:
+        if entry[0] == "label":
+            places[str(entry[1])] = index
+        else:
+            index += 1
+    out: list[bytes] = []
+    index = 0
+    for entry in program:
+        if entry[0] == "label":
+            continue
+        op = entry[0]
+        if op == "ld":
+            out.append(_bpf(_LD_W_ABS, 0, 0, int(entry[1])))
+        elif op == "ret":
+            out.append(_bpf(_RET_K, 0, 0, int(entry[1])))
+        else:
+            _op, k, true_label, false_label, _ = entry
+            jt = places[true_label] - index - 1 if true_label else 0
+            jf = places[false_label] - index - 1 if false_label else 0
+            code = {"jeq": _JEQ_K, "jge": _JGE_K, "jset": _JSET_K}[str(op)]
+            out.append(_bpf(code, jt, jf, int(k)))
+        index += 1
+    return b"".join(out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,41 +150,26 @@ def seccomp_program() -> bytes | None:
     arch = _ARCH.get(platform.machine())
     if arch is None:
         return None
-    audit_arch, clone, fork, vfork, clone3 = arch
-    ld_w_abs, jeq_k, jge_k, jset_k, ret_k = 0x20, 0x15, 0x35, 0x45, 0x06
-    denied_processes = [n for n in (fork, vfork) if n is not None]
-    # Layout: [arch check][nr load][x32 guard][one jeq per denied call][clone3][clone][arg0 test] then returns.
-    prog: list[bytes] = []
-    # The four returns (ALLOW, EPERM, ENOSYS, KILL) come last; jumps are offsets to them.
-    first_return = 8 + len(denied_processes)
-    allow, eperm, enosys, kill = first_return, first_return + 1, first_return + 2, first_return + 3
-
-    def jump(at: int, target: int) -> int:
-        return target - at - 1
-
-    prog.append(_bpf(ld_w_abs, 0, 0, 4))                                 # 0: A = arch
-    prog.append(_bpf(jeq_k, 0, jump(1, kill), audit_arch))             # 1: other ABI -> kill
-    prog.append(_bpf(ld_w_abs, 0, 0, 0))                                 # 2: A = nr
-    prog.append(_bpf(jge_k, jump(3, kill), 0, 0x40000000))             # 3: x32 numbers -> kill
-    index = 4
-    for number in denied_processes:
-        prog.append(_bpf(jeq_k, jump(index, eperm), 0, number))
-        index += 1
-    prog.append(_bpf(jeq_k, jump(index, enosys), 0, clone3))
-    index += 1
-    prog.append(_bpf(jeq_k, 0, jump(index, allow), clone))
-    index += 1
-    prog.append(_bpf(ld_w_abs, 0, 0, 16))                                # A = low half of clone's flags
-    index += 1
-    prog.append(_bpf(jset_k, jump(index, allow), jump(index, eperm), _CLONE_THREAD))
-    index += 1
-    assert index == first_return, (index, first_return)
-    prog.append(_bpf(ret_k, 0, 0, _RET_ALLOW))
-    prog.append(_bpf(ret_k, 0, 0, _RET_EPERM))
-    prog.append(_bpf(ret_k, 0, 0, _RET_ENOSYS))
-    prog.append(_bpf(ret_k, 0, 0, _RET_KILL))
-    assert len(prog) == first_return + 4
-    return b"".join(prog)
+    audit_arch, numbers = arch
+    program: list[Any] = [("ld", 4), ("jeq", audit_arch, None, "kill", 0),  # another ABI: kill
+                     ("ld", 0), ("jge", 0x40000000, "kill", None, 0)]  # x32 numbers: kill
+    for name in _DENIED:
+        number = numbers[name]
+        if number is not None:
+            program.append(("jeq", number, "eperm", None, 0))
+    program += [("jeq", numbers["clone3"], "enosys", None, 0),
+                ("jeq", numbers["socket"], "socket", None, 0),
+                ("jeq", numbers["clone"], None, "allow", 0),
+                ("ld", 16), ("jset", _CLONE_THREAD, "allow", "eperm", 0),  # clone: threads only
+                ("label", "socket"), ("ld", 16)]
+    for family in _SOCKET_FAMILIES:
+        program.append(("jeq", family, "allow", None, 0))
+    program += [("ret", _RET_EAFNOSUPPORT),
+                ("label", "allow"), ("ret", _RET_ALLOW),
+                ("label", "eperm"), ("ret", _RET_EPERM),
+                ("label", "enosys"), ("ret", _RET_ENOSYS),
+                ("label", "kill"), ("ret", _RET_KILL)]
+    return _assemble(program)
 
 
 # --- The command ----------------------------------------------------------------------------------------------
@@ -187,7 +226,17 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
             args += ["--ro-bind", etc, etc]
     for root in _python_roots():
         args += ["--ro-bind", root, root]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", INSIDE_SHM,
+    args += ["--proc", "/proc"]
+    # The sandbox's uid maps to the caller's: when that is root, the kernel's uid checks (sysctl files,
+    # sysrq-trigger) would let it write system settings. Docker's rule: these parts of /proc are read-only, and
+    # the ones that only leak kernel internals are hidden.
+    for path in PROC_READ_ONLY:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    for path in PROC_HIDDEN:
+        if os.path.exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    args += ["--dev", "/dev", "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", INSIDE_SHM,
              "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", INSIDE_TMP,
              "--ro-bind", str(CHILD), INSIDE_CHILD]
     if mounts.model is not None:

@@ -40,7 +40,9 @@ from registry.sandbox import bwrap
 from registry.sandbox.child import FRAME_HEADER
 
 logger = logging.getLogger(__name__)
-MAX_ANSWER_BYTES = 64 * 1024 * 1024  # 100,000 rows of predictions are about 2.5 MB of JSON
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # 100,000 rows of predictions are about 2.5 MB of JSON
+MAX_LABEL_CHARS = 10_000  # a predicted label's length, on the matrix path (one scalar per row)
+MAX_ROWS = 1_000_000  # rows one answer may say it scored (a batch chunk holds 100,000 by default)
 MAX_ERROR_CHARS = 500
 BACKOFF_MAX_SECONDS = 60.0
 
@@ -73,11 +75,16 @@ def _spawn(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[byt
     return executor.submit(start).result()
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """``size`` bytes by ``deadline`` (time.monotonic), however the other side doles them out."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
         n = sock.recv_into(view[got:], size - got)
         if n == 0:
             raise EOFError("the model host closed its socket")
@@ -208,14 +215,16 @@ class ModelHost:
 
     # --- requests ----------------------------------------------------------------------------------------------
 
-    def _receive(self, timeout: float) -> dict[str, Any]:
+    def _receive(self, timeout: float, deadline: float | None = None) -> dict[str, Any]:
+        """One answer, whole, by one deadline for the request (a host that doles out a byte at a time does not
+        stretch it)."""
         assert self._sock is not None
-        self._sock.settimeout(timeout)
+        deadline = deadline if deadline is not None else time.monotonic() + timeout
         try:
-            (size,) = FRAME_HEADER.unpack(_recv_exact(self._sock, FRAME_HEADER.size))
+            (size,) = FRAME_HEADER.unpack(_recv_exact(self._sock, FRAME_HEADER.size, deadline))
             if size > MAX_ANSWER_BYTES:
-                raise HostUnavailable(f"the model host sent an answer of {size} bytes (at most {MAX_ANSWER_BYTES})")
-            answer = orjson.loads(_recv_exact(self._sock, size))
+                raise self._crashed(f"sent an answer of {size} bytes (at most {MAX_ANSWER_BYTES})")
+            answer = orjson.loads(_recv_exact(self._sock, size, deadline))
         except TimeoutError:
             raise self._crashed(f"did not answer within {timeout:.0f} s") from None
         except (EOFError, OSError):
@@ -255,25 +264,31 @@ class ModelHost:
 
     def _request(self, header: dict[str, Any], payload: Any, *, timeout: float) -> dict[str, Any]:
         """One frame out, one answer back; starts the host first if it is not running."""
-        with self._lock:
+        if not self._lock.acquire(timeout=timeout):
+            raise HostUnavailable(f"the model host is still busy with earlier requests after {timeout:.0f} s")
+        try:
             self.last_used = time.monotonic()
             self._ensure_started()
             encoded = orjson.dumps(header)
             assert self._sock is not None
+            deadline = time.monotonic() + timeout
             try:
                 self._sock.settimeout(timeout)
                 self._sock.sendall(FRAME_HEADER.pack(len(encoded)) + encoded)
                 if header.get("nbytes"):
+                    self._sock.settimeout(max(0.001, deadline - time.monotonic()))
                     self._sock.sendall(payload)
             except TimeoutError:
                 raise self._crashed(f"did not take the request within {timeout:.0f} s") from None
             except OSError:
                 raise self._crashed("closed its connection") from None
-            answer = self._receive(timeout)
+            answer = self._receive(timeout, deadline)
             if answer.get("ok"):
                 self._failures = 0
             self.last_used = time.monotonic()
             return answer
+        finally:
+            self._lock.release()
 
     def predict(self, matrix: np.ndarray, columns: list[str] | None, *, timeout: float) -> list[Any]:
         """The model's predictions for the rows of a float64 matrix (pickle, joblib and skops estimators)."""
@@ -283,7 +298,9 @@ class ModelHost:
         if not answer.get("ok"):
             raise HostModelError(str(answer.get("error") or "the model failed")[:MAX_ERROR_CHARS])
         predictions = answer.get("predictions")
-        if not isinstance(predictions, list) or len(predictions) != data.shape[0]:
+        if not isinstance(predictions, list) or len(predictions) != data.shape[0] or not all(
+                p is None or isinstance(p, (bool, int, float)) or (isinstance(p, str) and len(p) <= MAX_LABEL_CHARS)
+                for p in predictions):
             with self._lock:
                 raise self._crashed(f"answered {len(predictions) if isinstance(predictions, list) else 'no'} "
                                     f"predictions for {data.shape[0]} rows")
@@ -298,7 +315,8 @@ class ModelHost:
         status, text = answer.get("status"), answer.get("body")
         columns, rows, count = answer.get("columns"), answer.get("rows"), answer.get("count")
         if (not isinstance(status, int) or not 200 <= status <= 599 or not isinstance(text, str)
-                or not isinstance(count, int) or count < 0
+                or not isinstance(count, int) or not 0 <= count <= MAX_ROWS
+                or (isinstance(rows, list) and (len(rows) != count or not all(isinstance(r, list) for r in rows)))
                 or not (columns is None or (isinstance(columns, list) and all(isinstance(c, str) for c in columns)))
                 or not (rows is None or isinstance(rows, list))):
             with self._lock:

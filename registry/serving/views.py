@@ -296,7 +296,10 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         return _mlflow_error(answer)
     if subjects is not None and len(subjects) != answer.count:
         return _error(400, "invalid_input", f"subject_ids has {len(subjects)} entries for {answer.count} rows.")
-    predictions = _predictions(answer.body)
+    try:
+        predictions = _predictions(answer.body)
+    except (ValueError, RecursionError):
+        return _model_unavailable(name, loaded, hosts.HostUnavailable("the model host's answer is not JSON"))
     return _answered(name=name, env=env, role=role, loaded=loaded, rows=_logged_rows(answer, loaded.columns),
                      predictions=predictions, subjects=subjects, token_id=token_id, started=started, route=route,
                      request=(body, content_type), count=answer.count)
@@ -377,7 +380,7 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     if route.answers_requests:
         return _invoke(request, route, name=name, env=env, token_id=token_id, started=started)
     try:
-        parsed = protocol.parse(request.content_type or "", request.body)
+        parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
         role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
                                               or (parsed.subject_ids[0] if parsed.subject_ids else None))
         matrix = protocol.to_matrix(parsed, loaded.columns)

@@ -82,6 +82,9 @@ attempt('environ', lambda: [open(f'/proc/{p}/environ', 'rb').read() for p in os.
 attempt('fork', lambda: os.fork() or 'forked')
 attempt('redis', lambda: socket.create_connection(('127.0.0.1', 6379), timeout=1))
 attempt('kill parent', lambda: os.kill(os.getppid(), 9))
+attempt('sysctl', lambda: open('/proc/sys/kernel/printk_ratelimit', 'w').write('5'))
+attempt('memfd', lambda: os.memfd_create('m'))
+attempt('vsock', lambda: socket.socket(40, socket.SOCK_STREAM))
 """
 
 
@@ -104,6 +107,7 @@ def test_a_one_shot_load_sees_nothing_and_keeps_nothing(tmp_path: Path, canary: 
     assert any(k.startswith("write ") and k.endswith(".pth refused") for k in outcome), report
     assert outcome.get(f"write /tmp/{canary}-host") == "1"  # its private /tmp, gone with it
     assert "secret refused" in report and "fork refused" in report and "redis refused" in report, report
+    assert "sysctl refused" in report and "memfd refused" in report and "vsock refused" in report, report
     assert settings.SECRET_KEY not in report and str(settings.DATABASES["default"]["NAME"]) not in report
     _no_canary_outside(canary)
     assert os.getpid() > 0  # this process is alive: the payload's kill reached only the sandbox's own pid 1
@@ -312,5 +316,24 @@ def test_a_host_started_by_a_short_lived_thread_outlives_it(tmp_path: Path) -> N
         time.sleep(0.5)  # a parent-death signal, if any, has arrived by now
         assert answers == [[5.0]] and loaded.predict(matrix) == [5.0]
         assert hosts.pool._hosts["t-thread"].starts == 1
+    finally:
+        loaded.close()
+
+
+@pytest.mark.django_db
+def test_a_host_that_doles_out_its_answer_byte_by_byte_meets_one_deadline(tmp_path: Path, settings: Any) -> None:
+    settings.PORTAL_MODEL_HOST_TIMEOUT_SECONDS = 2
+    drip = ("import os, stat, time\n"
+            "sock = next(fd for fd in range(3, 64) if os.path.exists(f'/proc/self/fd/{fd}') "
+            "and stat.S_ISSOCK(os.fstat(fd).st_mode))\n"
+            "os.write(sock, b'\\x00\\x00\\x00\\x28')\n"
+            "for _ in range(15):\n    os.write(sock, b' ')\n    time.sleep(1)\nreturn [0.0] * len(X)")
+    path = _pickle_file(tmp_path, _Payload("", drip))
+    loaded = runtime.load_serving_model(version=_version(path), kind="native", blob=None, key="t-drip")
+    try:
+        started = time.monotonic()
+        with pytest.raises(hosts.HostUnavailable, match="did not answer"):
+            loaded.predict(np.array([[1.0, 2.0]]))
+        assert time.monotonic() - started < 2 + 0.001 * 1 + 3  # its timeout, not 15 s of drip
     finally:
         loaded.close()

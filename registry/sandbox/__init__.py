@@ -28,7 +28,8 @@ __all__ = ["SandboxResult", "SandboxUnavailable", "inspect_onnx", "prepare_servi
            "smoke_test", "unavailable_reason"]
 
 OUTPUT_TAIL_BYTES = 256 * 1024
-MAX_FILE_BYTES = 1024 * 1024 * 1024  # the largest file a sandbox may write (its converted ONNX form)
+MAX_FILE_BYTES = 1024 * 1024 * 1024  # the largest file the ONNX conversion may write (a big forest's graph)
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # any other file, its stdout and stderr included
 
 
 @dataclass
@@ -59,7 +60,8 @@ def run(argv: list[str], mounts: bwrap.Mounts, *, timeout: int | None = None,
         raise SandboxUnavailable(reason)
     timeout = timeout or settings.PORTAL_SANDBOX_TIMEOUT_SECONDS
     memory = (memory_mb or settings.PORTAL_SANDBOX_MEMORY_MB) * 1024 * 1024
-    limits = f"{memory},{timeout},{MAX_FILE_BYTES},256"
+    file_size = MAX_FILE_BYTES if mounts.out is not None else MAX_OUTPUT_BYTES
+    limits = f"{memory},{timeout},{file_size},256"
     seccomp = bwrap.seccomp_file()
     tmp_root = Path(settings.VAR_DIR) / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)

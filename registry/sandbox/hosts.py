@@ -208,7 +208,7 @@ class ModelHost:
         self._retry_at = time.monotonic() + delay
         tail = self._stderr_tail()
         self.last_error = why
-        logger.warning("Model host %s failed (%s); restarting in %.0f s at the earliest. Its stderr ended: %s",
+        logger.warning("Model host %s failed (%s); restarting in %.0f s at the earliest. Its stderr ended: %r",
                        self.label, why, delay, tail[-500:])
         self.stop()
         return HostUnavailable(f"the model host {why}; it restarts within {delay:.0f} s")

@@ -285,7 +285,7 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         return _error(500, "model_error", "The model failed on this input; the failure is logged.")
     if answer.status != 200:
         if answer.model_error:  # MLflow answers a model's own failure with 400; monitoring counts it as an error
-            logger.warning("Model %s v%s failed in %s: %s", name, loaded.version_number, env, answer.model_error)
+            logger.warning("Model %s v%s failed in %s: %r", name, loaded.version_number, env, answer.model_error)
             n = answer.count or 1
             buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number,
                                matrix=_logged_rows(answer, loaded.columns) if answer.count else [None],

@@ -348,13 +348,10 @@ REFUSED = {
 UNNAMED_ROWS = ("fast path: rows without column names for a column-signature model answer 200 where MLflow answers "
                 "400 (protocol.to_matrix is given only column names, so it cannot tell a column signature from a "
                 "tensor one or from a non-MLflow model's)")
-CHARSET = ("fast path: views.score passes request.content_type (its parameters stripped) to protocol.parse, so "
-           "charset=latin-1 answers 200 where MLflow answers 415")
 GAPS: dict[tuple[str, str], str] = {
     **{(name, "*"): reason for name, reason in REFUSED.items()},
     **{(name, case): UNNAMED_ROWS for name in FAST_PATH
        for case in ("dataframe_split, no column names", "inputs as rows", "instances as rows")},
-    **{(name, "a charset other than UTF-8"): CHARSET for name in FAST_PATH},
     ("conf-lr-params", "params of the wrong type"): "fast path ignores params: a param of the wrong type answers "
                                                     "200 where MLflow answers 400 INVALID_PARAMETER_VALUE (no "
                                                     "ParamSchema reaches the fast path)",
@@ -369,7 +366,7 @@ ERROR_CODE_GAPS: dict[tuple[str, str], str] = {
     **{(name, case): NO_ERROR_CODE for name in FAST_PATH for case in (
         "a missing column", "a missing column, records", "a row too wide", "an empty CSV", "an empty Parquet body",
         "an empty body", "application/xml", "dataframe_split, integer column names", "invalid JSON", "no known key",
-        "no rows", "text in a number column", "text/plain", "two keys")},
+        "no rows", "text in a number column", "text/plain", "two keys", "a charset other than UTF-8")},
     **{(name, "a null number"): NO_ERROR_CODE for name in FAST_PATH if name != "conf-rf"},
 }
 

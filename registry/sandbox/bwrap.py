@@ -220,12 +220,8 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
             "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
     for key, value in environment().items():
         args += ["--setenv", key, value]
-    args += _root_links()
-    for etc in ETC_FILES:
-        if os.path.exists(etc):
-            args += ["--ro-bind", etc, etc]
-    for root in _python_roots():
-        args += ["--ro-bind", root, root]
+    # The sandbox's own /proc, /dev and /tmp come first: a bind below (a virtualenv under /tmp, as in a CI
+    # checkout there) then lands on top of them instead of being hidden by them.
     args += ["--proc", "/proc"]
     # The sandbox's uid maps to the caller's: when that is root, the kernel's uid checks (sysctl files,
     # sysrq-trigger) would let it write system settings. Docker's rule: these parts of /proc are read-only, and
@@ -237,8 +233,14 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
         if os.path.exists(path):
             args += ["--ro-bind", "/dev/null", path]
     args += ["--dev", "/dev", "--size", str(SHM_MB * 1024 * 1024), "--tmpfs", INSIDE_SHM,
-             "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", INSIDE_TMP,
-             "--ro-bind", str(CHILD), INSIDE_CHILD]
+             "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", INSIDE_TMP]
+    args += _root_links()
+    for etc in ETC_FILES:
+        if os.path.exists(etc):
+            args += ["--ro-bind", etc, etc]
+    for root in _python_roots():
+        args += ["--ro-bind", root, root]
+    args += ["--ro-bind", str(CHILD), INSIDE_CHILD]
     if mounts.model is not None:
         args += ["--ro-bind", str(mounts.model.resolve()), mounts.inside_model()]
     if mounts.out is not None:

@@ -31,11 +31,10 @@ import numpy as np
 import pytest
 import requests
 
-from registry.sandbox import bwrap
-from tests.conftest import PASSWORD, EntryPointClient, clean_env, free_port
+from tests.conftest import PASSWORD, EntryPointClient, clean_env, free_port, needs_sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db,
-              pytest.mark.skipif(bwrap.probe() is not None, reason=f"no sandbox here: {bwrap.probe()}")]
+              needs_sandbox()]
 
 SERVER_START_SECONDS = 300.0
 REQUEST_SECONDS = 60.0

@@ -18,13 +18,12 @@ from portal import services as portal_services
 from portal.models import Team
 from registry import services
 from registry.localfiles import LocalUpload
-from registry.sandbox import bwrap
-from tests.conftest import EntryPointClient
+from tests.conftest import EntryPointClient, needs_sandbox
 from tests.registry.files import docs_idiom_pipeline as _docs_idiom_pipeline
 from tests.registry.conftest import deploy_now
 
 pytestmark = [pytest.mark.django_db,
-              pytest.mark.skipif(bwrap.probe() is not None, reason=f"no sandbox here: {bwrap.probe()}")]
+              needs_sandbox()]
 URL = "/api/v1/serve/plans/dev/invocations"
 
 

@@ -23,9 +23,10 @@ from registry import sandbox, storage
 from registry.models import ModelVersion
 from registry.sandbox import bwrap, hosts
 from registry.serving import runtime
+from tests.conftest import needs_sandbox
 from tests.registry import files
 
-pytestmark = pytest.mark.skipif(bwrap.probe() is not None, reason=f"no sandbox here: {bwrap.probe()}")
+pytestmark = needs_sandbox()
 
 
 class _Payload:

@@ -244,6 +244,10 @@ def carried_code(root: Path, model_dir: Path, meta: dict[str, Any]) -> tuple[lis
                 members.update(found)
                 if found:
                     lines.append(f"{CODE_PREFIX}{flavor} flavor puts {rel} on sys.path ({len(found)} files)")
+                for f in found:
+                    if f.suffix.lower() in (".zip", ".egg", ".whl") or _hides_a_zip(f):
+                        lines.append(f"{CODE_PREFIX}{f.relative_to(root)} holds a zip archive Python imports "
+                                     "modules from")
     if lines:
         members.update(p for p in model_dir.rglob("*") if p.is_file() and p.suffix.lower() in CODE_SUFFIXES)
     return sorted(set(lines)), {m.resolve() for m in members}

@@ -34,7 +34,8 @@ SAFE_CALLABLES: frozenset[tuple[str, str]] = frozenset({
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
     ("numpy.random._pickle", "__generator_ctor"),
-    # Not joblib.numpy_pickle_compat.NDArrayWrapper: joblib calls np.load(its filename, allow_pickle=True).
+    # Not joblib.numpy_pickle_compat.NDArrayWrapper: on unpickling it has joblib read the file it names with
+    # pickles allowed, so it is a gadget (the scanner never opens that file; nothing here loads a model).
     ("joblib.numpy_pickle", "NumpyArrayWrapper"),
     ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csc", "csc_matrix"),
 })

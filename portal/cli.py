@@ -1,127 +1,104 @@
-"""``portal``: the portal's API for CI pipelines and terminals.
+"""``portal``: the portal's API for CI pipelines and terminals, built on :mod:`portal.client`.
 
     export PORTAL_URL=https://portal.example.com PORTAL_TOKEN=mlp_...
-    portal upload churn model.zip --reference ref.csv --metrics '{"auc": 0.91}' --wait
+    portal upload churn model.zip --reference ref.csv --metrics '{"auc": 0.91}' --wait --json
 
-Exit status: 0 on success, 1 when the portal refused or the version was rejected, 2 on usage or connection errors.
-Files are streamed from disk, so a multi-gigabyte upload needs no more memory than a small one.
+Every command takes ``--json``: stdout then carries exactly one JSON object (``ok``, ``exit_code``, ``outcome``,
+the command's result, and ``error`` when refused) and nothing else; messages and progress go to stderr.
+
+Exit status (the same with and without ``--json``):
+  0  done
+  1  refused or failed (the API's refusal, a rejected version, a failed deployment or batch job, no connection)
+  2  usage (bad arguments, a file that is not there, no token)
+  3  waiting on a person: a version held for an approver's trust decision, a promotion whose gate blocks or that
+     waits for approvals
+  4  timed out while the work goes on (``--wait-seconds`` reached; ask again with ``portal status``)
 """
 
 from __future__ import annotations
 
 import argparse
-import mimetypes
+import hashlib
+import json
 import os
 import sys
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import requests
+from typing import Any, NoReturn
 
 from portal import demo_env
+from portal.client import (
+    CHUNK,
+    BatchJob,
+    Deployment,
+    Portal,
+    PortalError,
+    Promotion,
+    Version,
+    WaitTimeout,
+)
 
-CHUNK = 1024 * 1024
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class MultipartStream:
-    """A multipart/form-data body generated on the fly from fields and files on disk, with a known length."""
-
-    def __init__(self, fields: dict[str, str], files: dict[str, Path], progress: Any = None) -> None:
-        self.boundary = uuid.uuid4().hex
-        self.parts: list[tuple[bytes, Path | None]] = []
-        for name, value in fields.items():
-            head = (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-                    f"{value}\r\n").encode()
-            self.parts.append((head, None))
-        for name, path in files.items():
-            ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            head = (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                    f"filename=\"{path.name}\"\r\nContent-Type: {ctype}\r\n\r\n").encode()
-            self.parts.append((head, path))
-        self.tail = f"--{self.boundary}--\r\n".encode()
-        self.length = sum(len(h) + ((p.stat().st_size + 2) if p else 0) for h, p in self.parts) + len(self.tail)
-        self.progress = progress
-
-    def __len__(self) -> int:
-        # requests sends a Content-Length (not chunked encoding) for an iterable that knows its length.
-        return self.length
-
-    @property
-    def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
-
-    def __iter__(self) -> Iterator[bytes]:
-        sent = 0
-        for head, path in self.parts:
-            yield head
-            sent += len(head)
-            if path is not None:
-                with open(path, "rb") as fh:
-                    while chunk := fh.read(CHUNK):
-                        yield chunk
-                        sent += len(chunk)
-                        if self.progress:
-                            self.progress(sent, self.length)
-                yield b"\r\n"
-        yield self.tail
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+COMMANDS = ("register", "list", "status", "download", "upload", "import", "promote", "approve", "rollback",
+            "deploy", "predict", "batch")
 
 
-class Client:
-    def __init__(self, url: str, token: str, timeout: float = 60) -> None:
-        self.url = url.rstrip("/")
-        self.session = requests.Session()
-        self.session.headers.update({"Authorization": f"Bearer {token}", "Accept": "application/json",
-                                     "User-Agent": "portal-cli/1"})
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.session.request(method, self.url + path, timeout=kwargs.pop("timeout", self.timeout),
-                                            **kwargs)
-        except requests.RequestException as exc:
-            raise CliError(f"cannot reach the portal at {self.url}: {exc}", 2) from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if response.status_code >= 400:
-            error = (body or {}).get("error", {}) if isinstance(body, dict) else {}
-            message = error.get("message") or f"HTTP {response.status_code}"
-            findings = (error.get("details") or {}).get("findings") if isinstance(error.get("details"), dict) else None
-            if findings:
-                message += "".join(f"\n  - {f.get('member') + ': ' if f.get('member') else ''}{f['message']}"
-                                   for f in findings if f.get("severity") != "info")
-            raise CliError(message, 1)
-        return body
-
-    def download(self, path: str, dest: Path) -> None:
-        _download(self.session, self.url + path, dest, self.timeout)
+class UsageError(Exception):
+    pass
 
 
-def _download(session: requests.Session, url: str, dest: Path, timeout: float) -> None:
-    try:
-        with session.get(url, stream=True, timeout=timeout) as response:
-            if response.status_code >= 400:
-                raise CliError(f"download failed: HTTP {response.status_code}", 1)
-            tmp = dest.with_name(dest.name + ".part")
-            with open(tmp, "wb") as out:
-                for chunk in response.iter_content(CHUNK):
-                    out.write(chunk)
-            tmp.replace(dest)
-    except requests.RequestException as exc:
-        raise CliError(f"download failed: {exc}", 2) from None
+@dataclass
+class Outcome:
+    """What a command ends with: its exit code, a word for it, what stdout shows a person, and the JSON result."""
+
+    exit_code: int
+    outcome: str
+    lines: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    message: str = ""  # to stderr for a person when not done
 
 
-def _progress_printer() -> Any:
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# --- presentation -------------------------------------------------------------------------------------------------
+
+def _version_line(v: Version) -> str:
+    held = " (held for an approver's trust decision)" if v.held_for_trust else ""
+    return f"{v.model} v{v.number}: {v.status}{held} sha256={v.sha256}" + (
+        f" - {v.status_detail}" if v.status_detail and v.status != "scanning" else "")
+
+
+def _promotion_lines(p: Promotion) -> list[str]:
+    lines = [f"promotion {p.id}: {p.model} v{p.version} to {p.target} {p.status} "
+             f"({p.approvals_given}/{p.approvals_required} approvals)"]
+    for gate in p.gates:
+        mark = "pass" if gate.get("ok") else ("overridden" if gate.get("overridden") else "BLOCKS")
+        lines.append(f"  {mark:10} {gate.get('label')}: {gate.get('detail')}")
+    return lines
+
+
+def _deployment_line(d: Deployment) -> str:
+    return f"deployment {d.id}: {d.model} v{d.version} to {d.environment} {d.status}" + (
+        f" - {d.error}" if d.error else "")
+
+
+def _batch_line(j: BatchJob) -> str:
+    return f"batch job {j.id}: {j.status}, {j.rows_done:,} of {j.rows_total:,} rows, {j.rows_failed:,} bad" + (
+        f" - {j.error}" if j.error else "")
+
+
+def _stderr_progress(describe: Callable[[Any], str]) -> Callable[[Any], None]:
+    def show(state: Any) -> None:
+        print(describe(state), file=sys.stderr, flush=True)
+    return show
+
+
+def _upload_progress() -> Callable[[int, int], None] | None:
     if not sys.stderr.isatty():
         return None
     last = [0.0]
@@ -136,160 +113,342 @@ def _progress_printer() -> Any:
     return show
 
 
-def cmd_upload(client: Client, args: argparse.Namespace) -> int:
-    path = Path(args.file)
+def _existing_file(value: str | None, what: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
     if not path.is_file():
-        raise CliError(f"{path} is not a file", 2)
-    fields = {k: v for k, v in {"metrics": args.metrics, "sensitive_columns": args.sensitive_columns,
-                                "description": args.description,
-                                "git_commit": args.git_commit, "source": args.source,
-                                "mlflow_run_id": args.mlflow_run_id}.items() if v}
-    files = {"file": path}
-    if args.reference:
-        files["reference_data"] = Path(args.reference)
-    body = MultipartStream(fields, files, progress=_progress_printer())
-    version = client.call("POST", f"/api/v1/models/{args.model}/versions/", data=body,
-                          headers={"Content-Type": body.content_type}, timeout=None)
-    print(f"{args.model} v{version['number']}: {version['status']} sha256={version['sha256']}")
+        raise UsageError(f"{what} {value!r} is not a file" + (" (no such path)" if not path.exists() else ""))
+    return path
+
+
+def _json_object(value: str | None, what: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(parsed, dict):
+        raise UsageError(f'{what} must be a JSON object such as {{"auc": 0.91}}')
+    return parsed
+
+
+# --- outcomes of the things a command waits for ---------------------------------------------------------------------
+
+def _version_outcome(v: Version) -> Outcome:
+    result = {"version": v.raw}
+    if v.status == "ready":
+        return Outcome(EXIT_OK, "ready", [_version_line(v)], result)
+    if v.status == "rejected":
+        return Outcome(EXIT_FAILED, "rejected", [_version_line(v)], result,
+                       f"{v.model} v{v.number} was rejected: {v.status_detail}")
+    if v.held_for_trust:
+        return Outcome(EXIT_WAITING, "held_for_trust", [_version_line(v)], result,
+                       f"{v.model} v{v.number} waits for an approver to decide on trust: {v.status_detail}")
+    return Outcome(EXIT_OK, v.status, [_version_line(v)], result)
+
+
+def _deployment_outcome(d: Deployment) -> Outcome:
+    result = {"deployment": d.raw}
+    if d.status == "live":
+        return Outcome(EXIT_OK, "live", [_deployment_line(d)], result)
+    if d.status in ("failed", "retired"):
+        return Outcome(EXIT_FAILED, d.status, [_deployment_line(d)], result,
+                       f"deployment {d.id} {d.status}" + (f": {d.error}" if d.error else ""))
+    return Outcome(EXIT_OK, d.status, [_deployment_line(d)], result)
+
+
+def _promotion_outcome(p: Promotion, *, waited: bool) -> Outcome:
+    result = {"promotion": p.raw}
+    lines = _promotion_lines(p)
+    if p.status == "live":
+        return Outcome(EXIT_OK, "live", lines, result)
+    if p.status in ("rejected", "cancelled", "failed"):
+        return Outcome(EXIT_FAILED, p.status, lines, result, f"promotion {p.id} {p.status}")
+    if p.blocking_gates:
+        return Outcome(EXIT_WAITING, "gate_blocks", lines, result,
+                       f"promotion {p.id}: {', '.join(g.get('label', '?') for g in p.blocking_gates)} blocks; "
+                       "a person has to act before it can go ahead")
+    if p.status == "pending" and waited:
+        return Outcome(EXIT_WAITING, "awaiting_approval", lines, result,
+                       f"promotion {p.id} waits for approvals ({p.approvals_given}/{p.approvals_required})")
+    return Outcome(EXIT_OK, p.status, lines, result)
+
+
+def _timed_out(exc: WaitTimeout, outcome: Outcome) -> Outcome:
+    """A wait's deadline: a person is still needed (3), or the work goes on by itself (4)."""
+    if outcome.exit_code in (EXIT_WAITING, EXIT_FAILED):
+        return outcome
+    outcome.exit_code, outcome.outcome = EXIT_TIMEOUT, "timed_out"
+    outcome.message = f"timed out: {exc}; the work goes on (follow it with `portal status`)"
+    return outcome
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+def cmd_register(portal: Portal, args: argparse.Namespace) -> Outcome:
+    model = portal.register(args.name, team=args.team, description=args.description or "", tags=args.tag)
+    return Outcome(EXIT_OK, "registered", [f"registered {model.name} for team {model.team}"], {"model": model.raw})
+
+
+def cmd_list(portal: Portal, args: argparse.Namespace) -> Outcome:
+    if args.model:
+        detail = portal.model(args.model)
+        versions = detail.get("versions", [])
+        lines = [f"v{v['number']:<4} {v.get('status', ''):9} {v.get('format', ''):8} {v.get('created_at', '')}"
+                 for v in versions]
+        return Outcome(EXIT_OK, "listed", lines or [f"{args.model} has no versions yet"],
+                       {"model": args.model, "versions": versions})
+    models = portal.models(search=args.search or "", team=args.team or "")
+    lines = [f"{m.name:30} {m.team:15} {m.description[:60]}" for m in models]
+    return Outcome(EXIT_OK, "listed", lines or ["no models"], {"models": [m.raw for m in models]})
+
+
+def cmd_status(portal: Portal, args: argparse.Namespace) -> Outcome:
+    if args.promotion:
+        return _promotion_outcome(portal.promotion(args.promotion), waited=True)
+    if args.deployment:
+        outcome = _deployment_outcome(portal.deployment(args.deployment))
+        return outcome if outcome.outcome not in ("pending", "running") else _running(outcome)
+    if args.batch_job:
+        job = portal.batch_job(args.batch_job)
+        outcome = _batch_outcome(job)
+        return outcome if job.status in ("done", "failed", "cancelled") else _running(outcome)
+    if not args.model:
+        raise UsageError("portal status: name a MODEL [VERSION], or --promotion, --deployment or --batch-job ID")
+    if args.version is not None:
+        outcome = _version_outcome(portal.version(args.model, args.version))
+        return _running(outcome) if outcome.outcome == "scanning" else outcome
+    detail = portal.model(args.model)
+    lines = [f"{args.model} (team {detail.get('team')})"]
+    for env, state in (detail.get("environments") or {}).items():
+        champion = state.get("champion")
+        lines.append(f"  {env:5} " + (f"v{champion}" if champion is not None else "nothing served")
+                     + (f", challenger v{state['challenger']} ({state.get('mode')}, {state.get('challenger_percent')}%)"
+                        if state.get("challenger") else ""))
+    versions = detail.get("versions") or []
+    if versions:
+        lines.append(f"  latest v{versions[0]['number']}: {versions[0].get('status')}")
+    return Outcome(EXIT_OK, "status", lines, {"model": detail})
+
+
+def _running(outcome: Outcome) -> Outcome:
+    """``status`` of work still going on exits 4, as a wait that ends before the work does."""
+    outcome.exit_code, outcome.message = EXIT_TIMEOUT, f"still {outcome.outcome}; the work goes on"
+    return outcome
+
+
+def cmd_download(portal: Portal, args: argparse.Namespace) -> Outcome:
+    if args.batch_job:
+        which = "errors" if args.errors else "result"
+        dest = Path(args.output or f"batch-{args.batch_job}-{which}")
+        getter = portal.download_batch_errors if args.errors else portal.download_batch_result
+        path = getter(args.batch_job, dest)
+    else:
+        if not args.model or args.version is None:
+            raise UsageError("portal download: name MODEL VERSION, or --batch-job ID")
+        path = portal.download_artifact(args.model, args.version, Path(args.output or f"{args.model}-v{args.version}"))
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return Outcome(EXIT_OK, "downloaded", [f"wrote {path}"],
+                   {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
+
+
+def _wait_version(portal: Portal, v: Version, args: argparse.Namespace) -> Outcome:
+    outcome = _version_outcome(v)
+    if not args.wait or outcome.exit_code != EXIT_OK or v.status != "scanning":
+        return outcome
+    try:
+        v = portal.wait_version(v, timeout=args.wait_seconds,
+                                progress=_stderr_progress(lambda s: f"{s.model} v{s.number}: {s.status}"))
+    except WaitTimeout as exc:
+        return _timed_out(exc, _version_outcome(exc.last))
+    final = _version_outcome(v)
+    final.lines = [*outcome.lines, *final.lines]
+    return final
+
+
+def cmd_upload(portal: Portal, args: argparse.Namespace) -> Outcome:
+    path = _existing_file(args.file, "model file")
+    reference = _existing_file(args.reference, "--reference file")
+    assert path is not None
+    v = portal.upload(args.model, path, reference=reference, metrics=_json_object(args.metrics, "--metrics"),
+                      sensitive_columns=_json_object(args.sensitive_columns, "--sensitive-columns"),
+                      description=args.description or "", git_commit=args.git_commit or "",
+                      source=args.source or "", mlflow_run_id=args.mlflow_run_id or "",
+                      progress=_upload_progress())
+    return _wait_version(portal, v, args)
+
+
+def cmd_import(portal: Portal, args: argparse.Namespace) -> Outcome:
+    v = portal.import_mlflow(args.model, args.uri)
+    outcome = _wait_version(portal, v, args)
+    if v.raw.get("duplicate_of_existing"):
+        print(f"{args.uri} is already in the registry as {v.model} v{v.number}; no new version was made",
+              file=sys.stderr)
+        outcome.result["duplicate_of_existing"] = True
+    return outcome
+
+
+def _wait_deployment(portal: Portal, d: Deployment, args: argparse.Namespace) -> Outcome:
+    outcome = _deployment_outcome(d)
+    if not args.wait or d.status not in ("pending", "running"):
+        return outcome
+    try:
+        d = portal.wait_deployment(d, timeout=args.wait_seconds,
+                                   progress=_stderr_progress(lambda s: f"deployment {s.id}: {s.status} {s.progress}%"))
+    except WaitTimeout as exc:
+        return _timed_out(exc, _deployment_outcome(exc.last))
+    return _deployment_outcome(d)
+
+
+def cmd_deploy(portal: Portal, args: argparse.Namespace) -> Outcome:
+    d = portal.deploy(args.model, args.version, env=args.env, strategy=args.strategy,
+                      traffic_percent=args.traffic_percent)
+    return _wait_deployment(portal, d, args)
+
+
+def cmd_rollback(portal: Portal, args: argparse.Namespace) -> Outcome:
+    d = portal.rollback(args.model, args.env, reason=args.reason, to_version=args.to_version)
+    print(f"rolling {args.model} {args.env} back to v{d.version}: deployment {d.id}", file=sys.stderr)
+    return _wait_deployment(portal, d, args)
+
+
+def _wait_promotion(portal: Portal, p: Promotion, args: argparse.Namespace) -> Outcome:
     if not args.wait:
-        return 0
-    deadline = time.monotonic() + args.wait_seconds
-    while version["status"] == "scanning" and version["scan"]["trust_state"] != "pending":
-        if time.monotonic() > deadline:
-            raise CliError(f"still scanning after {args.wait_seconds} s", 1)
-        time.sleep(1)
-        version = client.call("GET", f"/api/v1/models/{args.model}/versions/{version['number']}/")
-    print(f"{args.model} v{version['number']}: {version['status']} - {version['status_detail']}")
-    return 0 if version["status"] in ("ready", "scanning") else 1
+        return _promotion_outcome(p, waited=False)
+    try:
+        p = portal.wait_promotion(p, timeout=args.wait_seconds, progress=_stderr_progress(
+            lambda s: f"promotion {s.id}: {s.status} ({s.approvals_given}/{s.approvals_required} approvals)"))
+    except WaitTimeout as exc:
+        return _timed_out(exc, _promotion_outcome(exc.last, waited=True))
+    return _promotion_outcome(p, waited=True)
 
 
-def _wait_deployment(client: Client, deployment: dict[str, Any], seconds: int) -> int:
-    deadline = time.monotonic() + seconds
-    while deployment["status"] in ("pending", "running"):
-        if time.monotonic() > deadline:
-            raise CliError(f"deployment still {deployment['status']} after {seconds} s", 1)
-        time.sleep(1)
-        deployment = client.call("GET", f"/api/v1/deployments/{deployment['id']}/")
-    print(f"deployment {deployment['id']}: {deployment['status']}"
-          + (f" - {deployment['error']}" if deployment.get("error") else ""))
-    return 0 if deployment["status"] == "live" else 1
+def cmd_promote(portal: Portal, args: argparse.Namespace) -> Outcome:
+    p = portal.promote(args.model, args.version, target=args.to, reason=args.reason,
+                       override_reason=args.override_reason or "")
+    return _wait_promotion(portal, p, args)
 
 
-def _print_promotion(promotion: dict[str, Any]) -> None:
-    approved = sum(1 for a in promotion["approvals"] if a["decision"] == "approve")
-    print(f"promotion {promotion['id']}: {promotion['model']} v{promotion['version']} to {promotion['target']} "
-          f"{promotion['status']} ({approved}/{promotion['approvals_required']} approvals)")
-    for gate in promotion["gates"]:
-        mark = "pass" if gate["ok"] else ("overridden" if gate["overridden"] else "BLOCKS")
-        print(f"  {mark:10} {gate['label']}: {gate['detail']}")
-
-
-def cmd_promote(client: Client, args: argparse.Namespace) -> int:
-    body = {"target": args.to, "reason": args.reason}
-    if args.override_reason:
-        body["override_reason"] = args.override_reason
-    promotion = client.call("POST", f"/api/v1/models/{args.model}/versions/{args.version}/promote", json=body)
-    _print_promotion(promotion)
-    return 0
-
-
-def cmd_approve(client: Client, args: argparse.Namespace) -> int:
-    promotion = client.call("GET", f"/api/v1/promotions/{args.promotion}/")
-    body = {"comment": args.comment or ""}
-    if promotion["target"] == "prod" and not args.reject:
-        password = os.environ.get("PORTAL_PASSWORD")
+def cmd_approve(portal: Portal, args: argparse.Namespace) -> Outcome:
+    password = ""
+    if not args.reject and portal.promotion(args.promotion).target == "prod":
+        password = os.environ.get("PORTAL_PASSWORD", "")
         if not password:
             if not sys.stdin.isatty():
-                raise CliError("approving a promotion to prod needs your password: set PORTAL_PASSWORD", 2)
+                raise UsageError("approving a promotion to prod needs your password: set PORTAL_PASSWORD")
             import getpass
 
             password = getpass.getpass("Your portal password (prod approvals re-authenticate): ")
-        body["password"] = password
-    action = "reject" if args.reject else "approve"
-    promotion = client.call("POST", f"/api/v1/promotions/{args.promotion}/{action}", json=body)
-    _print_promotion(promotion)
-    if args.wait and promotion.get("deployment"):
-        return _wait_deployment(client, promotion["deployment"], args.wait_seconds)
-    return 0
+    p = portal.decide(args.promotion, approve=not args.reject, comment=args.comment or "", password=password)
+    return _wait_promotion(portal, p, args)
 
 
-def cmd_rollback(client: Client, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"reason": args.reason}
-    if args.to_version:
-        body["to_version"] = args.to_version
-    deployment = client.call("POST", f"/api/v1/models/{args.model}/environments/{args.env}/rollback", json=body)
-    print(f"rolling {args.model} {args.env} back to v{deployment['version']}: deployment {deployment['id']}")
-    return _wait_deployment(client, deployment, args.wait_seconds) if args.wait else 0
-
-
-def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"environment": args.env, "strategy": args.strategy}
-    if args.traffic_percent is not None:
-        body["traffic_percent"] = args.traffic_percent
-    deployment = client.call("POST", f"/api/v1/models/{args.model}/versions/{args.version}/deploy", json=body)
-    print(f"deploying {args.model} v{args.version} to {args.env}: deployment {deployment['id']}")
-    return _wait_deployment(client, deployment, args.wait_seconds) if args.wait else 0
-
-
-def cmd_predict(client: Client, args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"{path} is not a file", 2)
+def cmd_predict(portal: Portal, args: argparse.Namespace) -> Outcome:
+    path = _existing_file(args.file, "input file")
+    assert path is not None
     kind = "text/csv" if path.suffix.lower() == ".csv" else "application/json"
-    result = client.call("POST", f"/api/v1/serve/{args.model}/{args.env}/invocations", data=path.read_bytes(),
-                         headers={"Content-Type": kind})
-    import json
-
-    print(json.dumps(result))
-    return 0
+    answer = portal.predict(args.model, args.env, path.read_bytes(), content_type=kind)
+    return Outcome(EXIT_OK, "scored", [json.dumps(answer)], answer)
 
 
-def cmd_batch(client: Client, args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"{path} is not a file", 2)
-    fields = {"model": args.model, "env": args.env}
-    for name in ("id_column", "subject_column", "max_error_share"):
-        if getattr(args, name) is not None:
-            fields[name] = str(getattr(args, name))
-    body = MultipartStream(fields, {"file": path}, progress=_progress_printer())
-    job = client.call("POST", "/api/v1/batch-jobs/", data=body, headers={"Content-Type": body.content_type},
-                      timeout=None)
-    print(f"batch job {job['id']}: {job['status']}")
+def _batch_outcome(job: BatchJob) -> Outcome:
+    result: dict[str, Any] = {"batch_job": job.raw}
+    if job.status == "done":
+        return Outcome(EXIT_OK, "done", [_batch_line(job)], result)
+    if job.status in ("failed", "cancelled"):
+        return Outcome(EXIT_FAILED, job.status, [_batch_line(job)], result,
+                       f"batch job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+    return Outcome(EXIT_OK, job.status, [_batch_line(job)], result)
+
+
+def cmd_batch(portal: Portal, args: argparse.Namespace) -> Outcome:
+    if args.output and not args.wait:
+        raise UsageError("portal batch: --output needs --wait (without it nothing is downloaded; fetch the file "
+                         "later with `portal download --batch-job ID --output FILE`)")
+    path = _existing_file(args.file, "input file")
+    assert path is not None
+    job = portal.batch(args.model, args.env, path, id_column=args.id_column or "",
+                       subject_column=args.subject_column or "", max_error_share=args.max_error_share,
+                       progress=_upload_progress())
     if not args.wait:
-        return 0
-    deadline = time.monotonic() + args.wait_seconds
-    shown = ""
-    while job["status"] in ("queued", "planning", "scoring", "assembling"):
-        if time.monotonic() > deadline:
-            raise CliError(f"batch job still {job['status']} after {args.wait_seconds} s", 1)
-        line = f"{job['status']}: {job['rows_done']:,} of {job['rows_total'] or 0:,} rows"
-        if line != shown and sys.stderr.isatty():
-            sys.stderr.write(f"\r{line}   ")
-            shown = line
-        time.sleep(0.5)
-        job = client.call("GET", f"/api/v1/batch-jobs/{job['id']}/")
-    if shown and sys.stderr.isatty():
-        sys.stderr.write("\n")
-    print(f"batch job {job['id']}: {job['status']}, {job['rows_done']:,} rows, {job['rows_failed']:,} bad"
-          + (f" - {job['error']}" if job.get("error") else ""))
-    if job["status"] != "done":
-        return 1
+        print(f"batch job {job.id} queued; follow it with `portal status --batch-job {job.id}`", file=sys.stderr)
+        return _batch_outcome(job)
+    try:
+        job = portal.wait_batch(job, timeout=args.wait_seconds, progress=_stderr_progress(
+            lambda s: f"batch job {s.id}: {s.status}, {s.rows_done:,} of {s.rows_total:,} rows"))
+    except WaitTimeout as exc:
+        return _timed_out(exc, _batch_outcome(exc.last))
+    outcome = _batch_outcome(job)
+    if job.status != "done":
+        return outcome
     output = Path(args.output or path.with_name(f"{path.stem}-scored{path.suffix}"))
-    client.download(f"/api/v1/batch-jobs/{job['id']}/result", output)
-    print(f"scored file: {output}")
-    return 0
+    portal.download_batch_result(job.id, output)
+    outcome.result["output"] = str(output)
+    outcome.lines.append(f"scored file: {output}")
+    if job.rows_failed:
+        errors = output.with_name(f"{output.stem}-errors.csv")
+        portal.download_batch_errors(job.id, errors)
+        outcome.result["errors_file"] = str(errors)
+        outcome.lines.append(f"errors file: {errors}")
+        print(f"{job.rows_failed:,} rows could not be scored: see {errors}", file=sys.stderr)
+    return outcome
 
+
+# --- the parser ---------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="portal", description="Talk to the MLOps portal's API.")
+    common = Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print exactly one JSON object on stdout (messages stay on stderr)")
+    parser = Parser(prog="portal", description="Talk to the MLOps portal's API.", parents=[common],
+                    epilog="Exit status: 0 done, 1 refused or failed, 2 usage, 3 waiting on a person (held for "
+                           "trust, a blocking gate, approvals), 4 timed out while the work goes on.")
     parser.add_argument("--url", default=os.environ.get("PORTAL_URL") or demo_env.cli_value("PORTAL_URL")
                         or "http://127.0.0.1:8000",
                         help="the portal's address (default: $PORTAL_URL, else the address `make run` wrote to "
                              "var/demo.env, else http://127.0.0.1:8000)")
     parser.add_argument("--token", default=os.environ.get("PORTAL_TOKEN"), help="API token (default: $PORTAL_TOKEN)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    upload = sub.add_parser("upload", help="upload a model file as a new version")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds each request may take (default 60)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def command(name: str, handler: Callable[[Portal, argparse.Namespace], Outcome], help: str,
+                wait_seconds: int | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(handler=handler)
+        if wait_seconds is not None:
+            p.add_argument("--wait", action="store_true", help="follow the work to its end")
+            p.add_argument("--wait-seconds", type=int, default=wait_seconds,
+                           help=f"give up waiting after this long, exit 4 (default {wait_seconds})")
+        return p
+
+    register = command("register", cmd_register, "register a new model")
+    register.add_argument("name")
+    register.add_argument("--team", required=True, help="the team's slug")
+    register.add_argument("--description")
+    register.add_argument("--tag", action="append", help="a tag (repeatable)")
+    listing = command("list", cmd_list, "list your teams' models, or one model's versions")
+    listing.add_argument("model", nargs="?")
+    listing.add_argument("--search")
+    listing.add_argument("--team")
+    status = command("status", cmd_status, "a model, a version, a promotion, a deployment or a batch job now "
+                     "(exit 3 waiting on a person, 4 still going on)")
+    status.add_argument("model", nargs="?")
+    status.add_argument("version", nargs="?", type=int)
+    status.add_argument("--promotion")
+    status.add_argument("--deployment")
+    status.add_argument("--batch-job")
+    download = command("download", cmd_download, "download a version's artifact, or a batch job's result or errors")
+    download.add_argument("model", nargs="?")
+    download.add_argument("version", nargs="?", type=int)
+    download.add_argument("--batch-job")
+    download.add_argument("--errors", action="store_true", help="the batch job's errors file, not its result")
+    download.add_argument("--output", "-o", help="where to write it")
+    upload = command("upload", cmd_upload, "upload a model file as a new version", 600)
     upload.add_argument("model")
     upload.add_argument("file")
     upload.add_argument("--reference", help="reference data, CSV or Parquet")
@@ -299,70 +458,96 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--git-commit")
     upload.add_argument("--source")
     upload.add_argument("--mlflow-run-id")
-    upload.add_argument("--wait", action="store_true", help="wait until the version is ready or rejected")
-    upload.add_argument("--wait-seconds", type=int, default=600)
-    upload.set_defaults(handler=cmd_upload)
-    promote = sub.add_parser("promote", help="request a promotion to stage or prod")
+    imported = command("import", cmd_import, "import a version from the portal's MLflow tracking server", 600)
+    imported.add_argument("model")
+    imported.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, "
+                          "models:/m-… (an MLflow 3 logged model) or runs:/RUN_ID/PATH")
+    promote = command("promote", cmd_promote, "request a promotion to stage or prod (--wait: until live)", 600)
     promote.add_argument("model")
     promote.add_argument("version", type=int)
     promote.add_argument("--to", required=True, choices=["stage", "prod"])
     promote.add_argument("--reason", required=True)
     promote.add_argument("--override-reason", help="why an incompatible signature may go ahead (audited)")
-    promote.set_defaults(handler=cmd_promote)
-    approve = sub.add_parser("approve", help="approve (or --reject) a promotion request; prod asks your password "
-                             "($PORTAL_PASSWORD or a prompt)")
+    approve = command("approve", cmd_approve, "approve (or --reject) a promotion request; prod asks your password "
+                      "($PORTAL_PASSWORD or a prompt)", 600)
     approve.add_argument("promotion", help="the request's id")
     approve.add_argument("--comment")
     approve.add_argument("--reject", action="store_true")
-    approve.add_argument("--wait", action="store_true", help="follow the deployment the approval starts")
-    approve.add_argument("--wait-seconds", type=int, default=600)
-    approve.set_defaults(handler=cmd_approve)
-    rollback = sub.add_parser("rollback", help="roll an environment back to the previously live version")
+    rollback = command("rollback", cmd_rollback, "roll an environment back to the previously live version", 600)
     rollback.add_argument("model")
     rollback.add_argument("env", choices=["dev", "stage", "prod"])
     rollback.add_argument("--to-version", type=int)
     rollback.add_argument("--reason", required=True)
-    rollback.add_argument("--wait", action="store_true")
-    rollback.add_argument("--wait-seconds", type=int, default=600)
-    rollback.set_defaults(handler=cmd_rollback)
-    deploy = sub.add_parser("deploy", help="deploy a ready version (dev; stage and prod go through promote)")
+    deploy = command("deploy", cmd_deploy, "deploy a ready version (dev; stage and prod go through promote)", 600)
     deploy.add_argument("model")
     deploy.add_argument("version", type=int)
     deploy.add_argument("--env", default="dev", choices=["dev", "stage", "prod"])
     deploy.add_argument("--strategy", default="replace", choices=["replace", "canary", "shadow"])
     deploy.add_argument("--traffic-percent", type=int)
-    deploy.add_argument("--wait", action="store_true")
-    deploy.add_argument("--wait-seconds", type=int, default=600)
-    deploy.set_defaults(handler=cmd_deploy)
-    predict = sub.add_parser("predict", help="score a JSON body (MLflow's protocol) or a CSV file in real time")
+    predict = command("predict", cmd_predict, "score a JSON body (MLflow's protocol) or a CSV file in real time")
     predict.add_argument("model")
     predict.add_argument("env", choices=["dev", "stage", "prod"])
     predict.add_argument("file", help="a .json body or a .csv file with a header")
-    predict.set_defaults(handler=cmd_predict)
-    batch = sub.add_parser("batch", help="score a CSV or Parquet file as a batch job")
+    batch = command("batch", cmd_batch, "score a CSV or Parquet file as a batch job (--wait: download the scored "
+                    "file, and the errors file when rows failed)", 3600)
     batch.add_argument("model")
     batch.add_argument("env", choices=["dev", "stage", "prod"])
     batch.add_argument("file")
     batch.add_argument("--id-column")
     batch.add_argument("--subject-column")
     batch.add_argument("--max-error-share", type=float)
-    batch.add_argument("--wait", action="store_true", help="follow the job and download the scored file")
-    batch.add_argument("--output", help="where to write the scored file (default: FILE-scored.EXT)")
-    batch.add_argument("--wait-seconds", type=int, default=3600)
-    batch.set_defaults(handler=cmd_batch)
+    batch.add_argument("--output", help="where --wait writes the scored file (default: FILE-scored.EXT)")
     return parser
 
 
+def _emit(as_json: bool, command: str, outcome: Outcome, error: dict[str, Any] | None = None) -> int:
+    if as_json:
+        body = {"ok": outcome.exit_code == EXIT_OK, "exit_code": outcome.exit_code, "outcome": outcome.outcome,
+                "command": command, **outcome.result}
+        if error is not None or outcome.message:
+            body["error"] = error or {"status": None, "code": outcome.outcome, "message": outcome.message,
+                                      "details": None}
+        sys.stdout.write(json.dumps(body, default=str) + "\n")
+    else:
+        # A refusal or failure is a message for a person: stderr; stdout keeps what a script may read.
+        for line in outcome.lines:
+            print(line, file=sys.stderr if outcome.exit_code == EXIT_FAILED else sys.stdout)
+    if outcome.message:
+        print(f"portal: {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.token:
-        parser.error("no API token: pass --token or set PORTAL_TOKEN (create one on your Account page)")
+    command = next((a for a in argv if a in COMMANDS), "")
     try:
-        return int(args.handler(Client(args.url, args.token), args))
-    except CliError as exc:
-        print(f"portal: {exc}", file=sys.stderr)
-        return exc.code
+        args = parser.parse_args(argv)
+        command = args.command
+        if not args.token:
+            raise UsageError("no API token: pass --token or set PORTAL_TOKEN (create one on your Account page)")
+        portal = Portal(args.url, args.token, timeout=args.timeout)
+        return _emit(as_json, command, args.handler(portal, args))
+    except UsageError as exc:
+        if not as_json:
+            parser.print_usage(sys.stderr)
+        return _emit(as_json, command, Outcome(EXIT_USAGE, "usage", message=str(exc)))
+    except PortalError as exc:
+        return _emit(as_json, command, Outcome(EXIT_FAILED, "refused" if exc.status else "unreachable",
+                                               message=_refusal(exc)), exc.as_dict())
+    except OSError as exc:
+        return _emit(as_json, command, Outcome(EXIT_FAILED, "failed", message=f"{exc.strerror or exc}: "
+                                               f"{exc.filename or ''}".rstrip(": ")))
+
+
+def _refusal(exc: PortalError) -> str:
+    message = exc.message
+    findings = exc.details.get("findings") if isinstance(exc.details, dict) else None
+    if findings:
+        message += "".join(f"\n  - {f.get('member') + ': ' if f.get('member') else ''}{f.get('message')}"
+                           for f in findings if f.get("severity") != "info")
+    return message
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class AuditAction(enum.Enum):
     VERSION_DOWNLOAD = (2015, "version.download")
     REFERENCE_DOWNLOAD = (2016, "reference.download")
     TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
+    VERSION_IMPORT_DUPLICATE = (2018, "version.import_duplicate")
     # 3000: deployments and traffic
     DEPLOYMENT_CREATE = (3001, "deployment.create")
     DEPLOYMENT_LIVE = (3002, "deployment.live")

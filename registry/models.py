@@ -146,6 +146,31 @@ class ModelVersion(models.Model):
         super().save(*args, **kwargs)
 
 
+class MlflowSource(models.Model):
+    """Where an imported version came from on an MLflow tracking server, written once with the version (the
+    version's ``params`` hold the run's parameters, its ``metrics`` the finite last values)."""
+
+    version = models.OneToOneField(ModelVersion, on_delete=models.CASCADE, related_name="mlflow_source")
+    uri = models.CharField(max_length=500)  # as asked: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/…, models:/m-…
+    tracking_uri = models.CharField(max_length=500)  # without any credentials
+    artifact_uri = models.CharField(max_length=1000, blank=True)
+    registered_model = models.CharField(max_length=256, blank=True)
+    registered_version = models.CharField(max_length=32, blank=True)
+    logged_model_id = models.CharField(max_length=64, blank=True)
+    run_id = models.CharField(max_length=64, blank=True)
+    run_name = models.CharField(max_length=256, blank=True)
+    experiment_id = models.CharField(max_length=64, blank=True)
+    experiment_name = models.CharField(max_length=500, blank=True)
+    tags = models.JSONField(default=dict, blank=True)
+    # {"metric": [[step, timestamp_ms, value or null], ...]}: every logged value, NaN and infinities as null
+    metric_history = models.JSONField(default=dict, blank=True)
+    missing_metrics = models.JSONField(default=list, blank=True)  # last value NaN or infinite: not in metrics
+    imported_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.version} from {self.uri}"
+
+
 class TeamTrustedType(models.Model):
     """A standing trust decision: an approver trusted this skops type for all future uploads of the team."""
 

@@ -29,6 +29,7 @@ from portal.permissions import require_capability
 from registry import profiling, sandbox, storage
 from registry.models import (
     Blob,
+    MlflowSource,
     ModelVersion,
     ReferenceData,
     RegisteredModel,
@@ -94,6 +95,7 @@ class UploadMetadata:
     limitations: str = ""
     ethical_considerations: str = ""
     sensitive_columns: dict[str, str] | None = None
+    mlflow_source: dict[str, Any] | None = None  # an MlflowSource row's fields, written with the version
 
 
 SENSITIVITY_KINDS = ("personal", "health")
@@ -218,12 +220,16 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
                 f"({s.reason})" for s in standing)
         version.full_clean(exclude=["model", "artifact", "reference", "uploaded_by", "trust_decided_by"])
         version.save(force_insert=True)
+        if meta.mlflow_source is not None:
+            MlflowSource.objects.create(version=version, **meta.mlflow_source)
         audit_record(
             AuditAction.VERSION_UPLOAD, actor=actor, target=version_target(version),
             after={"number": number, "sha256": sha256, "size": blob.size, "format": inspection.format,
                    "filename": filename, "untrusted_types": inspection.untrusted_types,
                    "trust_state": trust_state, "reference_sha256": reference_row.blob.sha256 if reference_row else None,
-                   "metrics": version.metrics},
+                   "metrics": version.metrics,
+                   **({"mlflow": {k: meta.mlflow_source.get(k) for k in ("uri", "tracking_uri", "run_id")}}
+                      if meta.mlflow_source is not None else {})},
         )
         if trust_state != TrustState.PENDING:
             _enqueue_scan(version)

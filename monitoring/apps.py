@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class MonitoringConfig(AppConfig):
     name = "monitoring"
     verbose_name = "Monitoring"
+
+    def ready(self) -> None:
+        # The registry defines the hook and monitoring fills it (imports point monitoring → registry only).
+        from monitoring.evidence import live_evidence
+        from registry.promotions import register_live_evidence
+
+        register_live_evidence(live_evidence)

@@ -18,6 +18,10 @@ from portal.permissions import get_object_for_user, has_capability, require_capa
 from portal.views import error_text
 from registry import call_examples, promotions, selectors
 from registry.models import Environment, PromotionRequest, PromotionStatus
+from registry.promotions import EVIDENCE_WINDOWS
+
+
+_KEPT_KEY = "promotion-decision-{uid}"
 
 
 def _promotion(request: HttpRequest, uid: str) -> PromotionRequest:
@@ -70,13 +74,19 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
     else:
         gates = promotion.gates
     champion = promotion.champion_version
-    signature_rows = promotions.signature_diff(promotion.version, champion)
+    window = request.GET.get("window", "24h")
+    if window not in EVIDENCE_WINDOWS:
+        window = "24h"
     approvals = list(promotion.approvals.all())  # prefetched with their approvers
+    # What the approver typed survives a refused decision (a wrong password, a missing reason).
+    kept = request.session.pop(_KEPT_KEY.format(uid=promotion.uid), None) or {}
     return render(request, "registry/promotion_detail.html", {
         "promotion": promotion, "model": promotion.model, "version": promotion.version, "gates": gates,
         "blocking": [g for g in gates if g.get("blocks")],
-        "signature_rows": signature_rows,
-        "signature_changes": sum(1 for r in signature_rows if r["change"] != "unchanged") if champion else 0,
+        "signature": promotions.signature_comparison(promotion.version, champion, promotion.target),
+        "evidence": promotions.live_evidence(promotion=promotion, window=window),
+        "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
+        "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
         "metric_rows": promotions.metric_diff(promotion.version, champion, promotion.metric_tolerance),
         "approvals": approvals,
         "approved_count": sum(1 for a in approvals if a.decision == "approve"),
@@ -102,7 +112,9 @@ def promotion_decide(request: HttpRequest, uid: str) -> HttpResponse:
                                                 request=request)
     except (ValidationError, PermissionDenied) as exc:
         messages.error(request, error_text(exc))
-        return redirect("registry:promotion", uid=uid)
+        request.session[_KEPT_KEY.format(uid=uid)] = {"comment": request.POST.get("comment", "")[:5000],
+                                                      "decision": decision}
+        return redirect(reverse("registry:promotion", args=[uid]) + "#decide")
     if promotion.status == PromotionStatus.DEPLOYING:
         messages.success(request, "Approved. The policy is met and the deployment has started.")
     elif decision == "approve":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -103,9 +104,12 @@ def _columns(signature: dict[str, Any]) -> dict[str, str]:
 
 
 def signature_diff(candidate: ModelVersion, champion: ModelVersion | None) -> list[dict[str, Any]]:
-    """One row per input of either version: name, champion's type, candidate's type, change."""
+    """One row per input of either version: name, champion's type, candidate's type, change. With no champion
+    every input is ``new`` (nothing to compare with), never ``added``."""
     new = _columns(candidate.signature)
-    old = _columns(champion.signature) if champion else {}
+    if champion is None:
+        return [{"name": name, "champion": None, "candidate": kind, "change": "new"} for name, kind in new.items()]
+    old = _columns(champion.signature)
     rows = []
     for name in list(old) + [n for n in new if n not in old]:
         before, after = old.get(name), new.get(name)
@@ -113,6 +117,50 @@ def signature_diff(candidate: ModelVersion, champion: ModelVersion | None) -> li
                   else "retyped")
         rows.append({"name": name, "champion": before, "candidate": after, "change": change})
     return rows
+
+
+def signature_comparison(candidate: ModelVersion, champion: ModelVersion | None, target: str) -> dict[str, Any]:
+    """The signature panel's summary and table from one comparison, so the two cannot disagree."""
+    rows = signature_diff(candidate, champion)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["change"]] = counts.get(row["change"], 0) + 1
+    changed = sum(n for change, n in counts.items() if change not in ("unchanged", "new"))
+    n = len(rows)
+    if not rows:
+        summary = "No signature recorded."
+    elif champion is None:
+        summary = f"Nothing serves {target} yet: all {n} input{'s' if n != 1 else ''} are new there."
+    elif not changed:
+        summary = f"All {n} input{'s' if n != 1 else ''} unchanged from v{champion.number}."
+    else:
+        parts = [f"{counts[c]} {c}" for c in ("added", "removed", "retyped") if counts.get(c)]
+        summary = (f"{changed} of {n} input{'s' if n != 1 else ''} changed from v{champion.number}: "
+                   + ", ".join(parts) + ".")
+    return {"rows": rows, "counts": counts, "changed": changed, "summary": summary}
+
+
+# --- Live evidence (computed by monitoring, which registers into this hook when it starts) -------------------------
+
+EVIDENCE_WINDOWS = ("1h", "24h", "7d")
+LiveEvidence = Callable[..., dict[str, Any]]
+_live_evidence: LiveEvidence | None = None
+
+
+def register_live_evidence(provider: LiveEvidence) -> None:
+    global _live_evidence
+    _live_evidence = provider
+
+
+def live_evidence(*, promotion: PromotionRequest, window: str = "24h") -> dict[str, Any] | None:
+    """The candidate's live figures where it served against the target's champion, or None when no monitoring is
+    installed. Raises ValidationError for an unknown window."""
+    if _live_evidence is None:
+        return None
+    try:
+        return _live_evidence(promotion=promotion, window=window)
+    except ValueError as exc:
+        raise ValidationError({"window": str(exc)}) from exc
 
 
 def _lower_is_better(metric: str) -> bool:

@@ -122,6 +122,21 @@ class PromotionDetailApi(APIView):
         return Response(PromotionSerializer(_promotion(request, uid)).data)
 
 
+class PromotionEvidenceApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("window", OpenApiTypes.STR, enum=list(promotions.EVIDENCE_WINDOWS),
+                                                description="How far back the figures go (default 24h)")],
+                   responses=OpenApiTypes.OBJECT,
+                   summary="Live evidence: the candidate where it served against the target's champion, with "
+                           "each figure's threshold and pass/warn (what the promotion page shows)")
+    def get(self, request: Request, uid: str) -> Response:
+        promotion = _promotion(request, uid)
+        window = request.query_params.get("window", "24h")
+        evidence = promotions.live_evidence(promotion=promotion, window=window)
+        if evidence is None:
+            raise ValidationError({"window": "Monitoring is not installed, so there is no live evidence."})
+        return Response({"promotion": str(promotion.uid), **evidence})
+
+
 class _DecisionApi(APIView):
     approve = True
 

@@ -22,6 +22,7 @@ urlpatterns = [
     path("models/<str:name>/versions/<int:number>/promote", promotions.PromoteApi.as_view(), name="version-promote"),
     path("promotions/", promotions.PromotionListApi.as_view(), name="promotions"),
     path("promotions/<uuid:uid>/", promotions.PromotionDetailApi.as_view(), name="promotion"),
+    path("promotions/<uuid:uid>/evidence", promotions.PromotionEvidenceApi.as_view(), name="promotion-evidence"),
     path("promotions/<uuid:uid>/approve", promotions.PromotionApproveApi.as_view(), name="promotion-approve"),
     path("promotions/<uuid:uid>/reject", promotions.PromotionRejectApi.as_view(), name="promotion-reject"),
     path("promotions/<uuid:uid>/cancel", promotions.PromotionCancelApi.as_view(), name="promotion-cancel"),

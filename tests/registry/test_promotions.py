@@ -553,3 +553,88 @@ def test_history_cancel_and_webhook_log_per_role(model: RegisteredModel, persona
         assert_error_shape(client.get("/api/v1/models/churn/environments/stage/history"), history)
     assert_error_shape(api_as(personas["ds"]).get(
         "/api/v1/models/churn/environments/stage/history", {"at": "2026-13-45T00:00:00Z"}), 400)
+
+
+# --- Live evidence and the signature panel ------------------------------------------------------------------------
+
+def _log(model: str, environment: str, version: int, n: int, *, errors: int = 0, latency_ms: float = 2.0) -> None:
+    """``n`` one-row predictions written the way the flusher writes them, a few minutes ago, then rolled up."""
+    import os
+
+    from monitoring.flush import write_batches
+    from monitoring.rollups import rollup_dirty
+
+    X, _y = files._data()
+    at = timezone.now() - dt.timedelta(minutes=3)
+    write_batches([{"model": model, "environment": environment, "version": version, "role": "champion",
+                    "ts": at.timestamp() + i * 0.001, "latency_ms": latency_ms, "request_id": "",
+                    "error": "ValueError: bad row" if i < errors else "", "ids": [os.urandom(16).hex()],
+                    "inputs": [X.iloc[i].tolist()], "outputs": [None if i < errors else 1], "subjects": None}
+                   for i in range(n)])
+    rollup_dirty()
+
+
+def test_live_evidence_compares_the_candidate_where_it_served_with_the_champion_on_page_and_api(
+        model: RegisteredModel, personas: dict[str, Any], api_as: Any, tmp_path: Path) -> None:
+    import re
+
+    v1 = upload(model, personas["ds"], tmp_path, metrics={"accuracy": 0.95})
+    first = promotions.promotion_request(version=v1, target="stage", reason="first", actor=personas["ds"])
+    page = Client()
+    page.force_login(personas["approver1"])
+    content = page.get(f"/promotions/{first.uid}/").content.decode()
+    summary = re.search(r'data-testid="signature-summary"[^>]*>([^<]*)<', content)
+    assert summary and summary.group(1) == "Nothing serves stage yet: all 30 inputs are new there.", content
+    assert "unchanged" not in summary.group(1) and "<strong>added</strong>" not in content
+    assert 'data-testid="evidence-empty"' in content
+    run_deployment(approve_all(first, [personas["approver1"]]))
+
+    v2 = upload(model, personas["ds"], tmp_path, metrics={"accuracy": 0.96}, c=0.5)
+    deploy_now(v2, personas["ds"])
+    _log("churn", "dev", v2.number, 200, errors=20, latency_ms=5.0)
+    _log("churn", "stage", v1.number, 100, latency_ms=2.0)
+    promotion = promotions.promotion_request(version=v2, target="stage", reason="dev looks fine",
+                                             actor=personas["ds"])
+
+    api = api_as(personas["approver1"]).get(f"/api/v1/promotions/{promotion.uid}/evidence?window=1h").json()
+    assert [c["key"] for c in api["columns"]] == ["candidate-dev", "champion-stage"]
+    assert api["champion_version"] == v1.number and api["window"] == "1h"
+    by_metric = {r["metric"]: {c["column"]: c for c in r["cells"]} for r in api["rows"]}
+    assert by_metric["predictions"]["candidate-dev"]["value"] == 200
+    assert by_metric["predictions"]["champion-stage"]["value"] == 100
+    assert by_metric["error_rate"]["candidate-dev"]["value"] == pytest.approx(0.1)
+    assert by_metric["error_rate"]["candidate-dev"]["status"] == "warn", "10 % is above the 5 % limit"
+    assert by_metric["error_rate"]["champion-stage"]["status"] == "pass"
+    assert by_metric["p50"]["candidate-dev"]["status"] == "warn", "5 ms against the champion's 2 ms"
+    assert by_metric["p99"]["candidate-dev"]["status"] == "pass"
+    assert by_metric["accuracy"]["candidate-dev"]["status"] == "insufficient", "no ground truth yet"
+    assert api["warnings"] >= 2
+
+    content = page.get(f"/promotions/{promotion.uid}/?window=1h").content.decode()
+    for row in api["rows"]:
+        for cell in row["cells"]:
+            shown = re.search(rf'<tr data-metric="{row["metric"]}">.*?<td data-column="{cell["column"]}" '
+                              rf'data-status="([a-z]+)"><span data-testid="evidence-value">([^<]*)</span>',
+                              content, re.S)
+            assert shown and shown.groups() == (cell["status"], cell["display"]), (row["metric"], cell)
+    summary = re.search(r'data-testid="signature-summary"[^>]*>([^<]*)<', content)
+    assert summary and summary.group(1) == f"All 30 inputs unchanged from v{v1.number}."
+
+    bad = api_as(personas["approver1"]).get(f"/api/v1/promotions/{promotion.uid}/evidence?window=2y")
+    assert_error_shape(bad, 400)
+    assert "1h, 24h, 7d" in bad.json()["error"]["message"] + str(bad.json()["error"]["details"])
+    assert api_as(personas["outsider"]).get(f"/api/v1/promotions/{promotion.uid}/evidence").status_code == 404
+    assert api_as(None).get(f"/api/v1/promotions/{promotion.uid}/evidence").status_code in (401, 403)
+    assert api_as(personas["viewer"]).get(f"/api/v1/promotions/{promotion.uid}/evidence").status_code == 200
+
+
+    # An approver who mistypes the prod password keeps the comment they wrote.
+    to_prod = promotions.promotion_request(version=v1, target="prod", reason="go", actor=personas["ds"])
+    response = page.post(f"/promotions/{to_prod.uid}/decide",
+                         {"decision": "approve", "comment": "Checked the stage figures & <drift>.",
+                          "password": "wrong"}, follow=True)
+    content = response.content.decode()
+    assert "password" in content.lower() and to_prod.approvals.count() == 0
+    assert ">Checked the stage figures &amp; &lt;drift&gt;.</textarea>" in content
+    assert "Checked the stage figures" not in page.get(f"/promotions/{to_prod.uid}/").content.decode(), \
+        "kept once, for the page that follows the refusal"

@@ -1,0 +1,184 @@
+"""Live evidence for a promotion: how the candidate has behaved where it already serves, against the champion in
+the target environment, over one window.
+
+Read from the same rollups (and the same merge, percentile, accuracy and drift code) as the monitoring pages, so a
+figure here equals the one on the environment's monitoring page for the same version and window. Registered into
+``registry.promotions`` when monitoring starts (the registry does not import monitoring).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.utils import timezone
+
+from registry.promotions import EVIDENCE_WINDOWS
+from monitoring.rollups import bucket_start, rollups, version_spec
+from monitoring.selectors import (
+    ONLINE_ROLES,
+    RANGES,
+    _latency,
+    _merge,
+    accuracy_metrics,
+    drift_report,
+    granularity_for,
+    thresholds_for,
+)
+
+# p50 and p95 have no absolute limit in the monitoring settings; the candidate is held to the champion's figure
+# plus this share (a slower candidate warns, it does not block).
+LATENCY_SLACK = 0.2
+MIN_ROWS_FOR_RATES = 20  # the alert rules' own minimum before an error rate or p99 is judged
+
+METRICS = (
+    ("predictions", "Predictions"),
+    ("error_rate", "Error rate"),
+    ("p50", "Latency p50"),
+    ("p95", "Latency p95"),
+    ("p99", "Latency p99"),
+    ("accuracy", "Accuracy on ground truth"),
+    ("drift", "Drift (worst feature PSI)"),
+)
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    if metric == "predictions":
+        return f"{int(value):,}"
+    if metric == "error_rate":
+        return f"{value:.2%}"
+    if metric in ("p50", "p95", "p99"):
+        return f"{value:.1f} ms"
+    if metric == "drift":
+        return f"{value:.3f}"
+    return f"{value:.3f}"
+
+
+def _figures(model: Any, environment: str, version: int, start: dt.datetime, end: dt.datetime,
+             thresholds: dict[str, Any]) -> dict[str, Any]:
+    granularity = granularity_for(end - start)
+    rows = [r for r in rollups(model.name, environment, granularity, bucket_start(start, granularity), end,
+                               roles=ONLINE_ROLES) if r.version == version]
+    merged = _merge(rows)
+    count, data = merged["count"], merged["data"]
+    spec = version_spec(model.name, version)
+    latency = _latency(data)
+    truth = accuracy_metrics(data.get("truth"), spec.task)
+    worst = None
+    if spec.features:
+        worst = drift_report(spec, data, thresholds)["drift"]["worst"]
+    roles = sorted({r.role for r in rows})
+    return {"predictions": count, "errors": merged["errors"], "error_rate": merged["errors"] / count if count else None,
+            "p50": latency["p50"], "p95": latency["p95"], "p99": latency["p99"],
+            "accuracy": truth.get("accuracy", truth.get("mae")), "accuracy_kind": "mae" if "mae" in truth else
+            "accuracy", "labelled": truth.get("labelled", 0), "drift": worst, "roles": roles}
+
+
+def _judge(metric: str, figures: dict[str, Any], thresholds: dict[str, Any], champion: dict[str, Any] | None,
+           accuracy_floor: float | None) -> tuple[str, str]:
+    """(status, threshold text) of one figure: ``pass``, ``warn`` or ``insufficient`` (too little data to judge)."""
+    value, count = figures.get(metric), figures["predictions"]
+    if metric == "predictions":
+        return ("pass" if count >= MIN_ROWS_FOR_RATES else "insufficient"), f"≥ {MIN_ROWS_FOR_RATES} to judge"
+    if metric == "error_rate":
+        limit = thresholds.get("error_rate_max")
+        text = f"≤ {float(limit):.1%}" if limit is not None else "none set"
+        if value is None or count < MIN_ROWS_FOR_RATES or limit is None:
+            return "insufficient", text
+        return ("pass" if value <= float(limit) else "warn"), text
+    if metric == "p99":
+        limit = thresholds.get("latency_p99_ms")
+        text = f"≤ {float(limit):g} ms" if limit is not None else "none set"
+        if value is None or count < MIN_ROWS_FOR_RATES or limit is None:
+            return "insufficient", text
+        return ("pass" if value <= float(limit) else "warn"), text
+    if metric in ("p50", "p95"):
+        reference = (champion or {}).get(metric)
+        text = f"≤ champion's + {LATENCY_SLACK:.0%}"
+        if value is None or count < MIN_ROWS_FOR_RATES or reference is None:
+            return "insufficient", text
+        return ("pass" if value <= reference * (1 + LATENCY_SLACK) else "warn"), text
+    if metric == "accuracy":
+        minimum = int(thresholds["min_labelled"])
+        if figures["accuracy_kind"] == "mae":
+            text = "≤ champion's MAE"
+            reference = (champion or {}).get("accuracy")
+            if value is None or figures["labelled"] < minimum or reference is None:
+                return "insufficient", text
+            return ("pass" if value <= reference else "warn"), text
+        text = f"≥ {accuracy_floor:.3f}" if accuracy_floor is not None else "no floor set"
+        if value is None or figures["labelled"] < minimum or accuracy_floor is None:
+            return "insufficient", text + f" ({minimum} labelled to judge)"
+        return ("pass" if value >= accuracy_floor else "warn"), text
+    # drift
+    text = f"< {float(thresholds['psi_warning']):g} (alert at {float(thresholds['psi_alert']):g})"
+    if value is None:
+        return "insufficient", text + f" ({int(thresholds['min_rows'])} rows to judge)"
+    return ("pass" if value < float(thresholds["psi_warning"]) else "warn"), text
+
+
+def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | None = None) -> dict[str, Any]:
+    """The candidate in every environment other than the target where it has served, and the target's champion,
+    over ``window`` (one of ``EVIDENCE_WINDOWS``); each figure with its threshold and pass/warn."""
+    from registry.models import ServingInterval
+
+    if window not in EVIDENCE_WINDOWS:
+        raise ValueError(f"window is one of {', '.join(EVIDENCE_WINDOWS)}.")
+    end = now or timezone.now()
+    start = end - RANGES[window]
+    model, candidate, target = promotion.model, promotion.version, promotion.target
+    thresholds = thresholds_for(model)
+    champion = promotion.champion_version
+    served = sorted({env for env in ServingInterval.objects.filter(version=candidate).exclude(
+        environment=target).values_list("environment", flat=True)}, key=("dev", "stage", "prod").index)
+
+    floor = thresholds.get("accuracy_min")
+    if floor is None:
+        recorded = [(v.metrics or {}).get("accuracy") for v in (champion, candidate) if v is not None]
+        recorded = [float(a) for a in recorded if isinstance(a, int | float)]
+        floor = recorded[0] - 0.05 if recorded else None
+    floor = float(floor) if floor is not None else None
+
+    champion_figures = (_figures(model, target, champion.number, start, end, thresholds)
+                        if champion is not None else None)
+    columns: list[dict[str, Any]] = []
+    for env in served:
+        columns.append({"key": f"candidate-{env}", "who": "candidate", "version": candidate.number,
+                        "environment": env, "figures": _figures(model, env, candidate.number, start, end,
+                                                                thresholds)})
+    if champion_figures is not None:
+        columns.append({"key": f"champion-{target}", "who": "champion", "version": champion.number,
+                        "environment": target, "figures": champion_figures})
+
+    rows = []
+    for metric, label in METRICS:
+        cells = []
+        threshold_text = ""
+        for column in columns:
+            figures = column["figures"]
+            status, threshold_text = _judge(metric, figures, thresholds,
+                                            champion_figures if column["who"] == "candidate" else None, floor)
+            if column["who"] == "champion" and metric in ("p50", "p95"):
+                status = "reference"
+            if column["who"] == "champion" and metric == "accuracy" and figures["accuracy_kind"] == "mae":
+                status = "reference"
+            value = figures.get(metric)
+            cells.append({"column": column["key"], "value": value, "display": _fmt(metric, value),
+                          "status": status})
+        if metric == "accuracy" and columns and columns[0]["figures"]["accuracy_kind"] == "mae":
+            label = "MAE on ground truth"
+        rows.append({"metric": metric, "label": label, "threshold": threshold_text, "cells": cells})
+
+    return {
+        "window": window, "windows": list(EVIDENCE_WINDOWS), "from": start.isoformat(), "to": end.isoformat(),
+        "target": target, "candidate_version": candidate.number,
+        "champion_version": champion.number if champion is not None else None,
+        "columns": [{k: v for k, v in c.items() if k != "figures"} | {
+            "predictions": c["figures"]["predictions"], "labelled": c["figures"]["labelled"],
+            "roles": c["figures"]["roles"]} for c in columns],
+        "rows": rows,
+        "warnings": sum(1 for r in rows for c in r["cells"] if c["status"] == "warn"),
+        "served_elsewhere": bool(served),
+    }

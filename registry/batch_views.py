@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -14,6 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from portal.permissions import has_capability
 from portal.views import error_text
 from registry import batch, batch_selectors, selectors
+from registry.forms import BatchScheduleForm
 from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
 
 
@@ -21,6 +24,10 @@ from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
 @require_GET
 def batch_page(request: HttpRequest, name: str) -> HttpResponse:
     model = selectors.model_get(user=request.user, name=name, action="view_models")
+    return _batch_page(request, model, BatchScheduleForm(model=model, initial={"environment": "dev"}))
+
+
+def _batch_page(request: HttpRequest, model: Any, schedule_form: BatchScheduleForm, status: int = 200) -> HttpResponse:
     serving = dict(EnvironmentState.objects.filter(model=model, champion__isnull=False)
                    .values_list("environment", "champion__version__number"))
     jobs = Paginator(batch_selectors.job_list(user=request.user, model=model.name), 25).get_page(request.GET.get("page"))
@@ -31,8 +38,8 @@ def batch_page(request: HttpRequest, name: str) -> HttpResponse:
         "can_run": has_capability(request.user, "run_batch"),
         "max_upload_mb": settings.PORTAL_MAX_UPLOAD_BYTES // (1024 * 1024),
         "default_share": settings.PORTAL_BATCH_MAX_ERROR_SHARE,
-        "inbox": f"{batch.INBOX}/{model.team.slug}/",
-    })
+        "inbox": f"{batch.INBOX}/{model.team.slug}/", "schedule_form": schedule_form,
+    }, status=status)
 
 
 @login_required
@@ -61,16 +68,19 @@ def batch_job_cancel(request: HttpRequest, uid: str) -> HttpResponse:
 @require_POST
 def schedule_create(request: HttpRequest, name: str) -> HttpResponse:
     model = selectors.model_get(user=request.user, name=name, action="run_batch")
-    try:
-        schedule = batch.schedule_create(
-            model=model, environment=request.POST.get("environment", ""), name=request.POST.get("name", ""),
-            location=request.POST.get("location", ""), cron=request.POST.get("cron", ""), actor=request.user,
-            id_column=request.POST.get("id_column", "").strip()[:200],
-            subject_column=request.POST.get("subject_column", "").strip()[:200])
-        messages.success(request, f"Schedule {schedule.name} is on: {schedule.cron} (UTC).")
-    except ValidationError as exc:
-        messages.error(request, "The schedule was not created: " + error_text(exc))
-    return redirect("registry:batch", name=model.name)
+    form = BatchScheduleForm(request.POST, model=model)
+    if form.is_valid():
+        try:
+            schedule = batch.schedule_create(model=model, actor=request.user, **form.cleaned_data)
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        else:
+            messages.success(request, f"Schedule {schedule.name} is on: {schedule.cron} (UTC).")
+            return redirect("registry:batch", name=model.name)
+    # Every problem at once, next to its field, with what was typed still in the form.
+    messages.error(request, "The schedule was not created: correct the fields marked below.")
+    return _batch_page(request, model, form, status=400)
 
 
 def _schedule(request: HttpRequest, pk: int) -> BatchSchedule:

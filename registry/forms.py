@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.core.exceptions import ValidationError
 
 from portal.models import Team
 from registry.models import MODEL_NAME_VALIDATOR
@@ -24,3 +25,73 @@ class TrustDecisionForm(forms.Form):
     decision = forms.ChoiceField(choices=[("trust", "Trust these types"), ("refuse", "Refuse")])
     reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), min_length=10, max_length=2000)
     remember_for_team = forms.BooleanField(required=False, label="Also trust these types for this team's future uploads")
+
+
+def _messages_of(exc: ValidationError) -> list[str]:
+    if hasattr(exc, "error_dict"):
+        return [str(m) for errors in exc.error_dict.values() for e in errors for m in e.messages]
+    return list(exc.messages)
+
+
+class BatchScheduleForm(forms.Form):
+    """A schedule: every field checked in one pass, so the page lists every problem at once and keeps what was
+    typed. The service checks the same rules again (the API calls it directly)."""
+
+    name = forms.CharField(max_length=100)
+    environment = forms.ChoiceField(choices=[(e, e) for e in ("dev", "stage", "prod")])
+    location = forms.CharField(max_length=500)
+    cron = forms.CharField(max_length=100, label="Cron (minute hour day month weekday, UTC)")
+    id_column = forms.CharField(required=False, max_length=200)
+    subject_column = forms.CharField(required=False, max_length=200)
+
+    def __init__(self, *args: Any, model: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model = model
+
+    def clean_name(self) -> str:
+        from registry.models import BatchSchedule
+
+        name = self.cleaned_data["name"].strip()
+        if BatchSchedule.objects.filter(model=self.model, name=name).exists():
+            raise ValidationError(f"{self.model.name} already has a schedule named {name!r}.")
+        return name
+
+    def clean_location(self) -> str:
+        from registry.batch import _check_location
+
+        try:
+            return _check_location(self.cleaned_data["location"])
+        except ValidationError as exc:
+            raise ValidationError(_messages_of(exc)) from None
+
+    def clean_cron(self) -> str:
+        from registry.batch import _check_cron
+
+        cron = " ".join(self.cleaned_data["cron"].split())
+        try:
+            _check_cron(cron)
+        except ValidationError as exc:
+            raise ValidationError(_messages_of(exc)) from None
+        return cron
+
+
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=+ -]{0,49}$"
+
+
+class TagsForm(forms.Form):
+    """Tags as typed: comma-separated, each 1-50 characters of letters, digits and ``_.:/=+ -``."""
+
+    tags = forms.CharField(required=False, max_length=1000, help_text="Comma-separated, such as team:risk, pii.")
+
+    def clean_tags(self) -> list[str]:
+        import re
+
+        raw = [t.strip() for t in self.cleaned_data["tags"].split(",")]
+        tags = [t for t in raw if t]
+        bad = [t for t in tags if not re.match(TAG_PATTERN, t)]
+        if bad:
+            raise ValidationError([f"{t[:60]!r} is not a tag: use up to 50 letters, digits, spaces and _.:/=+-, "
+                                   "starting with a letter or digit." for t in bad])
+        if len(tags) > 30:
+            raise ValidationError("At most 30 tags.")
+        return list(dict.fromkeys(tags))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import connection
 from django.db.models import Count, Max, Q, QuerySet
 
 from portal.models import AuditEvent
@@ -11,13 +12,81 @@ from portal.permissions import get_object_for_user, scope_to_teams
 from registry.models import ModelVersion, RegisteredModel
 
 
-def model_list(*, user: Any, search: str = "", team: str = "") -> QuerySet[RegisteredModel]:
+MODEL_SORTS = {
+    "name": ("name",), "-name": ("-name",), "team": ("team__slug", "name"),
+    "versions": ("-version_count", "name"), "updated": ("-last_upload", "name"),
+}
+
+
+def model_list(*, user: Any, search: str = "", team: str = "", sort: str = "name") -> QuerySet[RegisteredModel]:
+    """The models of the user's teams; ``search`` matches name, description or a tag exactly; ``sort`` is a key of
+    ``MODEL_SORTS`` (anything else sorts by name)."""
     qs = scope_to_teams(RegisteredModel.objects.select_related("team"), user)
     if search:
-        qs = qs.filter(Q(name__icontains=search) | Q(description__icontains=search))
+        match = Q(name__icontains=search) | Q(description__icontains=search)
+        if connection.features.supports_json_field_contains:
+            match |= Q(tags__contains=[search])
+        qs = qs.filter(match)
     if team:
         qs = qs.filter(team__slug=team)
-    return qs.annotate(version_count=Count("versions"), latest_version=Max("versions__number")).order_by("name")
+    return qs.annotate(version_count=Count("versions"), latest_version=Max("versions__number"),
+                       last_upload=Max("versions__created_at")).order_by(*MODEL_SORTS.get(sort, ("name",)))
+
+
+def where_live(*, models: list[RegisteredModel]) -> dict[int, list[dict[str, Any]]]:
+    """Per model id: each environment that serves it, in order, with its version and any canary or shadow."""
+    from registry.models import ENVIRONMENT_ORDER, EnvironmentState
+
+    out: dict[int, list[dict[str, Any]]] = {m.pk: [] for m in models}
+    states = EnvironmentState.objects.filter(model__in=models, champion__isnull=False).select_related(
+        "champion__version", "challenger__version")
+    for state in sorted(states, key=lambda s: ENVIRONMENT_ORDER.index(s.environment)):
+        out[state.model_id].append({
+            "environment": state.environment, "version": state.champion.version.number,  # type: ignore[union-attr]
+            "challenger": state.challenger.version.number if state.challenger else None, "mode": state.mode,
+            "challenger_percent": state.challenger_percent})
+    return out
+
+
+def reference_profile_rows(*, version: ModelVersion) -> list[dict[str, Any]]:
+    """The reference data's profile per column, as the version page and the compare page show it."""
+    profile = (version.reference.profile if version.reference is not None else None) or {}
+    rows = []
+    for name, feature in (profile.get("features") or {}).items():
+        row: dict[str, Any] = {"name": name, "kind": feature.get("kind"), "missing_rate": feature.get("missing_rate")}
+        if feature.get("kind") == "numeric":
+            edges = feature.get("edges") or []
+            row.update({k: feature.get(k) for k in ("mean", "std", "min", "max")})
+            row["median"] = edges[len(edges) // 2] if edges else None
+        else:
+            frequencies = feature.get("frequencies") or {}
+            total = sum(frequencies.values()) or 1
+            row["top"] = [(label, count / total) for label, count in list(frequencies.items())[:3]]
+            row["categories"] = len(frequencies)
+        rows.append(row)
+    return rows
+
+
+def version_compare(*, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
+    """Two versions of one model side by side: facts, metrics, signature, model card and reference profile."""
+    from registry.promotions import metric_diff, signature_diff
+
+    facts = [(label, getter(a), getter(b)) for label, getter in (
+        ("Status", lambda v: v.get_status_display()), ("Format", lambda v: v.get_format_display()),
+        ("SHA-256", lambda v: v.artifact_sha256), ("Uploaded", lambda v: v.created_at),
+        ("Uploaded by", lambda v: str(v.uploaded_by or "—")), ("Git commit", lambda v: v.git_commit or "—"),
+        ("Training data hash", lambda v: v.training_data_hash or "—"), ("Tags", lambda v: ", ".join(v.tags) or "—"))]
+    card = [(label, getattr(a, field) or "", getattr(b, field) or "") for label, field in (
+        ("Description", "description"), ("Intended use", "intended_use"), ("Limitations", "limitations"),
+        ("Ethical considerations", "ethical_considerations"))]
+    profile_a = {r["name"]: r for r in reference_profile_rows(version=a)}
+    profile_b = {r["name"]: r for r in reference_profile_rows(version=b)}
+    profile = [{"name": n, "a": profile_a.get(n), "b": profile_b.get(n)}
+               for n in list(profile_a) + [n for n in profile_b if n not in profile_a]]
+    signature = signature_diff(b, a)
+    return {"facts": facts, "metrics": metric_diff(b, a, 0.0), "signature": signature,
+            "signature_changed": sum(1 for r in signature if r["change"] != "unchanged"), "card": card,
+            "profile": profile, "profile_rows": (profile_a and len(profile_a), profile_b and len(profile_b))}
 
 
 def model_get(*, user: Any, name: str, action: str | None = None) -> RegisteredModel:

@@ -126,6 +126,62 @@ def validate_sensitive_columns(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def validate_upload_metadata(*, metrics: Any, sensitive_columns: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics and sensitive columns checked together: one ValidationError naming every problem of both."""
+    problems: dict[str, list[str]] = {}
+    clean_metrics: dict[str, float] = {}
+    clean_sensitive: dict[str, str] = {}
+    try:
+        clean_metrics = validate_metrics(metrics)
+    except ValidationError as exc:
+        problems.update(exc.message_dict)
+    try:
+        clean_sensitive = validate_sensitive_columns(sensitive_columns)
+    except ValidationError as exc:
+        problems.update(exc.message_dict)
+    if problems:
+        raise ValidationError(problems)
+    return clean_metrics, clean_sensitive
+
+
+def _reference_columns(path: Path, fmt: str | None) -> list[str]:
+    """The reference table's column names, read from its header (CSV) or schema (Parquet) without loading rows."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception:  # noqa: BLE001 - a damaged file is the profiler's to report, after the scan
+            return []
+    import csv
+
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _check_sensitive_columns(sensitive: dict[str, str], signature: dict[str, Any], reference_path: Path | None,
+                             reference_format: str | None) -> None:
+    """Sensitive columns must be inputs of the model: checked against the declared signature (MLflow, ONNX), else
+    the reference data's columns. A file that declares neither is checked after the sandbox has loaded it."""
+    if not sensitive:
+        return
+    declared = [str(c.get("name")) for c in (signature or {}).get("inputs") or [] if isinstance(c, dict)
+                and c.get("name")]
+    if declared:
+        known, where = declared, "inputs of the model"
+    elif reference_path is not None:
+        known, where = _reference_columns(reference_path, reference_format), "columns of the reference data"
+    else:
+        return
+    if not known:
+        return
+    unknown = sorted(set(sensitive) - set(known))
+    if unknown:
+        shown = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
+        raise ValidationError({"sensitive_columns": f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
+                                                    f"not among the {where} ({shown}); nothing was stored."})
+
+
 def validate_metrics(value: Any) -> dict[str, float]:
     """Metrics are a flat JSON object of finite numbers (from a string or an already parsed object)."""
     value = _json_object(value, "metrics", '{"accuracy": 0.93}')
@@ -179,6 +235,10 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
         _reject_upload(model=model, filename=filename, findings=rejected.findings, actor=actor)
         raise
     trust_state, standing = _trust_for_team(model.team, inspection.untrusted_types)
+    # Checked before anything is stored or numbered, so a mistyped column burns no version number.
+    _check_sensitive_columns(meta.sensitive_columns or {}, inspection.signature,
+                             Path(reference.temporary_file_path()) if reference is not None else None,  # type: ignore[attr-defined]
+                             reference_format)
 
     blob = storage.blob_put(upload, sha256=sha256, size=upload.size or path.stat().st_size)
     ref_blob = None

@@ -93,11 +93,11 @@ class VersionUploadApi(APIView):
         data = VersionUploadInput(data={**request.data.dict(), **files.dict()})  # type: ignore[union-attr]
         data.is_valid(raise_exception=True)
         values = data.validated_data
+        metrics, sensitive = services.validate_upload_metadata(metrics=values.get("metrics"),
+                                                               sensitive_columns=values.get("sensitive_columns"))
         try:
             meta = services.UploadMetadata(
-                description=values.get("description", ""),
-                metrics=services.validate_metrics(values.get("metrics")),
-                sensitive_columns=services.validate_sensitive_columns(values.get("sensitive_columns")),
+                description=values.get("description", ""), metrics=metrics, sensitive_columns=sensitive,
                 mlflow_run_id=values.get("mlflow_run_id", ""), source=values.get("source", ""),
                 git_commit=values.get("git_commit", ""), training_data_hash=values.get("training_data_hash", ""),
                 intended_use=values.get("intended_use", ""), limitations=values.get("limitations", ""),

@@ -80,7 +80,21 @@
         line.dataset.testid = "final-status";
         line.textContent = body.error ? body.error.message : "The upload failed (HTTP " + status + ").";
         box.append(line);
-        if (body.error && body.error.details && body.error.details.findings) box.append(findingsList(body.error.details.findings));
+        const details = body.error && body.error.details;
+        if (details && details.findings) box.append(findingsList(details.findings));
+        else if (details && typeof details === "object" && !Array.isArray(details)) {
+          // Every field's problem at once (metrics and sensitive columns are checked together).
+          const list = document.createElement("ul");
+          list.dataset.testid = "upload-problems";
+          Object.entries(details).forEach(([field, messages]) => {
+            [].concat(messages).forEach((message) => {
+              const item = document.createElement("li");
+              item.textContent = field + ": " + message;
+              list.append(item);
+            });
+          });
+          box.append(list);
+        }
         say(box, "error");
         button.disabled = false;
       }

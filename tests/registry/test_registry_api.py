@@ -118,6 +118,27 @@ class TestVersions:
         response = _upload(api_as(personas[persona] if persona else None), files.skops_file(tmp_path / "m.skops"))
         assert response.status_code == status
 
+    def test_bad_metadata_is_refused_before_anything_is_stored_and_burns_no_version_number(
+            self, personas: dict[str, Any], api_as: Any, churn: RegisteredModel, tmp_path: Path) -> None:
+        client = api_as(personas["ds"])
+        model_file = files.joblib_file(tmp_path / "m.joblib")
+        reference = files.reference_csv(tmp_path / "ref.csv")
+        blobs = Blob.objects.count()
+        both = assert_error_shape(_upload(client, model_file, metrics='{"auc": "high"}',
+                                          sensitive_columns='{"age": "secret"}'), 400)
+        assert set(both["error"]["details"]) == {"metrics", "sensitive_columns"}, "every problem at once"
+        # A sensitive column that is not a column of the reference data (a joblib file declares no signature).
+        body = assert_error_shape(_upload(client, model_file, metrics='{"auc": 0.9}',
+                                          sensitive_columns='{"mean radius": "health", "postcode": "personal"}',
+                                          reference_data=SimpleUploadedFile("ref.csv", reference.read_bytes())),
+                                  400)
+        message = body["error"]["details"]["sensitive_columns"][0]
+        assert message.startswith("postcode is not among the columns of the reference data (mean radius,")
+        assert Blob.objects.count() == blobs and not churn.versions.exists()
+        ok = _upload(client, model_file, metrics='{"auc": 0.9}', sensitive_columns='{"mean radius": "health"}',
+                     reference_data=SimpleUploadedFile("ref.csv", reference.read_bytes()))
+        assert ok.status_code == 201 and ok.json()["number"] == 1, "the refused tries took no number"
+
 
 @pytest.mark.slow
 class TestScanningWithARealWorker:

@@ -87,3 +87,25 @@ def test_the_model_list_filters(client: Client, personas: dict[str, Any], churn_
     assert b"churn" in client.get("/models/", {"q": "chu"}).content
     assert b"churn" not in client.get("/models/", {"q": "zzz"}).content
     assert b"churn" not in client.get("/models/", {"team": "other"}).content
+
+
+def test_the_schedule_form_lists_every_problem_at_once_and_keeps_what_was_typed(
+        client: Client, personas: dict[str, Any]) -> None:
+    services.model_register(name="churn", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    client.force_login(personas["ds"])
+    typed = {"name": "nightly scores", "environment": "stage", "location": "../etc/", "cron": "every night",
+             "id_column": "customer", "subject_column": "person"}
+    response = client.post("/models/churn/batch/schedules", typed)
+    assert response.status_code == 400
+    content = response.content.decode()
+    errors = content[content.index('data-testid="schedule-errors"'):]
+    errors = errors[:errors.index("</ul>")]
+    assert "Location: The location must stay inside the team&#x27;s batch inbox" in errors
+    assert "Give five fields" in errors, "the cron problem is listed with the location's"
+    for field in ("name", "location", "cron", "id_column", "subject_column"):
+        assert f'value="{typed[field]}"' in content, field
+    assert '<option value="stage" selected>' in content
+    ok = client.post("/models/churn/batch/schedules", {**typed, "location": "nightly/", "cron": "0 2 * * *"})
+    assert ok.status_code == 302
+    again = client.post("/models/churn/batch/schedules", {**typed, "location": "nightly/", "cron": "0 2 * * *"})
+    assert again.status_code == 400 and "already has a schedule named" in again.content.decode()

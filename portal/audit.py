@@ -61,6 +61,7 @@ class AuditAction(enum.Enum):
     ADMIN_DELETE = (1133, "admin.delete")
     # 2000: registry
     MODEL_REGISTER = (2001, "model.register")
+    MODEL_TAGS_CHANGE = (2002, "model.tags_change")
     VERSION_UPLOAD = (2011, "version.upload")
     VERSION_UPLOAD_REJECTED = (2012, "version.upload_rejected")
     VERSION_SCAN_VERDICT = (2013, "version.scan_verdict")
@@ -69,6 +70,7 @@ class AuditAction(enum.Enum):
     REFERENCE_DOWNLOAD = (2016, "reference.download")
     TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
     VERSION_IMPORT_DUPLICATE = (2018, "version.import_duplicate")
+    VERSION_TAGS_CHANGE = (2019, "version.tags_change")
     # 3000: deployments and traffic
     DEPLOYMENT_CREATE = (3001, "deployment.create")
     DEPLOYMENT_LIVE = (3002, "deployment.live")

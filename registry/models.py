@@ -85,7 +85,7 @@ class ModelVersion(models.Model):
 
     MUTABLE_FIELDS = frozenset({
         "status", "status_detail", "scan_findings", "untrusted_types", "trust_state", "trust_decided_by",
-        "trust_decided_at", "trust_reason", "scanned_at", "sandbox_report", "signature", "input_example",
+        "trust_decided_at", "trust_reason", "scanned_at", "sandbox_report", "signature", "input_example", "tags",
         "flavors", "artifact",
     })
 
@@ -105,6 +105,7 @@ class ModelVersion(models.Model):
     metrics = models.JSONField(default=dict, blank=True)
     params = models.JSONField(default=dict, blank=True)
     description = models.TextField(blank=True)
+    tags = models.JSONField(default=list, blank=True)  # editable labels (the file and its lineage are not)
     uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
     # Lineage

@@ -182,6 +182,58 @@ def _check_sensitive_columns(sensitive: dict[str, str], signature: dict[str, Any
                                                     f"not among the {where} ({shown}); nothing was stored."})
 
 
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+ -]{0,49}$")
+MAX_TAGS = 30
+
+
+def validate_tags(value: Any) -> list[str]:
+    """Tags from a list or a comma-separated string: each 1-50 characters of letters, digits, spaces and
+    ``_.:/=+-`` starting with a letter or digit; at most 30; duplicates dropped, order kept. One ValidationError
+    names every bad tag."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValidationError({"tags": "Give the tags as a list of strings, such as [\"pii\", \"team:risk\"]."})
+    tags = list(dict.fromkeys(t.strip() for t in value if t.strip()))
+    problems = [f"{t[:60]!r} is not a tag: use up to 50 letters, digits, spaces and _.:/=+-, starting with a letter "
+                "or digit." for t in tags if not TAG_PATTERN.match(t)]
+    if len(tags) > MAX_TAGS:
+        problems.append(f"At most {MAX_TAGS} tags ({len(tags)} given).")
+    if problems:
+        raise ValidationError({"tags": problems})
+    return tags
+
+
+def model_tags_set(*, model: RegisteredModel, tags: Any, actor: Any) -> RegisteredModel:
+    """Replace a model's tags (audited with before and after)."""
+    require_capability(actor, "register_model")
+    clean = validate_tags(tags)
+    with transaction.atomic():
+        locked = RegisteredModel.objects.select_for_update().select_related("team").get(pk=model.pk)
+        before = list(locked.tags or [])
+        if before != clean:
+            locked.tags = clean
+            locked.save(update_fields=["tags"])
+            audit_record(AuditAction.MODEL_TAGS_CHANGE, actor=actor, target=model_target(locked),
+                         before={"tags": before}, after={"tags": clean})
+    return locked
+
+
+def version_tags_set(*, version: ModelVersion, tags: Any, actor: Any) -> ModelVersion:
+    """Replace a version's tags (audited). Only the tags change: a version's file, metrics and lineage do not."""
+    require_capability(actor, "register_model")
+    clean = validate_tags(tags)
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().select_related("model__team").get(pk=version.pk)
+        before = list(locked.tags or [])
+        if before != clean:
+            locked.tags = clean
+            locked.save(update_fields=["tags"])
+            audit_record(AuditAction.VERSION_TAGS_CHANGE, actor=actor, target=version_target(locked),
+                         before={"tags": before}, after={"tags": clean})
+    return locked
+
+
 def validate_metrics(value: Any) -> dict[str, float]:
     """Metrics are a flat JSON object of finite numbers (from a string or an already parsed object)."""
     value = _json_object(value, "metrics", '{"accuracy": 0.93}')

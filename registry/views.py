@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -16,7 +17,22 @@ from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
 from registry import selectors, services
 from registry.promotions import PROMOTION_TARGETS
-from registry.forms import ModelRegisterForm, TrustDecisionForm
+from registry.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
+from registry.models import ModelVersion
+
+_KEPT = "kept-input:{key}"
+
+
+def keep_input(request: HttpRequest, key: str, fields: tuple[str, ...], errors: dict[str, list[str]] | None = None
+               ) -> None:
+    """Remember what was typed in a form whose POST redirects back on an error, for the page that follows."""
+    request.session[_KEPT.format(key=key)] = {"values": {f: request.POST.get(f, "")[:5000] for f in fields},
+                                              "errors": errors or {}}
+
+
+def kept_input(request: HttpRequest, key: str) -> dict[str, Any]:
+    """What ``keep_input`` remembered (once): ``{"values": {...}, "errors": {...}}``, empty when nothing was."""
+    return request.session.pop(_KEPT.format(key=key), None) or {"values": {}, "errors": {}}
 
 
 @login_required
@@ -25,12 +41,22 @@ def model_list(request: HttpRequest) -> HttpResponse:
     require_capability(request.user, "view_models")
     search = request.GET.get("q", "").strip()[:100]
     team = request.GET.get("team", "").strip()[:64]
-    page = Paginator(selectors.model_list(user=request.user, search=search, team=team), 50).get_page(
+    sort = request.GET.get("sort", "name")
+    if sort not in selectors.MODEL_SORTS:
+        sort = "name"
+    page = Paginator(selectors.model_list(user=request.user, search=search, team=team, sort=sort), 50).get_page(
         request.GET.get("page"))
+    live = selectors.where_live(models=list(page.object_list))
     query = request.GET.copy()
     query.pop("page", None)
+    filters = request.GET.copy()
+    for key in ("page", "sort"):
+        filters.pop(key, None)
     return render(request, "registry/model_list.html", {
-        "page": page, "q": search, "team": team, "teams": team_list(user=request.user), "query": query.urlencode(),
+        "page": page, "rows": [(m, live.get(m.pk, [])) for m in page.object_list], "q": search, "team": team,
+        "teams": team_list(user=request.user), "query": query.urlencode(), "filters": filters.urlencode(),
+        "sort": sort, "sort_choices": [("name", "name (A-Z)"), ("-name", "name (Z-A)"), ("team", "team"),
+                                       ("versions", "most versions"), ("updated", "latest upload")],
         "can_register": has_capability(request.user, "register_model"),
     })
 
@@ -66,10 +92,13 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     metric_names = sorted({k for v in versions for k in (v.metrics or {})})
     chart = {"versions": [v.number for v in reversed(versions)],
              "metrics": {m: [v.metrics.get(m) for v in reversed(versions)] for m in metric_names}}
+    kept = kept_input(request, f"model-tags:{model.pk}")
     return render(request, "registry/model_detail.html", {
         "model": model, "versions": versions, "metric_names": metric_names, "chart": chart,
         "environments": selectors.environment_overview(model=model),
         "can_upload": has_capability(request.user, "register_model"),
+        "can_edit_tags": has_capability(request.user, "register_model"),
+        "tags_value": kept["values"].get("tags", ", ".join(model.tags or [])), "tags_errors": kept["errors"],
         "can_view_audit": has_capability(request.user, "view_audit"),
     })
 
@@ -92,8 +121,19 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
     can_decide = (has_capability(request.user, "decide_trust") and version.trust_state == "pending"
                   and version.uploaded_by_id != request.user.pk)
     inputs = (version.signature or {}).get("inputs") or []
+    kept_trust = kept_input(request, f"trust:{version.pk}")["values"]
+    kept_tags = kept_input(request, f"version-tags:{version.pk}")
+    previous = version.model.versions.filter(number__lt=version.number).order_by("-number").first()
     return render(request, "registry/version_detail.html", {
         "version": version, "model": version.model,
+        "kept_promote": kept_input(request, f"promote:{version.pk}")["values"],
+        "kept_deploy": kept_input(request, f"deploy:{version.pk}")["values"],
+        "can_edit_tags": has_capability(request.user, "register_model"),
+        "tags_value": kept_tags["values"].get("tags", ", ".join(version.tags or [])),
+        "tags_errors": kept_tags["errors"],
+        "profile": selectors.reference_profile_rows(version=version),
+        "profile_rows": (version.reference.profile or {}).get("rows") if version.reference else None,
+        "compare_with": previous.number if previous else None,
         "inputs": inputs if isinstance(inputs, list) else [],
         "outputs": (version.signature or {}).get("outputs") or [],
         "findings": version.scan_findings,
@@ -105,7 +145,8 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         "can_promote": has_capability(request.user, "request_promotion") and version.status == "ready",
         "promote_targets": PROMOTION_TARGETS,
         "open_promotions": version.promotions.filter(status__in=["pending", "approved", "deploying"]),
-        "trust_form": TrustDecisionForm() if can_decide else None,
+        # A refused decision comes back bound to what was typed, so its errors show beside the fields.
+        "trust_form": (TrustDecisionForm(kept_trust) if kept_trust else TrustDecisionForm()) if can_decide else None,
         "sandbox": json.dumps(version.sandbox_report, indent=2, default=str) if version.sandbox_report else "",
     })
 
@@ -116,8 +157,8 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
     version = selectors.version_get(user=request.user, name=name, number=number, action="decide_trust")
     form = TrustDecisionForm(request.POST)
     if not form.is_valid():
-        for field, errs in form.errors.items():
-            messages.error(request, f"{field}: {' '.join(str(e) for e in errs)}")
+        messages.error(request, "The decision was not recorded: correct the fields marked below.")
+        keep_input(request, f"trust:{version.pk}", ("decision", "reason", "remember_for_team"))
         return redirect("registry:version", name=name, number=number)
     try:
         services.version_trust_decide(version=version, trust=form.cleaned_data["decision"] == "trust",
@@ -126,6 +167,7 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
         messages.success(request, "Your decision is recorded.")
     except (ValidationError, PermissionDenied) as exc:
         messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
+        keep_input(request, f"trust:{version.pk}", ("decision", "reason", "remember_for_team"))
     return redirect("registry:version", name=name, number=number)
 
 
@@ -163,8 +205,73 @@ def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse
                                       reason=request.POST.get("reason", "")[:2000], actor=request.user)
     except (ValidationError, ValueError) as exc:
         messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
+        keep_input(request, f"deploy:{version.pk}", ("strategy", "traffic_percent"))
         return redirect("registry:version", name=name, number=number)
     return redirect("registry:deployment", uid=deployment.uid)
+
+
+@login_required
+@require_POST
+def model_tags(request: HttpRequest, name: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="register_model")
+    form = TagsForm(request.POST)
+    if form.is_valid():
+        try:
+            services.model_tags_set(model=model, tags=form.cleaned_data["tags"], actor=request.user)
+            messages.success(request, "Tags saved.")
+            return redirect("registry:model", name=name)
+        except ValidationError as exc:
+            form.add_error("tags", exc.messages)
+    messages.error(request, "The tags were not saved: " + " ".join(form.errors.get("tags", [])))
+    keep_input(request, f"model-tags:{model.pk}", ("tags",), errors=dict(form.errors))
+    return redirect("registry:model", name=name)
+
+
+@login_required
+@require_POST
+def version_tags(request: HttpRequest, name: str, number: int) -> HttpResponse:
+    version = selectors.version_get(user=request.user, name=name, number=number, action="register_model")
+    form = TagsForm(request.POST)
+    if form.is_valid():
+        try:
+            services.version_tags_set(version=version, tags=form.cleaned_data["tags"], actor=request.user)
+            messages.success(request, "Tags saved.")
+            return redirect("registry:version", name=name, number=number)
+        except ValidationError as exc:
+            form.add_error("tags", exc.messages)
+    messages.error(request, "The tags were not saved: " + " ".join(form.errors.get("tags", [])))
+    keep_input(request, f"version-tags:{version.pk}", ("tags",), errors=dict(form.errors))
+    return redirect("registry:version", name=name, number=number)
+
+
+@login_required
+@require_GET
+def version_compare(request: HttpRequest, name: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="view_models")
+    versions = list(selectors.version_list(model=model).select_related("reference"))
+    numbers = [v.number for v in versions]
+    status = 200
+
+    def pick(key: str, default: int | None) -> ModelVersion | None:
+        raw = request.GET.get(key, "")
+        number = int(raw) if raw.isdigit() else default
+        return next((v for v in versions if v.number == number), None)
+
+    a = pick("a", numbers[1] if len(numbers) > 1 else None)
+    b = pick("b", numbers[0] if numbers else None)
+    problem = ""
+    if len(versions) < 2:
+        problem = f"{model.name} has {len(versions)} version{'s' if len(versions) != 1 else ''}: comparing needs two."
+    elif a is None or b is None:
+        problem = f"Choose two of the versions {', '.join(f'v{n}' for n in reversed(numbers))}."
+        status = 400
+    elif a.pk == b.pk:
+        problem = "Choose two different versions."
+        status = 400
+    return render(request, "registry/version_compare.html", {
+        "model": model, "numbers": numbers, "a": a, "b": b, "problem": problem,
+        "comparison": selectors.version_compare(a=a, b=b) if a and b and not problem else None,
+    }, status=status)
 
 
 @login_required

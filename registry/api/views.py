@@ -130,6 +130,32 @@ class VersionImportApi(APIView):
         return Response(VersionSerializer(version).data, status=status.HTTP_201_CREATED)
 
 
+class TagsInput(serializers.Serializer[Any]):
+    tags = serializers.JSONField(help_text='A list of strings, such as ["pii", "team:risk"]: replaces the tags.')
+
+
+class ModelTagsApi(APIView):
+    @extend_schema(request=TagsInput, responses=OpenApiTypes.OBJECT,
+                   summary="Replace a model's tags (data scientists and admins; audited as model.tags_change)")
+    def put(self, request: Request, name: str) -> Response:
+        model = selectors.model_get(user=request.user, name=name, action="register_model")
+        data = TagsInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = services.model_tags_set(model=model, tags=data.validated_data["tags"], actor=request.user)
+        return Response({"model": model.name, "tags": model.tags})
+
+
+class VersionTagsApi(APIView):
+    @extend_schema(request=TagsInput, responses=OpenApiTypes.OBJECT,
+                   summary="Replace a version's tags (data scientists and admins; audited as version.tags_change)")
+    def put(self, request: Request, name: str, number: int) -> Response:
+        version = selectors.version_get(user=request.user, name=name, number=number, action="register_model")
+        data = TagsInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = services.version_tags_set(version=version, tags=data.validated_data["tags"], actor=request.user)
+        return Response({"model": name, "version": version.number, "tags": version.tags})
+
+
 class VersionDetailApi(APIView):
     @extend_schema(responses=VersionSerializer, summary="A version: hash, status, findings, signature, metrics")
     def get(self, request: Request, name: str, number: int) -> Response:

@@ -1,21 +1,34 @@
-"""Monitoring's flusher: moves prediction records from serving's buffer into the prediction log, in bulk.
+"""Monitoring's flushers: move prediction records from serving's buffer into the prediction log, in bulk.
 
-Nothing is lost when the flusher dies mid-way: records are moved atomically from the buffer to a processing list
-(Redis LMOVE) before they are written, the processing list is written again on the next run, and rows are keyed by
-prediction id so writing twice inserts once. The outbox rows (the embedded mode's buffer, and where serving
-writes while Redis is unreachable) are deleted in the same transaction that inserts them.
+Any number of flushers run at once, on any hosts. Serving adds each record to one of the Redis stream keys
+(``registry/serving/buffer.py``); every flusher reads new entries through the consumer group (``XREADGROUP``), so each
+entry is delivered to one flusher, writes their rows in one transaction, and only then acknowledges and deletes the
+entries (``XACK`` and ``XDEL`` in one script, which also counts them). A flusher that dies after reading leaves its
+entries pending in the group: after ``PORTAL_PREDICTION_CLAIM_SECONDS`` another flusher takes them over
+(``XAUTOCLAIM``) and writes them again. Rows are keyed by prediction id and inserted with ``ON CONFLICT DO NOTHING``,
+so a record written twice (its flusher died between the commit and the acknowledgement) is in the log once.
+
+The outbox rows (the embedded mode's buffer, and where serving writes while Redis is unreachable) are deleted in the
+same transaction that inserts them. Records left in the list of the buffer's earlier design (an upgrade, a web
+process not yet upgraded) are still flushed, one flusher at a time as before.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import io
 import logging
+import os
+import random
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django.db import connection, transaction
 
 from monitoring.models import PredictionLog
@@ -24,9 +37,11 @@ from monitoring.sensitive import protect_row, sensitive_positions
 from registry.models import PredictionOutbox
 from registry.serving import buffer
 
-MOVE_BATCHES = 500  # records (one per request) moved and written at a time
+MOVE_BATCHES = 1000  # records (one per request) read from one stream key and written at a time
 FLUSH_BUDGET_SECONDS = 10  # a run drains until the buffer is empty or this much time has passed
-LOCK_KEY = "portal:predictions:flush-lock"
+LOCK_KEY = "portal:predictions:flush-lock"  # the earlier design's one-flusher lock (its list is still drained)
+FAN_OUT_KEY = "portal:predlog:fan-out"
+CONSUMER_IDLE_FORGET_MS = 3_600_000  # a consumer (a flusher process) with nothing pending, idle this long, is removed
 logger = logging.getLogger(__name__)
 
 
@@ -62,7 +77,7 @@ def write_batches(batches: list[dict[str, Any]]) -> int:
         if connection.vendor == "postgresql" and len(rows) > COPY_ABOVE:
             _copy(rows)
         else:
-            PredictionLog.objects.bulk_create([PredictionLog(**dict(zip(COLUMNS, row))) for row in rows],
+            PredictionLog.objects.bulk_create([PredictionLog(**dict(zip(COLUMNS, row, strict=True))) for row in rows],
                                               ignore_conflicts=True, batch_size=2000)
         mark_dirty((b["model"], b["environment"], dt.datetime.fromtimestamp(b["ts"], tz=dt.UTC)) for b in batches)
     return len(rows)
@@ -86,27 +101,29 @@ def _copy(rows: list[tuple[Any, ...]]) -> None:
         cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS predlog_stage (LIKE {table}) ON COMMIT DELETE ROWS")
         cursor.copy_expert(f"COPY predlog_stage ({columns}) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL "
                             f"({', '.join(TEXT_COLUMNS)}))", out)  # type: ignore[attr-defined]
-        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM predlog_stage ON CONFLICT DO NOTHING")
+        cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM predlog_stage "  # noqa: S608 - our names
+                       "ON CONFLICT DO NOTHING")
         cursor.execute("TRUNCATE predlog_stage")
 
 
-def flush_predictions() -> int:
-    """Drain the buffer once; returns how many predictions were written. With Redis, the database outbox is drained
-    too: serving writes there while Redis is unreachable."""
+def flush_predictions(*, on_backlog: Callable[[], None] | None = None) -> int:
+    """Drain the buffer once; returns how many predictions this flusher wrote. With Redis, the database outbox is
+    drained too: serving writes there while Redis is unreachable. ``on_backlog`` is called (once) when a read comes
+    back full, that is when more flushers would help (the task starts another)."""
     client = buffer.redis_client()
     if client is None:
         return _flush_outbox()
     try:
-        written = _flush_redis(client)
+        written = _flush_legacy_list(client) + _flush_streams(client, on_backlog=on_backlog)
     finally:
         written_outbox = _flush_outbox()  # even when Redis is away: that is when the outbox fills
     return written + written_outbox
 
 
 def drain(*, timeout: float = FLUSH_BUDGET_SECONDS * 6) -> int:
-    """Flush until nothing is on its way to the log, and return how many predictions this call wrote. A flush that
-    finds another flusher at work (beat's) moves nothing while that flusher still holds records in the processing list
-    or locked outbox rows: wait for it, up to ``timeout`` (the flush lock's own lifetime), then log and give up."""
+    """Flush until nothing is on its way to the log, and return how many predictions this call wrote. Records another
+    flusher has read but not yet acknowledged are waited for (or taken over once they have been pending for
+    ``PORTAL_PREDICTION_CLAIM_SECONDS``: their flusher died), up to ``timeout``; then log and give up."""
     client = buffer.redis_client()
     written = 0
     deadline = time.monotonic() + timeout
@@ -115,8 +132,7 @@ def drain(*, timeout: float = FLUSH_BUDGET_SECONDS * 6) -> int:
         written += moved
         if moved:
             continue
-        in_redis = client is not None and (client.llen(buffer.REDIS_KEY) or client.llen(buffer.PROCESSING_KEY))
-        if not in_redis and not PredictionOutbox.objects.exists():
+        if not (client is not None and _waiting_in_redis(client)) and not PredictionOutbox.objects.exists():
             return written
         if time.monotonic() >= deadline:
             logger.warning("Prediction flusher: records still on their way to the log after %.0f s", timeout)
@@ -124,10 +140,176 @@ def drain(*, timeout: float = FLUSH_BUDGET_SECONDS * 6) -> int:
         time.sleep(0.1)
 
 
-def _flush_redis(client: Any) -> int:
-    """Move up to ``MOVE_BATCHES`` records at a time (one atomic round trip) and write them, until the buffer is
-    empty or ``FLUSH_BUDGET_SECONDS`` have passed. One flusher at a time (a Redis lock): two would each write what
-    the other moved to the processing list."""
+def _waiting_in_redis(client: Any) -> bool:
+    pipe = client.pipeline(transaction=False)
+    for key in buffer.stream_keys():
+        pipe.xlen(key)
+    pipe.exists(buffer.REDIS_KEY, buffer.PROCESSING_KEY)
+    return any(pipe.execute())
+
+
+# --- Redis Streams ---------------------------------------------------------------------------------------------------
+
+# Acknowledge entries, delete them (a stream holds only records not yet in the log) and count the deletions, in one
+# step: KEYS[1] the stream, KEYS[2] its counter of flushed entries (same hash tag, so the same cluster slot).
+_ACK_SCRIPT = """
+local n = 0
+for i = 2, #ARGV, 500 do
+  local ids = {}
+  for j = i, math.min(i + 499, #ARGV) do ids[#ids + 1] = ARGV[j] end
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  n = n + redis.call('XDEL', KEYS[1], unpack(ids))
+end
+if n > 0 then redis.call('INCRBY', KEYS[2], n) end
+return n
+"""
+
+
+def flushed_key(stream_key: str) -> str:
+    return f"{stream_key}:flushed"
+
+
+@functools.lru_cache(maxsize=4)
+def _consumer_name(pid: int) -> str:
+    """This process's name in the consumer group (one per process: a forked worker is a flusher of its own)."""
+    return f"{socket.gethostname()}:{pid}:{os.urandom(3).hex()}"
+
+
+def ensure_groups(client: Any, keys: list[str] | None = None) -> None:
+    """Create the consumer group on each stream key (and the key itself), from the stream's first entry."""
+    import redis
+
+    for key in keys or buffer.stream_keys():
+        try:
+            client.xgroup_create(key, buffer.STREAM_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def _grouped(client: Any, command: Callable[[], Any], key: str) -> Any:
+    """Run a consumer-group command, creating the group first when the key or group is not there yet."""
+    import redis
+
+    try:
+        return command()
+    except redis.ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+    ensure_groups(client, [key])
+    return command()
+
+
+def _read(client: Any, key: str, consumer: str, start: str) -> list[tuple[bytes, bytes | None]]:
+    """Up to ``MOVE_BATCHES`` entries for this consumer: new ones (``>``), or the ones it read before and did not
+    acknowledge (``0``). An entry whose content is gone (``None``) was trimmed while pending."""
+    reply = _grouped(client, lambda: client.execute_command(
+        "XREADGROUP", "GROUP", buffer.STREAM_GROUP, consumer, "COUNT", MOVE_BATCHES, "STREAMS", key, start), key)
+    if not reply:
+        return []
+    return [(entry_id, fields[buffer.STREAM_FIELD] if fields else None) for entry_id, fields in reply[0][1]]
+
+
+def _claim(client: Any, key: str, consumer: str, deadline: float) -> int:
+    """Take over and write the entries other flushers read and left unacknowledged for longer than the claim time."""
+    idle_ms = int(settings.PORTAL_PREDICTION_CLAIM_SECONDS * 1000)
+    written, cursor = 0, b"0-0"
+    while time.monotonic() < deadline:
+        reply = _grouped(client, functools.partial(client.execute_command, "XAUTOCLAIM", key, buffer.STREAM_GROUP,
+                                                   consumer, idle_ms, cursor, "COUNT", MOVE_BATCHES), key)
+        cursor, claimed = reply[0], reply[1]
+        trimmed = reply[2] if len(reply) > 2 else []
+        if trimmed:
+            logger.error("Prediction flusher: %d records pending in %s were trimmed (MAXLEN) before they were "
+                         "written: they are lost", len(trimmed), key)
+        if claimed:
+            logger.warning("Prediction flusher: took over %d records another flusher left unacknowledged in %s",
+                           len(claimed), key)
+            written += _write_entries(client, key, [(i, f[buffer.STREAM_FIELD] if f else None) for i, f in claimed])
+        if cursor in (b"0-0", "0-0"):
+            return written
+    return written
+
+
+def _write_entries(client: Any, key: str, entries: list[tuple[bytes, bytes | None]]) -> int:
+    """Write the entries' rows (one transaction), then acknowledge and delete the entries."""
+    if not entries:
+        return 0
+    batches = [orjson.loads(raw) for _id, raw in entries if raw is not None]
+    written = write_batches(batches) if batches else 0
+    _ack(client, key, [entry_id for entry_id, _raw in entries])
+    return written
+
+
+def _ack(client: Any, key: str, ids: list[bytes]) -> None:
+    script = _ack_script(client)
+    script(keys=[key, flushed_key(key)], args=[buffer.STREAM_GROUP, *ids])
+
+
+@functools.lru_cache(maxsize=8)
+def _ack_script(client: Any) -> Any:
+    return client.register_script(_ACK_SCRIPT)
+
+
+def _flush_streams(client: Any, *, on_backlog: Callable[[], None] | None = None) -> int:
+    """Read and write entries until every stream key is empty for this flusher or ``FLUSH_BUDGET_SECONDS`` have
+    passed: first what this process read before and did not acknowledge (its last run failed), and what other
+    flushers left pending too long; then new entries, one key after the other from a random one."""
+    keys = buffer.stream_keys()
+    consumer = _consumer_name(os.getpid())
+    deadline = time.monotonic() + FLUSH_BUDGET_SECONDS
+    written = 0
+    for key in keys:
+        written += _write_entries(client, key, _read(client, key, consumer, "0"))
+        written += _claim(client, key, consumer, deadline)
+    first = random.randrange(len(keys))  # noqa: S311 - spreads flushers over the keys, nothing secret
+    order = keys[first:] + keys[:first]
+    while time.monotonic() < deadline:
+        moved = 0
+        for key in order:
+            entries = _read(client, key, consumer, ">")
+            if len(entries) == MOVE_BATCHES and on_backlog is not None:
+                on_backlog()
+                on_backlog = None
+            moved += len(entries)
+            written += _write_entries(client, key, entries)
+        if not moved:
+            break
+    _forget_idle_consumers(client, keys)
+    from monitoring.ingest import raise_alarms
+
+    raise_alarms(client)
+    return written
+
+
+def fan_out_allowed(client: Any) -> bool:
+    """At most one extra flusher started a second, whichever flusher asks (a backlog adds flushers one by one, up to
+    the monitor workers' concurrency; extra tasks that find nothing left return at once)."""
+    return bool(client.set(FAN_OUT_KEY, b"1", nx=True, px=1000))
+
+
+_forgotten_at: dict[int, float] = {}
+
+
+def _forget_idle_consumers(client: Any, keys: list[str]) -> None:
+    """Remove consumers (flusher processes long gone) that hold nothing, at most once a minute per process."""
+    now = time.monotonic()
+    if now - _forgotten_at.get(os.getpid(), 0.0) < 60:
+        return
+    _forgotten_at[os.getpid()] = now
+    for key in keys:
+        for consumer in client.xinfo_consumers(key, buffer.STREAM_GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > CONSUMER_IDLE_FORGET_MS:
+                client.xgroup_delconsumer(key, buffer.STREAM_GROUP, consumer["name"])
+
+
+# --- The earlier design's list -----------------------------------------------------------------------------------
+
+def _flush_legacy_list(client: Any) -> int:
+    """Records left in the list the buffer used before Redis Streams (an upgrade; a web process not yet upgraded):
+    moved to the processing list and written, one flusher at a time (the lock), as that design did."""
+    if not client.exists(buffer.REDIS_KEY, buffer.PROCESSING_KEY):
+        return 0
     lock = client.lock(LOCK_KEY, timeout=FLUSH_BUDGET_SECONDS * 6, blocking=False)
     if not lock.acquire(blocking=False):
         return 0

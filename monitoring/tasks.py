@@ -2,12 +2,22 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from monitoring.flush import flush_predictions
+from monitoring.flush import fan_out_allowed, flush_predictions
 
 
 @shared_task(name="monitoring.tasks.flush_predictions", ignore_result=True)
 def flush_predictions_task() -> int:
-    return flush_predictions()
+    """Beat starts one every ``PORTAL_FLUSH_SECONDS``; a run that finds a backlog starts one more (at most one a
+    second in all), so a backlog is drained by as many flushers as the monitor workers have processes."""
+    return flush_predictions(on_backlog=_start_another)
+
+
+def _start_another() -> None:
+    from registry.serving import buffer
+
+    client = buffer.redis_client()
+    if client is not None and fan_out_allowed(client):
+        flush_predictions_task.apply_async()
 
 
 @shared_task(name="monitoring.tasks.purge_payloads", ignore_result=True)

@@ -428,6 +428,14 @@ PORTAL_MLFLOW_TRACKING_URI = env_url("PORTAL_MLFLOW_TRACKING_URI", None,
                                      schemes={"http", "https", "sqlite", "postgresql", "file"})
 PORTAL_SERVE_RATE_LIMIT = env_int("PORTAL_SERVE_RATE_LIMIT", 5000, minimum=0)  # requests/second/token; 0: off
 PORTAL_PREDICTION_BUFFER_URL = env_url(
+# Prediction-log ingestion (Redis Streams, monitoring/flush.py): the stream keys records are spread over (a Redis
+# Cluster places each on its own slot), the records all keys together may hold before XADD trims the oldest unflushed
+# ones, the share of that bound at which the flushers raise the alarm, and how long a record read by a flusher may
+# stay unacknowledged before another flusher takes it over (a flusher that died mid-batch).
+PORTAL_PREDICTION_STREAMS = env_int("PORTAL_PREDICTION_STREAMS", 4, minimum=1, maximum=256)
+PORTAL_PREDICTION_BUFFER_MAXLEN = env_int("PORTAL_PREDICTION_BUFFER_MAXLEN", 4_000_000, minimum=1000)
+PORTAL_PREDICTION_BUFFER_ALARM = env_float("PORTAL_PREDICTION_BUFFER_ALARM", 0.5, minimum=0.01, maximum=1.0)
+PORTAL_PREDICTION_CLAIM_SECONDS = env_float("PORTAL_PREDICTION_CLAIM_SECONDS", 30.0, minimum=0.1, maximum=86400.0)
     "PORTAL_PREDICTION_BUFFER_URL",
     CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else None,
     schemes={"redis", "rediss"},

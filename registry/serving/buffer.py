@@ -1,5 +1,12 @@
-"""Where serving puts prediction records for monitoring's flusher: a Redis list, or the database outbox in the
-embedded mode. Serving never imports monitoring (the flusher lives there and drains this buffer).
+"""Where serving puts prediction records for monitoring's flushers: Redis Streams, or the database outbox in the
+embedded mode. Serving never imports monitoring (the flushers live there and drain this buffer).
+
+Each record is one stream entry (field ``d``: the encoded batch), added with ``XADD … MAXLEN ~`` to one of
+``PORTAL_PREDICTION_STREAMS`` stream keys (round robin per process; the keys' hash tags differ, so a Redis Cluster
+spreads them over its nodes). The flushers read them through the consumer group ``STREAM_GROUP``, and delete each
+entry once its rows are committed, so a stream holds only records not yet in the log: its length is the backlog and
+``MAXLEN`` trims only when that backlog reaches it (the flushers raise an alarm well before, see
+``monitoring/ingest.py``).
 
 When Redis cannot be reached, records go to the database outbox instead (the flusher drains both), and Redis is
 left alone for ``REDIS_PAUSE_SECONDS`` so that requests do not each wait for a refused connection. If neither can
@@ -10,6 +17,7 @@ is only given once its log record is safe.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -21,10 +29,33 @@ from django.conf import settings
 from django.db import DatabaseError
 
 logger = logging.getLogger(__name__)
+# The buffer before Redis Streams (a list, and the list a flusher moved records to before writing them): records left
+# there by an upgrade, or by a web process not yet upgraded, are still flushed once (monitoring/flush.py).
 REDIS_KEY = "portal:predictions"
 PROCESSING_KEY = "portal:predictions:processing"
+STREAM_GROUP = "flushers"
+STREAM_FIELD = b"d"
 REDIS_PAUSE_SECONDS = 1.0
 _redis_paused_until = 0.0
+
+
+def stream_keys() -> list[str]:
+    """The stream keys records are spread over; ``{i}`` is the hash tag that places each on its own cluster slot."""
+    return [f"portal:predlog:{{{i}}}" for i in range(settings.PORTAL_PREDICTION_STREAMS)]
+
+
+def stream_maxlen() -> int:
+    """Entries one stream key may hold before XADD trims its oldest (the total bound shared by the keys)."""
+    return max(1, settings.PORTAL_PREDICTION_BUFFER_MAXLEN // settings.PORTAL_PREDICTION_STREAMS)
+
+
+@functools.lru_cache(maxsize=4)
+def _xadd_prefixes(streams: int, maxlen: int) -> tuple[tuple[Any, ...], ...]:
+    return tuple(("XADD", f"portal:predlog:{{{i}}}", "MAXLEN", "~", maxlen, "*", STREAM_FIELD)
+                 for i in range(streams))
+
+
+_next_stream = itertools.count()
 
 
 class BufferUnavailable(Exception):
@@ -122,11 +153,12 @@ def emit(batch: dict[str, Any], *, count_key: str | None = None) -> int | None:
     if url and time.monotonic() >= _redis_paused_until:
         try:
             connection = _scoring_connection(url, os.getpid())
+            prefixes = _xadd_prefixes(settings.PORTAL_PREDICTION_STREAMS, stream_maxlen())
+            add = (*prefixes[next(_next_stream) % len(prefixes)], encode(batch))
             if count_key is None:
-                connection.run(("RPUSH", REDIS_KEY, encode(batch)))
+                connection.run(add)
                 return None
-            return int(connection.run(("RPUSH", REDIS_KEY, encode(batch)), ("INCR", count_key),
-                                      ("EXPIRE", count_key, 2, "NX"))[1])
+            return int(connection.run(add, ("INCR", count_key), ("EXPIRE", count_key, 2, "NX"))[1])
         except (*redis_errors(), _refused()) as exc:  # refused: out of memory, read-only replica...
             _redis_paused_until = time.monotonic() + REDIS_PAUSE_SECONDS
             logger.warning("Prediction buffer: Redis unreachable or refusing (%s: %s); writing to the database outbox "

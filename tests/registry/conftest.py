@@ -32,7 +32,8 @@ def fresh_serving_cache() -> None:
 
     client = buffer.redis_client()
     if client is not None:
-        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY, LOCK_KEY)
+        streams = buffer.stream_keys()
+        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY, LOCK_KEY, *streams, *(f"{k}:flushed" for k in streams))
 
 
 @pytest.fixture

@@ -140,11 +140,12 @@ def test_a_record_redis_refuses_goes_to_the_outbox(serving: Client, monkeypatch:
 
     monkeypatch.setattr(buffer, "_redis_paused_until", 0.0)
     client = buffer.redis_client()
-    client.set(buffer.REDIS_KEY, "not a list")
+    for key in buffer.stream_keys():
+        client.set(key, "not a stream")
     try:
         response = serving.post(URL, json.dumps({"instances": _rows(1)[1]}), content_type="application/json")
     finally:
-        client.delete(buffer.REDIS_KEY)
+        client.delete(*buffer.stream_keys())
     assert response.status_code == 200
     assert [r.payload["ids"] for r in PredictionOutbox.objects.all()] == [response.json()["prediction_ids"]]
 
@@ -345,7 +346,7 @@ def test_a_database_outage_keeps_serving_what_was_live_and_refuses_strangers(ser
     assert PredictionLog.objects.filter(pk__in=answer.json()["prediction_ids"]).count() == 1
 
 
-def test_one_flush_drains_the_whole_buffer_and_flushers_take_turns(serving: Client) -> None:
+def test_one_flush_drains_the_whole_buffer_and_leaves_what_another_flusher_reads(serving: Client) -> None:
     from monitoring import flush
     from registry.serving import buffer
 
@@ -353,27 +354,26 @@ def test_one_flush_drains_the_whole_buffer_and_flushers_take_turns(serving: Clie
     if client is None:
         pytest.skip("the Redis buffer is not configured (embedded mode drains the outbox)")
     body = json.dumps({"instances": _rows(1)[1]})
-    ids = [serving.post(URL, body, content_type="application/json").json()["prediction_ids"][0] for _ in range(5)]
+    for _ in range(5):
+        assert serving.post(URL, body, content_type="application/json").status_code == 200
     for i in range(2 * flush.MOVE_BATCHES):  # more than one move at a time: the same run goes on
         buffer.emit({"model": "churn", "environment": "dev", "version": 1, "role": "champion", "ts": 1.7e9,
                      "latency_ms": 1.0, "request_id": "", "error": "", "ids": [f"bulk{i:028d}"],
                      "inputs": [_rows(1)[1][0]], "outputs": [0], "subjects": None})
-    held = client.lock(flush.LOCK_KEY, timeout=30)
-    assert held.acquire(blocking=False)
-    try:
-        assert flush.flush_predictions() == 0  # another flusher holds the lock: this one leaves the buffer alone
-        assert client.llen(buffer.REDIS_KEY) == 5 + 2 * flush.MOVE_BATCHES
-    finally:
-        held.release()
-    assert flush.flush_predictions() == 5 + 2 * flush.MOVE_BATCHES
-    assert client.llen(buffer.REDIS_KEY) == 0 and PredictionLog.objects.filter(pk__in=ids).count() == 5
+    flush.ensure_groups(client)
+    key = buffer.stream_keys()[0]
+    taken = client.xreadgroup(buffer.STREAM_GROUP, "another-flusher", {key: ">"}, count=1)[0][1]
+    # Flushers share the buffer: what another one has read (and not yet acknowledged) is left to it.
+    assert flush.flush_predictions() == 5 + 2 * flush.MOVE_BATCHES - 1
+    assert sum(client.xlen(k) for k in buffer.stream_keys()) == 1
+    client.xack(key, buffer.STREAM_GROUP, taken[0][0])
+    client.xdel(key, taken[0][0])
+    assert flush.flush_predictions() == 0
 
 
-def test_drain_waits_for_a_flusher_at_work_and_leaves_nothing_behind(serving: Client) -> None:
-    """GDPR exports and erasures drain first: records another flusher has moved but not yet written must be waited
-    for, not skipped (a plain flush returns 0 while the lock is held)."""
-    import threading
-
+def test_drain_waits_for_a_flusher_at_work_and_leaves_nothing_behind(serving: Client, settings: Any) -> None:
+    """GDPR exports and erasures drain first: records another flusher has read but not yet written must be waited
+    for, not skipped (a plain flush leaves them to that flusher until they have been pending for the claim time)."""
     from monitoring import flush
     from registry.serving import buffer
 
@@ -382,12 +382,13 @@ def test_drain_waits_for_a_flusher_at_work_and_leaves_nothing_behind(serving: Cl
         pytest.skip("the Redis buffer is not configured (embedded mode drains the outbox)")
     body = json.dumps({"instances": _rows(1)[1]})
     ids = [serving.post(URL, body, content_type="application/json").json()["prediction_ids"][0] for _ in range(3)]
-    client.lmove(buffer.REDIS_KEY, buffer.PROCESSING_KEY, "LEFT", "RIGHT")  # moved by the other flusher, unwritten
-    held = client.lock(flush.LOCK_KEY, timeout=30, thread_local=False)  # released by the timer's thread
-    assert held.acquire(blocking=False)
-    threading.Timer(0.5, held.release).start()  # the other flusher dies without writing: its lock goes
+    flush.ensure_groups(client)
+    for key in buffer.stream_keys():  # read by another flusher, which dies without writing them
+        client.xreadgroup(buffer.STREAM_GROUP, "dead-flusher", {key: ">"})
+    settings.PORTAL_PREDICTION_CLAIM_SECONDS = 0.5  # taken over once pending this long
+    assert flush.flush_predictions() == 0  # too early: the other flusher may still be at work
     assert flush.drain(timeout=10) == 3
-    assert client.llen(buffer.REDIS_KEY) == 0 and client.llen(buffer.PROCESSING_KEY) == 0
+    assert sum(client.xlen(k) for k in buffer.stream_keys()) == 0
     assert PredictionLog.objects.filter(pk__in=ids).count() == 3
 
 

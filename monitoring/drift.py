@@ -144,3 +144,27 @@ def distribution(reference_profile: dict[str, Any], current: Any) -> dict[str, A
     labels, ref, cur, _missing = aligned(reference_profile, current)
     return {"labels": labels, "reference": [round(float(x), 6) for x in _proportions(ref)],
             "current": [round(float(x), 6) for x in _proportions(cur)]}
+
+
+def class_shares(reference_profile: dict[str, Any]) -> dict[str, float] | None:
+    """The share of each class in a reference target column, or None when the profile does not name them.
+
+    A categorical profile's frequencies are the classes. A numeric one (0/1 labels read as integers) holds them
+    when its deduplicated decile edges are consecutive integers ``k, k+1 … m`` with nothing below ``k``: the bin
+    ``[k, k+1)`` is then class ``k`` and ``≥ m`` is class ``m`` (any other layout mixes classes in a bin)."""
+    if reference_profile.get("kind") != "numeric":
+        frequencies = {str(k): float(v) for k, v in (reference_profile.get("frequencies") or {}).items()
+                       if k != "__other__"}
+        total = sum(frequencies.values())
+        return {k: v / total for k, v in frequencies.items()} if total else None
+    edges = list(reference_profile.get("edges") or [])
+    counts = list(reference_profile.get("counts") or [])
+    if not edges or len(counts) < len(edges) + 1 or counts[0]:
+        return None
+    if any(float(e) != int(e) for e in edges) or any(b - a != 1 for a, b in itertools.pairwise(edges)):
+        return None
+    total = float(sum(counts[1:len(edges) + 1]))
+    if not total:
+        return None
+    return {str(int(e)): counts[i + 1] / total for i, e in enumerate(edges)}
+

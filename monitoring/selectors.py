@@ -198,6 +198,10 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
             drift_buckets[t] = _merge([r for r in by_bucket.get(t, []) if r.version == drift_version])["data"]
 
     window = _merge(online)
+    # Throughput over the part of the range that had traffic: a deployment that began serving ten minutes ago is
+    # not averaged over the 24 hours before it existed (which read "0.00/s").
+    first = min((r.start for r in online), default=None)
+    active = (end - max(start, first)).total_seconds() if first is not None else span.total_seconds()
     result: dict[str, Any] = {
         "model": model.name, "environment": environment, "from": start.isoformat(), "to": end.isoformat(),
         "granularity": granularity, "thresholds": thresholds,
@@ -205,7 +209,8 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
                     "challenger_percent": state.challenger_percent if state else 0},
         "totals": {"predictions": window["count"], "errors": window["errors"],
                    "error_rate": window["errors"] / window["count"] if window["count"] else None,
-                   "throughput_per_s": window["count"] / max(span.total_seconds(), 1),
+                   "throughput_per_s": window["count"] / max(active, 1),
+                   "throughput_per_min": 60 * window["count"] / max(active, 1),
                    "latency_ms": _latency(window["data"]),
                    "batch_predictions": sum(r.count for r in rows if r.role == "batch")},
         "accuracy": {**accuracy_metrics(window["data"].get("truth"), task),
@@ -239,15 +244,41 @@ def drift_report(spec: VersionSpec, data: dict[str, Any], thresholds: dict[str, 
         observed = predictions.get("bins") if target_profile.get("kind") == "numeric" else predictions.get("cats")
         prediction = {**drift.feature_drift(spec.target.name, target_profile, observed, thresholds),
                       "distribution": drift.distribution(target_profile, observed)}
-    labels = predictions.get("labels") or {}
-    total = sum(labels.values())
     return {
         "drift": {"version": spec.version, "features": features, "prediction": prediction,
                   "worst": max((f["psi"] for f in features if f["psi"] is not None), default=None)},
         "distributions": distributions,
-        "prediction_distribution": {"labels": list(labels), "current": [c / total for c in labels.values()]}
-        if total else None,
+        "prediction_distribution": prediction_distribution(spec, predictions),
     }
+
+
+def prediction_distribution(spec: VersionSpec, predictions: dict[str, Any]) -> dict[str, Any] | None:
+    """What the model answered, for the page's chart. A classifier's answers by class (``by: "class"``), with the
+    reference's share of each class where its target column names them; a regressor's on the target's reference
+    bins (``by: "bin"``) when there is a target column, else by value."""
+    labels = {k: v for k, v in (predictions.get("labels") or {}).items() if v}
+    total = sum(labels.values())
+    if spec.task != "regression" and total:
+        reference = drift.class_shares(spec.reference["features"][spec.target.name]) if spec.target else None
+        names = sorted(set(labels) | set(reference or {}), key=_class_order)
+        return {"by": "class", "labels": names, "current": [labels.get(n, 0) / total for n in names],
+                "reference": [(reference or {}).get(n, 0.0) for n in names] if reference else None,
+                "reference_name": spec.target.name if spec.target and reference else None}
+    if spec.target is not None and spec.target.kind == "numeric" and predictions.get("bins"):
+        dist = drift.distribution(spec.reference["features"][spec.target.name], predictions.get("bins"))
+        if sum(dist["current"]):
+            return {"by": "bin", **dist, "reference_name": spec.target.name}
+    if total:
+        return {"by": "value", "labels": list(labels), "current": [c / total for c in labels.values()],
+                "reference": None, "reference_name": None}
+    return None
+
+
+def _class_order(label: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
 
 
 def roles_report(rows: list[Rollup], task: str) -> dict[str, Any]:
@@ -308,6 +339,32 @@ def parse_range(params: Any, *, now: dt.datetime | None = None) -> tuple[dt.date
     if end - start > MAX_RANGE:
         raise ValueError("A range covers at most 400 days.")
     return start, end
+
+
+def default_range(*, model: Any, environment: str, now: dt.datetime | None = None) -> str:
+    """The preset a page opens on when none is asked for: one that fits the data. For a model serving here for
+    less than a day, the last hour while it has traffic in it; otherwise the shortest preset from 24 hours up that
+    holds the latest traffic (the 24 hours when there is none)."""
+    from registry.models import ServingInterval
+
+    now = now or timezone.now()
+    began = (ServingInterval.objects.filter(model=model, environment=environment)
+             .order_by("started_at").values_list("started_at", flat=True).first())
+    latest = (Rollup.objects.filter(model_name=model.name, environment=environment, role__in=ONLINE_ROLES,
+                                    granularity=Granularity.HOUR, start__gte=now - RANGES["90d"])
+              .order_by("-start").values_list("start", flat=True).first())
+    young = began is not None and now - began < dt.timedelta(days=1)
+    if latest is None:
+        return "1h" if young else "24h"
+    for key in (("1h", "6h", "24h") if young else ("24h", "7d", "30d", "90d")):
+        since = now - RANGES[key]
+        if key.endswith("h"):  # minute precision: an hour bucket begun 50 minutes before the range is not in it
+            if Rollup.objects.filter(model_name=model.name, environment=environment, role__in=ONLINE_ROLES,
+                                     granularity=Granularity.MINUTE, start__gte=since).exists():
+                return key
+        elif latest >= bucket_start(since, Granularity.HOUR):
+            return key
+    return "24h"
 
 
 def _parse_time(text: str) -> dt.datetime:

@@ -45,19 +45,25 @@ def _environment(request: HttpRequest, name: str, env: str) -> Any:
 @require_GET
 def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
     model = _environment(request, name, env)
+    params: dict[str, str] = {k: str(v) for k, v in request.GET.items()}
+    if not any(params.get(k) for k in ("range", "from", "to")):  # a range that fits the data (an hour when young)
+        params["range"] = selectors.default_range(model=model, environment=env)
     try:
-        start, end = selectors.parse_range(request.GET)
+        start, end = selectors.parse_range(params)
         invalid = ""
     except ValueError as exc:
-        start, end = selectors.parse_range({})
+        params = {"range": "24h"}
+        start, end = selectors.parse_range(params)
         invalid = str(exc)
     summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end)
     settings_row = MonitoringSettings.objects.filter(model=model).first()
-    preset = request.GET.get("range", "" if request.GET.get("from") else "24h")
+    preset = params.get("range", "")
     return render(request, "monitoring/model.html", {
         "model": model, "env": env, "summary": summary, "ranges": RANGE_LABELS, "preset": preset,
+        "range_label": RANGE_LABELS.get(preset, "the chosen range"),
         "invalid": invalid, "chart_data": {k: summary[k] for k in (
-            "time", "series", "heatmap", "distributions", "prediction_distribution", "drift", "roles", "granularity")},
+            "time", "series", "heatmap", "distributions", "prediction_distribution", "drift", "roles", "granularity",
+            "from", "to")},
         "alerts": Alert.objects.filter(model=model, environment=env).select_related(
             "acknowledged_by", "resolved_by").order_by("-opened_at")[:20],
         "may_manage": has_capability(request.user, "manage_alerts"),

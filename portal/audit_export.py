@@ -37,6 +37,12 @@ from portal.models import AuditChainHead
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("csv", "jsonl")
+
+
+def export_filename(fmt: str, when: Any) -> str:
+    """The download's name: its format and the time to the millisecond, so a CSV and a JSON Lines export (or two of
+    one format) made in the same second are not saved over each other."""
+    return f"audit-export-{when.strftime('%Y%m%dT%H%M%S')}{when.microsecond // 1000:03d}Z-{fmt}.zip"
 CSV_COLUMNS = ["seq", "timestamp", "actor", "action", "action_code", "target_type", "target_id", "target_repr",
                "team", "outcome", "request_id", "ip", "user_agent", "before", "after", "metadata", "prev_hash",
                "hash"]

@@ -156,7 +156,7 @@ class AuditExportApi(APIView):
         from django.http import StreamingHttpResponse
         from rest_framework.exceptions import ValidationError
 
-        from portal.audit_export import EXPORT_FORMATS, audit_export_stream
+        from portal.audit_export import EXPORT_FORMATS, audit_export_stream, export_filename
 
         fmt = request.query_params.get("format", "jsonl")
         if fmt not in EXPORT_FORMATS:
@@ -166,8 +166,7 @@ class AuditExportApi(APIView):
         stream = audit_export_stream(queryset=selectors.audit_event_list(**filters), fmt=fmt, filters=filters,
                                      actor=request.user)
         response = StreamingHttpResponse(stream, content_type="application/zip")
-        stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
-        response["Content-Disposition"] = f'attachment; filename="audit-export-{stamp}.zip"'
+        response["Content-Disposition"] = f'attachment; filename="{export_filename(fmt, timezone.now())}"'
         response["Cache-Control"] = "no-store"
         return response
 

@@ -7,7 +7,14 @@ Series, in base units, labelled by model and environment only (plus role, severi
 - ``portal_prediction_latency_seconds`` (histogram of online predictions; its buckets are every tenth edge of the
   rollups' latency bins, so they are exact sums of them);
 - ``portal_feature_drift_psi`` and ``portal_prediction_drift_psi`` (gauges, over each model's alert window);
-- ``portal_alerts_open`` (gauge, by severity).
+- ``portal_alerts_open`` (gauge, by severity);
+- ingestion lag, read live from the buffers (``monitoring/ingest.py``), labelled by ``buffer`` (``stream``,
+  ``legacy_list``, ``outbox``) where they say so: ``portal_prediction_ingest_pending`` (records not yet in the log),
+  ``portal_prediction_ingest_oldest_age_seconds`` (the oldest of them; 0 when nothing waits),
+  ``portal_prediction_ingest_in_flight`` (read by a flusher, not yet committed),
+  ``portal_prediction_ingest_fill_ratio`` (the fullest stream key over its MAXLEN: trimming starts at 1),
+  ``portal_prediction_ingest_lost`` (counter: records trimmed before a flusher wrote them) and
+  ``portal_prediction_ingest_redis_up``.
 
 The counters are sums of the day rollups, which are never purged; they lag the requests by the rollup interval.
 Access: a bearer token (``PORTAL_METRICS_TOKEN``) or a client address inside ``PORTAL_METRICS_ALLOW``.
@@ -72,6 +79,7 @@ class RollupCollector(Collector):
             alerts.add_metric([open_alert["model__name"], open_alert["environment"], open_alert["severity"]],
                               open_alert["n"])
         yield alerts
+        yield from _ingest()
 
     def _latency(self) -> Metric:
         histogram = HistogramMetricFamily("portal_prediction_latency_seconds", "Latency of online predictions",
@@ -120,6 +128,34 @@ class RollupCollector(Collector):
                 predictions.add_metric([state.model.name, state.environment], report["prediction"]["psi"])
         yield features
         yield predictions
+
+
+def _ingest() -> Iterator[Metric]:
+    from monitoring.ingest import ingest_lag
+
+    lag = ingest_lag()
+    pending = GaugeMetricFamily("portal_prediction_ingest_pending", "Prediction records not yet in the log",
+                                labels=["buffer"])
+    age = GaugeMetricFamily("portal_prediction_ingest_oldest_age_seconds",
+                            "Age of the oldest prediction record not yet in the log (0: none)", labels=["buffer"])
+    for name, buffer_lag in sorted(lag.buffers.items()):
+        pending.add_metric([name], buffer_lag.pending)
+        age.add_metric([name], buffer_lag.oldest_age_seconds or 0.0)
+    yield pending
+    yield age
+    if lag.redis_up is None:
+        return
+    yield GaugeMetricFamily("portal_prediction_ingest_redis_up", "Whether the Redis buffer answered (1) or not (0)",
+                            value=int(lag.redis_up))
+    if lag.redis_up:
+        yield GaugeMetricFamily("portal_prediction_ingest_in_flight",
+                                "Stream records a flusher has read and not yet acknowledged", value=lag.in_flight)
+        yield GaugeMetricFamily("portal_prediction_ingest_fill_ratio",
+                                "The fullest stream key's length over its MAXLEN (XADD trims unflushed records at 1)",
+                                value=lag.fill_ratio)
+        yield CounterMetricFamily("portal_prediction_ingest_lost",
+                                  "Prediction records trimmed from the streams before a flusher wrote them",
+                                  value=lag.lost)
 
 
 def render() -> bytes:

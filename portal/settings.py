@@ -346,15 +346,11 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": VAR_DIR / "media"}},
     "artifacts": _artifacts,
     "audit_checkpoints": _checkpoints,
-    "staticfiles": {
-        "BACKEND": (
-            "django.contrib.staticfiles.storage.StaticFilesStorage"
-            if PORTAL_DEBUG
-            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
-        )
-    },
+    # Hashed, compressed and cached for a year in the DEBUG demo too (portal/staticfiles.py).
+    "staticfiles": {"BACKEND": "portal.staticfiles.StaticFilesStorage"},
 }
-WHITENOISE_USE_FINDERS = PORTAL_DEBUG
+WHITENOISE_USE_FINDERS = PORTAL_DEBUG  # a fresh checkout's runserver, before any collectstatic
+WHITENOISE_AUTOREFRESH = False  # files are indexed once at start: the collected, compressed copies are the ones served
 
 LANGUAGE_CODE = "en-gb"
 TIME_ZONE = "UTC"

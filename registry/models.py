@@ -171,6 +171,23 @@ class MlflowSource(models.Model):
     def __str__(self) -> str:
         return f"{self.version} from {self.uri}"
 
+    @property
+    def run_url(self) -> str:
+        """The run's page on the tracking server's UI; "" when the server has no UI (a database URI)."""
+        if not self.run_id or not self.tracking_uri.startswith(("http://", "https://")):
+            return ""
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id or '0'}/runs/{self.run_id}"
+
+    def history_summary(self) -> list[dict[str, Any]]:
+        """Per metric: how many values were logged, the first, last, lowest and highest finite one."""
+        rows = []
+        for name, points in sorted(self.metric_history.items()):
+            values = [p[2] for p in points if p[2] is not None]
+            rows.append({"name": name, "points": len(points), "first": values[0] if values else None,
+                         "last": values[-1] if values else None, "min": min(values) if values else None,
+                         "max": max(values) if values else None, "steps": len({p[0] for p in points})})
+        return rows
+
 
 class TeamTrustedType(models.Model):
     """A standing trust decision: an approver trusted this skops type for all future uploads of the team."""

@@ -176,19 +176,24 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
 @login_required
 @require_POST
 def version_import(request: HttpRequest, name: str) -> HttpResponse:
-    from registry.mlflow_import import version_import_from_mlflow
+    from registry.mlflow_import import TrackingServerUnavailable, mlflow_import
     from registry.scanning.findings import UploadRejected
 
     model = selectors.model_get(user=request.user, name=name, action="register_model")
     try:
-        version = version_import_from_mlflow(model=model, uri=request.POST.get("uri", ""), actor=request.user)
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
+        result = mlflow_import(model=model, uri=request.POST.get("uri", ""), actor=request.user)
+    except (ValidationError, TrackingServerUnavailable) as exc:
+        messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
         return redirect("registry:upload", name=name)
     except UploadRejected as exc:
         messages.error(request, "The imported model was refused: " + "; ".join(f.message for f in exc.findings[:3]))
         return redirect("registry:upload", name=name)
-    messages.success(request, f"Imported as version {version.number}; it is being scanned.")
+    version = result.version
+    if result.created:
+        messages.success(request, f"Imported as version {version.number}; it is being scanned.")
+    else:
+        messages.info(request, f"This artifact is already version {version.number} of {name} (same SHA-256); "
+                               "no new version was made.")
     return redirect("registry:version", name=name, number=version.number)
 
 

@@ -111,23 +111,46 @@ class VersionUploadApi(APIView):
 
 
 class VersionImportInput(serializers.Serializer[Any]):
-    uri = serializers.CharField(max_length=400, help_text="models:/NAME/VERSION or runs:/RUN_ID/PATH")
+    uri = serializers.CharField(max_length=400, help_text="models:/NAME/VERSION, models:/NAME@ALIAS, "
+                                "models:/NAME/latest, models:/m-… (an MLflow 3 logged model) or runs:/RUN_ID/PATH")
+
+
+def mlflow_source_data(version: Any) -> dict[str, Any] | None:
+    from registry.models import MlflowSource
+
+    try:
+        source = version.mlflow_source
+    except MlflowSource.DoesNotExist:
+        return None
+    return {"uri": source.uri, "tracking_uri": source.tracking_uri, "artifact_uri": source.artifact_uri,
+            "registered_model": source.registered_model, "registered_version": source.registered_version,
+            "logged_model_id": source.logged_model_id, "run_id": source.run_id, "run_name": source.run_name,
+            "run_url": source.run_url,
+            "experiment_id": source.experiment_id, "experiment_name": source.experiment_name, "tags": source.tags,
+            "metric_history": source.metric_history, "missing_metrics": source.missing_metrics}
 
 
 class VersionImportApi(APIView):
-    @extend_schema(request=VersionImportInput, responses={201: VersionSerializer},
-                   summary="Import a version from the configured MLflow tracking server, keeping its lineage")
+    @extend_schema(request=VersionImportInput, responses={201: VersionSerializer, 200: VersionSerializer},
+                   summary="Import a version from the configured MLflow tracking server, keeping its lineage; an "
+                           "artifact the model already holds answers 200 with that version "
+                           "(duplicate_of_existing), and a tracking server that does not answer is a 503")
     def post(self, request: Request, name: str) -> Response:
-        from registry.mlflow_import import version_import_from_mlflow
+        from registry.mlflow_import import TrackingServerUnavailable, mlflow_import
 
         model = selectors.model_get(user=request.user, name=name, action="register_model")
         data = VersionImportInput(data=request.data)
         data.is_valid(raise_exception=True)
         try:
-            version = version_import_from_mlflow(model=model, uri=data.validated_data["uri"], actor=request.user)
+            result = mlflow_import(model=model, uri=data.validated_data["uri"], actor=request.user)
         except UploadRejected as exc:
             return upload_rejected_response(exc)
-        return Response(VersionSerializer(version).data, status=status.HTTP_201_CREATED)
+        except TrackingServerUnavailable as exc:
+            return Response(error_body("mlflow_unavailable", str(exc), {"tracking_uri": exc.tracking_uri}),
+                            status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "30"})
+        body = {**VersionSerializer(result.version).data, "duplicate_of_existing": not result.created,
+                "mlflow_source": mlflow_source_data(result.version)}
+        return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 
 class TagsInput(serializers.Serializer[Any]):

@@ -75,23 +75,15 @@ class BatchScheduleForm(forms.Form):
         return cron
 
 
-TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=+ -]{0,49}$"
-
-
 class TagsForm(forms.Form):
-    """Tags as typed: comma-separated, each 1-50 characters of letters, digits and ``_.:/=+ -``."""
+    """Tags as typed: comma-separated (the rules are ``services.validate_tags``'s, shared with the API)."""
 
-    tags = forms.CharField(required=False, max_length=1000, help_text="Comma-separated, such as team:risk, pii.")
+    tags = forms.CharField(required=False, max_length=2000, help_text="Comma-separated, such as team:risk, pii.")
 
     def clean_tags(self) -> list[str]:
-        import re
+        from registry.services import validate_tags
 
-        raw = [t.strip() for t in self.cleaned_data["tags"].split(",")]
-        tags = [t for t in raw if t]
-        bad = [t for t in tags if not re.match(TAG_PATTERN, t)]
-        if bad:
-            raise ValidationError([f"{t[:60]!r} is not a tag: use up to 50 letters, digits, spaces and _.:/=+-, "
-                                   "starting with a letter or digit." for t in bad])
-        if len(tags) > 30:
-            raise ValidationError("At most 30 tags.")
-        return list(dict.fromkeys(tags))
+        try:
+            return validate_tags(self.cleaned_data["tags"])
+        except ValidationError as exc:
+            raise ValidationError(_messages_of(exc)) from None

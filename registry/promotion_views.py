@@ -38,8 +38,11 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
             version=version, target=request.POST.get("target", ""), reason=request.POST.get("reason", "")[:5000],
             override_reason=request.POST.get("override_reason", "")[:5000], actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
+        from registry.views import keep_input
+
         messages.error(request, error_text(exc))
-        return redirect("registry:version", name=name, number=number)
+        keep_input(request, f"promote:{version.pk}", ("reason", "override_reason", "target"))
+        return redirect(reverse("registry:version", args=[name, number]) + "#promote")
     messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
     return redirect("registry:promotion", uid=promotion.uid)
 

@@ -151,7 +151,7 @@ def _reference_columns(path: Path, fmt: str | None) -> list[str]:
 
         try:
             return list(pq.read_schema(path).names)
-        except Exception:  # noqa: BLE001 - a damaged file is the profiler's to report, after the scan
+        except Exception:  # a damaged file is the profiler's to report, after the scan
             return []
     import csv
 

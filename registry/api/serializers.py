@@ -127,7 +127,7 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     class Meta:
         model = ModelVersion
         fields = ["model", "number", "status", "status_detail", "sha256", "size", "format", "flavors", "signature",
-                  "input_example", "metrics", "params", "description", "sensitive_columns", "uploaded_by",
+                  "input_example", "metrics", "params", "description", "tags", "sensitive_columns", "uploaded_by",
                   "created_at", "lineage",
                   "model_card", "scan", "reference_data"]
 

@@ -86,7 +86,7 @@ def version_compare(*, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
     signature = signature_diff(b, a)
     return {"facts": facts, "metrics": metric_diff(b, a, 0.0), "signature": signature,
             "signature_changed": sum(1 for r in signature if r["change"] != "unchanged"), "card": card,
-            "profile": profile, "profile_rows": (profile_a and len(profile_a), profile_b and len(profile_b))}
+            "profile": profile}
 
 
 def model_get(*, user: Any, name: str, action: str | None = None) -> RegisteredModel:

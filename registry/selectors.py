@@ -155,3 +155,30 @@ def environment_param(env: str) -> str:
     if env not in Environment.values:
         raise ValidationError({"environment": f"Unknown environment {env[:20]!r}: use dev, stage or prod."})
     return env
+
+
+def batch_job_state(*, job: Any) -> dict[str, Any]:
+    """Where a batch job stands, in one sentence, and whether anything will still change (``final``): a done job
+    is final only once every scored chunk's predictions are in the prediction log."""
+    from registry.models import BATCH_ACTIVE, BatchStatus
+
+    bad = f"{job.rows_failed:,} bad row{'s' if job.rows_failed != 1 else ''}"
+    if job.status in BATCH_ACTIVE:
+        total = f" of {job.rows_total:,}" if job.rows_total else ""
+        return {"final": False, "phase": "running", "logs_pending": None,
+                "text": f"{job.get_status_display()}: {job.rows_done:,}{total} rows scored so far, {bad}."}
+    if job.status == BatchStatus.FAILED:
+        return {"final": True, "phase": "failed", "logs_pending": 0,
+                "text": f"Failed after {job.rows_done:,} rows: {job.error or 'see the log'}"}
+    if job.status == BatchStatus.CANCELLED:
+        return {"final": True, "phase": "cancelled", "logs_pending": 0,
+                "text": f"Cancelled after {job.rows_done:,} rows; chunks not yet scored were not."}
+    pending = job.chunks.filter(logged=False).exclude(log_name="").count()
+    scored = f"Done: {job.rows_done:,} rows scored, {bad}"
+    if pending:
+        return {"final": False, "phase": "logging", "logs_pending": pending,
+                "text": f"{scored}. Logging predictions for monitoring: {job.rows_logged:,} so far "
+                        f"({pending} chunk{'s' if pending != 1 else ''} to go)."}
+    logged = (f"all {job.rows_logged:,} predictions logged for monitoring" if job.rows_logged
+              else "predictions are not logged for monitoring")
+    return {"final": True, "phase": "done", "logs_pending": 0, "text": f"{scored}; {logged}."}

@@ -51,6 +51,11 @@ class BatchJobSerializer(serializers.Serializer[Any]):
     scored_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
     seconds = serializers.SerializerMethodField()
+    state = serializers.SerializerMethodField(help_text="One sentence on where the job stands and `final`: "
+                                                        "true once nothing will change (logging included)")
+
+    def get_state(self, obj: Any) -> dict[str, Any]:
+        return selectors.batch_job_state(job=obj)
 
     def get_result_sha256(self, obj: Any) -> str | None:
         return obj.result_blob.sha256 if obj.result_blob_id else None

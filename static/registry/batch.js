@@ -56,6 +56,12 @@
       $("batch-progress").value = job.progress;
       $("batch-logged").textContent = job.rows_logged.toLocaleString();
       $("batch-finished").textContent = job.finished_at ? job.finished_at.replace("T", " ").slice(0, 19) + " (" + job.seconds + " s)" : "—";
+      const state = $("batch-state");
+      if (state && job.state) {
+        state.replaceChildren(Object.assign(document.createElement("strong"), { textContent: job.state.text }));
+        state.className = "batch-state batch-state-" + job.state.phase;
+        state.dataset.final = String(job.state.final);
+      }
       const error = $("batch-error");
       error.hidden = !job.error;
       error.textContent = job.error || "";
@@ -78,13 +84,15 @@
       }));
     };
 
+    let polls = 0;
     const poll = () => {
       fetch(root.dataset.statusUrl, { headers: { Accept: "application/json" }, credentials: "same-origin" })
         .then((r) => r.json())
         .then((job) => {
           render(job);
-          const logging = job.status === "done" && job.rows_logged < job.rows_total - job.rows_failed;
-          if (active.indexOf(job.status) >= 0 || logging) setTimeout(poll, active.indexOf(job.status) >= 0 ? 700 : 2000);
+          // The server says when nothing will change any more (scored, and every prediction logged).
+          polls += 1;
+          if (!job.state.final) setTimeout(poll, active.indexOf(job.status) >= 0 ? 700 : (polls > 100 ? 5000 : 1500));
         })
         .catch(() => setTimeout(poll, 3000));
     };

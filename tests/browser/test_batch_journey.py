@@ -51,6 +51,12 @@ def test_drop_a_csv_watch_it_score_and_download_it(page: Any, serving: Any, work
     assert page.inner_text("[data-testid=batch-rows]").startswith(f"{len(frame):,} of {len(frame):,}")
     assert page.inner_text("[data-testid=batch-bad-rows]") == "1"
     assert page.locator("[data-testid=batch-chunk-table] tbody tr").count() >= 2
+    # The worker logs the predictions after scoring; the counters follow without a reload, to a clear end.
+    logged = len(frame) - 1
+    page.locator("[data-testid=batch-state][data-final=true]").wait_for(timeout=120_000)
+    assert page.inner_text("[data-testid=batch-state]") == (
+        f"Done: {len(frame):,} rows scored, 1 bad row; all {logged:,} predictions logged for monitoring.")
+    assert page.inner_text("[data-testid=batch-logged]") == f"{logged:,}"
     screenshot(page, "batch-done")
     with page.expect_download() as download:
         page.click("[data-testid=batch-result-link]")

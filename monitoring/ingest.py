@@ -68,7 +68,7 @@ def stream_lag(client: Any) -> tuple[BufferLag, int, float, int, list[tuple[str,
         pipe.xlen(key)
         pipe.execute_command("XRANGE", key, "-", "+", "COUNT", 1)
         pipe.execute_command("XPENDING", key, buffer.STREAM_GROUP)
-        pipe.execute_command("XINFO", "STREAM", key)
+        pipe.xinfo_stream(key)
         pipe.get(flushed_key(key))
     replies = pipe.execute(raise_on_error=False)
     now_ms = time.time() * 1000
@@ -85,7 +85,7 @@ def stream_lag(client: Any) -> tuple[BufferLag, int, float, int, list[tuple[str,
         if isinstance(pending, (list, dict)):
             in_flight += int((pending.get("pending") if isinstance(pending, dict) else pending[0]) or 0)
         if isinstance(info, dict):
-            added = info.get("entries-added", info.get(b"entries-added"))
+            added = info.get("entries-added")
             if added is not None:
                 lost += max(0, int(added) - length - int(flushed or 0))
     if oldest_ms is not None:

@@ -65,7 +65,7 @@ def test_each_queue_has_its_own_worker_and_web_and_score_autoscale(rendered: lis
     beat = deployments["portal-beat"]
     assert beat["spec"]["replicas"] == 1 and beat["spec"]["strategy"]["type"] == "Recreate"
     targets = {h["spec"]["scaleTargetRef"]["name"] for h in _by(rendered, "HorizontalPodAutoscaler").values()}
-    assert targets == {"portal-web", "portal-worker-score"} and targets <= set(deployments)
+    assert targets == {"portal-web", "portal-worker-score", "portal-worker-monitor"} and targets <= set(deployments)
     migrate = _by(rendered, "Job")["portal-migrate"]
     assert _containers(migrate)[0]["command"] == ["python", "manage.py", "migrate", "--noinput"]
 

@@ -207,7 +207,8 @@ def cmd_list(portal: Portal, args: argparse.Namespace) -> Outcome:
 
 def cmd_status(portal: Portal, args: argparse.Namespace) -> Outcome:
     if args.promotion:
-        return _promotion_outcome(portal.promotion(args.promotion), waited=True)
+        outcome = _promotion_outcome(portal.promotion(args.promotion), waited=True)
+        return _running(outcome) if outcome.outcome in ("approved", "deploying") else outcome
     if args.deployment:
         outcome = _deployment_outcome(portal.deployment(args.deployment))
         return outcome if outcome.outcome not in ("pending", "running") else _running(outcome)

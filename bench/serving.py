@@ -249,7 +249,7 @@ d = deployments.deployment_run(deployment_id=deployments.deployment_start(versio
                                                                            actor=user).pk)
 assert d.status == "live", d.error
 client = buffer.redis_client()
-client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY)
+client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY, *buffer.stream_keys())  # records of an earlier run
 print("SERVING", d.serving_kind)
 print("TOKEN", portal_services.token_create(user=user, name="bench", actor=user)[1])
 '''

@@ -7,7 +7,10 @@ prediction drift, error rate above ``error_rate_max``, latency p99 above
 
 An alert is one occurrence: while its condition keeps holding, later evaluations only update its value and
 ``last_seen_at`` (deduplicated by a partial unique constraint on the open alert of each rule and subject). When the
-condition clears it resolves itself. People acknowledge or resolve it in the UI. Firing and resolving send email to
+condition clears it resolves itself. Drift alerts have hysteresis, so that steady traffic whose PSI hovers about a
+threshold does not open and close them over and over: one opens only at ``psi_alert``, stays open (as a warning)
+while the PSI is at ``psi_warning`` or more, and resolves only once it has stayed below ``psi_warning`` for a whole
+window (``window_minutes`` since it was last seen). People acknowledge or resolve it in the UI. Firing and resolving send email to
 the team's data scientists and approvers and the team's webhooks (``alert.fired``, ``alert.resolved``); every state
 change is an audit event, written in the transaction that makes it.
 """
@@ -115,6 +118,7 @@ def evaluate_alerts(*, now: dt.datetime | None = None) -> dict[str, int]:
     """Fire, update and resolve alerts for every serving environment; returns what changed."""
     from registry.models import EnvironmentState
 
+    now = now or timezone.now()
     changed = {"fired": 0, "resolved": 0, "updated": 0}
     for state in EnvironmentState.objects.select_related("model__team").filter(champion__isnull=False):
         holding = {(c.kind, c.subject): c for c in conditions(state.model, state.environment, now=now)}
@@ -123,26 +127,36 @@ def evaluate_alerts(*, now: dt.datetime | None = None) -> dict[str, int]:
         for key, condition in holding.items():
             alert = open_alerts.get(key)
             if alert is None:
-                if _fire(state.model, state.environment, condition):
+                if condition.kind in HYSTERESIS_KINDS and condition.severity != "alert":
+                    continue  # drift opens at psi_alert only; between the thresholds it only keeps one open
+                if _fire(state.model, state.environment, condition, now=now):
                     changed["fired"] += 1
             else:
-                Alert.objects.filter(pk=alert.pk).update(value=condition.value, last_seen_at=timezone.now(),
+                Alert.objects.filter(pk=alert.pk).update(value=condition.value, last_seen_at=now,
                                                          severity=condition.severity, message=condition.message)
                 changed["updated"] += 1
+        window = dt.timedelta(minutes=int(thresholds_for(state.model)["window_minutes"]))
         for key, alert in open_alerts.items():
-            if key not in holding:
-                _resolve(alert, actor=None, resolution="The condition cleared.")
-                changed["resolved"] += 1
+            if key in holding:
+                continue
+            if alert.kind in HYSTERESIS_KINDS and now - alert.last_seen_at < window:
+                continue  # below psi_warning, but not yet for a whole window
+            _resolve(alert, actor=None, resolution="The condition cleared." if alert.kind not in HYSTERESIS_KINDS
+                     else f"PSI stayed below the warning threshold for {int(window.total_seconds() // 60)} min.")
+            changed["resolved"] += 1
     return changed
 
 
-def _fire(model: Any, environment: str, condition: Condition) -> Alert | None:
+HYSTERESIS_KINDS = frozenset({"drift", "prediction_drift"})
+
+
+def _fire(model: Any, environment: str, condition: Condition, *, now: dt.datetime) -> Alert | None:
     try:
         with transaction.atomic():
             alert = Alert.objects.create(model=model, environment=environment, kind=condition.kind,
                                          subject=condition.subject, severity=condition.severity,
                                          value=condition.value, threshold=condition.threshold,
-                                         message=condition.message)
+                                         message=condition.message, opened_at=now, last_seen_at=now)
             audit_record(AuditAction.ALERT_FIRE, actor=None, target=alert_target(alert),
                          after={"status": alert.status, "severity": alert.severity, "value": alert.value,
                                 "threshold": alert.threshold, "message": alert.message})

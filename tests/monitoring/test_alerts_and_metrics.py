@@ -4,9 +4,11 @@ with prometheus_client's parser and is closed to strangers; the API and pages an
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from django.core import mail
 from django.test import Client
@@ -224,3 +226,63 @@ def test_alert_buttons_are_enforced_on_the_server(drifted: ModelVersion, persona
     assert alert.status == "acknowledged", "a resolution needs a note"
     response = ds.post("/models/churn/environments/dev/monitoring/settings", {"thresholds": "{not json"}, follow=True)
     assert "not valid JSON" in response.content.decode()
+
+
+def test_drift_alerts_have_hysteresis_on_steady_traffic(live: ModelVersion, log_rows: Callable[..., list[str]],
+                                                        django_capture_on_commit_callbacks: Any) -> None:
+    """Forty minutes of the same mildly shifted traffic, 25 rows a minute, judged every minute over a 5-minute
+    window: its PSI wanders above and below the alert threshold (set at its median), so an alert that opened and
+    closed on one threshold would flap. With hysteresis it opens once, stays open while traffic lasts, and resolves
+    only after the PSI has stayed below the warning threshold for a whole window."""
+    from monitoring.alerts import conditions
+
+    _columns, X, _y = reference_matrix()
+    rng = np.random.default_rng(7)
+    start = timezone.now().replace(second=0, microsecond=0) - dt.timedelta(minutes=45)
+    for minute in range(40):
+        log_rows(X[rng.integers(0, len(X), 25)] * 1.15, at=start + dt.timedelta(minutes=minute, seconds=1))
+    rollup_dirty()
+    quiet = {"window_minutes": 5, "min_rows": 50, "error_rate_max": None, "latency_p99_ms": None}
+    settings_row = MonitoringSettings.objects.create(model=live.model, thresholds={
+        **quiet, "psi_warning": 0.0001, "psi_alert": 0.0001})
+    times = [start + dt.timedelta(minutes=m) for m in range(6, 41)]
+    psi = [next(c.value for c in conditions(live.model, "dev", now=t) if c.kind == "drift") for t in times]
+    alert_at = float(np.median(psi))
+    crossings = sum((a >= alert_at) != (b >= alert_at) for a, b in itertools.pairwise(psi))
+    assert crossings >= 4, psi  # the traffic really does cross the alert threshold back and forth
+    settings_row.thresholds = {**quiet, "psi_warning": round(min(psi) * 0.8, 6), "psi_alert": alert_at}
+    settings_row.save()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        for t in times:
+            evaluate_alerts(now=t)
+    drift_alerts = Alert.objects.filter(kind="drift")
+    assert drift_alerts.count() == 1 and drift_alerts.get().status == "firing"
+    for kind in ("drift", "prediction_drift"):  # each opened at most once (the predictions drift a little too)
+        assert Alert.objects.filter(kind=kind).count() <= 1
+    assert AuditEvent.objects.filter(action="alert.fire").count() == Alert.objects.count()
+    assert not AuditEvent.objects.filter(action="alert.resolve").exists()
+
+    end = times[-1]
+    evaluate_alerts(now=end + dt.timedelta(minutes=4))  # under the warning threshold, but not for a window yet
+    assert drift_alerts.get().status == "firing"
+    evaluate_alerts(now=end + dt.timedelta(minutes=6))
+    resolved = drift_alerts.get()
+    assert resolved.status == "resolved" and "below the warning threshold for 5 min" in resolved.resolution
+
+
+def test_a_cold_start_is_left_out_of_logged_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first request of a web process to a sandboxed model waits for the host to start (seconds); the latency
+    logged for it, which the rollups and the latency alert read, is the request's own time without that wait."""
+    from registry.sandbox import hosts
+    from registry.serving import views as serving_views
+
+    hosts.cold_start_reset()
+    hosts.cold_start_add(1.6)  # what ModelHost._request adds when the host started while the request waited
+    record = serving_views._batch(name="churn", env="dev", role="champion", version=1, matrix=[[1.0]],
+                                  predictions=[0], ids=["a" * 32], latency_ms=1612.0, subjects=None)
+    assert record["latency_ms"] == pytest.approx(12.0)
+    hosts.cold_start_reset()
+    warm = serving_views._batch(name="churn", env="dev", role="champion", version=1, matrix=[[1.0]],
+                                predictions=[0], ids=["b" * 32], latency_ms=9.5, subjects=None)
+    assert warm["latency_ms"] == 9.5

@@ -92,6 +92,24 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(buffer)
 
 
+_cold = threading.local()
+
+
+def cold_start_reset() -> None:
+    """Start counting, for this thread, the time spent waiting for model hosts to start (a scoring request)."""
+    _cold.seconds = 0.0
+
+
+def cold_start_add(seconds: float) -> None:
+    _cold.seconds = getattr(_cold, "seconds", 0.0) + seconds
+
+
+def cold_start_seconds() -> float:
+    """Seconds this thread waited, since ``cold_start_reset``, for a host to start (its own start or one it queued
+    behind) or a serving form to load: a cold start, which serving leaves out of the latency it logs."""
+    return float(getattr(_cold, "seconds", 0.0))
+
+
 class ModelHost:
     def __init__(self, key: str, materialise: Materialise, *, label: str) -> None:
         self.key = key
@@ -264,11 +282,14 @@ class ModelHost:
 
     def _request(self, header: dict[str, Any], payload: Any, *, timeout: float) -> dict[str, Any]:
         """One frame out, one answer back; starts the host first if it is not running."""
+        starts, waited = self.starts, time.monotonic()
         if not self._lock.acquire(timeout=timeout):
             raise HostUnavailable(f"the model host is still busy with earlier requests after {timeout:.0f} s")
         try:
             self.last_used = time.monotonic()
             self._ensure_started()
+            if self.starts != starts:  # started while this request waited: a cold start, not the model's latency
+                cold_start_add(time.monotonic() - waited)
             encoded = orjson.dumps(header)
             assert self._sock is not None
             deadline = time.monotonic() + timeout

@@ -216,8 +216,10 @@ class ServingCache:
         if cached is not None:
             self._models.move_to_end(deployment.pk)
             return cached
+        began = time.monotonic()
         loaded = load_serving_model(version=deployment.version, kind=deployment.serving_kind or "native",
                                     blob=deployment.serving_blob, key=f"deployment-{deployment.pk}")
+        hosts.cold_start_add(time.monotonic() - began)  # an ONNX session loaded for this request: a cold start
         self._models[deployment.pk] = loaded
         while len(self._models) > MAX_LOADED:
             _pk, evicted = self._models.popitem(last=False)

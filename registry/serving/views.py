@@ -156,6 +156,8 @@ def subject_hash(subject_id: str) -> str:
 
 def _batch(*, name: str, env: str, role: str, version: int, matrix: Any, predictions: list[Any], ids: list[str],
            latency_ms: float, subjects: list[str] | None, error: str = "") -> dict[str, Any]:
+    # A cold start (the host or serving form loading for this process's first request) is not live latency.
+    latency_ms = max(latency_ms - hosts.cold_start_seconds() * 1000, 0.0)
     return {
         "model": name, "environment": env, "version": version, "role": role, "ts": time.time(),
         "latency_ms": round(latency_ms, 3), "request_id": context.current().request_id, "error": error,
@@ -170,6 +172,7 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
     ``request`` (body and content type) is given when the champion answered it whole (an MLflow host)."""
     assert route.challenger is not None
     _deployment, loaded = route.challenger
+    hosts.cold_start_reset()
     started = time.perf_counter()
     try:
         if loaded.answers_requests and request is not None:
@@ -352,6 +355,7 @@ def score(request: HttpRequest, name: str, env: str) -> Answer:
 
 def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     started = time.perf_counter()
+    hosts.cold_start_reset()
     try:
         request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on every other path
     except DisallowedHost:

@@ -30,7 +30,9 @@
     if (!el) return null;
     const base = { margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 300, legend: legend, showlegend: true,
                    font: { family: "system-ui, sans-serif", size: 12, color: "#1d2330" } };
-    Plotly.newPlot(el, traces, Object.assign(base, layout || {}), config);
+    const full = Object.assign(base, layout || {});
+    el.style.height = full.height + "px";  // responsive mode sizes to the box: keep it as tall as the plot
+    Plotly.newPlot(el, traces, full, config);
     return el;
   }
 

@@ -24,6 +24,7 @@
   const traces = entries.map(([domain, counts]) => ({
     x: data.days, y: counts, name: domain, type: "bar", marker: { color: colour(domain) },
   }));
+  target.style.height = "300px";  // responsive mode sizes to the box: keep it as tall as the plot
   window.Plotly.newPlot(target, traces, {
     barmode: "stack", margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 300,
     xaxis: { type: "date", tickangle: 0, automargin: true, fixedrange: true, nticks: Math.max(3, Math.floor(target.clientWidth / 120)) },

@@ -11,6 +11,7 @@
   const traces = entries.map(([name, values]) => ({
     x: data.versions.map((v) => "v" + v), y: values, name, mode: "lines+markers", type: "scatter", connectgaps: false,
   }));
+  target.style.height = "320px";  // responsive mode sizes to the box: keep it as tall as the plot
   window.Plotly.newPlot(target, traces, {
     margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 320,
     xaxis: { title: { text: "version" }, type: "category", automargin: true, fixedrange: true },

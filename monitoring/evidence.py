@@ -173,6 +173,7 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
 
     return {
         "window": window, "windows": list(EVIDENCE_WINDOWS), "from": start.isoformat(), "to": end.isoformat(),
+        "period": f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC",
         "target": target, "candidate_version": candidate.number,
         "champion_version": champion.number if champion is not None else None,
         "columns": [{k: v for k, v in c.items() if k != "figures"} | {

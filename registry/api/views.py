@@ -147,7 +147,7 @@ class VersionImportApi(APIView):
             return upload_rejected_response(exc)
         except TrackingServerUnavailable as exc:
             return Response(error_body("mlflow_unavailable", str(exc), {"tracking_uri": exc.tracking_uri}),
-                            status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "30"})
+                            status=status.HTTP_503_SERVICE_UNAVAILABLE)
         body = {**VersionSerializer(result.version).data, "duplicate_of_existing": not result.created,
                 "mlflow_source": mlflow_source_data(result.version)}
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

@@ -4,8 +4,10 @@ the work goes on) is reached, no traceback, and ``examples/ci.sh`` runs end to e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from portal import services as portal_services
+from portal.cli import main
 from registry.models import ModelVersion
 from tests.conftest import ROOT, clean_env
 from tests.registry import files
@@ -24,20 +27,30 @@ pytestmark = pytest.mark.slow
 
 
 class Cli:
+    """Runs ``portal`` in this process (``main(argv)``, as the console script does) against the live server; with
+    ``process=True`` as its own process, as a pipeline starts it."""
+
     def __init__(self, url: str, tmp_path: Path) -> None:
         self.url = url
         self.tmp_path = tmp_path
         self.calls: set[str] = set()
 
-    def run(self, token: str, *args: str, expect: int, json_out: bool = True) -> Any:
-        argv = [sys.executable, "-m", "portal.cli", "--url", self.url, *(["--json"] if json_out else []), *args]
-        result = subprocess.run(argv, cwd=self.tmp_path, env=clean_env(PORTAL_TOKEN=token), capture_output=True,
-                                text=True, timeout=300)
-        assert "Traceback" not in result.stderr, result.stderr
-        assert result.returncode == expect, (args, result.returncode, result.stdout, result.stderr)
+    def run(self, token: str, *args: str, expect: int, json_out: bool = True, process: bool = False) -> Any:
+        argv = ["--url", self.url, "--token", token, *(["--json"] if json_out else []), *args]
+        if process:
+            result = subprocess.run([sys.executable, "-m", "portal.cli", *argv], cwd=self.tmp_path, env=clean_env(),
+                                    capture_output=True, text=True, timeout=300)
+            code, stdout, stderr = result.returncode, result.stdout, result.stderr
+        else:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(argv)
+            stdout, stderr = out.getvalue(), err.getvalue()
+        assert "Traceback" not in stderr, stderr
+        assert code == expect, (args, code, stdout, stderr)
         if not json_out:
-            return result
-        body = json.loads(result.stdout)  # exactly one JSON object, nothing else
+            return subprocess.CompletedProcess(argv, code, stdout, stderr)
+        body = json.loads(stdout)  # exactly one JSON object, nothing else
         assert isinstance(body, dict) and body["exit_code"] == expect and body["ok"] is (expect == 0), body
         if expect:
             assert body["error"]["message"], body
@@ -46,7 +59,8 @@ class Cli:
 
 
 def test_every_command_and_exit_code(live_server: Any, worker_factory: Any, personas: dict[str, Any],
-                                     tmp_path: Path) -> None:
+                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     worker_factory()
     tokens = {who: portal_services.token_create(user=personas[who], name="ci", actor=personas[who])[1]
               for who in ("ds", "approver1")}
@@ -54,7 +68,7 @@ def test_every_command_and_exit_code(live_server: Any, worker_factory: Any, pers
     cli = Cli(live_server.url, tmp_path)
 
     # 2: usage, with --json too, and never a traceback.
-    assert cli.run(ds, "promote", "churn", "1", "--reason", "x", expect=2)["outcome"] == "usage"
+    assert cli.run(ds, "promote", "churn", "1", "--reason", "x", expect=2, process=True)["outcome"] == "usage"
     model_file = files.joblib_file(tmp_path / "model.joblib")
     missing = cli.run(ds, "upload", "churn", str(model_file), "--reference", "nope.csv", expect=2)
     assert "--reference file 'nope.csv' is not a file" in missing["error"]["message"]
@@ -75,14 +89,14 @@ def test_every_command_and_exit_code(live_server: Any, worker_factory: Any, pers
     # upload --wait: 0 ready; 3 held for an approver's trust decision; 1 refused with its findings on stderr.
     reference = files.reference_csv(tmp_path / "ref.csv")
     v1 = cli.run(ds, "upload", "churn", str(model_file), "--reference", str(reference), "--metrics", '{"auc": 0.9}',
-                 "--wait", expect=0)["version"]
+                 "--wait", expect=0, process=True)["version"]
     assert v1["status"] == "ready" and v1["number"] == 1 and v1["metrics"] == {"auc": 0.9}
     held = cli.run(ds, "upload", "churn", str(files.forest_skops_file(tmp_path / "forest.skops")), "--wait", expect=3)
     assert held["outcome"] == "held_for_trust" and held["version"]["scan"]["trust_state"] == "pending"
     assert cli.run(ds, "status", "churn", "2", expect=3)["outcome"] == "held_for_trust"
     evil = tmp_path / "model.pkl"
     evil.write_bytes(files.pickle_builtins_eval())
-    refused = cli.run(ds, "upload", "churn", str(evil), expect=1, json_out=False)
+    refused = cli.run(ds, "upload", "churn", str(evil), expect=1, json_out=False, process=True)
     assert "builtins.eval" in refused.stderr and refused.stdout == ""
     assert cli.run(ds, "upload", "churn", str(evil), expect=1)["error"]["code"] == "upload_rejected"
     assert cli.run(ds, "list", "churn", expect=0)["versions"][0]["number"] == 2

@@ -135,7 +135,7 @@ def test_every_uri_form_imports_once_with_its_lineage(tracking_server: dict[str,
 
 
 @pytest.mark.parametrize("uri,words", [("models:/churn-lr/9", "could not provide"), ("models:/churn-lr@nope", "could not"),
-                                       ("models:/nothing-here/latest", "could not"), ("s3://bucket/x", "Use models:/"),
+                                       ("models:/nothing-here/latest", "has no versions"), ("s3://bucket/x", "Use models:/"),
                                        ("runs:/abc/../../etc", "Use models:/"), ("models:/churn-lr/1/../x", "Use")])
 def test_bad_uris_are_explained(tracking_server: dict[str, str], personas: dict[str, Any], api_as: Any, churn: Any,
                                 uri: str, words: str) -> None:

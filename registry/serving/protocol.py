@@ -20,10 +20,24 @@ MAX_ROWS = 100_000
 PARQUET = "application/vnd.apache.parquet"
 
 
+# MLflow's error codes, as its scoring server gives them: a request it cannot read is a BAD_REQUEST, values its
+# schema enforcement refuses (a missing column, a value of the wrong type, an invalid param) INVALID_PARAMETER_VALUE.
+BAD_REQUEST = "BAD_REQUEST"
+INVALID_VALUE = "INVALID_PARAMETER_VALUE"
+
+
 class InputError(Exception):
-    def __init__(self, message: str, code: str = "invalid_input") -> None:
+    def __init__(self, message: str, code: str = "invalid_input", mlflow_code: str = BAD_REQUEST) -> None:
         super().__init__(message)
         self.code = code
+        self.mlflow_code = mlflow_code
+
+
+class SchemaError(InputError):
+    """A value MLflow's schema enforcement refuses (400 INVALID_PARAMETER_VALUE)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "invalid_input", INVALID_VALUE)
 
 
 @dataclass
@@ -31,6 +45,9 @@ class ParsedRequest:
     columns: list[str] | None
     rows: list[Any]
     subject_ids: list[str] | None
+    params: dict[str, Any] | None = None
+    # how the rows came: "split", "records" (a list of objects), "tensors" (named), "rows", "csv" or "parquet"
+    form: str = "rows"
 
 
 def parse(content_type: str, body: bytes) -> ParsedRequest:
@@ -56,6 +73,9 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
     if subject_ids is not None and (not isinstance(subject_ids, list)
                                     or not all(isinstance(s, (str, int)) for s in subject_ids)):
         raise InputError("subject_ids must be a list of strings, one per row.")
+    params = payload.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise InputError("params must be a JSON object of parameter names and values.")
     keys = [k for k in ("dataframe_split", "dataframe_records", "instances", "inputs") if k in payload]
     if len(keys) != 1:
         raise InputError("Give exactly one of: dataframe_split, dataframe_records, instances, inputs.")
@@ -64,18 +84,21 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise InputError("dataframe_split needs {\"columns\": [...], \"data\": [[...], ...]}.")
         columns = data.get("columns")
-        if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
-            raise InputError("dataframe_split.columns must be a list of column names.")
-        parsed = ParsedRequest(columns, data["data"], None)
+        if columns is not None:
+            if not isinstance(columns, list) or not all(isinstance(c, (str, int)) for c in columns):
+                raise InputError("dataframe_split.columns must be a list of column names.")
+            columns = [c if isinstance(c, str) else str(c) for c in columns]  # pandas' integer names
+        parsed = ParsedRequest(columns, data["data"], None, form="split")
     elif keys[0] == "dataframe_records" or (isinstance(data, list) and data and isinstance(data[0], dict)):
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise InputError(f"{keys[0]} must be a list of objects, one per row.")
-        parsed = ParsedRequest(None, data, None)
+        parsed = ParsedRequest(None, data, None, form="records" if keys[0] != "dataframe_records" else "split")
     elif isinstance(data, dict):  # named tensors: {"inputs": {"column": [value, ...], ...}}
         values = list(data.values())
         if not values or not all(isinstance(v, list) for v in values) or len({len(v) for v in values}) != 1:
             raise InputError(f"{keys[0]} as named tensors needs one list of values per input, all as long.")
-        parsed = ParsedRequest([str(c) for c in data], [list(r) for r in zip(*values, strict=True)], None)
+        parsed = ParsedRequest([str(c) for c in data], [list(r) for r in zip(*values, strict=True)], None,
+                               form="tensors")
     else:
         if not isinstance(data, list):
             raise InputError(f"{keys[0]} must be a list of rows.")
@@ -84,6 +107,7 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
         raise InputError("There are no rows to score.")
     if len(parsed.rows) > MAX_ROWS:
         raise InputError(f"At most {MAX_ROWS} rows per request; use a batch job for more.")
+    parsed.params = params or None
     if subject_ids is not None:
         if len(subject_ids) != len(parsed.rows):
             raise InputError(f"subject_ids has {len(subject_ids)} entries for {len(parsed.rows)} rows.")
@@ -117,7 +141,7 @@ def _parse_parquet(body: bytes) -> ParsedRequest:
     if not columns or not table.num_rows:
         raise InputError("There are no rows to score.")
     rows = [list(r) for r in zip(*(table.column(c).to_pylist() for c in columns), strict=True)]
-    return ParsedRequest(columns, rows, None)
+    return ParsedRequest(columns, rows, None, form="parquet")
 
 
 def _parse_csv(body: bytes) -> ParsedRequest:
@@ -133,33 +157,57 @@ def _parse_csv(body: bytes) -> ParsedRequest:
     rows = [row for row in reader if row]
     if not rows:
         raise InputError("The CSV has a header but no rows.")
-    return ParsedRequest([h.strip() for h in header], rows, None)
+    return ParsedRequest([h.strip() for h in header], rows, None, form="csv")
 
 
-def to_matrix(parsed: ParsedRequest, columns: list[str]) -> np.ndarray:
-    """Rows as a float64 matrix in ``columns`` order; a missing or non-numeric value is a 400 naming it."""
+def to_matrix(parsed: ParsedRequest, columns: list[str], *, named: bool = False, tensor: bool = False) -> np.ndarray:
+    """Rows as a float64 matrix in ``columns`` order; a missing or non-numeric value is a 400 naming it.
+
+    ``named``: the columns are a column signature's (MLflow enforces them by name), so rows without column names
+    are refused as MLflow refuses them. Otherwise (a tensor signature, a bare ONNX file) the columns only give the
+    width, and names that are not the expected ones are ignored, as MLflow turns such a frame into a tensor.
+    ``tensor``: an MLflow tensor signature, for which MLflow's server refuses CSV bodies, named tensors and records
+    under ``instances``/``inputs``; so does this."""
+    if tensor and parsed.form in ("csv", "tensors"):
+        raise InputError("This model's signature is an unnamed tensor: send rows as dataframe_split, "
+                         "dataframe_records, instances or inputs (lists of values) or Parquet"
+                         + (", not CSV." if parsed.form == "csv" else ", not named tensors."))
+    if tensor and parsed.form == "records":
+        raise SchemaError("This model's signature is an unnamed tensor: send instances or inputs as lists of "
+                          "values, not objects.")
     width = len(columns)
     rows = parsed.rows
     if parsed.columns is None and rows and isinstance(rows[0], dict):
         missing = [c for c in columns if c not in rows[0]]
-        if missing:
-            raise InputError(f"Row 0 lacks the input {missing[0]!r}" + (f" and {len(missing) - 1} more." if
-                                                                          len(missing) > 1 else "."))
-        try:
-            matrix = np.array([[row[c] for c in columns] for row in rows], dtype="float64")
-        except KeyError as exc:
-            raise InputError(f"A row lacks the input {exc.args[0]!r}.") from None
-        except (TypeError, ValueError):
-            raise InputError(_first_bad_value(rows, columns)) from None
-        return _finite(matrix, columns)
+        if missing and not named and len(rows[0]) == width:
+            rows = [list(r.values()) if isinstance(r, dict) else r for r in rows]
+            parsed = ParsedRequest(None, rows, parsed.subject_ids, parsed.params, parsed.form)
+        else:
+            if missing:
+                raise SchemaError(f"Row 0 lacks the input {missing[0]!r}" + (f" and {len(missing) - 1} more." if
+                                                                             len(missing) > 1 else "."))
+            try:
+                matrix = np.array([[row[c] for c in columns] for row in rows], dtype="float64")
+            except KeyError as exc:
+                raise SchemaError(f"A row lacks the input {exc.args[0]!r}.") from None
+            except (TypeError, ValueError):
+                raise InputError(_first_bad_value(rows, columns)) from None
+            return _finite(matrix, columns)
+    if named and parsed.columns is None:
+        raise SchemaError(f"The model's signature names its inputs ({', '.join(columns[:5])}"
+                          f"{', …' if width > 5 else ''}): send rows with column names (dataframe_split with "
+                          "columns, dataframe_records, or a list of objects).")
     order: list[int] | None = None  # None: the columns come in the signature's order already (the usual case)
     if parsed.columns is not None and parsed.columns != columns:
         index = {c: i for i, c in enumerate(parsed.columns)}
         missing = [c for c in columns if c not in index]
-        if missing:
-            raise InputError(f"The input {missing[0]!r} is missing" + (f", and {len(missing) - 1} more." if
+        if missing and not named and len(parsed.columns) == width:
+            order = None  # unnamed inputs: taken in the order sent
+        elif missing:
+            raise SchemaError(f"The input {missing[0]!r} is missing" + (f", and {len(missing) - 1} more." if
                                                                          len(missing) > 1 else "."))
-        order = [index[c] for c in columns]
+        else:
+            order = [index[c] for c in columns]
     try:
         raw = np.array(rows, dtype="float64" if parsed.columns is None or _is_numeric_table(rows) else object)
     except (TypeError, ValueError):
@@ -170,13 +218,44 @@ def to_matrix(parsed: ParsedRequest, columns: list[str]) -> np.ndarray:
         raise InputError("Each row must be a list of values.")
     needed = width if order is None else max(order) + 1 if order else 0
     if raw.shape[1] < needed or (parsed.columns is None and raw.shape[1] != width):
-        raise InputError(f"Each row needs {width} values in the signature's order; got {raw.shape[1]}.")
+        raise SchemaError(f"Each row needs {width} values in the signature's order; got {raw.shape[1]}.")
     try:
         matrix = (raw[:, :width] if order is None else raw[:, order]).astype("float64", copy=False)
     except (TypeError, ValueError):
         names = parsed.columns or columns
         raise InputError(_first_bad_matrix_value(raw, order or list(range(width)), names)) from None
     return _finite(matrix, columns)
+
+
+# MLflow's param types and the Python values each takes (its ParamSpec conversion: a whole number is a valid
+# float, a float is not a valid integer; a boolean is neither).
+_PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "boolean": (bool,), "integer": (int,), "long": (int,), "float": (int, float),
+    "double": (int, float), "datetime": (str,), "binary": (str, bytes),
+}
+
+
+def check_params(params: dict[str, Any] | None, schema: list[dict[str, Any]]) -> None:
+    """Params against the signature's ParamSchema, as MLflow enforces it: a value of the wrong type is a 400
+    INVALID_PARAMETER_VALUE; a param the schema does not declare is ignored (MLflow only logs a warning)."""
+    if not params or not schema:
+        return
+    for spec in schema:
+        name = spec.get("name")
+        if name not in params or params[name] is None:
+            continue
+        value, kind = params[name], str(spec.get("type") or "")
+        allowed = _PARAM_TYPES.get(kind)
+        if allowed is None:
+            continue
+        values = value if spec.get("shape") is not None and isinstance(value, list) else [value]
+        if spec.get("shape") is not None and not isinstance(value, list):
+            raise InputError(f"Param {name!r} takes a list of {kind} values; got {str(value)[:40]!r}.",
+                             mlflow_code=INVALID_VALUE)
+        for v in values:
+            if (isinstance(v, bool) and kind != "boolean") or not isinstance(v, allowed):
+                raise InputError(f"Param {name!r} takes a {kind} value; {str(v)[:40]!r} is not one.",
+                                 mlflow_code=INVALID_VALUE)
 
 
 _NUMBERS = {int, float}

@@ -40,9 +40,13 @@ class LoadedModel:
     whole requests with MLflow's own scoring code, ``invoke``)."""
 
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
-                 close: Any = None, invoke_fn: Any = None) -> None:
+                 close: Any = None, invoke_fn: Any = None, named: bool = False,
+                 params: list[dict[str, Any]] | None = None, tensor: bool = False) -> None:
         self.version_number = version_number
         self.columns = columns
+        self.named = named  # a column signature: requests must name their columns, as MLflow requires
+        self.tensor = tensor  # an MLflow tensor signature: MLflow's server refuses some request forms for it
+        self.params = params or []  # the signature's ParamSchema, checked as MLflow checks it
         self._predict = predict_fn
         self._invoke = invoke_fn
         self._close = close
@@ -148,11 +152,16 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
         predictor, invoke, close = _hosted(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
                        predict_fn=predictor, kind=kind, close=close,
-                       invoke_fn=invoke if kind == "mlflow" else None)
+                       invoke_fn=invoke if kind == "mlflow" else None,
+                       named=bool(columns) and version.format == "mlflow", params=param_specs(version),
+                       tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
+                                                                 for c in version.signature.get("inputs") or []))
 
 
 def named_inputs(version: ModelVersion) -> list[str]:
-    return [c["name"] for c in version.signature.get("inputs", []) if isinstance(c, dict) and c.get("name")]
+    """A column signature's names (an MLflow tensor spec may be named too, but its name is not a column)."""
+    return [c["name"] for c in version.signature.get("inputs", [])
+            if isinstance(c, dict) and c.get("name") and c.get("type") != "tensor"]
 
 
 def input_columns(version: ModelVersion) -> list[str]:
@@ -160,9 +169,18 @@ def input_columns(version: ModelVersion) -> list[str]:
     signature (a bare ONNX upload), whose width is the tensor's second dimension."""
     columns = named_inputs(version)
     if not columns:
-        shape = (version.signature.get("inputs") or [{}])[0].get("shape") or []
-        columns = [f"f{i}" for i in range(shape[1])] if len(shape) > 1 and shape[1] else []
+        first = (version.signature.get("inputs") or [{}])[0]
+        shape = (first.get("shape") or (first.get("tensor-spec") or {}).get("shape") or []) \
+            if isinstance(first, dict) else []
+        columns = [f"f{i}" for i in range(shape[1])] if len(shape) > 1 and isinstance(shape[1], int) \
+            and shape[1] > 0 else []
     return columns
+
+
+def param_specs(version: ModelVersion) -> list[dict[str, Any]]:
+    """The signature's ParamSchema (MLflow's ``params``): name, type, default and shape of each."""
+    params = (version.signature or {}).get("params") or []
+    return [p for p in params if isinstance(p, dict) and p.get("name")] if isinstance(params, list) else []
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
 import time
@@ -64,8 +65,24 @@ class Answer(NamedTuple):
         return response
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> Answer:
-    return Answer(status, orjson.dumps(error_body(code, message)), headers)
+# The portal's error codes as MLflow's (``mlflow.protos.databricks_pb2.ErrorCode``), for MLflow's clients.
+_MLFLOW_CODES = {
+    "not_authenticated": "UNAUTHENTICATED", "permission_denied": "PERMISSION_DENIED", "not_found": "ENDPOINT_NOT_FOUND",
+    "not_deployed": "ENDPOINT_NOT_FOUND", "throttled": "REQUEST_LIMIT_EXCEEDED", "method_not_allowed": "BAD_REQUEST",
+    "model_unavailable": "TEMPORARILY_UNAVAILABLE", "unavailable": "TEMPORARILY_UNAVAILABLE",
+    "model_error": "INTERNAL_ERROR",
+}
+
+
+def _error(status: int, code: str, message: str, mlflow_code: str = "", **headers: str) -> Answer:
+    """The contract's ``error`` object, with MLflow's ``error_code`` and ``message`` beside it."""
+    mlflow_code = mlflow_code or _MLFLOW_CODES.get(code) or protocol.BAD_REQUEST
+    return Answer(status, orjson.dumps({"error_code": mlflow_code, "message": message,
+                                        **error_body(code, message)}), headers)
+
+
+def _input_error(exc: protocol.InputError) -> Answer:
+    return _error(415 if exc.code == "unsupported_media_type" else 400, exc.code, str(exc), exc.mlflow_code)
 
 
 def _authenticate(request: HttpRequest) -> tuple[Any, str] | None:
@@ -183,7 +200,8 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
                 predictions, error = [], f"MLflow {answer.status}: {answer.body}"[:500]
         else:
             if matrix is None and request is not None:
-                matrix = protocol.to_matrix(protocol.parse(request[1], request[0]), loaded.columns)
+                matrix = protocol.to_matrix(protocol.parse(request[1], request[0]), loaded.columns,
+                                            named=loaded.named, tensor=loaded.tensor)
             predictions, error = loaded.predict(matrix), ""
     except Exception as exc:
         predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
@@ -261,16 +279,17 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
     try:
         subjects, body = _split_subjects(content_type, request.body)
     except protocol.InputError as exc:
-        return _error(400, exc.code, str(exc))
+        return _input_error(exc)
     role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY") or (subjects[0] if subjects
                                                                                      else None))
     if not loaded.answers_requests:  # a canary of another kind beside an MLflow champion
         try:
             parsed = protocol.parse(content_type, request.body)
-            matrix = protocol.to_matrix(parsed, loaded.columns)
+            matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor)
+            protocol.check_params(parsed.params, loaded.params)
             predictions = loaded.predict(matrix)
         except protocol.InputError as exc:
-            return _error(415 if exc.code == "unsupported_media_type" else 400, exc.code, str(exc))
+            return _input_error(exc)
         except hosts.HostUnavailable as exc:
             return _model_unavailable(name, loaded, exc)
         except Exception:
@@ -305,12 +324,15 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         return _model_unavailable(name, loaded, hosts.HostUnavailable("the model host's answer is not JSON"))
     return _answered(name=name, env=env, role=role, loaded=loaded, rows=_logged_rows(answer, loaded.columns),
                      predictions=predictions, subjects=subjects, token_id=token_id, started=started, route=route,
-                     request=(body, content_type), count=answer.count)
+                     request=(body, content_type), count=answer.count,
+                     non_finite="NaN" in answer.body or "Infinity" in answer.body)
 
 
 def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, rows: Any, predictions: Any,
               subjects: list[str] | None, token_id: str, started: float, route: runtime.Route,
-              request: tuple[bytes, str], count: int | None = None) -> Answer:
+              request: tuple[bytes, str], count: int | None = None, non_finite: bool = False) -> Answer:
+    """``non_finite``: MLflow's answer holds NaN or Infinity, which MLflow writes as such (not JSON's null): the
+    answer is written the same way, so a client reads what MLflow's own server would have sent."""
     n = count if count is not None else len(rows)
     ids = _prediction_ids(n)
     per_row = predictions if isinstance(predictions, list) and len(predictions) == n else [None] * n
@@ -321,9 +343,22 @@ def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, ro
     if route.mode == "shadow" and route.challenger is not None:
         _shadow_pool.submit(_shadow, route, name, env, None, ids, subjects, context.current().request_id,
                             request)
-    return Answer(200, orjson.dumps({"predictions": predictions, "prediction_ids": ids,
-                                     "model_version": loaded.version_number}, option=orjson.OPT_SERIALIZE_NUMPY),
-                  {})
+    payload = {"predictions": predictions, "prediction_ids": ids, "model_version": loaded.version_number}
+    if non_finite and _has_non_finite(predictions):
+        import json
+
+        return Answer(200, json.dumps(payload, allow_nan=True).encode(), {})
+    return Answer(200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), {})
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    return False
 
 
 def _model_unavailable(name: str, loaded: runtime.LoadedModel, exc: Exception) -> Answer:
@@ -387,10 +422,10 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
         role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
                                               or (parsed.subject_ids[0] if parsed.subject_ids else None))
-        matrix = protocol.to_matrix(parsed, loaded.columns)
+        matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor)
+        protocol.check_params(parsed.params, loaded.params)
     except protocol.InputError as exc:
-        status = 415 if exc.code == "unsupported_media_type" else 400
-        return _error(status, exc.code, str(exc))
+        return _input_error(exc)
     ids = _prediction_ids(matrix.shape[0])
     try:
         predictions = loaded.predict(matrix)

@@ -67,6 +67,38 @@ def test_bad_payloads_get_4xx_json_without_the_schema(serving: Client, body: byt
     error = assert_error_shape(response, status)
     assert words in error["error"]["message"]
     assert "mean fractal dimension" not in error["error"]["message"], "the schema is not echoed back"
+    # MLflow's error_code and message beside the contract's error object, as MLflow's scoring server answers
+    assert error["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE") and error["message"]
+
+
+def test_the_fast_path_enforces_signatures_and_params_as_mlflow_does() -> None:
+    """Rows without column names for a column signature, params against the signature's ParamSchema, and the
+    request forms MLflow's server refuses for a tensor signature: the same answers and error codes as MLflow's."""
+    from registry.serving import protocol
+
+    unnamed = protocol.parse("application/json", b'{"inputs": [[1, 2]]}')
+    with pytest.raises(protocol.InputError) as refused:
+        protocol.to_matrix(unnamed, ["a", "b"], named=True)
+    assert refused.value.mlflow_code == "INVALID_PARAMETER_VALUE" and "column names" in str(refused.value)
+    assert protocol.to_matrix(unnamed, ["f0", "f1"]).tolist() == [[1.0, 2.0]]  # a tensor takes rows as they come
+    split = protocol.parse("application/json", b'{"dataframe_split": {"columns": [0, 1], "data": [[1, 2]]}, '
+                                               b'"params": {"threshold": 1}}')
+    assert protocol.to_matrix(split, ["f0", "f1"], tensor=True).tolist() == [[1.0, 2.0]]
+    schema = [{"name": "threshold", "type": "double", "default": 0.5, "shape": None}]
+    protocol.check_params(split.params, schema)  # a whole number is a valid double
+    protocol.check_params({"no_such_param": "x"}, schema)  # MLflow ignores what the schema does not declare
+    for bad in ("0.5", True, [0.5]):
+        with pytest.raises(protocol.InputError) as refused:
+            protocol.check_params({"threshold": bad}, schema)
+        assert refused.value.mlflow_code == "INVALID_PARAMETER_VALUE"
+    for body, content_type in ((b"a,b\n1,2\n", "text/csv"), (b'{"inputs": {"a": [1], "b": [2]}}', "application/json"),
+                               (b'{"inputs": [{"a": 1, "b": 2}]}', "application/json")):
+        with pytest.raises(protocol.InputError):  # MLflow's server refuses these for a tensor signature
+            protocol.to_matrix(protocol.parse(content_type, body), ["f0", "f1"], tensor=True)
+    text = protocol.parse("application/json", b'{"dataframe_split": {"columns": ["a"], "data": [["abc"]]}}')
+    with pytest.raises(protocol.InputError) as refused:
+        protocol.to_matrix(text, ["a"], named=True)
+    assert refused.value.mlflow_code == "BAD_REQUEST"  # as MLflow: a value it cannot convert
 
 
 def test_a_non_numeric_value_is_named(serving: Client) -> None:

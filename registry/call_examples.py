@@ -54,7 +54,7 @@ def _input_specs(version: ModelVersion) -> list[dict[str, Any]]:
     return [c for c in inputs if isinstance(c, dict)][:MAX_EXAMPLE_COLUMNS] if isinstance(inputs, list) else []
 
 
-def _split_from_example(example: Any, names: list[str]) -> dict[str, Any] | None:
+def _split_from_example(example: Any, names: list[str], limit: int) -> dict[str, Any] | None:
     """The stored input example as ``{"columns", "data"}`` rows, or None when it is not a table."""
     if isinstance(example, dict) and isinstance(example.get("data"), list):
         columns = example.get("columns") or names
@@ -69,36 +69,78 @@ def _split_from_example(example: Any, names: list[str]) -> dict[str, Any] | None
     if not isinstance(columns, list) or not columns or not all(isinstance(r, list) and len(r) == len(columns)
                                                                 for r in data) or not data:
         return None
-    return {"columns": list(columns), "data": [list(r) for r in data[:MAX_EXAMPLE_ROWS]]}
+    return {"columns": [str(c) for c in columns], "data": [list(r) for r in data[:limit]]}
+
+
+@dataclass(frozen=True)
+class ExampleRows:
+    """A version's example as a request carries it: the column names (none for a tensor signature) and the rows,
+    with where they came from: ``example`` (the version's input example), ``signature`` (typed placeholders) or
+    ``none``. The environment page shows it; a deployment validates the serving form with it."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+    source: str
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The MLflow request body: ``dataframe_split`` for columns, ``inputs`` rows for a tensor."""
+        if self.columns or self.source == "none":
+            return {"dataframe_split": {"columns": list(self.columns), "data": [list(r) for r in self.rows]}}
+        return {"inputs": [list(r) for r in self.rows]}
+
+
+def _tensor_rows(example: Any) -> list[list[Any]] | None:
+    rows = example.get("data") if isinstance(example, dict) else example
+    if isinstance(rows, list) and rows and all(isinstance(r, list) for r in rows) and len({len(r) for r in rows}) == 1:
+        return rows
+    return None
+
+
+def example_rows(version: ModelVersion, *, limit: int = MAX_EXAMPLE_ROWS) -> ExampleRows:
+    """The version's input example as rows a request carries (in the signature's column order where it names
+    columns, extra example columns left out as MLflow ignores them), else placeholders typed by the signature."""
+    specs = _input_specs(version)
+    named = [c for c in specs if c.get("name") is not None and c.get("type") != "tensor"]
+    names = [str(c["name"]) for c in named]
+    tensors = [c for c in specs if c.get("type") == "tensor"]
+    example = version.input_example
+    if tensors and not names:
+        rows = _tensor_rows(example)
+        if rows is not None:
+            return ExampleRows([], [list(r) for r in rows[:limit]], "example")
+    else:
+        split = _split_from_example(example, names, limit)
+        if split is not None and (not names or set(names) <= set(split["columns"])):
+            columns = split["columns"]
+            if names and names != columns:
+                index = [columns.index(c) for c in names]
+                return ExampleRows(names, [[row[i] for i in index] for row in split["data"]], "example")
+            return ExampleRows(columns, split["data"], "example")
+    if named:
+        return ExampleRows(names, [[_placeholder(c) for c in named]], "signature")
+    if tensors:
+        shape = (tensors[0].get("tensor-spec") or {}).get("shape") or []
+        width = shape[1] if len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 else 1
+        return ExampleRows([], [[_placeholder(tensors[0])] * min(width, MAX_EXAMPLE_COLUMNS)], "signature")
+    return ExampleRows([], [], "none")
 
 
 def example_body(version: ModelVersion) -> tuple[dict[str, Any], str, tuple[str, ...]]:
     """The body to show: (body, where it came from, columns whose example values were replaced)."""
     specs = _input_specs(version)
-    named = [c for c in specs if c.get("name") is not None and c.get("type") != "tensor"]
-    names = [str(c["name"]) for c in named]
-    sensitive = set(version.sensitive_columns or {})
-    split = _split_from_example(version.input_example, names)
-    if split is not None:
-        by_name = {str(c["name"]): c for c in named}
-        hidden = tuple(c for c in split["columns"] if c in sensitive)
-        for row in split["data"]:
-            for i, column in enumerate(split["columns"]):
-                if column in sensitive:
-                    row[i] = _placeholder(by_name.get(column, {"type": "string"}))
-        return {"dataframe_split": split}, "example", hidden
-    if named:
-        return ({"dataframe_split": {"columns": names, "data": [[_placeholder(c) for c in named]]}}, "signature",
-                tuple(names))
     tensors = [c for c in specs if c.get("type") == "tensor"]
-    if tensors:
-        shape = (tensors[0].get("tensor-spec") or {}).get("shape") or []
-        width = shape[1] if len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 else 1
-        row = [_placeholder(tensors[0])] * min(width, MAX_EXAMPLE_COLUMNS)
-        if len(tensors) == 1 or not all(t.get("name") for t in tensors):
-            return {"inputs": [row]}, "signature", ()
+    if len(tensors) > 1 and all(t.get("name") for t in tensors) and len(tensors) == len(specs):
         return {"inputs": {str(t["name"]): [[_placeholder(t)]] for t in tensors}}, "signature", ()
-    return {"dataframe_split": {"columns": [], "data": []}}, "none", ()
+    example = example_rows(version)
+    if example.source != "example" or not example.columns:
+        return example.body, example.source, tuple(example.columns) if example.source == "signature" else ()
+    sensitive = set(version.sensitive_columns or {})
+    by_name = {str(c["name"]): c for c in specs if c.get("name") is not None}
+    hidden = tuple(c for c in example.columns if c in sensitive)
+    rows = [[_placeholder(by_name.get(column, {"type": "string"})) if column in sensitive else value
+             for column, value in zip(example.columns, row, strict=True)] for row in example.rows]
+    return ExampleRows(example.columns, rows, "example").body, "example", hidden
 
 
 def _finite(value: Any) -> Any:

@@ -124,17 +124,15 @@ def _claim(deployment_id: int) -> Deployment | None:
     return Deployment.objects.select_related("model__team", "version__artifact").get(pk=deployment_id)
 
 
-def _example_rows(version: ModelVersion) -> tuple[list[str], list[list[float]]]:
-    columns = [c["name"] for c in version.signature.get("inputs", []) if isinstance(c, dict) and c.get("name")]
-    example = version.input_example if isinstance(version.input_example, dict) else None
-    if example and example.get("columns") and example.get("data"):
-        ex_cols = [str(c) for c in example["columns"]]
-        if columns and set(columns) <= set(ex_cols):
-            index = [ex_cols.index(c) for c in columns]
-            return columns, [[row[i] for i in index] for row in example["data"]]
-        if not columns:
-            return ex_cols, example["data"]
-    raise DeploymentFailed("the version has no input example with its signature's columns to validate against")
+def _example(version: ModelVersion) -> Any:
+    """The version's input example as a request carries it (``call_examples.example_rows``: the environment page
+    shows the same rows): columns in the signature's order, or tensor rows without names."""
+    from registry.call_examples import example_rows
+
+    example = example_rows(version, limit=20)
+    if example.source != "example" or not example.rows:
+        raise DeploymentFailed("the version has no input example with its signature's inputs to validate against")
+    return example
 
 
 def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
@@ -144,7 +142,7 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
     if version.format == "onnx":
         return "onnx", version.artifact
     assert version.artifact is not None
-    columns, rows = _example_rows(version)
+    example = _example(version)
     with storage.verified_local_path(version.artifact) as artifact:
         if version.format == "mlflow":
             target = work / "model"
@@ -159,7 +157,7 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
         output = out / "serving.onnx"
         trusted = version.untrusted_types if version.trust_state == TrustState.TRUSTED else []
         try:
-            result = sandbox.prepare_serving(version.format, path, {"columns": columns, "rows": rows,
+            result = sandbox.prepare_serving(version.format, path, {"columns": example.columns, "rows": example.rows,
                                                                     "trusted_types": trusted}, out=out)
         except sandbox.SandboxUnavailable as exc:
             raise DeploymentFailed(f"the model sandbox is unavailable on this worker: {exc}") from None
@@ -225,14 +223,15 @@ def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
 
     version = deployment.version
     loaded = load_serving_model(version=version, kind=kind, blob=blob)
-    columns, rows = _example_rows(version)
+    example = _example(version)
+    rows = example.rows
     import numpy as np
 
     try:
         if loaded.answers_requests:
             import orjson
 
-            body = orjson.dumps({"dataframe_split": {"columns": columns, "data": rows}})
+            body = orjson.dumps(example.body)
             answer = loaded.invoke(body, "application/json")
             if answer.status != 200:
                 raise DeploymentFailed(f"MLflow's scoring code refused the input example ({answer.status}): "
@@ -244,7 +243,7 @@ def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
                 return  # a frame of outputs per row: MLflow's own encoding, nothing to compare
             predictions = np.asarray(predictions).ravel().tolist()
         else:
-            predictions = loaded.predict(np.asarray(rows, dtype="float64"), columns)
+            predictions = loaded.predict(np.asarray(rows, dtype="float64"), example.columns or None)
     except (HostUnavailable, HostModelError) as exc:
         raise DeploymentFailed(f"the model host could not answer the input example: {exc}") from None
     finally:

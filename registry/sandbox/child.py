@@ -141,12 +141,17 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     columns = options.get("columns")
     example = options.get("example")
+    native_example: Any = None
     if fmt == "mlflow":
         import mlflow.pyfunc
 
         model = mlflow.pyfunc.load_model(path)
         meta = model.metadata
         if example is None and meta.saved_input_example_info:
+            try:  # as MLflow itself reads it back (a float32 tensor stays float32), for pyfunc's schema checks
+                native_example = meta.load_input_example(path)
+            except Exception:
+                native_example = None
             info = meta.saved_input_example_info
             with open(os.path.join(path, info["artifact_path"]), encoding="utf-8") as fh:
                 example = json.load(fh)
@@ -210,7 +215,12 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
                      f"the first {n_features} were used")
         frame = frame.iloc[:, :n_features]
     started = time.perf_counter()
-    predictions, proba = _predict(target, frame, fmt)
+    if fmt == "mlflow" and not _is_estimator(target) and native_example is not None:
+        predictions, proba = _as_array(target.predict(native_example)), None
+        if len(predictions) == len(native_example) and len(frame) != len(predictions):
+            frame = frame.head(len(predictions))
+    else:
+        predictions, proba = _predict(target, frame, fmt)
     predict_seconds = time.perf_counter() - started
     if len(predictions) != len(frame):
         return {"ok": False, "error": f"{len(frame)} example rows gave {len(predictions)} predictions"}
@@ -228,6 +238,19 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
         "notes": notes,
         "classes": [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else None,
     }
+
+
+def _as_array(result: Any) -> Any:
+    """A pyfunc's answer as one array: a frame or series as its values, a dict of named tensors as its first."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(result, dict) and result:
+        result = next(iter(result.values()))
+    if isinstance(result, (pd.DataFrame, pd.Series)):
+        result = result.to_numpy()
+    array = np.asarray(result)
+    return array.ravel() if array.ndim > 1 and array.shape[1] == 1 else array
 
 
 def _is_estimator(obj: Any) -> bool:
@@ -269,7 +292,8 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
     model = _load(fmt, path, options)
     if not _is_estimator(model):
         return {"ok": True, "kind": "native", "reason": "not a scikit-learn estimator, which the ONNX converter needs"}
-    frame = _frame({"columns": columns, "data": rows.tolist()}, columns)
+    # A tensor signature has no column names: the model takes the matrix itself.
+    frame = _frame({"columns": columns, "data": rows.tolist()}, columns) if columns else rows
     native = np.asarray(model.predict(frame))
     try:
         from skl2onnx import to_onnx

@@ -230,6 +230,15 @@ def carried_code(root: Path, model_dir: Path, meta: dict[str, Any]) -> tuple[lis
             found = [p for p in model_dir.glob(PurePosixPath(code_path).name) if p.is_file()]
             members.update(found)
             lines.append(f"{CODE_PREFIX}{flavor} flavor runs its model code ({PurePosixPath(code_path).name})")
+        data = conf.get("data")
+        if flavor in PICKLED_FLAVORS and isinstance(data, str) and data:
+            # statsmodels pickles its own result classes (and pandas', patsy's): more classes than the pickle
+            # allowlist can vouch for, so the pickle is treated as what it is, code the approver decides on.
+            target = _inside(root, model_dir, data)
+            if target is not None and _files_at(target):
+                members.update(_files_at(target))
+                lines.append(f"{CODE_PREFIX}{flavor} flavor unpickles its model ({data}) with {flavor}'s own "
+                             "classes, which the portal's pickle allowlist does not cover")
         python_model = conf.get("python_model")
         if flavor == "python_function" and isinstance(python_model, str) and python_model:
             target = _inside(root, model_dir, python_model)
@@ -252,6 +261,10 @@ def carried_code(root: Path, model_dir: Path, meta: dict[str, Any]) -> tuple[lis
         members.update(p for p in model_dir.rglob("*") if p.is_file() and p.suffix.lower() in CODE_SUFFIXES)
     return sorted(set(lines)), {m.resolve() for m in members}
 
+
+# Flavors whose model file is a pickle of the library's own classes (beyond the allowlist's scikit-learn, XGBoost
+# and LightGBM): held for an approver's trust decision like code, then loaded only in the sandbox.
+PICKLED_FLAVORS = ("statsmodels",)
 
 # MLflow flavor -> the Python package its loader imports (where the names differ).
 FLAVOR_LIBRARIES = {"sklearn": "sklearn", "pytorch": "torch", "tensorflow": "tensorflow", "keras": "keras",
@@ -335,7 +348,7 @@ def _mlmodel_rules(root: Path, model_dir: Path, meta: dict[str, Any], *, code_he
 def _mlflow_signature(meta: dict[str, Any]) -> dict[str, Any]:
     raw = meta.get("signature") or {}
     signature: dict[str, Any] = {}
-    for part in ("inputs", "outputs"):
+    for part in ("inputs", "outputs", "params"):
         text = raw.get(part)
         if text:
             try:

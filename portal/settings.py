@@ -424,6 +424,10 @@ PORTAL_MLFLOW_TRACKING_URI = env_url("PORTAL_MLFLOW_TRACKING_URI", None,
                                      schemes={"http", "https", "sqlite", "postgresql", "file"})
 PORTAL_SERVE_RATE_LIMIT = env_int("PORTAL_SERVE_RATE_LIMIT", 5000, minimum=0)  # requests/second/token; 0: off
 PORTAL_PREDICTION_BUFFER_URL = env_url(
+    "PORTAL_PREDICTION_BUFFER_URL",
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else None,
+    schemes={"redis", "rediss"},
+)
 # Prediction-log ingestion (Redis Streams, monitoring/flush.py): the stream keys records are spread over (a Redis
 # Cluster places each on its own slot), the records all keys together may hold before XADD trims the oldest unflushed
 # ones, the share of that bound at which the flushers raise the alarm, and how long a record read by a flusher may
@@ -432,16 +436,18 @@ PORTAL_PREDICTION_STREAMS = env_int("PORTAL_PREDICTION_STREAMS", 4, minimum=1, m
 PORTAL_PREDICTION_BUFFER_MAXLEN = env_int("PORTAL_PREDICTION_BUFFER_MAXLEN", 4_000_000, minimum=1000)
 PORTAL_PREDICTION_BUFFER_ALARM = env_float("PORTAL_PREDICTION_BUFFER_ALARM", 0.5, minimum=0.01, maximum=1.0)
 PORTAL_PREDICTION_CLAIM_SECONDS = env_float("PORTAL_PREDICTION_CLAIM_SECONDS", 30.0, minimum=0.1, maximum=86400.0)
-    "PORTAL_PREDICTION_BUFFER_URL",
-    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else None,
-    schemes={"redis", "rediss"},
-)
 PORTAL_SUBJECT_HASH_KEY = env_optional("PORTAL_SUBJECT_HASH_KEY") or hashlib.sha256(
     ("subject-hash:" + SECRET_KEY).encode()).hexdigest()
 PORTAL_SANDBOX_MEMORY_MB = env_int("PORTAL_SANDBOX_MEMORY_MB", 4096, minimum=256)
 # Without a working sandbox, /readyz fails unless this is off (hosts that serve only ONNX models).
 PORTAL_SANDBOX_REQUIRED = env_bool("PORTAL_SANDBOX_REQUIRED", True)
 PORTAL_SANDBOX_TMP_MB = env_int("PORTAL_SANDBOX_TMP_MB", 1024, minimum=16)  # the sandbox's private /tmp
+# Containers that may not create namespaces (compose, Kubernetes) load models in the model-host service instead
+# (registry/sandbox/service.py: a container with no credential and no egress): tcp://HOST:PORT or unix:/PATH.
+PORTAL_MODEL_HOST_URL = env_optional("PORTAL_MODEL_HOST_URL") or ""
+if PORTAL_MODEL_HOST_URL and not PORTAL_MODEL_HOST_URL.startswith(("tcp://", "unix:")):
+    raise ImproperlyConfigured(
+        f"PORTAL_MODEL_HOST_URL must be tcp://HOST:PORT or unix:/PATH, not {PORTAL_MODEL_HOST_URL!r}")
 # Model hosts: sandboxed processes that serve artifacts whose loaders run code (registry/sandbox/hosts.py).
 PORTAL_MODEL_HOSTS_PER_PROCESS = env_int("PORTAL_MODEL_HOSTS_PER_PROCESS", 8, minimum=1)
 PORTAL_MODEL_HOST_IDLE_SECONDS = env_int("PORTAL_MODEL_HOST_IDLE_SECONDS", 900, minimum=10)

@@ -317,10 +317,11 @@ def _check_broker() -> str | None:
 
 
 def _check_sandbox() -> str | None:
-    """The model sandbox (bubblewrap): without it no pickle, joblib, skops or MLflow model is loaded here."""
-    from registry.sandbox import bwrap
+    """The model sandbox (bubblewrap, or the model-host service): without it no pickle, joblib, skops or MLflow
+    model is loaded here."""
+    from registry.sandbox import unavailable_reason
 
-    reason = bwrap.probe()
+    reason = unavailable_reason()
     return f"sandbox: {reason}" if reason else None
 
 

@@ -7,12 +7,12 @@ from typing import Any
 
 from django.core.checks import CheckMessage, Warning, register
 
-from registry.sandbox import bwrap
+from registry.sandbox import unavailable_reason
 
 
 @register()
 def sandbox_available(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    reason = bwrap.probe()
+    reason = unavailable_reason()
     if reason is None:
         return []
     return [Warning(

@@ -21,7 +21,7 @@ from typing import Any
 
 from django.conf import settings
 
-from registry.sandbox import bwrap
+from registry.sandbox import bwrap, remote
 from registry.sandbox.bwrap import SandboxUnavailable
 
 __all__ = ["SandboxResult", "SandboxUnavailable", "inspect_onnx", "prepare_serving", "run", "skops_types",
@@ -42,7 +42,9 @@ class SandboxResult:
 
 
 def unavailable_reason() -> str | None:
-    return bwrap.probe()
+    """None when artifacts can be loaded in isolation here: by the model-host service where
+    ``PORTAL_MODEL_HOST_URL`` names one (containers), else by bubblewrap on this machine."""
+    return remote.probe() if remote.configured() else bwrap.probe()
 
 
 def _tail(handle: Any) -> bytes:
@@ -55,13 +57,45 @@ def run(argv: list[str], mounts: bwrap.Mounts, *, timeout: int | None = None,
         memory_mb: int | None = None) -> SandboxResult:
     """Run ``child.py`` once in the sandbox. Raises ``SandboxUnavailable`` where no sandbox can start: the caller
     must then leave the artifact unloaded, never load it some other way."""
-    reason = bwrap.probe()
+    reason = unavailable_reason()
     if reason:
         raise SandboxUnavailable(reason)
     timeout = timeout or settings.PORTAL_SANDBOX_TIMEOUT_SECONDS
     memory = (memory_mb or settings.PORTAL_SANDBOX_MEMORY_MB) * 1024 * 1024
     file_size = MAX_FILE_BYTES if mounts.out is not None else MAX_OUTPUT_BYTES
     limits = f"{memory},{timeout},{file_size},256"
+    if remote.configured():
+        try:
+            returncode, stdout, stderr = remote.run(argv, mounts, limits=limits, timeout=timeout)
+        except remote.RemoteError as exc:
+            return SandboxResult(False, error=str(exc))
+    else:
+        outcome = _run_local(argv, mounts, limits=limits, timeout=timeout)
+        if isinstance(outcome, SandboxResult):
+            return outcome
+        returncode, stdout, stderr = outcome
+    if returncode is None:
+        return SandboxResult(False, error=f"loading the model took longer than {timeout} s")
+    stderr_tail = stderr.decode("utf-8", "replace")[-2000:]
+    lines = [line for line in stdout.decode("utf-8", "replace").splitlines() if line.strip()]
+    if returncode != 0 or not lines:
+        why = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        return SandboxResult(False, error=f"the sandboxed load crashed ({why})", stderr_tail=stderr_tail)
+    try:
+        data = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return SandboxResult(False, error="the sandbox answered something that is not a report",
+                             stderr_tail=stderr_tail)
+    if not isinstance(data, dict):
+        return SandboxResult(False, error="the sandbox answered something that is not a report",
+                             stderr_tail=stderr_tail)
+    return SandboxResult(bool(data.get("ok")), data=data, error=str(data.get("error") or "")[:2000],
+                         stderr_tail=stderr_tail)
+
+
+def _run_local(argv: list[str], mounts: bwrap.Mounts, *, limits: str,
+               timeout: int) -> SandboxResult | tuple[int | None, bytes, bytes]:
+    """bubblewrap on this machine: (exit status, or None past ``timeout``; stdout tail; stderr tail)."""
     seccomp = bwrap.seccomp_file()
     tmp_root = Path(settings.VAR_DIR) / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -84,23 +118,8 @@ def run(argv: list[str], mounts: bwrap.Mounts, *, timeout: int | None = None,
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return SandboxResult(False, error=f"loading the model took longer than {timeout} s")
-        stdout, stderr = _tail(out), _tail(err)
-    stderr_tail = stderr.decode("utf-8", "replace")[-2000:]
-    lines = [line for line in stdout.decode("utf-8", "replace").splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        return SandboxResult(False, error=f"the sandboxed load crashed ({why})", stderr_tail=stderr_tail)
-    try:
-        data = json.loads(lines[-1])
-    except json.JSONDecodeError:
-        return SandboxResult(False, error="the sandbox answered something that is not a report",
-                             stderr_tail=stderr_tail)
-    if not isinstance(data, dict):
-        return SandboxResult(False, error="the sandbox answered something that is not a report",
-                             stderr_tail=stderr_tail)
-    return SandboxResult(bool(data.get("ok")), data=data, error=str(data.get("error") or "")[:2000],
-                         stderr_tail=stderr_tail)
+            return None, b"", b""
+        return proc.returncode, _tail(out), _tail(err)
 
 
 def _model(path: Path) -> bwrap.Mounts:

@@ -36,7 +36,8 @@ import numpy as np
 import orjson
 from django.conf import settings
 
-from registry.sandbox import bwrap
+from registry.sandbox import bwrap, remote
+from registry.sandbox import unavailable_reason as sandbox_unavailable
 from registry.sandbox.child import FRAME_HEADER
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class ModelHost:
         self.label = label
         self._materialise = materialise
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | remote.RemoteProcess | None = None
         self._sock: socket.socket | None = None
         self._work: Path | None = None
         self._owner = 0
@@ -133,7 +134,7 @@ class ModelHost:
         return (self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None)
 
     def _start(self) -> None:
-        reason = bwrap.probe()
+        reason = sandbox_unavailable()
         if reason:
             raise HostUnavailable(f"the model sandbox is unavailable on this host: {reason}")
         root = Path(settings.VAR_DIR) / "tmp"
@@ -148,23 +149,17 @@ class ModelHost:
         mounts = bwrap.Mounts(model=path, model_name=path.name)
         memory = settings.PORTAL_SANDBOX_MEMORY_MB * 1024 * 1024
         limits = f"{memory},0,{64 * 1024 * 1024},256"
-        seccomp = bwrap.seccomp_file()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            argv = bwrap.command(["--limits", limits, "host", fmt, mounts.inside_model(), orjson.dumps(options).decode()],
-                                 mounts, seccomp_fd=seccomp, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
-            with open(work / "stderr.log", "wb") as stderr:
-                self._proc = _spawn(lambda: subprocess.Popen(
-                    argv, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr, env=bwrap.environment(),
-                    cwd="/", start_new_session=True, pass_fds=(seccomp,) if seccomp is not None else ()))
-        except Exception:
-            parent.close()
-            self._cleanup()
-            raise
-        finally:
-            child.close()
-            if seccomp is not None:
-                os.close(seccomp)
+        host_argv = ["host", fmt, mounts.inside_model(), orjson.dumps(options).decode()]
+        if remote.configured():
+            try:
+                parent = remote.open_host(host_argv, mounts, limits=limits,
+                                          timeout=settings.PORTAL_SANDBOX_TIMEOUT_SECONDS)
+            except remote.RemoteError as exc:
+                self._cleanup()
+                raise HostUnavailable(str(exc)) from None
+            self._proc = remote.RemoteProcess(parent)
+        else:
+            parent = self._start_local(work, mounts, ["--limits", limits, *host_argv])
         self._sock = parent
         self._owner = os.getpid()
         self.starts += 1
@@ -177,15 +172,37 @@ class ModelHost:
             error = str(ready.get("error") or "the model could not be loaded")[:MAX_ERROR_CHARS]
             self.stop()
             raise HostUnavailable(f"the model host could not load the model: {error}")
-        logger.info("Model host %s started (pid %s, loaded in %s s)", self.label, self._proc.pid,
+        logger.info("Model host %s started (pid %s, loaded in %s s)", self.label, getattr(self._proc, "pid", 0),
                     ready.get("load_seconds"))
+
+    def _start_local(self, work: Path, mounts: bwrap.Mounts, argv: list[str]) -> socket.socket:
+        """bubblewrap on this machine, one end of a socketpair as the host's standard input and output."""
+        seccomp = bwrap.seccomp_file()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            command = bwrap.command(argv, mounts, seccomp_fd=seccomp, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
+            with open(work / "stderr.log", "wb") as stderr:
+                self._proc = _spawn(lambda: subprocess.Popen(
+                    command, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr, env=bwrap.environment(),
+                    cwd="/", start_new_session=True, pass_fds=(seccomp,) if seccomp is not None else ()))
+        except Exception:
+            parent.close()
+            self._cleanup()
+            raise
+        finally:
+            child.close()
+            if seccomp is not None:
+                os.close(seccomp)
+        return parent
 
     def stop(self) -> None:
         proc, sock = self._proc, self._sock
         self._proc, self._sock = None, None
         if sock is not None:
             sock.close()
-        if proc is not None and self._owner == os.getpid():
+        if isinstance(proc, remote.RemoteProcess):
+            proc.close()  # the service kills a host whose connection is gone
+        elif proc is not None and self._owner == os.getpid():
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -3,6 +3,7 @@ Kubernetes API schemas by kubernetes-validate, then checked against what the set
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import manage, settings_variables
+from tests.registry import modelhost
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod")
@@ -87,7 +89,8 @@ def test_web_probes_resources_and_security(rendered: list[dict[str, Any]]) -> No
             resources = container["resources"]
             assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
-            assert container["envFrom"] == [{"configMapRef": {"name": "portal-config"}}]
+            if doc["metadata"]["name"] != "portal-modelhost":  # it gets nothing of the portal's (test below)
+                assert container["envFrom"] == [{"configMapRef": {"name": "portal-config"}}]
 
 
 def test_secrets_arrive_as_files_and_the_config_names_only_variables_the_portal_reads(
@@ -119,7 +122,10 @@ def test_the_settings_start_with_the_manifests_values(tmp_path: Path) -> None:
         (tmp_path / name).write_text(value + "\n")
     env = {k: v.replace("/run/secrets/portal", str(tmp_path)) for k, v in config.items() if k != "PORTAL_VAR_DIR"}
     env.update(HOME=str(tmp_path))
-    result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars=env, tmp_path=tmp_path / "var")
+    assert env["PORTAL_MODEL_HOST_URL"] == "tcp://portal-modelhost:7070"
+    with modelhost.answering(tmp_path) as url:  # stands in for the cluster's portal-modelhost Service
+        result = manage("check", "--deploy", "--fail-level", "DEBUG", env_vars={**env, "PORTAL_MODEL_HOST_URL": url},
+                        tmp_path=tmp_path / "var")
     assert result.returncode == 0, result.stderr
     # Without the keys' secret files the portal does not start (issue 21 item 6).
     (tmp_path / "payload_keys").unlink()
@@ -134,4 +140,37 @@ def test_the_scan_worker_is_off_the_network() -> None:
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= scan_labels.items()
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["ingress"] == []
     ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert ports == {53, 5432, 6379}, "DNS, PostgreSQL and Redis only: no HTTP, no model hubs"
+    assert ports == {53, 5432, 6379, 7070}, "DNS, PostgreSQL, Redis and the model hosts only: no HTTP, no model hubs"
+    to_hosts = [rule for rule in policy["spec"]["egress"] if any(p["port"] == 7070 for p in rule["ports"])]
+    assert to_hosts[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "modelhost"
+
+
+def test_the_model_host_pods_hold_no_credential_and_reach_nothing() -> None:
+    docs = _render("prod")
+    deployment = _by(docs, "Deployment")["portal-modelhost"]
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert all("secret" not in volume and "configMap" not in volume for volume in pod["volumes"])
+    (container,) = pod["containers"]
+    assert "envFrom" not in container
+    assert not [e["name"] for e in container.get("env", []) if re.search(r"SECRET|KEY|DATABASE|BROKER|TOKEN|URL",
+                                                                         e["name"])]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == ["ALL"]
+    assert "registry.sandbox.service" in container["command"]
+    assert "--ping" in container["readinessProbe"]["exec"]["command"]
+    service = _by(docs, "Service")["portal-modelhost"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    config = _by(docs, "ConfigMap")["portal-config"]["data"]
+    assert config["PORTAL_MODEL_HOST_URL"] == f"tcp://portal-modelhost:{service['spec']['ports'][0]['port']}"
+    assert config["PORTAL_SANDBOX_REQUIRED"] == "1", "a portal pod that cannot reach the model hosts is not ready"
+    policy = _by(docs, "NetworkPolicy")["portal-modelhost-isolated"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and policy["egress"] == [], "no way out, not even DNS"
+    (rule,) = policy["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [7070]
+    allowed = {e["key"]: set(e["values"]) for e in rule["from"][0]["podSelector"]["matchExpressions"]}
+    assert allowed["app.kubernetes.io/component"] == {"web", "worker-scan", "worker-deploy", "worker-score"}
+    assert allowed["app.kubernetes.io/name"] == {"mlops-portal"}

@@ -119,11 +119,12 @@ class Arena:
     """What the cases share: a worker on a private queue, a decoy process, a data scientist's clients, the benign
     deployment, and the secrets to look for."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker_env: dict[str, str] | None = None) -> None:
         import tempfile
 
         from django.conf import settings
 
+        self.worker_env = dict(worker_env or {})
         # Not under pytest's basetemp, which a concurrent pytest run may rotate away; skipped by the canary search.
         self.tmp = Path(tempfile.mkdtemp(prefix="hostile-suite-"))
         self.var_dir = Path(settings.VAR_DIR)
@@ -166,7 +167,7 @@ class Arena:
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PORTAL_CELERY_QUEUE": self.queue,
-               "DATABASE_URL": self.worker_db_url, SENTINEL_NAME: SENTINEL_VALUE}
+               "DATABASE_URL": self.worker_db_url, SENTINEL_NAME: SENTINEL_VALUE, **self.worker_env}
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "--pool", "solo",
                                      "--loglevel", "WARNING", "-Q", self.queue, "--without-heartbeat",
@@ -545,6 +546,14 @@ def run_case(arena: Arena, case: str, tmp: Path) -> Evidence:
 
 @pytest.fixture(scope="module")
 def arena(django_db_setup: None, django_db_blocker: Any) -> Iterator[Arena]:
+    with open_arena(django_db_blocker) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def open_arena(django_db_blocker: Any, *, worker_env: dict[str, str] | None = None) -> Iterator[Arena]:
+    """The module's shared set-up (also used by test_model_host_service.py, whose workers reach models through the
+    model-host service: ``worker_env``)."""
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Group
     from django.core.management import call_command
@@ -563,7 +572,7 @@ def arena(django_db_setup: None, django_db_blocker: Any) -> Iterator[Arena]:
         if not str(connection.settings_dict["NAME"]).startswith("test_"):
             # pytest-django sets up the database only for tests using its db fixtures; with this module alone, none do.
             own_db = setup_databases(verbosity=0, interactive=False, aliases=cast(Any, {"default"}))
-        arena = Arena()
+        arena = Arena(worker_env)
         # Importing the WSGI entry point runs django.setup(), whose logging dictConfig drops the root logger's
         # handlers: import it first, or the collector would stop seeing the web process's log records.
         import portal.wsgi  # noqa: F401
@@ -659,7 +668,11 @@ def ready_arena(arena: Arena, django_db_blocker: Any) -> Iterator[Arena]:
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_a_hostile_upload_gets_nowhere(case: str, ready_arena: Arena, capfd: pytest.CaptureFixture[str],
                                        tmp_path: Path) -> None:
-    arena = ready_arena
+    judge_case(ready_arena, case, capfd, tmp_path)
+
+
+def judge_case(arena: Arena, case: str, capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Run one case and fail, saying everything that got out, if anything did."""
     ev = run_case(arena, case, tmp_path)
     if CASES[case] == "write_pth":  # the one target deep inside a tree: search all of site-packages once
         deep = find_canaries(arena, deep=True)

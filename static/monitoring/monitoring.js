@@ -5,9 +5,8 @@
 (function () {
   "use strict";
   const source = document.getElementById("monitoring-data");
-  if (!source || !window.Plotly) return;
+  if (!source || !window.portalCharts) return;
   const data = JSON.parse(source.textContent);
-  const Plotly = window.Plotly;
   const config = { displayModeBar: false, displaylogo: false, responsive: true, scrollZoom: false };
   const legend = { orientation: "h", x: 0, xanchor: "left", y: 1.02, yanchor: "bottom", font: { size: 12 } };
   const t = data.time;
@@ -25,15 +24,14 @@
     if (el) el.textContent = text;
   }
 
-  function plot(id, traces, layout) {
+  function plot(id, traces, layout) {  // drawn once near the viewport; resolves to the chart's element
     const el = document.getElementById("chart-" + id);
-    if (!el) return null;
+    if (!el) return Promise.resolve(null);
     const base = { margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 300, legend: legend, showlegend: true,
                    font: { family: "system-ui, sans-serif", size: 12, color: "#1d2330" } };
     const full = Object.assign(base, layout || {});
     el.style.height = full.height + "px";  // responsive mode sizes to the box: keep it as tall as the plot
-    Plotly.newPlot(el, traces, full, config);
-    return el;
+    return window.portalCharts.whenVisible(el, (Plotly) => { Plotly.newPlot(el, traces, full, config); return el; });
   }
 
   function empty(id, text) {
@@ -171,7 +169,7 @@
     }], { height: Math.max(260, 26 * heat.features.length + 90), showlegend: false,
           margin: { t: 12, r: 16, b: 16, l: 16, pad: 4 }, xaxis: heatAxis,
           yaxis: { automargin: true, type: "category", fixedrange: true, tickfont: { size: 12 } } });
-    if (el) el.on("plotly_click", (ev) => { if (ev.points && ev.points[0]) showFeature(ev.points[0].y); });
+    el.then((chart) => { if (chart) chart.on("plotly_click", (ev) => { if (ev.points && ev.points[0]) showFeature(ev.points[0].y); }); });
     const ranked = ((data.drift && data.drift.features) || []).filter((f) => f.psi !== null).sort((a, b) => b.psi - a.psi);
     summary("heatmap", ranked.length ? "Worst features: " + ranked.slice(0, 3).map((f) => f.feature + " (PSI " + f.psi.toFixed(3) + ")").join(", ") + "." :
       "Too few predictions in every cell to judge drift yet.");

@@ -5,7 +5,7 @@
   "use strict";
   const source = document.getElementById("activity-data");
   const target = document.getElementById("activity-chart");
-  if (!source || !target || !window.Plotly) return;
+  if (!source || !target || !window.portalCharts) return;
   const data = JSON.parse(source.textContent);
   const DOMAINS = ["admin", "alert", "audit", "auth", "batch", "batch_schedule", "deployment", "environment", "feedback",
     "gdpr", "model", "monitoring", "payload_keys", "prediction", "promotion", "reference", "retention", "team", "token",
@@ -25,12 +25,14 @@
     x: data.days, y: counts, name: domain, type: "bar", marker: { color: colour(domain) },
   }));
   target.style.height = "300px";  // responsive mode sizes to the box: keep it as tall as the plot
-  window.Plotly.newPlot(target, traces, {
-    barmode: "stack", margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 300,
-    xaxis: { type: "date", tickangle: 0, automargin: true, fixedrange: true, nticks: Math.max(3, Math.floor(target.clientWidth / 120)) },
-    yaxis: { title: { text: "events" }, automargin: true, fixedrange: true },
-    legend: { orientation: "h", x: 0, xanchor: "left", y: 1.02, yanchor: "bottom" },
-  }, { displayModeBar: false, displaylogo: false, responsive: true });
+  window.portalCharts.whenVisible(target, (Plotly) => {
+    Plotly.newPlot(target, traces, {
+      barmode: "stack", margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 300,
+      xaxis: { type: "date", tickangle: 0, automargin: true, fixedrange: true, nticks: Math.max(3, Math.floor(target.clientWidth / 120)) },
+      yaxis: { title: { text: "events" }, automargin: true, fixedrange: true },
+      legend: { orientation: "h", x: 0, xanchor: "left", y: 1.02, yanchor: "bottom" },
+    }, { displayModeBar: false, displaylogo: false, responsive: true });
+  });
   const summary = document.getElementById("activity-summary");
   if (summary) {
     const totals = entries.map(([domain, counts]) => [domain, counts.reduce((a, b) => a + b, 0)]).sort((a, b) => b[1] - a[1]);

@@ -5,19 +5,21 @@
   "use strict";
   const source = document.getElementById("metrics-data");
   const target = document.getElementById("metrics-chart");
-  if (!source || !target || !window.Plotly) return;
+  if (!source || !target || !window.portalCharts) return;
   const data = JSON.parse(source.textContent);
   const entries = Object.entries(data.metrics);
   const traces = entries.map(([name, values]) => ({
     x: data.versions.map((v) => "v" + v), y: values, name, mode: "lines+markers", type: "scatter", connectgaps: false,
   }));
   target.style.height = "320px";  // responsive mode sizes to the box: keep it as tall as the plot
-  window.Plotly.newPlot(target, traces, {
-    margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 320,
-    xaxis: { title: { text: "version" }, type: "category", automargin: true, fixedrange: true },
-    yaxis: { automargin: true, fixedrange: true },
-    legend: { orientation: "h", x: 0, xanchor: "left", y: 1.02, yanchor: "bottom" },
-  }, { displayModeBar: false, displaylogo: false, responsive: true });
+  window.portalCharts.whenVisible(target, (Plotly) => {
+    Plotly.newPlot(target, traces, {
+      margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 320,
+      xaxis: { title: { text: "version" }, type: "category", automargin: true, fixedrange: true },
+      yaxis: { automargin: true, fixedrange: true },
+      legend: { orientation: "h", x: 0, xanchor: "left", y: 1.02, yanchor: "bottom" },
+    }, { displayModeBar: false, displaylogo: false, responsive: true });
+  });
   const summary = document.createElement("p");
   summary.className = "chart-summary";
   summary.dataset.testid = "metrics-summary";

@@ -134,12 +134,12 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
     served = sorted({env for env in ServingInterval.objects.filter(version=candidate).exclude(
         environment=target).values_list("environment", flat=True)}, key=("dev", "stage", "prod").index)
 
-    floor = thresholds.get("accuracy_min")
+    configured = thresholds.get("accuracy_min")
+    floor: float | None = float(configured) if configured is not None else None
     if floor is None:
-        recorded = [(v.metrics or {}).get("accuracy") for v in (champion, candidate) if v is not None]
-        recorded = [float(a) for a in recorded if isinstance(a, int | float)]
+        recorded = [float(a) for a in ((v.metrics or {}).get("accuracy") for v in (champion, candidate)
+                                       if v is not None) if isinstance(a, int | float)]
         floor = recorded[0] - 0.05 if recorded else None
-    floor = float(floor) if floor is not None else None
 
     champion_figures = (_figures(model, target, champion.number, start, end, thresholds)
                         if champion is not None else None)
@@ -152,7 +152,7 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
         columns.append({"key": f"champion-{target}", "who": "champion", "version": champion.number,
                         "environment": target, "figures": champion_figures})
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for metric, label in METRICS:
         cells = []
         threshold_text = ""

@@ -40,7 +40,8 @@ def where_live(*, models: list[RegisteredModel]) -> dict[int, list[dict[str, Any
     out: dict[int, list[dict[str, Any]]] = {m.pk: [] for m in models}
     states = EnvironmentState.objects.filter(model__in=models, champion__isnull=False).select_related(
         "champion__version", "challenger__version")
-    for state in sorted(states, key=lambda s: ENVIRONMENT_ORDER.index(s.environment)):
+    order = [str(env) for env in ENVIRONMENT_ORDER]
+    for state in sorted(states, key=lambda s: order.index(s.environment)):
         out[state.model_id].append({
             "environment": state.environment, "version": state.champion.version.number,  # type: ignore[union-attr]
             "challenger": state.challenger.version.number if state.challenger else None, "mode": state.mode,
@@ -51,8 +52,13 @@ def where_live(*, models: list[RegisteredModel]) -> dict[int, list[dict[str, Any
 def reference_profile_rows(*, version: ModelVersion) -> list[dict[str, Any]]:
     """The reference data's profile per column, as the version page and the compare page show it."""
     profile = (version.reference.profile if version.reference is not None else None) or {}
+    features = profile.get("features") or {}
+    # jsonb keeps keys in its own order (shortest first): show the model's inputs in signature order, then the rest.
+    inputs = [str(c.get("name")) for c in (version.signature or {}).get("inputs") or [] if isinstance(c, dict)]
+    order = [n for n in inputs if n in features] + sorted(n for n in features if n not in set(inputs))
     rows = []
-    for name, feature in (profile.get("features") or {}).items():
+    for name in order:
+        feature = features[name]
         row: dict[str, Any] = {"name": name, "kind": feature.get("kind"), "missing_rate": feature.get("missing_rate")}
         if feature.get("kind") == "numeric":
             edges = feature.get("edges") or []

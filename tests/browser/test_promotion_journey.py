@@ -15,24 +15,12 @@ from portal.models import Team
 from registry import services
 from registry.models import PromotionRequest
 from tests.browser.conftest import screenshot
-from tests.browser.test_upload_journey import _sign_in
+from tests.browser.test_upload_journey import _sign_in, shoot
 from tests.conftest import PASSWORD
 from tests.registry.conftest import rows
 from tests.registry.test_promotions import _log, promote_live, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-WIDTHS = (1366, 1920)
-
-
-def shoot(page: Any, name: str) -> list[Path]:
-    """Full-page screenshots at the two desktop widths people use most."""
-    paths = []
-    for width in WIDTHS:
-        page.set_viewport_size({"width": width, "height": 900})
-        paths.append(screenshot(page, f"{name}-{width}"))
-    return paths
 
 
 def _open(browser: Any, base_url: str, username: str, uid: str) -> Any:

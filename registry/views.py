@@ -228,7 +228,8 @@ def model_tags(request: HttpRequest, name: str) -> HttpResponse:
         except ValidationError as exc:
             form.add_error("tags", exc.messages)
     messages.error(request, "The tags were not saved: " + " ".join(str(e) for e in form.errors.get("tags", [])))
-    keep_input(request, f"model-tags:{model.pk}", ("tags",), errors={field: [str(e) for e in errs] for field, errs in form.errors.items()})
+    keep_input(request, f"model-tags:{model.pk}", ("tags",),
+               errors={field: [str(e) for e in errs] for field, errs in form.errors.items()})
     return redirect("registry:model", name=name)
 
 
@@ -245,7 +246,8 @@ def version_tags(request: HttpRequest, name: str, number: int) -> HttpResponse:
         except ValidationError as exc:
             form.add_error("tags", exc.messages)
     messages.error(request, "The tags were not saved: " + " ".join(str(e) for e in form.errors.get("tags", [])))
-    keep_input(request, f"version-tags:{version.pk}", ("tags",), errors={field: [str(e) for e in errs] for field, errs in form.errors.items()})
+    keep_input(request, f"version-tags:{version.pk}", ("tags",),
+               errors={field: [str(e) for e in errs] for field, errs in form.errors.items()})
     return redirect("registry:version", name=name, number=number)
 
 

@@ -146,6 +146,8 @@ class Service:
 
     def handle(self, conn: socket.socket) -> None:
         conn.settimeout(60)
+        if conn.family != socket.AF_UNIX:  # a portal pod that vanished without a FIN still frees its hosts
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
             header = read_frame(conn)
             mode = header.get("mode")

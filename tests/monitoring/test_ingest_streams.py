@@ -29,24 +29,23 @@ from tests.conftest import ROOT, wait_for
 pytestmark = pytest.mark.skipif(not os.environ.get("CELERY_BROKER_URL", "redis://").startswith("redis"),
                                 reason="the stream buffer needs Redis")
 
-# A flusher process: the flusher's own entry point in a loop. A victim stops in the middle of its first batch and
-# says so in its marker file: "before-commit" with the rows copied in an open transaction, "before-ack" with the rows
-# committed and the entries not yet acknowledged.
+# A flusher process: the flusher's own entry point in a loop. A victim stops in the middle of its first batch read from
+# a stream and says so in its marker file: "before-commit" with the rows copied in an open transaction, "before-ack"
+# with the rows committed and the entries not yet acknowledged.
 FLUSHER = r"""
 import os, pathlib, time
 import django
 django.setup()
-from django.db import transaction
 from monitoring import flush
 mode, marker, stop = os.environ["FLUSHER_MODE"], pathlib.Path(os.environ["FLUSHER_MARKER"]), pathlib.Path(os.environ["FLUSHER_STOP"])
 if mode == "before-commit":
-    write = flush.write_batches
-    def stalled(batches, **kwargs):
-        with transaction.atomic():
-            write(batches, **kwargs)
-            marker.write_text(str(len(batches)))
-            time.sleep(600)
-    flush.write_batches = stalled
+    copy = flush._copy_direct
+    def stalled(out):
+        copied = copy(out)  # inside write_batches' transaction
+        marker.write_text(str(out.getvalue().count("\n")))
+        time.sleep(600)
+        return copied
+    flush._copy_direct = stalled
 elif mode == "before-ack":
     def stalled_ack(client, key, ids):
         marker.write_text(str(len(ids)))

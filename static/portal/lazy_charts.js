@@ -28,7 +28,7 @@
       if (!("IntersectionObserver" in window)) { run(); return; }
       const observer = new IntersectionObserver((entries) => {
         if (entries.some((e) => e.isIntersecting)) { observer.disconnect(); run(); }
-      }, { rootMargin: "200px 0px" });
+      }, { rootMargin: "0px" });
       observer.observe(el);
     });
   }

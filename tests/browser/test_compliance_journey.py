@@ -26,7 +26,12 @@ def test_a_compliance_officer_exports_and_verifies_the_trail(page: Any, personas
     page.click("nav.mainnav >> text=Audit trail")
     page.fill("#id_action", "token")
     page.click("form.filters button[type=submit]")
+    page.locator("[data-testid=activity-chart]").scroll_into_view_if_needed()  # charts draw near the viewport
     page.wait_for_selector("[data-testid=activity-chart] .main-svg")
+    colours = page.eval_on_selector("#activity-chart", "el => el.data.map((t) => t.marker.color)")
+    assert len(set(colours)) == len(colours)  # a colour per kind
+    assert page.locator(".modebar").count() == 0
+    assert "events from" in page.inner_text("[data-testid=activity-summary]")
     screenshot(page, "audit-trail")
     page.click("table.events a >> nth=0")
     page.wait_for_selector("text=Before and after")
@@ -36,6 +41,10 @@ def test_a_compliance_officer_exports_and_verifies_the_trail(page: Any, personas
         page.click("text=Download JSON Lines")
     export = tmp_path / "export.zip"
     download.value.save_as(export)
+    with page.expect_download() as csv_download:  # the same second, the other format: another file name
+        page.click("text=Download CSV")
+    names = [download.value.suggested_filename, csv_download.value.suggested_filename]
+    assert names[0].endswith("-jsonl.zip") and names[1].endswith("-csv.zip") and names[0] != names[1], names
     page.click("summary >> text=Public key that signs exports")
     key = tmp_path / "key.pem"
     key.write_text(page.inner_text("[data-testid=public-key]").strip() + "\n")

@@ -77,3 +77,16 @@ def test_numeric_bins_match_numpys_histogram_on_the_reference_bins(edge_count: i
     expected = np.histogram(values[~np.isnan(values)], bins=np.concatenate(([-np.inf], edges, [np.inf])))[0]
     assert drift.numeric_bins(values, edges) == [*expected.tolist(), 2]
     assert drift.numeric_bins(np.array([]), edges) == [0] * (len(edges) + 2)
+
+
+def test_a_classifiers_reference_classes_are_read_from_its_profile() -> None:
+    """A 0/1 target profiled as numbers (deciles deduplicated to edges [0, 1]) holds its classes in the bins [0, 1)
+    and ≥ 1; categories hold them by name; bins that mix classes (edges 0 and 2) name none."""
+    assert drift.class_shares({"kind": "numeric", "edges": [0.0, 1.0], "counts": [0, 30, 70]}) == {"0": 0.3, "1": 0.7}
+    assert drift.class_shares({"kind": "numeric", "edges": [0, 1, 2], "counts": [0, 1, 1, 2]}) == {
+        "0": 0.25, "1": 0.25, "2": 0.5}
+    assert drift.class_shares({"kind": "categorical", "frequencies": {"yes": 3, "no": 1, "__other__": 4}}) == {
+        "yes": 0.75, "no": 0.25}
+    assert drift.class_shares({"kind": "numeric", "edges": [0.0, 2.0], "counts": [0, 5, 5]}) is None
+    assert drift.class_shares({"kind": "numeric", "edges": [0.5, 1.5], "counts": [0, 5, 5]}) is None
+    assert drift.class_shares({"kind": "numeric", "edges": [0.0, 1.0], "counts": [3, 5, 5]}) is None

@@ -20,12 +20,12 @@ from typing import Any
 
 from django.conf import settings
 
-from registry.sandbox import bwrap
+from registry.sandbox import bwrap, service
 from registry.sandbox.child import FRAME_HEADER
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 PING_CACHE_SECONDS = 10.0
-MAX_ANSWER_HEADER_BYTES = 1024 * 1024
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 MAX_OUT_BYTES = 1024 * 1024 * 1024 + 64 * 1024
 
 
@@ -40,44 +40,18 @@ def configured() -> bool:
 def _connect(timeout: float) -> socket.socket:
     url = settings.PORTAL_MODEL_HOST_URL
     try:
-        if url.startswith("unix:"):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(min(timeout, CONNECT_TIMEOUT_SECONDS))
-            sock.connect(url[len("unix:"):].removeprefix("//"))
-        elif url.startswith("tcp://"):
-            host, _, port = url[len("tcp://"):].rstrip("/").rpartition(":")
-            sock = socket.create_connection((host, int(port)), timeout=min(timeout, CONNECT_TIMEOUT_SECONDS))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            raise RemoteError(f"PORTAL_MODEL_HOST_URL must be tcp://HOST:PORT or unix:/PATH, not {url!r}")
+        sock = service.connect(url, min(timeout, CONNECT_TIMEOUT_SECONDS))
     except (OSError, ValueError) as exc:
         raise RemoteError(f"the model-host service at {url} cannot be reached ({exc})") from None
     sock.settimeout(timeout)
     return sock
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    chunks, got = [], 0
-    while got < size:
-        chunk = sock.recv(min(size - got, 1 << 20))
-        if not chunk:
-            raise RemoteError("the model-host service closed the connection")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
 def _read_answer(sock: socket.socket) -> dict[str, Any]:
-    (size,) = FRAME_HEADER.unpack(_recv_exact(sock, FRAME_HEADER.size))
-    if size > MAX_ANSWER_HEADER_BYTES:
-        raise RemoteError(f"the model-host service sent an answer of {size} bytes")
     try:
-        answer = json.loads(_recv_exact(sock, size))
-    except ValueError:
-        raise RemoteError("the model-host service sent something that is not an answer") from None
-    if not isinstance(answer, dict):
-        raise RemoteError("the model-host service sent something that is not an answer")
-    return answer
+        return service.read_frame(sock, MAX_ANSWER_BYTES)  # stdout's tail, JSON-escaped, may be 6x its bytes
+    except (service.BadRequest, EOFError) as exc:
+        raise RemoteError(f"the model-host service sent something that is not an answer ({exc})") from None
 
 
 def _send_request(sock: socket.socket, header: dict[str, Any], mounts: bwrap.Mounts) -> None:
@@ -193,8 +167,7 @@ def probe() -> str | None:
         try:
             sock = _connect(CONNECT_TIMEOUT_SECONDS)
             try:
-                body = json.dumps({"mode": "ping"}).encode()
-                sock.sendall(FRAME_HEADER.pack(len(body)) + body)
+                service.send_frame(sock, {"mode": "ping"})
                 answer = _read_answer(sock)
             finally:
                 sock.close()

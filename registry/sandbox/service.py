@@ -76,10 +76,10 @@ def send_frame(sock: socket.socket, header: dict[str, Any]) -> None:
     sock.sendall(FRAME_HEADER.pack(len(body)) + body)
 
 
-def read_frame(sock: socket.socket) -> dict[str, Any]:
+def read_frame(sock: socket.socket, limit: int = MAX_HEADER_BYTES) -> dict[str, Any]:
     (size,) = FRAME_HEADER.unpack(recv_exact(sock, FRAME_HEADER.size))
-    if size > MAX_HEADER_BYTES:
-        raise BadRequest(f"a request header of {size} bytes (at most {MAX_HEADER_BYTES})")
+    if size > limit:
+        raise BadRequest(f"a frame of {size} bytes (at most {limit})")
     try:
         header = json.loads(recv_exact(sock, size))
     except ValueError:
@@ -370,16 +370,28 @@ def serve(listen: str, service: Service) -> socketserver.BaseServer:
     return server
 
 
+def connect(url: str, timeout: float) -> socket.socket:
+    """A connection to the service at ``tcp://HOST:PORT`` or ``unix:/PATH`` (raises OSError or ValueError)."""
+    if url.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(url[len("unix:"):].removeprefix("//"))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    if not url.startswith("tcp://"):
+        raise ValueError(f"the model-host service's address must be tcp://HOST:PORT or unix:/PATH, not {url!r}")
+    host, _, port = url[len("tcp://"):].rstrip("/").rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def ping(url: str, timeout: float = 5.0) -> int:
     try:
-        if url.startswith("unix:"):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(url[len("unix:"):].removeprefix("//"))
-        else:
-            host, _, port = url.removeprefix("tcp://").rpartition(":")
-            sock = socket.create_connection((host, int(port)), timeout=timeout)
-        with sock:
+        with connect(url, timeout) as sock:
             send_frame(sock, {"mode": "ping"})
             answer = read_frame(sock)
     except (OSError, EOFError, BadRequest, ValueError) as exc:

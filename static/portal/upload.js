@@ -10,8 +10,17 @@ window.PortalUpload = (function () {
     return bytes.toFixed(i ? 1 : 0) + " " + units[i];
   }
 
+  // The zone is not a focus stop of its own: its "choose" button is (Enter or Space opens the file dialog), and a
+  // click anywhere on the zone does the same for a mouse.
   function bindDropzone(zone, input, changed) {
     input.addEventListener("change", changed);
+    zone.querySelectorAll("[data-picks]").forEach((button) => button.addEventListener("click", (event) => {
+      event.stopPropagation();
+      input.click();
+    }));
+    zone.addEventListener("click", (event) => {
+      if (event.target !== input) input.click();
+    });
     ["dragenter", "dragover"].forEach((name) => zone.addEventListener(name, (event) => {
       event.preventDefault();
       zone.classList.add("over");

@@ -134,7 +134,14 @@ def test_a_refused_upload_explains_itself_in_the_page(page: Any, personas: dict[
     page.goto("/models/churn/upload")
     evil = tmp_path / "model.pkl"
     evil.write_bytes(files.pickle_builtins_eval())
-    page.set_input_files("#file", str(evil))
+    # By keyboard: the drop zone is no focus stop of its own; its button is, and Enter opens the file dialog.
+    assert page.get_attribute("#dropzone", "tabindex") is None
+    page.focus("#dropzone button.pick-file")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(evil))
+    page.wait_for_function("document.getElementById('upload-button').disabled === false")
+    assert "model.pkl" in page.inner_text("[data-testid=file-name]")
     page.click("#upload-button")
     page.wait_for_selector("[data-testid=final-status]")
     text = page.inner_text("[data-testid=upload-result]")

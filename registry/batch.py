@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import os
 import posixpath
 import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,17 +308,22 @@ def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
     loaded = cache.loaded(job.deployment)
     required = loaded.columns
     prefix = f"{job.id_prefix}{chunk.index:04x}"
+    # A model MLflow's scoring code answers (its sandboxed host) gets the rows as MLflow reads them, whatever the
+    # column types; the others (in-process ONNX, a native host) take one float64 matrix.
+    table_predict = (batch_io.mlflow_scorer(loaded.invoke, csv_body=job.input_format == "csv")
+                     if loaded.answers_requests else None)
     if job.input_format == "csv":
         data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
         return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required, id_prefix=prefix,
-                                        newline=job.newline.encode(), predict=loaded.predict)
+                                        newline=job.newline.encode(), predict=loaded.predict,
+                                        table_predict=table_predict)
     if chunk.source:
         table = batch_io.read_ipc(storage.read_work_file(chunk.source))
     else:
         with storage.local_path(job.input_blob) as path:
             table = batch_io.read_parquet_groups(str(path), int(chunk.start), int(chunk.end))
     return batch_io.score_arrow_chunk(table, required=required, id_prefix=prefix, prediction_name=job.prediction_column, id_name=job.prediction_id_column,
-                                      predict=loaded.predict)
+                                      predict=loaded.predict, table_predict=table_predict)
 
 
 def _chunk_done(chunk: BatchChunk, *, rows: int, failed: int, output_name: str, errors_name: str,
@@ -398,7 +403,7 @@ def _completeness_problem(job: BatchJob, chunks: list[BatchChunk]) -> str:
     if missing:
         return f"chunks {missing[:5]} have no scored part"
     if job.input_format == "csv":
-        for previous, current in zip(chunks, chunks[1:]):
+        for previous, current in itertools.pairwise(chunks):
             if previous.end != current.start:
                 return f"chunks {previous.index + 1} and {current.index + 1} do not meet"
         if chunks[-1].end != job.input_blob.size:
@@ -569,7 +574,9 @@ def batch_log_chunk(*, chunk_id: int) -> int:
     required = input_columns(job.version)
     logged = batch_io.scored_rows(data, fmt=job.input_format, columns=list(job.columns), required=required,
                                   subject_column=job.subject_column, prediction_column=job.prediction_column,
-                                  id_column=job.prediction_id_column)
+                                  id_column=job.prediction_id_column,
+                                  types={str(c.get("name")): str(c.get("type")) for c in
+                                         (job.version.signature or {}).get("inputs") or [] if isinstance(c, dict)})
     matrix, ids, outputs, subjects = logged.matrix, logged.ids, logged.outputs, logged.subjects
     rows = ids
     seconds = (chunk.finished_at - chunk.started_at).total_seconds() if chunk.finished_at and chunk.started_at else 0
@@ -583,7 +590,7 @@ def batch_log_chunk(*, chunk_id: int) -> int:
             "model": job.model.name, "environment": job.environment, "version": job.version.number, "role": "batch",
             "ts": ts, "latency_ms": latency * (hi - lo), "request_id": job.request_id, "error": "",
             "ids": ids[lo:hi],
-            "inputs": matrix[lo:hi].tolist(),
+            "inputs": matrix[lo:hi].tolist() if isinstance(matrix, np.ndarray) else matrix[lo:hi],
             "outputs": outputs[lo:hi],
             "subjects": [subject_hash(s) if s else "" for s in subjects[lo:hi]] if subjects else None,
         }])

@@ -384,16 +384,84 @@ def _fast_predictions(predictions: list[Any], good: np.ndarray) -> list[str]:
     return _predictions_text(predictions, good)
 
 
+# Scores a table of the signature's columns whole: (mask of rows scored, their predictions, why the others were not).
+TablePredict = Callable[[Any], tuple[np.ndarray, list[Any], list[RowError]]]
+MAX_REQUESTS_PER_CHUNK = 64  # when MLflow refuses a chunk, the halves it is cut into to find the rows it refuses
+
+
+def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool) -> TablePredict:
+    """Rows scored by MLflow's own scoring code (a model's sandboxed host), so every column type the signature has
+    (strings, categoricals, integers, datetimes) is read as MLflow reads it: a CSV chunk is sent as CSV (MLflow
+    parses it with the signature's types), a Parquet chunk as Parquet (dictionary-encoded columns, a pandas
+    categorical, decoded to their values). When MLflow refuses a chunk (400), it is cut in halves until the rows
+    it refuses are found; each is reported with MLflow's message and the rest are scored."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    def body_of(table: Any) -> tuple[bytes, str]:
+        sink = io.BytesIO()
+        if csv_body:
+            pacsv.write_csv(table, sink)
+            return sink.getvalue(), "text/csv"
+        columns = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in table.columns]
+        pq.write_table(pa.table(columns, names=table.column_names), sink)
+        return sink.getvalue(), "application/vnd.apache.parquet"
+
+    def run(table: Any) -> tuple[np.ndarray, list[Any], list[RowError]]:
+        n = table.num_rows
+        good = np.ones(n, dtype=bool)
+        out: list[Any] = [None] * n
+        errors: list[RowError] = []
+        budget = [MAX_REQUESTS_PER_CHUNK]
+
+        def score(lo: int, hi: int) -> None:
+            budget[0] -= 1
+            answer = invoke(*body_of(table.slice(lo, hi - lo)))
+            if answer.status == 200:
+                payload = json.loads(answer.body)  # MLflow writes NaN, which only the standard library reads
+                values = payload.get("predictions", payload) if isinstance(payload, dict) else payload
+                if not isinstance(values, list) or len(values) != hi - lo:
+                    raise RuntimeError(f"MLflow answered {len(values) if isinstance(values, list) else 'one'} "
+                                       f"predictions for {hi - lo} rows")
+                out[lo:hi] = values
+                return
+            try:
+                message = str(json.loads(answer.body).get("message") or answer.body)
+            except (ValueError, AttributeError):
+                message = str(answer.body)
+            if answer.status != 400:
+                raise RuntimeError(f"MLflow answered {answer.status}: {message[:300]}")
+            if hi - lo == 1 or budget[0] < 2:
+                reason = f"MLflow refused {'the row' if hi - lo == 1 else 'these rows'}: {message[:300]}"
+                good[lo:hi] = False
+                errors.extend(RowError(i, "", reason) for i in range(lo, hi))
+                return
+            mid = (lo + hi) // 2
+            score(lo, mid)
+            score(mid, hi)
+
+        if n:
+            score(0, n)
+        return good, [out[i] for i in np.flatnonzero(good)], errors
+
+    return run
+
+
 def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_prefix: str, newline: bytes,
-                    predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
-    """Score the rows in ``data`` (whole rows of a CSV without its header)."""
+                    predict: Callable[[np.ndarray], list[Any]],
+                    table_predict: TablePredict | None = None) -> ScoredChunk:
+    """Score the rows in ``data`` (whole rows of a CSV without its header). ``table_predict`` (a model MLflow's
+    scoring code answers) takes the signature's columns as text, for MLflow to read with the signature's types."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     include = list(dict.fromkeys(required))
     read = pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=1 << 20)
     parse = pacsv.ParseOptions(newlines_in_values=b'"' in data)
-    types = {c: pa.float64() for c in required}
+    types = {c: pa.string() if table_predict is not None else pa.float64() for c in required}
     try:
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
                                convert_options=pacsv.ConvertOptions(include_columns=include, column_types=types,
@@ -406,7 +474,8 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
                                convert_options=pacsv.ConvertOptions(include_columns=include, column_types=text_types,
                                                                     null_values=[""], strings_can_be_null=True))
-    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict)
+    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
+                          table_predict=table_predict)
     cells = _fast_predictions(scored.predictions, scored.good)
     output = _append_columns(data, cells, scored.ids, newline, scored.rows)
     scored.output = output if output is not None else _rewrite_csv(data, cells=cells, ids=scored.ids)
@@ -414,15 +483,19 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_
 
 
 def _score_table(table: Any, *, required: list[str], id_prefix: str,
-                 predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
+                 predict: Callable[[np.ndarray], list[Any]], table_predict: TablePredict | None = None) -> ScoredChunk:
     """Check the rows against the signature and predict the good ones; the caller writes the output."""
     n = table.num_rows
+    ids = [f"{id_prefix}{i:06x}" for i in range(n)]
+    if table_predict is not None:
+        good, predictions, errors = table_predict(table.select(list(dict.fromkeys(required))))
+        return ScoredChunk(b"", n, errors, good, predictions, ids)
     matrix, good, errors = float_columns(table, required)
     scored_matrix = matrix if good.all() else matrix[good]
     predictions = list(predict(np.ascontiguousarray(scored_matrix))) if scored_matrix.shape[0] else []
     if len(predictions) != scored_matrix.shape[0]:
         raise RuntimeError(f"the model returned {len(predictions)} predictions for {scored_matrix.shape[0]} rows")
-    return ScoredChunk(b"", n, errors, good, predictions, [f"{id_prefix}{i:06x}" for i in range(n)])
+    return ScoredChunk(b"", n, errors, good, predictions, ids)
 
 
 def _append_columns(data: bytes, cells: list[str], ids: list[str], newline: bytes, n: int) -> bytes | None:
@@ -438,8 +511,8 @@ def _append_columns(data: bytes, cells: list[str], ids: list[str], newline: byte
     crlf = newline == b"\r\n"
     if crlf:
         lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    suffix = [f",{c},{i}".encode() for c, i in zip(cells, ids)]
-    joined = newline.join(line + s for line, s in zip(lines, suffix))
+    suffix = [f",{c},{i}".encode() for c, i in zip(cells, ids, strict=True)]
+    joined = newline.join(line + s for line, s in zip(lines, suffix, strict=True))
     return joined + newline
 
 
@@ -466,13 +539,15 @@ def _unquote(cell: str) -> str:
 
 
 def score_arrow_chunk(table: Any, *, required: list[str], id_prefix: str, prediction_name: str, id_name: str,
-                      predict: Callable[[np.ndarray], list[Any]]) -> ScoredChunk:
+                      predict: Callable[[np.ndarray], list[Any]],
+                      table_predict: TablePredict | None = None) -> ScoredChunk:
     """Score an Arrow table (a Parquet chunk); the output is an Arrow IPC file of the input plus two columns."""
     import pyarrow as pa
 
-    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict)
+    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
+                          table_predict=table_predict)
     full: list[Any] = [None] * table.num_rows
-    for i, value in zip(np.flatnonzero(scored.good), scored.predictions):
+    for i, value in zip(np.flatnonzero(scored.good), scored.predictions, strict=True):
         full[i] = value
     try:
         pred_array = pa.array(full)
@@ -508,40 +583,76 @@ def read_ipc(data: bytes) -> Any:
 
 @dataclass
 class LoggedRows:
-    matrix: np.ndarray
+    matrix: Any  # float64 rows (numeric signatures) or a list of rows of values (any other column types)
     ids: list[str]
     outputs: list[Any]
     subjects: list[str] | None
 
 
+_ARROW_TYPES = {"long": "int64", "integer": "int32", "double": "float64", "float": "float32", "boolean": "bool"}
+
+
 def scored_rows(data: bytes, *, fmt: str, columns: list[str], required: list[str], subject_column: str,
-                prediction_column: str, id_column: str) -> LoggedRows:
+                prediction_column: str, id_column: str, types: dict[str, str] | None = None) -> LoggedRows:
     """The scored rows of a part (inputs, prediction id, prediction, subject) for the prediction log: rows without
-    a prediction (they failed the signature) are left out."""
+    a prediction (they failed the signature) are left out. ``types`` (the signature's column types) gives a
+    column read as text, because another row of its chunk was not a number, its numbers back."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     include = list(dict.fromkeys([*required, prediction_column, id_column, *([subject_column] if subject_column
                                                                                 else [])]))
     if fmt == "csv":
-        types = {id_column: pa.string(), **({subject_column: pa.string()} if subject_column else {})}
+        text = {id_column: pa.string(), **({subject_column: pa.string()} if subject_column else {})}
         table = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=[*columns, prediction_column, id_column], use_threads=False),
             parse_options=pacsv.ParseOptions(newlines_in_values=b'"' in data),
-            convert_options=pacsv.ConvertOptions(include_columns=include, column_types=types, null_values=[""],
+            convert_options=pacsv.ConvertOptions(include_columns=include, column_types=text, null_values=[""],
                                                  strings_can_be_null=True))
     else:
         table = read_ipc(data).select(include)
-    matrix, good, _errors = float_columns(table, required)
     predicted = table.column(prediction_column).is_valid().to_numpy(zero_copy_only=False)
-    keep = good & predicted
+    numeric = all(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+                  for t in (table.column(c).type for c in required))
+    inputs: Any
+    if numeric or not predicted.any():
+        matrix, good, _errors = float_columns(table, required)
+        keep = good & predicted
+        inputs = matrix[keep]
+    else:  # strings, categoricals, dates: the values as MLflow's scoring code got them, JSON-safe
+        keep = predicted
+        kept = table.select(list(dict.fromkeys(required))).filter(pa.array(keep))
+        values = [[_json_safe(v) for v in _as_signature_type(kept.column(c), (types or {}).get(c)).to_pylist()]
+                  for c in required]
+        inputs = [list(row) for row in zip(*values, strict=True)] if values else []
     index = pa.array(np.flatnonzero(keep))
     subjects = None
     if subject_column:
         subjects = ["" if s is None else str(s) for s in table.column(subject_column).take(index).to_pylist()]
-    return LoggedRows(matrix[keep], table.column(id_column).take(index).to_pylist(),
+    return LoggedRows(inputs,
+                      table.column(id_column).take(index).to_pylist(),
                       table.column(prediction_column).take(index).to_pylist(), subjects)
+
+
+def _as_signature_type(column: Any, kind: str | None) -> Any:
+    import pyarrow as pa
+
+    target = _ARROW_TYPES.get(kind or "")
+    if target is None or not pa.types.is_string(column.type):
+        return column
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return column
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    return str(value)  # dates, times, decimals, bytes
 
 
 def errors_csv(errors: list[tuple[int, str, str]]) -> bytes:

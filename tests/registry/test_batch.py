@@ -13,7 +13,6 @@ import pytest
 from django.test import Client
 
 from monitoring.models import PredictionLog
-from portal import services as portal_services
 from portal.models import AuditEvent
 from registry import batch
 from registry.models import BatchChunk, BatchJob, BatchSchedule, ModelVersion
@@ -189,7 +188,7 @@ def test_a_chunk_run_twice_counts_once_and_a_cancelled_job_stops(ds_client: Clie
     settings.PORTAL_BATCH_CHUNK_BYTES = 16 * 1024
     job = BatchJob.objects.get(uid=_submit(ds_client, _csv_bytes(_frame())).json()["id"])
     batch.batch_plan(job_id=job.pk)
-    first, second, *rest = BatchChunk.objects.filter(job=job).order_by("index")
+    first, second, *_rest = BatchChunk.objects.filter(job=job).order_by("index")
     assert batch.batch_chunk_run(chunk_id=first.pk) == "done"
     assert batch.batch_chunk_run(chunk_id=first.pk) == "done"  # a redelivered message finds it done
     job.refresh_from_db()
@@ -321,7 +320,7 @@ def test_the_csv_planner_cuts_on_row_boundaries_only() -> None:
     pieces = [data[c.start:c.end] for c in plan.chunks]
     assert b"".join(pieces) == data[plan.header_end:]
     for piece in pieces:
-        assert list(csv.reader(io.StringIO(piece.decode())))[0][0].isdigit()
+        assert next(iter(csv.reader(io.StringIO(piece.decode()))))[0].isdigit()
     with pytest.raises(batch_io.BatchInputError, match="never closed"):
         batch_io.plan_csv(io.BytesIO(b'a,b\n1,"open\n'), 300)
     no_newline = batch_io.plan_csv(io.BytesIO(b"a,b\n1,2\n3,4"), 1 << 20)

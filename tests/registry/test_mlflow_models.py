@@ -180,3 +180,69 @@ def test_a_flavor_whose_library_is_missing_is_refused_naming_it(personas: dict[s
     assert [f.code for f in rejected.value.findings] == ["flavor_not_installed"]
     assert "torch" in rejected.value.findings[0].message
     assert not model.versions.exists()
+
+
+def test_a_batch_scores_a_string_column_and_parquet_categoricals_as_mlflow_does(
+        plans: Any, personas: dict[str, Any], settings: Any) -> None:
+    """Batch scoring of a model MLflow's code answers: a CSV with a string column (a value MLflow refuses goes to
+    the errors file, the other rows of its chunk are scored) and a Parquet file whose string column is a pandas
+    categorical, both with the pipeline's own predictions; the prediction log keeps the strings."""
+    import csv
+    import io
+
+    from django.test import Client
+
+    from monitoring.models import PredictionLog
+    from registry import batch
+    from registry.models import BatchJob
+    from tests.registry.test_batch import run_inline
+
+    _client, pipe, X = plans
+    web = Client()
+    web.force_login(personas["ds"])
+    settings.PORTAL_BATCH_CHUNK_BYTES = 2 * 1024  # a few chunks
+    rows = X.head(90).reset_index(drop=True)
+    expected = pipe.predict(rows).tolist()
+    frame = rows.astype({"age": object})
+    frame.insert(0, "customer", [f"c{i:03d}" for i in range(len(frame))])
+    frame.loc[7, "age"] = "unknown"  # MLflow cannot read it as the signature's long
+
+    def submit(data: bytes, name: str) -> BatchJob:
+        upload = io.BytesIO(data)
+        upload.name = name
+        response = web.post("/api/v1/batch-jobs/", {"model": "plans", "env": "dev", "file": upload,
+                                                     "id_column": "customer", "max_error_share": "0.05"})
+        assert response.status_code == 202, response.content
+        return run_inline(BatchJob.objects.get(uid=response.json()["id"]))
+
+    def result(job: BatchJob, kind: str = "result") -> list[list[str]]:
+        response = web.get(f"/api/v1/batch-jobs/{job.uid}/{kind}")
+        assert response.status_code == 200, response.content[:300]
+        return list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+
+    job = submit(frame.to_csv(index=False).encode(), "plans.csv")
+    assert job.status == "done" and job.chunks_total > 1 and job.rows_failed == 1, job.error
+    table = result(job)
+    at = table[0].index("prediction")
+    assert [r[0] for r in table[1:]] == list(frame.customer)
+    assert table[8][at] == "" and [int(r[at]) for i, r in enumerate(table[1:]) if i != 7] == \
+        [p for i, p in enumerate(expected) if i != 7]
+    errors = result(job, "errors")
+    assert errors[1][0] == "8" and "MLflow refused the row" in errors[1][2], errors
+    for chunk in job.chunks.all():
+        batch.batch_log_chunk(chunk_id=chunk.pk)
+    logged = PredictionLog.objects.get(id=table[1][at + 1])
+    assert logged.inputs == [rows.plan[0], int(rows.age[0]), float(rows.spend[0])] and logged.output == expected[0]
+
+    parquet = rows.assign(plan=rows.plan.astype("category"), customer=[f"p{i:03d}" for i in range(len(rows))])
+    buffer = io.BytesIO()
+    parquet.to_parquet(buffer, row_group_size=40)
+    job = submit(buffer.getvalue(), "plans.parquet")
+    assert job.status == "done" and job.rows_failed == 0, job.error
+    import pyarrow.parquet as pq
+
+    response = web.get(f"/api/v1/batch-jobs/{job.uid}/result")
+    assert response.status_code == 200
+    scored = pq.read_table(io.BytesIO(b"".join(response.streaming_content)))
+    assert scored.column("prediction").to_pylist() == expected
+    assert scored.column("customer").to_pylist() == list(parquet.customer)

@@ -206,31 +206,26 @@ def validate_tags(value: Any) -> list[str]:
 
 def model_tags_set(*, model: RegisteredModel, tags: Any, actor: Any) -> RegisteredModel:
     """Replace a model's tags (audited with before and after)."""
-    require_capability(actor, "register_model")
-    clean = validate_tags(tags)
-    with transaction.atomic():
-        locked = RegisteredModel.objects.select_for_update().select_related("team").get(pk=model.pk)
-        before = list(locked.tags or [])
-        if before != clean:
-            locked.tags = clean
-            locked.save(update_fields=["tags"])
-            audit_record(AuditAction.MODEL_TAGS_CHANGE, actor=actor, target=model_target(locked),
-                         before={"tags": before}, after={"tags": clean})
-    return locked
+    return _tags_set(RegisteredModel.objects.select_related("team"), model.pk, tags, actor=actor,
+                     action=AuditAction.MODEL_TAGS_CHANGE, target=model_target)
 
 
 def version_tags_set(*, version: ModelVersion, tags: Any, actor: Any) -> ModelVersion:
     """Replace a version's tags (audited). Only the tags change: a version's file, metrics and lineage do not."""
+    return _tags_set(ModelVersion.objects.select_related("model__team"), version.pk, tags, actor=actor,
+                     action=AuditAction.VERSION_TAGS_CHANGE, target=version_target)
+
+
+def _tags_set(queryset: Any, pk: int, tags: Any, *, actor: Any, action: AuditAction, target: Any) -> Any:
     require_capability(actor, "register_model")
     clean = validate_tags(tags)
     with transaction.atomic():
-        locked = ModelVersion.objects.select_for_update().select_related("model__team").get(pk=version.pk)
+        locked = queryset.select_for_update().get(pk=pk)
         before = list(locked.tags or [])
         if before != clean:
             locked.tags = clean
             locked.save(update_fields=["tags"])
-            audit_record(AuditAction.VERSION_TAGS_CHANGE, actor=actor, target=version_target(locked),
-                         before={"tags": before}, after={"tags": clean})
+            audit_record(action, actor=actor, target=target(locked), before={"tags": before}, after={"tags": clean})
     return locked
 
 

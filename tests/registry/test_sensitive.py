@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from django.core.exceptions import ValidationError
 from django.db import connection
 from django.test import Client
 
@@ -110,10 +111,12 @@ def test_keys_rotate_without_losing_old_rows(logged: list[str], settings: Any) -
     assert sensitive.reveal_row(row.inputs, may_see=True)[0] == SECRET_VALUE
 
 
-def test_marking_a_column_the_model_does_not_have_rejects_the_version(personas: dict[str, Any],
-                                                                      tmp_path: Path) -> None:
-    version = _upload(personas, tmp_path, {"shoe size": "personal"})
-    assert version.status == "rejected" and "shoe size" in version.status_detail
+def test_marking_a_column_the_model_does_not_have_is_refused_before_anything_is_stored(personas: dict[str, Any],
+                                                                                       tmp_path: Path) -> None:
+    """Checked against the reference data's columns at upload, so a wrong name burns no version number."""
+    with pytest.raises(ValidationError, match="shoe size is not among the columns"):
+        _upload(personas, tmp_path, {"shoe size": "personal"})
+    assert not ModelVersion.objects.exists()
 
 
 def test_bad_sensitive_columns_get_400(personas: dict[str, Any], api_as: Any, tmp_path: Path) -> None:

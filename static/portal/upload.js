@@ -21,6 +21,7 @@ window.PortalUpload = (function () {
     zone.addEventListener("click", (event) => {
       if (event.target !== input) input.click();
     });
+    zone.dataset.ready = "1";  // bound: its button now opens the file dialog
     ["dragenter", "dragover"].forEach((name) => zone.addEventListener(name, (event) => {
       event.preventDefault();
       zone.classList.add("over");

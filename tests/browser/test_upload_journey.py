@@ -136,6 +136,7 @@ def test_a_refused_upload_explains_itself_in_the_page(page: Any, personas: dict[
     evil.write_bytes(files.pickle_builtins_eval())
     # By keyboard: the drop zone is no focus stop of its own; its button is, and Enter opens the file dialog.
     assert page.get_attribute("#dropzone", "tabindex") is None
+    page.wait_for_selector("#dropzone[data-ready]", state="attached")
     page.focus("#dropzone button.pick-file")
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Enter")

@@ -74,7 +74,8 @@ def test_models_are_loaded_in_the_service_not_here(ready_arena: Arena, service_d
 
     log = (service_dir / "service.log").read_text()
     assert "Ran smoke for model.joblib: status 0" in log and "Ran prepare-serving for model.joblib: status 0" in log, log
-    children = subprocess.run(["ps", "-eo", "ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    children = subprocess.run(["ps", "-ww", "-eo", "ppid=,args="], capture_output=True,  # -ww: whole command lines
+                              text=True).stdout.splitlines()
     ours = {str(p.pid) for p in ready_arena.workers} | {str(__import__("os").getpid())}
     assert not [c for c in children if c.split(None, 1)[0] in ours and "bwrap" in c
                 and "registry.sandbox.service" not in c]  # but the stand-in for the service's own container

@@ -76,21 +76,23 @@ def _figures(model: Any, environment: str, version: int, start: dt.datetime, end
             "accuracy", "labelled": truth.get("labelled", 0), "drift": worst, "roles": roles}
 
 
+# Figures judged against a threshold of the model's monitoring settings: (its name, how the limit reads).
+_CEILINGS: dict[str, tuple[str, Any]] = {
+    "error_rate": ("error_rate_max", lambda limit: f"≤ {limit:.1%}"),
+    "p99": ("latency_p99_ms", lambda limit: f"≤ {limit:g} ms"),
+}
+
+
 def _judge(metric: str, figures: dict[str, Any], thresholds: dict[str, Any], champion: dict[str, Any] | None,
            accuracy_floor: float | None) -> tuple[str, str]:
     """(status, threshold text) of one figure: ``pass``, ``warn`` or ``insufficient`` (too little data to judge)."""
     value, count = figures.get(metric), figures["predictions"]
     if metric == "predictions":
         return ("pass" if count >= MIN_ROWS_FOR_RATES else "insufficient"), f"≥ {MIN_ROWS_FOR_RATES} to judge"
-    if metric == "error_rate":
-        limit = thresholds.get("error_rate_max")
-        text = f"≤ {float(limit):.1%}" if limit is not None else "none set"
-        if value is None or count < MIN_ROWS_FOR_RATES or limit is None:
-            return "insufficient", text
-        return ("pass" if value <= float(limit) else "warn"), text
-    if metric == "p99":
-        limit = thresholds.get("latency_p99_ms")
-        text = f"≤ {float(limit):g} ms" if limit is not None else "none set"
+    if metric in _CEILINGS:
+        name, shown = _CEILINGS[metric]
+        limit = thresholds.get(name)
+        text = shown(float(limit)) if limit is not None else "none set"
         if value is None or count < MIN_ROWS_FOR_RATES or limit is None:
             return "insufficient", text
         return ("pass" if value <= float(limit) else "warn"), text

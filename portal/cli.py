@@ -150,13 +150,16 @@ def _version_outcome(v: Version) -> Outcome:
 
 
 def _deployment_outcome(d: Deployment) -> Outcome:
-    result = {"deployment": d.raw}
-    if d.status == "live":
-        return Outcome(EXIT_OK, "live", [_deployment_line(d)], result)
-    if d.status in ("failed", "retired"):
-        return Outcome(EXIT_FAILED, d.status, [_deployment_line(d)], result,
-                       f"deployment {d.id} {d.status}" + (f": {d.error}" if d.error else ""))
-    return Outcome(EXIT_OK, d.status, [_deployment_line(d)], result)
+    return _work_outcome("deployment", d.id, d.status, d.error, _deployment_line(d), {"deployment": d.raw},
+                         failed=("failed", "retired"))
+
+
+def _work_outcome(kind: str, ident: Any, status: str, error: str, line: str, result: dict[str, Any], *,
+                  failed: tuple[str, ...]) -> Outcome:
+    """A deployment's or a batch job's state as an outcome: 1 in a failed state (saying why), else 0 and its state."""
+    if status in failed:
+        return Outcome(EXIT_FAILED, status, [line], result, f"{kind} {ident} {status}" + (f": {error}" if error else ""))
+    return Outcome(EXIT_OK, status, [line], result)
 
 
 def _promotion_outcome(p: Promotion, *, waited: bool) -> Outcome:
@@ -358,13 +361,8 @@ def cmd_predict(portal: Portal, args: argparse.Namespace) -> Outcome:
 
 
 def _batch_outcome(job: BatchJob) -> Outcome:
-    result: dict[str, Any] = {"batch_job": job.raw}
-    if job.status == "done":
-        return Outcome(EXIT_OK, "done", [_batch_line(job)], result)
-    if job.status in ("failed", "cancelled"):
-        return Outcome(EXIT_FAILED, job.status, [_batch_line(job)], result,
-                       f"batch job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))
-    return Outcome(EXIT_OK, job.status, [_batch_line(job)], result)
+    return _work_outcome("batch job", job.id, job.status, job.error, _batch_line(job), {"batch_job": job.raw},
+                         failed=("failed", "cancelled"))
 
 
 def cmd_batch(portal: Portal, args: argparse.Namespace) -> Outcome:

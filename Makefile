@@ -77,7 +77,7 @@ typecheck: $(INSTALLED_TEST)
 	$(VENV)/bin/mypy
 
 lint: $(INSTALLED_TEST)
-	$(VENV)/bin/ruff check portal registry monitoring tests
+	$(VENV)/bin/ruff check config portal registry monitoring tests
 
 clean-var:
 	rm -rf var

@@ -60,7 +60,7 @@ def fresh_database(env: dict[str, str]) -> None:
 
 def write_events(n: int) -> float:
     """N events with a valid chain, by COPY FROM STDIN; returns seconds."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
 
     django.setup()
@@ -145,7 +145,7 @@ def main() -> None:
         copy_s, copy_bytes = pg_copy_seconds()
 
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "portal.wsgi", "-w", "1", "-b",
+        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "config.wsgi", "-w", "1", "-b",
                                    f"127.0.0.1:{port}", "--timeout", "600"], cwd=ROOT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:

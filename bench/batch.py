@@ -198,10 +198,10 @@ def main() -> None:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        web = subprocess.Popen([PY, "-m", "gunicorn", "portal.wsgi:application", "-w", "2", "-b", f"127.0.0.1:{port}",
+        web = subprocess.Popen([PY, "-m", "gunicorn", "config.wsgi:application", "-w", "2", "-b", f"127.0.0.1:{port}",
                                 "--timeout", "600", "--log-level", "warning"], cwd=ROOT, env=env,
                                start_new_session=True)
-        workers = [subprocess.Popen([PY, "-m", "celery", "-A", "portal", "worker", "--pool", "prefork",
+        workers = [subprocess.Popen([PY, "-m", "celery", "-A", "config", "worker", "--pool", "prefork",
                                      "--concurrency", "1", "--loglevel", "WARNING", "-n", f"bench{i}@%h",
                                      "--without-gossip", "--without-mingle"], cwd=ROOT, env=env,
                                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

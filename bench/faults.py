@@ -220,10 +220,10 @@ def main() -> None:
         port = free_port()
         logs = work / "logs"
         logs.mkdir()
-        web = subprocess.Popen([PY, "-m", "gunicorn", "portal.wsgi:application", "-w", "2", "-b", f"127.0.0.1:{port}",
+        web = subprocess.Popen([PY, "-m", "gunicorn", "config.wsgi:application", "-w", "2", "-b", f"127.0.0.1:{port}",
                                 "--log-level", "warning"], cwd=ROOT, env=env, start_new_session=True,
                                stdout=open(logs / "web.log", "wb"), stderr=subprocess.STDOUT)
-        worker = subprocess.Popen([PY, "-m", "celery", "-A", "portal", "worker", "-B", "--pool", "prefork", "-c", "2",
+        worker = subprocess.Popen([PY, "-m", "celery", "-A", "config", "worker", "-B", "--pool", "prefork", "-c", "2",
                                    "--loglevel", "WARNING", "-s", str(work / "beat-schedule")], cwd=ROOT, env=env,
                                   start_new_session=True, stdout=open(logs / "worker.log", "wb"),
                                   stderr=subprocess.STDOUT)

@@ -38,7 +38,7 @@ SETUPS = (("list, 1 flusher (before)", "list", 1), ("streams, 1 flusher", "strea
 
 
 def setup_django(streams: int) -> None:
-    os.environ.update(DATABASE_URL=DB, DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_DEBUG="0",
+    os.environ.update(DATABASE_URL=DB, DJANGO_SETTINGS_MODULE="config.settings", PORTAL_DEBUG="0",
                       PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
                       PORTAL_ALLOWED_HOSTS="localhost", CELERY_BROKER_URL=REDIS, PORTAL_PREDICTION_BUFFER_URL=REDIS,
                       PORTAL_PREDICTION_STREAMS=str(streams), PORTAL_LOG_LEVEL="WARNING", **bench_keys())

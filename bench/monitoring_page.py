@@ -38,7 +38,7 @@ def configure() -> None:
                       PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
                       PORTAL_ALLOWED_HOSTS="testserver", PORTAL_SECURE_SSL_REDIRECT="0",
                       PORTAL_SECURE_COOKIES="0", PORTAL_VAR_DIR=str(ROOT / "var" / "bench" / "monitoring"),
-                      PORTAL_LOG_LEVEL="WARNING", DJANGO_SETTINGS_MODULE="portal.settings",
+                      PORTAL_LOG_LEVEL="WARNING", DJANGO_SETTINGS_MODULE="config.settings",
                       **bench_keys())
 
 

@@ -42,7 +42,7 @@ COLUMNS = ("id, model_name, version, environment, role, created_at, latency_ms, 
 
 
 def setup_django() -> None:
-    os.environ.update(DATABASE_URL=DB, DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_DEBUG="0",
+    os.environ.update(DATABASE_URL=DB, DJANGO_SETTINGS_MODULE="config.settings", PORTAL_DEBUG="0",
                       PORTAL_SECRET_KEY="bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
                       PORTAL_ALLOWED_HOSTS="localhost", CELERY_BROKER_URL="redis://127.0.0.1:6379/3",
                       PORTAL_LOG_LEVEL="WARNING", **bench_keys())

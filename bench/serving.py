@@ -451,7 +451,7 @@ def main() -> None:
                        {**env, "MLFLOW_DISABLE_TELEMETRY": "1",
                         "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"},
                        [(MLFLOW, "/invocations", None, bodies)]),
-            "portal": ([PY, "-m", "gunicorn", "portal.wsgi:application", "-w", "2", "-b", "127.0.0.1:{port}",
+            "portal": ([PY, "-m", "gunicorn", "config.wsgi:application", "-w", "2", "-b", "127.0.0.1:{port}",
                         "--log-level", "warning"], ROOT, env,
                        [(FAST, "/api/v1/serve/bench-lr/dev/invocations", token, bodies),
                         (SANDBOXED, "/api/v1/serve/bench-lr-sandboxed/dev/invocations", token, bodies)]),

@@ -79,10 +79,10 @@ def main() -> None:
                              cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
         port = free_port()
-        web = subprocess.Popen([PY, "-m", "gunicorn", "portal.wsgi:application", "-w", "2", "-b", f"127.0.0.1:{port}",
+        web = subprocess.Popen([PY, "-m", "gunicorn", "config.wsgi:application", "-w", "2", "-b", f"127.0.0.1:{port}",
                                 "--log-level", "warning"], cwd=ROOT, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        worker = subprocess.Popen([PY, "-m", "celery", "-A", "portal", "worker", "-B", "--pool", "solo",
+        worker = subprocess.Popen([PY, "-m", "celery", "-A", "config", "worker", "-B", "--pool", "solo",
                                    "--loglevel", "WARNING", "-s", str(work / "beat-schedule")], cwd=ROOT, env=env,
                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/api/v1/serve/bench-lr/dev/invocations"

@@ -127,7 +127,7 @@ def main() -> None:
                        "-b", f"127.0.0.1:{port}", "--timeout", "3600"]
                 url, check = f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/"
             else:
-                cmd = [py, "-m", "gunicorn", "portal.wsgi:application", "-w", "1", "-b", f"127.0.0.1:{port}",
+                cmd = [py, "-m", "gunicorn", "config.wsgi:application", "-w", "1", "-b", f"127.0.0.1:{port}",
                        "--timeout", "3600"]
                 url, check = f"http://127.0.0.1:{port}/api/v1/models/big/versions/", f"http://127.0.0.1:{port}/healthz"
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)

@@ -4,7 +4,7 @@
 ``demo.env`` into the var folder once: ``PORTAL_DEBUG=1``, one generated secret set (the secret key, the payload
 encryption key, the subject-hash key and the audit signing key's file) and the database and broker URLs ``make run``
 was started with. Every later process that uses that var folder (``manage.py`` in another terminal, the web server,
-the worker, beat) loads it in ``portal.settings`` before reading anything else, and the console script ``portal``
+the worker, beat) loads it in ``config.settings`` before reading anything else, and the console script ``portal``
 takes the demo's address from it.
 
 What keeps this a demo convenience and not a way around production's rules:
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from portal.env import env_bool, env_int, env_str
+from config.env import env_bool, env_int, env_str
 
 FILE_NAME = "demo.env"
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ HEADER = """\
 
 
 def var_dir() -> Path:
-    """The var folder as ``portal.settings`` computes it (``PORTAL_VAR_DIR`` or ``./var``)."""
+    """The var folder as ``config.settings`` computes it (``PORTAL_VAR_DIR`` or ``./var``)."""
     return Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 
 
@@ -78,7 +78,7 @@ def read(folder: Path) -> dict[str, str]:
 
 def load(folder: Path) -> bool:
     """Put the demo file's settings into this process's environment where nothing explicit is set; True when a demo
-    file was used. Called by ``portal.settings`` before it reads any variable but the var folder's."""
+    file was used. Called by ``config.settings`` before it reads any variable but the var folder's."""
     if _explicitly_off():
         return False
     values = read(folder)
@@ -101,7 +101,7 @@ def cli_value(key: str) -> str | None:
 
 
 def _derived(secret_key: str, purpose: str) -> bytes:
-    # How portal.settings derived these keys before they were written down: a demo folder from that time keeps its
+    # How config.settings derived these keys before they were written down: a demo folder from that time keeps its
     # encrypted payloads and subject hashes readable.
     return hashlib.sha256(f"{purpose}:{secret_key}".encode()).digest()
 

@@ -131,7 +131,7 @@ def api_as(db: Any) -> Callable[[Any], APIClient]:
 
 class EntryPointClient(Client):
     """Django's test client whose scoring requests go through the production WSGI entry point
-    (``portal.wsgi.application``, which answers them without Django's handler); other requests go the usual way."""
+    (``config.wsgi.application``, which answers them without Django's handler); other requests go the usual way."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__(**defaults)
@@ -152,12 +152,12 @@ class EntryPointClient(Client):
 
 
 def call_entry_point(environ: dict[str, Any], app: Any = None) -> tuple[str, list[tuple[str, str]], bytes]:
-    """One request through ``app`` (default: the production entry point ``portal.wsgi.application``): its status
+    """One request through ``app`` (default: the production entry point ``config.wsgi.application``): its status
     line, headers and body."""
     from django.core import signals
     from django.db import close_old_connections
 
-    from portal.wsgi import application
+    from config.wsgi import application
 
     captured: dict[str, Any] = {}
 
@@ -213,9 +213,10 @@ def manage(*args: str, env_vars: dict[str, str], tmp_path: Path) -> subprocess.C
 
 
 def settings_variables() -> set[str]:
-    """Every environment variable the settings (and the rest of ``portal/``) read through ``portal.env``."""
+    """Every environment variable the settings (and the rest of ``config/`` and ``portal/``) read through
+    ``config.env``."""
     found: set[str] = set()
-    for path in (ROOT / "portal").rglob("*.py"):
+    for path in [*(ROOT / "config").rglob("*.py"), *(ROOT / "portal").rglob("*.py")]:
         found |= set(re.findall(r'env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', path.read_text()))
     return found
 
@@ -226,7 +227,7 @@ def worker_factory(transactional_db: None) -> Iterator[Callable[..., subprocess.
     queue that this process's ``.delay()`` calls are routed to for the duration of the test."""
     from django.conf import settings
 
-    from portal.celery import app
+    from config.celery import app
 
     db = settings.DATABASES["default"]
     assert db["ENGINE"].endswith("postgresql"), "worker tests run against PostgreSQL"
@@ -236,7 +237,7 @@ def worker_factory(transactional_db: None) -> Iterator[Callable[..., subprocess.
     started: list[subprocess.Popen[bytes]] = []
 
     def start(**extra_env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool", "solo",
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo",
                                  "--loglevel", "WARNING", "-Q", queue, "--without-heartbeat", "--without-gossip",
                                  "--without-mingle", "-n", f"w{len(started)}-{queue}@%h"], cwd=ROOT,
                                 env={**base_env, **extra_env}, start_new_session=True)

@@ -26,7 +26,7 @@ os.environ.setdefault("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,testserver")
 # One queue: the worker fixtures move it to a private queue per test (tests/portal/test_settings.py checks routing).
 os.environ.setdefault("PORTAL_CELERY_QUEUE", "celery")
 
-from portal.settings import *
+from config.settings import *
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}

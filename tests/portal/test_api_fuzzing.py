@@ -58,7 +58,7 @@ def admin_token(two_versions: list[ModelVersion], personas: dict[str, Any]) -> s
 def test_the_api_answers_within_its_schema(admin_token: str) -> None:
     """Every operation of the schema, each with its own generated cases, in one world (made once: it takes seconds).
     The failures of all operations are reported together."""
-    from portal.wsgi import application  # the real entry point: scoring goes through its lean handler
+    from config.wsgi import application  # the real entry point: scoring goes through its lean handler
 
     api_schema = schemathesis.openapi.from_wsgi("/api/schema/", application)
     headers = {"Authorization": f"Bearer {admin_token}"}

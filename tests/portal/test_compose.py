@@ -58,7 +58,7 @@ def _settings_env(tmp_path: Path, service_env: dict[str, Any]) -> dict[str, str]
         assert f"{name}_FILE" in env and name not in env, f"{name} comes from a secret file"
         (tmp_path / name).write_text(value)
         env[f"{name}_FILE"] = str(tmp_path / name)
-    env.update(PORTAL_VAR_DIR=str(tmp_path / "var"), DJANGO_SETTINGS_MODULE="portal.settings")  # as the image sets
+    env.update(PORTAL_VAR_DIR=str(tmp_path / "var"), DJANGO_SETTINGS_MODULE="config.settings")  # as the image sets
     return clean_env(**env)
 
 
@@ -70,7 +70,7 @@ def test_compose_has_the_services_with_health_checks_and_volumes() -> None:
     assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert any("/data" in v for v in services["redis"]["volumes"])
     assert "gunicorn" in services["web"]["command"]
-    assert services["beat"]["command"][:4] == ["celery", "-A", "portal", "beat"]
+    assert services["beat"]["command"][:4] == ["celery", "-A", "config", "beat"]
 
 
 def test_each_queue_has_its_own_worker_service() -> None:
@@ -80,7 +80,7 @@ def test_each_queue_has_its_own_worker_service() -> None:
     consumed = []
     for name in WORKERS:
         command = services[name]["command"]
-        assert command[:4] == ["celery", "-A", "portal", "worker"], name
+        assert command[:4] == ["celery", "-A", "config", "worker"], name
         consumed += command[command.index("-Q") + 1].split(",")
     assert sorted(consumed) == sorted(settings.PORTAL_CELERY_QUEUES)
 

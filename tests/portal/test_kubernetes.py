@@ -60,7 +60,7 @@ def test_each_queue_has_its_own_worker_and_web_and_score_autoscale(rendered: lis
     consumed = []
     for name, doc in deployments.items():
         command = _containers(doc)[0]["command"]
-        if command[:4] == ["celery", "-A", "portal", "worker"]:
+        if command[:4] == ["celery", "-A", "config", "worker"]:
             consumed += command[command.index("-Q") + 1].split(",")
             assert "--prefetch-multiplier" in command and "livenessProbe" in _containers(doc)[0], name
     assert sorted(consumed) == sorted(settings.PORTAL_CELERY_QUEUES)

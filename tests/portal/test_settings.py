@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from portal import env
+from config import env
 from tests.conftest import clean_env, manage, settings_variables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +153,7 @@ ROUTES = {
 ROUTE_SCRIPT = """
 import json, django
 django.setup()
-from portal.celery import app
+from config.celery import app
 app.loader.import_default_modules()
 names = sorted(n for n in app.tasks if not n.startswith("celery."))
 routes = {n: app.amqp.router.route({}, n)["queue"].name for n in names}
@@ -169,7 +169,7 @@ def test_tasks_are_routed_to_their_queue_unless_one_queue_is_asked_for(tmp_path:
     extra = {"PORTAL_CELERY_QUEUE": single_queue} if single_queue else {}
     result = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, env=clean_env(PORTAL_VAR_DIR=str(tmp_path),
-                                                       DJANGO_SETTINGS_MODULE="portal.settings",
+                                                       DJANGO_SETTINGS_MODULE="config.settings",
                                                        **PRODUCTION_ENV, **extra))
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])

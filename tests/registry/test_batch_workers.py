@@ -58,7 +58,7 @@ def _result(client: Client, job: BatchJob) -> list[dict[str, str]]:
 
 
 def _ping(names: list[str]) -> bool:
-    from portal.celery import app
+    from config.celery import app
 
     replies = app.control.ping(destination=names, timeout=1.0) or []
     return len(replies) == len(names)
@@ -136,7 +136,7 @@ def test_a_schedule_run_becomes_a_job(worker_factory: Any, ds_client: Client, pe
     from django.core.files.base import ContentFile
     from django_celery_beat.models import PeriodicTask
 
-    from portal.celery import app
+    from config.celery import app
     from registry import storage
 
     worker_factory(**WORKER_ENV)

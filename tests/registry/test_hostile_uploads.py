@@ -2,7 +2,7 @@
 
 Each case uploads a model that, when loaded, tries something nasty (payloads: ``tests/registry/hostile.py``), through
 the real entry points: the REST upload, a real Celery worker process that scans it, and, if it becomes ready, a
-deployment to dev carried out by that worker, a scoring request through ``portal.wsgi.application`` and a small batch
+deployment to dev carried out by that worker, a scoring request through ``config.wsgi.application`` and a small batch
 job scored by the worker. After every stage the suite checks that:
 
 - no canary file exists outside the sandbox (the exact targets, and a search by name and content under ``var/``,
@@ -169,7 +169,7 @@ class Arena:
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PORTAL_CELERY_QUEUE": self.queue,
                "DATABASE_URL": self.worker_db_url, SENTINEL_NAME: SENTINEL_VALUE, **self.worker_env}
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "--pool", "solo",
+            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "config", "--quiet", "worker", "--pool", "solo",
                                      "--loglevel", "WARNING", "-Q", self.queue, "--without-heartbeat",
                                      "--without-gossip", "--without-mingle", "-n",
                                      f"w{len(self.workers)}-{self.queue}@%h"],
@@ -559,7 +559,7 @@ def open_arena(django_db_blocker: Any, *, worker_env: dict[str, str] | None = No
     from django.core.management import call_command
 
     from portal import services as portal_services
-    from portal.celery import app
+    from config.celery import app
     from portal.models import Membership, Team
     from portal.roles import DATA_SCIENTIST, sync_roles
     from registry.models import Deployment, ModelVersion
@@ -575,7 +575,7 @@ def open_arena(django_db_blocker: Any, *, worker_env: dict[str, str] | None = No
         arena = Arena(worker_env)
         # Importing the WSGI entry point runs django.setup(), whose logging dictConfig drops the root logger's
         # handlers: import it first, or the collector would stop seeing the web process's log records.
-        import portal.wsgi  # noqa: F401
+        import config.wsgi  # noqa: F401
 
         logging.getLogger().addHandler(arena.logs)
         previous_queue = app.conf.task_default_queue

@@ -78,7 +78,7 @@ def test_a_callers_request_id_is_kept_and_a_bad_one_replaced() -> None:
 def _rebuilt_entry_point() -> Any:
     """The entry point as a worker starting now builds it: the middleware and the scoring application read the
     security settings once, when built."""
-    from portal.wsgi import LeanHandler
+    from config.wsgi import LeanHandler
     from registry.serving.wsgi import ScoringApplication
 
     return ScoringApplication(fallback=LeanHandler())

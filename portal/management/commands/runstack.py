@@ -17,7 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from portal.env import env_int, env_str
+from config.env import env_int, env_str
 from portal.management.commands.seed_demo import DEMO_USERS
 
 STOP_GRACE_SECONDS = 15
@@ -37,12 +37,12 @@ class Command(BaseCommand):
         concurrency = env_int("PORTAL_WORKER_CONCURRENCY", 2, minimum=1, maximum=64)
         py = sys.executable
         commands = {
-            "web": [py, "-m", "gunicorn", "portal.wsgi:application", "--bind", f"{host}:{port}",
+            "web": [py, "-m", "gunicorn", "config.wsgi:application", "--bind", f"{host}:{port}",
                     "--workers", str(web_workers), "--access-logfile", "-", "--graceful-timeout", "10",
                     "--timeout", "120"],
-            "worker": [py, "-m", "celery", "-A", "portal", "worker", "--loglevel", "INFO",
+            "worker": [py, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO",
                        "--concurrency", str(concurrency), "--hostname", f"worker-{os.getpid()}@%h"],
-            "beat": [py, "-m", "celery", "-A", "portal", "beat", "--loglevel", "INFO"],
+            "beat": [py, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"],
         }
         processes: dict[str, subprocess.Popen[bytes]] = {}
         stopping = False

@@ -16,7 +16,7 @@ from typing import Any
 from django.core.handlers.wsgi import WSGIHandler
 from django.core.wsgi import get_wsgi_application
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 _full = get_wsgi_application()  # sets Django up before the scoring application's imports
 
 from registry.serving.wsgi import SCORING_PATH, ScoringApplication  # noqa: E402 - needs Django set up

@@ -15,7 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from portal import demo_env
-from portal.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
+from config.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -115,8 +115,8 @@ MIDDLEWARE = [
     "axes.middleware.AxesMiddleware",
 ]
 
-ROOT_URLCONF = "portal.urls"
-WSGI_APPLICATION = "portal.wsgi.application"
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
 
 TEMPLATES = [
     {

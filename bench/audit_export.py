@@ -64,7 +64,7 @@ def write_events(n: int) -> float:
     import django
 
     django.setup()
-    from portal.audit import GENESIS_HASH, chain_hash, event_document
+    from portal.audit.record import GENESIS_HASH, chain_hash, event_document
 
     started = time.perf_counter()
     conn = psycopg2.connect(DB_URL)

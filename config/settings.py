@@ -14,8 +14,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from portal import demo_env
 from config.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
+from portal import demo_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -336,7 +336,7 @@ if ARTIFACT_STORAGE == "s3":
 else:
     _artifacts = {"BACKEND": "django.core.files.storage.FileSystemStorage",
                   "OPTIONS": {"location": VAR_DIR / "artifacts", "file_permissions_mode": 0o640}}
-# Signed audit checkpoints (portal/audit_checkpoints.py): under checkpoints/ of the artifact store, or on S3 in a
+# Signed audit checkpoints (portal/audit/checkpoints.py): under checkpoints/ of the artifact store, or on S3 in a
 # bucket of their own that can have Object Lock (PORTAL_S3_CHECKPOINT_BUCKET); never only in the database.
 _checkpoints: dict[str, object] = _artifacts
 if ARTIFACT_STORAGE == "s3" and env_optional("PORTAL_S3_CHECKPOINT_BUCKET"):

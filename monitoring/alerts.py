@@ -31,7 +31,8 @@ from django.utils import timezone
 from monitoring.models import Alert, AlertStatus, Granularity
 from monitoring.rollups import bucket_start, percentile, rollups, version_spec
 from monitoring.selectors import ONLINE_ROLES, _merge, accuracy_metrics, drift_report, thresholds_for
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 
 
 class AlertError(Exception):

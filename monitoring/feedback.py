@@ -18,7 +18,8 @@ from django.db import transaction
 from monitoring.flush import FLUSH_BUDGET_SECONDS, drain
 from monitoring.models import Feedback, PredictionLog
 from monitoring.rollups import mark_dirty_for_predictions
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 
 LOOKUP_SLICE = 5000

@@ -14,7 +14,8 @@ from django.utils import timezone
 
 from monitoring.flush import drain
 from monitoring.models import Feedback, PredictionLog
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from portal.permissions import require_capability
 from registry.serving.views import subject_hash
 

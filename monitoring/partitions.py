@@ -134,7 +134,8 @@ def partitions_drop_expired(*, now: dt.datetime | None = None) -> dict[str, list
     """Drop every partition wholly older than its table's retention (``PORTAL_PREDICTION_LOG_RETENTION_DAYS``,
     ``PORTAL_ROLLUP_RETENTION_DAYS``; 0 keeps everything). One audit event per dropped partition, in the transaction
     that drops it, with its row count."""
-    from portal.audit import AuditAction, Target, audit_record
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import Target, audit_record
 
     if not enabled():
         return {}

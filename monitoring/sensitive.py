@@ -90,7 +90,8 @@ def recent_predictions(*, model: Any, environment: str, actor: Any, limit: int =
     from django.db import transaction
 
     from monitoring.models import PredictionLog
-    from portal.audit import AuditAction, Target, audit_record
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import Target, audit_record
     from portal.permissions import has_capability, require_capability
     from registry.models import ModelVersion
 

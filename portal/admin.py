@@ -9,7 +9,8 @@ from django.contrib.auth.models import Group
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from portal.audit import AuditAction, audit_record, target_of
+from portal.audit.actions import AuditAction
+from portal.audit.record import audit_record, target_of
 from portal.models import ApiToken, AuditEvent, Membership, Team, TeamWebhook, WebhookDelivery
 
 

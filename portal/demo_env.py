@@ -107,7 +107,7 @@ def _derived(secret_key: str, purpose: str) -> bytes:
 
 
 def _audit_signing_key(folder: Path) -> Path:
-    """The demo's Ed25519 signing key (the file ``portal.audit_export`` generated before it was named here)."""
+    """The demo's Ed25519 signing key (the file ``portal.audit.signing`` generated before it was named here)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

@@ -106,7 +106,7 @@ class AuditEvent(models.Model):
     """One entry of the hash-chained, append-only audit trail.
 
     Invariants: ``seq`` runs 1, 2, 3… without gaps; ``prev_hash`` is the previous event's ``hash`` (64 zeros for
-    the first); ``hash = sha256(prev_hash + canonical JSON of the event)`` (see ``portal.audit``). On PostgreSQL and
+    the first); ``hash = sha256(prev_hash + canonical JSON of the event)`` (see ``portal.audit.record``). On PostgreSQL and
     SQLite a database trigger refuses UPDATE and DELETE, except the ``actor`` link being cleared when its user is
     deleted (the copied ``actor_username`` is what the hash covers).
     """

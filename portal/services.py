@@ -12,7 +12,8 @@ from django.db import transaction
 from django.http import HttpRequest
 from django.utils import timezone
 
-from portal.audit import AuditAction, Target, audit_record, target_of
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record, target_of
 from portal.models import ApiToken, AuditOutcome, Membership, Team
 from portal.roles import ADMIN, APPROVER, ROLES, roles_of
 from portal.tokens import generate_token, hash_token

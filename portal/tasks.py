@@ -13,7 +13,8 @@ from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from portal import context
-from portal.audit import audit_chain_verify
+from portal.audit.checkpoints import audit_checkpoint_create, audit_checkpoint_send
+from portal.audit.verify import audit_chain_verify
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def audit_chain_verify_task() -> dict[str, Any]:
 @with_request_context
 def audit_checkpoint_task() -> dict[str, Any] | None:
     """Scheduled by beat every PORTAL_AUDIT_CHECKPOINT_MINUTES: the chain's head, signed, into the store."""
-    from portal.audit_checkpoints import audit_checkpoint_create
-
     checkpoint = audit_checkpoint_create(reason="scheduled")
     return checkpoint.summary() if checkpoint else None
 
@@ -63,8 +62,6 @@ def audit_checkpoint_task() -> dict[str, Any] | None:
 def audit_checkpoint_send_task(self: Any, name: str) -> int:
     """Hand one checkpoint to the compliance webhook; a failure comes back after 30 s, 1, 2, 4… minutes (at most
     an hour apart), for about half a day."""
-    from portal.audit_checkpoints import audit_checkpoint_send
-
     try:
         return audit_checkpoint_send(name=name)
     except OSError as exc:  # urllib's HTTPError and URLError are OSErrors

@@ -22,7 +22,8 @@ from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from portal.api.errors import json_error_response
-from portal.audit import AuditAction, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import audit_record
 from portal.models import AuditOutcome
 from portal.roles import ADMIN, APPROVER, COMPLIANCE_OFFICER, roles_of
 

@@ -26,7 +26,8 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from portal import selectors, services
 from portal.api.errors import json_error_response
-from portal.audit import audit_chain_verify
+from portal.audit.signing import public_key_pem
+from portal.audit.verify import audit_chain_verify
 from portal.forms import AuditFilterForm, LoginForm, TokenCreateForm
 from portal.models import ApiToken, AuditEvent
 from portal.permissions import has_capability, require_capability
@@ -207,8 +208,6 @@ def audit(request: HttpRequest) -> HttpResponse:
     page = Paginator(events, 50).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
-    from portal.audit_export import public_key_pem
-
     export_query = ""
     if has_capability(request.user, "export_audit") and status == 200:
         from urllib.parse import urlencode

@@ -208,7 +208,8 @@ def webhook_deliver(*, delivery_id: int) -> tuple[str, int | None]:
 def webhook_create(*, team: Any, url: str, secret: str, actor: Any, events: list[str] | None = None,
                    active: bool = True) -> Any:
     """Add a webhook to ``team`` after checking its URL, resolution included (refused targets are a 400)."""
-    from portal.audit import AuditAction, Target, audit_record
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import Target, audit_record
     from portal.models import TeamWebhook
     from portal.permissions import require_capability
 

@@ -41,7 +41,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from portal import context
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability
 from registry import batch_io, storage

@@ -24,7 +24,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from portal import context
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import require_capability
 from portal.tasks import TRANSIENT_ERRORS
@@ -217,9 +218,8 @@ def onnx_serving_problems(path: Path) -> list[str]:
 
 def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
     """Load the serving form as a web worker will, and check the input example's output against the signature."""
-    from registry.serving.runtime import load_serving_model
-
     from registry.sandbox.hosts import HostModelError, HostUnavailable
+    from registry.serving.runtime import load_serving_model
 
     version = deployment.version
     loaded = load_serving_model(version=version, kind=kind, blob=blob)

@@ -28,7 +28,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from portal.audit import AuditAction, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import audit_record
 from portal.permissions import require_capability
 from registry import services
 from registry.localfiles import LocalUpload

@@ -24,7 +24,8 @@ from django.db.models import Q, QuerySet
 from django.urls import reverse
 from django.utils import timezone
 
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability, scope_to_teams
 from portal.services import reauthenticate
@@ -439,7 +440,6 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
 def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
                          to_version: int | None = None) -> Deployment:
     from registry.deployments import deployment_start
-
     from registry.selectors import environment_param
 
     environment_param(environment)

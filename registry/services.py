@@ -23,7 +23,8 @@ from django.db.models import Max
 from django.utils import timezone
 
 from portal import context
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome, Team
 from portal.permissions import require_capability
 from registry import profiling, sandbox, storage

@@ -24,7 +24,9 @@ from portal.api.serializers import (
     TokenCreateInput,
     TokenSerializer,
 )
-from portal.audit import audit_chain_verify
+from portal.audit.export import EXPORT_FORMATS, audit_export_stream, export_filename
+from portal.audit.signing import public_key_pem
+from portal.audit.verify import audit_chain_verify
 from portal.models import ApiToken, AuditEvent
 from portal.permissions import HasCapability
 from portal.roles import roles_of
@@ -156,8 +158,6 @@ class AuditExportApi(APIView):
         from django.http import StreamingHttpResponse
         from rest_framework.exceptions import ValidationError
 
-        from portal.audit_export import EXPORT_FORMATS, audit_export_stream, export_filename
-
         fmt = request.query_params.get("format", "jsonl")
         if fmt not in EXPORT_FORMATS:
             raise ValidationError({"format": "Use csv or jsonl."})
@@ -178,7 +178,5 @@ class AuditPublicKeyApi(APIView):
                    summary="The PEM public key that signs audit exports")
     def get(self, request: Request) -> Any:
         from django.http import HttpResponse
-
-        from portal.audit_export import public_key_pem
 
         return HttpResponse(public_key_pem(), content_type="application/x-pem-file")

@@ -14,7 +14,7 @@ from django.db import connection
 from monitoring import partitions
 from monitoring.flush import write_batches
 from monitoring.models import PredictionLog, Rollup
-from portal.audit import verify_chain
+from portal.audit.verify import verify_chain
 from portal.models import AuditEvent
 
 pytestmark = [pytest.mark.django_db,

@@ -13,15 +13,9 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db import DatabaseError, connection, transaction
 
-from portal.audit import (
-    GENESIS_HASH,
-    AuditAction,
-    Target,
-    audit_record,
-    chain_hash,
-    document_from_row,
-    verify_chain,
-)
+from portal.audit.actions import AuditAction
+from portal.audit.record import GENESIS_HASH, Target, audit_record, chain_hash
+from portal.audit.verify import document_from_row, verify_chain
 from portal.models import AppendOnlyError, AuditChainHead, AuditEvent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +126,8 @@ WRITER = """
 import os, sys, django
 os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
 django.setup()
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 from django.db import transaction
 for i in range(int(sys.argv[2])):
     with transaction.atomic():
@@ -161,7 +156,9 @@ def test_concurrent_writer_processes_leave_one_unbroken_chain() -> None:
 def test_the_fast_verifier_agrees_on_values_orjson_writes_differently(db: None) -> None:
     """Floats in exponent form, control characters and huge integers: orjson's bytes differ from the canonical
     json.dumps, so the PostgreSQL fast path must fall back to the standard recomputation, not cry tampering."""
-    from portal.audit import AuditAction, _rows, audit_record, verify_chain
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import audit_record
+    from portal.audit.verify import _rows, verify_chain
 
     audit_record(AuditAction.AUDIT_VERIFY, actor=None, metadata={"tiny": 1e-05, "huge": 1e16, "big": 2**70,
                                                                  "ctl": "a\x01b\x7f", "uni": "é\u2028✓"})

@@ -26,14 +26,10 @@ from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 
-from portal.audit import AuditAction, Target, audit_record, canonical_json, chain_hash, document_from_row, verify_chain
-from portal.audit_checkpoints import (
-    audit_checkpoint_create,
-    audit_checkpoint_send,
-    checkpoint_name,
-    checkpoint_storage,
-    verify_audit_trail,
-)
+from portal.audit.actions import AuditAction
+from portal.audit.checkpoints import audit_checkpoint_create, audit_checkpoint_send, checkpoint_name, checkpoint_storage
+from portal.audit.record import Target, audit_record, canonical_json, chain_hash
+from portal.audit.verify import document_from_row, verify_audit_trail, verify_chain
 from portal.models import AuditChainHead, AuditEvent
 from tests.conftest import ROOT, clean_env
 
@@ -237,7 +233,7 @@ def test_beat_writes_checkpoints_and_its_daily_check_names_what_they_show() -> N
 
 
 def test_an_unreachable_store_fails_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
-    from portal import audit_checkpoints
+    from portal.audit import checkpoints as audit_checkpoints
 
     _write(1)
 
@@ -362,7 +358,7 @@ def test_the_verifier_says_when_an_export_stops_short_of_a_checkpoint(
     body = json.loads((folder / "000000000001.json").read_bytes())["checkpoint"]
     later = {**body, "number": 0, "seq": manifest["chain_head"]["seq"] + 5, "time": "2000-01-01T00:00:00.000000Z"}
     assert later["seq"] > manifest["chain_head"]["seq"]
-    from portal.audit_export import signing_key
+    from portal.audit.signing import signing_key
 
     alone = tmp_path / "alone"
     alone.mkdir()
@@ -432,7 +428,7 @@ def test_the_public_key_and_an_unrelated_file_in_the_folder_are_refused(personas
 
 
 def test_checkpoint_files_are_signed_with_the_export_key() -> None:
-    from portal.audit_export import public_key_pem
+    from portal.audit.signing import public_key_pem
 
     _write(1)
     checkpoint = audit_checkpoint_create(reason="scheduled")

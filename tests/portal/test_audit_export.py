@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -47,7 +47,7 @@ def test_an_export_verifies_offline_and_fails_after_one_changed_byte(
         built_by: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Committed rows (transactional_db): PostgreSQL's COPY runs on a connection of its own, as in production.
     if built_by == "python":  # the path SQLite (the embedded mode) takes
-        from portal import audit_export
+        from portal.audit import export as audit_export
 
         monkeypatch.setattr(audit_export, "_pg_lines", audit_export._python_lines)
     client = api_as(personas["compliance"])
@@ -133,9 +133,9 @@ def test_bad_export_parameters_get_400(personas: dict[str, Any], api_as: Any) ->
 
 
 def test_the_export_streams_in_pieces(personas: dict[str, Any], api_as: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from portal import audit_export
-
-    from portal.audit import AuditAction, audit_record
+    from portal.audit import export as audit_export
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import audit_record
 
     for i in range(200):
         audit_record(AuditAction.AUDIT_VERIFY, actor=personas["ds"], metadata={"n": i, "noise": os.urandom(400).hex()})
@@ -168,7 +168,8 @@ def test_the_audit_page_offers_the_export_of_its_filter_and_the_public_key(
 def test_event_detail_shows_the_diff_and_links_to_timelines(trail: None, personas: dict[str, Any]) -> None:
     from django.test import Client
 
-    from portal.audit import AuditAction, Target, audit_record
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import Target, audit_record
 
     event = audit_record(AuditAction.ADMIN_CHANGE, actor=personas["admin"],
                          target=Target("registeredmodel", "churn", "churn", "acme"),
@@ -198,8 +199,10 @@ def test_formula_cells_are_neutralised_in_csv_exports_and_the_export_still_verif
     """OWASP's CSV injection: an audited request's User-Agent and a name a user chose, opened in a spreadsheet."""
     import csv
 
-    from portal import audit_export, context
-    from portal.audit import AuditAction, Target, audit_record
+    from portal import context
+    from portal.audit import export as audit_export
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import Target, audit_record
 
     if built_by == "python":
         monkeypatch.setattr(audit_export, "_pg_lines", audit_export._python_lines)

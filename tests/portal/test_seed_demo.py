@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from portal.audit import verify_chain
+from portal.audit.verify import verify_chain
 from portal.models import AuditEvent, Team
 
 pytestmark = pytest.mark.django_db

@@ -11,7 +11,7 @@ from django.test import Client
 
 from monitoring.flush import flush_predictions
 from monitoring.models import Feedback, PredictionLog
-from portal.audit import verify_chain
+from portal.audit.verify import verify_chain
 from portal.models import AuditEvent
 from tests.conftest import assert_error_shape
 from tests.registry.conftest import rows as _rows

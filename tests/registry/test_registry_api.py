@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from portal.audit import verify_chain
+from portal.audit.verify import verify_chain
 from portal.models import AuditEvent, Team
 from registry import services
 from registry.models import Blob, ModelVersion, RegisteredModel, TeamTrustedType

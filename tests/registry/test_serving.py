@@ -14,7 +14,7 @@ from django.test import Client
 from monitoring.flush import flush_predictions
 from monitoring.models import Feedback, PredictionLog
 from portal import services as portal_services
-from portal.audit import verify_chain
+from portal.audit.verify import verify_chain
 from portal.models import AuditEvent, Team
 from registry import deployments, services
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval

@@ -8,7 +8,8 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from monitoring.sensitive import rotate_payload_keys
-from portal.audit import AuditAction, Target, audit_record
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
 
 
 class Command(BaseCommand):

@@ -5,7 +5,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from portal.audit import audit_chain_verify
+from portal.audit.verify import audit_chain_verify
 
 
 class Command(BaseCommand):

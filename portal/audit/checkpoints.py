@@ -14,7 +14,7 @@ webhook. One checkpoint is::
 
 Checkpoints form a chain of their own (``previous``), numbered without gaps, and each is also recorded in the audit
 trail (``audit.checkpoint``, with its number and digest), so a checkpoint file that goes missing is noticed even when
-it was the newest. :func:`verify_audit_trail` compares the chain with them.
+it was the newest. :func:`portal.audit.verify.verify_audit_trail` compares the chain with them.
 """
 
 from __future__ import annotations
@@ -30,21 +30,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import connection, transaction
 
-from portal.audit import (
-    GENESIS_HASH,
-    AuditAction,
-    ChainVerdict,
-    Target,
-    audit_record,
-    canonical_json,
-    verify_chain,
-)
-from portal.models import AuditChainHead, AuditEvent, AuditOutcome
+from portal.audit.actions import AuditAction
+from portal.audit.record import GENESIS_HASH, Target, audit_record, canonical_json
+from portal.audit.signing import public_key_fingerprint, signing_key
+from portal.models import AuditChainHead, AuditEvent
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +65,6 @@ def checkpoint_name(number: int) -> str:
 def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
-
-def public_key_fingerprint() -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    from portal.audit_export import signing_key
-
-    raw = signing_key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -118,10 +105,6 @@ def parse_checkpoint(name: str, data: bytes) -> StoredCheckpoint:
 
 
 def signature_holds(checkpoint: StoredCheckpoint) -> bool:
-    from cryptography.exceptions import InvalidSignature
-
-    from portal.audit_export import signing_key
-
     try:
         signing_key().public_key().verify(base64.b64decode(checkpoint.signature, validate=True),
                                           canonical_json(checkpoint.body).encode())
@@ -167,7 +150,7 @@ def _newest_stored(storage: Storage) -> StoredCheckpoint | None:
     return None
 
 
-def _recorded_checkpoints() -> list[dict[str, Any]]:
+def recorded_checkpoints() -> list[dict[str, Any]]:
     """The checkpoints the audit trail says were written: (event seq, number, sha256), oldest first."""
     rows = AuditEvent.objects.filter(action=AuditAction.AUDIT_CHECKPOINT.label).order_by("seq").values_list(
         "seq", "metadata")
@@ -202,12 +185,10 @@ def audit_checkpoint_create(*, reason: str, actor: Any = None) -> StoredCheckpoi
     written since (an idle portal does not grow its trail by one event an hour)."""
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}")
-    from portal.audit_export import signing_key
-
     storage = checkpoint_storage()
     with _writer_lock():
         newest = _newest_stored(storage)
-        recorded = _recorded_checkpoints()
+        recorded = recorded_checkpoints()
         last_recorded = recorded[-1] if recorded else None
         head = AuditChainHead.objects.filter(pk=1).values("seq", "hash").first() or {"seq": 0, "hash": GENESIS_HASH}
         if reason == "scheduled" and newest is not None and last_recorded is not None \
@@ -272,171 +253,3 @@ def audit_checkpoint_send(*, name: str) -> int:
                                      headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         return int(response.status)
-
-
-# --- Verification against the checkpoints ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Finding:
-    kind: str
-    message: str
-    seq: int | None = None  # the event where the problem shows, when there is one
-    checkpoint: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "seq": self.seq, "checkpoint": self.checkpoint}
-
-
-@dataclass(frozen=True)
-class TrailVerdict:
-    """The chain's own verdict plus what the checkpoints say about it."""
-
-    chain: ChainVerdict
-    findings: tuple[Finding, ...] = ()
-    newest: dict[str, Any] | None = None
-    checkpoints: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.chain.ok and not self.findings
-
-    @property
-    def events(self) -> int:
-        return self.chain.events
-
-    @property
-    def head(self) -> str:
-        return self.chain.head
-
-    @property
-    def first_bad(self) -> int | None:
-        if self.chain.first_bad is not None:
-            return self.chain.first_bad
-        seqs = [f.seq for f in self.findings if f.seq is not None]
-        return min(seqs) if seqs else None
-
-    @property
-    def reason(self) -> str:
-        return "; ".join([r for r in (self.chain.reason,) if r] + [f.message for f in self.findings])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "events": self.events, "head": self.head, "first_bad": self.first_bad,
-                "reason": self.reason, "problems": [f.as_dict() for f in self.findings],
-                "checkpoints": self.checkpoints, "newest_checkpoint": self.newest}
-
-
-def compare_with_checkpoints(chain: ChainVerdict) -> TrailVerdict:
-    """What the checkpoints in the store say about the chain in the database (whose own verdict is ``chain``)."""
-    findings: list[Finding] = []
-    try:
-        stored, unreadable = load_checkpoints()
-    except Exception as exc:  # the store is down or refuses us: say so, never pass silently
-        logger.exception("cannot read the audit checkpoints")
-        return TrailVerdict(chain, (Finding("store_unreachable",
-                                            f"the checkpoint store cannot be read: {type(exc).__name__}: {exc}"),))
-    for name, why in unreadable:
-        findings.append(Finding("checkpoint_unreadable", f"checkpoint file {name}: {why}"))
-
-    valid: list[StoredCheckpoint] = []
-    for checkpoint in stored:
-        if signature_holds(checkpoint):
-            valid.append(checkpoint)
-        else:
-            findings.append(Finding(
-                "checkpoint_bad_signature",
-                f"checkpoint #{checkpoint.number} ({checkpoint.name}) is not signed by the audit signing key: it was "
-                f"replaced or forged", seq=checkpoint.seq, checkpoint=checkpoint.number))
-
-    by_number = {c.number: c for c in stored}
-    recorded = _recorded_checkpoints()
-    highest = max([0, *by_number, *(r["number"] for r in recorded)])
-    for number in range(1, highest + 1):
-        if number not in by_number:
-            where = next((r for r in recorded if r["number"] == number), None)
-            said = f", recorded in the trail at event #{where['event']}" if where else ""
-            findings.append(Finding(
-                "checkpoint_missing",
-                f"checkpoint #{number} ({checkpoint_name(number)}{said}) is missing from the store: the checkpoint "
-                f"chain has a gap", checkpoint=number))
-    for number, checkpoint in sorted(by_number.items()):
-        before = by_number.get(number - 1)
-        expected_previous = GENESIS_HASH if number == 1 else before.digest if before else None
-        if expected_previous is not None and checkpoint.body["previous"] != expected_previous:
-            findings.append(Finding(
-                "checkpoint_broken_link",
-                f"checkpoint #{number} ({checkpoint.name}) does not link to checkpoint #{number - 1}: one of them "
-                f"was replaced", checkpoint=number))
-    for entry in recorded:
-        held = by_number.get(entry["number"])
-        if held is not None and entry["sha256"] and held.digest != entry["sha256"]:
-            findings.append(Finding(
-                "checkpoint_replaced",
-                f"checkpoint #{entry['number']} ({held.name}) differs from the one the trail recorded at "
-                f"event #{entry['event']}: it was replaced", checkpoint=entry["number"]))
-
-    findings += _compare_events(valid)
-    newest = valid[-1].summary() if valid else None
-    return TrailVerdict(chain, tuple(findings), newest, len(stored))
-
-
-def _compare_events(valid: list[StoredCheckpoint]) -> list[Finding]:
-    """Each signed checkpoint's (seq, head hash) against the event the chain holds at that seq: the first
-    checkpoint that disagrees, and where (after the last one that still agrees); and a head that went backwards."""
-    if not valid:
-        return []
-    present: dict[int, str] = {}
-    seqs = sorted({c.seq for c in valid if c.seq > 0})
-    for start in range(0, len(seqs), 1000):
-        present.update(AuditEvent.objects.filter(seq__in=seqs[start:start + 1000]).values_list("seq", "hash"))
-    last_seq = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
-    findings: list[Finding] = []
-    agreeing: StoredCheckpoint | None = None
-    for checkpoint in valid:
-        seq, recorded = checkpoint.seq, checkpoint.body["head_hash"]
-        held = present.get(seq) if seq > 0 else GENESIS_HASH
-        if held == recorded:
-            agreeing = checkpoint
-            continue
-        since = (f"after checkpoint #{agreeing.number} (event #{agreeing.seq}) still agrees"
-                 if agreeing else "no earlier checkpoint agrees")
-        low = (agreeing.seq + 1) if agreeing else 1
-        if held is None and seq > last_seq:
-            findings.append(Finding(
-                "events_missing",
-                f"events #{max(low, last_seq + 1)}–#{seq} are missing: checkpoint #{checkpoint.number} of "
-                f"{checkpoint.body['time']} recorded the chain reaching event #{seq} (hash {recorded[:16]}…), the "
-                f"chain now ends at #{last_seq}", seq=max(low, last_seq + 1), checkpoint=checkpoint.number))
-        else:
-            holds = f"holds {held[:16]}…" if held else "has no event there"
-            findings.append(Finding(
-                "chain_rewritten",
-                f"the chain was changed between events #{low} and #{seq} ({since}): checkpoint "
-                f"#{checkpoint.number} of {checkpoint.body['time']} recorded event #{seq} with hash "
-                f"{recorded[:16]}…, the chain {holds}", seq=low, checkpoint=checkpoint.number))
-        break
-    newest = valid[-1]
-    head = AuditChainHead.objects.filter(pk=1).values("seq", "hash").first()
-    if head is not None and head["seq"] < newest.seq:
-        findings.append(Finding(
-            "head_went_backwards",
-            f"the chain head went backwards: it says #{head['seq']}, but checkpoint #{newest.number} of "
-            f"{newest.body['time']} recorded #{newest.seq}", seq=head["seq"] + 1, checkpoint=newest.number))
-    return findings
-
-
-def verify_audit_trail() -> TrailVerdict:
-    """The chain recomputed, then compared with the checkpoints in the store."""
-    return compare_with_checkpoints(verify_chain())
-
-
-def audit_trail_verify(*, actor: Any, source: str = "") -> TrailVerdict:
-    """Verify the chain and its checkpoints, and record that it was verified, with the verdict (a failed check is an
-    event too)."""
-    verdict = verify_audit_trail()
-    metadata = verdict.as_dict()
-    if source:
-        metadata["source"] = source
-    with transaction.atomic():
-        audit_record(AuditAction.AUDIT_VERIFY, actor=actor, metadata=metadata,
-                     outcome=AuditOutcome.SUCCESS if verdict.ok else AuditOutcome.FAILURE)
-    return verdict

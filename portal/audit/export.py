@@ -15,22 +15,21 @@ import hashlib
 import io
 import json
 import logging
-import os
 import uuid
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 from django.utils import timezone
 
-from portal.audit import AuditAction, _VERIFY_FIELDS, audit_record, document_from_row
+from portal.audit.actions import AuditAction
+from portal.audit.checkpoints import audit_checkpoint_create
+from portal.audit.record import audit_record
+from portal.audit.signing import signing_key
+from portal.audit.verify import _VERIFY_FIELDS, document_from_row
 from portal.csv_safety import ESCAPE_RULE, neutralise_cell, neutralise_sql
 from portal.models import AuditChainHead
 
@@ -50,35 +49,6 @@ JSON_COLUMNS = ("before", "after", "metadata")
 FLUSH_BYTES = 256 * 1024
 BATCH_ROWS = 5000
 
-
-def signing_key() -> Ed25519PrivateKey:
-    """The key that signs exports and checkpoints: ``PORTAL_AUDIT_SIGNING_KEY`` (PEM), else, in the demo only, one
-    generated once under ``var/``."""
-    pem = settings.PORTAL_AUDIT_SIGNING_KEY
-    if not pem and not getattr(settings, "PORTAL_DEBUG", settings.DEBUG):
-        # A key made up per host would sign with a different key on every pod (portal/checks.py says so at start).
-        raise ImproperlyConfigured("PORTAL_AUDIT_SIGNING_KEY (or PORTAL_AUDIT_SIGNING_KEY_FILE) must be set when "
-                                   "PORTAL_DEBUG is off.")
-    if not pem:
-        path = Path(settings.VAR_DIR) / "audit_signing_key.pem"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            key = Ed25519PrivateKey.generate()
-            data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-        pem = path.read_text()
-    loaded = serialization.load_pem_private_key(pem.encode(), password=None)
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ValueError("PORTAL_AUDIT_SIGNING_KEY must be an Ed25519 private key in PEM (PKCS#8)")
-    return loaded
-
-
-def public_key_pem() -> str:
-    return signing_key().public_key().public_bytes(serialization.Encoding.PEM,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 class _Sink(io.RawIOBase):
@@ -161,8 +131,6 @@ def _export_checkpoint(actor: Any) -> dict[str, Any] | None:
     """Every export first checkpoints the chain's head (the export's own event included) outside the database, so
     the trail as exported can never later shrink unnoticed. A store that refuses the checkpoint does not stop the
     export: it is logged, the manifest says ``"checkpoint": null``, and the next verification reports the store."""
-    from portal.audit_checkpoints import audit_checkpoint_create
-
     try:
         checkpoint = audit_checkpoint_create(reason="export", actor=actor)
     except Exception:

@@ -1,0 +1,99 @@
+"""Every auditable action: a name, a code numbered in ranges per domain, and the label the trail stores.
+
+Values never change once released: the codes and labels are part of every recorded event and of its hash.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class AuditAction(enum.Enum):
+    """Every auditable action, numbered in ranges per domain. Values never change once released."""
+
+    # 1000: authentication
+    AUTH_LOGIN = (1001, "auth.login")
+    AUTH_LOGIN_FAILED = (1002, "auth.login_failed")
+    AUTH_LOGOUT = (1003, "auth.logout")
+    AUTH_LOCKED_OUT = (1004, "auth.locked_out")
+    AUTH_SESSION_EXPIRED = (1005, "auth.session_expired")
+    AUTH_REAUTH_FAILED = (1006, "auth.reauth_failed")
+    TWOFA_ENROLL = (1007, "auth.2fa_enroll")
+    TWOFA_FAILURE = (1008, "auth.2fa_failure")
+    # 1100: accounts, tokens, teams
+    TOKEN_CREATE = (1101, "token.create")
+    TOKEN_REVOKE = (1102, "token.revoke")
+    TEAM_CREATE = (1111, "team.create")
+    TEAM_MEMBER_ADD = (1112, "team.member_add")
+    TEAM_MEMBER_REMOVE = (1113, "team.member_remove")
+    USER_CREATE = (1121, "user.create")
+    USER_ROLE_CHANGE = (1122, "user.role_change")
+    ADMIN_ADD = (1131, "admin.add")
+    ADMIN_CHANGE = (1132, "admin.change")
+    ADMIN_DELETE = (1133, "admin.delete")
+    # 2000: registry
+    MODEL_REGISTER = (2001, "model.register")
+    MODEL_TAGS_CHANGE = (2002, "model.tags_change")
+    VERSION_UPLOAD = (2011, "version.upload")
+    VERSION_UPLOAD_REJECTED = (2012, "version.upload_rejected")
+    VERSION_SCAN_VERDICT = (2013, "version.scan_verdict")
+    VERSION_TRUST_DECISION = (2014, "version.trust_decision")
+    VERSION_DOWNLOAD = (2015, "version.download")
+    REFERENCE_DOWNLOAD = (2016, "reference.download")
+    TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
+    VERSION_IMPORT_DUPLICATE = (2018, "version.import_duplicate")
+    VERSION_TAGS_CHANGE = (2019, "version.tags_change")
+    # 3000: deployments and traffic
+    DEPLOYMENT_CREATE = (3001, "deployment.create")
+    DEPLOYMENT_LIVE = (3002, "deployment.live")
+    DEPLOYMENT_FAIL = (3003, "deployment.fail")
+    TRAFFIC_SWITCH = (3011, "traffic.switch")
+    FEEDBACK_RECEIVE = (3101, "feedback.receive")
+    PREDICTION_PAYLOAD_VIEW = (3102, "prediction.payload_view")
+    FEEDBACK_REFUSE = (3103, "feedback.refuse")
+    # 3200: batch scoring
+    BATCH_SUBMIT = (3201, "batch.submit")
+    BATCH_CANCEL = (3202, "batch.cancel")
+    BATCH_DONE = (3203, "batch.done")
+    BATCH_FAIL = (3204, "batch.fail")
+    BATCH_DOWNLOAD = (3205, "batch.download")
+    BATCH_SCHEDULE_CREATE = (3211, "batch_schedule.create")
+    BATCH_SCHEDULE_CHANGE = (3212, "batch_schedule.change")
+    BATCH_SCHEDULE_DELETE = (3213, "batch_schedule.delete")
+    # 3300: monitoring
+    ALERT_FIRE = (3301, "alert.fire")
+    ALERT_ACKNOWLEDGE = (3302, "alert.acknowledge")
+    ALERT_RESOLVE = (3303, "alert.resolve")
+    MONITORING_SETTINGS_CHANGE = (3311, "monitoring.settings_change")
+    # 4000: promotion, approvals, rollback, notifications
+    PROMOTION_REQUEST = (4001, "promotion.request")
+    PROMOTION_APPROVE = (4002, "promotion.approve")
+    PROMOTION_REJECT = (4003, "promotion.reject")
+    PROMOTION_CANCEL = (4004, "promotion.cancel")
+    PROMOTION_DEPLOY = (4005, "promotion.deploy")
+    PROMOTION_LIVE = (4006, "promotion.live")
+    PROMOTION_FAIL = (4007, "promotion.fail")
+    PROMOTION_GATE_OVERRIDE = (4008, "promotion.gate_override")
+    ENVIRONMENT_ROLLBACK = (4011, "environment.rollback")
+    WEBHOOK_CREATE = (4021, "webhook.create")
+    # 5000: data subjects
+    GDPR_SUBJECT_ACCESS = (5001, "gdpr.subject_access")
+    GDPR_ERASURE = (5002, "gdpr.erasure")
+    RETENTION_PURGE = (5011, "retention.purge")
+    RETENTION_DROP_PARTITION = (5012, "retention.drop_partition")
+    PAYLOAD_KEYS_ROTATE = (5021, "payload_keys.rotate")
+    # 1900: the audit trail itself
+    AUDIT_VERIFY = (1901, "audit.verify")
+    AUDIT_EXPORT = (1902, "audit.export")
+    AUDIT_CHECKPOINT = (1903, "audit.checkpoint")
+
+    def __init__(self, code: int, label: str) -> None:
+        self.code = code
+        self.label = label
+
+    @classmethod
+    def from_label(cls, label: str) -> AuditAction | None:
+        return _BY_LABEL.get(label)
+
+
+_BY_LABEL = {a.label: a for a in AuditAction}

@@ -59,6 +59,7 @@ test: $(INSTALLED_TEST)
 	  case "$$out" in *"Migrations for"*) echo "Models changed without a migration: run manage.py makemigrations";; \
 	  *) echo "manage.py makemigrations --check could not run (see the error above)";; esac; exit 1; }
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The long suites (not in `make test`): real gunicorn, Celery, PostgreSQL and Redis under load for minutes.

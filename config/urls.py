@@ -20,7 +20,7 @@ portal_patterns = (
         path("audit/", views.audit, name="audit"),
         path("audit/verify", views.audit_verify, name="audit-verify"),
         path("audit/events/<int:seq>/", views.audit_event, name="audit-event"),
-        path("compliance/processing", views.records_of_processing, name="records-of-processing"),
+        path("compliance/processing", monitoring_views.records_of_processing, name="records-of-processing"),
     ],
     "portal",
 )

@@ -10,6 +10,9 @@ class MonitoringConfig(AppConfig):
     def ready(self) -> None:
         # The registry defines the hook and monitoring fills it (imports point monitoring → registry only).
         from monitoring.evidence import live_evidence
+        from monitoring.flush import write_batches
+        from registry.hooks import register_prediction_log_writer
         from registry.promotions import register_live_evidence
 
         register_live_evidence(live_evidence)
+        register_prediction_log_writer(write_batches)  # batch jobs log their predictions

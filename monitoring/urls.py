@@ -9,6 +9,7 @@ app_name = "monitoring"
 urlpatterns = [
     path("monitoring/", views.portfolio, name="portfolio"),
     path("models/<str:name>/environments/<str:env>/monitoring", views.model_monitoring, name="model"),
+    path("models/<str:name>/environments/<str:env>/predictions", views.environment_predictions, name="predictions"),
     path("models/<str:name>/environments/<str:env>/monitoring/settings", views.settings_change, name="settings"),
     path("alerts/<uuid:uid>/acknowledge", views.alert_acknowledge, name="alert-acknowledge"),
     path("alerts/<uuid:uid>/resolve", views.alert_resolve, name="alert-resolve"),

@@ -14,8 +14,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from monitoring import alerts, metrics, selectors
+from monitoring import alerts, gdpr, metrics, selectors
 from monitoring.models import Alert, MonitoringSettings
+from monitoring.sensitive import recent_predictions
 from portal.permissions import has_capability, require_capability
 from registry import selectors as registry_selectors
 from registry.models import Environment
@@ -124,3 +125,22 @@ def prometheus_metrics(request: HttpRequest) -> HttpResponse:
         return HttpResponse("Not allowed: send the metrics token (Authorization: Bearer …) or scrape from an "
                             "address in PORTAL_METRICS_ALLOW.\n", status=403, content_type="text/plain")
     return HttpResponse(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@login_required
+@require_GET
+def environment_predictions(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    model = registry_selectors.model_get(user=request.user, name=name, action="view_monitoring")
+    if env not in Environment.values:
+        raise Http404("No such environment.")
+    data = recent_predictions(model=model, environment=env, actor=request.user, limit=50)
+    return render(request, "monitoring/predictions.html", {"model": model, "env": env, **data})
+
+
+@login_required
+@require_GET
+def records_of_processing(request: HttpRequest) -> HttpResponse:
+    """GDPR Art. 30: which models process which categories of data, for what, kept how long, seen by whom —
+    generated from the registry, so it is never out of date."""
+    require_capability(request.user, "view_audit")
+    return render(request, "monitoring/records_of_processing.html", gdpr.records_of_processing())

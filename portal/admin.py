@@ -109,14 +109,3 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-
-def _register_policy_admin() -> None:
-    from registry.models import PromotionPolicy
-
-    @admin.register(PromotionPolicy)
-    class PromotionPolicyAdmin(AuditedAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-        list_display = ["environment", "team", "model", "approvals_required", "metric_tolerance"]
-        list_filter = ["environment"]
-
-
-_register_policy_admin()

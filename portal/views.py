@@ -6,6 +6,7 @@ import json
 import logging
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -315,12 +316,19 @@ def _check_broker() -> str | None:
     return None
 
 
-def _check_sandbox() -> str | None:
-    """The model sandbox (bubblewrap, or the model-host service): without it no pickle, joblib, skops or MLflow
-    model is loaded here."""
-    from registry.sandbox import unavailable_reason
+# Why the model sandbox (bubblewrap, or the model-host service) cannot load models here, or None: without it no
+# pickle, joblib, skops or MLflow model is loaded. The registry owns the sandbox and registers its check when it
+# starts (RegistryConfig.ready); imports point registry -> portal only.
+_sandbox_unavailable: Callable[[], str | None] | None = None
 
-    reason = unavailable_reason()
+
+def register_sandbox_check(check: Callable[[], str | None]) -> None:
+    global _sandbox_unavailable
+    _sandbox_unavailable = check
+
+
+def _check_sandbox() -> str | None:
+    reason = _sandbox_unavailable() if _sandbox_unavailable is not None else None
     return f"sandbox: {reason}" if reason else None
 
 
@@ -380,14 +388,3 @@ def error_500(request: HttpRequest) -> HttpResponse:
     return _error(request, 500, "server_error", "The portal failed to handle this request; it has been logged.",
                   "errors/error.html")
 
-
-
-@login_required
-@require_GET
-def records_of_processing(request: HttpRequest) -> HttpResponse:
-    """GDPR Art. 30: which models process which categories of data, for what, kept how long, seen by whom —
-    generated from the registry, so it is never out of date."""
-    require_capability(request.user, "view_audit")
-    from monitoring.gdpr import records_of_processing as records
-
-    return render(request, "portal/records_of_processing.html", records())

@@ -58,6 +58,7 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.selectors import environment_param
+from registry.hooks import write_prediction_log
 
 logger = logging.getLogger(__name__)
 INBOX = "batch-inbox"
@@ -555,7 +556,6 @@ def _cleanup_parts(job: BatchJob, *, keep: set[str] | None = None) -> None:
 
 def batch_log_chunk(*, chunk_id: int) -> int:
     """Write one chunk's predictions to the prediction log (ids are fixed, so a repeat inserts nothing twice)."""
-    from monitoring.flush import write_batches
     from registry.serving.views import subject_hash
 
     chunk = BatchChunk.objects.select_related("job__model", "job__version").filter(
@@ -587,7 +587,7 @@ def batch_log_chunk(*, chunk_id: int) -> int:
     step = 5000  # rows per insert: bounded memory, whatever the chunk's size
     for lo in range(0, len(rows), step):
         hi = min(lo + step, len(rows))
-        written += write_batches([{
+        written += write_prediction_log([{
             "model": job.model.name, "environment": job.environment, "version": job.version.number, "role": "batch",
             "ts": ts, "latency_ms": latency * (hi - lo), "request_id": job.request_id, "error": "",
             "ids": ids[lo:hi],

@@ -186,14 +186,3 @@ def environment_rollback(request: HttpRequest, name: str, env: str) -> HttpRespo
     messages.success(request, f"Rolling {env} back to v{deployment.version.number}.")
     return redirect("registry:deployment", uid=deployment.uid)
 
-
-@login_required
-@require_GET
-def environment_predictions(request: HttpRequest, name: str, env: str) -> HttpResponse:
-    from monitoring.sensitive import recent_predictions
-
-    model = selectors.model_get(user=request.user, name=name, action="view_monitoring")
-    if env not in Environment.values:
-        raise Http404("No such environment.")
-    data = recent_predictions(model=model, environment=env, actor=request.user, limit=50)
-    return render(request, "registry/predictions.html", {"model": model, "env": env, **data})

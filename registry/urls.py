@@ -21,8 +21,6 @@ urlpatterns = [
     path("deployments/<uuid:uid>/", views.deployment_detail, name="deployment"),
     path("models/<str:name>/versions/<int:number>/promote", promotion_views.version_promote, name="version-promote"),
     path("models/<str:name>/environments/<str:env>/", promotion_views.environment_page, name="environment"),
-    path("models/<str:name>/environments/<str:env>/predictions", promotion_views.environment_predictions,
-         name="predictions"),
     path("models/<str:name>/environments/<str:env>/rollback", promotion_views.environment_rollback,
          name="rollback"),
     path("models/<str:name>/batch/", batch_views.batch_page, name="batch"),

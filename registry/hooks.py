@@ -1,0 +1,30 @@
+"""What the registry needs of monitoring, as hooks that monitoring fills when it starts (MonitoringConfig.ready).
+
+Imports point monitoring -> registry -> portal, never back: the registry says what it needs here and never imports
+monitoring. (The promotion gate's live evidence is such a hook too: ``registry.promotions.register_live_evidence``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+# Writes prediction-log batches (the serving buffer's record format: model, environment, version, role, ts,
+# latency_ms, request_id, error, ids, inputs, outputs, subjects) and returns the rows written; a prediction id
+# already in the log is skipped, so a repeat writes nothing twice.
+PredictionLogWriter = Callable[[list[dict[str, Any]]], int]
+
+_prediction_log_writer: PredictionLogWriter | None = None
+
+
+def register_prediction_log_writer(writer: PredictionLogWriter) -> None:
+    global _prediction_log_writer
+    _prediction_log_writer = writer
+
+
+def write_prediction_log(batches: list[dict[str, Any]]) -> int:
+    if _prediction_log_writer is None:
+        raise ImproperlyConfigured("No prediction log is installed (the monitoring app registers it when it starts).")
+    return _prediction_log_writer(batches)

@@ -11,3 +11,5 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 app = Celery("portal")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# The registry keeps its tasks with each feature (registry/<feature>/tasks.py).
+app.autodiscover_tasks(["registry.batch"])

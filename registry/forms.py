@@ -57,7 +57,7 @@ class BatchScheduleForm(forms.Form):
         return name
 
     def clean_location(self) -> str:
-        from registry.batch import _check_location
+        from registry.batch.services import _check_location
 
         try:
             return _check_location(self.cleaned_data["location"])
@@ -65,7 +65,7 @@ class BatchScheduleForm(forms.Form):
             raise ValidationError(_messages_of(exc)) from None
 
     def clean_cron(self) -> str:
-        from registry.batch import _check_cron
+        from registry.batch.services import _check_cron
 
         cron = " ".join(self.cleaned_data["cron"].split())
         try:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry import batch_views, promotion_views, views
+from registry import promotion_views, views
+from registry.batch import views as batch_views
 
 app_name = "registry"
 

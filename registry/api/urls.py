@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry.api import batch, promotions, views
+from registry.api import promotions, views
+from registry.batch import api as batch
 
 app_name = "registry_api"
 

@@ -25,7 +25,8 @@ from rest_framework.test import APIClient
 from monitoring.models import Alert
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
-from registry import batch, promotions
+from registry import promotions
+from registry.batch import services as batch
 from registry.models import ModelVersion
 from tests.registry import files
 from tests.registry.conftest import deploy_now, fresh_serving_cache, two_versions  # noqa: F401 - fixtures

@@ -19,8 +19,8 @@ from portal.models import Team
 from registry import services
 from registry.localfiles import LocalUpload
 from tests.conftest import EntryPointClient, needs_sandbox
-from tests.registry.files import docs_idiom_pipeline as _docs_idiom_pipeline
 from tests.registry.conftest import deploy_now
+from tests.registry.files import docs_idiom_pipeline as _docs_idiom_pipeline
 
 pytestmark = [pytest.mark.django_db,
               needs_sandbox()]
@@ -193,7 +193,7 @@ def test_a_batch_scores_a_string_column_and_parquet_categoricals_as_mlflow_does(
     from django.test import Client
 
     from monitoring.models import PredictionLog
-    from registry import batch
+    from registry.batch import services as batch
     from registry.models import BatchJob
     from tests.registry.test_batch import run_inline
 

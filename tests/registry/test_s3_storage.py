@@ -19,7 +19,7 @@ from registry import storage
 from registry.models import Blob, ModelVersion
 from tests.conftest import assert_error_shape, free_port, wait_for
 from tests.registry.conftest import deploy_now
-from tests.registry.test_batch_workers import WORKER_ENV, _big_csv, _finished, _result, _submit
+from tests.registry.batch.test_batch_workers import WORKER_ENV, _big_csv, _finished, _result, _submit
 
 pytestmark = pytest.mark.django_db
 BUCKET = "portal-artifacts"
@@ -156,7 +156,7 @@ def test_a_batch_job_on_s3_with_a_real_worker(worker_factory: Any, ds_client: Cl
     rows = _result(ds_client, job)
     assert [r["customer"] for r in rows] == frame["customer"].tolist()
     # Scored parts stay until the prediction log has read them, then leave the bucket.
-    from registry.batch import work_prefix
+    from registry.batch.services import work_prefix
     from registry.models import BatchJob
 
     wait_for(lambda: BatchJob.objects.get(pk=job.pk).rows_logged == len(frame), timeout=180,

@@ -15,7 +15,9 @@ from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import has_capability
 from portal.views import error_text
-from registry import batch, batch_selectors, selectors
+from registry import selectors
+from registry.batch import selectors as batch_selectors
+from registry.batch import services as batch
 from registry.forms import BatchScheduleForm
 from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
 

@@ -4,7 +4,7 @@ The steps, each a Celery task that claims its row before working so a redelivere
 
 1. **Submit** (the request): the file's format, header and required columns are checked, the file is stored
    content-addressed, the serving version is pinned and the job is queued.
-2. **Plan**: one pass over the file checks its SHA-256 and cuts it into chunks (see :mod:`registry.batch_io`);
+2. **Plan**: one pass over the file checks its SHA-256 and cuts it into chunks (see :mod:`registry.batch.files`);
    one task per chunk goes to the queue, so every running worker takes a share.
 3. **Score a chunk**: read its byte range (or row groups), check rows against the signature, predict, write the
    scored part to the artifact store (shared by all hosts). The chunk is marked done once, in the same transaction
@@ -45,7 +45,9 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability
-from registry import batch_io, storage
+from registry import storage
+from registry.batch import files as batch_io
+from registry.hooks import write_prediction_log
 from registry.models import (
     BATCH_ACTIVE,
     BatchChunk,
@@ -58,7 +60,6 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.selectors import environment_param
-from registry.hooks import write_prediction_log
 
 logger = logging.getLogger(__name__)
 INBOX = "batch-inbox"
@@ -160,7 +161,7 @@ def _enqueue_on_commit(task: str, *args: Any) -> None:
     ctx = context.current().as_task_kwargs()
 
     def enqueue() -> None:
-        from registry import tasks
+        from registry.batch import tasks
 
         getattr(tasks, f"{task}_task").delay(*args, request_ctx=ctx)
 
@@ -220,7 +221,7 @@ def _start_scoring(job: BatchJob, chunks: list[batch_io.ChunkPlan], *, from_stat
         ctx = context.current().as_task_kwargs()
 
         def enqueue() -> None:
-            from registry.tasks import batch_chunk_task
+            from registry.batch.tasks import batch_chunk_task
 
             for pk in ids:
                 batch_chunk_task.delay(pk, request_ctx=ctx)
@@ -387,7 +388,7 @@ def batch_assemble(*, job_id: int) -> BatchJob | None:
             ctx = context.current().as_task_kwargs()
 
             def after() -> None:
-                from registry.tasks import batch_log_task
+                from registry.batch.tasks import batch_log_task
 
                 _cleanup_parts(job, keep={c.log_name for c in chunks if c.log_name and not c.logged})
                 for pk in pending_logs:
@@ -639,7 +640,7 @@ def batch_cancel(*, job: BatchJob, actor: Any) -> BatchJob:
 def batch_reap() -> dict[str, int]:
     """Hand out again what a dead worker or a lost message left behind: jobs stuck planning or assembling, chunks
     running (or pending) too long, logs never written. Claims count attempts, so nothing loops for ever."""
-    from registry import tasks
+    from registry.batch import tasks
 
     cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_BATCH_STALE_SECONDS)
     counts = {"plan": 0, "chunk": 0, "assemble": 0, "log": 0}

@@ -225,7 +225,8 @@ from django.contrib.auth.models import Group, User
 from portal.models import Membership, Team
 from portal.roles import sync_roles
 from portal import services as portal_services
-from registry import deployments, services
+from registry import services
+from registry.deployments import services as deployments
 from registry.localfiles import LocalUpload
 work = Path(sys.argv[1])
 sync_roles()

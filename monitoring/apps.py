@@ -12,7 +12,7 @@ class MonitoringConfig(AppConfig):
         from monitoring.evidence import live_evidence
         from monitoring.flush import write_batches
         from registry.hooks import register_prediction_log_writer
-        from registry.promotions import register_live_evidence
+        from registry.promotions.services import register_live_evidence
 
         register_live_evidence(live_evidence)
         register_prediction_log_writer(write_batches)  # batch jobs log their predictions

@@ -3,7 +3,7 @@ the target environment, over one window.
 
 Read from the same rollups (and the same merge, percentile, accuracy and drift code) as the monitoring pages, so a
 figure here equals the one on the environment's monitoring page for the same version and window. Registered into
-``registry.promotions`` when monitoring starts (the registry does not import monitoring).
+``registry.promotions.services`` when monitoring starts (the registry does not import monitoring).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 from django.utils import timezone
 
-from registry.promotions import EVIDENCE_WINDOWS
 from monitoring.rollups import bucket_start, rollups, version_spec
 from monitoring.selectors import (
     ONLINE_ROLES,
@@ -25,6 +24,7 @@ from monitoring.selectors import (
     granularity_for,
     thresholds_for,
 )
+from registry.promotions.services import EVIDENCE_WINDOWS
 
 # p50 and p95 have no absolute limit in the monitoring settings; the candidate is held to the champion's figure
 # plus this share (a slower candidate warns, it does not block).

@@ -8,11 +8,11 @@ class RegistryConfig(AppConfig):
     verbose_name = "Model registry"
 
     def ready(self) -> None:
-        from registry import checks  # noqa: F401 - registers the sandbox's start-up check
-
         from portal.management.commands.seed_demo import SEED_HOOKS
         from portal.views import register_sandbox_check
+        from registry import checks  # noqa: F401 - registers the sandbox's start-up check
         from registry.demo import seed
+        from registry.promotions import services as promotions  # noqa: F401 - listens to the deployments' events
         from registry.sandbox import unavailable_reason
 
         if seed not in SEED_HOOKS:

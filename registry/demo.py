@@ -12,7 +12,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 
 from portal.models import Team
-from registry import deployments, services
+from registry import services
+from registry.deployments import services as deployments
 from registry.localfiles import LocalUpload
 from registry.models import RegisteredModel, TeamTrustedType, VersionStatus
 
@@ -105,7 +106,7 @@ def seed(*, team: Team, users: dict[str, Any], stdout: Any) -> None:
         stdout.write(f"Demo model {model.name} v1 in dev: {deployment.status} {deployment.error}".rstrip())
     second = model.versions.filter(number=2, status=VersionStatus.READY).first()
     if second is not None:
-        from registry import promotions
+        from registry.promotions import services as promotions
 
         try:
             promotion = promotions.promotion_request(

@@ -1,7 +1,7 @@
 """What the registry needs of monitoring, as hooks that monitoring fills when it starts (MonitoringConfig.ready).
 
 Imports point monitoring -> registry -> portal, never back: the registry says what it needs here and never imports
-monitoring. (The promotion gate's live evidence is such a hook too: ``registry.promotions.register_live_evidence``.)
+monitoring. (The promotion gate's live evidence is such a hook too: ``registry.promotions.services.register_live_evidence``.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from portal.models import AuditEvent
 from portal.permissions import get_object_for_user, scope_to_teams
 from registry.models import ModelVersion, RegisteredModel
 
-
 MODEL_SORTS = {
     "name": ("name",), "-name": ("-name",), "team": ("team__slug", "name"),
     "versions": ("-version_count", "name"), "updated": ("-last_upload", "name"),
@@ -75,7 +74,7 @@ def reference_profile_rows(*, version: ModelVersion) -> list[dict[str, Any]]:
 
 def version_compare(*, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
     """Two versions of one model side by side: facts, metrics, signature, model card and reference profile."""
-    from registry.promotions import metric_diff, signature_diff
+    from registry.promotions.services import metric_diff, signature_diff
 
     facts = [(label, getter(a), getter(b)) for label, getter in (
         ("Status", lambda v: v.get_status_display()), ("Format", lambda v: v.get_format_display()),

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry import promotion_views, views
+from registry import views
 from registry.batch import views as batch_views
+from registry.promotions import views as promotion_views
 
 app_name = "registry"
 

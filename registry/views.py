@@ -16,9 +16,9 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
 from registry import selectors, services
-from registry.promotions import PROMOTION_TARGETS
 from registry.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
 from registry.models import ModelVersion
+from registry.promotions.services import PROMOTION_TARGETS
 
 _KEPT = "kept-input:{key}"
 
@@ -200,7 +200,7 @@ def version_import(request: HttpRequest, name: str) -> HttpResponse:
 @login_required
 @require_POST
 def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse:
-    from registry.deployments import deployment_start
+    from registry.deployments.services import deployment_start
 
     version = selectors.version_get(user=request.user, name=name, number=number, action="deploy_dev")
     try:

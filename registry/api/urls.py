@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry.api import promotions, views
+from registry.api import views
 from registry.batch import api as batch
+from registry.promotions import api as promotions
 
 app_name = "registry_api"
 

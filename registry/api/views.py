@@ -239,7 +239,7 @@ class VersionDeployApi(APIView):
     @extend_schema(request=DeployInput, responses={202: DeploymentSerializer},
                    summary="Deploy a ready version (data scientists: dev only; stage and prod through promotion)")
     def post(self, request: Request, name: str, number: int) -> Response:
-        from registry.deployments import deployment_start
+        from registry.deployments.services import deployment_start
 
         version = selectors.version_get(user=request.user, name=name, number=number, action="view_models")
         data = DeployInput(data=request.data)

@@ -18,7 +18,7 @@ from tests.browser.conftest import screenshot
 from tests.browser.test_upload_journey import _sign_in, shoot
 from tests.conftest import PASSWORD
 from tests.registry.conftest import rows
-from tests.registry.test_promotions import _log, promote_live, upload
+from tests.registry.promotions.test_promotions import _log, promote_live, upload
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -25,8 +25,8 @@ from schemathesis.specs.openapi.checks import (
 
 from monitoring.models import Alert
 from portal import services as portal_services
-from registry import promotions
 from registry.models import ModelVersion
+from registry.promotions import services as promotions
 from tests.registry.conftest import deploy_now, fresh_serving_cache, two_versions  # noqa: F401 - fixtures
 
 EXAMPLES = int(os.environ.get("PORTAL_FUZZ_EXAMPLES", "25"))

@@ -25,9 +25,9 @@ from rest_framework.test import APIClient
 from monitoring.models import Alert
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
-from registry import promotions
 from registry.batch import services as batch
 from registry.models import ModelVersion
+from registry.promotions import services as promotions
 from tests.registry import files
 from tests.registry.conftest import deploy_now, fresh_serving_cache, two_versions  # noqa: F401 - fixtures
 

@@ -10,7 +10,8 @@ from django.test import Client
 
 from portal import services as portal_services
 from portal.models import Team
-from registry import deployments, services
+from registry import services
+from registry.deployments import services as deployments
 from registry.models import Deployment, ModelVersion
 from registry.serving import runtime
 from tests.conftest import EntryPointClient

@@ -16,7 +16,8 @@ from monitoring.models import Feedback, PredictionLog
 from portal import services as portal_services
 from portal.audit.verify import verify_chain
 from portal.models import AuditEvent, Team
-from registry import deployments, services
+from registry import services
+from registry.deployments import services as deployments
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval
 from registry.serving import buffer, runtime
 from tests.conftest import EntryPointClient, assert_error_shape, free_port

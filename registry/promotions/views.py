@@ -16,10 +16,10 @@ from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import get_object_for_user, has_capability, require_capability
 from portal.views import error_text
-from registry import call_examples, promotions, selectors
+from registry import call_examples, selectors
 from registry.models import Environment, PromotionRequest, PromotionStatus
-from registry.promotions import EVIDENCE_WINDOWS
-
+from registry.promotions import services as promotions
+from registry.promotions.services import EVIDENCE_WINDOWS
 
 _KEPT_KEY = "promotion-decision-{uid}"
 

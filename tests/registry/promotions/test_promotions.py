@@ -16,7 +16,8 @@ from django.test import Client
 from django.utils import timezone
 
 from portal.models import AuditEvent, Team
-from registry import deployments, promotions, services
+from registry import services
+from registry.deployments import services as deployments
 from registry.localfiles import LocalUpload
 from registry.models import (
     Deployment,
@@ -25,6 +26,7 @@ from registry.models import (
     PromotionRequest,
     RegisteredModel,
 )
+from registry.promotions import services as promotions
 from tests.conftest import PASSWORD, assert_error_shape
 from tests.registry import files
 from tests.registry.conftest import deploy_now
@@ -401,7 +403,7 @@ def test_rollback_to_a_chosen_version_and_its_refusals(model: RegisteredModel, p
 def test_two_approvals_racing_start_exactly_one_deployment(personas: dict[str, Any], tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from portal import tasks as portal_tasks
-    from registry import tasks as registry_tasks
+    from registry.deployments import tasks as registry_tasks
 
     queued: list[int] = []
     monkeypatch.setattr(registry_tasks.deployment_run_task, "delay", lambda pk, **kw: queued.append(pk))

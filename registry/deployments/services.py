@@ -15,12 +15,13 @@ import datetime as dt
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import F, Q
+from django.dispatch import Signal
 from django.utils import timezone
 
 from portal import context
@@ -46,6 +47,14 @@ from registry.scanning.archive import extract_zip
 from registry.selectors import environment_param
 
 logger = logging.getLogger(__name__)
+
+# Events for the features above deployments (promotions listen; imports point promotions -> deployments only).
+# deployment_gates(deployment=): sent when a promotion's deployment starts; each receiver returns a list of problems
+# (gates that no longer pass), and any problem fails the deployment before it is prepared.
+deployment_gates = Signal()
+# deployment_finished(deployment=, live=, error=): sent inside the transaction that makes a deployment live or failed,
+# so what a receiver records commits with it.
+deployment_finished = Signal()
 
 
 class DeploymentFailed(Exception):
@@ -97,7 +106,7 @@ def deployment_start(*, version: ModelVersion, environment: str, strategy: str =
         ctx = context.current().as_task_kwargs()
 
         def enqueue() -> None:
-            from registry.tasks import deployment_run_task
+            from registry.deployments.tasks import deployment_run_task
 
             deployment_run_task.delay(deployment.pk, request_ctx=ctx)
 
@@ -270,9 +279,9 @@ def deployment_run(*, deployment_id: int) -> Deployment | None:
         if version.status != VersionStatus.READY or version.artifact is None:
             raise DeploymentFailed(f"version {version.number} is no longer ready")
         if deployment.purpose == "promotion":
-            from registry.promotions import deployment_gate_problems
-
-            problems = deployment_gate_problems(deployment)
+            problems: list[str] = []
+            for _receiver, found in deployment_gates.send(sender=Deployment, deployment=deployment):
+                problems += cast("list[str]", found)
             if problems:
                 raise DeploymentFailed("a gate no longer passes: " + "; ".join(problems))
             _step(deployment, 20, "The promotion's gates still pass.")
@@ -311,9 +320,7 @@ def _fail(deployment: Deployment, error: str) -> None:
             audit_record(AuditAction.DEPLOYMENT_FAIL, actor=None, target=deployment_target(deployment),
                          outcome=AuditOutcome.FAILURE, before={"status": "running"},
                          after={"status": "failed", "error": error[:1000]})
-            from registry.promotions import deployment_finished
-
-            deployment_finished(deployment, live=False, error=error)
+            deployment_finished.send(sender=Deployment, deployment=deployment, live=False, error=error)
 
 
 def _switch(deployment: Deployment) -> None:
@@ -367,9 +374,7 @@ def _switch(deployment: Deployment) -> None:
                      before=before, after=_state_summary(state))
         audit_record(AuditAction.DEPLOYMENT_LIVE, actor=None, target=deployment_target(deployment),
                      before={"status": "running"}, after={"status": "live", "retired": len(retired)})
-        from registry.promotions import deployment_finished
-
-        deployment_finished(deployment, live=True)
+        deployment_finished.send(sender=Deployment, deployment=deployment, live=True, error="")
 
 
 def _state_summary(state: EnvironmentState) -> dict[str, Any]:
@@ -386,7 +391,7 @@ def deployments_reap() -> list[int]:
     """Hand deployments left pending or running past ``PORTAL_DEPLOYMENT_STALE_SECONDS`` to a worker again (a lost
     message, a worker killed while the broker still holds its task). Claiming counts attempts, so a deployment that
     keeps killing its worker ends failed, never stuck."""
-    from registry.tasks import deployment_run_task
+    from registry.deployments.tasks import deployment_run_task
 
     cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_DEPLOYMENT_STALE_SECONDS)
     stale = list(Deployment.objects.filter(

@@ -21,6 +21,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
+from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
 
@@ -29,6 +30,7 @@ from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability, scope_to_teams
 from portal.services import reauthenticate
+from registry.deployments.services import deployment_finished, deployment_gates, deployment_start
 from registry.models import (
     DEFAULT_APPROVALS,
     DEFAULT_METRIC_TOLERANCE,
@@ -372,8 +374,6 @@ def promotion_decide(*, promotion: PromotionRequest, actor: Any, approve: bool, 
 
 
 def _start_deployment(promotion: PromotionRequest, actor: Any) -> None:
-    from registry.deployments import deployment_start
-
     deployment = deployment_start(version=promotion.version, environment=promotion.target,
                                   strategy=Strategy.REPLACE, actor=actor, via_promotion=True,
                                   purpose=DeploymentPurpose.PROMOTION,
@@ -401,7 +401,8 @@ def promotion_cancel(*, promotion: PromotionRequest, actor: Any) -> PromotionReq
 
 # --- Called by the deployment service, inside its transactions ----------------------------------------------------
 
-def deployment_gate_problems(deployment: Deployment) -> list[str]:
+@receiver(deployment_gates, dispatch_uid="promotions.deployment_gate_problems")
+def deployment_gate_problems(sender: Any, *, deployment: Deployment, **kwargs: Any) -> list[str]:
     """Gates checked again when a promotion's deployment starts: the world may have moved since approval."""
     promotion = PromotionRequest.objects.filter(deployment=deployment).first()
     if promotion is None:
@@ -411,7 +412,10 @@ def deployment_gate_problems(deployment: Deployment) -> list[str]:
     return [f"{g.label}: {g.detail}" for g in blocking(gates)]
 
 
-def deployment_finished(deployment: Deployment, *, live: bool, error: str = "") -> None:
+@receiver(deployment_finished, dispatch_uid="promotions.deployment_finished")
+def promotion_deployment_finished(sender: Any, *, deployment: Deployment, live: bool, error: str = "",
+                                  **kwargs: Any) -> None:
+    """The promotion a deployment carried out goes live or fails with it (and is recorded, in the same transaction)."""
     updated = PromotionRequest.objects.filter(deployment=deployment, status=PromotionStatus.DEPLOYING).update(
         status=PromotionStatus.LIVE if live else PromotionStatus.FAILED, updated_at=timezone.now())
     if not updated:
@@ -439,7 +443,6 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
 
 def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
                          to_version: int | None = None) -> Deployment:
-    from registry.deployments import deployment_start
     from registry.selectors import environment_param
 
     environment_param(environment)

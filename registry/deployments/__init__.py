@@ -1,0 +1,1 @@
+"""Deployments: a version made to serve an environment, carried out by the deploy workers (services, tasks)."""

@@ -51,7 +51,7 @@ PORTAL = textwrap.dedent("""
     thresholds = dict(drift.DEFAULT_THRESHOLDS)
 
     if mode == "prepare":  # what upload and the rollup task did beforehand: the profile, then 24 hourly rollups
-        from registry.profiling import profile_table
+        from registry.versions.profiling import profile_table
         started = time.perf_counter()
         profile = profile_table(pq.read_table(sys.argv[1]))["features"]
         profile_seconds = time.perf_counter() - started

@@ -225,9 +225,9 @@ from django.contrib.auth.models import Group, User
 from portal.models import Membership, Team
 from portal.roles import sync_roles
 from portal import services as portal_services
-from registry import services
+from registry.versions import services
 from registry.deployments import services as deployments
-from registry.localfiles import LocalUpload
+from registry.versions.localfiles import LocalUpload
 work = Path(sys.argv[1])
 sync_roles()
 user, _ = User.objects.get_or_create(username="bench")

@@ -413,7 +413,7 @@ LOGGING = {
 FILE_UPLOAD_TEMP_DIR = VAR_DIR / "uploads"
 FILE_UPLOAD_TEMP_DIR.mkdir(exist_ok=True)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 0
-FILE_UPLOAD_HANDLERS = ["registry.uploads.HashingUploadHandler"]
+FILE_UPLOAD_HANDLERS = ["registry.versions.uploads.HashingUploadHandler"]
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # form fields other than files
 PORTAL_MAX_UPLOAD_BYTES = env_int("PORTAL_MAX_UPLOAD_MB", 8192, minimum=1) * 1024 * 1024
 PORTAL_MAX_UNPACKED_BYTES = env_int("PORTAL_MAX_UNPACKED_MB", 16384, minimum=1) * 1024 * 1024

@@ -2,7 +2,7 @@
 
 A minute is computed from the raw prediction log joined with its ground truth. Everything stored is additive:
 counts, sums, a latency histogram on fixed log-spaced bins (``LATENCY_EDGES_MS``), per-feature histograms on the
-version's reference bins (``registry.profiling``), category counts, prediction counts and, for predictions with ground
+version's reference bins (``registry.versions.profiling``), category counts, prediction counts and, for predictions with ground
 truth, confusion counts and regression error sums. Hours and days are therefore sums of minutes, and percentiles are
 read from merged histograms.
 

@@ -18,8 +18,8 @@ from monitoring import alerts, gdpr, metrics, selectors
 from monitoring.models import Alert, MonitoringSettings
 from monitoring.sensitive import recent_predictions
 from portal.permissions import has_capability, require_capability
-from registry import selectors as registry_selectors
 from registry.models import Environment
+from registry.versions import selectors as registry_selectors
 
 RANGE_LABELS = {"1h": "Last hour", "6h": "6 hours", "24h": "24 hours", "7d": "7 days", "30d": "30 days",
                 "90d": "90 days"}

@@ -12,10 +12,10 @@ from typing import Any
 from django.core.exceptions import ValidationError
 
 from portal.models import Team
-from registry import services
 from registry.deployments import services as deployments
-from registry.localfiles import LocalUpload
 from registry.models import RegisteredModel, TeamTrustedType, VersionStatus
+from registry.versions import services
+from registry.versions.localfiles import LocalUpload
 
 DEMO_MODEL = "breast-cancer"
 TREE_TYPE = "sklearn.tree._tree.Tree"

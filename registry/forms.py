@@ -81,7 +81,7 @@ class TagsForm(forms.Form):
     tags = forms.CharField(required=False, max_length=2000, help_text="Comma-separated, such as team:risk, pii.")
 
     def clean_tags(self) -> list[str]:
-        from registry.services import validate_tags
+        from registry.versions.services import validate_tags
 
         try:
             return validate_tags(self.cleaned_data["tags"])

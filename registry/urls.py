@@ -2,25 +2,26 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry import views
 from registry.batch import views as batch_views
+from registry.deployments import views as deployment_views
 from registry.promotions import views as promotion_views
+from registry.versions import views as version_views
 
 app_name = "registry"
 
 urlpatterns = [
-    path("models/", views.model_list, name="models"),
-    path("models/new", views.model_register, name="register"),
-    path("models/<str:name>/", views.model_detail, name="model"),
-    path("models/<str:name>/upload", views.upload_page, name="upload"),
-    path("models/<str:name>/tags", views.model_tags, name="model-tags"),
-    path("models/<str:name>/compare", views.version_compare, name="compare"),
-    path("models/<str:name>/versions/<int:number>/tags", views.version_tags, name="version-tags"),
-    path("models/<str:name>/import", views.version_import, name="import"),
-    path("models/<str:name>/versions/<int:number>/", views.version_detail, name="version"),
-    path("models/<str:name>/versions/<int:number>/trust", views.version_trust, name="version-trust"),
-    path("models/<str:name>/versions/<int:number>/deploy", views.version_deploy, name="version-deploy"),
-    path("deployments/<uuid:uid>/", views.deployment_detail, name="deployment"),
+    path("models/", version_views.model_list, name="models"),
+    path("models/new", version_views.model_register, name="register"),
+    path("models/<str:name>/", version_views.model_detail, name="model"),
+    path("models/<str:name>/upload", version_views.upload_page, name="upload"),
+    path("models/<str:name>/tags", version_views.model_tags, name="model-tags"),
+    path("models/<str:name>/compare", version_views.version_compare, name="compare"),
+    path("models/<str:name>/versions/<int:number>/tags", version_views.version_tags, name="version-tags"),
+    path("models/<str:name>/import", version_views.version_import, name="import"),
+    path("models/<str:name>/versions/<int:number>/", version_views.version_detail, name="version"),
+    path("models/<str:name>/versions/<int:number>/trust", version_views.version_trust, name="version-trust"),
+    path("models/<str:name>/versions/<int:number>/deploy", deployment_views.version_deploy, name="version-deploy"),
+    path("deployments/<uuid:uid>/", deployment_views.deployment_detail, name="deployment"),
     path("models/<str:name>/versions/<int:number>/promote", promotion_views.version_promote, name="version-promote"),
     path("models/<str:name>/environments/<str:env>/", promotion_views.environment_page, name="environment"),
     path("models/<str:name>/environments/<str:env>/rollback", promotion_views.environment_rollback,

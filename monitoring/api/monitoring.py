@@ -15,7 +15,7 @@ from monitoring import alerts, selectors
 from monitoring.models import Alert, AlertStatus, MonitoringSettings
 from portal.api.pagination import PortalPagination
 from portal.permissions import require_capability, scope_to_teams
-from registry import selectors as registry_selectors
+from registry.versions import selectors as registry_selectors
 
 
 class Conflict(exceptions.APIException):

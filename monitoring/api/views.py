@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 
 from monitoring.feedback import REFUSALS_LISTED, feedback_receive
 from portal.permissions import require_capability
-from registry import selectors
+from registry.versions import selectors
 
 MAX_FEEDBACK = 10_000
 

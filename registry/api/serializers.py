@@ -45,7 +45,7 @@ class ModelDetailSerializer(ModelSerializer):
         fields = [*ModelSerializer.Meta.fields, "versions", "environments"]
 
     def get_environments(self, obj: RegisteredModel) -> dict[str, Any]:
-        from registry.selectors import environment_overview
+        from registry.versions.selectors import environment_overview
 
         return {env: {"champion": s["champion"], "challenger": s["challenger"], "mode": s["mode"],
                       "challenger_percent": s["challenger_percent"]}

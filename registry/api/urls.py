@@ -2,26 +2,27 @@ from __future__ import annotations
 
 from django.urls import path
 
-from registry.api import views
 from registry.batch import api as batch
+from registry.deployments import api as deployments
 from registry.promotions import api as promotions
+from registry.versions import api as versions
 
 app_name = "registry_api"
 
 urlpatterns = [
-    path("models/", views.ModelListCreateApi.as_view(), name="models"),
-    path("models/<str:name>/", views.ModelDetailApi.as_view(), name="model"),
-    path("models/<str:name>/versions/", views.VersionUploadApi.as_view(), name="version-upload"),
-    path("models/<str:name>/versions/import", views.VersionImportApi.as_view(), name="version-import"),
-    path("models/<str:name>/versions/<int:number>/", views.VersionDetailApi.as_view(), name="version"),
-    path("models/<str:name>/tags", views.ModelTagsApi.as_view(), name="model-tags"),
-    path("models/<str:name>/versions/<int:number>/tags", views.VersionTagsApi.as_view(), name="version-tags"),
-    path("models/<str:name>/versions/<int:number>/deploy", views.VersionDeployApi.as_view(), name="version-deploy"),
-    path("deployments/<uuid:uid>/", views.DeploymentDetailApi.as_view(), name="deployment"),
-    path("models/<str:name>/versions/<int:number>/trust", views.VersionTrustApi.as_view(), name="version-trust"),
-    path("models/<str:name>/versions/<int:number>/artifact", views.VersionArtifactApi.as_view(),
+    path("models/", versions.ModelListCreateApi.as_view(), name="models"),
+    path("models/<str:name>/", versions.ModelDetailApi.as_view(), name="model"),
+    path("models/<str:name>/versions/", versions.VersionUploadApi.as_view(), name="version-upload"),
+    path("models/<str:name>/versions/import", versions.VersionImportApi.as_view(), name="version-import"),
+    path("models/<str:name>/versions/<int:number>/", versions.VersionDetailApi.as_view(), name="version"),
+    path("models/<str:name>/tags", versions.ModelTagsApi.as_view(), name="model-tags"),
+    path("models/<str:name>/versions/<int:number>/tags", versions.VersionTagsApi.as_view(), name="version-tags"),
+    path("models/<str:name>/versions/<int:number>/deploy", deployments.VersionDeployApi.as_view(), name="version-deploy"),
+    path("deployments/<uuid:uid>/", deployments.DeploymentDetailApi.as_view(), name="deployment"),
+    path("models/<str:name>/versions/<int:number>/trust", versions.VersionTrustApi.as_view(), name="version-trust"),
+    path("models/<str:name>/versions/<int:number>/artifact", versions.VersionArtifactApi.as_view(),
          name="version-artifact"),
-    path("models/<str:name>/versions/<int:number>/reference", views.VersionReferenceApi.as_view(),
+    path("models/<str:name>/versions/<int:number>/reference", versions.VersionReferenceApi.as_view(),
          name="version-reference"),
     path("models/<str:name>/versions/<int:number>/promote", promotions.PromoteApi.as_view(), name="version-promote"),
     path("promotions/", promotions.PromotionListApi.as_view(), name="promotions"),

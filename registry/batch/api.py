@@ -15,10 +15,10 @@ from rest_framework.views import APIView
 
 from portal.api.pagination import PortalPagination, paginated
 from portal.permissions import require_capability
-from registry import selectors
-from registry.api.views import _download, too_large_response
 from registry.batch import selectors as batch_selectors
 from registry.batch import services as batch
+from registry.versions import selectors
+from registry.versions.api import _download, too_large_response
 
 
 class BatchJobSerializer(serializers.Serializer[Any]):

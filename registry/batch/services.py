@@ -59,7 +59,7 @@ from registry.models import (
     EnvironmentState,
     RegisteredModel,
 )
-from registry.selectors import environment_param
+from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
 INBOX = "batch-inbox"

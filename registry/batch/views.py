@@ -15,11 +15,11 @@ from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import has_capability
 from portal.views import error_text
-from registry import selectors
 from registry.batch import selectors as batch_selectors
 from registry.batch import services as batch
 from registry.forms import BatchScheduleForm
 from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
+from registry.versions import selectors
 
 
 @login_required

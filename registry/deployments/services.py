@@ -44,7 +44,7 @@ from registry.models import (
     VersionStatus,
 )
 from registry.scanning.archive import extract_zip
-from registry.selectors import environment_param
+from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _claim(deployment_id: int) -> Deployment | None:
 def _example(version: ModelVersion) -> Any:
     """The version's input example as a request carries it (``call_examples.example_rows``: the environment page
     shows the same rows): columns in the signature's order, or tensor rows without names."""
-    from registry.call_examples import example_rows
+    from registry.serving.call_examples import example_rows
 
     example = example_rows(version, limit=20)
     if example.source != "example" or not example.rows:

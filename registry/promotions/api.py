@@ -17,10 +17,10 @@ from rest_framework.views import APIView
 from portal.api.pagination import PortalPagination, paginated
 from portal.models import Team, TeamWebhook
 from portal.permissions import get_object_for_user, require_capability
-from registry import selectors
 from registry.api.serializers import DeploymentSerializer, _username
 from registry.models import PromotionRequest, PromotionStatus
 from registry.promotions import services as promotions
+from registry.versions import selectors
 
 
 class PromoteInput(serializers.Serializer[Any]):

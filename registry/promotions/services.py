@@ -443,7 +443,7 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
 
 def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
                          to_version: int | None = None) -> Deployment:
-    from registry.selectors import environment_param
+    from registry.versions.selectors import environment_param
 
     environment_param(environment)
     require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")

@@ -16,10 +16,11 @@ from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import get_object_for_user, has_capability, require_capability
 from portal.views import error_text
-from registry import call_examples, selectors
 from registry.models import Environment, PromotionRequest, PromotionStatus
 from registry.promotions import services as promotions
 from registry.promotions.services import EVIDENCE_WINDOWS
+from registry.serving import call_examples
+from registry.versions import selectors
 
 _KEPT_KEY = "promotion-decision-{uid}"
 
@@ -38,7 +39,7 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
             version=version, target=request.POST.get("target", ""), reason=request.POST.get("reason", "")[:5000],
             override_reason=request.POST.get("override_reason", "")[:5000], actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
-        from registry.views import keep_input
+        from registry.versions.views import keep_input
 
         messages.error(request, error_text(exc))
         keep_input(request, f"promote:{version.pk}", ("reason", "override_reason", "target"))

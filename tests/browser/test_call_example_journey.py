@@ -20,11 +20,11 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from portal.models import Team
-from registry import services
 from registry.models import ModelVersion
+from registry.versions import services
 from tests.browser.conftest import screenshot
 from tests.browser.test_upload_journey import _drop, _sign_in
-from tests.registry.test_mlflow_models import _docs_idiom_pipeline
+from tests.registry.versions.test_mlflow_models import _docs_idiom_pipeline
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

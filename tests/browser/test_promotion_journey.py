@@ -12,8 +12,8 @@ import requests
 
 from portal import services as portal_services
 from portal.models import Team
-from registry import services
 from registry.models import PromotionRequest
+from registry.versions import services
 from tests.browser.conftest import screenshot
 from tests.browser.test_upload_journey import _sign_in, shoot
 from tests.conftest import PASSWORD

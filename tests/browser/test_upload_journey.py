@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from portal.models import Team
-from registry import services
+from registry.versions import services
 from tests.browser.conftest import screenshot
 from tests.conftest import PASSWORD
 from tests.registry import files

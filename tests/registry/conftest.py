@@ -10,10 +10,10 @@ from django.test import Client
 
 from portal import services as portal_services
 from portal.models import Team
-from registry import services
 from registry.deployments import services as deployments
 from registry.models import Deployment, ModelVersion
 from registry.serving import runtime
+from registry.versions import services
 from tests.conftest import EntryPointClient
 from tests.registry import files
 
@@ -47,7 +47,7 @@ def two_versions(personas: dict[str, Any], tmp_path: Path) -> list[ModelVersion]
     versions = []
     for i, estimator in enumerate((files.logistic_regression(), LogisticRegression(C=0.001, max_iter=50).fit(X, y))):
         path = files.joblib_file(tmp_path / f"v{i}.joblib", estimator)
-        from registry.localfiles import LocalUpload
+        from registry.versions.localfiles import LocalUpload
 
         upload = LocalUpload(path, path.name)
         ref = LocalUpload(files.reference_csv(tmp_path / "ref.csv"), "ref.csv")

@@ -10,8 +10,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from portal.audit.verify import verify_chain
 from portal.models import AuditEvent, Team
-from registry import services
 from registry.models import Blob, ModelVersion, RegisteredModel, TeamTrustedType
+from registry.versions import services
 from tests.conftest import assert_error_shape, wait_for
 from tests.registry import files
 

@@ -10,7 +10,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from portal.models import Team
-from registry import services
+from registry.versions import services
 from tests.registry import files
 
 pytestmark = pytest.mark.django_db
@@ -200,8 +200,9 @@ def test_tags_are_edited_on_the_pages_and_the_api_audited_and_kept_when_refused(
 
 def test_two_versions_compared_side_by_side_and_the_reference_profile_on_the_version_page(
         client: Client, personas: dict[str, Any], churn_with_version: None, tmp_path: Path) -> None:
-    from registry import profiling, storage
+    from registry import storage
     from registry.models import ModelVersion, ReferenceData
+    from registry.versions import profiling
 
     version = ModelVersion.objects.get(model__name="churn", number=1)
     csv_path = files.reference_csv(tmp_path / "ref.csv", rows=50)
@@ -218,7 +219,7 @@ def test_two_versions_compared_side_by_side_and_the_reference_profile_on_the_ver
     assert only_one.status_code == 200 and "comparing needs two" in only_one.content.decode()
 
     client.force_login(personas["ds"])
-    from registry.localfiles import LocalUpload
+    from registry.versions.localfiles import LocalUpload
 
     path = files.joblib_file(tmp_path / "m.joblib")
     services.version_upload(model=version.model, upload=LocalUpload(path, path.name),

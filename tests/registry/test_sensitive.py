@@ -18,9 +18,9 @@ from monitoring import sensitive
 from monitoring.flush import flush_predictions
 from portal import services as portal_services
 from portal.models import AuditEvent, Team
-from registry import services
-from registry.localfiles import LocalUpload
 from registry.models import ModelVersion
+from registry.versions import services
+from registry.versions.localfiles import LocalUpload
 from tests.conftest import assert_error_shape
 from tests.registry import files
 from tests.registry.conftest import deploy_now

@@ -16,9 +16,7 @@ from django.test import Client
 from django.utils import timezone
 
 from portal.models import AuditEvent, Team
-from registry import services
 from registry.deployments import services as deployments
-from registry.localfiles import LocalUpload
 from registry.models import (
     Deployment,
     ModelVersion,
@@ -27,6 +25,8 @@ from registry.models import (
     RegisteredModel,
 )
 from registry.promotions import services as promotions
+from registry.versions import services
+from registry.versions.localfiles import LocalUpload
 from tests.conftest import PASSWORD, assert_error_shape
 from tests.registry import files
 from tests.registry.conftest import deploy_now

@@ -11,8 +11,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
 
 from portal.models import AuditEvent
-from registry import services
 from registry.models import Blob, ModelVersion, RegisteredModel
+from registry.versions import services
 from tests.conftest import assert_error_shape
 from tests.registry import files
 

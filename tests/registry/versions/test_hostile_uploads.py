@@ -422,7 +422,7 @@ def upload(arena: Arena, ev: Evidence, name: str, action: str, tmp: Path) -> Any
     else:
         if action == "memmap":
             return None  # a plain pickle the scanner refuses never loads anywhere: nothing more to check
-        with mock.patch("registry.services.inspect_upload", _scanner_miss(action)):
+        with mock.patch("registry.versions.services.inspect_upload", _scanner_miss(action)):
             response = arena.api.post(f"/api/v1/models/{name}/versions/", {
                 "file": SimpleUploadedFile("model.zip", hostile.model_zip(cfg, "cloudpickle"))}, format="multipart")
         ev.text("upload response (scanner miss)", response.content)
@@ -557,15 +557,14 @@ def open_arena(django_db_blocker: Any, *, worker_env: dict[str, str] | None = No
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Group
     from django.core.management import call_command
+    from django.db import connection
+    from django.test.utils import setup_databases, teardown_databases
 
-    from portal import services as portal_services
     from config.celery import app
+    from portal import services as portal_services
     from portal.models import Membership, Team
     from portal.roles import DATA_SCIENTIST, sync_roles
     from registry.models import Deployment, ModelVersion
-
-    from django.db import connection
-    from django.test.utils import setup_databases, teardown_databases
 
     with django_db_blocker.unblock():
         own_db = None

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from registry.call_examples import call_example
 from registry.models import ModelVersion
+from registry.serving.call_examples import call_example
 
 URL = "http://portal.example/api/v1/serve/it's/dev/invocations"
 

@@ -31,10 +31,10 @@ from django.db import transaction
 from portal.audit.actions import AuditAction
 from portal.audit.record import audit_record
 from portal.permissions import require_capability
-from registry import services
-from registry.localfiles import LocalUpload
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
 from registry.storage import sha256_of_file
+from registry.versions import services
+from registry.versions.localfiles import LocalUpload
 
 _NAME = r"(?P<name>[A-Za-z0-9._-]{1,256})"
 MODELS_VERSION_URI = re.compile(rf"^models:/{_NAME}/(?P<version>\d{{1,9}})$")

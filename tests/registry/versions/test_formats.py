@@ -10,8 +10,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from portal.models import Team
-from registry import services
 from registry.models import ModelVersion
+from registry.versions import services
 from tests.registry import files
 
 pytestmark = pytest.mark.django_db

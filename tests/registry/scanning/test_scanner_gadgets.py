@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from registry import services
 from registry.models import Blob, ModelVersion, RegisteredModel
+from registry.versions import services
 from tests.conftest import ROOT, assert_error_shape
 from tests.registry import files
 

@@ -1,4 +1,5 @@
-"""Registry background work: the sandboxed check of uploaded versions."""
+"""Versions' background work: the sandboxed check of uploaded versions. The registered name stays
+``registry.tasks.version_scan``: routing (CELERY_TASK_ROUTES) and queued messages name it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from celery import shared_task
 
 from portal.tasks import RETRY_TRANSIENT, with_request_context
-from registry import services
+from registry.versions import services
 
 
 @shared_task(name="registry.tasks.version_scan", bind=True, acks_late=True, **RETRY_TRANSIENT)

@@ -16,8 +16,8 @@ import pytest
 
 from portal import services as portal_services
 from portal.models import Team
-from registry import services
-from registry.localfiles import LocalUpload
+from registry.versions import services
+from registry.versions.localfiles import LocalUpload
 from tests.conftest import EntryPointClient, needs_sandbox
 from tests.registry.conftest import deploy_now
 from tests.registry.files import docs_idiom_pipeline as _docs_idiom_pipeline
@@ -195,7 +195,7 @@ def test_a_batch_scores_a_string_column_and_parquet_categoricals_as_mlflow_does(
     from monitoring.models import PredictionLog
     from registry.batch import services as batch
     from registry.models import BatchJob
-    from tests.registry.test_batch import run_inline
+    from tests.registry.batch.test_batch import run_inline
 
     _client, pipe, X = plans
     web = Client()

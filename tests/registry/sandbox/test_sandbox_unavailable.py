@@ -12,11 +12,11 @@ from django.core.management import call_command
 from django.test import Client
 
 from portal.models import Team
-from registry import services
-from registry.localfiles import LocalUpload
 from registry.models import ModelVersion
 from registry.sandbox import bwrap, hosts
 from registry.serving import runtime
+from registry.versions import services
+from registry.versions.localfiles import LocalUpload
 from tests.registry import files
 
 REASON = "bubblewrap is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap)"

@@ -23,8 +23,8 @@ from django.test import override_settings
 
 from tests.conftest import needs_sandbox
 from tests.registry import modelhost
-from tests.registry.test_hostile_uploads import CASES, Arena, judge_case, open_arena
-from tests.registry.test_hostile_uploads import ready_arena as ready_arena  # the fixture, over this module's arena
+from tests.registry.versions.test_hostile_uploads import CASES, Arena, judge_case, open_arena
+from tests.registry.versions.test_hostile_uploads import ready_arena as ready_arena  # the fixture, over this module's arena
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, needs_sandbox()]
 

@@ -19,8 +19,8 @@ import requests
 from django.test import Client, override_settings
 
 from portal.models import AuditEvent, Team
-from registry import services
 from registry.models import ModelVersion
+from registry.versions import services
 from tests.conftest import assert_error_shape, clean_env, free_port
 from tests.registry import files
 

@@ -27,7 +27,7 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome, Team
 from portal.permissions import require_capability
-from registry import profiling, sandbox, storage
+from registry import sandbox, storage
 from registry.models import (
     Blob,
     MlflowSource,
@@ -41,6 +41,7 @@ from registry.models import (
 from registry.scanning.archive import extract_zip
 from registry.scanning.findings import Finding, UploadRejected
 from registry.scanning.inspect import CODE_PREFIX, inspect_upload
+from registry.versions import profiling
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
 
 
 def _enqueue_scan(version: ModelVersion) -> None:
-    from registry.tasks import version_scan_task
+    from registry.versions.tasks import version_scan_task
 
     ctx = context.current().as_task_kwargs()
     transaction.on_commit(lambda: version_scan_task.delay(version.pk, request_ctx=ctx))

@@ -19,10 +19,8 @@ from portal.api.errors import error_body
 from portal.api.pagination import PortalPagination, paginated
 from portal.models import Team
 from portal.permissions import get_object_for_user
-from registry import selectors, services, storage
+from registry import storage
 from registry.api.serializers import (
-    DeployInput,
-    DeploymentSerializer,
     ModelCreateInput,
     ModelDetailSerializer,
     ModelSerializer,
@@ -31,6 +29,7 @@ from registry.api.serializers import (
     VersionUploadInput,
 )
 from registry.scanning.findings import UploadRejected
+from registry.versions import selectors, services
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class VersionImportApi(APIView):
                            "artifact the model already holds answers 200 with that version "
                            "(duplicate_of_existing), and a tracking server that does not answer is a 503")
     def post(self, request: Request, name: str) -> Response:
-        from registry.mlflow_import import TrackingServerUnavailable, mlflow_import
+        from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
         model = selectors.model_get(user=request.user, name=name, action="register_model")
         data = VersionImportInput(data=request.data)
@@ -234,24 +233,3 @@ class VersionReferenceApi(APIView):
         services.reference_download_record(version=version, actor=request.user)
         return _download(version.reference.blob, f"{version.model.name}-v{version.number}-reference.{version.reference.format}")
 
-
-class VersionDeployApi(APIView):
-    @extend_schema(request=DeployInput, responses={202: DeploymentSerializer},
-                   summary="Deploy a ready version (data scientists: dev only; stage and prod through promotion)")
-    def post(self, request: Request, name: str, number: int) -> Response:
-        from registry.deployments.services import deployment_start
-
-        version = selectors.version_get(user=request.user, name=name, number=number, action="view_models")
-        data = DeployInput(data=request.data)
-        data.is_valid(raise_exception=True)
-        deployment = deployment_start(version=version, environment=data.validated_data["environment"],
-                                      strategy=data.validated_data["strategy"],
-                                      traffic_percent=data.validated_data["traffic_percent"],
-                                      reason=data.validated_data.get("reason", ""), actor=request.user)
-        return Response(DeploymentSerializer(deployment).data, status=status.HTTP_202_ACCEPTED)
-
-
-class DeploymentDetailApi(APIView):
-    @extend_schema(responses=DeploymentSerializer, summary="A deployment's status, progress, log and error")
-    def get(self, request: Request, uid: str) -> Response:
-        return Response(DeploymentSerializer(selectors.deployment_get(user=request.user, uid=uid)).data)

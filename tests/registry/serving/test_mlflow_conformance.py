@@ -465,10 +465,10 @@ def portal(django_db_setup: Any, django_db_blocker: Any, mlflow_servers: dict[st
     from portal import services as portal_services
     from portal.models import Membership, Team
     from portal.roles import APPROVER, DATA_SCIENTIST, sync_roles
-    from registry import services
-    from registry.localfiles import LocalUpload
     from registry.scanning.findings import UploadRejected
     from registry.serving import runtime, views
+    from registry.versions import services
+    from registry.versions.localfiles import LocalUpload
     from tests.registry.conftest import deploy_now
 
     store = tmp_path_factory.mktemp("checkpoints")

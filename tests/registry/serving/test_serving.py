@@ -16,10 +16,10 @@ from monitoring.models import Feedback, PredictionLog
 from portal import services as portal_services
 from portal.audit.verify import verify_chain
 from portal.models import AuditEvent, Team
-from registry import services
 from registry.deployments import services as deployments
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingInterval
 from registry.serving import buffer, runtime
+from registry.versions import services
 from tests.conftest import EntryPointClient, assert_error_shape, free_port
 from tests.registry import files
 from tests.registry.conftest import deploy_now as _deploy
@@ -429,7 +429,7 @@ def test_drain_waits_for_a_flusher_at_work_and_leaves_nothing_behind(serving: Cl
 
 def _other_teams_model(outsider: Any, tmp_path: Path) -> ModelVersion:
     """Team ``other``'s own model ``fraud``, live in dev: the second team of the cross-team feedback tests."""
-    from registry.localfiles import LocalUpload
+    from registry.versions.localfiles import LocalUpload
 
     model = services.model_register(name="fraud", team=Team.objects.get(slug="other"), actor=outsider)
     path = files.joblib_file(tmp_path / "fraud.joblib")

@@ -15,10 +15,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
-from registry import selectors, services
 from registry.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
 from registry.models import ModelVersion
 from registry.promotions.services import PROMOTION_TARGETS
+from registry.versions import selectors, services
 
 _KEPT = "kept-input:{key}"
 
@@ -171,13 +171,11 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
     return redirect("registry:version", name=name, number=number)
 
 
-
-
 @login_required
 @require_POST
 def version_import(request: HttpRequest, name: str) -> HttpResponse:
-    from registry.mlflow_import import TrackingServerUnavailable, mlflow_import
     from registry.scanning.findings import UploadRejected
+    from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
     model = selectors.model_get(user=request.user, name=name, action="register_model")
     try:
@@ -195,24 +193,6 @@ def version_import(request: HttpRequest, name: str) -> HttpResponse:
         messages.info(request, f"This artifact is already version {version.number} of {name} (same SHA-256); "
                                "no new version was made.")
     return redirect("registry:version", name=name, number=version.number)
-
-
-@login_required
-@require_POST
-def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse:
-    from registry.deployments.services import deployment_start
-
-    version = selectors.version_get(user=request.user, name=name, number=number, action="deploy_dev")
-    try:
-        deployment = deployment_start(version=version, environment="dev",
-                                      strategy=request.POST.get("strategy", "replace"),
-                                      traffic_percent=int(request.POST.get("traffic_percent") or 100),
-                                      reason=request.POST.get("reason", "")[:2000], actor=request.user)
-    except (ValidationError, ValueError) as exc:
-        messages.error(request, " ".join(getattr(exc, "messages", [str(exc)])))
-        keep_input(request, f"deploy:{version.pk}", ("strategy", "traffic_percent"))
-        return redirect("registry:version", name=name, number=number)
-    return redirect("registry:deployment", uid=deployment.uid)
 
 
 @login_required
@@ -280,10 +260,3 @@ def version_compare(request: HttpRequest, name: str) -> HttpResponse:
         "comparison": selectors.version_compare(a=a, b=b) if a and b and not problem else None,
     }, status=status)
 
-
-@login_required
-@require_GET
-def deployment_detail(request: HttpRequest, uid: str) -> HttpResponse:
-    deployment = selectors.deployment_get(user=request.user, uid=uid)
-    return render(request, "registry/deployment_detail.html", {"deployment": deployment,
-                                                                "model": deployment.model})

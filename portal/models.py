@@ -9,6 +9,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from portal.roles import TEAM_PERMISSIONS
+
 
 class Team(models.Model):
     """Models belong to a team; a user sees and acts on the models of the teams they are a member of."""
@@ -21,27 +23,8 @@ class Team(models.Model):
 
     class Meta:
         ordering = ["slug"]
-        # The portal's capabilities. Roles (groups) receive them in portal.roles; views check them by name.
-        permissions = [
-            ("view_models", "See the registered models of one's teams"),
-            ("register_model", "Register models and upload versions"),
-            ("deploy_dev", "Deploy a version to the dev environment"),
-            ("request_promotion", "Request a promotion to stage or prod"),
-            ("approve_promotion", "Approve or reject promotion requests"),
-            ("rollback_environment", "Roll an environment back to an earlier version"),
-            ("decide_trust", "Decide to trust a model file's untrusted types"),
-            ("download_artifact", "Download model artifacts"),
-            ("run_batch", "Submit batch scoring jobs"),
-            ("score", "Score a deployed model in real time and send its ground truth"),
-            ("view_monitoring", "See monitoring pages"),
-            ("manage_alerts", "Acknowledge and resolve alerts, set a model's monitoring thresholds"),
-            ("view_audit", "Search the audit trail"),
-            ("export_audit", "Export the audit trail"),
-            ("manage_subjects", "Answer data subject access and erasure requests"),
-            ("view_sensitive", "See personal and health data in payloads"),
-            ("view_all_teams", "See every team's models, not only one's own"),
-            ("manage_teams", "Create teams and manage memberships"),
-        ]
+        # The portal's capabilities, declared in portal.roles.CAPABILITIES with the roles that hold them.
+        permissions = [*TEAM_PERMISSIONS]
 
     def __str__(self) -> str:
         return self.slug

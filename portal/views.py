@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -32,29 +32,10 @@ from portal.audit.verify import audit_chain_verify
 from portal.forms import AuditFilterForm, LoginForm, TokenCreateForm
 from portal.models import ApiToken, AuditEvent
 from portal.permissions import has_capability, require_capability
-from portal.roles import ROLE_LABELS, roles_of
+from portal.roles import CAPABILITY_TEXT, ROLE_LABELS, roles_of
 
 logger = logging.getLogger(__name__)
 
-CAPABILITY_TEXT = {
-    "view_models": "See your teams' registered models and versions",
-    "register_model": "Register models and upload versions",
-    "deploy_dev": "Deploy versions to dev",
-    "request_promotion": "Request promotion to stage and prod",
-    "approve_promotion": "Approve or reject promotions (never your own)",
-    "rollback_environment": "Roll an environment back",
-    "decide_trust": "Decide whether to trust a model file's unusual types",
-    "download_artifact": "Download model artifacts",
-    "run_batch": "Run batch scoring jobs",
-    "score": "Score deployed models and send their ground truth",
-    "view_monitoring": "See monitoring pages",
-    "view_audit": "Search the audit trail and verify its chain",
-    "export_audit": "Export the audit trail with a signed manifest",
-    "manage_subjects": "Answer data subject access and erasure requests",
-    "view_sensitive": "See personal and health data in payloads",
-    "view_all_teams": "See every team's models",
-    "manage_teams": "Manage teams, users and roles",
-}
 
 
 def error_text(exc: Exception) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import ClassVar
 
 from django.conf import settings
 from django.db import models
@@ -108,6 +109,8 @@ class AlertStatus(models.TextChoices):
 class Alert(models.Model):
     """One occurrence of a rule's condition, from first seen until resolved. At most one open alert per rule and
     subject (model, environment, kind, feature): the condition holding again a minute later is the same alert."""
+
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
 
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     model = models.ForeignKey("registry.RegisteredModel", on_delete=models.CASCADE, related_name="alerts")

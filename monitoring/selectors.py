@@ -307,7 +307,7 @@ def alert_get(*, user: Any, uid: str) -> Alert:
     from portal.permissions import get_object_for_user
 
     return get_object_for_user(user, Alert.objects.select_related("model__team"), action="manage_alerts",
-                               team_field="model__team", uid=uid)
+                               uid=uid)
 
 
 def alert_json(alert: Alert) -> dict[str, Any]:
@@ -380,7 +380,7 @@ def portfolio(*, user: Any, window: dt.timedelta = dt.timedelta(hours=1)) -> lis
 
     states_qs = scope_to_teams(EnvironmentState.objects.select_related("model__team", "champion__version",
                                                                      "challenger__version")
-                            .filter(champion__isnull=False), user, team_field="model__team")
+                            .filter(champion__isnull=False), user)
     states = list(states_qs.order_by("model__name", "environment"))
     now = timezone.now()
     since = bucket_start(now - window, Granularity.MINUTE)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from django.conf import settings
 from django.db import models
@@ -14,6 +14,8 @@ from portal.roles import TEAM_PERMISSIONS
 
 class Team(models.Model):
     """Models belong to a team; a user sees and acts on the models of the teams they are a member of."""
+
+    team_path: ClassVar[str] = "pk"  # a team is its own (portal.permissions.scope_to_teams)
 
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=128)

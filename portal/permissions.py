@@ -40,11 +40,16 @@ def team_ids_for(user: Any) -> set[int] | None:
     return set(cached)
 
 
-def scope_to_teams(queryset: QuerySet[M], user: Any, *, team_field: str = "team") -> QuerySet[M]:
+def team_path(model: type[Any]) -> str:
+    """The lookup from ``model`` to the team whose members see it, declared once on the model as ``team_path``."""
+    return str(getattr(model, "team_path", "team"))
+
+
+def scope_to_teams(queryset: QuerySet[M], user: Any) -> QuerySet[M]:
     teams = team_ids_for(user)
     if teams is None:
         return queryset
-    return queryset.filter(**{f"{team_field}__in": teams})
+    return queryset.filter(**{f"{team_path(queryset.model)}__in": teams})
 
 
 def get_object_for_user(
@@ -52,11 +57,10 @@ def get_object_for_user(
     queryset: QuerySet[M],
     *,
     action: str | None = None,
-    team_field: str = "team",
     **lookup: Any,
 ) -> M:
     """Fetch one object the user may see, then check that their role allows ``action`` on it."""
-    obj = scope_to_teams(queryset, user, team_field=team_field).filter(**lookup).first()
+    obj = scope_to_teams(queryset, user).filter(**lookup).first()
     if obj is None:
         raise Http404("Not found.")
     if action is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -31,6 +31,7 @@ class Blob(models.Model):
 
 
 class RegisteredModel(models.Model):
+    team_path: ClassVar[str] = "team"  # whose team sees it (portal.permissions.scope_to_teams)
     name = models.CharField(max_length=100, unique=True, validators=[MODEL_NAME_VALIDATOR])
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="models")
     description = models.TextField(blank=True)
@@ -82,6 +83,8 @@ class ReferenceData(models.Model):
 class ModelVersion(models.Model):
     """One uploaded version. Invariant: what was uploaded (artifact, metadata, lineage, card) never changes; only
     the outcome of scanning and the trust decision are filled in afterwards (``MUTABLE_FIELDS``)."""
+
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
 
     MUTABLE_FIELDS = frozenset({
         "status", "status_detail", "scan_findings", "untrusted_types", "trust_state", "trust_decided_by",
@@ -231,6 +234,8 @@ class DeploymentStatus(models.TextChoices):
 class Deployment(models.Model):
     """One attempt to put a version live in an environment, carried out by a worker. Its log is shown live."""
 
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
+
     MAX_ATTEMPTS = 3
 
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
@@ -271,6 +276,8 @@ class ServingMode(models.TextChoices):
 class EnvironmentState(models.Model):
     """What serves a model in an environment now. ``generation`` goes up with every switch, so web workers notice
     a change by comparing one integer."""
+
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
 
     model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="environment_states")
     environment = models.CharField(max_length=8, choices=Environment.choices)
@@ -358,6 +365,8 @@ class PromotionRequest(models.Model):
     """A request to put a version live in stage or prod; approved by people other than the requester and the
     version's uploader, then carried out by one deployment."""
 
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
+
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="promotions")
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="promotions")
@@ -425,6 +434,8 @@ class BatchSchedule(models.Model):
     """A recurring batch job: on a cron schedule (Celery beat, database-backed), score a file or the newest file of
     a folder in the team's batch inbox of the artifact store. Each run is a :class:`BatchJob`."""
 
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
+
     model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="batch_schedules")
     environment = models.CharField(max_length=8, choices=Environment.choices)
     name = models.CharField(max_length=100)
@@ -451,6 +462,8 @@ class BatchSchedule(models.Model):
 class BatchJob(models.Model):
     """Predictions in bulk for one file, scored in chunks by as many workers as are running. The version (and its
     serving form) is pinned when the job is submitted; a later switch in the environment does not change it."""
+
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
 
     MAX_CHUNK_ATTEMPTS = 2  # a chunk whose worker died is run once more
     MAX_STEP_ATTEMPTS = 3  # planning, which a dying worker may also interrupt

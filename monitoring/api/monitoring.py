@@ -51,8 +51,7 @@ class AlertListApi(APIView):
     def get(self, request: Request) -> Response:
         require_capability(request.user, "view_monitoring")
         wanted = request.query_params.get("status", "open")
-        qs = scope_to_teams(Alert.objects.select_related("model", "acknowledged_by"), request.user,
-                            team_field="model__team")
+        qs = scope_to_teams(Alert.objects.select_related("model", "acknowledged_by"), request.user)
         if wanted == "open":
             qs = qs.exclude(status=AlertStatus.RESOLVED)
         elif wanted in AlertStatus.values:

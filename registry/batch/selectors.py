@@ -13,7 +13,7 @@ JOB_RELATED = ("model__team", "version", "input_blob", "result_blob", "errors_bl
 
 
 def job_list(*, user: Any, model: str = "", status: str = "") -> QuerySet[BatchJob]:
-    qs = scope_to_teams(BatchJob.objects.select_related(*JOB_RELATED), user, team_field="model__team")
+    qs = scope_to_teams(BatchJob.objects.select_related(*JOB_RELATED), user)
     if model:
         qs = qs.filter(model__name=model)
     if status in BatchStatus.values:
@@ -23,9 +23,9 @@ def job_list(*, user: Any, model: str = "", status: str = "") -> QuerySet[BatchJ
 
 def job_get(*, user: Any, uid: str) -> BatchJob:
     return get_object_for_user(user, BatchJob.objects.select_related(*JOB_RELATED), action="view_models",
-                               team_field="model__team", uid=uid)
+                               uid=uid)
 
 
 def schedule_get(*, user: Any, pk: int) -> BatchSchedule:
     return get_object_for_user(user, BatchSchedule.objects.select_related("model__team", "created_by"),
-                               action="view_models", team_field="model__team", pk=pk)
+                               action="view_models", pk=pk)

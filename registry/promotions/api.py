@@ -219,7 +219,7 @@ class WebhookSerializer(serializers.ModelSerializer[TeamWebhook]):
 class WebhookListApi(APIView):
     @extend_schema(responses=WebhookSerializer(many=True), summary="A team's outgoing webhooks")
     def get(self, request: Request, slug: str) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk", action="manage_teams",
+        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
                                    slug=slug)
         return Response(WebhookSerializer(team.webhooks.all(), many=True).data)
 
@@ -228,7 +228,7 @@ class WebhookListApi(APIView):
     def post(self, request: Request, slug: str) -> Response:
         from portal.webhooks import webhook_create
 
-        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk", action="manage_teams",
+        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
                                    slug=slug)
         data = WebhookSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -239,7 +239,7 @@ class WebhookListApi(APIView):
 class WebhookDeliveriesApi(APIView):
     @extend_schema(responses=OpenApiTypes.OBJECT, summary="The delivery log of a team's webhook")
     def get(self, request: Request, slug: str, pk: int) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk", action="manage_teams",
+        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
                                    slug=slug)
         hook = team.webhooks.filter(pk=pk).first()
         if hook is None:

@@ -541,7 +541,7 @@ def promotion_queue(*, user: Any, status: str = "") -> QuerySet[PromotionRequest
     qs = scope_to_teams(PromotionRequest.objects.select_related(
         "model__team", "version__uploaded_by", "requested_by", "champion_version", "deployment__model",
         "deployment__version", "deployment__requested_by").prefetch_related("approvals__approver"),
-        user, team_field="model__team")
+        user)
     if status:
         qs = qs.filter(status=status)
     return qs

@@ -27,7 +27,7 @@ _KEPT_KEY = "promotion-decision-{uid}"
 
 def _promotion(request: HttpRequest, uid: str) -> PromotionRequest:
     return get_object_for_user(request.user, promotions.promotion_queue(user=request.user), action="view_models",
-                               team_field="model__team", uid=uid)
+                               uid=uid)
 
 
 @login_required

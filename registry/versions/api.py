@@ -65,8 +65,7 @@ class ModelListCreateApi(APIView):
     def post(self, request: Request) -> Response:
         data = ModelCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
-        team = get_object_for_user(request.user, Team.objects.all(), team_field="pk",
-                                   slug=data.validated_data["team"])
+        team = get_object_for_user(request.user, Team.objects.all(), slug=data.validated_data["team"])
         model = services.model_register(name=data.validated_data["name"], team=team,
                                         description=data.validated_data.get("description", ""),
                                         tags=data.validated_data.get("tags"), actor=request.user)

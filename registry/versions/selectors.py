@@ -103,7 +103,7 @@ def version_get(*, user: Any, name: str, number: int, action: str | None = None)
         user,
         ModelVersion.objects.select_related("model__team", "uploaded_by", "trust_decided_by", "artifact",
                                             "reference__blob"),
-        action=action, team_field="model__team", model__name=name, number=number,
+        action=action, model__name=name, number=number,
     )
 
 
@@ -142,13 +142,13 @@ def deployment_get(*, user: Any, uid: str) -> Any:
     from registry.models import Deployment
 
     return get_object_for_user(user, Deployment.objects.select_related("model__team", "version", "requested_by"),
-                               action="view_models", team_field="model__team", uid=uid)
+                               action="view_models", uid=uid)
 
 
 def trust_queue(*, user: Any) -> QuerySet[ModelVersion]:
     return scope_to_teams(ModelVersion.objects.filter(trust_state="pending").select_related("model__team",
                                                                                             "uploaded_by"),
-                          user, team_field="model__team").order_by("created_at")
+                          user).order_by("created_at")
 
 
 def environment_param(env: str) -> str:

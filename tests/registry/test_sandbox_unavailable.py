@@ -19,6 +19,8 @@ from registry.sandbox import bwrap, hosts
 from registry.serving import runtime
 from tests.registry import files
 
+pytestmark = pytest.mark.real_sandbox
+
 REASON = "bubblewrap is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap)"
 
 

@@ -204,7 +204,7 @@ def assert_error_shape(response: Any, status: int, code: str | None = None) -> d
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the portal's and the test run's settings, plus ``extra``."""
-    dropped = ("PORTAL_", "DATABASE_URL", "CELERY_", "DJANGO_")
+    dropped = ("PORTAL_", "DATABASE_URL", "CELERY_", "DJANGO_", "PYTEST_XDIST_")
     return {**{k: v for k, v in os.environ.items() if not k.startswith(dropped)}, **extra}
 
 

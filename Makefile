@@ -4,11 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist, whole files to a process, each with its own database, Redis db and var/); 0: one.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 # `make run` is the developer's demo: DEBUG on unless the caller says otherwise.
 run: export PORTAL_DEBUG ?= 1
 
-.PHONY: run sandbox-check test test-long soak faults install install-test typecheck lint clean-var
+.PHONY: run sandbox-check test test-fast test-long soak faults install install-test typecheck lint clean-var
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -60,7 +63,11 @@ test: $(INSTALLED_TEST)
 	  *) echo "manage.py makemigrations --check could not run (see the error above)";; esac; exit 1; }
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# The edit-run loop: all but the browser journeys and the tests that start whole stacks, stopping at the first failure.
+test-fast: $(INSTALLED_TEST)
+	$(PY) -m pytest $(XDIST) -x -m "not slow and not browser" $(PYTEST_ARGS)
 
 # The long suites (not in `make test`): real gunicorn, Celery, PostgreSQL and Redis under load for minutes.
 # The soak needs wrk (apt-get install wrk); fault injection starts its own PostgreSQL cluster and Redis server so

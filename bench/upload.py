@@ -112,7 +112,7 @@ def main() -> None:
         subprocess.run([py, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
         subprocess.run([py, "manage.py", "shell", "-c",
                         "from django.contrib.auth.models import User, Group; from portal.roles import sync_roles; "
-                        "from portal.models import Team, Membership; from registry import services; sync_roles(); "
+                        "from portal.models import Team, Membership; from registry.versions import services; sync_roles(); "
                         "u = User.objects.create_user('bench', password='x'); u.groups.add(Group.objects.get(name='data_scientist')); "
                         "t = Team.objects.create(slug='bench', name='Bench'); Membership.objects.create(team=t, user=u); "
                         "services.model_register(name='big', team=t, actor=u)"], cwd=ROOT, env=env, check=True)

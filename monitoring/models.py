@@ -76,8 +76,8 @@ class Rollup(models.Model):
 
 class RollupDirty(models.Model):
     """A minute whose predictions or ground truth changed since it was last rolled up. Marked in the transaction that
-    writes the change; ``marked_at`` moves on every new mark, so a mark made while the minute is being rolled up
-    survives it."""
+    writes the change, one row per writer and minute (append-only: concurrent writers never wait on each other's
+    mark); roll-up deletes exactly the rows it read, so a mark made meanwhile survives it."""
 
     model_name = models.CharField(max_length=100)
     environment = models.CharField(max_length=8)
@@ -85,8 +85,7 @@ class RollupDirty(models.Model):
     marked_at = models.DateTimeField()
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["model_name", "environment", "minute"],
-                                               name="rollup_dirty_unique_minute")]
+        indexes = [models.Index(fields=["model_name", "environment", "minute"], name="rollup_dirty_minute")]
 
 
 class MonitoringSettings(models.Model):

@@ -313,13 +313,14 @@ def compute_minutes(model_name: str, environment: str, start: dt.datetime, end: 
 
 def mark_dirty(keys: Iterable[tuple[str, str, dt.datetime]]) -> None:
     """Mark ``(model_name, environment, any time in the minute)`` for rolling up; call inside the writer's
-    transaction."""
+    transaction. Marks are appended, never updated: flushers writing the same minute at once take no lock on a shared
+    row (an upsert here serialised them), and a mark made while its minute is being rolled up is a row that roll-up
+    did not select, so it survives it."""
     now = timezone.now()
     marks = {(m, e, minute_of(ts.astimezone(dt.UTC))) for m, e, ts in keys}
     if marks:
         RollupDirty.objects.bulk_create(
-            [RollupDirty(model_name=m, environment=e, minute=t, marked_at=now) for m, e, t in sorted(marks)],
-            update_conflicts=True, unique_fields=["model_name", "environment", "minute"], update_fields=["marked_at"])
+            [RollupDirty(model_name=m, environment=e, minute=t, marked_at=now) for m, e, t in sorted(marks)])
 
 
 def mark_dirty_for_predictions(prediction_ids: list[str]) -> None:
@@ -421,11 +422,11 @@ def rollup_dirty(*, limit: int = 5000) -> int:
             if not marks:
                 continue
             specs: dict[int, VersionSpec] = {}
-            for start, end in _runs([m.minute for m in marks]):
+            minutes = {m.minute for m in marks}
+            for start, end in _runs(list(minutes)):
                 rollup_range(model_name, environment, start, end, specs)
-            for mark in marks:
-                RollupDirty.objects.filter(pk=mark.pk, marked_at=mark.marked_at).delete()
-            done += len(marks)
+            RollupDirty.objects.filter(pk__in=[m.pk for m in marks]).delete()
+            done += len(minutes)
     return done
 
 

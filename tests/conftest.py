@@ -54,6 +54,16 @@ def private_checkpoint_store(settings: Any, tmp_path_factory: pytest.TempPathFac
     return location
 
 
+@pytest.fixture(autouse=True)
+def sandbox_answers_once_per_artifact(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated sandboxed check of the same artifact answers what its first real run did (tests/sandbox_cache.py);
+    tests marked ``real_sandbox`` always run the real thing."""
+    if request.node.get_closest_marker("real_sandbox") is None:
+        from tests import sandbox_cache
+
+        sandbox_cache.install(monkeypatch)
+
+
 class _SecretWatch(logging.Handler):
     """Collects log records (of this process) that carry an API token or a persona's password."""
 
@@ -87,9 +97,13 @@ def no_secrets_in_logs() -> Iterator[None]:
 @pytest.fixture
 def make_user(db: Any) -> Callable[..., Any]:
     User = get_user_model()
+    synced = False
 
     def make(username: str, role: str | None, teams: list[str] | tuple[str, ...] = ("acme",), **extra: Any) -> Any:
-        sync_roles()
+        nonlocal synced
+        if not synced:  # once per test: the groups live in the test's transaction, so each test makes its own
+            sync_roles()
+            synced = True
         user = User.objects.create_user(username=username, password=PASSWORD, email=f"{username}@example.invalid",
                                         **extra)
         if role:
@@ -190,7 +204,7 @@ def assert_error_shape(response: Any, status: int, code: str | None = None) -> d
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the portal's and the test run's settings, plus ``extra``."""
-    dropped = ("PORTAL_", "DATABASE_URL", "CELERY_", "DJANGO_")
+    dropped = ("PORTAL_", "DATABASE_URL", "CELERY_", "DJANGO_", "PYTEST_XDIST_")
     return {**{k: v for k, v in os.environ.items() if not k.startswith(dropped)}, **extra}
 
 

@@ -26,6 +26,30 @@ os.environ.setdefault("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,testserver")
 # One queue: the worker fixtures move it to a private queue per test (tests/portal/test_settings.py checks routing).
 os.environ.setdefault("PORTAL_CELERY_QUEUE", "celery")
 
+
+def _own_for_xdist_worker(worker: str) -> None:
+    """Under pytest-xdist, worker ``gwN`` gets Redis database base+N and the var folder ``<var>/gwN`` of its own
+    (pytest-django already gives it its own PostgreSQL database): the prediction buffer, rate counters, caches and
+    artifact store are keyed by name, not by test, so two workers sharing them would take each other's records.
+    Set in the environment, so the Celery workers and portal processes a test starts inherit them (and, inheriting
+    ``PYTEST_XDIST_WORKER`` too, find the marker that they are already applied)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if os.environ.get("PORTAL_TESTS_OWN_FOR") == worker:
+        return
+    os.environ["PORTAL_TESTS_OWN_FOR"] = worker
+
+    n = int(worker.removeprefix("gw"))
+    broker = urlsplit(os.environ["CELERY_BROKER_URL"])
+    if broker.scheme in ("redis", "rediss"):
+        db = int(broker.path.strip("/") or 0)
+        os.environ["CELERY_BROKER_URL"] = urlunsplit(broker._replace(path=f"/{(db + n) % 16}"))
+    os.environ["PORTAL_VAR_DIR"] = str(Path(os.environ["PORTAL_VAR_DIR"]) / worker)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    _own_for_xdist_worker(os.environ["PYTEST_XDIST_WORKER"])
+
 from config.settings import *
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -150,3 +150,25 @@ def test_regression_sums_give_mae_rmse_and_r2() -> None:
     assert metrics["mae"] == pytest.approx(mean_absolute_error(actual, predicted))
     assert metrics["rmse"] == pytest.approx(mean_squared_error(actual, predicted) ** 0.5)
     assert metrics["r2"] == pytest.approx(r2_score(actual, predicted))
+
+
+def test_a_mark_made_while_its_minute_is_rolled_up_survives_and_concurrent_marks_are_rows_of_their_own(
+        live: ModelVersion, log_rows: Callable[..., list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    _columns, X, _y = reference_matrix()
+    log_rows(X[:10], at=NOW)
+    log_rows(X[10:20], at=NOW + dt.timedelta(seconds=10))  # a second flusher, same minute: its own mark, no upsert
+    assert RollupDirty.objects.filter(minute=NOW).count() == 2
+
+    original = rollups.rollup_range
+
+    def marked_meanwhile(*args: Any, **kwargs: Any) -> int:
+        rollups.mark_dirty([("churn", "dev", NOW)])  # a flusher commits rows for this minute mid-roll-up
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rollups, "rollup_range", marked_meanwhile)
+    assert rollup_dirty() == 1, "two marks of one minute are one minute rolled up"
+    assert RollupDirty.objects.count() == 1, "the mark made meanwhile was not read, so it is not deleted"
+    monkeypatch.setattr(rollups, "rollup_range", original)
+    assert rollup_dirty() == 1 and not RollupDirty.objects.exists()
+    (row,) = Rollup.objects.filter(granularity=Granularity.MINUTE)
+    assert row.count == 20

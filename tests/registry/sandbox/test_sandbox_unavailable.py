@@ -19,6 +19,8 @@ from registry.versions import services
 from registry.versions.localfiles import LocalUpload
 from tests.registry import files
 
+pytestmark = pytest.mark.real_sandbox
+
 REASON = "bubblewrap is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap)"
 
 

@@ -26,7 +26,7 @@ from registry.versions import services
 from tests.conftest import ROOT, assert_error_shape
 from tests.registry import files
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.real_sandbox]
 
 
 # --- Pickle opcodes, by hand -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from tests.registry import modelhost
 from tests.registry.versions.test_hostile_uploads import CASES, Arena, judge_case, open_arena
 from tests.registry.versions.test_hostile_uploads import ready_arena as ready_arena  # the fixture, over this module's arena
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, needs_sandbox()]
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, needs_sandbox(), pytest.mark.real_sandbox]
 
 REMOTE_CASES = [  # the whole list takes 10 s to 90 s a case (a minute and a half each on a loaded machine)
     "drop a .pth into site-packages",

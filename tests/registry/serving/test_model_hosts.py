@@ -26,7 +26,7 @@ from registry.serving import runtime
 from tests.conftest import needs_sandbox
 from tests.registry import files
 
-pytestmark = needs_sandbox()
+pytestmark = [needs_sandbox(), pytest.mark.real_sandbox]
 
 
 class _Payload:

@@ -47,7 +47,7 @@ from rest_framework.test import APIClient
 from tests.conftest import ROOT, EntryPointClient
 from tests.registry import files, hostile
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, pytest.mark.real_sandbox]
 
 TOKEN = secrets.token_hex(6)  # per run: every canary, key, table and marker carries it
 SENTINEL_NAME = "HOSTILE_SUITE_SENTINEL"

@@ -57,8 +57,8 @@ def private_checkpoint_store(settings: Any, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(autouse=True)
 def sandbox_answers_once_per_artifact(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A repeated sandboxed check of the same artifact answers what its first real run did (tests/sandbox_cache.py);
-    tests marked ``real_sandbox`` always run the real thing."""
-    if request.node.get_closest_marker("real_sandbox") is None:
+    tests marked ``real_sandbox`` always run the real thing, and ``PORTAL_TESTS_SANDBOX_CACHE=0`` makes every test do so."""
+    if request.node.get_closest_marker("real_sandbox") is None and os.environ.get("PORTAL_TESTS_SANDBOX_CACHE") != "0":
         from tests import sandbox_cache
 
         sandbox_cache.install(monkeypatch)

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
+from portal.env import env_bool, env_choice, env_float, env_int, env_list, env_optional, env_str, env_url
 from portal import demo_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_int, env_str
+from portal.env import env_bool, env_int, env_str
 
 FILE_NAME = "demo.env"
 BASE_DIR = Path(__file__).resolve().parent.parent

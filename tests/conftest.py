@@ -228,7 +228,7 @@ def manage(*args: str, env_vars: dict[str, str], tmp_path: Path) -> subprocess.C
 
 def settings_variables() -> set[str]:
     """Every environment variable the settings (and the rest of ``config/`` and ``portal/``) read through
-    ``config.env``."""
+    ``portal.env``."""
     found: set[str] = set()
     for path in [*(ROOT / "config").rglob("*.py"), *(ROOT / "portal").rglob("*.py")]:
         found |= set(re.findall(r'env_\w+\(\s*"([A-Z][A-Z0-9_]+)"', path.read_text()))

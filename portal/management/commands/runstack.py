@@ -17,7 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from config.env import env_int, env_str
+from portal.env import env_int, env_str
 from portal.management.commands.seed_demo import DEMO_USERS
 
 STOP_GRACE_SECONDS = 15

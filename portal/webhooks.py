@@ -205,6 +205,11 @@ def webhook_deliver(*, delivery_id: int) -> tuple[str, int | None]:
     return delivery.status, retry
 
 
+# What a team's webhook may subscribe to (none: everything); the services that send them name the same events.
+WEBHOOK_EVENTS = ("promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live",
+                  "promotion.failed", "environment.rollback")
+
+
 def webhook_create(*, team: Any, url: str, secret: str, actor: Any, events: list[str] | None = None,
                    active: bool = True) -> Any:
     """Add a webhook to ``team`` after checking its URL, resolution included (refused targets are a 400)."""

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from portal.api import views
+from portal.api import views, webhooks
 
 app_name = "portal_api"
 
@@ -14,4 +14,7 @@ urlpatterns = [
     path("audit/verify", views.AuditVerifyApi.as_view(), name="audit-verify"),
     path("audit/export", views.AuditExportApi.as_view(), name="audit-export"),
     path("audit/public-key", views.AuditPublicKeyApi.as_view(), name="audit-public-key"),
+    path("teams/<slug:slug>/webhooks/", webhooks.WebhookListApi.as_view(), name="webhooks"),
+    path("teams/<slug:slug>/webhooks/<int:pk>/deliveries", webhooks.WebhookDeliveriesApi.as_view(),
+         name="webhook-deliveries"),
 ]

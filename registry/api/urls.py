@@ -40,7 +40,4 @@ urlpatterns = [
     path("batch-jobs/<uuid:uid>/cancel", batch.BatchJobCancelApi.as_view(), name="batch-job-cancel"),
     path("models/<str:name>/batch-schedules/", batch.BatchScheduleListApi.as_view(), name="batch-schedules"),
     path("batch-schedules/<int:pk>/", batch.BatchScheduleDetailApi.as_view(), name="batch-schedule"),
-    path("teams/<slug:slug>/webhooks/", promotions.WebhookListApi.as_view(), name="webhooks"),
-    path("teams/<slug:slug>/webhooks/<int:pk>/deliveries", promotions.WebhookDeliveriesApi.as_view(),
-         name="webhook-deliveries"),
 ]

@@ -1,4 +1,4 @@
-"""REST API of promotion: requests, the approval queue, decisions, rollback, the serving history, team webhooks."""
+"""REST API of promotion: requests, the approval queue, decisions, rollback, the serving history."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from portal.api.pagination import PortalPagination, paginated
-from portal.models import Team, TeamWebhook
-from portal.permissions import get_object_for_user, require_capability
+from portal.permissions import require_capability
 from registry.api.serializers import DeploymentSerializer, _username
 from registry.models import PromotionRequest, PromotionStatus
 from registry.promotions import services as promotions
@@ -202,50 +201,3 @@ class HistoryApi(APIView):
             return Response({"model": model.name, "environment": env, **promotions.serving_at(model, env, at)})
         return Response({"model": model.name, "environment": env,
                          "history": promotions.serving_history(model, env)})
-
-
-class WebhookSerializer(serializers.ModelSerializer[TeamWebhook]):
-    secret = serializers.CharField(write_only=True, min_length=16, max_length=128)
-    events = serializers.ListField(child=serializers.ChoiceField(choices=[
-        "promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live", "promotion.failed",
-        "environment.rollback"]), required=False)
-
-    class Meta:
-        model = TeamWebhook
-        fields = ["id", "url", "secret", "events", "active", "created_at"]
-        read_only_fields = ["id", "created_at"]
-
-
-class WebhookListApi(APIView):
-    @extend_schema(responses=WebhookSerializer(many=True), summary="A team's outgoing webhooks")
-    def get(self, request: Request, slug: str) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
-                                   slug=slug)
-        return Response(WebhookSerializer(team.webhooks.all(), many=True).data)
-
-    @extend_schema(request=WebhookSerializer, responses={201: WebhookSerializer},
-                   summary="Add a webhook; internal addresses are refused, also after DNS resolution")
-    def post(self, request: Request, slug: str) -> Response:
-        from portal.webhooks import webhook_create
-
-        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
-                                   slug=slug)
-        data = WebhookSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        hook = webhook_create(team=team, actor=request.user, **data.validated_data)
-        return Response(WebhookSerializer(hook).data, status=status.HTTP_201_CREATED)
-
-
-class WebhookDeliveriesApi(APIView):
-    @extend_schema(responses=OpenApiTypes.OBJECT, summary="The delivery log of a team's webhook")
-    def get(self, request: Request, slug: str, pk: int) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
-                                   slug=slug)
-        hook = team.webhooks.filter(pk=pk).first()
-        if hook is None:
-            raise Http404("Not found.")
-        rows = [{"id": str(d.uid), "event": d.event, "status": d.status, "attempts": d.attempts,
-                 "response_status": d.response_status, "error": d.error, "created_at": d.created_at,
-                 "last_attempt_at": d.last_attempt_at, "delivered_at": d.delivered_at}
-                for d in hook.deliveries.all()[:200]]
-        return Response({"webhook": hook.pk, "deliveries": rows})

@@ -215,6 +215,8 @@ class Environment(models.TextChoices):
 
 
 ENVIRONMENT_ORDER = [Environment.DEV, Environment.STAGE, Environment.PROD]
+# Where a version can be promoted to (dev is deployed to directly).
+PROMOTION_TARGETS = ("stage", "prod")
 
 
 class Strategy(models.TextChoices):

@@ -4,7 +4,7 @@ The steps, each a Celery task that claims its row before working so a redelivere
 
 1. **Submit** (the request): the file's format, header and required columns are checked, the file is stored
    content-addressed, the serving version is pinned and the job is queued.
-2. **Plan**: one pass over the file checks its SHA-256 and cuts it into chunks (see :mod:`registry.batch.files`);
+2. **Plan**: one pass over the file checks its SHA-256 and cuts it into chunks (see :mod:`registry.tabular`);
    one task per chunk goes to the queue, so every running worker takes a share.
 3. **Score a chunk**: read its byte range (or row groups), check rows against the signature, predict, write the
    scored part to the artifact store (shared by all hosts). The chunk is marked done once, in the same transaction
@@ -46,7 +46,7 @@ from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability
 from registry import storage
-from registry.batch import files as batch_io
+from registry import tabular as batch_io
 from registry.hooks import write_prediction_log
 from registry.models import (
     BATCH_ACTIVE,

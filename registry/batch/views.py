@@ -17,7 +17,7 @@ from portal.permissions import has_capability
 from portal.views import error_text
 from registry.batch import selectors as batch_selectors
 from registry.batch import services as batch
-from registry.forms import BatchScheduleForm
+from registry.batch.forms import BatchScheduleForm
 from registry.models import ENVIRONMENT_ORDER, BatchSchedule, EnvironmentState
 from registry.versions import selectors
 

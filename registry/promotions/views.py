@@ -21,6 +21,7 @@ from registry.promotions import services as promotions
 from registry.promotions.services import EVIDENCE_WINDOWS
 from registry.serving import call_examples
 from registry.versions import selectors
+from registry.versions.compare import metric_diff
 
 _KEPT_KEY = "promotion-decision-{uid}"
 
@@ -91,7 +92,7 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
         "evidence": promotions.live_evidence(promotion=promotion, window=window),
         "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
         "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
-        "metric_rows": promotions.metric_diff(promotion.version, champion, promotion.metric_tolerance),
+        "metric_rows": metric_diff(promotion.version, champion, promotion.metric_tolerance),
         "approvals": approvals,
         "approved_count": sum(1 for a in approvals if a.decision == "approve"),
         "may_decide": may_decide, "why_not": why_not if has_capability(request.user, "approve_promotion") else "",

@@ -10,6 +10,7 @@ from django.db.models import Count, Max, Q, QuerySet
 from portal.models import AuditEvent
 from portal.permissions import get_object_for_user, scope_to_teams
 from registry.models import ModelVersion, RegisteredModel
+from registry.versions.compare import metric_diff, signature_diff
 
 MODEL_SORTS = {
     "name": ("name",), "-name": ("-name",), "team": ("team__slug", "name"),
@@ -74,7 +75,6 @@ def reference_profile_rows(*, version: ModelVersion) -> list[dict[str, Any]]:
 
 def version_compare(*, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
     """Two versions of one model side by side: facts, metrics, signature, model card and reference profile."""
-    from registry.promotions.services import metric_diff, signature_diff
 
     facts = [(label, getter(a), getter(b)) for label, getter in (
         ("Status", lambda v: v.get_status_display()), ("Format", lambda v: v.get_format_display()),

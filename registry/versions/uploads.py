@@ -8,6 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 
+from registry.tabular import BatchInputError, CsvPlanner
+
 
 class HashingUploadHandler(TemporaryFileUploadHandler):
     def new_file(self, *args: Any, **kwargs: Any) -> None:
@@ -17,8 +19,6 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
         # A batch input is cut into chunks on the way in, so its job can start scoring without reading it again.
         self._planner: Any = None
         if self.request is not None and self.request.path.startswith("/api/v1/batch-jobs"):
-            from registry.batch.files import CsvPlanner
-
             self._planner = CsvPlanner(settings.PORTAL_BATCH_CHUNK_BYTES, digest=False)
 
     def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
@@ -34,8 +34,6 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
         super().receive_data_chunk(raw_data, start)
 
     def _plan(self, raw_data: bytes) -> None:
-        from registry.batch.files import BatchInputError
-
         if b"\x00" in raw_data or (self._received == len(raw_data) and raw_data.startswith(b"PAR1")):
             self._planner = None  # binary (Parquet): nothing to cut here
             return
@@ -50,8 +48,6 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
             uploaded.sha256 = self._digest.hexdigest()  # type: ignore[attr-defined]
             uploaded.csv_plan = None  # type: ignore[attr-defined]
             if self._planner is not None:
-                from registry.batch.files import BatchInputError
-
                 try:
                     plan = self._planner.finish()
                     plan.sha256 = uploaded.sha256  # type: ignore[attr-defined]

@@ -311,7 +311,7 @@ def test_schedules_are_audited_beat_rows_and_a_run_scores_the_newest_file(
 
 
 def test_the_csv_planner_cuts_on_row_boundaries_only() -> None:
-    from registry.batch import files as batch_io
+    from registry import tabular as batch_io
 
     rows = [f'{i},"a\nb ""{i}""",{i * 2}' for i in range(500)]
     data = ("id,text,value\n" + "\n".join(rows) + "\n").encode()
@@ -366,7 +366,7 @@ def test_pages_per_role(ds_client: Client, personas: dict[str, Any], settings: A
 
 def test_the_errors_file_neutralises_cells_a_spreadsheet_would_run() -> None:
     """OWASP's CSV injection rule for the errors file: its reasons quote the uploaded cells."""
-    from registry.batch.files import errors_csv
+    from registry.tabular import errors_csv
 
     rows = [(1, "=HYPERLINK(\"http://evil.example\")", "@SUM(1+1)"), (2, "age", "+1 is odd"), (3, "x", "-1"),
             (4, "y", "\tTAB"), (5, "z", "\rCR"), (6, "w", "'n/a' is not a number")]

@@ -1,3 +1,5 @@
+"""Forms of the model and version pages: registering a model, deciding on untrusted types, tags."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,52 +29,10 @@ class TrustDecisionForm(forms.Form):
     remember_for_team = forms.BooleanField(required=False, label="Also trust these types for this team's future uploads")
 
 
-def _messages_of(exc: ValidationError) -> list[str]:
+def messages_of(exc: ValidationError) -> list[str]:
     if hasattr(exc, "error_dict"):
         return [str(m) for errors in exc.error_dict.values() for e in errors for m in e.messages]
     return list(exc.messages)
-
-
-class BatchScheduleForm(forms.Form):
-    """A schedule: every field checked in one pass, so the page lists every problem at once and keeps what was
-    typed. The service checks the same rules again (the API calls it directly)."""
-
-    name = forms.CharField(max_length=100)
-    environment = forms.ChoiceField(choices=[(e, e) for e in ("dev", "stage", "prod")])
-    location = forms.CharField(max_length=500)
-    cron = forms.CharField(max_length=100, label="Cron (minute hour day month weekday, UTC)")
-    id_column = forms.CharField(required=False, max_length=200)
-    subject_column = forms.CharField(required=False, max_length=200)
-
-    def __init__(self, *args: Any, model: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.model = model
-
-    def clean_name(self) -> str:
-        from registry.models import BatchSchedule
-
-        name = self.cleaned_data["name"].strip()
-        if BatchSchedule.objects.filter(model=self.model, name=name).exists():
-            raise ValidationError(f"{self.model.name} already has a schedule named {name!r}.")
-        return name
-
-    def clean_location(self) -> str:
-        from registry.batch.services import _check_location
-
-        try:
-            return _check_location(self.cleaned_data["location"])
-        except ValidationError as exc:
-            raise ValidationError(_messages_of(exc)) from None
-
-    def clean_cron(self) -> str:
-        from registry.batch.services import _check_cron
-
-        cron = " ".join(self.cleaned_data["cron"].split())
-        try:
-            _check_cron(cron)
-        except ValidationError as exc:
-            raise ValidationError(_messages_of(exc)) from None
-        return cron
 
 
 class TagsForm(forms.Form):
@@ -86,4 +46,4 @@ class TagsForm(forms.Form):
         try:
             return validate_tags(self.cleaned_data["tags"])
         except ValidationError as exc:
-            raise ValidationError(_messages_of(exc)) from None
+            raise ValidationError(messages_of(exc)) from None

@@ -15,10 +15,10 @@ from rest_framework.views import APIView
 
 from portal.api.pagination import PortalPagination, paginated
 from portal.permissions import require_capability
+from registry.api.responses import blob_download, too_large_response
 from registry.batch import selectors as batch_selectors
 from registry.batch import services as batch
 from registry.versions import selectors
-from registry.versions.api import _download, too_large_response
 
 
 class BatchJobSerializer(serializers.Serializer[Any]):
@@ -160,7 +160,7 @@ class BatchJobCancelApi(APIView):
 def _file_response(request: Request, uid: str, which: str) -> Any:
     job = batch_selectors.job_get(user=request.user, uid=uid)
     blob = batch.batch_download_record(job=job, actor=request.user, which=which)
-    response = _download(blob, batch.result_filename(job, which))
+    response = blob_download(blob, batch.result_filename(job, which))
     if which == "errors" or job.input_format == "csv":
         response["Content-Type"] = "text/csv; charset=utf-8"
     return response

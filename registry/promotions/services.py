@@ -33,8 +33,8 @@ from portal.services import reauthenticate
 from registry.deployments.services import deployment_finished, deployment_gates, deployment_start
 from registry.models import (
     DEFAULT_APPROVALS,
-    PROMOTION_TARGETS,
     DEFAULT_METRIC_TOLERANCE,
+    PROMOTION_TARGETS,
     ApprovalDecision,
     Deployment,
     DeploymentPurpose,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -19,7 +18,7 @@ from portal.api.errors import error_body
 from portal.api.pagination import PortalPagination, paginated
 from portal.models import Team
 from portal.permissions import get_object_for_user
-from registry import storage
+from registry.api.responses import blob_download, too_large_response
 from registry.api.serializers import (
     ModelCreateInput,
     ModelDetailSerializer,
@@ -39,15 +38,6 @@ def upload_rejected_response(exc: UploadRejected) -> Response:
     message = "The upload was refused: " + "; ".join(f.message for f in exc.findings[:3])
     return Response(error_body("upload_rejected", message, {"findings": findings}),
                     status=status.HTTP_422_UNPROCESSABLE_ENTITY)
-
-
-def too_large_response() -> Response:
-    from django.conf import settings
-
-    limit_mb = settings.PORTAL_MAX_UPLOAD_BYTES // (1024 * 1024)
-    return Response(error_body("too_large", f"The file is larger than the upload limit of {limit_mb} MB.",
-                               {"limit_bytes": settings.PORTAL_MAX_UPLOAD_BYTES}),
-                    status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
 
 
 class ModelListCreateApi(APIView):
@@ -197,19 +187,6 @@ class VersionTrustApi(APIView):
         return Response(VersionSerializer(version).data)
 
 
-def _download(blob: Any, filename: str) -> Any:
-    try:
-        handle = storage.stream_blob(blob)
-    except storage.IntegrityError as exc:
-        logger.error("Refused to serve %s: %s", filename, exc)
-        return Response(error_body("integrity_error", "The stored file no longer matches its SHA-256, so it is not "
-                                   "served. An administrator has to restore it from backup.", {"sha256": blob.sha256}),
-                        status=status.HTTP_500_INTERNAL_SERVER_ERROR)
-    response = FileResponse(handle, as_attachment=True, filename=filename, content_type="application/octet-stream")
-    response["X-Content-SHA256"] = blob.sha256
-    return response
-
-
 class VersionArtifactApi(APIView):
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
                    summary="Download the version's artifact (hash verified; audited)")
@@ -219,7 +196,7 @@ class VersionArtifactApi(APIView):
             raise ValidationError({"artifact": "This version was rejected; its file was not kept."})
         services.version_download_record(version=version, actor=request.user)
         ext = {"mlflow": "zip", "skops": "skops", "onnx": "onnx", "pickle": "pkl", "joblib": "joblib"}[version.format]
-        return _download(version.artifact, f"{version.model.name}-v{version.number}.{ext}")
+        return blob_download(version.artifact, f"{version.model.name}-v{version.number}.{ext}")
 
 
 class VersionReferenceApi(APIView):
@@ -230,5 +207,5 @@ class VersionReferenceApi(APIView):
         if version.reference is None:
             raise ValidationError({"reference_data": "This version has no reference data."})
         services.reference_download_record(version=version, actor=request.user)
-        return _download(version.reference.blob, f"{version.model.name}-v{version.number}-reference.{version.reference.format}")
+        return blob_download(version.reference.blob, f"{version.model.name}-v{version.number}-reference.{version.reference.format}")
 

@@ -15,9 +15,9 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
-from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
 from registry.models import PROMOTION_TARGETS, ModelVersion
 from registry.versions import selectors, services
+from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
 
 _KEPT = "kept-input:{key}"
 

@@ -9,6 +9,7 @@ class PortalConfig(AppConfig):
     verbose_name = "Portal"
 
     def ready(self) -> None:
+        # lazy: AppConfig.ready() runs once the app registry is loaded; these register checks, hooks and listeners
         import portal.checks  # registers the start-up check of the keys production must set
         import portal.schema  # noqa: F401 - registers the OpenAPI extension for bearer tokens
         from portal.roles import sync_roles

@@ -13,6 +13,8 @@ from django.contrib.auth import logout
 from django.http import HttpRequest, HttpResponse
 
 from portal import context
+from portal.api.errors import json_error_response
+from portal.services import session_expire
 
 Handler = Callable[[HttpRequest], HttpResponse]
 
@@ -46,8 +48,6 @@ def _nul_refusal(request: HttpRequest) -> HttpResponse | None:
     if "%00" not in query and "\x00" not in query and "\x00" not in request.path:
         return None
     if request.path.startswith("/api/"):
-        from portal.api.errors import json_error_response
-
         return json_error_response(request, 400, "invalid_request", NUL_MESSAGE)
     return HttpResponse(NUL_MESSAGE, status=400, content_type="text/plain; charset=utf-8")
 
@@ -127,8 +127,6 @@ class IdleSessionTimeoutMiddleware:
             now = int(time.time())
             last_seen = request.session.get(self.KEY)
             if isinstance(last_seen, int) and now - last_seen > settings.SESSION_IDLE_SECONDS:
-                from portal.services import session_expire
-
                 session_expire(request=request, user=user, idle_seconds=now - last_seen)
                 logout(request)
                 request.session["portal_expired"] = True

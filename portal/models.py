@@ -148,7 +148,7 @@ class AuditChainHead(models.Model):
 
 
 def _validate_webhook_url(value: str) -> None:
-    from portal.webhooks import validate_webhook_url
+    from portal.webhooks import validate_webhook_url  # lazy: portal.webhooks imports portal.models at top (cycle)
 
     validate_webhook_url(value, resolve=False)
 

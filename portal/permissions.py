@@ -13,6 +13,8 @@ from django.db.models import Model, QuerySet
 from django.http import Http404
 from rest_framework.permissions import BasePermission
 
+from portal.models import Membership
+
 M = TypeVar("M", bound=Model)
 
 
@@ -33,8 +35,6 @@ def team_ids_for(user: Any) -> set[int] | None:
         return None
     cached = getattr(user, "_portal_team_ids", None)
     if cached is None:
-        from portal.models import Membership
-
         cached = set(Membership.objects.filter(user=user).values_list("team_id", flat=True))
         user._portal_team_ids = cached
     return set(cached)

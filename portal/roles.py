@@ -91,7 +91,7 @@ def sync_roles(**_: Any) -> None:
     from django.contrib.auth.models import Group, Permission
     from django.contrib.contenttypes.models import ContentType
 
-    from portal.models import Team
+    from portal.models import Team  # lazy: portal.models imports portal.roles at top (cycle)
 
     team_ct = ContentType.objects.get_for_model(Team)
     codenames = {c for caps in ROLES.values() for c in caps}

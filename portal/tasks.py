@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError as BrokerUnreachable
 from portal import context
 from portal.audit.checkpoints import audit_checkpoint_create, audit_checkpoint_send
 from portal.audit.verify import audit_chain_verify
+from portal.webhooks import webhook_deliver
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def audit_checkpoint_send_task(self: Any, name: str) -> int:
 @shared_task(name="portal.tasks.webhook_deliver", bind=True, max_retries=None)
 def webhook_deliver_task(self: Any, delivery_id: int) -> str:
     """One delivery attempt; a retryable failure comes back after an exponential backoff."""
-    from portal.webhooks import webhook_deliver
-
     status, retry_in = webhook_deliver(delivery_id=delivery_id)
     if retry_in is not None:
         raise self.retry(countdown=retry_in)

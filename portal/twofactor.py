@@ -26,6 +26,7 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import audit_record
 from portal.models import AuditOutcome
 from portal.roles import ADMIN, APPROVER, COMPLIANCE_OFFICER, roles_of
+from portal.views import safe_next_url
 
 SENSITIVE_ROLES = {APPROVER, COMPLIANCE_OFFICER, ADMIN}
 EXEMPT_PREFIXES = ("/login/", "/logout/", "/account/2fa/", "/static/", "/healthz", "/readyz", "/favicon")
@@ -63,8 +64,6 @@ class TwoFactorMiddleware:
 
 
 def _next(request: HttpRequest) -> str:
-    from portal.views import safe_next_url
-
     return safe_next_url(request) or resolve_url(settings.LOGIN_REDIRECT_URL)  # a path: templates link to it
 
 

@@ -29,6 +29,7 @@ from portal import selectors, services
 from portal.api.errors import json_error_response
 from portal.audit.signing import public_key_pem
 from portal.audit.verify import audit_chain_verify
+from portal.checks import keys_not_set
 from portal.forms import AuditFilterForm, LoginForm, TokenCreateForm
 from portal.models import ApiToken, AuditEvent
 from portal.permissions import has_capability, require_capability
@@ -315,8 +316,6 @@ def _check_sandbox() -> str | None:
 
 def _check_keys() -> str | None:
     """Keys production must set explicitly (portal/checks.py): a pod without them takes no traffic."""
-    from portal.checks import keys_not_set
-
     missing = keys_not_set()
     return f"keys: not set: {', '.join(missing)}" if missing else None
 

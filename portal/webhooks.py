@@ -26,6 +26,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal import special_addresses
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
+from portal.models import TeamWebhook, WebhookDelivery
+from portal.permissions import require_capability
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +147,6 @@ def post_signed(url: str, secret: str, event: str, delivery_id: str, payload: di
 
 def webhooks_notify(*, team: Any, event: str, payload: dict[str, Any]) -> list[Any]:
     """Queue ``event`` for every active webhook of ``team`` that wants it, once the transaction commits."""
-    from portal.models import WebhookDelivery
-
     deliveries = []
     for hook in team.webhooks.filter(active=True):
         if hook.events and event not in hook.events:
@@ -154,7 +156,7 @@ def webhooks_notify(*, team: Any, event: str, payload: dict[str, Any]) -> list[A
         ids = [d.pk for d in deliveries]
 
         def enqueue() -> None:
-            from portal.tasks import webhook_deliver_task
+            from portal.tasks import webhook_deliver_task  # lazy: portal.tasks imports this module at top (cycle)
 
             for pk in ids:
                 webhook_deliver_task.delay(pk)
@@ -170,8 +172,6 @@ def backoff_seconds(attempt: int) -> int:
 
 def webhook_deliver(*, delivery_id: int) -> tuple[str, int | None]:
     """Attempt one delivery. Returns (status, seconds until the next attempt or None)."""
-    from portal.models import WebhookDelivery
-
     delivery = WebhookDelivery.objects.select_related("webhook").filter(pk=delivery_id).first()
     if delivery is None or delivery.status in (WebhookDelivery.Status.DELIVERED, WebhookDelivery.Status.FAILED):
         return ("gone" if delivery is None else delivery.status), None
@@ -213,11 +213,6 @@ WEBHOOK_EVENTS = ("promotion.requested", "promotion.approved", "promotion.reject
 def webhook_create(*, team: Any, url: str, secret: str, actor: Any, events: list[str] | None = None,
                    active: bool = True) -> Any:
     """Add a webhook to ``team`` after checking its URL, resolution included (refused targets are a 400)."""
-    from portal.audit.actions import AuditAction
-    from portal.audit.record import Target, audit_record
-    from portal.models import TeamWebhook
-    from portal.permissions import require_capability
-
     require_capability(actor, "manage_teams")
     try:
         validate_webhook_url(url)

@@ -40,6 +40,7 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import GENESIS_HASH, Target, audit_record, canonical_json
 from portal.audit.signing import public_key_fingerprint, signing_key
 from portal.models import AuditChainHead, AuditEvent
+from portal.webhooks import sign
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ def audit_checkpoint_create(*, reason: str, actor: Any = None) -> StoredCheckpoi
                          metadata={"number": number, "seq": head["seq"], "head_hash": head["hash"],
                                    "sha256": checkpoint.digest, "name": name, "reason": reason})
             if settings.PORTAL_AUDIT_CHECKPOINT_WEBHOOK_URL:
+                # lazy: portal.tasks imports this module at top (cycle)
                 from portal.tasks import audit_checkpoint_send_task
 
                 transaction.on_commit(lambda: audit_checkpoint_send_task.delay(name))
@@ -235,7 +237,6 @@ def audit_checkpoint_send(*, name: str) -> int:
     import time
     import urllib.request
 
-    from portal.webhooks import sign
 
     with checkpoint_storage().open(name, "rb") as fh:
         body = fh.read()

@@ -8,6 +8,7 @@ class RegistryConfig(AppConfig):
     verbose_name = "Model registry"
 
     def ready(self) -> None:
+        # lazy: AppConfig.ready() runs once the app registry is loaded; these register checks, hooks and listeners
         from portal.management.commands.seed_demo import SEED_HOOKS
         from portal.views import register_sandbox_check
         from registry import checks  # noqa: F401 - registers the sandbox's start-up check

@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from portal.models import Team
 from registry.deployments import services as deployments
 from registry.models import RegisteredModel, TeamTrustedType, VersionStatus
+from registry.promotions import services as promotions
 from registry.versions import services
 from registry.versions.localfiles import LocalUpload
 
@@ -106,8 +107,6 @@ def seed(*, team: Team, users: dict[str, Any], stdout: Any) -> None:
         stdout.write(f"Demo model {model.name} v1 in dev: {deployment.status} {deployment.error}".rstrip())
     second = model.versions.filter(number=2, status=VersionStatus.READY).first()
     if second is not None:
-        from registry.promotions import services as promotions
-
         try:
             promotion = promotions.promotion_request(
                 version=second, target="stage", actor=ds,

@@ -19,7 +19,7 @@ from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.db import transaction
 
-from registry.models import Blob
+from registry.models import Blob, ModelVersion, ReferenceData
 
 CHUNK = 1024 * 1024
 
@@ -113,8 +113,6 @@ def verified_local_path(blob: Blob) -> Iterator[Path]:
 
 def blob_delete_if_unused(blob: Blob) -> bool:
     """Remove a blob that no version or reference data points at (a rejected upload leaves nothing behind)."""
-    from registry.models import ModelVersion, ReferenceData
-
     if ModelVersion.objects.filter(artifact=blob).exists() or ReferenceData.objects.filter(blob=blob).exists():
         return False
     artifact_storage().delete(blob.storage_name)

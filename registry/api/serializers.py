@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from registry.models import MODEL_NAME_VALIDATOR, ModelVersion, RegisteredModel
+from registry.versions.selectors import environment_overview
 
 
 def _username(user: Any) -> str | None:
@@ -45,8 +46,6 @@ class ModelDetailSerializer(ModelSerializer):
         fields = [*ModelSerializer.Meta.fields, "versions", "environments"]
 
     def get_environments(self, obj: RegisteredModel) -> dict[str, Any]:
-        from registry.versions.selectors import environment_overview
-
         return {env: {"champion": s["champion"], "challenger": s["challenger"], "mode": s["mode"],
                       "challenger_percent": s["challenger_percent"]}
                 for env, s in environment_overview(model=obj).items()}

@@ -45,6 +45,7 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability
+from portal.views import error_text
 from registry import storage
 from registry import tabular as batch_io
 from registry.hooks import write_prediction_log
@@ -59,6 +60,8 @@ from registry.models import (
     EnvironmentState,
     RegisteredModel,
 )
+from registry.serving.runtime import cache, input_columns
+from registry.serving.views import subject_hash
 from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
@@ -148,8 +151,6 @@ def batch_submit(*, model: RegisteredModel, environment: str, path: str | Path, 
 
 
 def _required_columns(version: Any) -> list[str]:
-    from registry.serving.runtime import input_columns
-
     columns = input_columns(version)
     if not columns:
         raise ValidationError({"model": f"Version {version.number}'s signature names no input columns, so a file's "
@@ -161,7 +162,7 @@ def _enqueue_on_commit(task: str, *args: Any) -> None:
     ctx = context.current().as_task_kwargs()
 
     def enqueue() -> None:
-        from registry.batch import tasks
+        from registry.batch import tasks  # lazy: registry.batch.tasks imports this module at top (cycle)
 
         getattr(tasks, f"{task}_task").delay(*args, request_ctx=ctx)
 
@@ -221,6 +222,7 @@ def _start_scoring(job: BatchJob, chunks: list[batch_io.ChunkPlan], *, from_stat
         ctx = context.current().as_task_kwargs()
 
         def enqueue() -> None:
+            # lazy: registry.batch.tasks imports this module at top (cycle)
             from registry.batch.tasks import batch_chunk_task
 
             for pk in ids:
@@ -306,8 +308,6 @@ def batch_chunk_run(*, chunk_id: int) -> str:
 
 
 def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
-    from registry.serving.runtime import cache
-
     loaded = cache.loaded(job.deployment)
     required = loaded.columns
     prefix = f"{job.id_prefix}{chunk.index:04x}"
@@ -388,6 +388,7 @@ def batch_assemble(*, job_id: int) -> BatchJob | None:
             ctx = context.current().as_task_kwargs()
 
             def after() -> None:
+                # lazy: registry.batch.tasks imports this module at top (cycle)
                 from registry.batch.tasks import batch_log_task
 
                 _cleanup_parts(job, keep={c.log_name for c in chunks if c.log_name and not c.logged})
@@ -557,8 +558,6 @@ def _cleanup_parts(job: BatchJob, *, keep: set[str] | None = None) -> None:
 
 def batch_log_chunk(*, chunk_id: int) -> int:
     """Write one chunk's predictions to the prediction log (ids are fixed, so a repeat inserts nothing twice)."""
-    from registry.serving.views import subject_hash
-
     chunk = BatchChunk.objects.select_related("job__model", "job__version").filter(
         pk=chunk_id, status=ChunkStatus.DONE, logged=False).exclude(log_name="").first()
     if chunk is None:
@@ -571,7 +570,6 @@ def batch_log_chunk(*, chunk_id: int) -> int:
                      chunk.index)
         BatchChunk.objects.filter(pk=chunk.pk).update(logged=True)
         return 0
-    from registry.serving.runtime import input_columns
 
     required = input_columns(job.version)
     logged = batch_io.scored_rows(data, fmt=job.input_format, columns=list(job.columns), required=required,
@@ -640,7 +638,7 @@ def batch_cancel(*, job: BatchJob, actor: Any) -> BatchJob:
 def batch_reap() -> dict[str, int]:
     """Hand out again what a dead worker or a lost message left behind: jobs stuck planning or assembling, chunks
     running (or pending) too long, logs never written. Claims count attempts, so nothing loops for ever."""
-    from registry.batch import tasks
+    from registry.batch import tasks  # lazy: registry.batch.tasks imports this module at top (cycle)
 
     cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_BATCH_STALE_SECONDS)
     counts = {"plan": 0, "chunk": 0, "assemble": 0, "log": 0}
@@ -849,8 +847,6 @@ def batch_schedule_fire(*, schedule_id: int) -> BatchJob | None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     except (ValidationError, PermissionDenied) as exc:
-        from portal.views import error_text
-
         message = error_text(exc)
         BatchSchedule.objects.filter(pk=schedule.pk).update(last_run_at=now, last_error=message[:1000])
         logger.warning("Batch schedule %s did not run: %s", schedule, message)

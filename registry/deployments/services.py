@@ -43,7 +43,10 @@ from registry.models import (
     TrustState,
     VersionStatus,
 )
+from registry.sandbox.hosts import HostModelError, HostUnavailable
 from registry.scanning.archive import extract_zip
+from registry.serving.call_examples import example_rows
+from registry.serving.runtime import load_serving_model
 from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
@@ -106,6 +109,7 @@ def deployment_start(*, version: ModelVersion, environment: str, strategy: str =
         ctx = context.current().as_task_kwargs()
 
         def enqueue() -> None:
+            # lazy: registry.deployments.tasks imports this module at top (cycle)
             from registry.deployments.tasks import deployment_run_task
 
             deployment_run_task.delay(deployment.pk, request_ctx=ctx)
@@ -137,8 +141,6 @@ def _claim(deployment_id: int) -> Deployment | None:
 def _example(version: ModelVersion) -> Any:
     """The version's input example as a request carries it (``call_examples.example_rows``: the environment page
     shows the same rows): columns in the signature's order, or tensor rows without names."""
-    from registry.serving.call_examples import example_rows
-
     example = example_rows(version, limit=20)
     if example.source != "example" or not example.rows:
         raise DeploymentFailed("the version has no input example with its signature's inputs to validate against")
@@ -227,9 +229,6 @@ def onnx_serving_problems(path: Path) -> list[str]:
 
 def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
     """Load the serving form as a web worker will, and check the input example's output against the signature."""
-    from registry.sandbox.hosts import HostModelError, HostUnavailable
-    from registry.serving.runtime import load_serving_model
-
     version = deployment.version
     loaded = load_serving_model(version=version, kind=kind, blob=blob)
     example = _example(version)
@@ -391,6 +390,7 @@ def deployments_reap() -> list[int]:
     """Hand deployments left pending or running past ``PORTAL_DEPLOYMENT_STALE_SECONDS`` to a worker again (a lost
     message, a worker killed while the broker still holds its task). Claiming counts attempts, so a deployment that
     keeps killing its worker ends failed, never stuck."""
+    # lazy: registry.deployments.tasks imports this module at top (cycle)
     from registry.deployments.tasks import deployment_run_task
 
     cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_DEPLOYMENT_STALE_SECONDS)

@@ -30,6 +30,8 @@ from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome
 from portal.permissions import has_capability, require_capability, scope_to_teams
 from portal.services import reauthenticate
+from portal.tasks import send_email_task
+from portal.webhooks import webhooks_notify
 from registry.deployments.services import deployment_finished, deployment_gates, deployment_start
 from registry.models import (
     DEFAULT_APPROVALS,
@@ -52,6 +54,7 @@ from registry.models import (
     VersionStatus,
 )
 from registry.versions.compare import metric_diff, signature_diff
+from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
 
@@ -401,8 +404,6 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
 
 def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
                          to_version: int | None = None) -> Deployment:
-    from registry.versions.selectors import environment_param
-
     environment_param(environment)
     require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
     if not reason.strip():
@@ -431,7 +432,6 @@ def environment_rollback(*, model: RegisteredModel, environment: str, reason: st
                                    model.team.slug),
                      before={"version": current.number}, after={"version": chosen.number, "reason": reason.strip(),
                                                                 "deployment": str(deployment.uid)})
-        from portal.webhooks import webhooks_notify
 
         webhooks_notify(team=model.team, event="environment.rollback", payload={
             "event": "environment.rollback", "model": model.name, "environment": environment,
@@ -517,9 +517,6 @@ def _approver_emails(promotion: PromotionRequest) -> list[str]:
 
 def _notify(promotion: PromotionRequest, event: str) -> None:
     """Email and webhooks for ``event``, sent after the transaction commits (never for a rolled-back change)."""
-    from portal.tasks import send_email_task
-    from portal.webhooks import webhooks_notify
-
     link = settings.PORTAL_BASE_URL + reverse("registry:promotion", args=[promotion.uid])
     what = f"{promotion.model.name} v{promotion.version.number} to {promotion.target}"
     requester = promotion.requested_by

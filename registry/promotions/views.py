@@ -22,6 +22,7 @@ from registry.promotions.services import EVIDENCE_WINDOWS
 from registry.serving import call_examples
 from registry.versions import selectors
 from registry.versions.compare import metric_diff
+from registry.versions.views import keep_input
 
 _KEPT_KEY = "promotion-decision-{uid}"
 
@@ -40,8 +41,6 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
             version=version, target=request.POST.get("target", ""), reason=request.POST.get("reason", "")[:5000],
             override_reason=request.POST.get("override_reason", "")[:5000], actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
-        from registry.versions.views import keep_input
-
         messages.error(request, error_text(exc))
         keep_input(request, f"promote:{version.pk}", ("reason", "override_reason", "target"))
         return redirect(reverse("registry:version", args=[name, number]) + "#promote")

@@ -19,6 +19,8 @@ import pickletools
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from registry.scanning.allowlist import allowed_classes
+
 SAFE_CALLABLES: frozenset[tuple[str, str]] = frozenset({
     ("copyreg", "_reconstructor"),
     ("copy_reg", "_reconstructor"),
@@ -80,8 +82,6 @@ def _in_packages(module: str, packages: tuple[str, ...]) -> bool:
 def check_global(module: str, name: str) -> None:
     """Raise PickleRejected unless ``module.name`` is allowed. Nothing is imported: classes are looked up in the
     generated list of model classes (``allowlist.py``), so the web process never loads scikit-learn."""
-    from registry.scanning.allowlist import allowed_classes
-
     qualified = f"{module}.{name}"
     if (module, name) in SAFE_CALLABLES:
         return

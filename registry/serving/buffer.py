@@ -28,6 +28,8 @@ import orjson
 from django.conf import settings
 from django.db import DatabaseError
 
+from registry.models import PredictionOutbox
+
 logger = logging.getLogger(__name__)
 # The buffer before Redis Streams (a list, and the list a flusher moved records to before writing them): records left
 # there by an upgrade, or by a web process not yet upgraded, are still flushed once (monitoring/flush.py).
@@ -163,7 +165,6 @@ def emit(batch: dict[str, Any], *, count_key: str | None = None) -> int | None:
             _redis_paused_until = time.monotonic() + REDIS_PAUSE_SECONDS
             logger.warning("Prediction buffer: Redis unreachable or refusing (%s: %s); writing to the database outbox "
                            "for %.0f s", type(exc).__name__, str(exc)[:200], REDIS_PAUSE_SECONDS)
-    from registry.models import PredictionOutbox
 
     try:
         PredictionOutbox.objects.create(payload=orjson.loads(encode(batch)))

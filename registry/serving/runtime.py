@@ -26,8 +26,10 @@ import numpy as np
 from django.conf import settings
 from django.db import DatabaseError
 
+from registry import storage
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
 from registry.sandbox import hosts
+from registry.scanning.archive import extract_zip
 
 REFRESH_SECONDS = 0.5
 STALE_SECONDS = 300.0  # how long a route read before a database outage keeps serving during it
@@ -100,9 +102,6 @@ def materialiser(version: ModelVersion) -> hosts.Materialise:
     assert blob is not None
 
     def materialise(work: Path) -> tuple[str, Path, dict[str, Any]]:
-        from registry import storage
-        from registry.scanning.archive import extract_zip
-
         with storage.verified_local_path(blob) as path:
             if fmt == "mlflow":
                 target = work / "model"
@@ -140,8 +139,6 @@ def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, A
 def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str | None = None) -> LoadedModel:
     """The serving form: an ONNX session in this process (onnxruntime runs no code from the file), or a client of
     a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
-    from registry import storage
-
     columns = named_inputs(version)
     close = invoke = None
     if kind == "onnx":

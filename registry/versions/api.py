@@ -27,8 +27,10 @@ from registry.api.serializers import (
     VersionSerializer,
     VersionUploadInput,
 )
+from registry.models import MlflowSource
 from registry.scanning.findings import UploadRejected
 from registry.versions import selectors, services
+from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,6 @@ class VersionImportInput(serializers.Serializer[Any]):
 
 
 def mlflow_source_data(version: Any) -> dict[str, Any] | None:
-    from registry.models import MlflowSource
-
     try:
         source = version.mlflow_source
     except MlflowSource.DoesNotExist:
@@ -124,8 +124,6 @@ class VersionImportApi(APIView):
                            "artifact the model already holds answers 200 with that version "
                            "(duplicate_of_existing), and a tracking server that does not answer is a 503")
     def post(self, request: Request, name: str) -> Response:
-        from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
-
         model = selectors.model_get(user=request.user, name=name, action="register_model")
         data = VersionImportInput(data=request.data)
         data.is_valid(raise_exception=True)

@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 
 from portal.models import Team
 from registry.models import MODEL_NAME_VALIDATOR
+from registry.versions.services import validate_tags
 
 
 class ModelRegisterForm(forms.Form):
@@ -41,8 +42,6 @@ class TagsForm(forms.Form):
     tags = forms.CharField(required=False, max_length=2000, help_text="Comma-separated, such as team:risk, pii.")
 
     def clean_tags(self) -> list[str]:
-        from registry.versions.services import validate_tags
-
         try:
             return validate_tags(self.cleaned_data["tags"])
         except ValidationError as exc:

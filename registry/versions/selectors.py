@@ -9,7 +9,8 @@ from django.db.models import Count, Max, Q, QuerySet
 
 from portal.models import AuditEvent
 from portal.permissions import get_object_for_user, scope_to_teams
-from registry.models import ModelVersion, RegisteredModel
+from registry.models import (BATCH_ACTIVE, ENVIRONMENT_ORDER, BatchStatus, Deployment, Environment, EnvironmentState,
+                             ModelVersion, RegisteredModel)
 from registry.versions.compare import metric_diff, signature_diff
 
 MODEL_SORTS = {
@@ -35,8 +36,6 @@ def model_list(*, user: Any, search: str = "", team: str = "", sort: str = "name
 
 def where_live(*, models: list[RegisteredModel]) -> dict[int, list[dict[str, Any]]]:
     """Per model id: each environment that serves it, in order, with its version and any canary or shadow."""
-    from registry.models import ENVIRONMENT_ORDER, EnvironmentState
-
     out: dict[int, list[dict[str, Any]]] = {m.pk: [] for m in models}
     states = EnvironmentState.objects.filter(model__in=models, champion__isnull=False).select_related(
         "champion__version", "challenger__version")
@@ -118,8 +117,6 @@ def version_audit_timeline(*, version: ModelVersion) -> QuerySet[AuditEvent]:
 
 def environment_overview(*, model: RegisteredModel) -> dict[str, dict[str, Any]]:
     """For each environment: the serving versions, traffic split and the latest deployments."""
-    from registry.models import ENVIRONMENT_ORDER, Deployment, EnvironmentState
-
     states = {s.environment: s for s in EnvironmentState.objects.filter(model=model).select_related(
         "champion__version", "challenger__version")}
     recent = list(Deployment.objects.filter(model=model).select_related("version", "requested_by")
@@ -139,8 +136,6 @@ def environment_overview(*, model: RegisteredModel) -> dict[str, dict[str, Any]]
 
 
 def deployment_get(*, user: Any, uid: str) -> Any:
-    from registry.models import Deployment
-
     return get_object_for_user(user, Deployment.objects.select_related("model__team", "version", "requested_by"),
                                action="view_models", uid=uid)
 
@@ -155,7 +150,6 @@ def environment_param(env: str) -> str:
     """An environment named in a URL or body; a clear 400 (Django ValidationError) for anything else."""
     from django.core.exceptions import ValidationError
 
-    from registry.models import Environment
 
     if env not in Environment.values:
         raise ValidationError({"environment": f"Unknown environment {env[:20]!r}: use dev, stage or prod."})
@@ -165,8 +159,6 @@ def environment_param(env: str) -> str:
 def batch_job_state(*, job: Any) -> dict[str, Any]:
     """Where a batch job stands, in one sentence, and whether anything will still change (``final``): a done job
     is final only once every scored chunk's predictions are in the prediction log."""
-    from registry.models import BATCH_ACTIVE, BatchStatus
-
     bad = f"{job.rows_failed:,} bad row{'s' if job.rows_failed != 1 else ''}"
     if job.status in BATCH_ACTIVE:
         total = f" of {job.rows_total:,}" if job.rows_total else ""

@@ -346,6 +346,7 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
 
 
 def _enqueue_scan(version: ModelVersion) -> None:
+    # lazy: registry.versions.tasks imports this module at top (cycle)
     from registry.versions.tasks import version_scan_task
 
     ctx = context.current().as_task_kwargs()

@@ -16,8 +16,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
 from registry.models import PROMOTION_TARGETS, ModelVersion
+from registry.scanning.findings import UploadRejected
 from registry.versions import selectors, services
 from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
+from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
 _KEPT = "kept-input:{key}"
 
@@ -173,9 +175,6 @@ def version_trust(request: HttpRequest, name: str, number: int) -> HttpResponse:
 @login_required
 @require_POST
 def version_import(request: HttpRequest, name: str) -> HttpResponse:
-    from registry.scanning.findings import UploadRejected
-    from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
-
     model = selectors.model_get(user=request.user, name=name, action="register_model")
     try:
         result = mlflow_import(model=model, uri=request.POST.get("uri", ""), actor=request.user)

@@ -28,11 +28,16 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.models import Alert, AlertStatus, Granularity
+from monitoring.drift import DEFAULT_THRESHOLDS
+from monitoring.models import Alert, AlertStatus, Granularity, MonitoringSettings
 from monitoring.rollups import bucket_start, percentile, rollups, version_spec
 from monitoring.selectors import ONLINE_ROLES, _merge, accuracy_metrics, drift_report, thresholds_for
 from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
+from portal.permissions import require_capability
+from portal.tasks import send_email_task
+from portal.webhooks import webhooks_notify
+from registry.models import EnvironmentState
 
 
 class AlertError(Exception):
@@ -61,7 +66,6 @@ def conditions(model: Any, environment: str, *, now: dt.datetime | None = None) 
     rows = [r for r in rollups(model.name, environment, Granularity.MINUTE, start, now) if r.role in ONLINE_ROLES]
     if not rows:
         return []
-    from registry.models import EnvironmentState
 
     state = EnvironmentState.objects.select_related("champion__version").filter(
         model=model, environment=environment).first()
@@ -117,8 +121,6 @@ def conditions(model: Any, environment: str, *, now: dt.datetime | None = None) 
 
 def evaluate_alerts(*, now: dt.datetime | None = None) -> dict[str, int]:
     """Fire, update and resolve alerts for every serving environment; returns what changed."""
-    from registry.models import EnvironmentState
-
     now = now or timezone.now()
     changed = {"fired": 0, "resolved": 0, "updated": 0}
     for state in EnvironmentState.objects.select_related("model__team").filter(champion__isnull=False):
@@ -212,9 +214,6 @@ def _recipients(model: Any) -> list[str]:
 
 def _notify(alert: Alert, event: str) -> None:
     """Email and signed webhooks, sent once the transaction commits."""
-    from portal.tasks import send_email_task
-    from portal.webhooks import webhooks_notify
-
     link = settings.PORTAL_BASE_URL + reverse("monitoring:model", args=[alert.model.name, alert.environment])
     state = "firing" if event == "alert.fired" else "resolved"
     subject = f"[{alert.severity}] {alert.model.name} {alert.environment}: {alert.kind.replace('_', ' ')} {state}"
@@ -260,16 +259,11 @@ def clean_thresholds(raw: Any) -> dict[str, Any]:
 
 
 def thresholds_defaults() -> dict[str, Any]:
-    from monitoring.drift import DEFAULT_THRESHOLDS
-
     return dict(DEFAULT_THRESHOLDS)
 
 
 def monitoring_settings_change(*, model: Any, thresholds: Any, target_column: str | None, actor: Any) -> Any:
     """Replace a model's thresholds (and optionally its target column); audited with before and after."""
-    from monitoring.models import MonitoringSettings
-    from portal.permissions import require_capability
-
     require_capability(actor, "manage_alerts")
     cleaned = clean_thresholds(thresholds)
     if target_column is not None and len(target_column) > 200:

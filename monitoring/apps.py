@@ -8,6 +8,7 @@ class MonitoringConfig(AppConfig):
     verbose_name = "Monitoring"
 
     def ready(self) -> None:
+        # lazy: AppConfig.ready() runs once the app registry is loaded; these register checks, hooks and listeners
         # The registry defines the hook and monitoring fills it (imports point monitoring → registry only).
         from monitoring.evidence import live_evidence
         from monitoring.flush import write_batches

@@ -24,6 +24,7 @@ from monitoring.selectors import (
     granularity_for,
     thresholds_for,
 )
+from registry.models import ServingInterval
 from registry.promotions.services import EVIDENCE_WINDOWS
 
 # p50 and p95 have no absolute limit in the monitoring settings; the candidate is held to the champion's figure
@@ -124,8 +125,6 @@ def _judge(metric: str, figures: dict[str, Any], thresholds: dict[str, Any], cha
 def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | None = None) -> dict[str, Any]:
     """The candidate in every environment other than the target where it has served, and the target's champion,
     over ``window`` (one of ``EVIDENCE_WINDOWS``); each figure with its threshold and pass/warn."""
-    from registry.models import ServingInterval
-
     if window not in EVIDENCE_WINDOWS:
         raise ValueError(f"window is one of {', '.join(EVIDENCE_WINDOWS)}.")
     end = now or timezone.now()

@@ -307,7 +307,7 @@ def _flush_streams(client: Any, *, on_backlog: Callable[[], None] | None = None)
         if not moved:
             break
     _forget_idle_consumers(client, keys)
-    from monitoring.ingest import raise_alarms
+    from monitoring.ingest import raise_alarms  # lazy: monitoring.ingest imports this module at top (cycle)
 
     raise_alarms(client)
     return written

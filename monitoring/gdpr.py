@@ -14,9 +14,12 @@ from django.utils import timezone
 
 from monitoring.flush import drain
 from monitoring.models import Feedback, PredictionLog
+from monitoring.sensitive import reveal_row
 from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
-from portal.permissions import require_capability
+from portal.models import Membership
+from portal.permissions import has_capability, require_capability
+from registry.models import EnvironmentState, ModelVersion, RegisteredModel
 from registry.serving.views import subject_hash
 
 MAX_SUBJECT_ID = 256
@@ -33,8 +36,6 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     drain()
     predictions = list(PredictionLog.objects.filter(subject_hash=digest).order_by("created_at").values(
         "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error"))
-    from monitoring.sensitive import reveal_row
-    from portal.permissions import has_capability
 
     may_see = has_capability(actor, "view_sensitive")
     for p in predictions:
@@ -114,8 +115,6 @@ def records_of_processing() -> dict[str, Any]:
     from django.contrib.auth import get_user_model
     from django.db.models import Q
 
-    from portal.models import Membership
-    from registry.models import EnvironmentState, ModelVersion, RegisteredModel
 
     retention = settings.PORTAL_PAYLOAD_RETENTION_DAYS
     users = get_user_model().objects.filter(is_active=True).prefetch_related("groups")

@@ -20,6 +20,7 @@ import orjson
 from django.db.models import Count, Min
 from django.utils import timezone
 
+from monitoring.flush import flushed_key
 from registry.models import PredictionOutbox
 from registry.serving import buffer
 
@@ -60,8 +61,6 @@ def stream_lag(client: Any) -> tuple[BufferLag, int, float, int, list[tuple[str,
     """Per stream key in one pipelined round trip: length, oldest entry, pending summary, entries ever added and
     entries flushed. Returns the buffer's lag, the in-flight count, the fill ratio, the lost count and each key's
     length."""
-    from monitoring.flush import flushed_key
-
     keys = buffer.stream_keys()
     pipe = client.pipeline(transaction=False)
     for key in keys:

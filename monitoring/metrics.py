@@ -35,10 +35,12 @@ from django.utils import timezone
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from monitoring.models import Alert, AlertStatus, Granularity, Rollup
 from monitoring.additive import add
+from monitoring.ingest import ingest_lag
+from monitoring.models import Alert, AlertStatus, Granularity, Rollup
 from monitoring.rollups import LATENCY_EDGES_MS, bucket_start, version_spec
 from monitoring.selectors import ONLINE_ROLES, _merge, drift_report, thresholds_for
+from registry.models import EnvironmentState
 
 PROMETHEUS_EDGE_INDEXES = list(range(0, len(LATENCY_EDGES_MS), 10))
 
@@ -102,8 +104,6 @@ class RollupCollector(Collector):
         return histogram
 
     def _drift(self) -> Iterator[Metric]:
-        from registry.models import EnvironmentState
-
         features = GaugeMetricFamily("portal_feature_drift_psi", "PSI of each feature over the alert window",
                                      labels=["model", "environment", "feature"])
         predictions = GaugeMetricFamily("portal_prediction_drift_psi", "PSI of the predictions over the alert window",
@@ -131,8 +131,6 @@ class RollupCollector(Collector):
 
 
 def _ingest() -> Iterator[Metric]:
-    from monitoring.ingest import ingest_lag
-
     lag = ingest_lag()
     pending = GaugeMetricFamily("portal_prediction_ingest_pending", "Prediction records not yet in the log",
                                 labels=["buffer"])

@@ -19,6 +19,9 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
+
 logger = logging.getLogger(__name__)
 EXACT_COUNT_BELOW = 5_000_000
 
@@ -134,9 +137,6 @@ def partitions_drop_expired(*, now: dt.datetime | None = None) -> dict[str, list
     """Drop every partition wholly older than its table's retention (``PORTAL_PREDICTION_LOG_RETENTION_DAYS``,
     ``PORTAL_ROLLUP_RETENTION_DAYS``; 0 keeps everything). One audit event per dropped partition, in the transaction
     that drops it, with its row count."""
-    from portal.audit.actions import AuditAction
-    from portal.audit.record import Target, audit_record
-
     if not enabled():
         return {}
     now = now or timezone.now()

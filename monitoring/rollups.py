@@ -28,6 +28,8 @@ from django.utils import timezone
 from monitoring.additive import add
 from monitoring.drift import numeric_bins
 from monitoring.models import Feedback, Granularity, PredictionLog, Rollup, RollupDirty
+from registry.models import ModelVersion
+from registry.serving.runtime import input_columns
 
 # 20 bins per decade from 0.01 ms to 100 s: a percentile read from them is within 6 % of the exact value.
 LATENCY_EDGES_MS = [10 ** (-2 + i / 20) for i in range(141)]
@@ -135,9 +137,6 @@ def spec_from_profile(feature: str, index: int, profile: dict[str, Any]) -> Feat
 
 
 def version_spec(model_name: str, version_number: int) -> VersionSpec:
-    from registry.models import ModelVersion
-    from registry.serving.runtime import input_columns
-
     version = (ModelVersion.objects.select_related("reference", "model__monitoring")
                .filter(model__name=model_name, number=version_number).first())
     if version is None:

@@ -15,10 +15,12 @@ import numpy as np
 from django.utils import timezone
 
 from monitoring import drift
-from monitoring.models import Alert, AlertStatus, Granularity, MonitoringSettings, Rollup
 from monitoring.additive import add
+from monitoring.models import Alert, AlertStatus, Granularity, MonitoringSettings, Rollup
 from monitoring.rollups import (LATENCY_EDGES_MS, OTHER, VersionSpec, bucket_start, percentile, rollups,
                                 version_spec)
+from portal.permissions import get_object_for_user, scope_to_teams
+from registry.models import EnvironmentState, ServingInterval
 
 ONLINE_ROLES = ("champion", "canary")
 RANGES = {"1h": dt.timedelta(hours=1), "6h": dt.timedelta(hours=6), "24h": dt.timedelta(hours=24),
@@ -150,8 +152,6 @@ def _heatmap(per_bucket: dict[dt.datetime, dict[str, Any]], axis: list[dt.dateti
 
 
 def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end: dt.datetime) -> dict[str, Any]:
-    from registry.models import EnvironmentState
-
     span = end - start
     granularity = granularity_for(span)
     axis = _axis(start, end, granularity)
@@ -304,8 +304,6 @@ def roles_report(rows: list[Rollup], task: str) -> dict[str, Any]:
 
 def alert_get(*, user: Any, uid: str) -> Alert:
     """An alert of the user's teams that they may acknowledge or resolve (404 outside them, 403 without the role)."""
-    from portal.permissions import get_object_for_user
-
     return get_object_for_user(user, Alert.objects.select_related("model__team"), action="manage_alerts",
                                uid=uid)
 
@@ -345,8 +343,6 @@ def default_range(*, model: Any, environment: str, now: dt.datetime | None = Non
     """The preset a page opens on when none is asked for: one that fits the data. For a model serving here for
     less than a day, the last hour while it has traffic in it; otherwise the shortest preset from 24 hours up that
     holds the latest traffic (the 24 hours when there is none)."""
-    from registry.models import ServingInterval
-
     now = now or timezone.now()
     began = (ServingInterval.objects.filter(model=model, environment=environment)
              .order_by("started_at").values_list("started_at", flat=True).first())
@@ -375,9 +371,6 @@ def _parse_time(text: str) -> dt.datetime:
 def portfolio(*, user: Any, window: dt.timedelta = dt.timedelta(hours=1)) -> list[dict[str, Any]]:
     """Every environment serving a model the user may see, with a traffic light: red with an open alert, amber with
     an open warning, grey without predictions in the last hour, green otherwise."""
-    from portal.permissions import scope_to_teams
-    from registry.models import EnvironmentState
-
     states_qs = scope_to_teams(EnvironmentState.objects.select_related("model__team", "champion__version",
                                                                      "challenger__version")
                             .filter(champion__isnull=False), user)

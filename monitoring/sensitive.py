@@ -15,6 +15,12 @@ import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 
+from monitoring.models import PredictionLog
+from portal.audit.actions import AuditAction
+from portal.audit.record import Target, audit_record
+from portal.permissions import has_capability, require_capability
+from registry.models import ModelVersion
+
 PREFIX = "enc:"
 MASK = "•••"
 
@@ -44,8 +50,6 @@ def decrypt_value(value: Any) -> Any:
 @functools.lru_cache(maxsize=1024)
 def sensitive_positions(model_name: str, version: int) -> tuple[int, ...]:
     """Positions in a logged input row (the signature's order) of the version's sensitive columns."""
-    from registry.models import ModelVersion
-
     row = ModelVersion.objects.filter(model__name=model_name, number=version).values(
         "signature", "sensitive_columns").first()
     if not row or not row["sensitive_columns"]:
@@ -69,8 +73,6 @@ def reveal_row(inputs: Any, *, may_see: bool) -> Any:
 
 def rotate_payload_keys(batch: int = 2000) -> int:
     """Re-encrypt every sensitive value under the first key; returns how many rows changed."""
-    from monitoring.models import PredictionLog
-
     changed = 0
     qs = PredictionLog.objects.filter(inputs__isnull=False).only("id", "inputs").order_by("pk")
     for row in qs.iterator(chunk_size=batch):
@@ -89,11 +91,6 @@ def recent_predictions(*, model: Any, environment: str, actor: Any, limit: int =
     may see them. Reading raw payloads is an audit event (HIPAA's "who looked at what")."""
     from django.db import transaction
 
-    from monitoring.models import PredictionLog
-    from portal.audit.actions import AuditAction
-    from portal.audit.record import Target, audit_record
-    from portal.permissions import has_capability, require_capability
-    from registry.models import ModelVersion
 
     require_capability(actor, "view_monitoring")
     may_see = has_capability(actor, "view_sensitive")

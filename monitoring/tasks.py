@@ -2,7 +2,12 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from monitoring.alerts import evaluate_alerts
 from monitoring.flush import fan_out_allowed, flush_predictions
+from monitoring.gdpr import payloads_purge
+from monitoring.partitions import partitions_maintain
+from monitoring.rollups import rollup_dirty
+from registry.serving import buffer
 
 
 @shared_task(name="monitoring.tasks.flush_predictions", ignore_result=True)
@@ -13,8 +18,6 @@ def flush_predictions_task() -> int:
 
 
 def _start_another() -> None:
-    from registry.serving import buffer
-
     client = buffer.redis_client()
     if client is not None and fan_out_allowed(client):
         flush_predictions_task.apply_async()
@@ -22,27 +25,19 @@ def _start_another() -> None:
 
 @shared_task(name="monitoring.tasks.purge_payloads", ignore_result=True)
 def purge_payloads_task() -> dict[str, dict[str, int]]:
-    from monitoring.gdpr import payloads_purge
-
     return payloads_purge()
 
 
 @shared_task(name="monitoring.tasks.rollup", ignore_result=True)
 def rollup_task() -> int:
-    from monitoring.rollups import rollup_dirty
-
     return rollup_dirty()
 
 
 @shared_task(name="monitoring.tasks.evaluate_alerts", ignore_result=True)
 def evaluate_alerts_task() -> dict[str, int]:
-    from monitoring.alerts import evaluate_alerts
-
     return evaluate_alerts()
 
 
 @shared_task(name="monitoring.tasks.partitions_maintain", ignore_result=True)
 def partitions_maintain_task() -> dict[str, object]:
-    from monitoring.partitions import partitions_maintain
-
     return partitions_maintain()

@@ -12,6 +12,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from monitoring.feedback import REFUSALS_LISTED, feedback_receive
+from monitoring.gdpr import subject_erase, subject_export
+from monitoring.sensitive import recent_predictions
 from portal.permissions import require_capability
 from registry.versions import selectors
 
@@ -55,8 +57,6 @@ class SubjectExportApi(APIView):
     @extend_schema(responses={200: OpenApiTypes.OBJECT},
                    summary="Everything held about a data subject (GDPR Art. 15); audited")
     def get(self, request: Request, subject_id: str) -> Response:
-        from monitoring.gdpr import subject_export
-
         if len(subject_id) > 256:
             raise serializers.ValidationError({"subject_id": "A subject id has at most 256 characters."})
         return Response(subject_export(subject_id=subject_id, actor=request.user))
@@ -66,8 +66,6 @@ class ErasureApi(APIView):
     @extend_schema(request=ErasureInput, responses={200: OpenApiTypes.OBJECT},
                    summary="Erase a data subject's payloads everywhere (GDPR Art. 17); returns an audited receipt")
     def post(self, request: Request) -> Response:
-        from monitoring.gdpr import subject_erase
-
         require_capability(request.user, "manage_subjects")  # before the body is looked at: no hints to others
         data = ErasureInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -80,8 +78,6 @@ class RecentPredictionsApi(APIView):
                    summary="The latest predictions with their inputs; sensitive columns masked without view_sensitive; "
                            "audited")
     def get(self, request: Request, name: str, env: str) -> Response:
-        from monitoring.sensitive import recent_predictions
-
         selectors.environment_param(env)
         model = selectors.model_get(user=request.user, name=name, action="view_monitoring")
         raw = request.query_params.get("limit", "50")

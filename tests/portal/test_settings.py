@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from config import env
+from portal import env
 from tests.conftest import clean_env, manage, settings_variables
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,6 +27,7 @@ from django.conf import settings
 
 from registry import sandbox
 from registry.sandbox import bwrap, remote
+from registry.storage import sha256_of_file
 
 MAX_KEPT_OUT_BYTES = 64 * 1024 * 1024
 
@@ -47,22 +48,18 @@ def _untouched() -> bool:
 def _digest(path: Path | None) -> str:
     if path is None:
         return "-"
-    h = hashlib.sha256()
     if path.is_dir():
+        h = hashlib.sha256()
         for item in sorted(path.rglob("*")):
             rel = item.relative_to(path).as_posix()
             if item.is_symlink():
                 h.update(f"L {rel} -> {os.readlink(item)}\0".encode())
             elif item.is_file():
-                h.update(f"F {rel} {item.stat().st_mode & 0o777:o}\0".encode())
-                h.update(item.read_bytes())
+                h.update(f"F {rel} {item.stat().st_mode & 0o777:o} {sha256_of_file(item)[0]}\0".encode())
             else:
                 h.update(f"D {rel}\0".encode())
-    elif path.exists():
-        h.update(path.read_bytes())
-    else:
-        return "missing"
-    return h.hexdigest()
+        return h.hexdigest()
+    return sha256_of_file(path)[0] if path.exists() else "missing"
 
 
 def _key(argv: list[str], mounts: bwrap.Mounts, timeout: int | None, memory_mb: int | None) -> str:

@@ -15,6 +15,12 @@ from portal.permissions import get_object_for_user
 from portal.webhooks import WEBHOOK_EVENTS, webhook_create
 
 
+def _managed_team(request: Request, slug: str) -> Team:
+    """The team whose webhooks the caller manages (404 for a team outside the caller's reach, 403 without
+    ``manage_teams``)."""
+    return get_object_for_user(request.user, Team.objects.all(), action="manage_teams", slug=slug)
+
+
 class WebhookSerializer(serializers.ModelSerializer[TeamWebhook]):
     secret = serializers.CharField(write_only=True, min_length=16, max_length=128)
     events = serializers.ListField(child=serializers.ChoiceField(choices=WEBHOOK_EVENTS), required=False)
@@ -28,15 +34,13 @@ class WebhookSerializer(serializers.ModelSerializer[TeamWebhook]):
 class WebhookListApi(APIView):
     @extend_schema(responses=WebhookSerializer(many=True), summary="A team's outgoing webhooks")
     def get(self, request: Request, slug: str) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
-                                   slug=slug)
+        team = _managed_team(request, slug)
         return Response(WebhookSerializer(team.webhooks.all(), many=True).data)
 
     @extend_schema(request=WebhookSerializer, responses={201: WebhookSerializer},
                    summary="Add a webhook; internal addresses are refused, also after DNS resolution")
     def post(self, request: Request, slug: str) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
-                                   slug=slug)
+        team = _managed_team(request, slug)
         data = WebhookSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         hook = webhook_create(team=team, actor=request.user, **data.validated_data)
@@ -46,8 +50,7 @@ class WebhookListApi(APIView):
 class WebhookDeliveriesApi(APIView):
     @extend_schema(responses=OpenApiTypes.OBJECT, summary="The delivery log of a team's webhook")
     def get(self, request: Request, slug: str, pk: int) -> Response:
-        team = get_object_for_user(request.user, Team.objects.all(), action="manage_teams",
-                                   slug=slug)
+        team = _managed_team(request, slug)
         hook = team.webhooks.filter(pk=pk).first()
         if hook is None:
             raise Http404("Not found.")

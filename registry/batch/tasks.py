@@ -5,37 +5,38 @@ the task run again shortly (RETRY_TRANSIENT). The registered names stay ``regist
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 
 from portal.tasks import RETRY_TRANSIENT, with_request_context
 from registry.batch import services
 
+# A task that claims its row first: redelivered when its worker dies mid-run, run again after a transient outage.
+_CLAIMED: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True, **RETRY_TRANSIENT}
 
-@shared_task(name="registry.tasks.batch_plan", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-             **RETRY_TRANSIENT)
+
+@shared_task(name="registry.tasks.batch_plan", **_CLAIMED)
 @with_request_context
 def batch_plan_task(job_id: int) -> str | None:
     job = services.batch_plan(job_id=job_id)
     return job.status if job else None
 
 
-@shared_task(name="registry.tasks.batch_chunk", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-             **RETRY_TRANSIENT)
+@shared_task(name="registry.tasks.batch_chunk", **_CLAIMED)
 @with_request_context
 def batch_chunk_task(chunk_id: int) -> str:
     return services.batch_chunk_run(chunk_id=chunk_id)
 
 
-@shared_task(name="registry.tasks.batch_assemble", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-             **RETRY_TRANSIENT)
+@shared_task(name="registry.tasks.batch_assemble", **_CLAIMED)
 @with_request_context
 def batch_assemble_task(job_id: int) -> str | None:
     job = services.batch_assemble(job_id=job_id)
     return job.status if job else None
 
 
-@shared_task(name="registry.tasks.batch_log", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-             **RETRY_TRANSIENT)
+@shared_task(name="registry.tasks.batch_log", **_CLAIMED)
 @with_request_context
 def batch_log_task(chunk_id: int) -> int:
     return services.batch_log_chunk(chunk_id=chunk_id)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
@@ -46,7 +50,8 @@ from registry.models import (
 from registry.sandbox.hosts import HostModelError, HostUnavailable
 from registry.scanning.archive import extract_zip
 from registry.serving.call_examples import example_rows
-from registry.serving.runtime import load_serving_model
+from registry.serving.runtime import load_onnx_predictor, load_serving_model
+from registry.versions import profiling
 from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
@@ -148,44 +153,214 @@ def _example(version: ModelVersion) -> Any:
 
 
 def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
-    """The serving form: ('onnx', Blob) when the sandbox's ONNX conversion predicts exactly like the model,
-    else ('native', None): web workers then load the vetted artifact itself."""
+    """The serving form: ('onnx', Blob) only when the portal has proven, in its own process, that the sandbox's
+    ONNX conversion predicts exactly what the model predicts (``_prove``); else the sandboxed host serves the
+    model itself: ('mlflow', None) with MLflow's own scoring code, ('native', None) for other files."""
     version = deployment.version
     if version.format == "onnx":
+        _step(deployment, 45, "Serving the uploaded ONNX file itself in-process: there is no other form to agree "
+                              "with.")
         return "onnx", version.artifact
     assert version.artifact is not None
     example = _example(version)
+    reference, reference_note = _reference_matrix(version, example.columns, len(example.rows[0]))
     with storage.verified_local_path(version.artifact) as artifact:
         if version.format == "mlflow":
             target = work / "model"
             extract_zip(artifact, target)
             mlmodels = [p for p in target.rglob("MLmodel") if len(p.relative_to(target).parts) <= 2]
             path = mlmodels[0].parent
+            bundle = path
         else:
-            path = work / f"model.{version.format}"
-            path.symlink_to(artifact)
+            # The model and the reference rows travel together in the sandbox's one read-only mount.
+            bundle = path = work / "bundle"
+            path.mkdir()
+            try:
+                os.link(artifact, path / f"model.{version.format}")
+            except OSError:
+                shutil.copyfile(artifact, path / f"model.{version.format}")
+        options: dict[str, Any] = {"columns": example.columns, "rows": example.rows,
+                                   "trusted_types": version.untrusted_types
+                                   if version.trust_state == TrustState.TRUSTED else []}
+        if reference is not None:
+            np.save(bundle / REFERENCE_FILE, reference, allow_pickle=False)
+            options["reference"] = REFERENCE_FILE
         out = work / "out"
         out.mkdir()
         output = out / "serving.onnx"
-        trusted = version.untrusted_types if version.trust_state == TrustState.TRUSTED else []
         try:
-            result = sandbox.prepare_serving(version.format, path, {"columns": example.columns, "rows": example.rows,
-                                                                    "trusted_types": trusted}, out=out)
+            result = sandbox.prepare_serving(version.format, path, options, out=out)
         except sandbox.SandboxUnavailable as exc:
             raise DeploymentFailed(f"the model sandbox is unavailable on this worker: {exc}") from None
     if not result.ok:
         raise DeploymentFailed(f"preparing the serving form failed: {result.error}")
+    reason = str(result.data.get("reason") or "no ONNX form")
     if result.data.get("kind") == "onnx" and output.is_file() and not output.is_symlink():
         problems = onnx_serving_problems(output)
         if problems:
             raise DeploymentFailed("the sandbox's ONNX form cannot serve in-process: " + "; ".join(problems))
-        return "onnx", storage.blob_put_path(output)
+        proof = _prove(output, out, result.data, reference=reference, example=example.rows)
+        if proof.passed:
+            _step(deployment, 45, f"Serving in-process with ONNX, {proof.form}: {proof.summary()}."
+                                  + (f" {reference_note}" if reference_note else ""))
+            _stamp(output, proof)
+            return "onnx", storage.blob_put_path(output)
+        reason = f"the ONNX conversion ({proof.form}) was not proven: {proof.summary()}"
+        if reference_note:
+            reason += f". {reference_note}"
     if version.format == "mlflow":
-        _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host "
-                              f"({result.data.get('reason', 'no ONNX form')}).")
+        _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host ({reason}).")
         return "mlflow", None
-    _step(deployment, 45, f"Serving from a sandboxed model host: {result.data.get('reason', 'no ONNX form')}.")
+    _step(deployment, 45, f"Serving from a sandboxed model host: {reason}.")
     return "native", None
+
+
+REFERENCE_FILE = "portal-reference.npy"
+PROBES_FILE = "probes.npy"
+NATIVE_FILE = "native.npy"
+MAX_REFERENCE_ROWS = 50_000
+MAX_PROOF_ROWS = 200_000
+RELATIVE_TOLERANCE = 1e-9
+
+
+def _reference_matrix(version: ModelVersion, columns: list[str], width: int) -> tuple[Any, str]:
+    """The version's reference data as float64 rows in the serving order (the signature's columns, or the first
+    ``width`` columns for an unnamed tensor), at most ``MAX_REFERENCE_ROWS`` of them (an even sample past that);
+    (None, why) when there is none the fast path could take."""
+    if version.reference is None:
+        return None, ""
+    try:
+        with storage.verified_local_path(version.reference.blob) as path:
+            table = profiling.read_table(path, version.reference.format)
+    except (profiling.ReferenceDataError, storage.IntegrityError) as exc:
+        return None, f"The reference data was not used ({exc})."
+    names = [str(n) for n in table.column_names]
+    picked = columns if columns else names[:width]
+    if any(c not in names for c in picked) or len(picked) != width:
+        return None, "The reference data lacks some of the model's inputs, so it was not used."
+    try:
+        matrix = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype("float64")
+                                  for c in picked])
+    except (TypeError, ValueError):
+        return None, "The reference data has inputs that are not numbers, so it was not used."
+    if len(matrix) > MAX_REFERENCE_ROWS:
+        keep = np.linspace(0, len(matrix) - 1, MAX_REFERENCE_ROWS).astype(int)
+        return matrix[keep], f"{MAX_REFERENCE_ROWS:,} of the {len(matrix):,} reference rows were compared."
+    return matrix, ""
+
+
+@dataclass
+class Proof:
+    """The fast path's evidence: the model's own predictions (from the sandbox) against the ONNX form's (computed
+    here), row by row."""
+
+    form: str
+    rows: int = 0
+    reference_rows: int = 0
+    example_rows: int = 0
+    probes: int = 0
+    probe_kind: str = ""
+    probe_info: dict[str, Any] = field(default_factory=dict)
+    mismatches: int = 0
+    max_deviation: float = 0.0
+    first_mismatch: str = ""
+    refusal: str = ""  # why no comparison could be made at all
+    missing_values: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.refusal and self.rows > 0 and self.mismatches == 0
+
+    def summary(self) -> str:
+        if self.refusal:
+            return self.refusal
+        info = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.probe_info.items() if isinstance(v, int))
+        text = (f"{self.rows:,} rows compared ({self.reference_rows:,} reference, {self.example_rows:,} example, "
+                f"{self.probes:,} {self.probe_kind}{f': {info}' if info else ''}"
+                f"{', missing values included' if self.missing_values else ''}), {self.mismatches:,} mismatches, "
+                f"max relative deviation {self.max_deviation:.3g}")
+        return text + (f"; first mismatch: {self.first_mismatch}" if self.first_mismatch else "")
+
+
+def _prove(output: Path, out: Path, report: dict[str, Any], *, reference: Any, example: list[list[Any]]) -> Proof:
+    """Run the ONNX form in this process on the sandbox's probe rows and compare with the model's own predictions.
+    The files come from an untrusted process: read without pickle, bounded, and the reference rows at their head
+    must be the portal's own (so the probes cannot leave them out)."""
+    proof = Proof(form=str(report.get("form") or "the ONNX conversion")[:200],
+                  probe_kind=str(report.get("probe_kind") or "probes")[:60],
+                  probe_info={str(k)[:40]: v for k, v in dict(report.get("probe_info") or {}).items()
+                              if isinstance(v, int)})
+    try:
+        inputs = np.load(out / PROBES_FILE, allow_pickle=False, mmap_mode="r")
+        native = np.load(out / NATIVE_FILE, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        proof.refusal = f"the sandbox's probe files could not be read ({type(exc).__name__})"
+        return proof
+    width = len(example[0]) if example else 0
+    if inputs.dtype != np.float64 or inputs.ndim != 2 or inputs.shape[1] != width or not 0 < len(inputs) \
+            <= MAX_PROOF_ROWS or native.ndim != 1 or len(native) != len(inputs) or native.dtype.kind not in "biufU":
+        proof.refusal = "the sandbox's probe files do not have the expected shape"
+        return proof
+    inputs, native = np.array(inputs), np.array(native)
+    n_reference = 0 if reference is None else len(reference)
+    head = np.asarray(example, dtype="float64")
+    expected = head if reference is None else np.concatenate([reference, head])
+    if not np.array_equal(inputs[: len(expected)], expected, equal_nan=True):
+        proof.refusal = "the sandbox did not compare the reference and example rows it was given"
+        return proof
+    predict = load_onnx_predictor(output)
+    answers = np.concatenate([np.asarray(predict(inputs[i:i + 20_000])).reshape(len(inputs[i:i + 20_000]), -1)
+                              for i in range(0, len(inputs), 20_000)])
+    proof.rows, proof.reference_rows, proof.example_rows = len(inputs), n_reference, len(head)
+    proof.probes = len(inputs) - len(expected)
+    proof.missing_values = bool(np.isnan(inputs).any())
+    if answers.shape[1] != 1:
+        proof.refusal = f"the ONNX form answers {answers.shape[1]} values per row where the model answers one"
+        return proof
+    mismatched, deviation = compare_predictions(native, answers.ravel())
+    proof.mismatches, proof.max_deviation = int(mismatched.sum()), deviation
+    if proof.mismatches:
+        i = int(np.flatnonzero(mismatched)[0])
+        proof.first_mismatch = (f"row {inputs[i].tolist()[:8]} ({_row_origin(i, n_reference, len(head))}): the "
+                                f"model predicts {native[i].item()!r}, ONNX {answers.ravel()[i].item()!r}")
+    return proof
+
+
+def _row_origin(i: int, n_reference: int, n_example: int) -> str:
+    if i < n_reference:
+        return f"reference row {i}"
+    return f"example row {i - n_reference}" if i < n_reference + n_example else "a probe"
+
+
+def compare_predictions(native: Any, candidate: Any) -> tuple[Any, float]:
+    """(which rows differ, the largest relative deviation between numbers): labels must be equal, numbers
+    within ``RELATIVE_TOLERANCE`` of each other (both missing counts as equal)."""
+    native, candidate = np.asarray(native), np.asarray(candidate)
+    if native.dtype.kind == "f" and candidate.dtype.kind in "iuf":
+        a, b = native.astype("float64"), candidate.astype("float64")
+        both_nan = np.isnan(a) & np.isnan(b)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.maximum(np.abs(a), np.abs(b))
+            deviation = np.where(a == b, 0.0, np.abs(a - b) / np.where(scale > 0, scale, 1.0))
+        deviation = np.where(both_nan, 0.0, np.where(np.isnan(deviation), np.inf, deviation))
+        return deviation > RELATIVE_TOLERANCE, float(deviation.max(initial=0.0))
+    if native.dtype.kind in "U" or candidate.dtype.kind in "OUS":
+        return np.asarray([x != y for x, y in zip(native.tolist(), candidate.tolist(), strict=True)]), 0.0
+    return native != candidate, 0.0
+
+
+def _stamp(output: Path, proof: Proof) -> None:
+    """Record in the ONNX file what the proof covered: web workers let missing values through only to a form
+    proven on them."""
+    import onnx
+
+    model = onnx.load(str(output), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in (("portal.missing_values", "true" if proof.missing_values else "false"),
+                       ("portal.proof", proof.summary()[:2000])):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(output))
 
 
 ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}

@@ -145,7 +145,7 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     if fmt == "mlflow":
         import mlflow.pyfunc
 
-        model = mlflow.pyfunc.load_model(path)
+        model = mlflow.pyfunc.load_model(path, suppress_warnings=True)
         meta = model.metadata
         if example is None and meta.saved_input_example_info:
             try:  # as MLflow itself reads it back (a float32 tensor stays float32), for pyfunc's schema checks
@@ -263,7 +263,7 @@ def _load(fmt: str, path: str, options: dict[str, Any]) -> Any:
     if fmt == "mlflow":
         import mlflow.pyfunc
 
-        model = mlflow.pyfunc.load_model(path)
+        model = mlflow.pyfunc.load_model(path, suppress_warnings=True)
         try:
             raw = model.get_raw_model()
             return raw if _is_estimator(raw) else model
@@ -278,55 +278,394 @@ def _load(fmt: str, path: str, options: dict[str, Any]) -> Any:
     return joblib.load(path)
 
 
-def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Convert a vetted model to ONNX for the web workers, and keep the conversion only if it predicts exactly what
-    the model itself predicts on the example rows. ONNX loading runs no Python code from the file."""
+MAX_PROBE_ROWS = 100_000
+REFERENCE_FILE = "portal-reference.npy"  # the portal's reference rows, beside the model in its mount
+PROBES_FILE = "probes.npy"  # what the sandbox asks the portal to compare: the inputs...
+NATIVE_FILE = "native.npy"  # ...and what the model itself predicts for them
+
+
+def _tree_ensemble(model: Any) -> tuple[list[Any], bool] | None:
+    """(the fitted ``tree_`` objects, whether predictions are their mean) of a scikit-learn forest or tree whose
+    trees compare ``float32(x) <= threshold`` with double thresholds; None for anything else."""
+    from sklearn import ensemble, tree
+
+    forests = (ensemble.RandomForestClassifier, ensemble.RandomForestRegressor, ensemble.ExtraTreesClassifier,
+               ensemble.ExtraTreesRegressor)
+    single = (tree.DecisionTreeClassifier, tree.DecisionTreeRegressor)
+    if type(model) in forests and getattr(model, "n_outputs_", 1) == 1:
+        return [e.tree_ for e in model.estimators_], True
+    if isinstance(model, single) and getattr(model, "n_outputs_", 1) == 1:
+        return [model.tree_], False
+    return None
+
+
+def _class_tensor(classes: Any) -> Any:
+    import numpy as np
+    from onnx import numpy_helper
+
+    kind = np.asarray(classes).dtype.kind
+    if kind in "iu":
+        return numpy_helper.from_array(np.asarray(classes, dtype=np.int64), "classes")
+    if kind == "f":
+        return numpy_helper.from_array(np.asarray(classes, dtype=np.float64), "classes")
+    if kind in "UO" and all(isinstance(c, str) for c in classes):
+        import onnx
+
+        labels: Any = [str(c).encode() for c in classes]
+        return onnx.helper.make_tensor("classes", onnx.TensorProto.STRING, [len(classes)], labels)
+    return None
+
+
+def tree_ensemble_onnx(model: Any) -> Any:
+    """A double-precision ONNX graph (``ai.onnx.ml`` TreeEnsemble, opset 5) that computes what scikit-learn
+    computes: the input rounded to float32 and compared with the fitted double thresholds, missing values routed as
+    each node's ``missing_go_to_left`` says, leaf values summed tree by tree in double and divided by the number of
+    trees, the first largest class picked. None for a model it does not cover."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from sklearn.base import is_classifier
+
+    found = _tree_ensemble(model)
+    if found is None:
+        return None
+    trees, averaged = found
+    classifier = is_classifier(model)
+    classes = getattr(model, "classes_", None)
+    if classifier and (classes is None or _class_tensor(classes) is None):
+        return None
+    targets = len(classes) if classifier and classes is not None else 1
+    features: list[Any] = []
+    splits: list[Any] = []
+    modes: list[Any] = []
+    true_ids: list[Any] = []
+    false_ids: list[Any] = []
+    true_leaf: list[Any] = []
+    false_leaf: list[Any] = []
+    missing: list[Any] = []
+    roots: list[Any] = []
+    leaf_weights: list[Any] = []
+    leaf_targets: list[Any] = []
+    node_base = leaf_base = 0
+    for fitted in trees:
+        left, right = fitted.children_left, fitted.children_right
+        interior = np.flatnonzero(left != -1)
+        leaves = np.flatnonzero(left == -1)
+        values = fitted.value[:, 0, :]
+        if classifier:
+            if averaged:  # each tree's predict_proba: its leaf values normalised, as scikit-learn does
+                normaliser = values.sum(axis=1)
+                normaliser[normaliser == 0.0] = 1.0
+                values = values / normaliser[:, None]
+        position = np.full(left.shape[0], -1, dtype=np.int64)
+        goes_left = getattr(fitted, "missing_go_to_left", None)
+        for target in range(targets):
+            position[interior] = node_base + np.arange(interior.size)
+            position[leaves] = leaf_base + np.arange(leaves.size)
+            if interior.size == 0:  # a tree that is one leaf: one node whose both branches are that leaf
+                column: list[Any]
+                for column, value in ((features, 0), (splits, 0.0), (modes, 0), (true_ids, leaf_base),
+                                      (false_ids, leaf_base), (true_leaf, 1), (false_leaf, 1), (missing, 0),
+                                      (roots, node_base)):
+                    column.append(value)
+                node_base += 1
+            else:
+                features.extend(fitted.feature[interior].tolist())
+                splits.extend(fitted.threshold[interior].tolist())
+                modes.extend([0] * interior.size)
+                true_ids.extend(position[left[interior]].tolist())
+                false_ids.extend(position[right[interior]].tolist())
+                true_leaf.extend((left[left[interior]] == -1).astype(int).tolist())
+                false_leaf.extend((left[right[interior]] == -1).astype(int).tolist())
+                missing.extend((np.asarray(goes_left)[interior].astype(int) if goes_left is not None
+                                else np.zeros(interior.size, dtype=int)).tolist())
+                roots.append(node_base)  # node 0 is scikit-learn's root and the first interior node
+                node_base += interior.size
+            leaf_weights.extend(values[leaves, target if classifier else 0].tolist())
+            leaf_targets.extend([target] * leaves.size)
+            leaf_base += leaves.size
+    ensemble = helper.make_node(
+        "TreeEnsemble", ["x_double"], ["scores"], domain="ai.onnx.ml", n_targets=targets, aggregate_function=1,
+        post_transform=0, tree_roots=roots, nodes_featureids=features,
+        nodes_splits=numpy_helper.from_array(np.asarray(splits, dtype=np.float64)),
+        nodes_modes=numpy_helper.from_array(np.asarray(modes, dtype=np.uint8)),
+        nodes_truenodeids=true_ids, nodes_falsenodeids=false_ids, nodes_trueleafs=true_leaf,
+        nodes_falseleafs=false_leaf, nodes_missing_value_tracks_true=missing,
+        leaf_targetids=leaf_targets, leaf_weights=numpy_helper.from_array(np.asarray(leaf_weights, np.float64)))
+    n_features = int(model.n_features_in_)
+    nodes = [helper.make_node("Cast", ["X"], ["x_float"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["x_float"], ["x_double"], to=TensorProto.DOUBLE), ensemble]
+    initializers = [numpy_helper.from_array(np.asarray([float(len(trees) if averaged else 1)]), "n_trees")]
+    nodes.append(helper.make_node("Div", ["scores", "n_trees"], ["mean"]))
+    if classifier:
+        initializers.append(_class_tensor(classes))
+        label_type = initializers[-1].data_type
+        nodes += [helper.make_node("ArgMax", ["mean"], ["index"], axis=1, keepdims=0, select_last_index=0),
+                  helper.make_node("Gather", ["classes", "index"], ["label"], axis=0),
+                  helper.make_node("Identity", ["mean"], ["probabilities"])]
+        outputs = [helper.make_tensor_value_info("label", label_type, [None]),
+                   helper.make_tensor_value_info("probabilities", TensorProto.DOUBLE, [None, targets])]
+    else:
+        nodes.append(helper.make_node("Identity", ["mean"], ["variable"]))
+        outputs = [helper.make_tensor_value_info("variable", TensorProto.DOUBLE, [None, 1])]
+    graph = helper.make_graph(nodes, "portal_tree_ensemble",
+                              [helper.make_tensor_value_info("X", TensorProto.DOUBLE, [None, n_features])],
+                              outputs, initializers)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                         helper.make_opsetid("ai.onnx.ml", 5)],
+                                   producer_name="portal")
+    onnx_model.ir_version = 10
+    onnx.checker.check_model(onnx_model)
+    return onnx_model
+
+
+def _node_paths(fitted: Any, nodes: Any) -> list[list[tuple[int, float, bool]]]:
+    """For each of ``nodes``, the splits on the way from the root: (feature, threshold, went left)."""
     import numpy as np
 
-    columns = options["columns"]
+    parent = np.full(fitted.node_count, -1, dtype=np.int64)
+    interior = np.flatnonzero(fitted.children_left != -1)
+    parent[fitted.children_left[interior]] = interior
+    parent[fitted.children_right[interior]] = interior
+    paths = []
+    for node in nodes:
+        path = []
+        child, up = int(node), int(parent[node])
+        while up != -1:
+            path.append((int(fitted.feature[up]), float(fitted.threshold[up]),
+                         bool(fitted.children_left[up] == child)))
+            child, up = up, int(parent[up])
+        paths.append(path[::-1])
+    return paths
+
+
+def _inside(lo: float, hi: float, value: float) -> float:
+    """A value that ``float32(value)`` keeps in (lo, hi]: ``value`` when it does, else one between."""
+    import numpy as np
+
+    def fits(v: float) -> bool:
+        f = float(np.float32(v))
+        return lo < f <= hi
+
+    if fits(value):
+        return value
+    candidates = []
+    if np.isfinite(lo) and np.isfinite(hi):
+        candidates.append((lo + hi) / 2)
+    if np.isfinite(hi):
+        candidates += [hi, hi - abs(hi) * 1e-3 - 1]
+    if np.isfinite(lo):
+        candidates.append(lo + abs(lo) * 1e-3 + 1)
+    for candidate in candidates:
+        if fits(candidate):
+            return float(candidate)
+    return value
+
+
+def threshold_values(threshold: float) -> list[float]:
+    """The values at and just around a split: t and its double neighbours, t's float32 rounding and that float's
+    neighbours (scikit-learn compares ``float32(x)``)."""
+    import numpy as np
+
+    t = float(threshold)
+    f = np.float32(t)
+    return sorted({t, float(np.nextafter(t, np.inf)), float(np.nextafter(t, -np.inf)), float(f),
+                   float(np.nextafter(f, np.float32(np.inf))), float(np.nextafter(f, np.float32(-np.inf)))})
+
+
+def tree_probes(model: Any, bases: Any, limit: int, rng: Any) -> tuple[Any, dict[str, Any]]:
+    """Rows that reach split nodes of the fitted trees (the path's other splits satisfied, starting from a base
+    row) with the split's feature at and just around its threshold, and missing there: every split node when they
+    fit in ``limit`` rows, else an even sample of them (said in the report)."""
+    import numpy as np
+
+    trees, _averaged = _tree_ensemble(model) or ([], False)
+    nodes = [(i, int(n)) for i, fitted in enumerate(trees) for n in np.flatnonzero(fitted.children_left != -1)]
+    per_node = 7
+    total = len(nodes)
+    if total * per_node > limit:
+        keep = rng.choice(total, size=max(1, limit // per_node), replace=False)
+        nodes = [nodes[i] for i in sorted(keep)]
+    by_tree: dict[int, list[int]] = {}
+    for i, n in nodes:
+        by_tree.setdefault(i, []).append(n)
+    rows = []
+    for i, node_ids in by_tree.items():
+        fitted = trees[i]
+        for node, path in zip(node_ids, _node_paths(fitted, node_ids), strict=True):
+            base = np.array(bases[rng.integers(len(bases))], dtype=np.float64)
+            lo = np.full(base.shape[0], -np.inf)
+            hi = np.full(base.shape[0], np.inf)
+            for feature, threshold, left in path:
+                if left:
+                    hi[feature] = min(hi[feature], threshold)
+                else:
+                    lo[feature] = max(lo[feature], threshold)
+            for j in np.flatnonzero(np.isfinite(lo) | np.isfinite(hi) | ~np.isfinite(base)):
+                base[j] = _inside(lo[j], hi[j], base[j] if np.isfinite(base[j]) else 0.0)
+            feature = int(fitted.feature[node])
+            for value in [*threshold_values(fitted.threshold[node]), np.nan]:
+                row = base.copy()
+                row[feature] = value
+                rows.append(row)
+    report = {"split_nodes": total, "split_nodes_probed": len(nodes)}
+    return (np.asarray(rows) if rows else np.empty((0, len(bases[0])))), report
+
+
+def knn_probes(model: Any, limit: int) -> tuple[Any, dict[str, Any]]:
+    """Around neighbour ties: every training point (and so each duplicated one), and points equidistant from a
+    training point and each of its nearest neighbours (midpoints), with their float32 roundings."""
+    import numpy as np
+
+    fitted = np.asarray(getattr(model, "_fit_X", np.empty((0, 0))), dtype=np.float64)
+    if fitted.ndim != 2 or not fitted.size:
+        return np.empty((0, int(getattr(model, "n_features_in_", 0) or 0))), {}
+    k = int(getattr(model, "n_neighbors", 5))
+    from sklearn.neighbors import NearestNeighbors
+
+    neighbours = NearestNeighbors(n_neighbors=min(k + 1, len(fitted))).fit(fitted)
+    index = neighbours.kneighbors(fitted, return_distance=False)
+    midpoints = ((fitted[:, None, :] + fitted[index]) / 2).reshape(-1, fitted.shape[1])
+    rows = np.concatenate([fitted, midpoints, midpoints.astype(np.float32).astype(np.float64)])
+    rows = np.unique(rows, axis=0)
+    if len(rows) > limit:
+        rows = rows[np.random.default_rng(0).choice(len(rows), size=limit, replace=False)]
+    return rows, {"training_points": len(fitted), "tie_points": len(midpoints)}
+
+
+def linear_probes(model: Any, bases: Any, limit: int) -> tuple[Any, dict[str, Any]]:
+    """On and just beside a linear classifier's decision boundaries: each base row projected onto the boundary
+    between every pair of classes, and nudged off it by relative steps of 1e-12 to 1e-6."""
+    import numpy as np
+
+    coef = np.atleast_2d(np.asarray(model.coef_, dtype=np.float64))
+    intercept = np.atleast_1d(np.asarray(model.intercept_, dtype=np.float64))
+    planes = [(coef[0], intercept[0])] if coef.shape[0] == 1 else [
+        (coef[a] - coef[b], intercept[a] - intercept[b]) for a in range(coef.shape[0]) for b in range(a)]
+    rows = []
+    bases = np.asarray(bases, dtype=np.float64)
+    for w, c in planes:
+        norm = float(w @ w)
+        if not norm:
+            continue
+        on = bases - ((bases @ w + c) / norm)[:, None] * w[None, :]
+        rows.append(on)
+        for step in (1e-12, 1e-9, 1e-6):
+            rows += [on + step * w[None, :] / np.sqrt(norm), on - step * w[None, :] / np.sqrt(norm)]
+    probes = np.concatenate(rows) if rows else np.empty((0, bases.shape[1]))
+    return probes[:limit], {"boundaries": len(planes)}
+
+
+def _native_predictions(model: Any, columns: list[str] | None, matrix: Any) -> Any:
+    """What the model itself predicts for ``matrix``, in chunks, fed as MLflow feeds it (a frame with the
+    signature's column names, or the bare matrix for a tensor signature)."""
+    import numpy as np
+    import pandas as pd
+
+    parts = []
+    for start in range(0, len(matrix), 20_000):
+        chunk = matrix[start:start + 20_000]
+        parts.append(np.asarray(model.predict(pd.DataFrame(chunk, columns=columns) if columns else chunk)))
+    result: Any = np.concatenate(parts) if parts else np.empty(0)
+    if result.ndim > 1 and result.shape[1] == 1:
+        result = result.ravel()
+    if result.dtype.kind == "O":
+        if not all(isinstance(v, str) for v in result.ravel()):
+            raise TypeError("the model's predictions are Python objects, not numbers or text")
+        result = result.astype(str)
+    return result
+
+
+def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Convert a vetted model to ONNX for the web workers, and hand the portal what it needs to prove the
+    conversion: ``probes.npy`` (the portal's reference rows, the example rows, then generated probes at and around
+    every split threshold of a tree model, around neighbour ties of a KNN model, on a linear classifier's decision
+    boundaries) and ``native.npy`` (what the model itself predicts for each). The portal runs the ONNX form on them
+    in its own process and keeps it only if every answer agrees. ONNX loading runs no Python code from the file."""
+    import numpy as np
+
+    root = path if os.path.isdir(path) else os.path.dirname(path)
+    if fmt != "mlflow" and os.path.isdir(path):
+        path = os.path.join(path, f"model.{fmt}")
+    columns = options["columns"] or None
     try:
         rows = np.asarray(options["rows"], dtype="float64")
     except (TypeError, ValueError):
         return {"ok": True, "kind": "native", "reason": "not every input is a number, and the in-process ONNX "
                                                         "form takes one numeric matrix"}
+    if rows.ndim != 2 or not rows.size:
+        return {"ok": True, "kind": "native", "reason": "the example is not a table of numbers"}
     model = _load(fmt, path, options)
     if not _is_estimator(model):
         return {"ok": True, "kind": "native", "reason": "not a scikit-learn estimator, which the ONNX converter needs"}
-    # A tensor signature has no column names: the model takes the matrix itself.
-    frame = _frame({"columns": columns, "data": rows.tolist()}, columns) if columns else rows
-    native = np.asarray(model.predict(frame))
-    try:
-        from skl2onnx import to_onnx
-        from sklearn.pipeline import Pipeline
-
+    reference = np.empty((0, rows.shape[1]))
+    if options.get("reference"):
+        reference = np.load(os.path.join(root, options["reference"]), allow_pickle=False)
+    onnx_model = tree_ensemble_onnx(model)
+    form = "a double-precision tree ensemble (float32 inputs against the fitted double thresholds, as " \
+           "scikit-learn compares them)"
+    if onnx_model is None:
+        try:
+            from skl2onnx import to_onnx
+            from sklearn.pipeline import Pipeline
+        except ImportError:
+            return {"ok": True, "kind": "native", "reason": "skl2onnx is not installed"}
         final = model.steps[-1][1] if isinstance(model, Pipeline) else model
         conversion_options = {id(final): {"zipmap": False}} if hasattr(final, "predict_proba") else None
-        onnx_model = None
         for dtype in ("float64", "float32"):
             try:
                 onnx_model = to_onnx(model, rows[:1].astype(dtype), options=conversion_options, target_opset=17)
+                form = f"skl2onnx's conversion with {dtype} inputs"
                 break
             except Exception:  # noqa: S112 - the other precision may convert; else the model serves natively
                 continue
-        if onnx_model is None:
-            return {"ok": True, "kind": "native", "reason": "no ONNX converter for this model"}
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-        first = session.get_inputs()[0]
-        feed_dtype = np.float32 if first.type == "tensor(float)" else np.float64
-        onnx_pred = np.asarray(session.run(None, {first.name: rows.astype(feed_dtype)})[0]).ravel()
-        if onnx_pred.shape != native.ravel().shape or not np.array_equal(onnx_pred, native.ravel()):
-            if native.dtype.kind == "f" and np.allclose(onnx_pred, native.ravel(), rtol=1e-6, atol=1e-9):
-                pass
-            else:
-                return {"ok": True, "kind": "native", "reason": "the ONNX conversion predicts differently"}
-        with open(options["output"], "wb") as out:
-            out.write(onnx_model.SerializeToString())
-        return {"ok": True, "kind": "onnx", "input_dtype": "float32" if feed_dtype is np.float32 else "float64",
-                "outputs": [o.name for o in session.get_outputs()]}
-    except ImportError:
-        return {"ok": True, "kind": "native", "reason": "skl2onnx is not installed"}
+    if onnx_model is None:
+        return {"ok": True, "kind": "native", "reason": "no ONNX converter for this model"}
+    rng = np.random.default_rng(0)
+    finite_reference = reference[np.isfinite(reference).all(axis=1)] if len(reference) else reference
+    bases = finite_reference[:1000] if len(finite_reference) else rows[np.isfinite(rows).all(axis=1)]
+    if not len(bases):
+        bases = np.zeros((1, rows.shape[1]))
+    budget = max(10_000, MAX_PROBE_ROWS - len(reference))
+    probe_info: dict[str, Any] = {}
+    if _tree_ensemble(model) is not None:
+        probes, probe_info = tree_probes(model, bases, budget, rng)
+        probe_kind = "split-threshold probes"
+    elif hasattr(model, "_fit_X") and hasattr(model, "n_neighbors"):
+        probes, probe_info = knn_probes(model, budget)
+        probe_kind = "neighbour-tie probes"
+    elif hasattr(model, "coef_") and hasattr(model, "classes_") and hasattr(model, "intercept_"):
+        probes, probe_info = linear_probes(model, bases, budget)
+        probe_kind = "decision-boundary probes"
+    else:
+        picked = bases[rng.integers(len(bases), size=min(budget, 2000))]
+        probes = picked * (1 + rng.normal(0, 0.05, picked.shape)) + rng.normal(0, 1e-3, picked.shape)
+        probe_kind = "perturbed example probes"
+    probes = np.asarray(probes, dtype=np.float64).reshape(-1, rows.shape[1])
+    inputs = np.concatenate([reference, rows, probes])
+    missing_values = bool(np.isnan(inputs).any())
+    try:
+        native = _native_predictions(model, columns, inputs)
+    except ValueError:
+        if not missing_values:
+            raise
+        # The model refuses missing values (as MLflow's server then would): prove it on complete rows only.
+        complete = np.isfinite(inputs).all(axis=1)
+        if not complete[: len(reference) + len(rows)].all():
+            return {"ok": True, "kind": "native", "reason": "the reference data has missing values the model "
+                                                            "refuses"}
+        probes = probes[np.isfinite(probes).all(axis=1)]
+        inputs = np.concatenate([reference, rows, probes])
+        missing_values = False
+        native = _native_predictions(model, columns, inputs)
+    out = os.path.dirname(options["output"])
+    np.save(os.path.join(out, PROBES_FILE), inputs, allow_pickle=False)
+    np.save(os.path.join(out, NATIVE_FILE), native, allow_pickle=False)
+    with open(options["output"], "wb") as fh:
+        fh.write(onnx_model.SerializeToString())
+    return {"ok": True, "kind": "onnx", "form": form, "reference_rows": len(reference),
+            "example_rows": len(rows), "probes": len(probes), "probe_kind": probe_kind,
+            "probe_info": probe_info, "missing_values": missing_values}
 
 
 def _load_for_serving(fmt: str, path: str, options: dict[str, Any]) -> Any:
@@ -335,7 +674,7 @@ def _load_for_serving(fmt: str, path: str, options: dict[str, Any]) -> Any:
     if fmt == "mlflow":
         import mlflow.pyfunc
 
-        return mlflow.pyfunc.load_model(path)
+        return mlflow.pyfunc.load_model(path, suppress_warnings=True)
     return _load(fmt, path, options)
 
 

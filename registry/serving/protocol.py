@@ -160,14 +160,16 @@ def _parse_csv(body: bytes) -> ParsedRequest:
     return ParsedRequest([h.strip() for h in header], rows, None, form="csv")
 
 
-def to_matrix(parsed: ParsedRequest, columns: list[str], *, named: bool = False, tensor: bool = False) -> np.ndarray:
+def to_matrix(parsed: ParsedRequest, columns: list[str], *, named: bool = False, tensor: bool = False,
+              allow_missing: bool = False) -> np.ndarray:
     """Rows as a float64 matrix in ``columns`` order; a missing or non-numeric value is a 400 naming it.
 
     ``named``: the columns are a column signature's (MLflow enforces them by name), so rows without column names
     are refused as MLflow refuses them. Otherwise (a tensor signature, a bare ONNX file) the columns only give the
     width, and names that are not the expected ones are ignored, as MLflow turns such a frame into a tensor.
     ``tensor``: an MLflow tensor signature, for which MLflow's server refuses CSV bodies, named tensors and records
-    under ``instances``/``inputs``; so does this."""
+    under ``instances``/``inputs``; so does this. ``allow_missing``: the serving form was proven on missing values, so a
+    null (or NaN) passes to it as NaN, as MLflow passes it to the model; infinities are refused either way."""
     if tensor and parsed.form in ("csv", "tensors"):
         raise InputError("This model's signature is an unnamed tensor: send rows as dataframe_split, "
                          "dataframe_records, instances or inputs (lists of values) or Parquet"
@@ -192,7 +194,7 @@ def to_matrix(parsed: ParsedRequest, columns: list[str], *, named: bool = False,
                 raise SchemaError(f"A row lacks the input {exc.args[0]!r}.") from None
             except (TypeError, ValueError):
                 raise InputError(_first_bad_value(rows, columns)) from None
-            return _finite(matrix, columns)
+            return _finite(matrix, columns, allow_missing)
     if named and parsed.columns is None:
         raise SchemaError(f"The model's signature names its inputs ({', '.join(columns[:5])}"
                           f"{', …' if width > 5 else ''}): send rows with column names (dataframe_split with "
@@ -224,7 +226,7 @@ def to_matrix(parsed: ParsedRequest, columns: list[str], *, named: bool = False,
     except (TypeError, ValueError):
         names = parsed.columns or columns
         raise InputError(_first_bad_matrix_value(raw, order or list(range(width)), names)) from None
-    return _finite(matrix, columns)
+    return _finite(matrix, columns, allow_missing)
 
 
 # MLflow's param types and the Python values each takes (its ParamSpec conversion: a whole number is a valid
@@ -290,9 +292,10 @@ def _first_bad_matrix_value(raw: np.ndarray, order: list[int], names: list[str])
     return "A value is not a number."
 
 
-def _finite(matrix: np.ndarray, columns: list[str]) -> np.ndarray:
-    if not np.isfinite(matrix).all():
-        i, j = map(int, np.argwhere(~np.isfinite(matrix))[0])
+def _finite(matrix: np.ndarray, columns: list[str], missing: bool = False) -> np.ndarray:
+    bad = np.isinf(matrix) if missing else ~np.isfinite(matrix)
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
         value = matrix[i, j]
         raise InputError(f"Row {i}, input {columns[j]!r}: {'missing' if math.isnan(value) else value} is not a "
                          "finite number.")

@@ -43,8 +43,11 @@ class LoadedModel:
 
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
-                 params: list[dict[str, Any]] | None = None, tensor: bool = False) -> None:
+                 params: list[dict[str, Any]] | None = None, tensor: bool = False,
+                 missing_values: bool = False) -> None:
         self.version_number = version_number
+        # The ONNX form was proven on rows with missing values: NaN (JSON null) passes to it, as MLflow passes it
+        self.missing_values = missing_values
         self.columns = columns
         self.named = named  # a column signature: requests must name their columns, as MLflow requires
         self.tensor = tensor  # an MLflow tensor signature: MLflow's server refuses some request forms for it
@@ -90,7 +93,14 @@ def _onnx_predictor(path: Path) -> Any:
     def predict(matrix: np.ndarray) -> Any:
         return session.run([output], {name: matrix.astype(dtype, copy=False)})[0]
 
+    predict.metadata = dict(session.get_modelmeta().custom_metadata_map)  # type: ignore[attr-defined]
     return predict
+
+
+def load_onnx_predictor(path: Path) -> Any:
+    """The in-process ONNX predictor a web worker serves with, for a deployment to prove the form on probe rows
+    before it serves (``registry.deployments.services._prove``)."""
+    return _onnx_predictor(path)
 
 
 def materialiser(version: ModelVersion) -> hosts.Materialise:
@@ -141,9 +151,11 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
     columns = named_inputs(version)
     close = invoke = None
+    missing_values = False
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
             predictor = _onnx_predictor(path)
+        missing_values = getattr(predictor, "metadata", {}).get("portal.missing_values") == "true"
     else:
         assert version.artifact is not None
         predictor, invoke, close = _hosted(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
@@ -151,6 +163,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                        predict_fn=predictor, kind=kind, close=close,
                        invoke_fn=invoke if kind == "mlflow" else None,
                        named=bool(columns) and version.format == "mlflow", params=param_specs(version),
+                       missing_values=missing_values,
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
 

@@ -201,7 +201,7 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
         else:
             if matrix is None and request is not None:
                 matrix = protocol.to_matrix(protocol.parse(request[1], request[0]), loaded.columns,
-                                            named=loaded.named, tensor=loaded.tensor)
+                                            named=loaded.named, tensor=loaded.tensor, allow_missing=loaded.missing_values)
             predictions, error = loaded.predict(matrix), ""
     except Exception as exc:
         predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
@@ -285,7 +285,8 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
     if not loaded.answers_requests:  # a canary of another kind beside an MLflow champion
         try:
             parsed = protocol.parse(content_type, request.body)
-            matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor)
+            matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
+                                        allow_missing=loaded.missing_values)
             protocol.check_params(parsed.params, loaded.params)
             predictions = loaded.predict(matrix)
         except protocol.InputError as exc:
@@ -422,7 +423,8 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
         role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
                                               or (parsed.subject_ids[0] if parsed.subject_ids else None))
-        matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor)
+        matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
+                                    allow_missing=loaded.missing_values)
         protocol.check_params(parsed.params, loaded.params)
     except protocol.InputError as exc:
         return _input_error(exc)

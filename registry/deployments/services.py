@@ -221,6 +221,7 @@ NATIVE_FILE = "native.npy"
 MAX_REFERENCE_ROWS = 50_000
 MAX_PROOF_ROWS = 200_000
 RELATIVE_TOLERANCE = 1e-9
+ABSOLUTE_TOLERANCE = 1e-12  # two answers this close to zero are the same answer
 
 
 def _reference_matrix(version: ModelVersion, columns: list[str], width: int) -> tuple[Any, str]:
@@ -334,16 +335,19 @@ def _row_origin(i: int, n_reference: int, n_example: int) -> str:
 
 def compare_predictions(native: Any, candidate: Any) -> tuple[Any, float]:
     """(which rows differ, the largest relative deviation between numbers): labels must be equal, numbers
-    within ``RELATIVE_TOLERANCE`` of each other (both missing counts as equal)."""
+    within ``RELATIVE_TOLERANCE`` of each other (or ``ABSOLUTE_TOLERANCE`` near zero; both missing is equal)."""
     native, candidate = np.asarray(native), np.asarray(candidate)
     if native.dtype.kind == "f" and candidate.dtype.kind in "iuf":
         a, b = native.astype("float64"), candidate.astype("float64")
-        both_nan = np.isnan(a) & np.isnan(b)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        nan_a, nan_b = np.isnan(a), np.isnan(b)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             scale = np.maximum(np.abs(a), np.abs(b))
-            deviation = np.where(a == b, 0.0, np.abs(a - b) / np.where(scale > 0, scale, 1.0))
-        deviation = np.where(both_nan, 0.0, np.where(np.isnan(deviation), np.inf, deviation))
-        return deviation > RELATIVE_TOLERANCE, float(deviation.max(initial=0.0))
+            gap = np.abs(a - b)
+            deviation = np.where(a == b, 0.0, gap / np.where(scale > 0, scale, 1.0))
+            mismatched = np.where(a == b, False, ~(gap <= np.maximum(RELATIVE_TOLERANCE * scale, ABSOLUTE_TOLERANCE)))
+        mismatched = np.where(nan_a & nan_b, False, mismatched | (nan_a ^ nan_b))
+        deviation = np.where(nan_a & nan_b, 0.0, np.where(np.isnan(deviation), np.inf, deviation))
+        return mismatched, float(deviation.max(initial=0.0))
     if native.dtype.kind in "U" or candidate.dtype.kind in "OUS":
         return np.asarray([x != y for x, y in zip(native.tolist(), candidate.tolist(), strict=True)]), 0.0
     return native != candidate, 0.0

@@ -464,13 +464,18 @@ def _inside(lo: float, hi: float, value: float) -> float:
 
 def threshold_values(threshold: float) -> list[float]:
     """The values at and just around a split: t and its double neighbours, t's float32 rounding and that float's
-    neighbours (scikit-learn compares ``float32(x)``)."""
+    neighbours (scikit-learn compares ``float32(x)``); only values a request can carry (finite in float32: a split
+    at infinity, missing against present, is probed with the largest float32 instead)."""
     import numpy as np
 
     t = float(threshold)
+    largest = float(np.finfo(np.float32).max)
+    if not np.isfinite(t):
+        return [largest if t > 0 else -largest]
     f = np.float32(t)
-    return sorted({t, float(np.nextafter(t, np.inf)), float(np.nextafter(t, -np.inf)), float(f),
-                   float(np.nextafter(f, np.float32(np.inf))), float(np.nextafter(f, np.float32(-np.inf)))})
+    values = {t, float(np.nextafter(t, np.inf)), float(np.nextafter(t, -np.inf)), float(f),
+              float(np.nextafter(f, np.float32(np.inf))), float(np.nextafter(f, np.float32(-np.inf)))}
+    return sorted(v for v in values if abs(v) <= largest)
 
 
 def tree_probes(model: Any, bases: Any, limit: int, rng: Any) -> tuple[Any, dict[str, Any]]:
@@ -556,6 +561,26 @@ def linear_probes(model: Any, bases: Any, limit: int) -> tuple[Any, dict[str, An
     return probes[:limit], {"boundaries": len(planes)}
 
 
+def probe_family(model: Any) -> str | None:
+    """Which probes can find where a conversion of ``model`` would decide otherwise: ``trees`` (split
+    thresholds), ``neighbours`` (ties), ``linear`` (a linear classifier's boundaries), ``smooth`` (a linear
+    regression, whose answer has no boundary to fall on the other side of); None for anything else (boosted trees
+    with their own threshold storage, kernels, networks, pipelines), which then serves itself."""
+    from sklearn.base import is_classifier, is_regressor
+
+    module = type(model).__module__
+    if _tree_ensemble(model) is not None:
+        return "trees"
+    if module.startswith("sklearn.neighbors") and hasattr(model, "_fit_X"):
+        return "neighbours"
+    if module.startswith("sklearn.linear_model") and hasattr(model, "coef_") and hasattr(model, "intercept_"):
+        if is_classifier(model):
+            return "linear"
+        if is_regressor(model):
+            return "smooth"
+    return None
+
+
 def _native_predictions(model: Any, columns: list[str] | None, matrix: Any) -> Any:
     """What the model itself predicts for ``matrix``, in chunks, fed as MLflow feeds it (a frame with the
     signature's column names, or the bare matrix for a tensor signature)."""
@@ -598,6 +623,11 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
     model = _load(fmt, path, options)
     if not _is_estimator(model):
         return {"ok": True, "kind": "native", "reason": "not a scikit-learn estimator, which the ONNX converter needs"}
+    family = probe_family(model)
+    if family is None:
+        return {"ok": True, "kind": "native", "reason": f"{type(model).__name__} decides in ways the portal has no "
+                                                        "probes for (only scikit-learn forests and trees, KNN, linear "
+                                                        "models are probed), so an ONNX form could not be proven"}
     reference = np.empty((0, rows.shape[1]))
     if options.get("reference"):
         reference = np.load(os.path.join(root, options["reference"]), allow_pickle=False)
@@ -628,16 +658,16 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
         bases = np.zeros((1, rows.shape[1]))
     budget = max(10_000, MAX_PROBE_ROWS - len(reference))
     probe_info: dict[str, Any] = {}
-    if _tree_ensemble(model) is not None:
+    if family == "trees":
         probes, probe_info = tree_probes(model, bases, budget, rng)
         probe_kind = "split-threshold probes"
-    elif hasattr(model, "_fit_X") and hasattr(model, "n_neighbors"):
+    elif family == "neighbours":
         probes, probe_info = knn_probes(model, budget)
         probe_kind = "neighbour-tie probes"
-    elif hasattr(model, "coef_") and hasattr(model, "classes_") and hasattr(model, "intercept_"):
+    elif family == "linear":
         probes, probe_info = linear_probes(model, bases, budget)
         probe_kind = "decision-boundary probes"
-    else:
+    else:  # a linear regression: no decision to flip, the answer moves smoothly with the input
         picked = bases[rng.integers(len(bases), size=min(budget, 2000))]
         probes = picked * (1 + rng.normal(0, 0.05, picked.shape)) + rng.normal(0, 1e-3, picked.shape)
         probe_kind = "perturbed example probes"
@@ -646,14 +676,12 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
     missing_values = bool(np.isnan(inputs).any())
     try:
         native = _native_predictions(model, columns, inputs)
-    except ValueError:
-        if not missing_values:
-            raise
-        # The model refuses missing values (as MLflow's server then would): prove it on complete rows only.
+    except ValueError as exc:
         complete = np.isfinite(inputs).all(axis=1)
-        if not complete[: len(reference) + len(rows)].all():
-            return {"ok": True, "kind": "native", "reason": "the reference data has missing values the model "
-                                                            "refuses"}
+        if not missing_values or not complete[: len(reference) + len(rows)].all():
+            return {"ok": True, "kind": "native", "reason": f"the model refused rows it was to be proven on "
+                                                            f"({_error_text(exc)[:300]})"}
+        # The model refuses missing values (as MLflow's server then would): prove it on complete rows only.
         probes = probes[np.isfinite(probes).all(axis=1)]
         inputs = np.concatenate([reference, rows, probes])
         missing_values = False

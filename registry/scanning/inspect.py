@@ -345,6 +345,19 @@ def _mlmodel_rules(root: Path, model_dir: Path, meta: dict[str, Any], *, code_he
     return model_files
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON holds it: NaN and the infinities (which MLflow writes into ``input_example.json``
+    and Python's json reads, but PostgreSQL's JSON refuses) become null, which MLflow's own reading of a request
+    turns back into NaN (a missing value) in a number column."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _mlflow_signature(meta: dict[str, Any]) -> dict[str, Any]:
     raw = meta.get("signature") or {}
     signature: dict[str, Any] = {}
@@ -352,7 +365,7 @@ def _mlflow_signature(meta: dict[str, Any]) -> dict[str, Any]:
         text = raw.get(part)
         if text:
             try:
-                signature[part] = json.loads(text)
+                signature[part] = json_safe(json.loads(text))
             except (TypeError, json.JSONDecodeError):
                 raise _block("bad_signature", f"MLmodel's signature {part} is not valid JSON.", "MLmodel") from None
     return signature
@@ -367,7 +380,7 @@ def _mlflow_example(model_dir: Path, meta: dict[str, Any]) -> Any:
     if model_dir.resolve() not in path.parents or not path.is_file() or path.stat().st_size > MAX_METADATA_BYTES:
         return None
     try:
-        example = json.loads(path.read_text(encoding="utf-8"))
+        example = json_safe(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _block("bad_example", "the input example is not valid JSON.", str(rel)) from None
     if isinstance(example, dict) and "inputs" in example and set(example) <= {"inputs", "params"}:

@@ -40,7 +40,7 @@ from registry.models import (
 )
 from registry.scanning.archive import extract_zip
 from registry.scanning.findings import Finding, UploadRejected
-from registry.scanning.inspect import CODE_PREFIX, inspect_upload
+from registry.scanning.inspect import CODE_PREFIX, inspect_upload, json_safe
 from registry.versions import profiling
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _json_object(value: Any, field: str, example: str) -> dict[str, Any]:
             raise ValidationError({field: f"{field} is not valid JSON ({exc.msg} at character {exc.pos})."}) from None
     if not isinstance(value, dict):
         raise ValidationError({field: f"{field} must be a JSON object such as {example}."})
-    return value
+    return dict(json_safe(value))  # NaN (a metric MLflow logged as NaN) is stored as null, not refused by PostgreSQL
 
 
 def validate_sensitive_columns(value: Any) -> dict[str, str]:
@@ -481,9 +481,10 @@ def version_scan(*, version_id: int) -> ModelVersion:
         locked.status_detail = ("Ready: loaded and ran its input example in the sandbox." if not problems
                                 else "Rejected: " + problems[0][:500])
         locked.scan_findings = [f.as_dict() for f in findings]
-        locked.sandbox_report = report
-        locked.signature = signature
-        locked.input_example = example
+        # What the sandbox and the model's files say may hold NaN or infinities: stored as valid JSON (null).
+        locked.sandbox_report = json_safe(report)
+        locked.signature = json_safe(signature)
+        locked.input_example = json_safe(example)
         locked.scanned_at = timezone.now()
         locked.save(update_fields=["status", "status_detail", "scan_findings", "sandbox_report", "signature",
                                    "input_example", "scanned_at"])

@@ -204,3 +204,52 @@ def test_comparison_is_exact_for_labels_and_relative_for_numbers() -> None:
     assert compare_predictions(np.array(["a", "b"]), np.array(["a", "c"], dtype=object))[0].tolist() == [False, True]
     assert compare_predictions(np.array([1, 2]), np.array([1, 3]))[0].tolist() == [False, True]
     assert compare_predictions(np.array([1.0]), np.array([np.nan]))[0].tolist() == [True]
+
+
+@pytest.mark.django_db
+@needs_sandbox()
+def test_a_forest_trained_with_missing_values_uploads_with_a_nan_example_deploys_and_serves_them(
+        personas: dict[str, Any], tmp_path: Path) -> None:
+    """MLflow writes NaN into input_example.json; it is stored as null (PostgreSQL's JSON refuses NaN) and the
+    forest, proven on missing values, takes nulls as MLflow passes them: NaN."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y = _iris()
+    X = X.copy()
+    X.iloc[::4, 1] = np.nan
+    forest = RandomForestClassifier(n_estimators=20, random_state=0).fit(X, y)
+    assert X.head(5).isna().any().any()
+    deployment, client = _deploy_mlflow(personas, tmp_path, "iris-missing", forest, X)
+    assert deployment.version.input_example["data"][0][1] is None
+    assert deployment.serving_kind == "onnx" and "missing values included" in _log(deployment), _log(deployment)
+    rows = _random_rows(X, 2_000, seed=3)
+    rows.iloc[::3, 1] = np.nan
+    data = [[None if v != v else v for v in row] for row in rows.to_numpy().tolist()]
+    response = client.post("/api/v1/serve/iris-missing/dev/invocations",
+                           json.dumps({"dataframe_split": {"columns": IRIS_COLUMNS, "data": data}}),
+                           content_type="application/json")
+    assert response.status_code == 200, response.content
+    assert response.json()["predictions"] == forest.predict(rows).tolist()
+
+
+@pytest.mark.django_db
+@needs_sandbox()
+def test_hist_gradient_boosting_with_missing_values_is_served_by_the_model_itself(personas: dict[str, Any],
+                                                                                  tmp_path: Path) -> None:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    X, y = _iris()
+    X = X.copy()
+    X.iloc[::5, 2] = np.nan
+    model = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(X, y)
+    deployment, client = _deploy_mlflow(personas, tmp_path, "iris-hgb", model, X, trusted=(
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",))
+    assert deployment.serving_kind == "mlflow" and "no probes for" in _log(deployment), _log(deployment)
+    rows = _random_rows(X, 500, seed=4)
+    rows.iloc[::2, 2] = np.nan
+    data = [[None if v != v else v for v in row] for row in rows.to_numpy().tolist()]
+    response = client.post("/api/v1/serve/iris-hgb/dev/invocations",
+                           json.dumps({"dataframe_split": {"columns": IRIS_COLUMNS, "data": data}}),
+                           content_type="application/json")
+    assert response.status_code == 200, response.content
+    assert response.json()["predictions"] == model.predict(rows).tolist()

@@ -452,16 +452,17 @@ def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool) -> Tab
 
 def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_prefix: str, newline: bytes,
                     predict: Callable[[np.ndarray], list[Any]],
-                    table_predict: TablePredict | None = None) -> ScoredChunk:
+                    table_predict: TablePredict | None = None, as_text: bool = True) -> ScoredChunk:
     """Score the rows in ``data`` (whole rows of a CSV without its header). ``table_predict`` (a model MLflow's
-    scoring code answers) takes the signature's columns as text, for MLflow to read with the signature's types."""
+    scoring code answers) takes the signature's columns as text, for MLflow to read with the signature's types
+    (``as_text``), or as numbers for a tensor signature."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     include = list(dict.fromkeys(required))
     read = pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=1 << 20)
     parse = pacsv.ParseOptions(newlines_in_values=b'"' in data)
-    types = {c: pa.string() if table_predict is not None else pa.float64() for c in required}
+    types = {c: pa.string() if table_predict is not None and as_text else pa.float64() for c in required}
     try:
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
                                convert_options=pacsv.ConvertOptions(include_columns=include, column_types=types,

@@ -60,7 +60,7 @@ from registry.models import (
     EnvironmentState,
     RegisteredModel,
 )
-from registry.serving.runtime import cache, input_columns
+from registry.serving.runtime import cache, input_columns, positional_inputs
 from registry.serving.views import subject_hash
 from registry.versions.selectors import environment_param
 
@@ -111,9 +111,9 @@ def batch_submit(*, model: RegisteredModel, environment: str, path: str | Path, 
         raise ValidationError({"max_error_share": "Give a share between 0 and 1 (0.05 is 5 % of the rows)."})
     champion = _champion(model, environment)
     version = champion.version
-    required = _required_columns(version)
     try:
         description = batch_io.describe(str(path), filename)
+        required = _required_columns(version, description.columns, options.id_column, options.subject_column)
         batch_io.check_columns(description, required, {"id": options.id_column, "subject id": options.subject_column})
     except batch_io.BatchInputError as exc:
         raise ValidationError({"file": str(exc)}) from None
@@ -150,12 +150,29 @@ def batch_submit(*, model: RegisteredModel, environment: str, path: str | Path, 
     return job
 
 
-def _required_columns(version: Any) -> list[str]:
+def _required_columns(version: Any, file_columns: list[str], *extra: str) -> list[str]:
+    """The file's columns the model takes, in its order: the signature's names; or, for a model that takes its
+    inputs by position (a tensor signature, names the portal made up), the file's own columns besides the id and
+    subject columns, as many as the model takes."""
     columns = input_columns(version)
+    if positional_inputs(version):
+        own = [c for c in file_columns if c not in extra]
+        if columns and len(own) != len(columns):
+            raise ValidationError({"file": f"The model takes {len(columns)} inputs by position; the file has "
+                                           f"{len(own)} columns besides the id and subject columns."})
+        return own
     if not columns:
         raise ValidationError({"model": f"Version {version.number}'s signature names no input columns, so a file's "
                                         "columns cannot be matched to it."})
     return columns
+
+
+def job_input_columns(job: BatchJob) -> list[str]:
+    """The job's file columns the model takes, in its order (see ``_required_columns``)."""
+    try:
+        return _required_columns(job.version, list(job.columns), job.id_column, job.subject_column)
+    except ValidationError:
+        return input_columns(job.version)
 
 
 def _enqueue_on_commit(task: str, *args: Any) -> None:
@@ -309,17 +326,18 @@ def batch_chunk_run(*, chunk_id: int) -> str:
 
 def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
     loaded = cache.loaded(job.deployment)
-    required = loaded.columns
+    required = job_input_columns(job)
     prefix = f"{job.id_prefix}{chunk.index:04x}"
     # A model MLflow's scoring code answers (its sandboxed host) gets the rows as MLflow reads them, whatever the
     # column types; the others (in-process ONNX, a native host) take one float64 matrix.
-    table_predict = (batch_io.mlflow_scorer(loaded.invoke, csv_body=job.input_format == "csv")
+    # A tensor signature: MLflow's server refuses CSV bodies for it, so its rows go as numbers in Parquet.
+    table_predict = (batch_io.mlflow_scorer(loaded.invoke, csv_body=job.input_format == "csv" and not loaded.tensor)
                      if loaded.answers_requests else None)
     if job.input_format == "csv":
         data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
         return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required, id_prefix=prefix,
                                         newline=job.newline.encode(), predict=loaded.predict,
-                                        table_predict=table_predict)
+                                        table_predict=table_predict, as_text=not loaded.tensor)
     if chunk.source:
         table = batch_io.read_ipc(storage.read_work_file(chunk.source))
     else:
@@ -571,7 +589,7 @@ def batch_log_chunk(*, chunk_id: int) -> int:
         BatchChunk.objects.filter(pk=chunk.pk).update(logged=True)
         return 0
 
-    required = input_columns(job.version)
+    required = job_input_columns(job)
     logged = batch_io.scored_rows(data, fmt=job.input_format, columns=list(job.columns), required=required,
                                   subject_column=job.subject_column, prediction_column=job.prediction_column,
                                   id_column=job.prediction_id_column,

@@ -50,7 +50,7 @@ from registry.models import (
 from registry.sandbox.hosts import HostModelError, HostUnavailable
 from registry.scanning.archive import extract_zip
 from registry.serving.call_examples import example_rows
-from registry.serving.runtime import load_onnx_predictor, load_serving_model
+from registry.serving.runtime import inferred_signature, load_onnx_predictor, load_serving_model
 from registry.versions import profiling
 from registry.versions.selectors import environment_param
 
@@ -162,6 +162,11 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
                               "with.")
         return "onnx", version.artifact
     assert version.artifact is not None
+    if version.format == "mlflow" and inferred_signature(version):
+        _step(deployment, 45, "Serving with MLflow's own scoring code in a sandboxed model host: the model has no "
+                              "signature, so requests reach it as `mlflow models serve` passes them (positional "
+                              "inputs, their own column names), never under names the portal inferred.")
+        return "mlflow", None
     example = _example(version)
     reference, reference_note = _reference_matrix(version, example.columns, len(example.rows[0]))
     with storage.verified_local_path(version.artifact) as artifact:

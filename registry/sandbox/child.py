@@ -190,6 +190,9 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     else:
         shape = target.get_inputs()[0].shape
         n_features = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+    named_example = (isinstance(example, dict) and "columns" in example) or (
+        isinstance(example, list) and bool(example) and isinstance(example[0], dict))
+    positional = columns is None and not feature_names and not named_example
     if columns is None:
         columns = feature_names or ([f"f{i}" for i in range(n_features)] if n_features else None)
     if example is None:
@@ -227,6 +230,7 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     classes = getattr(target, "classes_", None)
     return {
         "ok": True,
+        "positional": positional,  # the input names below were made up here: the model takes its inputs by position
         "load_seconds": round(load_seconds, 4),
         "predict_seconds": round(predict_seconds, 4),
         "model_class": f"{type(target).__module__}.{type(target).__qualname__}",

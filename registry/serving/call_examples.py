@@ -105,6 +105,12 @@ def example_rows(version: ModelVersion, *, limit: int = MAX_EXAMPLE_ROWS) -> Exa
     names = [str(c["name"]) for c in named]
     tensors = [c for c in specs if c.get("type") == "tensor"]
     example = version.input_example
+    if (version.signature or {}).get("positional"):
+        # Names the portal made up for a model that takes its inputs by position: rows without names, as MLflow
+        # passes them.
+        split = _split_from_example(example, names, limit)
+        if split is not None:
+            return ExampleRows([], split["data"], "example")
     if tensors and not names:
         rows = _tensor_rows(example)
         if rows is not None:

@@ -162,10 +162,23 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
                        predict_fn=predictor, kind=kind, close=close,
                        invoke_fn=invoke if kind == "mlflow" else None,
-                       named=bool(columns) and version.format == "mlflow", params=param_specs(version),
+                       named=bool(columns) and version.format == "mlflow" and not inferred_signature(version),
+                       params=param_specs(version),
                        missing_values=missing_values,
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
+
+
+def inferred_signature(version: ModelVersion) -> bool:
+    """The version came without a signature and the portal inferred one (for monitoring and batch files): it is
+    never enforced on requests, as MLflow enforces none."""
+    return (version.signature or {}).get("inferred_by") == "portal"
+
+
+def positional_inputs(version: ModelVersion) -> bool:
+    """The model takes its inputs by position: a tensor signature, or names the portal made up (f0, f1…). A file or
+    request then brings its own column names, used in the order given."""
+    return bool((version.signature or {}).get("positional")) or not named_inputs(version)
 
 
 def named_inputs(version: ModelVersion) -> list[str]:

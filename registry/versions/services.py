@@ -448,7 +448,11 @@ def version_scan(*, version_id: int) -> ModelVersion:
                 observed = {"inputs": result.data.get("inputs", []), "outputs": result.data.get("outputs", [])}
                 problems += _signature_problems(signature, observed)
                 if not signature.get("inputs"):
-                    signature = observed
+                    # Inferred here, for monitoring and batch files: never a schema MLflow would enforce. Names
+                    # neither the model nor its example gave (f0, f1…) are marked positional.
+                    signature = {**observed, "inferred_by": "portal"}
+                    if result.data.get("positional"):
+                        signature["positional"] = True
                 inputs = {c.get("name") for c in signature.get("inputs", []) if isinstance(c, dict)}
                 unknown = sorted(set(version.sensitive_columns) - inputs)
                 if unknown:

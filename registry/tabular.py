@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -362,6 +363,10 @@ def _cell(value: Any) -> str:
         return _quote(value)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        # A row of a DataFrame, dict or multi-output prediction, as MLflow's JSON shapes it: one quoted cell (a
+        # Python repr would split into several fields under the header).
+        return _quote(json.dumps(value, default=str))  # NaN written as MLflow's server writes it
     return str(value)
 
 

@@ -195,6 +195,10 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
     positional = columns is None and not feature_names and not named_example
     if columns is None:
         columns = feature_names or ([f"f{i}" for i in range(n_features)] if n_features else None)
+    if example is None and fmt == "mlflow":
+        example = _signature_example(model.metadata)  # a signature with named columns and no input example
+        if example is not None:
+            columns, positional = example["columns"], False
     if example is None:
         if not columns:
             return {"ok": False, "error": "the model does not say how many inputs it takes and no example was given"}
@@ -242,6 +246,20 @@ def smoke(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
         "notes": notes,
         "classes": [c.item() if hasattr(c, "item") else c for c in classes] if classes is not None else None,
     }
+
+
+def _signature_example(metadata: Any) -> dict[str, Any] | None:
+    """One row of typed placeholders for a column signature (MLflow's ``ColSpec`` types), for a model logged with a
+    signature and no input example; None for a tensor signature or none."""
+    import pandas as pd
+
+    schema = metadata.get_input_schema()
+    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
+        return None
+    placeholders = {"double": 0.0, "float": 0.0, "integer": 0, "long": 0, "string": "a", "boolean": False,
+                    "binary": b"", "datetime": pd.Timestamp("2024-01-01")}
+    row = [placeholders.get(str(getattr(t, "name", t)), 0.0) for t in schema.input_types()]
+    return {"columns": list(schema.input_names()), "data": [row]}
 
 
 def _as_array(result: Any) -> Any:
@@ -819,6 +837,20 @@ class _MatrixPredictor:
         return by_frame
 
 
+def _json_default(value: Any) -> Any:
+    """What orjson cannot write in a logged row: timestamps as ISO text (pandas' Timestamp, numpy datetimes),
+    bytes as base64 (MLflow's binary columns), anything else as its text."""
+    import base64
+
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode()
+    if hasattr(value, "item"):
+        return value.item() if not hasattr(value, "dtype") or value.dtype.kind not in "Mm" else str(value)
+    return str(value)
+
+
 def host(fmt: str, path: str, options: dict[str, Any]) -> int:
     """Load once, then answer predict frames until the parent closes the socket."""
     import numpy as np
@@ -858,7 +890,7 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
             else:
                 matrix = np.frombuffer(payload, dtype="float64").reshape(header["shape"])
                 answer = {"ok": True, "predictions": by_matrix(matrix, header.get("columns") or None).tolist()}
-            body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+            body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY, default=_json_default)
         except MemoryError:
             body = orjson.dumps({"ok": False, "error": "the model needed more memory than the sandbox allows"})
         except Exception as exc:

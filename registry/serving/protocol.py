@@ -59,7 +59,11 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
         return _parse_csv(body)
     if kind == PARQUET:
         return _parse_parquet(body)
-    if kind not in ("application/json", ""):
+    if not kind:
+        # MLflow's server crashes on a request without one (500); its own rule for a type it does not know is 415.
+        raise InputError(f"Say what the body is with a Content-Type header: application/json, text/csv or {PARQUET}.",
+                         "unsupported_media_type")
+    if kind != "application/json":
         raise InputError(f"Send JSON (application/json), CSV (text/csv) or Parquet ({PARQUET}); got {kind!r}.",
                          "unsupported_media_type")
     try:

@@ -417,6 +417,10 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     route = runtime.cache.route(model_id, env)
     if route is None or route.champion is None:
         return _error(404, "not_deployed", f"Nothing serves {name} in {env} yet.")
+    if not request.META.get("CONTENT_TYPE", "").strip():
+        return _input_error(protocol.InputError(
+            f"Say what the body is with a Content-Type header: application/json, text/csv or {protocol.PARQUET}.",
+            "unsupported_media_type"))
     if route.answers_requests:
         return _invoke(request, route, name=name, env=env, token_id=token_id, started=started)
     try:

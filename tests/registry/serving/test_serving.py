@@ -61,6 +61,8 @@ def test_every_mlflow_input_format_gives_the_models_own_predictions(serving: Cli
     (b'{"instances": [[1]], "inputs": [[1]]}', "application/json", 400, "exactly one"),
     (b"<xml/>", "application/xml", 415, "Send JSON"),
     (b"a,b\n", "text/csv", 400, "no rows"),
+    # No Content-Type: MLflow 3.17's server crashes (500); its rule for a type it does not know is 415.
+    (b'{"instances": [[1, 2]]}', "", 415, "Content-Type header"),
 ])
 def test_bad_payloads_get_4xx_json_without_the_schema(serving: Client, body: bytes, content_type: str, status: int,
                                                       words: str) -> None:

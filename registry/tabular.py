@@ -309,8 +309,10 @@ class ScoredChunk:
     ids: list[str]  # one prediction id per row
 
 
-def float_columns(table: Any, columns: list[str]) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
-    """The signature's columns as one float64 matrix, a mask of usable rows and the reasons others are not."""
+def float_columns(table: Any, columns: list[str],
+                  allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
+    """The signature's columns as one float64 matrix, a mask of usable rows and the reasons others are not.
+    ``allow_missing``: the serving form was proven on missing values, so an empty cell passes as NaN."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -324,7 +326,7 @@ def float_columns(table: Any, columns: list[str]) -> tuple[np.ndarray, np.ndarra
                 or pa.types.is_null(col.type):
             values = col.cast(pa.float64()).to_numpy(zero_copy_only=False) if col.num_chunks != 1 or \
                 col.null_count or not pa.types.is_float64(col.type) else col.chunk(0).to_numpy()
-            bad = ~np.isfinite(values)
+            bad = np.isinf(values) if allow_missing else ~np.isfinite(values)
             matrix[:, j] = values
             for i in np.flatnonzero(bad & good)[:10_000]:
                 errors.append(RowError(int(i), name, "missing value" if np.isnan(values[i]) else
@@ -337,6 +339,9 @@ def float_columns(table: Any, columns: list[str]) -> tuple[np.ndarray, np.ndarra
         series = pd.Series(text.to_pylist(), dtype="object")
         numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64")
         bad = ~np.isfinite(numbers)
+        if allow_missing:
+            empty = series.isna().to_numpy() | (series.astype(str).str.strip() == "").to_numpy()
+            bad &= ~(np.isnan(numbers) & empty)
         matrix[:, j] = numbers
         for i in np.flatnonzero(bad & good)[:10_000]:
             raw = series.iat[i]
@@ -457,7 +462,8 @@ def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool) -> Tab
 
 def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_prefix: str, newline: bytes,
                     predict: Callable[[np.ndarray], list[Any]],
-                    table_predict: TablePredict | None = None, as_text: bool = True) -> ScoredChunk:
+                    table_predict: TablePredict | None = None, as_text: bool = True,
+                    allow_missing: bool = False) -> ScoredChunk:
     """Score the rows in ``data`` (whole rows of a CSV without its header). ``table_predict`` (a model MLflow's
     scoring code answers) takes the signature's columns as text, for MLflow to read with the signature's types
     (``as_text``), or as numbers for a tensor signature."""
@@ -481,7 +487,7 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_
                                convert_options=pacsv.ConvertOptions(include_columns=include, column_types=text_types,
                                                                     null_values=[""], strings_can_be_null=True))
     scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
-                          table_predict=table_predict)
+                          table_predict=table_predict, allow_missing=allow_missing)
     cells = _fast_predictions(scored.predictions, scored.good)
     output = _append_columns(data, cells, scored.ids, newline, scored.rows)
     scored.output = output if output is not None else _rewrite_csv(data, cells=cells, ids=scored.ids)
@@ -489,14 +495,15 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_
 
 
 def _score_table(table: Any, *, required: list[str], id_prefix: str,
-                 predict: Callable[[np.ndarray], list[Any]], table_predict: TablePredict | None = None) -> ScoredChunk:
+                 predict: Callable[[np.ndarray], list[Any]], table_predict: TablePredict | None = None,
+                 allow_missing: bool = False) -> ScoredChunk:
     """Check the rows against the signature and predict the good ones; the caller writes the output."""
     n = table.num_rows
     ids = [f"{id_prefix}{i:06x}" for i in range(n)]
     if table_predict is not None:
         good, predictions, errors = table_predict(table.select(list(dict.fromkeys(required))))
         return ScoredChunk(b"", n, errors, good, predictions, ids)
-    matrix, good, errors = float_columns(table, required)
+    matrix, good, errors = float_columns(table, required, allow_missing)
     scored_matrix = matrix if good.all() else matrix[good]
     predictions = list(predict(np.ascontiguousarray(scored_matrix))) if scored_matrix.shape[0] else []
     if len(predictions) != scored_matrix.shape[0]:
@@ -546,12 +553,12 @@ def _unquote(cell: str) -> str:
 
 def score_arrow_chunk(table: Any, *, required: list[str], id_prefix: str, prediction_name: str, id_name: str,
                       predict: Callable[[np.ndarray], list[Any]],
-                      table_predict: TablePredict | None = None) -> ScoredChunk:
+                      table_predict: TablePredict | None = None, allow_missing: bool = False) -> ScoredChunk:
     """Score an Arrow table (a Parquet chunk); the output is an Arrow IPC file of the input plus two columns."""
     import pyarrow as pa
 
     scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
-                          table_predict=table_predict)
+                          table_predict=table_predict, allow_missing=allow_missing)
     full: list[Any] = [None] * table.num_rows
     for i, value in zip(np.flatnonzero(scored.good), scored.predictions, strict=True):
         full[i] = value

@@ -337,14 +337,16 @@ def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
         data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
         return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required, id_prefix=prefix,
                                         newline=job.newline.encode(), predict=loaded.predict,
-                                        table_predict=table_predict, as_text=not loaded.tensor)
+                                        table_predict=table_predict, as_text=not loaded.tensor,
+                                        allow_missing=loaded.missing_values)
     if chunk.source:
         table = batch_io.read_ipc(storage.read_work_file(chunk.source))
     else:
         with storage.local_path(job.input_blob) as path:
             table = batch_io.read_parquet_groups(str(path), int(chunk.start), int(chunk.end))
     return batch_io.score_arrow_chunk(table, required=required, id_prefix=prefix, prediction_name=job.prediction_column, id_name=job.prediction_id_column,
-                                      predict=loaded.predict, table_predict=table_predict)
+                                      predict=loaded.predict, table_predict=table_predict,
+                                      allow_missing=loaded.missing_values)
 
 
 def _chunk_done(chunk: BatchChunk, *, rows: int, failed: int, output_name: str, errors_name: str,

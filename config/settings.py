@@ -239,6 +239,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.evaluate_alerts",
         "schedule": timedelta(seconds=env_int("PORTAL_ALERT_SECONDS", 60, minimum=10)),
     },
+    "monitoring-experiments": {
+        "task": "monitoring.tasks.experiments_check",
+        "schedule": timedelta(seconds=env_int("PORTAL_EXPERIMENT_SECONDS", 60, minimum=10)),
+    },
     "verify-audit-chain-daily": {
         "task": "portal.tasks.audit_chain_verify",
         "schedule": timedelta(hours=env_int("PORTAL_AUDIT_VERIFY_HOURS", 24, minimum=1)),

@@ -139,3 +139,10 @@ class Alert(models.Model):
     def __str__(self) -> str:
         what = f"{self.kind} {self.subject}".strip()
         return f"{self.model.name} {self.environment}: {what}"
+
+
+# The experiments feature keeps its model in its own folder; importing it here makes it part of this app.
+from monitoring.experiments.models import Experiment  # noqa: E402
+
+__all__ = ["Alert", "AlertStatus", "Experiment", "Feedback", "Granularity", "MonitoringSettings", "PredictionLog",
+           "Rollup", "RollupDirty"]

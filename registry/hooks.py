@@ -28,3 +28,22 @@ def write_prediction_log(batches: list[dict[str, Any]]) -> int:
     if _prediction_log_writer is None:
         raise ImproperlyConfigured("No prediction log is installed (the monitoring app registers it when it starts).")
     return _prediction_log_writer(batches)
+
+
+# The A/B experiment a promotion request was opened by, as the promotion page and API show it (verdict, interval,
+# plot data, link), or None. Monitoring's experiments register it (``monitoring.experiments``).
+PromotionExperiment = Callable[[Any], dict[str, Any] | None]
+
+_promotion_experiment: PromotionExperiment | None = None
+
+
+def register_promotion_experiment(provider: PromotionExperiment) -> None:
+    global _promotion_experiment
+    _promotion_experiment = provider
+
+
+def promotion_experiment(promotion: Any) -> dict[str, Any] | None:
+    """The experiment attached to ``promotion`` as evidence, or None (none attached, or no monitoring installed)."""
+    if _promotion_experiment is None:
+        return None
+    return _promotion_experiment(promotion)

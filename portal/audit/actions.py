@@ -65,6 +65,12 @@ class AuditAction(enum.Enum):
     ALERT_ACKNOWLEDGE = (3302, "alert.acknowledge")
     ALERT_RESOLVE = (3303, "alert.resolve")
     MONITORING_SETTINGS_CHANGE = (3311, "monitoring.settings_change")
+    # 3340: A/B experiments
+    EXPERIMENT_START = (3341, "experiment.start")
+    EXPERIMENT_SETTINGS_CHANGE = (3342, "experiment.settings_change")
+    EXPERIMENT_VERDICT = (3343, "experiment.verdict")
+    EXPERIMENT_STOP = (3344, "experiment.stop")
+    EXPERIMENT_GUARDRAIL_BREACH = (3345, "experiment.guardrail_breach")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

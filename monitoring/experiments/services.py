@@ -148,9 +148,12 @@ def _canary_state(model: Any, environment: str) -> EnvironmentState:
 def _check_ground_truth(model: Any, environment: str, version: Any, metric: str, base: dict[str, Any]) -> None:
     task = task_of(version.signature or {})
     wrong = {Metric.ACCURACY: task == "regression", Metric.MAE: task == "classification",
-             Metric.LOG_LOSS: False, Metric.OUTCOME: False}[Metric(metric)]
+             Metric.LOG_LOSS: task == "classification", Metric.OUTCOME: False}[Metric(metric)]
     if wrong:
         other = "mae" if metric == Metric.ACCURACY else "accuracy"
+        if metric == Metric.LOG_LOSS:
+            raise ValidationError({"metric": f"log_loss needs a predicted probability, and v{version.number} "
+                                             "answers class labels: use accuracy or a business outcome."})
         raise ValidationError({"metric": f"{metric} does not fit v{version.number}, a {task} model: use {other} "
                                          "or a business outcome."})
     if base["outcomes"] < 2 or base["sd"] is None:

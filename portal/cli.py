@@ -33,6 +33,7 @@ from portal.client import (
     CHUNK,
     BatchJob,
     Deployment,
+    Experiment,
     Portal,
     PortalError,
     Promotion,
@@ -42,7 +43,11 @@ from portal.client import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 COMMANDS = ("register", "list", "status", "download", "upload", "import", "promote", "approve", "rollback",
-            "deploy", "predict", "batch")
+            "deploy", "predict", "batch", "experiment")
+# What an experiment's verdict means for a pipeline: done (0), failed (1: a guardrail stopped the challenger, or the
+# experiment is invalid), or still going on (4, as other work's status).
+EXPERIMENT_EXIT = {"challenger_wins": EXIT_OK, "champion_holds": EXIT_OK, "no_difference": EXIT_OK,
+                   "stopped": EXIT_OK, "guardrail": EXIT_FAILED, "invalid": EXIT_FAILED, "running": EXIT_TIMEOUT}
 
 
 class UsageError(Exception):
@@ -398,6 +403,44 @@ def cmd_batch(portal: Portal, args: argparse.Namespace) -> Outcome:
     return outcome
 
 
+def _experiment_outcome(e: Experiment) -> Outcome:
+    line = f"experiment {e.id} ({e.model} {e.environment}): {e.verdict}. {e.sentence}"
+    lines = [line] + ([f"promotion request {e.promotion} opened"] if e.promotion else [])
+    code = EXPERIMENT_EXIT.get(e.verdict, EXIT_OK)
+    message = {EXIT_FAILED: e.sentence, EXIT_TIMEOUT: "still running; ask again with portal experiment status"}.get(
+        code, "")
+    return Outcome(code, e.verdict, lines, {"experiment": e.raw}, message)
+
+
+def cmd_experiment(portal: Portal, args: argparse.Namespace) -> Outcome:
+    if args.action == "start":
+        if not args.model or not args.env or args.metric is None or args.mde is None:
+            raise UsageError("portal experiment start MODEL ENV --metric M --mde X [--alpha A] [--traffic-percent P]")
+        e = portal.start_experiment(args.model, args.env, metric=args.metric, mde=args.mde, alpha=args.alpha,
+                                    traffic_percent=args.traffic_percent,
+                                    guardrails=_json_object(args.guardrails, "--guardrails"), name=args.name or "")
+        outcome = _experiment_outcome(e)
+        outcome.exit_code, outcome.outcome, outcome.message = EXIT_OK, "started", ""
+        outcome.lines = [f"started experiment {e.id}: {e.raw.get('planned_sample')} outcomes per side planned",
+                         *outcome.lines[1:]]
+        return outcome
+    if not args.model:
+        raise UsageError(f"portal experiment {args.action} ID")
+    if args.action == "stop":
+        e = portal.stop_experiment(args.model, reason=args.reason or "", stop_traffic=args.stop_traffic)
+        outcome = _experiment_outcome(e)
+        outcome.exit_code, outcome.message = EXIT_OK, ""
+        return outcome
+    e = portal.experiment(args.model)
+    if args.wait and e.status == "running":
+        try:
+            e = portal.wait_experiment(e, timeout=args.wait_seconds, progress=_stderr_progress(
+                lambda x: f"{x.verdict}: {x.sentence}"))
+        except WaitTimeout as exc:
+            return _timed_out(exc, _experiment_outcome(exc.last))
+    return _experiment_outcome(e)
+
+
 # --- the parser ---------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,6 +539,20 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--subject-column")
     batch.add_argument("--max-error-share", type=float)
     batch.add_argument("--output", help="where --wait writes the scored file (default: FILE-scored.EXT)")
+    experiment = command("experiment", cmd_experiment, "A/B experiments: start MODEL ENV, status ID (--wait: until "
+                         "a verdict; exit 0 a verdict, 1 stopped by a guardrail or invalid, 4 still running), stop ID",
+                         7 * 24 * 3600)
+    experiment.add_argument("action", choices=["start", "status", "stop"])
+    experiment.add_argument("model", nargs="?", help="start: the model; status and stop: the experiment's id")
+    experiment.add_argument("env", nargs="?", choices=["dev", "stage", "prod"])
+    experiment.add_argument("--metric", choices=["accuracy", "log_loss", "mae", "outcome"])
+    experiment.add_argument("--mde", type=float, help="minimum detectable effect in the metric's units")
+    experiment.add_argument("--alpha", type=float, default=0.05)
+    experiment.add_argument("--traffic-percent", type=int, help="the challenger's share, 1-99")
+    experiment.add_argument("--guardrails", help='JSON object, e.g. \'{"error_rate_max": 0.02}\'')
+    experiment.add_argument("--name")
+    experiment.add_argument("--reason", help="stop: why")
+    experiment.add_argument("--stop-traffic", action="store_true", help="stop: send all traffic back to the champion")
     return parser
 
 

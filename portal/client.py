@@ -164,6 +164,24 @@ class BatchJob:
                    error=raw.get("error") or "", raw=raw)
 
 
+@dataclass
+class Experiment:
+    id: str
+    model: str
+    environment: str
+    status: str  # running | ended
+    verdict: str  # running, challenger_wins, champion_holds, no_difference, guardrail, invalid, stopped
+    sentence: str
+    promotion: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_api(cls, raw: dict[str, Any]) -> Experiment:
+        return cls(id=str(raw["id"]), model=raw["model"], environment=raw["environment"], status=raw["status"],
+                   verdict=raw["verdict"], sentence=raw.get("sentence") or "", promotion=raw.get("promotion"),
+                   raw=raw)
+
+
 class MultipartStream:
     """A multipart/form-data body generated on the fly from fields and files on disk, with a known length, so
     requests sends a Content-Length and reads each file in chunks instead of loading it."""
@@ -433,6 +451,35 @@ class Portal:
             body["override_reason"] = override_reason
         return Promotion.from_api(self.request("POST", f"/api/v1/models/{_q(model)}/versions/{int(number)}/promote",
                                                json=body, what=f"version {number} of model {model!r}"))
+
+    # --- A/B experiments -------------------------------------------------------------------------------------------
+
+    def start_experiment(self, model: str, env: str, *, metric: str, mde: float, alpha: float = 0.05,
+                         traffic_percent: int | None = None, guardrails: dict[str, Any] | None = None,
+                         name: str = "") -> Experiment:
+        body: dict[str, Any] = {"model": model, "environment": env, "metric": metric, "mde": mde, "alpha": alpha,
+                                "name": name}
+        if traffic_percent is not None:
+            body["traffic_percent"] = traffic_percent
+        if guardrails is not None:
+            body["guardrails"] = guardrails
+        return Experiment.from_api(self.request("POST", "/api/v1/experiments/", json=body,
+                                                what=f"model {model!r} in {env}"))
+
+    def experiment(self, experiment_id: str) -> Experiment:
+        return Experiment.from_api(self.request("GET", f"/api/v1/experiments/{_q(experiment_id)}/",
+                                                what=f"experiment {experiment_id}"))
+
+    def stop_experiment(self, experiment_id: str, *, reason: str = "", stop_traffic: bool = False) -> Experiment:
+        return Experiment.from_api(self.request("POST", f"/api/v1/experiments/{_q(experiment_id)}/stop",
+                                                json={"reason": reason, "stop_traffic": stop_traffic},
+                                                what=f"experiment {experiment_id}"))
+
+    def wait_experiment(self, experiment: Experiment, *, timeout: float = 600,
+                        progress: Progress | None = None) -> Experiment:
+        """Until the experiment ends (a verdict, or stopped)."""
+        return self._poll(lambda: self.experiment(experiment.id), lambda e: e.status != "running",
+                          timeout=timeout, progress=progress, describe=lambda e: f"{e.verdict}: {e.sentence}")
 
     def promotion(self, promotion_id: str) -> Promotion:
         return Promotion.from_api(self.request("GET", f"/api/v1/promotions/{_q(promotion_id)}/",

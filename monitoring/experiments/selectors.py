@@ -70,9 +70,15 @@ def metric_display(metric: str, value: float | None, *, signed: bool = False) ->
     return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
+def counted_from(experiment: Experiment) -> dt.datetime:
+    """The first whole minute after the start: rollups are by minute, and the start's own minute holds predictions
+    made before it (of the champion alone, or of a canary's earlier split). Dropping it drops both sides alike."""
+    start = experiment.started_at.astimezone(dt.UTC)
+    return minute_of(start) + (dt.timedelta(minutes=1) if start != minute_of(start) else dt.timedelta(0))
+
+
 def _spans(start: dt.datetime, end: dt.datetime) -> list[tuple[str, dt.datetime, dt.datetime]]:
     """Minutes up to the first whole hour, hours between, minutes after the last whole hour."""
-    start = minute_of(start.astimezone(dt.UTC))
     first_hour = start if start.minute == 0 else start.replace(minute=0) + dt.timedelta(hours=1)
     last_hour = end.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
     if first_hour >= last_hour:
@@ -86,7 +92,7 @@ def arm_buckets(experiment: Experiment, end: dt.datetime) -> tuple[list[dt.datet
     requests, n, sum, sum of squares."""
     versions = {"champion": experiment.champion_version, "challenger": experiment.challenger_version}
     rows: list[tuple[Any, ...]] = []
-    for granularity, start, stop in _spans(experiment.started_at, end):
+    for granularity, start, stop in _spans(counted_from(experiment), end):
         if start >= stop:
             continue
         rows.extend(Rollup.objects.filter(
@@ -111,7 +117,7 @@ def guardrail_report(experiment: Experiment, now: dt.datetime) -> list[dict[str,
     """Each guardrail of the challenger over the model's alert window (or since the start, when shorter)."""
     thresholds = thresholds_for(experiment.model)
     window = dt.timedelta(minutes=int(thresholds.get("window_minutes") or 60))
-    start = max(minute_of(experiment.started_at), minute_of(now - window))
+    start = max(counted_from(experiment), minute_of(now - window))
     rows = list(Rollup.objects.filter(model_name=experiment.model.name, environment=experiment.environment,
                                       granularity=Granularity.MINUTE, start__gte=start, start__lt=now,
                                       role="canary", version=experiment.challenger_version))
@@ -136,7 +142,7 @@ def guardrail_report(experiment: Experiment, now: dt.datetime) -> list[dict[str,
         report.append({"name": key, "label": meta["label"], "limit": float(limit), "value": value,
                        "display": meta["fmt"](value) if value is not None else "—",
                        "limit_display": "≤ " + meta["fmt"](float(limit)), "status": status,
-                       "window": f"{start:%H:%M} to {now:%H:%M} UTC", "predictions": count})
+                       "window": f"from {start:%H:%M} to {now:%H:%M} UTC", "predictions": count})
     return report
 
 
@@ -232,7 +238,7 @@ def proposed_verdict(experiment: Experiment, analysis: dict[str, Any]) -> tuple[
         g = breached[0]
         return Verdict.GUARDRAIL, (f"Stopped by a guardrail: the challenger v{chall['version']}'s "
                                    f"{g['label'].lower()} reached {g['display']} (limit {g['limit_display']}) "
-                                   f"between {g['window']}, so its traffic was stopped.")
+                                   f"{g['window']}, so its traffic was stopped.")
     srm = analysis["srm"]
     if srm["mismatch"]:
         return Verdict.INVALID, (f"Invalid: the challenger received {srm['observed_share']:.1%} of requests where "

@@ -165,8 +165,8 @@ def _check_ground_truth(model: Any, environment: str, version: Any, metric: str,
 
 
 def clean_guardrails(raw: Any, model: Any) -> dict[str, float]:
-    """``{"error_rate_max", "latency_p99_ms", "drift_psi_max"}`` with their limits; a missing one takes the model's
-    monitoring threshold (error rate, p99, the PSI alert level); ``null`` turns one off."""
+    """``{"error_rate_max", "latency_p99_ms", "drift_psi_max"}`` with their limits; a missing error rate or p99 takes
+    the model's monitoring threshold, a missing drift limit is off; ``null`` turns one off."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -178,7 +178,9 @@ def clean_guardrails(raw: Any, model: Any) -> dict[str, float]:
     thresholds = thresholds_for(model)
     out: dict[str, float] = {}
     for key, meta in GUARDRAILS.items():
-        value = raw[key] if key in raw else thresholds.get(meta["threshold"])
+        # Error rate and p99 default to the model's alert thresholds; drift (of inputs both sides share) only when
+        # asked for.
+        value = raw[key] if key in raw else (thresholds.get(meta["threshold"]) if key != "drift_psi_max" else None)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0 \

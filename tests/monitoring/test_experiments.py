@@ -61,6 +61,14 @@ def history(log_rows: Callable[..., list[str]], personas: dict[str, Any], model:
     rollup_dirty()
 
 
+LATER = dt.timedelta(minutes=2)
+
+
+def after_start() -> dt.datetime:
+    """A time in the first minute the analysis counts (the start's own minute is left out)."""
+    return timezone.now().replace(second=0, microsecond=0) + dt.timedelta(minutes=1, seconds=5)
+
+
 def start(personas: dict[str, Any], model: Any, **overrides: Any) -> Experiment:
     kwargs = {"metric": "accuracy", "mde": 0.1, "guardrails": {}} | overrides
     return services.experiment_start(model=model, environment="dev", actor=personas["ds"], **kwargs)
@@ -124,6 +132,8 @@ def test_the_api_refuses_with_the_contract_error_shape_and_writes_nothing(
     doc = created.json()
     assert doc["traffic_percent"] == 30 and doc["guardrails"]["error_rate_max"] == 0.02
     assert "drift_psi_max" not in doc["guardrails"] and doc["guardrails"]["latency_p99_ms"] == 250.0
+    assert "drift_psi_max" not in services.clean_guardrails({}, model)
+    assert services.clean_guardrails({"drift_psi_max": 0.3}, model)["drift_psi_max"] == 0.3
     # The split moved with it, audited as a traffic switch; the start records every setting.
     assert EnvironmentState.objects.get(model=model, environment="dev").challenger_percent == 30
     event = AuditEvent.objects.filter(action="experiment.start").get()
@@ -142,13 +152,13 @@ def test_a_win_opens_a_promotion_request_that_carries_the_experiment(
     model = canary[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, mde=0.1)
-    now = timezone.now()
+    now = after_start()
     labelled(log_rows, personas, model, n=experiment.planned_sample, accuracy=0.75, at=now, version=1,
              role="champion", seed=2)
     labelled(log_rows, personas, model, n=experiment.planned_sample, accuracy=0.92, at=now, version=2,
              role="canary", seed=3)
     rollup_dirty()
-    experiment = services.experiment_evaluate(experiment_id=experiment.pk)
+    experiment = services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
     assert experiment is not None
     assert experiment.verdict == Verdict.CHALLENGER_WINS, experiment.verdict_sentence
     assert experiment.status == ExperimentStatus.ENDED
@@ -171,7 +181,7 @@ def test_a_win_opens_a_promotion_request_that_carries_the_experiment(
     assert "experiment-series" in page and "monitoring/experiment" in page
     assert experiment.analysis["interval_display"] in page
     # Evaluating again changes nothing: it has ended.
-    assert services.experiment_evaluate(experiment_id=experiment.pk) is None
+    assert services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER) is None
     assert AuditEvent.objects.filter(action="experiment.verdict").count() == 1
 
 
@@ -180,13 +190,13 @@ def test_a_worse_challenger_loses_and_its_traffic_stops(canary: list[ModelVersio
     model = canary[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, mde=0.1)
-    now = timezone.now()
+    now = after_start()
     labelled(log_rows, personas, model, n=experiment.planned_sample, accuracy=0.9, at=now, version=1,
              role="champion", seed=4)
     labelled(log_rows, personas, model, n=experiment.planned_sample, accuracy=0.7, at=now, version=2,
              role="canary", seed=5)
     rollup_dirty()
-    experiment = services.experiment_evaluate(experiment_id=experiment.pk)
+    experiment = services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
     assert experiment is not None and experiment.verdict == Verdict.CHAMPION_HOLDS, experiment.verdict_sentence
     assert EnvironmentState.objects.get(model=model, environment="dev").mode == ServingMode.SINGLE
     assert not PromotionRequest.objects.filter(version=canary[1]).exists()
@@ -197,12 +207,12 @@ def test_a_guardrail_breach_stops_the_challengers_traffic_and_is_audited_togethe
     model = canary[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, guardrails={"error_rate_max": 0.05})
-    now = timezone.now()
+    now = after_start()
     labelled(log_rows, personas, model, n=100, accuracy=0.8, at=now, version=1, role="champion", seed=6)
     labelled(log_rows, personas, model, n=100, accuracy=0.8, at=now, version=2, role="canary", errors=20, seed=7)
     rollup_dirty()
     first = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first()
-    experiment = services.experiment_evaluate(experiment_id=experiment.pk)
+    experiment = services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
     assert experiment is not None and experiment.verdict == Verdict.GUARDRAIL
     assert "error rate reached 20.00% (limit ≤ 5.00%)" in experiment.verdict_sentence
     state = EnvironmentState.objects.get(model=model, environment="dev")
@@ -219,11 +229,11 @@ def test_a_sample_ratio_mismatch_makes_the_experiment_invalid(
     model = canary[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, mde=0.2)
-    now = timezone.now()
+    now = after_start()
     labelled(log_rows, personas, model, n=600, accuracy=0.8, at=now, version=1, role="champion", seed=8)
     labelled(log_rows, personas, model, n=450, accuracy=0.8, at=now, version=2, role="canary", seed=9)
     rollup_dirty()
-    experiment = services.experiment_evaluate(experiment_id=experiment.pk)
+    experiment = services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
     assert experiment is not None and experiment.verdict == Verdict.INVALID
     assert "sample-ratio mismatch" in experiment.verdict_sentence
     assert experiment.analysis["srm"]["requests"] == [600, 450]
@@ -235,11 +245,11 @@ def test_outcomes_not_in_yet_are_not_counted_and_are_reported_as_waiting(
     model = canary[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model)
-    now = timezone.now()
+    now = after_start()
     labelled(log_rows, personas, model, n=80, accuracy=0.8, at=now, version=1, role="champion", with_truth=50)
     labelled(log_rows, personas, model, n=80, accuracy=0.8, at=now, version=2, role="canary", with_truth=60)
     rollup_dirty()
-    experiment = services.experiment_evaluate(experiment_id=experiment.pk)
+    experiment = services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
     assert experiment is not None and experiment.verdict == Verdict.RUNNING
     arms = experiment.analysis["arms"]
     assert (arms["champion"]["outcomes"], arms["champion"]["waiting"]) == (50, 30)

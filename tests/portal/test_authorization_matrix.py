@@ -22,11 +22,11 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
-from monitoring.models import Alert
+from monitoring.models import Alert, Experiment
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
-from registry.models import ModelVersion
+from registry.models import EnvironmentState, ModelVersion
 from registry.promotions import services as promotions
 from tests.registry import files
 from tests.registry.conftest import deploy_now, fresh_serving_cache, two_versions  # noqa: F401 - fixtures
@@ -82,6 +82,7 @@ AUDIT = ("compliance", "admin")  # view_audit, export_audit, manage_subjects
 ADMIN = ("admin",)  # manage_teams
 SCHEDULE = {"environment": "dev", "name": "second", "location": "second/", "cron": "0 3 * * *"}
 TRUST = {"decision": "trust", "reason": "reviewed for the matrix"}
+EXPERIMENT = {"model": "churn", "environment": "dev", "metric": "accuracy", "mde": 0.05}
 
 # pattern -> the calls made on it, each with the status per persona. Objects in paths are team acme's, so the
 # outsider gets 404 wherever one is named; a capability held by nobody in a team is a 403. Personas outside
@@ -144,6 +145,11 @@ TABLE: dict[str, list[Call]] = {
         page("POST", ALERTS, ok=302, body={"thresholds": "{}", "target_column": ""})],
     "alerts/<uuid:uid>/acknowledge": [page("POST", ALERTS, ok=302, body={"comment": "seen"})],
     "alerts/<uuid:uid>/resolve": [page("POST", ALERTS, ok=302, body={"resolution": "fixed"})],
+    # A/B experiments: read by every member, started and stopped where one deploys (dev: data scientists). The world's
+    # experiment runs, so a second start is refused (400) after the permission check.
+    "models/<str:name>/environments/<str:env>/experiments": [page("GET"), page("POST", DS, ok=400)],
+    "experiments/<uuid:uid>/": [page("GET")],
+    "experiments/<uuid:uid>/stop": [page("POST", DS, ok=302, denied=302, body={"reason": "matrix"})],
     # API: the foundation
     "api/v1/me": [api("GET", ALL)],
     # Tokens are created from a signed-in session only (tests/portal/test_tokens.py), never with a bearer token.
@@ -200,6 +206,11 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/alerts/": [api("GET", ALL)],
     "api/v1/alerts/<uuid:uid>/acknowledge": [api("POST", ALERTS, body={"comment": "seen"})],
     "api/v1/alerts/<uuid:uid>/resolve": [api("POST", ALERTS, body={"resolution": "fixed"})],
+    "api/v1/experiments/": [api("GET", ALL), api("POST", DS, ok=400, body=EXPERIMENT)],
+    # The world has no ground truth, so the plan is refused (400) once the caller may see the model.
+    "api/v1/experiments/plan": [api("GET", ok=400, body={**EXPERIMENT, "mde": "0.05"})],
+    "api/v1/experiments/<uuid:uid>/": [api("GET"), api("PATCH", DS, body={"name": "matrix"})],
+    "api/v1/experiments/<uuid:uid>/stop": [api("POST", DS, body={"reason": "matrix"})],
     "api/v1/gdpr/subjects/<str:subject_id>/export": [api("GET", AUDIT, outsider=403)],
     "api/v1/gdpr/erasure": [api("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "reason": "asked"}),
                             api("POST", AUDIT, ok=400, outsider=403, body={"reason": "no subject"})],
@@ -215,6 +226,11 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     deployment = deploy_now(v1, personas["ds"])
     promotion = promotions.promotion_request(version=v1, target="stage", reason="matrix", actor=personas["ds"])
     deploy_now(v2, personas["ds"])  # v2 serves dev now; rolling back goes to v1, promoting v2 is allowed
+    canary = deploy_now(v1, personas["ds"], strategy="canary", traffic_percent=50)  # v1 its canary: an experiment
+    experiment = Experiment.objects.create(
+        model=model, environment="dev", champion=EnvironmentState.objects.get(model=model, environment="dev").champion,
+        challenger=canary, champion_version=2, challenger_version=1, traffic_percent=50, metric="accuracy", mde=0.05,
+        baseline_sd=0.4, tau2=0.0025, planned_sample=1500, fixed_horizon_sample=800, started_by=personas["ds"])
     X, _y = files._data()
     source = tmp_path / "in.csv"
     X.head(20).to_csv(source, index=False)
@@ -228,7 +244,7 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     victim_token, _ = portal_services.token_create(user=personas["ds"], name="victim", actor=personas["ds"])
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
-    ids = {"deployment": deployment.uid, "promotion": promotion.uid, "batch-job": job.uid, "alert": alert.uid,
+    ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid, "alert": alert.uid,
            "token": victim_token.uid, "schedule": schedule.pk, "webhook": hook.pk,
            "seq": AuditEvent.objects.order_by("seq").values_list("seq", flat=True).last()}
     bodies = {"ROWS": {"dataframe_split": {"columns": list(X.columns), "data": X.head(2).to_numpy().tolist()}},
@@ -247,7 +263,7 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
         if key == "pk":
             return str(ids["webhook" if "webhook" in (name or "") else "schedule"])
         assert converter == "uuid", pattern
-        for prefix in ("deployment", "promotion", "batch-job", "alert", "token"):
+        for prefix in ("deployment", "promotion", "batch-job", "alert", "token", "experiment"):
             if (name or "").startswith(prefix):
                 return str(ids[prefix])
         raise AssertionError(f"no object for {pattern}")

@@ -64,7 +64,8 @@ class ExperimentListApi(APIView):
     @extend_schema(parameters=[
         OpenApiParameter("status", OpenApiTypes.STR, enum=[*ExperimentStatus.values, "all"]),
         OpenApiParameter("model", OpenApiTypes.STR), OpenApiParameter("environment", OpenApiTypes.STR)],
-        responses=OpenApiTypes.OBJECT, summary="A/B experiments of the models you may see, newest first")
+        operation_id="v1_experiments_list", responses=OpenApiTypes.OBJECT,
+        summary="A/B experiments of the models you may see, newest first")
     def get(self, request: Request) -> Response:
         require_capability(request.user, "view_monitoring")
         qs = selectors.experiments_for(user=request.user)

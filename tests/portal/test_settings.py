@@ -144,6 +144,7 @@ ROUTES = {
     "monitoring.tasks.evaluate_alerts": "monitor",
     "monitoring.tasks.purge_payloads": "monitor",
     "monitoring.tasks.partitions_maintain": "monitor",
+    "monitoring.tasks.experiments_check": "monitor",
     "portal.tasks.webhook_deliver": "celery",
     "portal.tasks.send_email": "celery",
     "portal.tasks.audit_chain_verify": "celery",

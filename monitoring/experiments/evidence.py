@@ -17,4 +17,5 @@ def promotion_experiment(promotion: Any) -> dict[str, Any] | None:
     if experiment is None:
         return None
     return {**experiment_json(experiment), "verdict_label": Verdict(experiment.verdict).label,
-            "url": reverse("monitoring:experiment", args=[experiment.uid])}
+            "url": reverse("monitoring:experiment", args=[experiment.uid]),
+            "started_display": f"{experiment.started_at:%Y-%m-%d %H:%M}"}

@@ -62,7 +62,6 @@ class Experiment(models.Model):
     planned_sample = models.PositiveIntegerField(help_text="Outcomes per arm (the smaller) for 80 % power at the MDE.")
     fixed_horizon_sample = models.PositiveIntegerField()
     guardrails = models.JSONField(default=dict, blank=True)
-    segment_column = models.CharField(max_length=200, blank=True)
     status = models.CharField(max_length=8, choices=ExperimentStatus.choices, default=ExperimentStatus.RUNNING)
     verdict = models.CharField(max_length=16, choices=Verdict.choices, default=Verdict.RUNNING)
     verdict_sentence = models.TextField(blank=True)

@@ -307,3 +307,31 @@ def test_rollups_hold_request_counts_and_metric_sums(canary: list[ModelVersion],
         assert truth["outcome"] == [30, float(truth["correct"]), float(truth["correct"])]
         assert selectors.metric_sums(truth, "accuracy") == (30.0, float(truth["correct"]), float(truth["correct"]))
         assert selectors.metric_sums(truth, "outcome") == (30.0, float(truth["correct"]), float(truth["correct"]))
+
+
+def test_the_start_form_shows_the_plan_and_starts_the_experiment(
+        canary: list[ModelVersion], personas: dict[str, Any], log_rows: Callable[..., list[str]]) -> None:
+    model = canary[0].model
+    history(log_rows, personas, model)
+    client = Client()
+    client.force_login(personas["ds"])
+    page = client.get("/models/churn/environments/dev/experiments",
+                      {"plan": "1", "metric": "accuracy", "mde": "0.05", "alpha": "0.05",
+                       "traffic_percent": "40"}).content.decode()
+    plan = services.experiment_plan(model=model, environment="dev", metric="accuracy", mde=0.05, alpha=0.05,
+                                    traffic_percent=40)
+    assert f"<strong>{plan['planned_sample']}</strong> predictions with a known outcome per side" in page
+    assert "days</strong>" in page
+    bad = client.post("/models/churn/environments/dev/experiments",
+                      {"metric": "accuracy", "mde": "0.05", "traffic_percent": "100"})
+    assert bad.status_code == 400 and "from 1 to 99" in bad.content.decode()
+    started = client.post("/models/churn/environments/dev/experiments",
+                          {"metric": "accuracy", "mde": "0.05", "alpha": "0.05", "traffic_percent": "40",
+                           "error_rate_max": "0.02", "drift_psi_max": "off"})
+    experiment = Experiment.objects.get()
+    assert started.status_code == 302 and started["Location"] == f"/experiments/{experiment.uid}/"
+    assert experiment.traffic_percent == 40 and experiment.guardrails == {"error_rate_max": 0.02,
+                                                                          "latency_p99_ms": 250.0}
+    assert experiment.planned_sample == plan["planned_sample"]
+    # The monitoring page links to it while a canary runs.
+    assert 'data-testid="experiments-link"' in client.get("/models/churn/environments/dev/monitoring").content.decode()

@@ -19,7 +19,7 @@ from monitoring.experiments import selectors, services
 from monitoring.experiments.models import Experiment, ExperimentStatus, Verdict
 from monitoring.feedback import feedback_receive
 from monitoring.rollups import rollup_dirty
-from portal.models import AuditEvent
+from portal.models import AuditEvent, TeamWebhook, WebhookDelivery
 from registry.models import EnvironmentState, ModelVersion, PromotionRequest, ServingMode
 from tests.conftest import assert_error_shape
 from tests.monitoring.conftest import reference_matrix
@@ -207,6 +207,8 @@ def test_a_guardrail_breach_stops_the_challengers_traffic_and_is_audited_togethe
     model = canary[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, guardrails={"error_rate_max": 0.05})
+    hook = TeamWebhook.objects.create(team=model.team, url="https://hooks.example.com/in", secret="s" * 32,
+                                      events=["experiment.verdict"])
     now = after_start()
     labelled(log_rows, personas, model, n=100, accuracy=0.8, at=now, version=1, role="champion", seed=6)
     labelled(log_rows, personas, model, n=100, accuracy=0.8, at=now, version=2, role="canary", errors=20, seed=7)
@@ -222,6 +224,9 @@ def test_a_guardrail_breach_stops_the_challengers_traffic_and_is_audited_togethe
     switch = AuditEvent.objects.filter(action="traffic.switch").order_by("-seq").first()
     assert switch is not None and f"experiment {experiment.uid}" in switch.metadata["reason"]
     assert switch.after["challenger"] is None
+    # The team hears of it: its webhook gets the verdict (delivered by the worker once committed).
+    delivery = WebhookDelivery.objects.get(webhook=hook)
+    assert delivery.event == "experiment.verdict" and delivery.payload["verdict"] == "guardrail"
 
 
 def test_a_sample_ratio_mismatch_makes_the_experiment_invalid(

@@ -206,7 +206,7 @@ def webhook_deliver(*, delivery_id: int) -> tuple[str, int | None]:
 
 
 # What a team's webhook may subscribe to (none: everything); the services that send them name the same events.
-WEBHOOK_EVENTS = ("promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live",
+WEBHOOK_EVENTS = ("retraining.requested", "promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live",
                   "promotion.failed", "environment.rollback")
 
 

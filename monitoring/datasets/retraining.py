@@ -134,7 +134,8 @@ def snapshot_url(snapshot: DatasetSnapshot) -> str:
 
 def on_snapshot_done(snapshot: DatasetSnapshot) -> None:
     """Inside the transaction that finishes a snapshot: call CI for the requests waiting on it (or fail them)."""
-    for request in RetrainingRequest.objects.select_for_update().select_related("policy__webhook", "model__team").filter(
+    for request in RetrainingRequest.objects.select_for_update(of=("self",)).select_related(
+            "policy__webhook", "model__team").filter(
             snapshot=snapshot, status=RetrainingStatus.CUTTING):
         if snapshot.status != SnapshotStatus.READY:
             _fail(request, f"The snapshot failed: {snapshot.error}")

@@ -31,7 +31,7 @@ from portal.models import AuditOutcome
 from portal.permissions import require_capability, scope_to_teams
 from registry.models import ModelVersion
 
-TOKEN_PREFIX = "mld_"
+TOKEN_PREFIX = "mld_"  # noqa: S105 - the public prefix of dataset tokens, not a secret
 MAX_WINDOW_DAYS = 366
 TREATMENTS = {t.value for t in SensitiveTreatment}
 

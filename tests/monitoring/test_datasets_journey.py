@@ -46,7 +46,7 @@ SUBJECTS = [f"patient-{i}" for i in range(5)]
 class _CI(BaseHTTPRequestHandler):
     received: list[tuple[dict[str, str], bytes]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_POST(self) -> None:  # the stdlib names it
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).received.append((dict(self.headers), body))
         self.send_response(202)
@@ -90,7 +90,7 @@ def ci_worker(worker_factory: Callable[..., subprocess.Popen[bytes]], ci_receive
         proc.kill()
 
 
-def test_drift_to_retraining_to_lineage_to_erasure(serving: Client, personas: dict[str, Any], api_as: Any,
+def test_drift_to_retraining_to_lineage_to_erasure(serving: Client, personas: dict[str, Any], api_as: Any,  # noqa: F811
                                                    ci_receiver: tuple[int, type[_CI]],
                                                    ci_worker: subprocess.Popen[bytes], tmp_path: Path) -> None:
     port, ci = ci_receiver

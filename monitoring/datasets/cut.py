@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Exists, JSONField, OuterRef, Q, Subquery
+from django.db import connection, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from monitoring.models import DatasetSnapshot, Feedback, PredictionLog, SnapshotStatus
@@ -160,50 +160,106 @@ def _treat(value: Any, how: str) -> Any:
 # --- Reading the log in chunks --------------------------------------------------------------------------------
 
 def read_chunk(snapshot: DatasetSnapshot, cursor: list[str] | None, limit: int) -> list[tuple[Any, ...]]:
-    qs = window_rows(model_name=snapshot.model.name, environment=snapshot.environment, version=snapshot.version,
-                     start=snapshot.window_start, end=snapshot.window_end, labelled_only=snapshot.labelled_only)
+    """The next ``limit`` rows after ``cursor`` in (time, id) order: one query, the log LEFT JOIN its ground truth
+    (unique per prediction), the time index's range scan starting at the cursor; JSON decoded with orjson."""
+    log, truth = PredictionLog._meta.db_table, Feedback._meta.db_table
+    where = ["p.model_name = %s", "p.environment = %s", "p.created_at >= %s", "p.created_at < %s",
+             f"p.role IN ({', '.join(['%s'] * len(ROLES))})", "p.inputs IS NOT NULL"]
+    params: list[Any] = [snapshot.model.name, snapshot.environment, snapshot.window_start, snapshot.window_end, *ROLES]
+    if snapshot.version is not None:
+        where.append("p.version = %s")
+        params.append(snapshot.version)
+    if snapshot.labelled_only:
+        where.append("f.id IS NOT NULL")
     if cursor:
         at = dt.datetime.fromisoformat(cursor[0])
-        qs = qs.filter(Q(created_at__gt=at) | Q(created_at=at, id__gt=cursor[1]))
-    truth = Feedback.objects.filter(prediction_id=OuterRef("id"))
-    qs = qs.annotate(actual=Subquery(truth.values("actual")[:1], output_field=JSONField()),
-                     has_truth=Exists(truth))
-    return list(qs.order_by("created_at", "id").values_list(
-        "id", "created_at", "version", "role", "subject_hash", "inputs", "output", "actual", "has_truth")[:limit])
+        where.append("p.created_at >= %s AND (p.created_at > %s OR p.id > %s)")
+        params += [at, at, cursor[1]]
+    sql = (f"SELECT p.id, p.created_at, p.version, p.role, p.subject_hash, p.inputs, p.output, f.actual, "  # noqa: S608 - names from the models, values as parameters
+           f"f.id IS NOT NULL FROM {log} p LEFT JOIN {truth} f ON f.prediction_id = p.id "
+           f"WHERE {' AND '.join(where)} ORDER BY p.created_at, p.id LIMIT %s")
+    with connection.cursor() as cur:
+        cur.execute(sql, [*params, limit])
+        fetched = cur.fetchall()
+    return [(pid, _aware(at), version, role, subject, _json(inputs), _json(output), _json(actual), bool(has))
+            for pid, at, version, role, subject, inputs, output, actual, has in fetched]
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _aware(value: Any) -> dt.datetime:
+    if isinstance(value, str):  # SQLite hands a raw cursor text
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _column(values: list[Any], kind: str) -> tuple[pa.Array, int]:
+    """An Arrow column of ``kind``: at C speed when every value fits, else value by value (misfits become null and
+    are counted)."""
+    if kind not in ("json",):
+        try:
+            return pa.array(values, type=ARROW[kind]), 0
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            pass
+    fitted = [_fit(v, kind) for v in values]
+    return pa.array([v for v, _ok in fitted], type=ARROW[kind]), sum(1 for _v, ok in fitted if not ok)
 
 
 def chunk_table(rows: list[tuple[Any, ...]], schema: list[list[str]], features: list[Feature],
                 names_by_version: dict[int, list[str]], stats: dict[str, Any]) -> pa.Table:
     """One chunk as an Arrow table of ``schema``; ``stats`` (rows, labelled, per version, values that did not fit
-    their column) is added to."""
+    their column) is added to. Rows of one version are transposed in one go (``zip``), not value by value."""
     kinds = dict((name, kind) for name, kind in schema)
-    columns: dict[str, list[Any]] = {name: [] for name, _kind in schema}
+    n = len(rows)
+    pids, ats, versions, roles, subjects, inputs, outputs, actuals, labelled = (list(c) for c in zip(*rows,
+                                                                                                      strict=True))
     kept = [f for f in features if f.treatment != "dropped"]
-    misfits = 0
-    for pid, created_at, version, role, subject, inputs, output, actual, has_truth in rows:
-        columns["prediction_id"].append(pid)
-        columns["created_at"].append(created_at)
-        columns["version"].append(version)
-        columns["role"].append(role)
-        columns["subject_hash"].append(subject or None)
-        by_name = dict(zip(names_by_version.get(version, []), inputs, strict=False)) \
-            if isinstance(inputs, list) else {}
+    columns: dict[str, list[Any]] = {}
+    by_version: dict[int, list[int]] = {}
+    for i, version in enumerate(versions):
+        by_version.setdefault(version, []).append(i)
+    for version, idx in by_version.items():
+        names = names_by_version.get(version, [])
+        width = len(names)
+        picked = [inputs[i] for i in idx]
+        transposed: list[Any]
+        if all(isinstance(row, list) and len(row) == width for row in picked):
+            transposed = list(zip(*picked, strict=True)) if picked and width else []
+        else:  # rows of another shape: matched by position as far as they go
+            transposed = [[row[p] if isinstance(row, list) and p < len(row) else None for row in picked]
+                          for p in range(width)]
+        position = {name: p for p, name in enumerate(names)}
+        whole = len(idx) == n
         for f in kept:
-            value, ok = _fit(_treat(by_name.get(f.name), f.treatment), kinds[f.name])
-            misfits += not ok
-            columns[f.name].append(value)
-        for name, raw in (("prediction", output), ("actual", actual)):
-            value, ok = _fit(raw, kinds[name])
-            misfits += not ok
-            columns[name].append(value)
-        columns["labelled"].append(bool(has_truth))
-        stats["rows"] = stats.get("rows", 0) + 1
-        stats["labelled"] = stats.get("labelled", 0) + bool(has_truth)
-        per = stats.setdefault("versions", {})
-        per[str(version)] = per.get(str(version), 0) + 1
+            p = position.get(f.name)
+            part = list(transposed[p]) if p is not None and transposed else [None] * len(idx)
+            if f.treatment:
+                part = [_treat(v, f.treatment) for v in part]
+            if whole:
+                columns[f.name] = part
+            else:
+                target = columns.setdefault(f.name, [None] * n)
+                for i, v in zip(idx, part, strict=True):
+                    target[i] = v
+    misfits = 0
+    arrays: dict[str, pa.Array] = {
+        "prediction_id": pa.array(pids, type=pa.string()), "created_at": pa.array(ats, type=ARROW["timestamp"]),
+        "version": pa.array(versions, type=pa.int32()), "role": pa.array(roles, type=pa.string()),
+        "subject_hash": pa.array([s or None for s in subjects], type=pa.string()),
+        "labelled": pa.array(labelled, type=pa.bool_())}
+    for name, values in (*((f.name, columns.get(f.name, [None] * n)) for f in kept), ("prediction", outputs),
+                         ("actual", actuals)):
+        arrays[name], bad = _column(values, kinds[name])
+        misfits += bad
+    stats["rows"] = stats.get("rows", 0) + n
+    stats["labelled"] = stats.get("labelled", 0) + sum(labelled)
+    per = stats.setdefault("versions", {})
+    for version, idx in by_version.items():
+        per[str(version)] = per.get(str(version), 0) + len(idx)
     stats["values_not_fitting"] = stats.get("values_not_fitting", 0) + misfits
-    return pa.table({name: pa.array(values, type=ARROW[kinds[name]]) for name, values in columns.items()},
-                    schema=arrow_schema(schema))
+    return pa.table({name: arrays[name] for name, _kind in schema}, schema=arrow_schema(schema))
 
 
 def first_schema(rows: list[tuple[Any, ...]], features: list[Feature]) -> list[list[str]]:

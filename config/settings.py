@@ -203,6 +203,8 @@ if not _single_queue:
         "registry.tasks.version_scan": {"queue": "scan"},
         "registry.tasks.deployment*": {"queue": "deploy"},
         "registry.tasks.batch_*": {"queue": "score"},
+        # A snapshot cut runs for minutes: with the batch work, never holding up the prediction-log flushers.
+        "monitoring.tasks.snapshot_cut": {"queue": "score"},
         "monitoring.tasks.*": {"queue": "monitor"},
     }
 CELERY_TASK_ACKS_LATE = True

@@ -144,7 +144,7 @@ ROUTES = {
     "monitoring.tasks.evaluate_alerts": "monitor",
     "monitoring.tasks.purge_payloads": "monitor",
     "monitoring.tasks.partitions_maintain": "monitor",
-    "monitoring.tasks.snapshot_cut": "monitor",
+    "monitoring.tasks.snapshot_cut": "score",
     "monitoring.tasks.snapshots_reap": "monitor",
     "monitoring.tasks.retraining_evaluate": "monitor",
     "portal.tasks.webhook_deliver": "celery",

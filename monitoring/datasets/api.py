@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import authentication, exceptions, serializers, status
@@ -20,7 +21,7 @@ from registry.api.responses import blob_download
 from registry.versions import selectors as registry_selectors
 
 
-class SnapshotInput(serializers.Serializer[Any]):
+class DatasetSnapshotInput(serializers.Serializer[Any]):
     model = serializers.CharField(max_length=100)
     environment = serializers.ChoiceField(choices=["dev", "stage", "prod"])
     version = serializers.IntegerField(required=False, allow_null=True, min_value=1,
@@ -40,7 +41,8 @@ class SnapshotInput(serializers.Serializer[Any]):
 
 class DatasetListApi(APIView):
     @extend_schema(parameters=[OpenApiParameter("model", str, description="only this model's snapshots")],
-                   responses={200: OpenApiTypes.OBJECT}, summary="Dataset snapshots of your teams' models")
+                   responses={200: OpenApiTypes.OBJECT}, summary="Dataset snapshots of your teams' models",
+                   operation_id="datasets_list")
     def get(self, request: Request) -> Response:
         model = None
         if request.query_params.get("model"):
@@ -48,11 +50,11 @@ class DatasetListApi(APIView):
         qs = selectors.snapshot_list(user=request.user, model=model)[:200]
         return Response({"results": [selectors.snapshot_data(s, detail=False) for s in qs]})
 
-    @extend_schema(request=SnapshotInput, responses={202: OpenApiTypes.OBJECT},
+    @extend_schema(request=DatasetSnapshotInput, responses={202: OpenApiTypes.OBJECT},
                    summary="Cut a snapshot: the logged inputs joined with ground truth in a window, written as Parquet "
                            "by a worker (follow it at its url)")
     def post(self, request: Request) -> Response:
-        data = SnapshotInput(data=request.data)
+        data = DatasetSnapshotInput(data=request.data)
         data.is_valid(raise_exception=True)
         values = data.validated_data
         model = registry_selectors.model_get(user=request.user, name=values["model"], action="register_model")
@@ -89,6 +91,15 @@ class DatasetTokenAuthentication(authentication.BaseAuthentication):
         return "Bearer"
 
 
+class DatasetTokenScheme(OpenApiAuthenticationExtension):
+    target_class = "monitoring.datasets.api.DatasetTokenAuthentication"
+    name = "datasetToken"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {"type": "http", "scheme": "bearer", "description": "The read-only `mld_…` token a retraining call "
+                "carries: downloads that one snapshot, nothing else."}
+
+
 class DatasetDownloadApi(APIView):
     authentication_classes = [DatasetTokenAuthentication, BearerTokenAuthentication,
                               authentication.SessionAuthentication]
@@ -114,7 +125,7 @@ class DatasetDownloadApi(APIView):
                                             f"{snapshot.sha256[:12]}.parquet")
 
 
-class PolicyInput(serializers.Serializer[Any]):
+class RetrainingPolicyInput(serializers.Serializer[Any]):
     enabled = serializers.BooleanField(default=True)
     on_drift = serializers.BooleanField(default=True)
     accuracy_floor = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
@@ -134,13 +145,13 @@ class RetrainingPolicyApi(APIView):
         policy = RetrainingPolicy.objects.select_related("webhook").filter(model=model, environment=env).first()
         return Response({"policy": selectors.policy_data(policy)})
 
-    @extend_schema(request=PolicyInput, responses={200: OpenApiTypes.OBJECT},
+    @extend_schema(request=RetrainingPolicyInput, responses={200: OpenApiTypes.OBJECT},
                    summary="Set the retraining policy: drift alert, accuracy floor over a window, schedule; the CI "
                            "webhook to call")
     def put(self, request: Request, name: str, env: str) -> Response:
         registry_selectors.environment_param(env)
         model = registry_selectors.model_get(user=request.user, name=name, action="manage_alerts")
-        data = PolicyInput(data=request.data)
+        data = RetrainingPolicyInput(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
         webhook = values.pop("webhook", None)
@@ -155,15 +166,15 @@ class RetrainingRequestListApi(APIView):
         return Response({"results": [selectors.request_data(r) for r in selectors.request_list(model=model)]})
 
 
-class ReasonInput(serializers.Serializer[Any]):
+class RetrainingCloseInput(serializers.Serializer[Any]):
     reason = serializers.CharField(max_length=2000)
 
 
 class RetrainingRequestCloseApi(APIView):
-    @extend_schema(request=ReasonInput, responses={200: OpenApiTypes.OBJECT}, summary="Close an open request")
+    @extend_schema(request=RetrainingCloseInput, responses={200: OpenApiTypes.OBJECT}, summary="Close an open request")
     def post(self, request: Request, uid: str) -> Response:
         item = selectors.request_get(user=request.user, uid=uid, action="manage_alerts")
-        data = ReasonInput(data=request.data)
+        data = RetrainingCloseInput(data=request.data)
         data.is_valid(raise_exception=True)
         item = retraining.retraining_close(request=item, actor=request.user, reason=data.validated_data["reason"])
         return Response(selectors.request_data(item))
@@ -187,18 +198,18 @@ class ErasedDataFlagListApi(APIView):
             user=request.user, pending_only=pending)[:500]]})
 
 
-class DecisionInput(serializers.Serializer[Any]):
+class ErasedDataDecisionInput(serializers.Serializer[Any]):
     decision = serializers.ChoiceField(choices=["retrain", "keep"])
     reason = serializers.CharField(max_length=2000, required=False, allow_blank=True)
 
 
 class ErasedDataDecideApi(APIView):
-    @extend_schema(request=DecisionInput, responses={200: OpenApiTypes.OBJECT},
+    @extend_schema(request=ErasedDataDecisionInput, responses={200: OpenApiTypes.OBJECT},
                    summary="Record a compliance officer's decision: retrain, or keep with a reason")
     def post(self, request: Request, uid: str) -> Response:
         require_capability(request.user, "manage_subjects")
         flag = selectors.flag_get(user=request.user, uid=uid)
-        data = DecisionInput(data=request.data)
+        data = ErasedDataDecisionInput(data=request.data)
         data.is_valid(raise_exception=True)
         flag = services.erased_data_decide(flag=flag, decision=data.validated_data["decision"],
                                            reason=data.validated_data.get("reason", ""), actor=request.user)

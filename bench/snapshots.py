@@ -94,7 +94,7 @@ def setup_model(features: int) -> None:
 
 def write_rows(n: int, features: int, start: datetime) -> float:
     """N log rows and ground truth for 80 % of them, by COPY; returns seconds."""
-    rng = random.Random(7)
+    rng = random.Random(7)  # noqa: S311 - bench data, not secrets
     started = time.perf_counter()
     conn = psycopg2.connect(DB_URL)
     log, truth = io.StringIO(), io.StringIO()
@@ -209,7 +209,7 @@ def main() -> None:
         assert portal["rows"] == peer["rows"] == args.rows, (portal["rows"], peer["rows"])
         assert (portal["first"], portal["last"]) == (peer["first"], peer["last"]), "the same rows in the same order"
         print(f"\n{'':32}{'seconds':>10}{'rows/s':>12}{'peak RSS MB':>14}{'file MB':>10}")
-        for name, r in (("portal (chunks of %d)" % args.chunk_rows, portal), ("pandas read_sql + to_parquet", peer)):
+        for name, r in ((f"portal (chunks of {args.chunk_rows})", portal), ("pandas read_sql + to_parquet", peer)):
             print(f"{name:32}{r['seconds']:>10.1f}{r['rows'] / r['seconds']:>12,.0f}{r['peak_rss_mb']:>14.0f}"
                   f"{r['size'] / 1e6:>10.1f}")
         print(f"\nthroughput portal / pandas: {peer['seconds'] / portal['seconds']:.2f}x; "

@@ -36,6 +36,7 @@ VERSION_END = ("ready", "rejected")
 DEPLOYMENT_END = ("live", "failed", "retired")
 PROMOTION_END = ("live", "rejected", "cancelled", "failed")
 BATCH_END = ("done", "failed", "cancelled")
+SNAPSHOT_END = ("ready", "failed")
 
 Progress = Callable[[Any], None]
 
@@ -387,6 +388,7 @@ class Portal:
     def upload(self, model: str, file: str | Path, *, reference: str | Path | None = None,
                metrics: dict[str, float] | None = None, sensitive_columns: dict[str, str] | None = None,
                description: str = "", git_commit: str = "", source: str = "", mlflow_run_id: str = "",
+               trained_on: list[str] | None = None,
                progress: Callable[[int, int], None] | None = None) -> Version:
         """Upload a model file as a new version, streamed from disk. Raises ``FileNotFoundError`` for a file that
         is not there (before anything is sent)."""
@@ -400,7 +402,7 @@ class Portal:
             "metrics": json.dumps(metrics) if metrics is not None else "",
             "sensitive_columns": json.dumps(sensitive_columns) if sensitive_columns is not None else "",
             "description": description, "git_commit": git_commit, "source": source,
-            "mlflow_run_id": mlflow_run_id}.items() if v}
+            "mlflow_run_id": mlflow_run_id, "trained_on": ",".join(trained_on or [])}.items() if v}
         raw = self.request("POST", f"/api/v1/models/{_q(model)}/versions/", what=f"model {model!r}",
                            body_factory=lambda: MultipartStream(fields, files, progress=progress),
                            timeout=(self.timeout, None))
@@ -553,3 +555,29 @@ class Portal:
 
     def download_batch_errors(self, job_id: str, dest: str | Path) -> Path:
         return self.download(f"/api/v1/batch-jobs/{_q(job_id)}/errors", dest, what=f"batch job {job_id}'s errors")
+
+    # --- dataset snapshots ---------------------------------------------------------------------------------------
+
+    def dataset_create(self, model: str, env: str, *, start: str, end: str, version: int | None = None,
+                       labelled_only: bool = True, sensitive: dict[str, str] | None = None) -> dict[str, Any]:
+        """Ask for a snapshot of ``model`` in ``env`` over [start, end) (ISO times with a zone); a worker writes it."""
+        body: dict[str, Any] = {"model": model, "environment": env, "from": start, "to": end,
+                                "labelled_only": labelled_only}
+        if version is not None:
+            body["version"] = version
+        if sensitive:
+            body["sensitive"] = sensitive
+        return dict(self.request("POST", "/api/v1/datasets/", json=body, what=f"model {model!r}"))
+
+    def dataset(self, snapshot_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/api/v1/datasets/{_q(snapshot_id)}/", what=f"snapshot {snapshot_id}"))
+
+    def wait_dataset(self, snapshot: dict[str, Any], *, timeout: float = 3600,
+                     progress: Progress | None = None) -> dict[str, Any]:
+        return dict(self._poll(lambda: self.dataset(snapshot["id"]), lambda s: s["status"] in SNAPSHOT_END,
+                               timeout=timeout, progress=progress,
+                               describe=lambda s: f"snapshot {s['id']} {s['status']}: {s['rows_done']} of "
+                                                  f"{s['rows_expected']} rows"))
+
+    def download_dataset(self, snapshot_id: str, dest: str | Path) -> Path:
+        return self.download(f"/api/v1/datasets/{_q(snapshot_id)}/download", dest, what=f"snapshot {snapshot_id}")

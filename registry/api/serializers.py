@@ -68,6 +68,8 @@ class VersionUploadInput(serializers.Serializer[Any]):
     metrics = serializers.CharField(required=False, allow_blank=True, help_text='JSON object, e.g. {"auc": 0.97}')
     sensitive_columns = serializers.CharField(required=False, allow_blank=True, max_length=100_000,
                                               help_text='JSON object, e.g. {"age": "personal", "diagnosis": "health"}')
+    trained_on = serializers.CharField(required=False, allow_blank=True, max_length=10_000, help_text=(
+        "the dataset snapshots the version was trained on: ids or SHA-256, comma-separated (your team's, ready)"))
     description = serializers.CharField(required=False, allow_blank=True, max_length=5000)
     mlflow_run_id = serializers.CharField(required=False, allow_blank=True, max_length=64)
     source = serializers.CharField(required=False, allow_blank=True, max_length=500)  # type: ignore[assignment]

@@ -92,6 +92,7 @@ class VersionUploadApi(APIView):
                 git_commit=values.get("git_commit", ""), training_data_hash=values.get("training_data_hash", ""),
                 intended_use=values.get("intended_use", ""), limitations=values.get("limitations", ""),
                 ethical_considerations=values.get("ethical_considerations", ""),
+                trained_on=services.split_references(values.get("trained_on", "")),
             )
             version = services.version_upload(model=model, upload=values["file"],
                                               reference=values.get("reference_data"), meta=meta, actor=request.user)

@@ -275,6 +275,7 @@ def mlflow_import(*, model: RegisteredModel, uri: str, actor: Any) -> ImportResu
                 params={str(k)[:250]: str(v)[:6000] for k, v in lineage["params"].items()},
                 mlflow_run_id=resolved.run_id, source=uri,
                 git_commit=commit if re.fullmatch(r"[0-9a-fA-F]{7,64}", commit or "") else "",
+                trained_on=services.split_references(lineage["tags"].get(services.TRAINED_ON_TAG, "")),
                 mlflow_source={
                     "uri": uri, "tracking_uri": shown, "artifact_uri": resolved.artifact_uri[:1000],
                     "registered_model": resolved.registered_model[:256],

@@ -101,7 +101,7 @@ def version_get(*, user: Any, name: str, number: int, action: str | None = None)
     return get_object_for_user(
         user,
         ModelVersion.objects.select_related("model__team", "uploaded_by", "trust_decided_by", "artifact",
-                                            "reference__blob"),
+                                            "reference__blob", "mlflow_source"),
         action=action, model__name=name, number=number,
     )
 

@@ -312,7 +312,7 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
                 session = onnxruntime.InferenceSession(onnx_model.SerializeToString(),
                                                        providers=["CPUExecutionProvider"])
                 break
-            except Exception:  # noqa: S112 - the other precision may convert; else the model serves natively
+            except Exception:
                 onnx_model = session = None
                 continue
         if onnx_model is None or session is None:

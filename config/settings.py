@@ -222,6 +222,9 @@ PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},
     "reap-stale-batch-jobs": {"task": "registry.tasks.batch_reap", "schedule": timedelta(seconds=60)},
+    # MLflow connections: versions whose webhook never arrived, and sync jobs whose retry is overdue
+    "mlflow-reconcile": {"task": "registry.tasks.mlflow_reconcile",
+                         "schedule": timedelta(seconds=env_int("PORTAL_MLFLOW_RECONCILE_SECONDS", 60, minimum=10))},
     "flush-predictions": {
         "task": "monitoring.tasks.flush_predictions",
         "schedule": timedelta(seconds=env_int("PORTAL_FLUSH_SECONDS", 2, minimum=1)),

@@ -307,7 +307,8 @@ def require_tool(binary: str) -> str:
     pytest.skip(why)
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2, what: str = "") -> Any:
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2,
+             what: str | Callable[[], str] = "") -> Any:
     import time
 
     deadline = time.monotonic() + timeout
@@ -316,7 +317,8 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: flo
         if value:
             return value
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+    described = what() if callable(what) else what  # a callable describes the state the wait ended in
+    pytest.fail(f"timed out after {timeout} s waiting for {described or predicate}")
 
 
 def needs_sandbox() -> pytest.MarkDecorator:

@@ -52,6 +52,7 @@ class MlflowConnectionsApi(APIView):
                            "(model_version.created, model_version_alias.created) through MLflow's own client "
                            "(team managers; audited as mlflow.connect)")
     def post(self, request: Request) -> Response:
+        require_capability(request.user, "manage_teams")
         data = ConnectionInput(data=request.data)
         data.is_valid(raise_exception=True)
         values = data.validated_data

@@ -190,7 +190,7 @@ else:
     }
 # Queues, so that each kind of work can run on its own hosts (`celery worker -Q score`); a worker started without
 # -Q takes from all of them. `scan`: the sandboxed check of uploads; `deploy`: deployments; `score`: batch jobs;
-# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks).
+# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks, MLflow sync).
 # PORTAL_CELERY_QUEUE sends every task to that one queue instead (a private worker, as the tests start).
 PORTAL_CELERY_QUEUES = ("celery", "scan", "deploy", "score", "monitor")
 _single_queue = env_str("PORTAL_CELERY_QUEUE", "")

@@ -190,7 +190,7 @@ else:
     }
 # Queues, so that each kind of work can run on its own hosts (`celery worker -Q score`); a worker started without
 # -Q takes from all of them. `scan`: the sandboxed check of uploads; `deploy`: deployments; `score`: batch jobs;
-# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks).
+# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks, MLflow sync).
 # PORTAL_CELERY_QUEUE sends every task to that one queue instead (a private worker, as the tests start).
 PORTAL_CELERY_QUEUES = ("celery", "scan", "deploy", "score", "monitor")
 _single_queue = env_str("PORTAL_CELERY_QUEUE", "")
@@ -224,6 +224,9 @@ PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},
     "reap-stale-batch-jobs": {"task": "registry.tasks.batch_reap", "schedule": timedelta(seconds=60)},
+    # MLflow connections: versions whose webhook never arrived, and sync jobs whose retry is overdue
+    "mlflow-reconcile": {"task": "registry.tasks.mlflow_reconcile",
+                         "schedule": timedelta(seconds=env_int("PORTAL_MLFLOW_RECONCILE_SECONDS", 60, minimum=10))},
     "flush-predictions": {
         "task": "monitoring.tasks.flush_predictions",
         "schedule": timedelta(seconds=env_int("PORTAL_FLUSH_SECONDS", 2, minimum=1)),

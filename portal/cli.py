@@ -357,6 +357,15 @@ def cmd_dataset(portal: Portal, args: argparse.Namespace) -> Outcome:
                                                               "sha256": digest, "snapshot": snapshot})
 
 
+def cmd_mlflow(portal: Portal, args: argparse.Namespace) -> Outcome:
+    connection = portal.mlflow_connect(args.tracking_uri, team=args.team, write_back=not args.no_write_back,
+                                       portal_url=args.portal_url or "")
+    lines = [f"connected team {connection['team']} to {connection['tracking_uri']} (MLflow webhook "
+             f"{connection['webhook_id']}); new versions there are imported"
+             + ("; versions live in dev, stage and prod get those aliases there" if connection["write_back"] else "")]
+    return Outcome(EXIT_OK, "connected", lines, {"connection": connection})
+
+
 def _wait_deployment(portal: Portal, d: Deployment, args: argparse.Namespace) -> Outcome:
     outcome = _deployment_outcome(d)
     if not args.wait or d.status not in ("pending", "running"):
@@ -561,6 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("model")
     imported.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, "
                           "models:/m-… (an MLflow 3 logged model) or runs:/RUN_ID/PATH")
+    mlflow = command("mlflow", cmd_mlflow, "connect a team to an MLflow tracking server: `portal mlflow connect "
+                     "TRACKING_URI --team T` registers the portal's webhook there (team managers)")
+    mlflow.add_argument("action", choices=["connect"])
+    mlflow.add_argument("tracking_uri", help="the tracking server, e.g. http://mlflow:5000")
+    mlflow.add_argument("--team", required=True, help="the team's slug")
+    mlflow.add_argument("--no-write-back", action="store_true",
+                        help="do not set dev/stage/prod aliases and approval tags in MLflow")
+    mlflow.add_argument("--portal-url", help="the portal's address as the tracking server reaches it "
+                                             "(default: the portal's PORTAL_BASE_URL)")
     promote = command("promote", cmd_promote, "request a promotion to stage or prod (--wait: until live)", 600)
     promote.add_argument("model")
     promote.add_argument("version", type=int)

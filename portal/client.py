@@ -408,6 +408,17 @@ class Portal:
                            timeout=(self.timeout, None))
         return Version.from_api(raw)
 
+    def mlflow_connect(self, tracking_uri: str, *, team: str, write_back: bool = True,
+                       portal_url: str = "") -> dict[str, Any]:
+        """Connect ``team`` to an MLflow tracking server: the portal registers its webhook there, so every new
+        version of the server's registered models is imported; with ``write_back`` the versions live in dev, stage
+        and prod get those aliases in MLflow. Team managers only."""
+        body: dict[str, Any] = {"tracking_uri": tracking_uri, "team": team, "write_back": write_back}
+        if portal_url:
+            body["portal_url"] = portal_url
+        return dict(self.request("POST", "/api/v1/integrations/mlflow/connections", json=body,
+                                 what=f"team {team!r}"))
+
     def import_mlflow(self, model: str, uri: str) -> Version:
         """Import ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``, ``models:/m-…`` or
         ``runs:/RUN_ID/PATH`` from the portal's MLflow tracking server. An artifact already in the model answers

@@ -178,6 +178,10 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/audit/public-key": [api("GET", AUDIT, outsider=403)],
     "api/v1/teams/<slug:slug>/webhooks/": [api("GET", ADMIN), api("POST", ADMIN, ok=400)],
     "api/v1/teams/<slug:slug>/webhooks/<int:pk>/deliveries": [api("GET", ADMIN)],
+    # MLflow: connecting a team's tracking server is a team manager's; the webhook takes no session or token, only
+    # MLflow's signature (none here: 401 for everyone, audited as mlflow.webhook_refuse).
+    "api/v1/integrations/mlflow/connections": [api("GET", ADMIN, outsider=403), api("POST", ADMIN, ok=400, outsider=403)],
+    "api/v1/integrations/mlflow/webhook": [everyone("POST", 401)],
     # API: the registry
     "api/v1/models/": [api("GET", ALL), api("POST", DS, ok=201, body={"name": "matrix-model", "team": "acme"})],
     "api/v1/models/<str:name>/": [api("GET")],
@@ -413,7 +417,9 @@ def test_every_form_and_session_api_call_needs_the_csrf_token(world: dict[str, A
             kwargs: dict[str, Any] = {"format": "json"} if call.api else {}
             path = fill(pattern, name, world["ids"], call.number, call.env)
             response = getattr(client, call.method.lower())(path, body or {}, **kwargs)
-            # The serving endpoints take tokens only, never the session: 401 there.
-            if response.status_code not in (403, 401) or (response.status_code == 401 and "/serve/" not in path):
+            # The serving endpoints take tokens only, and MLflow's webhook only its signature, never the session:
+            # 401 there.
+            sessionless = "/serve/" in path or path.startswith("/api/v1/integrations/mlflow/webhook")
+            if response.status_code not in (403, 401) or (response.status_code == 401 and not sessionless):
                 unprotected.append(f"{call.method} {path}: {response.status_code}")
     assert not unprotected, unprotected

@@ -153,6 +153,9 @@ ROUTES = {
     "portal.tasks.audit_chain_verify": "celery",
     "portal.tasks.audit_checkpoint": "celery",
     "portal.tasks.audit_checkpoint_send": "celery",
+    # MLflow sync: the import's download and the alias calls are network I/O; the scan it causes goes to `scan`
+    "registry.tasks.mlflow_sync_run": "celery",
+    "registry.tasks.mlflow_reconcile": "celery",
 }
 ROUTE_SCRIPT = """
 import json, django

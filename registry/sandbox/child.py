@@ -664,12 +664,18 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
             return {"ok": True, "kind": "native", "reason": "skl2onnx is not installed"}
         final = model.steps[-1][1] if isinstance(model, Pipeline) else model
         conversion_options = {id(final): {"zipmap": False}} if hasattr(final, "predict_proba") else None
+        import onnxruntime
+
         for dtype in ("float64", "float32"):
+            # A graph skl2onnx writes may still be one onnxruntime cannot run (a double-precision tree ensemble
+            # on some releases): only a graph that loads counts as converted.
             try:
                 onnx_model = to_onnx(model, rows[:1].astype(dtype), options=conversion_options, target_opset=17)
+                onnxruntime.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
                 form = f"skl2onnx's conversion with {dtype} inputs"
                 break
             except Exception:  # noqa: S112 - the other precision may convert; else the model serves natively
+                onnx_model = None
                 continue
     if onnx_model is None:
         return {"ok": True, "kind": "native", "reason": "no ONNX converter for this model"}

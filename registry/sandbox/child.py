@@ -674,7 +674,7 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
                 onnxruntime.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
                 form = f"skl2onnx's conversion with {dtype} inputs"
                 break
-            except Exception:  # noqa: S112 - the other precision may convert; else the model serves natively
+            except Exception:  # the other precision may convert; else the model serves natively
                 onnx_model = None
                 continue
     if onnx_model is None:

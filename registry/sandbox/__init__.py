@@ -21,11 +21,11 @@ from typing import Any
 
 from django.conf import settings
 
-from registry.sandbox import bwrap, launch, remote
+from registry.sandbox import bwrap, cgroups, launch, remote
 from registry.sandbox.bwrap import SandboxUnavailable
 
-__all__ = ["SandboxResult", "SandboxUnavailable", "inspect_onnx", "prepare_serving", "run", "skops_types",
-           "smoke_test", "unavailable_reason"]
+__all__ = ["SandboxResult", "SandboxUnavailable", "cgroups_status", "inspect_onnx", "prepare_serving", "run",
+           "skops_types", "smoke_test", "unavailable_reason"]
 
 OUTPUT_TAIL_BYTES = 256 * 1024
 MAX_FILE_BYTES = 1024 * 1024 * 1024  # the largest file the ONNX conversion may write (a big forest's graph)
@@ -45,6 +45,12 @@ def unavailable_reason() -> str | None:
     """None when artifacts can be loaded in isolation here: by the model-host service where
     ``PORTAL_MODEL_HOST_URL`` names one (containers), else by bubblewrap on this machine."""
     return remote.probe() if remote.configured() else bwrap.probe()
+
+
+def cgroups_status() -> str | None:
+    """Whether local sandboxes get a cgroup here, in a line (``cgroups.status``); None where the model-host service
+    runs them (its own log says)."""
+    return None if remote.configured() else cgroups.status()
 
 
 def _tail(handle: Any) -> bytes:

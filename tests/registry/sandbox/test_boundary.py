@@ -216,6 +216,15 @@ print(json.dumps({"mountinfo": open("/proc/self/mountinfo").read(), "model": ope
     assert not any("registry/sandbox" in s for s in sources)
 
 
-def test_cgroup_status_says_what_holds() -> None:
+@pytest.mark.django_db
+def test_readyz_says_whether_sandboxes_get_cgroups_here() -> None:
+    """Whatever this machine offers, /readyz says it (and stays ready: rlimits, the pid namespace and the CPU
+    watchdog hold without cgroups)."""
+    from django.test import Client
+
     line = cgroups.status()
     assert line.split(":")[0] in ("ok", "partial", "unavailable") and len(line) > 20
+    response = Client().get("/readyz")
+    assert response.json()["sandbox_cgroups"] == line
+    if cgroups.hierarchy().parent is not None:
+        assert cgroups.hierarchy().parent.is_dir()

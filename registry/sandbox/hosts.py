@@ -128,7 +128,8 @@ class ModelHost:
         self.starts = 0
         self._busy = False
         self._stage: bwrap.Stage | None = None
-        self._cpu_mark = (0.0, 0.0)  # (the host's CPU seconds, when) as its last request ended
+        self._served = 0  # requests finished, so the watchdog can tell an idle second from a busy one
+        self._cpu_watch: tuple[float | None, int, float] = (None, 0, 0.0)  # the watchdog's (CPU, served, idle CPU)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -175,7 +176,6 @@ class ModelHost:
             error = str(ready.get("error") or "the model could not be loaded")[:MAX_ERROR_CHARS]
             self.stop()
             raise HostUnavailable(f"the model host could not load the model: {error}")
-        self._mark_cpu()
         logger.info("Model host %s started (pid %s, loaded in %s s)", self.label, getattr(self._proc, "pid", 0),
                     ready.get("load_seconds"))
 
@@ -197,7 +197,7 @@ class ModelHost:
             raise
         finally:
             child.close()
-        self._cpu_mark = (0.0, time.monotonic())
+        self._cpu_watch = (None, self._served, 0.0)
         return parent
 
     def stop(self) -> None:
@@ -214,19 +214,22 @@ class ModelHost:
 
     # --- the CPU budget ----------------------------------------------------------------------------------------
 
-    def idle_cpu_excess(self) -> float:
-        """CPU seconds this host burnt since its last request ended, beyond the idle allowance (0: within it).
-        A host answers between requests only when asked; one that keeps computing after its answer is spinning."""
+    def watch_cpu(self) -> float:
+        """The watchdog's look, once a second: CPU seconds this host burnt while idle (no request in flight and
+        none finished since the last look) beyond the idle allowance; 0 while within it. A host computes only when
+        asked: one that keeps burning CPU after its answer is spinning. Costs one /proc read per look, nothing per
+        request."""
         proc = self._proc
-        if not isinstance(proc, launch.SandboxProcess) or self._owner != os.getpid() or self._busy:
+        if not isinstance(proc, launch.SandboxProcess) or self._owner != os.getpid():
             return 0.0
         used = proc.cpu_seconds()
-        mark, _ = self._cpu_mark
-        return max(0.0, used - mark - settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS)
-
-    def _mark_cpu(self) -> None:
-        if isinstance(self._proc, launch.SandboxProcess):
-            self._cpu_mark = (self._proc.cpu_seconds(), time.monotonic())
+        last_used, last_served, idle = self._cpu_watch
+        if self._busy or self._served != last_served or last_used is None:
+            idle = 0.0
+        else:
+            idle += max(0.0, used - last_used)
+        self._cpu_watch = (used, self._served, idle)
+        return max(0.0, idle - settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS)
 
     def _cleanup(self) -> None:
         if self._stage is not None:
@@ -346,7 +349,7 @@ class ModelHost:
             return answer
         finally:
             self._busy = False
-            self._mark_cpu()
+            self._served += 1
             self._lock.release()
 
     def predict(self, matrix: np.ndarray, columns: list[str] | None, *, timeout: float) -> list[Any]:
@@ -445,14 +448,14 @@ class HostPool:
             hosts = [h for h in self._hosts.values() if h.running]
         stopped = 0
         for host in hosts:
-            excess = host.idle_cpu_excess()
+            excess = host.watch_cpu()
             if excess <= 0 or not host._lock.acquire(blocking=False):
                 continue
             try:
-                if host.idle_cpu_excess() > 0:
-                    host._crashed(f"kept using CPU after its last answer ({excess + settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS:.1f} s "
-                                  f"beyond an allowance of {settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS} s) and was "
-                                  "stopped")
+                if host.running and not host._busy and host._served == host._cpu_watch[1]:
+                    allowance = settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS
+                    host._crashed(f"kept using CPU after its last answer ({excess + allowance:.1f} s beyond an "
+                                  f"allowance of {allowance} s) and was stopped")
                     stopped += 1
             finally:
                 host._lock.release()

@@ -122,8 +122,7 @@ class SandboxProcess:
         data = b""
         with contextlib.suppress(OSError):
             while time.monotonic() < deadline:
-                ready, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
-                if not ready:
+                if not _readable(read_fd, deadline - time.monotonic()):
                     break
                 chunk = os.read(read_fd, 4096)
                 if not chunk:
@@ -184,13 +183,19 @@ class SandboxProcess:
         except subprocess.TimeoutExpired:
             gone = False
         if self.pidfd >= 0:
-            ready, _, _ = select.select([self.pidfd], [], [], timeout)  # readable once the init has exited
-            gone = gone and bool(ready)
+            gone = gone and _readable(self.pidfd, timeout)  # a pidfd is readable once its process has exited
             os.close(self.pidfd)
             self.pidfd = -1
         if self.group is not None:
             gone = self.group.remove(timeout) and gone
         return gone
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """poll, not select: a busy server's descriptors go past select's 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def _parent_of(pid: int) -> int:

@@ -466,6 +466,10 @@ if PORTAL_MODEL_HOST_URL and not PORTAL_MODEL_HOST_URL.startswith(("tcp://", "un
 PORTAL_MODEL_HOSTS_PER_PROCESS = env_int("PORTAL_MODEL_HOSTS_PER_PROCESS", 8, minimum=1)
 PORTAL_MODEL_HOST_IDLE_SECONDS = env_int("PORTAL_MODEL_HOST_IDLE_SECONDS", 900, minimum=10)
 PORTAL_MODEL_HOST_TIMEOUT_SECONDS = env_int("PORTAL_MODEL_HOST_TIMEOUT_SECONDS", 30, minimum=1)
+# A host's CPU budget: seconds of CPU it may burn between requests (past that it is stopped, as for a crash), and
+# the CPUs its cgroup may use at once (cpu.max, where this machine delegates a cgroup v2 to the portal).
+PORTAL_MODEL_HOST_IDLE_CPU_SECONDS = env_float("PORTAL_MODEL_HOST_IDLE_CPU_SECONDS", 5.0, minimum=0.5, maximum=3600.0)
+PORTAL_MODEL_HOST_CPU_SHARE = env_float("PORTAL_MODEL_HOST_CPU_SHARE", 1.0, minimum=0.1, maximum=256.0)
 # Batch scoring: chunk sizes (CSV by bytes, Parquet by rows), the share of bad rows a job tolerates, when a chunk
 # whose worker went silent is handed out again, and whether batch predictions join the prediction log.
 PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 16, minimum=1, maximum=1024) * 1024 * 1024

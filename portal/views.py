@@ -309,6 +309,15 @@ def register_sandbox_check(check: Callable[[], str | None]) -> None:
     _sandbox_unavailable = check
 
 
+# What the sandbox's process boundary has here beyond what always holds (its cgroups): a line for /readyz, or None.
+_sandbox_detail: Callable[[], str | None] | None = None
+
+
+def register_sandbox_detail(detail: Callable[[], str | None]) -> None:
+    global _sandbox_detail
+    _sandbox_detail = detail
+
+
 def _check_sandbox() -> str | None:
     reason = _sandbox_unavailable() if _sandbox_unavailable is not None else None
     return f"sandbox: {reason}" if reason else None
@@ -337,6 +346,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
         body["keys"] = keys.removeprefix("keys: ")
     if sandbox:
         body["sandbox"] = sandbox.removeprefix("sandbox: ")
+    detail = _sandbox_detail() if _sandbox_detail is not None and not sandbox else None
+    if detail:
+        body["sandbox_cgroups"] = detail  # informative: a sandbox without cgroups is still ready
     if problems:
         logger.warning("readiness check failed: %s", "; ".join(problems))
         return JsonResponse(body, status=503)

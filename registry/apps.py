@@ -10,13 +10,14 @@ class RegistryConfig(AppConfig):
     def ready(self) -> None:
         # lazy: AppConfig.ready() runs once the app registry is loaded; these register checks, hooks and listeners
         from portal.management.commands.seed_demo import SEED_HOOKS
-        from portal.views import register_sandbox_check
+        from portal.views import register_sandbox_check, register_sandbox_detail
         from registry import checks  # noqa: F401 - registers the sandbox's start-up check
         from registry.demo import seed
         from registry.mlflow_sync import services as mlflow_sync  # noqa: F401 - sets MLflow aliases on deployments
         from registry.promotions import services as promotions  # noqa: F401 - listens to the deployments' events
-        from registry.sandbox import unavailable_reason
+        from registry.sandbox import cgroups_status, unavailable_reason
 
         if seed not in SEED_HOOKS:
             SEED_HOOKS.append(seed)
         register_sandbox_check(unavailable_reason)  # /readyz reports the sandbox the registry owns
+        register_sandbox_detail(cgroups_status)  # and whether its sandboxes get cgroups here

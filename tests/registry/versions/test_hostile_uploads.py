@@ -724,3 +724,99 @@ def test_a_model_carrying_code_reaches_sandboxed_loading(ready_arena: Arena) -> 
         outcomes.append(f"{route}: {why or (version.status_detail if version else '')}")
     pytest.fail("no custom pyfunc reached sandboxed loading; models carrying code are a legitimate format:\n  "
                 + "\n  ".join(outcomes))
+
+
+# --- Issue 31: the sandbox's init taken over, processes outliving their host, a host spinning after it answered ---
+
+def _processes(*, comm: str = "", namespace: str = "") -> list[int]:
+    """Processes of this machine (host-side ``ps``) with that name or in that pid namespace."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if comm and Path(f"/proc/{entry}/comm").read_text().strip() == comm:
+                found.append(int(entry))
+            elif namespace and os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _status(pid: int) -> str:
+    try:
+        return " ".join(line.strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith(("Name", "State", "PPid", "NSpid")))
+    except OSError:
+        return f"{pid}: gone"
+
+
+def test_a_model_that_attacks_the_sandbox_init_leaves_nothing_behind(ready_arena: Arena, settings: Any,
+                                                                     capfd: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    """Issue 31's attack, uploaded, trusted, deployed and scored through the real entry points: the model opens
+    /proc/1/mem for writing and tries pidfd_getfd on pid 1, clears its parent-death signal, forks into a new
+    session, maps past the memory limit, and spins after answering. It finds itself alone as pid 1 (nothing to take
+    over), every call that would reach another process refused, the mapping refused; the host that spins is stopped
+    by the CPU watchdog, and once stopped nothing of it is left on the machine."""
+    import errno
+    import mmap
+
+    from registry.sandbox import hosts
+
+    arena = ready_arena
+    settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS = 1.0
+    control = mmap.mmap(-1, hostile.MAP_BYTES)  # outside a sandbox this machine maps it: the refusal is the limit's
+    control.close()
+    survivor = ("h" + TOKEN)[:15]
+    ev = Evidence("pid-1 takeover")
+    name = "hostile-pid1-takeover"
+    version = upload(arena, ev, name, "pid1_takeover", tmp_path)
+    check_outside(arena, ev, "scan")
+    assert version is not None and version.status == "ready", (ev.stages, ev.refusals, ev.problems,
+                                                               version and version.status_detail)
+    assert deploy(arena, ev, name, version), ev.problems
+    check_outside(arena, ev, "deploy")
+    version.refresh_from_db()
+    columns = _columns(version)
+    response = score(arena, name, columns, _rows(columns))
+    ev.text("scoring response", response.content)
+    assert response.status_code == 200, response.content[:500]
+    from registry.models import Deployment
+
+    deployment = Deployment.objects.filter(version=version).latest("pk")
+    host = hosts.pool._hosts[f"deployment-{deployment.pk}"]
+    namespace = getattr(host._proc, "pid_namespace", "")
+    facts = json.loads(response.json()["predictions"][0])
+    assert facts["pid"] == 1 and facts["processes"] == [1], facts  # the model is the init, alone: no other to take
+    assert facts["pidfd_getfd"] == errno.EPERM and facts["pdeathsig"] == errno.EPERM, facts
+    assert facts["fork"] == errno.EPERM and facts["mapped"] == 0, facts
+    assert namespace, "the host's pid namespace is known from outside"
+
+    deadline = time.monotonic() + 60  # a second of CPU past its answer, then the watchdog's next look
+    while host.running and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not host.running, "the host kept spinning after its answer"
+    with host._lock:  # the watchdog holds it while it stops the host
+        pass
+    assert "kept using CPU" in host.last_error, host.last_error
+    hosts.pool.release(host.key)
+    left = _processes(namespace=namespace)
+    assert left == [], ("processes of the stopped host survive", [_status(pid) for pid in left])
+    # The worker's own hosts (deploy, warm-up) ran the same payload: its watchdog stops them too.
+    deadline = time.monotonic() + 60
+    while _processes(comm=survivor) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes(comm=survivor) == [], "a process of the payload is still running"
+
+    check_outside(arena, ev, "score")
+    out, err = capfd.readouterr()
+    ev.text("web process stdout/stderr", out + err)
+    ev.text("worker log", arena.new_worker_log())
+    ev.text("web process log records", arena.new_log_lines())
+    for label, value in arena.secrets.items():
+        places = [where for where, text in ev.texts if value and value in text]
+        if places:
+            ev.problems.append(f"{label} is out, in: {sorted(set(places))}")
+    assert not ev.problems, "\n  ".join(ev.problems)

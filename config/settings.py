@@ -452,6 +452,16 @@ if PORTAL_MODEL_HOST_URL and not PORTAL_MODEL_HOST_URL.startswith(("tcp://", "un
 PORTAL_MODEL_HOSTS_PER_PROCESS = env_int("PORTAL_MODEL_HOSTS_PER_PROCESS", 8, minimum=1)
 PORTAL_MODEL_HOST_IDLE_SECONDS = env_int("PORTAL_MODEL_HOST_IDLE_SECONDS", 900, minimum=10)
 PORTAL_MODEL_HOST_TIMEOUT_SECONDS = env_int("PORTAL_MODEL_HOST_TIMEOUT_SECONDS", 30, minimum=1)
+# Real-time scoring (issue 31): the longest a request waits for its model (a host's answer, or an in-process ONNX
+# run, stopped by onnxruntime's terminate flag), plus a second per 1,000 rows; batch and warm-up keep the host timeout.
+PORTAL_SCORING_TIMEOUT_SECONDS = env_int("PORTAL_SCORING_TIMEOUT_SECONDS", 5, minimum=1)
+# The bulkhead: scoring requests one served version may have in progress per web process; the excess gets a 503 at
+# once. Hosts answer one request at a time, so more than two in flight would only queue on a slow one.
+PORTAL_SERVE_IN_FLIGHT_HOSTED = env_int("PORTAL_SERVE_IN_FLIGHT_HOSTED", 2, minimum=1)
+PORTAL_SERVE_IN_FLIGHT_IN_PROCESS = env_int("PORTAL_SERVE_IN_FLIGHT_IN_PROCESS", 6, minimum=1)
+# The in-process ONNX path's memory ceiling (onnxruntime's CPU arena per process) and input bound per run.
+PORTAL_ONNX_MEMORY_MB = env_int("PORTAL_ONNX_MEMORY_MB", 256, minimum=64)
+PORTAL_ONNX_MAX_ROWS_PER_RUN = env_int("PORTAL_ONNX_MAX_ROWS_PER_RUN", 1024, minimum=1)
 # Batch scoring: chunk sizes (CSV by bytes, Parquet by rows), the share of bad rows a job tolerates, when a chunk
 # whose worker went silent is handed out again, and whether batch predictions join the prediction log.
 PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 16, minimum=1, maximum=1024) * 1024 * 1024

@@ -45,6 +45,7 @@ from registry.models import (
 )
 from registry.sandbox.hosts import HostModelError, HostUnavailable
 from registry.scanning.archive import extract_zip
+from registry.scanning.onnxgraph import OnnxRefused, OnnxReview, review_onnx
 from registry.serving.call_examples import example_rows
 from registry.serving.runtime import load_serving_model
 from registry.versions.selectors import environment_param
@@ -151,9 +152,9 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
     """The serving form: ('onnx', Blob) when the sandbox's ONNX conversion predicts exactly like the model,
     else ('native', None): web workers then load the vetted artifact itself."""
     version = deployment.version
-    if version.format == "onnx":
-        return "onnx", version.artifact
     assert version.artifact is not None
+    if version.format == "onnx":
+        return _uploaded_onnx_form(deployment)
     example = _example(version)
     with storage.verified_local_path(version.artifact) as artifact:
         if version.format == "mlflow":
@@ -176,10 +177,12 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
     if not result.ok:
         raise DeploymentFailed(f"preparing the serving form failed: {result.error}")
     if result.data.get("kind") == "onnx" and output.is_file() and not output.is_symlink():
-        problems = onnx_serving_problems(output)
-        if problems:
-            raise DeploymentFailed("the sandbox's ONNX form cannot serve in-process: " + "; ".join(problems))
-        return "onnx", storage.blob_put_path(output)
+        # What the sandbox wrote is the claim of a process that loaded the model: checked here, by the portal,
+        # before anything credentialed loads it or it is kept.
+        review = _review_onnx_file(output, "the sandbox's ONNX form")
+        if not review.sandbox_reasons:
+            return "onnx", storage.blob_put_path(output)
+        result.data["reason"] = "its ONNX form uses " + "; ".join(review.sandbox_reasons)
     if version.format == "mlflow":
         _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host "
                               f"({result.data.get('reason', 'no ONNX form')}).")
@@ -188,43 +191,47 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
     return "native", None
 
 
-ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+def _review_onnx_file(path: Path, what: str) -> OnnxReview:
+    """The portal's own review of an ONNX file (``registry.scanning.onnxgraph``): a deployment whose graph keeps
+    any tensor's data in another file is refused here, naming the tensor, before any credentialed process loads it."""
+    try:
+        review = review_onnx(path.read_bytes())
+    except OnnxRefused as exc:
+        raise DeploymentFailed(f"{what} cannot be served: {exc}") from None
+    if review.refusal:
+        raise DeploymentFailed(f"{what} cannot be served: {review.refusal}")
+    return review
+
+
+def _uploaded_onnx_form(deployment: Deployment) -> tuple[str, Any]:
+    """An uploaded ONNX graph: in the web workers when it holds only what the converters emit; else (control flow,
+    operators sized by input values, custom operators) in a sandboxed model host, said in the deployment's log,
+    or refused where no sandbox can start."""
+    version = deployment.version
+    assert version.artifact is not None
+    with storage.verified_local_path(version.artifact) as path:
+        review = _review_onnx_file(path, "the uploaded ONNX graph")
+    if not review.sandbox_reasons:
+        return "onnx", version.artifact
+    why = "; ".join(review.sandbox_reasons)
+    unavailable = sandbox.unavailable_reason()
+    if unavailable:
+        raise DeploymentFailed(f"the ONNX graph uses {why}, which the web workers do not run in-process; it needs a "
+                               f"sandboxed model host, and none can start here ({unavailable})")
+    _step(deployment, 45, f"Serving from a sandboxed model host: the ONNX graph uses {why}, which the web workers "
+                          "do not run in-process.")
+    return "native", None
 
 
 def onnx_serving_problems(path: Path) -> list[str]:
-    """An ONNX file written by a sandbox is data from an untrusted process: before a web worker loads it, its graph
-    may use only onnxruntime's built-in operator sets and keep every tensor inside the file (an external-data
-    location would make onnxruntime read another file of the web worker's)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
+    """Why an ONNX file may not serve in a web worker (empty: it may): a tensor keeping its data in another file,
+    or what only a sandboxed host runs. Kept for callers of the earlier check; ``_review_onnx_file`` is the one the
+    deployment uses."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a malformed protobuf of any kind
-        return [f"not a readable ONNX model ({type(exc).__name__})"]
-    problems = []
-    domains = {op.domain for op in model.opset_import} | {node.domain for node in model.graph.node}
-    for function in model.functions:
-        domains |= {node.domain for node in function.node}
-    unknown = sorted(domains - ONNX_DOMAINS)
-    if unknown:
-        problems.append("operators from custom domains " + ", ".join(repr(d) for d in unknown[:5]))
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        if any(uses_external_data(t) for t in graph.initializer):
-            problems.append("a tensor keeps its data in another file")
-            break
-        for node in graph.node:
-            for attribute in node.attribute:
-                graphs.extend([attribute.g] if attribute.HasField("g") else [])
-                graphs.extend(attribute.graphs)
-                tensors = ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
-                if any(uses_external_data(t) for t in tensors):
-                    problems.append("a tensor keeps its data in another file")
-                    graphs.clear()
-                    break
-    return problems
+        review = review_onnx(path.read_bytes())
+    except OnnxRefused as exc:
+        return [str(exc)]
+    return ([review.refusal] if review.refusal else []) + review.sandbox_reasons
 
 
 def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:

@@ -23,6 +23,18 @@ from portal.management.commands.seed_demo import DEMO_USERS
 STOP_GRACE_SECONDS = 15
 
 
+def web_command(python: str, bind: str) -> list[str]:
+    """The web server as ``make run`` starts it (and ``bench/isolation.py`` and ``bench/serving.py`` measure it):
+    gunicorn with ``PORTAL_WEB_WORKERS`` processes of ``PORTAL_WEB_THREADS`` threads each (gthread), so a request
+    waiting on a slow model host holds one thread, not a whole worker, while pages and other models are served.
+    The Dockerfile, docker-compose.yml and deploy/k8s/base/web.yaml start the same (2 workers, 8 threads)."""
+    workers = env_int("PORTAL_WEB_WORKERS", 2, minimum=1, maximum=64)
+    threads = env_int("PORTAL_WEB_THREADS", 8, minimum=1, maximum=256)
+    return [python, "-m", "gunicorn", "config.wsgi:application", "--bind", bind, "--workers", str(workers),
+            "--worker-class", "gthread", "--threads", str(threads), "--access-logfile", "-",
+            "--graceful-timeout", "10", "--timeout", "120"]
+
+
 class Command(BaseCommand):
     help = "Run web, worker and beat together in the foreground; Ctrl-C stops them all."
 
@@ -33,13 +45,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, port: int | None, host: str | None, **options: Any) -> None:
         port = port or env_int("PORT", 8000, minimum=1, maximum=65535)
         host = host or env_str("PORTAL_BIND_HOST", "127.0.0.1")
-        web_workers = env_int("PORTAL_WEB_WORKERS", 2, minimum=1, maximum=64)
         concurrency = env_int("PORTAL_WORKER_CONCURRENCY", 2, minimum=1, maximum=64)
         py = sys.executable
         commands = {
-            "web": [py, "-m", "gunicorn", "config.wsgi:application", "--bind", f"{host}:{port}",
-                    "--workers", str(web_workers), "--access-logfile", "-", "--graceful-timeout", "10",
-                    "--timeout", "120"],
+            "web": web_command(py, f"{host}:{port}"),
             "worker": [py, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO",
                        "--concurrency", str(concurrency), "--hostname", f"worker-{os.getpid()}@%h"],
             "beat": [py, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"],

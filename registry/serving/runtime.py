@@ -303,9 +303,10 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
 
 
 def named_inputs(version: ModelVersion) -> list[str]:
-    """A column signature's names (an MLflow tensor spec may be named too, but its name is not a column)."""
+    """A column signature's names (an MLflow tensor spec, or a bare ONNX graph's input with its ``shape``, may be
+    named too, but its name is not a column)."""
     return [c["name"] for c in version.signature.get("inputs", [])
-            if isinstance(c, dict) and c.get("name") and c.get("type") != "tensor"]
+            if isinstance(c, dict) and c.get("name") and c.get("type") != "tensor" and "shape" not in c]
 
 
 def input_columns(version: ModelVersion) -> list[str]:

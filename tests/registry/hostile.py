@@ -705,13 +705,37 @@ class ForgingModel(mlflow.pyfunc.PythonModel):
         frame = model_input
         return (frame.iloc[:, 0] + frame.iloc[:, 1]).astype("float64").to_numpy()
 '''
+    return _custom_pyfunc_zip(source, "ForgingModel")
+
+
+def hanging_pyfunc_zip() -> bytes:
+    """A custom pyfunc that answers like ``f0 + f1``, and never answers a request holding ``TRIGGER`` (it sleeps
+    an hour): a model host that hangs, with a warm-up and a scan that pass."""
+    source = f'''
+import time
+
+import mlflow.pyfunc
+
+
+class HangingModel(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input=None, params=None):
+        frame = model_input
+        if (frame.select_dtypes("number") == {TRIGGER!r}).to_numpy().any():
+            time.sleep(3600)
+        return (frame.iloc[:, 0] + frame.iloc[:, 1]).astype("float64").to_numpy()
+'''
+    return _custom_pyfunc_zip(source, "HangingModel")
+
+
+def _custom_pyfunc_zip(source: str, class_name: str) -> bytes:
+    """An MLflow model zip of the ``class_name`` PythonModel that ``source`` defines, cloudpickled by value."""
     import cloudpickle
 
-    module = f"forging_{uuid.uuid4().hex[:8]}"
+    module = f"custom_{uuid.uuid4().hex[:8]}"
     namespace = types.ModuleType(module)
     exec(compile(source, f"<{module}>", "exec"), namespace.__dict__)  # noqa: S102 - our own payload, definitions only
     pyfunc = {"loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"}
-    members = [("python_model.pkl", bytes(cloudpickle.dumps(namespace.ForgingModel()))),
+    members = [("python_model.pkl", bytes(cloudpickle.dumps(getattr(namespace, class_name)()))),
                ("MLmodel", _mlmodel(python_function=pyfunc, with_signature=True, with_example=True).encode()),
                ("input_example.json", json.dumps(EXAMPLE).encode())]
     buffer = io.BytesIO()

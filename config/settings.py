@@ -456,9 +456,10 @@ PORTAL_MODEL_HOST_TIMEOUT_SECONDS = env_int("PORTAL_MODEL_HOST_TIMEOUT_SECONDS",
 # run, stopped by onnxruntime's terminate flag), plus a second per 1,000 rows; batch and warm-up keep the host timeout.
 PORTAL_SCORING_TIMEOUT_SECONDS = env_int("PORTAL_SCORING_TIMEOUT_SECONDS", 5, minimum=1)
 # The bulkhead: scoring requests one served version may have in progress per web process; the excess gets a 503 at
-# once. Hosts answer one request at a time, so more than two in flight would only queue on a slow one.
-PORTAL_SERVE_IN_FLIGHT_HOSTED = env_int("PORTAL_SERVE_IN_FLIGHT_HOSTED", 2, minimum=1)
-PORTAL_SERVE_IN_FLIGHT_IN_PROCESS = env_int("PORTAL_SERVE_IN_FLIGHT_IN_PROCESS", 6, minimum=1)
+# once. A host answers one request at a time: four in flight keep it busy through a burst (three queued behind one
+# running), and two hung models still leave half of a worker's 16 threads to everything else.
+PORTAL_SERVE_IN_FLIGHT_HOSTED = env_int("PORTAL_SERVE_IN_FLIGHT_HOSTED", 4, minimum=1)
+PORTAL_SERVE_IN_FLIGHT_IN_PROCESS = env_int("PORTAL_SERVE_IN_FLIGHT_IN_PROCESS", 8, minimum=1)
 # The in-process ONNX path's memory ceiling (onnxruntime's CPU arena per process) and input bound per run.
 PORTAL_ONNX_MEMORY_MB = env_int("PORTAL_ONNX_MEMORY_MB", 256, minimum=64)
 PORTAL_ONNX_MAX_ROWS_PER_RUN = env_int("PORTAL_ONNX_MAX_ROWS_PER_RUN", 1024, minimum=1)

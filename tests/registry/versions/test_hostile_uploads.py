@@ -877,6 +877,7 @@ def test_a_model_host_that_never_answers_does_not_take_the_others_down(ready_are
 
     arena = ready_arena
     settings.PORTAL_SCORING_TIMEOUT_SECONDS = 3
+    settings.PORTAL_SERVE_IN_FLIGHT_HOSTED = 2  # read when this process loads the deployment, on its first request
     name = "hanging-host"
     version = _upload_ready(arena, name, "model.zip", hostile.hanging_pyfunc_zip())
     deployment = _deployed(arena, name, version)

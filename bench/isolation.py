@@ -168,6 +168,7 @@ def main() -> None:
         (work / "loop.onnx").write_bytes(hostile.onnx_loop())
         env = {**serving.portal_env(work), "DATABASE_URL": DB_URL, "CELERY_BROKER_URL": BROKER}
         subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+        subprocess.run([PY, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)  # as make run
         out = subprocess.run([PY, "manage.py", "shell", "-c", SETUP.replace("sys.argv[1]", repr(str(work)))],
                              cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile
 # `make run` is the developer's demo: DEBUG on unless the caller says otherwise.
 run: export PORTAL_DEBUG ?= 1
 
-.PHONY: run sandbox-check test test-fast test-long soak faults install install-test typecheck lint clean-var
+.PHONY: run sandbox-check test-tools test test-fast test-long soak faults install install-test typecheck lint clean-var
 
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found %s)" % sys.version.split()[0])'
@@ -56,7 +56,25 @@ run: $(INSTALLED) sandbox-check
 	$(PY) manage.py collectstatic --noinput -v 0
 	exec $(PY) manage.py runstack
 
-test: $(INSTALLED_TEST)
+# The system tools the suite drives: bubblewrap (the model sandbox), Chromium (the browser journeys), kubectl and
+# docker-compose (render the Kubernetes manifests and the compose file offline). As root on Debian or Ubuntu the
+# missing ones are installed, as `make run` does for bubblewrap; anyone else is told in one line what to install,
+# and the tests that need a missing tool are skipped saying the same line (tests/conftest.py require_tool).
+TEST_TOOLS := bwrap:bubblewrap chromium:chromium kubectl:kubectl docker-compose:docker-compose
+test-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing the suite's system tools:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } \
+	      || { echo "Could not install:$$missing (apt-get install$$missing)"; exit 1; }; \
+	  else \
+	    echo "The tests that need them are skipped until you run: sudo apt-get install$$missing"; \
+	  fi; \
+	fi
+
+test: $(INSTALLED_TEST) test-tools
 	@out=$$($(PY) manage.py makemigrations --check --dry-run --settings=tests.settings 2>&1) || { \
 	  echo "$$out"; \
 	  case "$$out" in *"Migrations for"*) echo "Models changed without a migration: run manage.py makemigrations";; \

@@ -12,4 +12,5 @@ app = Celery("portal")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # The registry keeps its tasks with each feature (registry/<feature>/tasks.py).
-app.autodiscover_tasks(["registry.versions", "registry.deployments", "registry.batch"])
+app.autodiscover_tasks(["registry.versions", "registry.deployments", "registry.batch", "registry.mlflow_sync",
+                        "monitoring.datasets"])

@@ -190,7 +190,7 @@ else:
     }
 # Queues, so that each kind of work can run on its own hosts (`celery worker -Q score`); a worker started without
 # -Q takes from all of them. `scan`: the sandboxed check of uploads; `deploy`: deployments; `score`: batch jobs;
-# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks).
+# `monitor`: the prediction flusher, rollups and alerts; `celery`: the rest (webhooks, email, audit checks, MLflow sync).
 # PORTAL_CELERY_QUEUE sends every task to that one queue instead (a private worker, as the tests start).
 PORTAL_CELERY_QUEUES = ("celery", "scan", "deploy", "score", "monitor")
 _single_queue = env_str("PORTAL_CELERY_QUEUE", "")
@@ -203,6 +203,8 @@ if not _single_queue:
         "registry.tasks.version_scan": {"queue": "scan"},
         "registry.tasks.deployment*": {"queue": "deploy"},
         "registry.tasks.batch_*": {"queue": "score"},
+        # A snapshot cut runs for minutes: with the batch work, never holding up the prediction-log flushers.
+        "monitoring.tasks.snapshot_cut": {"queue": "score"},
         "monitoring.tasks.*": {"queue": "monitor"},
     }
 CELERY_TASK_ACKS_LATE = True
@@ -222,6 +224,9 @@ PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},
     "reap-stale-batch-jobs": {"task": "registry.tasks.batch_reap", "schedule": timedelta(seconds=60)},
+    # MLflow connections: versions whose webhook never arrived, and sync jobs whose retry is overdue
+    "mlflow-reconcile": {"task": "registry.tasks.mlflow_reconcile",
+                         "schedule": timedelta(seconds=env_int("PORTAL_MLFLOW_RECONCILE_SECONDS", 60, minimum=10))},
     "flush-predictions": {
         "task": "monitoring.tasks.flush_predictions",
         "schedule": timedelta(seconds=env_int("PORTAL_FLUSH_SECONDS", 2, minimum=1)),
@@ -235,9 +240,18 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.rollup",
         "schedule": timedelta(seconds=env_int("PORTAL_ROLLUP_SECONDS", 30, minimum=5)),
     },
+    "datasets-retraining": {
+        "task": "monitoring.tasks.retraining_evaluate",
+        "schedule": timedelta(seconds=env_int("PORTAL_RETRAINING_SECONDS", 60, minimum=10)),
+    },
+    "datasets-reap": {"task": "monitoring.tasks.snapshots_reap", "schedule": timedelta(seconds=60)},
     "monitoring-alerts": {
         "task": "monitoring.tasks.evaluate_alerts",
         "schedule": timedelta(seconds=env_int("PORTAL_ALERT_SECONDS", 60, minimum=10)),
+    },
+    "monitoring-experiments": {
+        "task": "monitoring.tasks.experiments_check",
+        "schedule": timedelta(seconds=env_int("PORTAL_EXPERIMENT_SECONDS", 60, minimum=10)),
     },
     "verify-audit-chain-daily": {
         "task": "portal.tasks.audit_chain_verify",
@@ -491,6 +505,18 @@ else:
 DEFAULT_FROM_EMAIL = env_str("PORTAL_EMAIL_FROM", "mlops-portal@localhost")
 PORTAL_BASE_URL = (env_url("PORTAL_BASE_URL", None, schemes={"http", "https"}) or "http://127.0.0.1:8000").rstrip("/")
 PORTAL_WEBHOOK_ALLOW_HTTP = env_bool("PORTAL_WEBHOOK_ALLOW_HTTP", False)
+
+# --- Datasets cut from production (monitoring.datasets) -----------------------------------------------------------
+# Rows per Parquet chunk a worker writes (the unit of progress and of resuming after a crash), how long a retraining
+# call's read-only dataset token lives, and how each kind of sensitive column is treated in a snapshot by default
+# (dropped, masked or kept encrypted under PORTAL_PAYLOAD_KEYS; a snapshot request may choose per column).
+PORTAL_SNAPSHOT_CHUNK_ROWS = env_int("PORTAL_SNAPSHOT_CHUNK_ROWS", 20_000, minimum=100, maximum=1_000_000)
+PORTAL_SNAPSHOT_STALE_SECONDS = env_int("PORTAL_SNAPSHOT_STALE_SECONDS", 300, minimum=10)
+PORTAL_DATASET_TOKEN_MINUTES = env_int("PORTAL_DATASET_TOKEN_MINUTES", 60, minimum=1, maximum=7 * 24 * 60)
+PORTAL_SNAPSHOT_SENSITIVE = {
+    "personal": env_choice("PORTAL_SNAPSHOT_PERSONAL", "encrypted", choices={"dropped", "masked", "encrypted"}),
+    "health": env_choice("PORTAL_SNAPSHOT_HEALTH", "dropped", choices={"dropped", "masked", "encrypted"}),
+}
 # The ports a webhook URL may name (an https URL without one is 443, an http one 80).
 try:
     PORTAL_WEBHOOK_PORTS = tuple(sorted({int(p) for p in env_list("PORTAL_WEBHOOK_PORTS", ["443", "8443"])}))

@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from monitoring import views as monitoring_views
+from monitoring.datasets import urls as dataset_urls
 from portal import twofactor, views
 from registry.serving import views as serving_views
 
@@ -32,9 +33,11 @@ urlpatterns = [
     path("api/v1/", include("portal.api.urls")),
     path("api/v1/", include("registry.api.urls")),
     path("api/v1/", include("monitoring.api.urls")),
+    path("api/v1/", include(dataset_urls.api_patterns)),
     path("api/v1/serve/<str:name>/<str:env>/invocations", serving_views.invocations, name="serve-invocations"),
     path("", include("registry.urls")),
     path("", include("monitoring.urls")),
+    path("", include("monitoring.datasets.urls")),
     path("metrics", monitoring_views.prometheus_metrics, name="metrics"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     # The split view serves Swagger UI's start-up script as a file, so the CSP can forbid inline scripts.

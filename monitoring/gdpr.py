@@ -12,6 +12,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from monitoring.datasets import erasure
 from monitoring.flush import drain
 from monitoring.models import Feedback, PredictionLog
 from monitoring.sensitive import reveal_row
@@ -42,31 +43,49 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
         p["inputs"] = reveal_row(p["inputs"], may_see=may_see)
     feedback = list(Feedback.objects.filter(prediction_id__in=[p["id"] for p in predictions]).values(
         "prediction_id", "actual", "received_at"))
+    snapshots = erasure.subject_snapshots(digest)
     with transaction.atomic():
         audit_record(AuditAction.GDPR_SUBJECT_ACCESS, actor=actor, target=_target(digest),
-                     metadata={"predictions": len(predictions), "feedback": len(feedback)})
+                     metadata={"predictions": len(predictions), "feedback": len(feedback),
+                               "snapshots": len(snapshots)})
     return {"subject_hash": digest, "generated_at": timezone.now(), "predictions": predictions,
-            "feedback": feedback,
-            "stores": ["prediction log (inputs, outputs)", "ground truth (feedback)"]}
+            "feedback": feedback, "training_snapshots": snapshots,
+            "stores": ["prediction log (inputs, outputs)", "ground truth (feedback)",
+                       "dataset snapshots (training data cut from the log)"]}
 
 
 def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str, Any]:
     """Erase the subject's payloads everywhere they are held. Prediction rows keep their non-personal facts
     (model, version, time, latency) so aggregates stay right; inputs, outputs, ground truth and the subject link go.
+    Training data too: the subject's rows leave every dataset snapshot (a new content hash, the old one kept in the
+    snapshot's manifest chain with this receipt) and each version trained on such a snapshot is flagged until a
+    compliance officer decides (``monitoring.datasets.erasure``).
     The receipt is the audit event that records the erasure: its sequence number and hash."""
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
     drain()
-    with transaction.atomic():
-        ids = list(PredictionLog.objects.select_for_update().filter(subject_hash=digest).values_list("id", flat=True))
-        feedback = Feedback.objects.filter(prediction_id__in=ids).delete()[0]
-        erased = PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None, subject_hash="",
-                                                                 error="")
-        event = audit_record(AuditAction.GDPR_ERASURE, actor=actor, target=_target(digest),
-                             after={"predictions_erased": erased, "feedback_erased": feedback},
-                             metadata={"reason": reason[:1000]})
+    plan = erasure.erasure_prepare(digest)  # new snapshot files written before the transaction, no lock held
+    try:
+        with transaction.atomic():
+            rows = list(PredictionLog.objects.select_for_update().filter(subject_hash=digest).values_list(
+                "id", "model_name"))
+            ids = [pk for pk, _model in rows]
+            feedback = Feedback.objects.filter(prediction_id__in=ids).delete()[0]
+            erased = PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None, subject_hash="",
+                                                                     error="")
+            summary = plan.summary()
+            event = audit_record(AuditAction.GDPR_ERASURE, actor=actor, target=_target(digest),
+                                 after={"predictions_erased": erased, "feedback_erased": feedback,
+                                        "training_data": summary},
+                                 metadata={"reason": reason[:1000]})
+            training = erasure.erasure_apply(plan, models={m for _pk, m in rows}, event=event, actor=actor)
+    except BaseException:
+        erasure.erasure_abandon(plan)
+        raise
+    erasure.erasure_cleanup(plan)  # the old files held the subject's rows
     return {"receipt": {"audit_event_seq": event.seq, "audit_event_hash": event.hash},
             "subject_hash": digest, "erased": {"predictions": erased, "feedback": feedback},
+            "training_data": training,
             "at": event.timestamp, "by": actor.get_username()}
 
 

@@ -139,3 +139,211 @@ class Alert(models.Model):
     def __str__(self) -> str:
         what = f"{self.kind} {self.subject}".strip()
         return f"{self.model.name} {self.environment}: {what}"
+
+
+# The experiments feature keeps its model in its own folder; importing it here makes it part of this app.
+# --- Datasets cut from production, retraining and lineage (monitoring.datasets) -------------------------------
+
+class SnapshotStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for a worker"
+    RUNNING = "running", "Writing"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+class SensitiveTreatment(models.TextChoices):
+    DROPPED = "dropped", "Dropped"
+    MASKED = "masked", "Masked"
+    ENCRYPTED = "encrypted", "Kept encrypted"
+
+
+class DatasetSnapshot(models.Model):
+    """A training set cut from production: the logged inputs of one model and environment (one version or all) in a
+    time window, joined with their ground truth, written as Parquet in chunks by a worker.
+
+    Invariants: once ready, its bytes are the blob named by ``sha256`` and never change, except that a GDPR erasure
+    may remove a subject's rows; then the file is rewritten, ``sha256`` becomes the new file's and the manifest's
+    ``chain`` keeps every earlier hash with the erasure receipt that replaced it. A cut is resumable: ``cursor`` is
+    the last (time, id) of the log written to a durable chunk, ``chunks_done`` how many chunks exist.
+    """
+
+    team_path: ClassVar[str] = "model__team"
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey("registry.RegisteredModel", on_delete=models.PROTECT, related_name="snapshots")
+    environment = models.CharField(max_length=8)
+    version = models.PositiveIntegerField(null=True, blank=True, help_text="None: every version in the window.")
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    labelled_only = models.BooleanField(default=False)
+    sensitive_treatment = models.JSONField(default=dict, blank=True)  # {column: dropped | masked | encrypted}
+    status = models.CharField(max_length=8, choices=SnapshotStatus.choices, default=SnapshotStatus.PENDING)
+    rows_expected = models.BigIntegerField(default=0)
+    rows_done = models.BigIntegerField(default=0)
+    chunks_done = models.PositiveIntegerField(default=0)
+    cursor = models.JSONField(null=True, blank=True)  # [created_at ISO, prediction id] of the last row written
+    schema = models.JSONField(default=list, blank=True)  # [[column, arrow type], ...], fixed by the first chunk
+    stats = models.JSONField(default=dict, blank=True)  # counts accumulated chunk by chunk (labelled, per version)
+    erase_subjects = models.JSONField(default=list, blank=True)  # subject hashes erased while the cut was running
+    blob = models.ForeignKey("registry.Blob", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    sha256 = models.CharField(max_length=64, blank=True, db_index=True)
+    size = models.BigIntegerField(default=0)
+    manifest = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        which = f"v{self.version}" if self.version else "all versions"
+        return f"{self.model.name} {self.environment} {which} snapshot {str(self.uid)[:8]}"
+
+    @property
+    def progress(self) -> int:
+        if self.status == SnapshotStatus.READY:
+            return 100
+        if not self.rows_expected:
+            return 0
+        return min(99, int(100 * self.rows_done / self.rows_expected))
+
+
+class DatasetAccessToken(models.Model):
+    """A short-lived, read-only token that downloads one snapshot and nothing else (sent to a team's CI with a
+    retraining request). Only its SHA-256 is kept."""
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    snapshot = models.ForeignKey(DatasetSnapshot, on_delete=models.CASCADE, related_name="access_tokens")
+    prefix = models.CharField(max_length=16)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    @property
+    def is_active(self) -> bool:
+        return timezone.now() < self.expires_at
+
+
+class RetrainingPolicy(models.Model):
+    """When to ask a team's CI to retrain a model serving in one environment, and where to call it."""
+
+    team_path: ClassVar[str] = "model__team"
+
+    model = models.ForeignKey("registry.RegisteredModel", on_delete=models.CASCADE, related_name="retraining_policies")
+    environment = models.CharField(max_length=8)
+    enabled = models.BooleanField(default=True)
+    on_drift = models.BooleanField(default=True, help_text="An open input or prediction drift alert triggers.")
+    accuracy_floor = models.FloatField(null=True, blank=True)
+    accuracy_window_minutes = models.PositiveIntegerField(default=60)
+    accuracy_min_labelled = models.PositiveIntegerField(default=50)
+    schedule_hours = models.PositiveIntegerField(null=True, blank=True, help_text="Retrain at least this often.")
+    snapshot_days = models.PositiveIntegerField(default=7, help_text="The snapshot covers this many days back.")
+    labelled_only = models.BooleanField(default=True)
+    webhook = models.ForeignKey("portal.TeamWebhook", null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="+", help_text="The team's CI receiver.")
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["model", "environment"], name="retraining_policy_one")]
+
+
+class RetrainingStatus(models.TextChoices):
+    CUTTING = "cutting", "Cutting the snapshot"
+    CALLING = "calling", "Calling CI"
+    CALLED = "called", "CI called"
+    FAILED = "failed", "Failed"
+    DONE = "done", "Done: a version trained on it"
+    CLOSED = "closed", "Closed"
+
+
+OPEN_RETRAINING = (RetrainingStatus.CUTTING, RetrainingStatus.CALLING, RetrainingStatus.CALLED)
+
+
+class RetrainingRequest(models.Model):
+    """One request to retrain: a snapshot cut for it and one signed call to the team's CI. At most one is open per
+    model and environment (a partial unique constraint), so a drift alert seen every minute asks once."""
+
+    team_path: ClassVar[str] = "model__team"
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey("registry.RegisteredModel", on_delete=models.CASCADE, related_name="retraining_requests")
+    environment = models.CharField(max_length=8)
+    policy = models.ForeignKey(RetrainingPolicy, null=True, blank=True, on_delete=models.SET_NULL,
+                               related_name="requests")
+    trigger = models.CharField(max_length=16)  # drift | accuracy | schedule | manual
+    reason = models.TextField()
+    alert = models.ForeignKey(Alert, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    snapshot = models.ForeignKey(DatasetSnapshot, null=True, blank=True, on_delete=models.PROTECT,
+                                 related_name="retraining_requests")
+    delivery = models.ForeignKey("portal.WebhookDelivery", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="+")
+    status = models.CharField(max_length=8, choices=RetrainingStatus.choices, default=RetrainingStatus.CUTTING)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["model", "environment"],
+                                               condition=models.Q(status__in=["cutting", "calling", "called"]),
+                                               name="retraining_one_open")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} {self.environment} retraining {str(self.uid)[:8]}"
+
+
+class TrainingLink(models.Model):
+    """Lineage: a version was trained on a snapshot (``trained_on`` at registration). The registry never imports
+    monitoring; it calls the hook monitoring registers (``registry.hooks``), which writes these rows."""
+
+    version = models.ForeignKey("registry.ModelVersion", on_delete=models.CASCADE, related_name="training_links")
+    snapshot = models.ForeignKey(DatasetSnapshot, on_delete=models.PROTECT, related_name="training_links")
+    snapshot_sha256 = models.CharField(max_length=64)  # the content the version was trained on
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["version", "snapshot"], name="training_link_once")]
+
+
+class ErasedDataFlag(models.Model):
+    """A version trained on a snapshot from which an erasure removed rows: "trained on erased data" until a
+    compliance officer records a decision (retrain requested, or kept with a reason)."""
+
+    team_path: ClassVar[str] = "version__model__team"
+
+    class Decision(models.TextChoices):
+        PENDING = "", "Waiting for a decision"
+        RETRAIN = "retrain", "Retraining requested"
+        KEEP = "keep", "Kept"
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    version = models.ForeignKey("registry.ModelVersion", on_delete=models.CASCADE, related_name="erased_data_flags")
+    snapshot = models.ForeignKey(DatasetSnapshot, on_delete=models.PROTECT, related_name="erased_data_flags")
+    erasure_seq = models.BigIntegerField()  # the audit event that is the erasure's receipt
+    erasure_hash = models.CharField(max_length=64)
+    rows_removed = models.BigIntegerField(default=0)
+    flagged_at = models.DateTimeField(default=timezone.now)
+    decision = models.CharField(max_length=8, choices=Decision.choices, default=Decision.PENDING, blank=True)
+    reason = models.TextField(blank=True)
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-flagged_at"]
+
+
+from monitoring.experiments.models import Experiment  # noqa: E402
+
+__all__ = ["Alert", "AlertStatus", "Experiment", "Feedback", "Granularity", "MonitoringSettings", "PredictionLog",
+           "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
+           "RetrainingRequest", "TrainingLink", "ErasedDataFlag", "SnapshotStatus", "SensitiveTreatment",
+           "RetrainingStatus"]

@@ -194,8 +194,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def summarise(rows: list[tuple[float, str, Any, Any, Any]], spec: VersionSpec) -> dict[str, Any]:
-    """One bucket's additive numbers from its rows ``(latency_ms, error, inputs, output, actual)``."""
+def summarise(rows: list[tuple[float, str, Any, Any, Any]] | list[tuple[float, str, Any, Any, Any, str]],
+              spec: VersionSpec) -> dict[str, Any]:
+    """One bucket's additive numbers from its rows ``(latency_ms, error, inputs, output, actual[, request_id])``."""
     latencies = np.fromiter((r[0] for r in rows), dtype="float64", count=len(rows))
     latency = np.bincount(np.searchsorted(LATENCY_EDGES_MS, latencies, side="right"),
                           minlength=len(LATENCY_EDGES_MS) + 1)
@@ -249,13 +250,43 @@ def summarise(rows: list[tuple[float, str, Any, Any, Any]], spec: VersionSpec) -
                 reg[2] += error * error
                 reg[3] += float(actual)
                 reg[4] += float(actual) ** 2
-        data["truth"] = {"n": len(labelled), "correct": correct, "confusion": dict(confusion), "reg": reg}
+        data["truth"] = {"n": len(labelled), "correct": correct, "confusion": dict(confusion), "reg": reg,
+                         **outcome_sums(labelled)}
+    if rows and len(rows[0]) > 5:
+        # Requests (not rows) are what a canary assigns, so the experiments' sample-ratio check counts these. A
+        # request's rows share one time, hence one minute: the count stays additive across buckets.
+        data["requests"] = len({r[5] or f"row{i}" for i, r in enumerate(rows)})  # type: ignore[misc]
     return data
+
+
+LOG_LOSS_EPS = 1e-15
+
+
+def outcome_sums(labelled: list[tuple[Any, Any]]) -> dict[str, list[float]]:
+    """Sufficient statistics (n, sum, sum of squares) of the per-prediction values the experiments test: the ground
+    truth itself as a number (a business outcome: converted 0/1, revenue), and the log loss of a predicted
+    probability of class 1 against a 0/1 truth."""
+    outcome = [0, 0.0, 0.0]
+    logloss = [0, 0.0, 0.0]
+    for predicted, actual in labelled:
+        value = float(actual) if _is_number(actual) or isinstance(actual, bool) else None
+        if value is None:
+            continue
+        outcome[0] += 1
+        outcome[1] += value
+        outcome[2] += value * value
+        if _is_number(predicted) and 0.0 <= float(predicted) <= 1.0 and value in (0.0, 1.0):
+            p = min(max(float(predicted), LOG_LOSS_EPS), 1 - LOG_LOSS_EPS)
+            loss = -math.log(p) if value == 1.0 else -math.log(1 - p)
+            logloss[0] += 1
+            logloss[1] += loss
+            logloss[2] += loss * loss
+    return {"outcome": outcome, "logloss": logloss}
 
 
 ROW_SQL = """
 SELECT p.created_at, p.version, p.role, p.latency_ms, p.error, CAST(p.inputs AS TEXT), CAST(p.output AS TEXT),
-       CAST(f.actual AS TEXT)
+       CAST(f.actual AS TEXT), p.request_id
 FROM {log} p LEFT JOIN {feedback} f ON f.prediction_id = p.id
 WHERE p.model_name = %s AND p.environment = %s AND p.created_at >= %s AND p.created_at < %s
 """
@@ -294,10 +325,10 @@ def compute_minutes(model_name: str, environment: str, start: dt.datetime, end: 
     specs = {} if specs is None else specs
     result: dict[Key, dict[str, Any]] = {}
     for chunk in _raw_rows(model_name, environment, start, end):
-        groups: dict[Key, list[tuple[float, str, Any, Any, Any]]] = defaultdict(list)
-        for created, version, role, latency, error, inputs, output, actual in chunk:
+        groups: dict[Key, list[tuple[float, str, Any, Any, Any, str]]] = defaultdict(list)
+        for created, version, role, latency, error, inputs, output, actual, request_id in chunk:
             groups[(minute_of(_created(created)), int(version), role)].append(
-                (float(latency), error or "", _loads(inputs), _loads(output), _loads(actual)))
+                (float(latency), error or "", _loads(inputs), _loads(output), _loads(actual), request_id or ""))
         for key, rows in groups.items():
             spec = specs.get(key[1])
             if spec is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from monitoring.alerts import evaluate_alerts
+from monitoring.experiments.tasks import experiments_check_task  # noqa: F401 - registered with Celery here
 from monitoring.flush import fan_out_allowed, flush_predictions
 from monitoring.gdpr import payloads_purge
 from monitoring.partitions import partitions_maintain

@@ -33,6 +33,7 @@ from portal.client import (
     CHUNK,
     BatchJob,
     Deployment,
+    Experiment,
     Portal,
     PortalError,
     Promotion,
@@ -42,7 +43,11 @@ from portal.client import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 COMMANDS = ("register", "list", "status", "download", "upload", "import", "promote", "approve", "rollback",
-            "deploy", "predict", "batch")
+            "deploy", "predict", "batch", "experiment", "dataset")
+# What an experiment's verdict means for a pipeline: done (0), failed (1: a guardrail stopped the challenger, or the
+# experiment is invalid), or still going on (4, as other work's status).
+EXPERIMENT_EXIT = {"challenger_wins": EXIT_OK, "champion_holds": EXIT_OK, "no_difference": EXIT_OK,
+                   "stopped": EXIT_OK, "guardrail": EXIT_FAILED, "invalid": EXIT_FAILED, "running": EXIT_TIMEOUT}
 
 
 class UsageError(Exception):
@@ -283,7 +288,7 @@ def cmd_upload(portal: Portal, args: argparse.Namespace) -> Outcome:
                       sensitive_columns=_json_object(args.sensitive_columns, "--sensitive-columns"),
                       description=args.description or "", git_commit=args.git_commit or "",
                       source=args.source or "", mlflow_run_id=args.mlflow_run_id or "",
-                      progress=_upload_progress())
+                      trained_on=args.trained_on or [], progress=_upload_progress())
     return _wait_version(portal, v, args)
 
 
@@ -295,6 +300,70 @@ def cmd_import(portal: Portal, args: argparse.Namespace) -> Outcome:
               file=sys.stderr)
         outcome.result["duplicate_of_existing"] = True
     return outcome
+
+
+def _dataset_outcome(snapshot: dict[str, Any]) -> Outcome:
+    line = (f"snapshot {snapshot['id']} of {snapshot['model']} {snapshot['environment']}: {snapshot['status']}, "
+            f"{snapshot['rows_done']} of {snapshot['rows_expected']} rows"
+            + (f", sha256 {snapshot['sha256']}" if snapshot.get("sha256") else ""))
+    return _work_outcome("snapshot", snapshot["id"], snapshot["status"], snapshot.get("error") or "", line,
+                         {"snapshot": snapshot}, failed=("failed",))
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cmd_dataset(portal: Portal, args: argparse.Namespace) -> Outcome:
+    """``dataset create MODEL --env E --from T --to T``, ``dataset status ID``, ``dataset download ID``."""
+    if args.action == "create":
+        if not (args.env and args.start and args.end):
+            raise UsageError("portal dataset create MODEL --env ENV --from ISO-TIME --to ISO-TIME")
+        sensitive: dict[str, str] = {}
+        for item in args.sensitive or []:
+            column, _, how = item.partition("=")
+            if how not in ("dropped", "masked", "encrypted"):
+                raise UsageError(f"--sensitive {item!r}: say COLUMN=dropped, COLUMN=masked or COLUMN=encrypted")
+            sensitive[column] = how
+        snapshot = portal.dataset_create(args.target, args.env, start=args.start, end=args.end, version=args.version,
+                                         labelled_only=not args.all_rows, sensitive=sensitive)
+        if not args.wait:
+            print(f"snapshot {snapshot['id']} asked for; follow it with `portal dataset status {snapshot['id']}`",
+                  file=sys.stderr)
+            return _dataset_outcome(snapshot)
+        try:
+            snapshot = portal.wait_dataset(snapshot, timeout=args.wait_seconds, progress=_stderr_progress(
+                lambda s: f"snapshot {s['id']}: {s['status']}, {s['rows_done']:,} of {s['rows_expected']:,} rows"))
+        except WaitTimeout as exc:
+            return _timed_out(exc, _dataset_outcome(exc.last))
+        return _dataset_outcome(snapshot)
+    if args.action == "status":
+        outcome = _dataset_outcome(portal.dataset(args.target))
+        return _running(outcome) if outcome.outcome in ("pending", "running") else outcome
+    snapshot = portal.dataset(args.target)
+    if snapshot["status"] != "ready":
+        return _dataset_outcome(snapshot) if snapshot["status"] == "failed" else _running(_dataset_outcome(snapshot))
+    path = portal.download_dataset(args.target, Path(args.output or f"{snapshot['model']}-{snapshot['environment']}-"
+                                                                   f"{snapshot['sha256'][:12]}.parquet"))
+    digest = _sha256_of(path)
+    if digest != snapshot["sha256"]:
+        return Outcome(EXIT_FAILED, "failed", [], {"path": str(path), "sha256": digest},
+                       f"the downloaded file's SHA-256 {digest} is not the snapshot's {snapshot['sha256']}")
+    return Outcome(EXIT_OK, "downloaded", [f"wrote {path}"], {"path": str(path), "bytes": path.stat().st_size,
+                                                              "sha256": digest, "snapshot": snapshot})
+
+
+def cmd_mlflow(portal: Portal, args: argparse.Namespace) -> Outcome:
+    connection = portal.mlflow_connect(args.tracking_uri, team=args.team, write_back=not args.no_write_back,
+                                       portal_url=args.portal_url or "")
+    lines = [f"connected team {connection['team']} to {connection['tracking_uri']} (MLflow webhook "
+             f"{connection['webhook_id']}); new versions there are imported"
+             + ("; versions live in dev, stage and prod get those aliases there" if connection["write_back"] else "")]
+    return Outcome(EXIT_OK, "connected", lines, {"connection": connection})
 
 
 def _wait_deployment(portal: Portal, d: Deployment, args: argparse.Namespace) -> Outcome:
@@ -398,6 +467,44 @@ def cmd_batch(portal: Portal, args: argparse.Namespace) -> Outcome:
     return outcome
 
 
+def _experiment_outcome(e: Experiment) -> Outcome:
+    line = f"experiment {e.id} ({e.model} {e.environment}): {e.verdict}. {e.sentence}"
+    lines = [line] + ([f"promotion request {e.promotion} opened"] if e.promotion else [])
+    code = EXPERIMENT_EXIT.get(e.verdict, EXIT_OK)
+    message = {EXIT_FAILED: e.sentence, EXIT_TIMEOUT: "still running; ask again with portal experiment status"}.get(
+        code, "")
+    return Outcome(code, e.verdict, lines, {"experiment": e.raw}, message)
+
+
+def cmd_experiment(portal: Portal, args: argparse.Namespace) -> Outcome:
+    if args.action == "start":
+        if not args.model or not args.env or args.metric is None or args.mde is None:
+            raise UsageError("portal experiment start MODEL ENV --metric M --mde X [--alpha A] [--traffic-percent P]")
+        e = portal.start_experiment(args.model, args.env, metric=args.metric, mde=args.mde, alpha=args.alpha,
+                                    traffic_percent=args.traffic_percent,
+                                    guardrails=_json_object(args.guardrails, "--guardrails"), name=args.name or "")
+        outcome = _experiment_outcome(e)
+        outcome.exit_code, outcome.outcome, outcome.message = EXIT_OK, "started", ""
+        outcome.lines = [f"started experiment {e.id}: {e.raw.get('planned_sample')} outcomes per side planned",
+                         *outcome.lines[1:]]
+        return outcome
+    if not args.model:
+        raise UsageError(f"portal experiment {args.action} ID")
+    if args.action == "stop":
+        e = portal.stop_experiment(args.model, reason=args.reason or "", stop_traffic=args.stop_traffic)
+        outcome = _experiment_outcome(e)
+        outcome.exit_code, outcome.message = EXIT_OK, ""
+        return outcome
+    e = portal.experiment(args.model)
+    if args.wait and e.status == "running":
+        try:
+            e = portal.wait_experiment(e, timeout=args.wait_seconds, progress=_stderr_progress(
+                lambda x: f"{x.verdict}: {x.sentence}"))
+        except WaitTimeout as exc:
+            return _timed_out(exc, _experiment_outcome(exc.last))
+    return _experiment_outcome(e)
+
+
 # --- the parser ---------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,10 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--git-commit")
     upload.add_argument("--source")
     upload.add_argument("--mlflow-run-id")
+    upload.add_argument("--trained-on", action="append", metavar="SNAPSHOT",
+                        help="a dataset snapshot (id or SHA-256) the version was trained on (repeatable)")
     imported = command("import", cmd_import, "import a version from the portal's MLflow tracking server", 600)
     imported.add_argument("model")
     imported.add_argument("uri", help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, "
                           "models:/m-… (an MLflow 3 logged model) or runs:/RUN_ID/PATH")
+    mlflow = command("mlflow", cmd_mlflow, "connect a team to an MLflow tracking server: `portal mlflow connect "
+                     "TRACKING_URI --team T` registers the portal's webhook there (team managers)")
+    mlflow.add_argument("action", choices=["connect"])
+    mlflow.add_argument("tracking_uri", help="the tracking server, e.g. http://mlflow:5000")
+    mlflow.add_argument("--team", required=True, help="the team's slug")
+    mlflow.add_argument("--no-write-back", action="store_true",
+                        help="do not set dev/stage/prod aliases and approval tags in MLflow")
+    mlflow.add_argument("--portal-url", help="the portal's address as the tracking server reaches it "
+                                             "(default: the portal's PORTAL_BASE_URL)")
     promote = command("promote", cmd_promote, "request a promotion to stage or prod (--wait: until live)", 600)
     promote.add_argument("model")
     promote.add_argument("version", type=int)
@@ -496,6 +614,32 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--subject-column")
     batch.add_argument("--max-error-share", type=float)
     batch.add_argument("--output", help="where --wait writes the scored file (default: FILE-scored.EXT)")
+    experiment = command("experiment", cmd_experiment, "A/B experiments: start MODEL ENV, status ID (--wait: until "
+                         "a verdict; exit 0 a verdict, 1 stopped by a guardrail or invalid, 4 still running), stop ID",
+                         7 * 24 * 3600)
+    experiment.add_argument("action", choices=["start", "status", "stop"])
+    experiment.add_argument("model", nargs="?", help="start: the model; status and stop: the experiment's id")
+    experiment.add_argument("env", nargs="?", choices=["dev", "stage", "prod"])
+    experiment.add_argument("--metric", choices=["accuracy", "log_loss", "mae", "outcome"])
+    experiment.add_argument("--mde", type=float, help="minimum detectable effect in the metric's units")
+    experiment.add_argument("--alpha", type=float, default=0.05)
+    experiment.add_argument("--traffic-percent", type=int, help="the challenger's share, 1-99")
+    experiment.add_argument("--guardrails", help='JSON object, e.g. \'{"error_rate_max": 0.02}\'')
+    experiment.add_argument("--name")
+    experiment.add_argument("--reason", help="stop: why")
+    experiment.add_argument("--stop-traffic", action="store_true", help="stop: send all traffic back to the champion")
+    dataset = command("dataset", cmd_dataset, "cut a training set from production (create), follow it (status), "
+                      "fetch it (download, SHA-256 checked)", 3600)
+    dataset.add_argument("action", choices=["create", "status", "download"])
+    dataset.add_argument("target", help="create: the MODEL; status, download: the snapshot's id")
+    dataset.add_argument("--env", choices=["dev", "stage", "prod"])
+    dataset.add_argument("--version", type=int, help="one version (default: every version in the window)")
+    dataset.add_argument("--from", dest="start", help="window start, ISO 8601 with a zone")
+    dataset.add_argument("--to", dest="end", help="window end (exclusive)")
+    dataset.add_argument("--all-rows", action="store_true", help="also predictions without ground truth")
+    dataset.add_argument("--sensitive", action="append", metavar="COLUMN=HOW",
+                         help="dropped, masked or encrypted for a sensitive column (repeatable)")
+    dataset.add_argument("--output", "-o", help="download: where to write it")
     return parser
 
 

@@ -36,6 +36,7 @@ VERSION_END = ("ready", "rejected")
 DEPLOYMENT_END = ("live", "failed", "retired")
 PROMOTION_END = ("live", "rejected", "cancelled", "failed")
 BATCH_END = ("done", "failed", "cancelled")
+SNAPSHOT_END = ("ready", "failed")
 
 Progress = Callable[[Any], None]
 
@@ -162,6 +163,24 @@ class BatchJob:
         return cls(id=str(raw["id"]), status=raw["status"], rows_done=int(raw.get("rows_done") or 0),
                    rows_total=int(raw.get("rows_total") or 0), rows_failed=int(raw.get("rows_failed") or 0),
                    error=raw.get("error") or "", raw=raw)
+
+
+@dataclass
+class Experiment:
+    id: str
+    model: str
+    environment: str
+    status: str  # running | ended
+    verdict: str  # running, challenger_wins, champion_holds, no_difference, guardrail, invalid, stopped
+    sentence: str
+    promotion: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_api(cls, raw: dict[str, Any]) -> Experiment:
+        return cls(id=str(raw["id"]), model=raw["model"], environment=raw["environment"], status=raw["status"],
+                   verdict=raw["verdict"], sentence=raw.get("sentence") or "", promotion=raw.get("promotion"),
+                   raw=raw)
 
 
 class MultipartStream:
@@ -369,6 +388,7 @@ class Portal:
     def upload(self, model: str, file: str | Path, *, reference: str | Path | None = None,
                metrics: dict[str, float] | None = None, sensitive_columns: dict[str, str] | None = None,
                description: str = "", git_commit: str = "", source: str = "", mlflow_run_id: str = "",
+               trained_on: list[str] | None = None,
                progress: Callable[[int, int], None] | None = None) -> Version:
         """Upload a model file as a new version, streamed from disk. Raises ``FileNotFoundError`` for a file that
         is not there (before anything is sent)."""
@@ -382,11 +402,22 @@ class Portal:
             "metrics": json.dumps(metrics) if metrics is not None else "",
             "sensitive_columns": json.dumps(sensitive_columns) if sensitive_columns is not None else "",
             "description": description, "git_commit": git_commit, "source": source,
-            "mlflow_run_id": mlflow_run_id}.items() if v}
+            "mlflow_run_id": mlflow_run_id, "trained_on": ",".join(trained_on or [])}.items() if v}
         raw = self.request("POST", f"/api/v1/models/{_q(model)}/versions/", what=f"model {model!r}",
                            body_factory=lambda: MultipartStream(fields, files, progress=progress),
                            timeout=(self.timeout, None))
         return Version.from_api(raw)
+
+    def mlflow_connect(self, tracking_uri: str, *, team: str, write_back: bool = True,
+                       portal_url: str = "") -> dict[str, Any]:
+        """Connect ``team`` to an MLflow tracking server: the portal registers its webhook there, so every new
+        version of the server's registered models is imported; with ``write_back`` the versions live in dev, stage
+        and prod get those aliases in MLflow. Team managers only."""
+        body: dict[str, Any] = {"tracking_uri": tracking_uri, "team": team, "write_back": write_back}
+        if portal_url:
+            body["portal_url"] = portal_url
+        return dict(self.request("POST", "/api/v1/integrations/mlflow/connections", json=body,
+                                 what=f"team {team!r}"))
 
     def import_mlflow(self, model: str, uri: str) -> Version:
         """Import ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``, ``models:/m-…`` or
@@ -433,6 +464,35 @@ class Portal:
             body["override_reason"] = override_reason
         return Promotion.from_api(self.request("POST", f"/api/v1/models/{_q(model)}/versions/{int(number)}/promote",
                                                json=body, what=f"version {number} of model {model!r}"))
+
+    # --- A/B experiments -------------------------------------------------------------------------------------------
+
+    def start_experiment(self, model: str, env: str, *, metric: str, mde: float, alpha: float = 0.05,
+                         traffic_percent: int | None = None, guardrails: dict[str, Any] | None = None,
+                         name: str = "") -> Experiment:
+        body: dict[str, Any] = {"model": model, "environment": env, "metric": metric, "mde": mde, "alpha": alpha,
+                                "name": name}
+        if traffic_percent is not None:
+            body["traffic_percent"] = traffic_percent
+        if guardrails is not None:
+            body["guardrails"] = guardrails
+        return Experiment.from_api(self.request("POST", "/api/v1/experiments/", json=body,
+                                                what=f"model {model!r} in {env}"))
+
+    def experiment(self, experiment_id: str) -> Experiment:
+        return Experiment.from_api(self.request("GET", f"/api/v1/experiments/{_q(experiment_id)}/",
+                                                what=f"experiment {experiment_id}"))
+
+    def stop_experiment(self, experiment_id: str, *, reason: str = "", stop_traffic: bool = False) -> Experiment:
+        return Experiment.from_api(self.request("POST", f"/api/v1/experiments/{_q(experiment_id)}/stop",
+                                                json={"reason": reason, "stop_traffic": stop_traffic},
+                                                what=f"experiment {experiment_id}"))
+
+    def wait_experiment(self, experiment: Experiment, *, timeout: float = 600,
+                        progress: Progress | None = None) -> Experiment:
+        """Until the experiment ends (a verdict, or stopped)."""
+        return self._poll(lambda: self.experiment(experiment.id), lambda e: e.status != "running",
+                          timeout=timeout, progress=progress, describe=lambda e: f"{e.verdict}: {e.sentence}")
 
     def promotion(self, promotion_id: str) -> Promotion:
         return Promotion.from_api(self.request("GET", f"/api/v1/promotions/{_q(promotion_id)}/",
@@ -506,3 +566,29 @@ class Portal:
 
     def download_batch_errors(self, job_id: str, dest: str | Path) -> Path:
         return self.download(f"/api/v1/batch-jobs/{_q(job_id)}/errors", dest, what=f"batch job {job_id}'s errors")
+
+    # --- dataset snapshots ---------------------------------------------------------------------------------------
+
+    def dataset_create(self, model: str, env: str, *, start: str, end: str, version: int | None = None,
+                       labelled_only: bool = True, sensitive: dict[str, str] | None = None) -> dict[str, Any]:
+        """Ask for a snapshot of ``model`` in ``env`` over [start, end) (ISO times with a zone); a worker writes it."""
+        body: dict[str, Any] = {"model": model, "environment": env, "from": start, "to": end,
+                                "labelled_only": labelled_only}
+        if version is not None:
+            body["version"] = version
+        if sensitive:
+            body["sensitive"] = sensitive
+        return dict(self.request("POST", "/api/v1/datasets/", json=body, what=f"model {model!r}"))
+
+    def dataset(self, snapshot_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/api/v1/datasets/{_q(snapshot_id)}/", what=f"snapshot {snapshot_id}"))
+
+    def wait_dataset(self, snapshot: dict[str, Any], *, timeout: float = 3600,
+                     progress: Progress | None = None) -> dict[str, Any]:
+        return dict(self._poll(lambda: self.dataset(snapshot["id"]), lambda s: s["status"] in SNAPSHOT_END,
+                               timeout=timeout, progress=progress,
+                               describe=lambda s: f"snapshot {s['id']} {s['status']}: {s['rows_done']} of "
+                                                  f"{s['rows_expected']} rows"))
+
+    def download_dataset(self, snapshot_id: str, dest: str | Path) -> Path:
+        return self.download(f"/api/v1/datasets/{_q(snapshot_id)}/download", dest, what=f"snapshot {snapshot_id}")

@@ -13,6 +13,7 @@ class RegistryConfig(AppConfig):
         from portal.views import register_sandbox_check
         from registry import checks  # noqa: F401 - registers the sandbox's start-up check
         from registry.demo import seed
+        from registry.mlflow_sync import services as mlflow_sync  # noqa: F401 - sets MLflow aliases on deployments
         from registry.promotions import services as promotions  # noqa: F401 - listens to the deployments' events
         from registry.sandbox import unavailable_reason
 

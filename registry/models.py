@@ -557,3 +557,77 @@ class BatchChunk(models.Model):
 
     def __str__(self) -> str:
         return f"chunk {self.index} of {self.job_id} ({self.status})"
+
+
+class MlflowConnection(models.Model):
+    """A team's MLflow tracking server: its registry's new versions are imported (a webhook registered on the server,
+    signed with ``secret``, plus a periodic reconcile), and with ``write_back`` the versions live in an environment
+    get that environment's alias (``dev``, ``stage``, ``prod``) and tags there. The secret is stored encrypted with
+    the payload keys (``PORTAL_PAYLOAD_KEYS``) and never shown again after it is made."""
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="mlflow_connections")
+    tracking_uri = models.CharField(max_length=500)  # http(s) without credentials (MLflow's own env vars carry those)
+    secret_encrypted = models.TextField()
+    webhook_id = models.CharField(max_length=64, blank=True)
+    webhook_url = models.CharField(max_length=600, blank=True)
+    write_back = models.BooleanField(default=True)
+    active = models.BooleanField(default=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    reconciled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "tracking_uri"], name="mlflow_connection_team_uri")]
+
+    def __str__(self) -> str:
+        return f"{self.team}: {self.tracking_uri}"
+
+
+class MlflowSyncKind(models.TextChoices):
+    IMPORT = "import", "Import a new MLflow version"
+    ALIAS = "alias", "Set an environment's alias in MLflow"
+
+
+class MlflowSyncStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    DUPLICATE = "duplicate", "Already a version"
+    REFUSED = "refused", "Refused by the scan"
+    RETRYING = "retrying", "Failed; will retry"
+    FAILED = "failed", "Failed; gave up"
+
+
+class MlflowSyncJob(models.Model):
+    """One piece of work between a connection and the portal, kept until it is done: importing version ``mlflow_version``
+    of ``registered_model`` (one row per MLflow version: a webhook delivered twice, or found again by the reconcile,
+    finds the row), or setting ``environment``'s alias on it. Failures stay visible with their error and retry with
+    backoff until ``MAX_ATTEMPTS``."""
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    connection = models.ForeignKey(MlflowConnection, on_delete=models.CASCADE, related_name="jobs")
+    kind = models.CharField(max_length=8, choices=MlflowSyncKind.choices)
+    registered_model = models.CharField(max_length=256)
+    mlflow_version = models.CharField(max_length=32)
+    environment = models.CharField(max_length=8, blank=True)  # alias jobs
+    deployment = models.ForeignKey(Deployment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.ForeignKey(RegisteredModel, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="mlflow_jobs")
+    version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    origin = models.CharField(max_length=16, default="webhook")  # webhook, reconcile, deployment
+    status = models.CharField(max_length=10, choices=MlflowSyncStatus.choices, default=MlflowSyncStatus.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["connection", "registered_model", "mlflow_version"],
+                                               condition=models.Q(kind="import"), name="mlflow_import_once")]
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.registered_model}/{self.mlflow_version} ({self.status})"

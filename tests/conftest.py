@@ -281,7 +281,34 @@ def celery_worker_process(worker_factory: Callable[..., subprocess.Popen[bytes]]
     return str(worker_factory.queue)  # type: ignore[attr-defined]
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2, what: str = "") -> Any:
+# The system tools the suite drives, each with the Debian or Ubuntu package that brings it (the Makefile's
+# test-tools target installs them as root, and names them in one line to anyone else).
+SYSTEM_TOOLS = {"bwrap": "bubblewrap", "chromium": "chromium", "kubectl": "kubectl", "docker-compose": "docker-compose"}
+
+
+def missing_tools_line() -> str:
+    import shutil
+
+    missing = [package for binary, package in SYSTEM_TOOLS.items() if shutil.which(binary) is None]
+    return f"sudo apt-get install {' '.join(missing)}" if missing else ""
+
+
+def require_tool(binary: str) -> str:
+    """The path of ``binary``. Missing: a skip naming every missing tool in one install line, except as root or in
+    CI, where `make test` installs them, so a missing one there is a failure."""
+    import shutil
+
+    found = shutil.which(binary)
+    if found:
+        return found
+    why = f"{binary} is missing; the suite's system tools: {missing_tools_line()}"
+    if os.geteuid() == 0 or os.environ.get("CI", "").lower() == "true":
+        pytest.fail(why + " (`make test` installs them as root)")
+    pytest.skip(why)
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2,
+             what: str | Callable[[], str] = "") -> Any:
     import time
 
     deadline = time.monotonic() + timeout
@@ -290,7 +317,8 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, interval: flo
         if value:
             return value
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+    described = what() if callable(what) else what  # a callable describes the state the wait ended in
+    pytest.fail(f"timed out after {timeout} s waiting for {described or predicate}")
 
 
 def needs_sandbox() -> pytest.MarkDecorator:

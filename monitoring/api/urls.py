@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.urls import path
 
 from monitoring.api import monitoring, views
+from monitoring.experiments import api as experiments
 
 app_name = "monitoring_api"
 
@@ -19,4 +20,8 @@ urlpatterns = [
     path("alerts/", monitoring.AlertListApi.as_view(), name="alerts"),
     path("alerts/<uuid:uid>/acknowledge", monitoring.AlertAcknowledgeApi.as_view(), name="alert-acknowledge"),
     path("alerts/<uuid:uid>/resolve", monitoring.AlertResolveApi.as_view(), name="alert-resolve"),
+    path("experiments/", experiments.ExperimentListApi.as_view(), name="experiments"),
+    path("experiments/plan", experiments.ExperimentPlanApi.as_view(), name="experiment-plan"),
+    path("experiments/<uuid:uid>/", experiments.ExperimentDetailApi.as_view(), name="experiment-detail"),
+    path("experiments/<uuid:uid>/stop", experiments.ExperimentStopApi.as_view(), name="experiment-stop"),
 ]

@@ -21,3 +21,9 @@ def number(value: Any, digits: int = 2) -> str:
     if value is None or value == "":
         return "—"
     return f"{float(value):,.{int(digits)}f}"
+
+
+@register.filter
+def get_item(mapping: Any, key: str) -> Any:
+    """``mapping[key]`` in a template (None when absent)."""
+    return mapping.get(key) if isinstance(mapping, dict) else None

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from registry.models import MODEL_NAME_VALIDATOR, ModelVersion, RegisteredModel
+from registry.models import MODEL_NAME_VALIDATOR, MlflowSource, ModelVersion, RegisteredModel
 from registry.versions.selectors import environment_overview
 
 
@@ -68,6 +69,8 @@ class VersionUploadInput(serializers.Serializer[Any]):
     metrics = serializers.CharField(required=False, allow_blank=True, help_text='JSON object, e.g. {"auc": 0.97}')
     sensitive_columns = serializers.CharField(required=False, allow_blank=True, max_length=100_000,
                                               help_text='JSON object, e.g. {"age": "personal", "diagnosis": "health"}')
+    trained_on = serializers.CharField(required=False, allow_blank=True, max_length=10_000, help_text=(
+        "the dataset snapshots the version was trained on: ids or SHA-256, comma-separated (your team's, ready)"))
     description = serializers.CharField(required=False, allow_blank=True, max_length=5000)
     mlflow_run_id = serializers.CharField(required=False, allow_blank=True, max_length=64)
     source = serializers.CharField(required=False, allow_blank=True, max_length=500)  # type: ignore[assignment]
@@ -113,6 +116,30 @@ class DeploymentSerializer(serializers.Serializer[Any]):
         return _username(obj.requested_by)
 
 
+class MlflowSourceSerializer(serializers.ModelSerializer[MlflowSource]):
+    """Where an imported version came from: the tracking server (without credentials), run, experiment, logged
+    model, tags and every logged value of each metric (``[[step, timestamp_ms, value or null], ...]``)."""
+
+    run_url = serializers.CharField(read_only=True)
+    metric_history = serializers.DictField(child=serializers.ListField(child=serializers.ListField()))
+    missing_metrics = serializers.ListField(child=serializers.CharField())
+    tags = serializers.DictField(child=serializers.CharField())
+
+    class Meta:
+        model = MlflowSource
+        fields = ["uri", "tracking_uri", "artifact_uri", "registered_model", "registered_version", "logged_model_id",
+                  "run_id", "run_name", "run_url", "experiment_id", "experiment_name", "tags", "metric_history",
+                  "missing_metrics"]
+
+
+def mlflow_source_data(version: ModelVersion) -> dict[str, Any] | None:
+    try:
+        source = version.mlflow_source
+    except MlflowSource.DoesNotExist:
+        return None
+    return dict(MlflowSourceSerializer(source).data)
+
+
 class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     model = serializers.CharField(source="model.name")  # type: ignore[assignment]
     sha256 = serializers.CharField(source="artifact_sha256")
@@ -122,13 +149,14 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     model_card = serializers.SerializerMethodField()
     scan = serializers.SerializerMethodField()
     reference_data = serializers.SerializerMethodField()
+    mlflow_source = serializers.SerializerMethodField()
 
     class Meta:
         model = ModelVersion
         fields = ["model", "number", "status", "status_detail", "sha256", "size", "format", "flavors", "signature",
                   "input_example", "metrics", "params", "description", "tags", "sensitive_columns", "uploaded_by",
                   "created_at", "lineage",
-                  "model_card", "scan", "reference_data"]
+                  "model_card", "scan", "reference_data", "mlflow_source"]
 
     def get_uploaded_by(self, obj: ModelVersion) -> str | None:
         return _username(obj.uploaded_by)
@@ -146,6 +174,11 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
                 "trust_state": obj.trust_state, "trust_decided_by": _username(obj.trust_decided_by),
                 "trust_decided_at": obj.trust_decided_at, "trust_reason": obj.trust_reason,
                 "scanned_at": obj.scanned_at, "sandbox": obj.sandbox_report}
+
+    @extend_schema_field(MlflowSourceSerializer(allow_null=True))
+    def get_mlflow_source(self, obj: ModelVersion) -> dict[str, Any] | None:
+        """Null for a version that was uploaded rather than imported from MLflow."""
+        return mlflow_source_data(obj)
 
     def get_reference_data(self, obj: ModelVersion) -> dict[str, Any] | None:
         ref = obj.reference

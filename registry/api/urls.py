@@ -4,12 +4,15 @@ from django.urls import path
 
 from registry.batch import api as batch
 from registry.deployments import api as deployments
+from registry.mlflow_sync import api as mlflow_sync
 from registry.promotions import api as promotions
 from registry.versions import api as versions
 
 app_name = "registry_api"
 
 urlpatterns = [
+    path("integrations/mlflow/connections", mlflow_sync.MlflowConnectionsApi.as_view(), name="mlflow-connections"),
+    path("integrations/mlflow/webhook", mlflow_sync.MlflowWebhookApi.as_view(), name="mlflow-webhook"),
     path("models/", versions.ModelListCreateApi.as_view(), name="models"),
     path("models/<str:name>/", versions.ModelDetailApi.as_view(), name="model"),
     path("models/<str:name>/versions/", versions.VersionUploadApi.as_view(), name="version-upload"),

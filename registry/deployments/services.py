@@ -409,14 +409,24 @@ def deployments_reap() -> list[int]:
     return stale
 
 
-def challenger_stop(*, model: Any, environment: str, actor: Any) -> EnvironmentState:
-    """End a canary or shadow: all traffic back to the champion."""
-    require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
+def _environment_target(model: Any, environment: str) -> Target:
+    return Target("environment", f"{model.name}/{environment}", f"{model.name} {environment}", model.team.slug)
+
+
+def challenger_stop(*, model: Any, environment: str, actor: Any, reason: str = "", system: bool = False,
+                    only_deployment: int | None = None) -> EnvironmentState:
+    """End a canary or shadow: all traffic back to the champion. ``system`` is a stop rule acting on its own (an
+    experiment's guardrail: ``actor`` is None and no capability is asked); ``only_deployment`` stops the challenger
+    only if it is still that deployment (ValidationError otherwise)."""
+    if not system:
+        require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
     now = timezone.now()
     with transaction.atomic():
         state = EnvironmentState.objects.select_for_update().filter(model=model, environment=environment).first()
         if state is None or state.challenger_id is None:
             raise ValidationError({"environment": f"No canary or shadow runs in {environment}."})
+        if only_deployment is not None and state.challenger_id != only_deployment:
+            raise ValidationError({"environment": f"The challenger serving {environment} changed meanwhile."})
         before = _state_summary(state)
         Deployment.objects.filter(pk=state.challenger_id).update(status=DeploymentStatus.RETIRED, finished_at=now)
         ServingInterval.objects.filter(model=model, environment=environment, ended_at__isnull=True).update(ended_at=now)
@@ -427,8 +437,40 @@ def challenger_stop(*, model: Any, environment: str, actor: Any) -> EnvironmentS
         state.generation += 1
         state.updated_at = now
         state.save()
-        audit_record(AuditAction.TRAFFIC_SWITCH, actor=actor,
-                     target=Target("environment", f"{model.name}/{environment}", f"{model.name} {environment}",
-                                   model.team.slug),
-                     before=before, after=_state_summary(state))
+        audit_record(AuditAction.TRAFFIC_SWITCH, actor=actor, target=_environment_target(model, environment),
+                     before=before, after=_state_summary(state), metadata={"reason": reason} if reason else None)
+    return state
+
+
+def canary_share_change(*, model: Any, environment: str, traffic_percent: int, actor: Any,
+                        reason: str = "") -> EnvironmentState:
+    """Give the canary challenger ``traffic_percent`` of the requests (1 to 99), in one transaction; web workers pick
+    the new split up within a second (the generation goes up). Sticky keys keep their side unless the cut moves past
+    them."""
+    require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
+    if isinstance(traffic_percent, bool) or not isinstance(traffic_percent, int) or not 1 <= traffic_percent <= 99:
+        raise ValidationError({"traffic_percent": "The challenger's share is a whole percentage from 1 to 99 "
+                                                  "(both sides need traffic to be compared)."})
+    now = timezone.now()
+    with transaction.atomic():
+        state = EnvironmentState.objects.select_for_update().filter(model=model, environment=environment).first()
+        if state is None or state.challenger_id is None or state.mode != ServingMode.CANARY:
+            raise ValidationError({"environment": f"No canary runs in {environment}."})
+        if state.challenger_percent == traffic_percent:
+            return state
+        before = _state_summary(state)
+        open_intervals = ServingInterval.objects.filter(model=model, environment=environment, ended_at__isnull=True)
+        for interval in list(open_intervals):
+            interval.ended_at = now
+            interval.save(update_fields=["ended_at"])
+            ServingInterval.objects.create(
+                model=model, environment=environment, version=interval.version, deployment=interval.deployment,
+                role=interval.role, started_at=now,
+                traffic_percent=traffic_percent if interval.role == "canary" else 100 - traffic_percent)
+        state.challenger_percent = traffic_percent
+        state.generation += 1
+        state.updated_at = now
+        state.save()
+        audit_record(AuditAction.TRAFFIC_SWITCH, actor=actor, target=_environment_target(model, environment),
+                     before=before, after=_state_summary(state), metadata={"reason": reason} if reason else None)
     return state

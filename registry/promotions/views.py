@@ -16,6 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from portal.permissions import get_object_for_user, has_capability, require_capability
 from portal.views import error_text
+from registry.hooks import promotion_experiment
 from registry.models import Environment, PromotionRequest, PromotionStatus
 from registry.promotions import services as promotions
 from registry.promotions.services import EVIDENCE_WINDOWS
@@ -90,6 +91,7 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
         "signature": promotions.signature_comparison(promotion.version, champion, promotion.target),
         "evidence": promotions.live_evidence(promotion=promotion, window=window),
         "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
+        "experiment": promotion_experiment(promotion),
         "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
         "metric_rows": metric_diff(promotion.version, champion, promotion.metric_tolerance),
         "approvals": approvals,

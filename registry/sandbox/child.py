@@ -334,18 +334,22 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
 
         final = model.steps[-1][1] if isinstance(model, Pipeline) else model
         conversion_options = {id(final): {"zipmap": False}} if hasattr(final, "predict_proba") else None
-        onnx_model = None
-        for dtype in ("float64", "float32"):
-            try:
-                onnx_model = to_onnx(model, rows[:1].astype(dtype), options=conversion_options, target_opset=17)
-                break
-            except Exception:  # noqa: S112 - the other precision may convert; else the model serves natively
-                continue
-        if onnx_model is None:
-            return {"ok": True, "kind": "native", "reason": "no ONNX converter for this model"}
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        onnx_model = session = None
+        for dtype in ("float64", "float32"):
+            # A graph skl2onnx writes may still be one onnxruntime cannot run (a double-precision tree ensemble
+            # on some releases): only a graph that loads counts as converted.
+            try:
+                onnx_model = to_onnx(model, rows[:1].astype(dtype), options=conversion_options, target_opset=17)
+                session = onnxruntime.InferenceSession(onnx_model.SerializeToString(),
+                                                       providers=["CPUExecutionProvider"])
+                break
+            except Exception:
+                onnx_model = session = None
+                continue
+        if onnx_model is None or session is None:
+            return {"ok": True, "kind": "native", "reason": "no ONNX converter for this model"}
         first = session.get_inputs()[0]
         feed_dtype = np.float32 if first.type == "tensor(float)" else np.float64
         onnx_pred = np.asarray(session.run(None, {first.name: rows.astype(feed_dtype)})[0]).ravel()

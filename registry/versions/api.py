@@ -27,7 +27,6 @@ from registry.api.serializers import (
     VersionSerializer,
     VersionUploadInput,
 )
-from registry.models import MlflowSource
 from registry.scanning.findings import UploadRejected
 from registry.versions import selectors, services
 from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
@@ -92,6 +91,7 @@ class VersionUploadApi(APIView):
                 git_commit=values.get("git_commit", ""), training_data_hash=values.get("training_data_hash", ""),
                 intended_use=values.get("intended_use", ""), limitations=values.get("limitations", ""),
                 ethical_considerations=values.get("ethical_considerations", ""),
+                trained_on=services.split_references(values.get("trained_on", "")),
             )
             version = services.version_upload(model=model, upload=values["file"],
                                               reference=values.get("reference_data"), meta=meta, actor=request.user)
@@ -103,19 +103,6 @@ class VersionUploadApi(APIView):
 class VersionImportInput(serializers.Serializer[Any]):
     uri = serializers.CharField(max_length=400, help_text="models:/NAME/VERSION, models:/NAME@ALIAS, "
                                 "models:/NAME/latest, models:/m-… (an MLflow 3 logged model) or runs:/RUN_ID/PATH")
-
-
-def mlflow_source_data(version: Any) -> dict[str, Any] | None:
-    try:
-        source = version.mlflow_source
-    except MlflowSource.DoesNotExist:
-        return None
-    return {"uri": source.uri, "tracking_uri": source.tracking_uri, "artifact_uri": source.artifact_uri,
-            "registered_model": source.registered_model, "registered_version": source.registered_version,
-            "logged_model_id": source.logged_model_id, "run_id": source.run_id, "run_name": source.run_name,
-            "run_url": source.run_url,
-            "experiment_id": source.experiment_id, "experiment_name": source.experiment_name, "tags": source.tags,
-            "metric_history": source.metric_history, "missing_metrics": source.missing_metrics}
 
 
 class VersionImportApi(APIView):
@@ -134,8 +121,7 @@ class VersionImportApi(APIView):
         except TrackingServerUnavailable as exc:
             return Response(error_body("mlflow_unavailable", str(exc), {"tracking_uri": exc.tracking_uri}),
                             status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        body = {**VersionSerializer(result.version).data, "duplicate_of_existing": not result.created,
-                "mlflow_source": mlflow_source_data(result.version)}
+        body = {**VersionSerializer(result.version).data, "duplicate_of_existing": not result.created}
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 

@@ -236,14 +236,15 @@ def version_import_from_mlflow(*, model: RegisteredModel, uri: str, actor: Any) 
     return mlflow_import(model=model, uri=uri, actor=actor).version
 
 
-def mlflow_import(*, model: RegisteredModel, uri: str, actor: Any) -> ImportResult:
-    """Import ``uri`` from the configured tracking server as a new version of ``model``, or answer the version
-    that already holds the same artifact."""
+def mlflow_import(*, model: RegisteredModel, uri: str, actor: Any, tracking_uri: str | None = None,
+                  description: str = "") -> ImportResult:
+    """Import ``uri`` from the configured tracking server (or ``tracking_uri``: a team's MLflow connection) as a
+    new version of ``model``, or answer the version that already holds the same artifact."""
     uri = (uri or "").strip()
     if ".." in uri or not any(p.match(uri) for p in (MODELS_VERSION_URI, MODELS_LATEST_URI, MODELS_ALIAS_URI,
                                                       LOGGED_MODEL_URI, RUNS_URI)):
         raise ValidationError({"uri": URI_HELP})
-    tracking = _tracking_uri()
+    tracking = tracking_uri or _tracking_uri()
     shown = public_tracking_uri(tracking)
     require_capability(actor, "register_model")
     _bound_mlflow_requests()
@@ -271,10 +272,11 @@ def mlflow_import(*, model: RegisteredModel, uri: str, actor: Any) -> ImportResu
                 return ImportResult(existing, created=False)
             commit = lineage["tags"].get("mlflow.source.git.commit", "")
             meta = services.UploadMetadata(
-                description=f"Imported from {uri}", metrics=services.validate_metrics(lineage["metrics"]),
+                description=description or f"Imported from {uri}", metrics=services.validate_metrics(lineage["metrics"]),
                 params={str(k)[:250]: str(v)[:6000] for k, v in lineage["params"].items()},
                 mlflow_run_id=resolved.run_id, source=uri,
                 git_commit=commit if re.fullmatch(r"[0-9a-fA-F]{7,64}", commit or "") else "",
+                trained_on=services.split_references(lineage["tags"].get(services.TRAINED_ON_TAG, "")),
                 mlflow_source={
                     "uri": uri, "tracking_uri": shown, "artifact_uri": resolved.artifact_uri[:1000],
                     "registered_model": resolved.registered_model[:256],

@@ -10,7 +10,7 @@ from django.db.models import Count, Max, Q, QuerySet
 from portal.models import AuditEvent
 from portal.permissions import get_object_for_user, scope_to_teams
 from registry.models import (BATCH_ACTIVE, ENVIRONMENT_ORDER, BatchStatus, Deployment, Environment, EnvironmentState,
-                             ModelVersion, RegisteredModel)
+                             MlflowSyncJob, MlflowSyncStatus, ModelVersion, RegisteredModel)
 from registry.versions.compare import metric_diff, signature_diff
 
 MODEL_SORTS = {
@@ -101,7 +101,7 @@ def version_get(*, user: Any, name: str, number: int, action: str | None = None)
     return get_object_for_user(
         user,
         ModelVersion.objects.select_related("model__team", "uploaded_by", "trust_decided_by", "artifact",
-                                            "reference__blob"),
+                                            "reference__blob", "mlflow_source"),
         action=action, model__name=name, number=number,
     )
 
@@ -179,3 +179,12 @@ def batch_job_state(*, job: Any) -> dict[str, Any]:
     logged = (f"all {job.rows_logged:,} predictions logged for monitoring" if job.rows_logged
               else "predictions are not logged for monitoring")
     return {"final": True, "phase": "done", "logs_pending": 0, "text": f"{scored}; {logged}."}
+
+
+def mlflow_sync_problems(*, model: RegisteredModel, limit: int = 10) -> list[MlflowSyncJob]:
+    """The MLflow sync jobs about ``model`` a person should see on its page: failures, retries, work under way
+    (done and duplicate ones are in the audit trail)."""
+    return list(MlflowSyncJob.objects.filter(Q(model=model) | Q(registered_model=model.name,
+                                                                connection__team_id=model.team_id))
+                .exclude(status__in=[MlflowSyncStatus.DONE, MlflowSyncStatus.DUPLICATE])
+                .select_related("connection").order_by("-created_at")[:limit])

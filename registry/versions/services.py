@@ -27,7 +27,7 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome, Team
 from portal.permissions import require_capability
-from registry import sandbox, storage
+from registry import hooks, sandbox, storage
 from registry.models import (
     Blob,
     MlflowSource,
@@ -98,9 +98,16 @@ class UploadMetadata:
     ethical_considerations: str = ""
     sensitive_columns: dict[str, str] | None = None
     mlflow_source: dict[str, Any] | None = None  # an MlflowSource row's fields, written with the version
+    trained_on: tuple[str, ...] = ()  # dataset snapshots (uids or SHA-256) the version was trained on
 
 
 SENSITIVITY_KINDS = ("personal", "health")
+TRAINED_ON_TAG = "portal.trained_on"  # an MLflow run tag naming the snapshots the run trained on
+
+
+def split_references(raw: str) -> tuple[str, ...]:
+    """``trained_on`` as typed: snapshot ids or hashes separated by commas or white space."""
+    return tuple(part for part in re.split(r"[\s,]+", raw or "") if part)
 
 
 def _json_object(value: Any, field: str, example: str) -> dict[str, Any]:
@@ -288,6 +295,8 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
     _check_sensitive_columns(meta.sensitive_columns or {}, inspection.signature,
                              Path(reference.temporary_file_path()) if reference is not None else None,  # type: ignore[attr-defined]
                              reference_format)
+    # Lineage is checked before anything is stored too: another team's snapshot is refused with nothing written.
+    trained_on = hooks.resolve_training_sets(model=model, references=list(meta.trained_on), actor=actor)
 
     blob = storage.blob_put(upload, sha256=sha256, size=upload.size or path.stat().st_size)
     ref_blob = None
@@ -331,6 +340,7 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
         version.save(force_insert=True)
         if meta.mlflow_source is not None:
             MlflowSource.objects.create(version=version, **meta.mlflow_source)
+        hooks.record_training_sets(version=version, snapshots=trained_on, actor=actor)
         audit_record(
             AuditAction.VERSION_UPLOAD, actor=actor, target=version_target(version),
             after={"number": number, "sha256": sha256, "size": blob.size, "format": inspection.format,

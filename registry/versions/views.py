@@ -101,6 +101,7 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
         "can_edit_tags": has_capability(request.user, "register_model"),
         "tags_value": kept["values"].get("tags", ", ".join(model.tags or [])), "tags_errors": kept["errors"],
         "can_view_audit": has_capability(request.user, "view_audit"),
+        "mlflow_sync_problems": selectors.mlflow_sync_problems(model=model),
     })
 
 

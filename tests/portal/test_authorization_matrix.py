@@ -11,6 +11,8 @@ Pages answer anonymous visitors with a redirect to sign in; the API answers 401.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +22,17 @@ import pytest
 from django.db import transaction
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils import timezone
 from rest_framework.test import APIClient
 
-from monitoring.models import Alert
+from monitoring.datasets import services as dataset_services
+from monitoring.datasets.cut import snapshot_cut
+from monitoring.flush import write_batches
+from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, RetrainingRequest
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
-from registry.models import ModelVersion
+from registry.models import EnvironmentState, ModelVersion
 from registry.promotions import services as promotions
 from tests.registry import files
 from tests.registry.conftest import deploy_now, fresh_serving_cache, two_versions  # noqa: F401 - fixtures
@@ -82,6 +88,8 @@ AUDIT = ("compliance", "admin")  # view_audit, export_audit, manage_subjects
 ADMIN = ("admin",)  # manage_teams
 SCHEDULE = {"environment": "dev", "name": "second", "location": "second/", "cron": "0 3 * * *"}
 TRUST = {"decision": "trust", "reason": "reviewed for the matrix"}
+EXPERIMENT = {"model": "churn", "environment": "dev", "metric": "accuracy", "mde": 0.05}
+DECISION = {"decision": "keep", "reason": "reviewed for the matrix"}
 
 # pattern -> the calls made on it, each with the status per persona. Objects in paths are team acme's, so the
 # outsider gets 404 wherever one is named; a capability held by nobody in a team is a 403. Personas outside
@@ -144,6 +152,21 @@ TABLE: dict[str, list[Call]] = {
         page("POST", ALERTS, ok=302, body={"thresholds": "{}", "target_column": ""})],
     "alerts/<uuid:uid>/acknowledge": [page("POST", ALERTS, ok=302, body={"comment": "seen"})],
     "alerts/<uuid:uid>/resolve": [page("POST", ALERTS, ok=302, body={"resolution": "fixed"})],
+    # A/B experiments: read by every member, started and stopped where one deploys (dev: data scientists). The world's
+    # experiment runs, so a second start is refused (400) after the permission check.
+    "models/<str:name>/environments/<str:env>/experiments": [page("GET"), page("POST", DS, ok=400)],
+    "experiments/<uuid:uid>/": [page("GET")],
+    "experiments/<uuid:uid>/stop": [page("POST", DS, ok=302, denied=302, body={"reason": "matrix"})],
+    # Dataset pages
+    "models/<str:name>/datasets/": [page("GET")],
+    "models/<str:name>/datasets/create": [page("POST", DS, ok=302, body={"environment": "dev", "from": "bad"})],
+    "models/<str:name>/environments/<str:env>/retraining-policy": [
+        page("POST", ALERTS, ok=302, body={"snapshot_days": "7"})],
+    "datasets/<uuid:uid>/": [page("GET")],
+    "datasets/<uuid:uid>/download": [page("GET", DOWNLOAD)],
+    "retraining/<uuid:uid>/close": [page("POST", ALERTS, ok=302, body={"reason": "matrix"})],
+    "compliance/erased-data": [page("GET", AUDIT, outsider=403)],
+    "erased-data/<uuid:uid>/decide": [page("POST", AUDIT, ok=302, outsider=403, body=DECISION)],
     # API: the foundation
     "api/v1/me": [api("GET", ALL)],
     # Tokens are created from a signed-in session only (tests/portal/test_tokens.py), never with a bearer token.
@@ -155,6 +178,10 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/audit/public-key": [api("GET", AUDIT, outsider=403)],
     "api/v1/teams/<slug:slug>/webhooks/": [api("GET", ADMIN), api("POST", ADMIN, ok=400)],
     "api/v1/teams/<slug:slug>/webhooks/<int:pk>/deliveries": [api("GET", ADMIN)],
+    # MLflow: connecting a team's tracking server is a team manager's; the webhook takes no session or token, only
+    # MLflow's signature (none here: 401 for everyone, audited as mlflow.webhook_refuse).
+    "api/v1/integrations/mlflow/connections": [api("GET", ADMIN, outsider=403), api("POST", ADMIN, ok=400, outsider=403)],
+    "api/v1/integrations/mlflow/webhook": [everyone("POST", 401)],
     # API: the registry
     "api/v1/models/": [api("GET", ALL), api("POST", DS, ok=201, body={"name": "matrix-model", "team": "acme"})],
     "api/v1/models/<str:name>/": [api("GET")],
@@ -200,7 +227,23 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/alerts/": [api("GET", ALL)],
     "api/v1/alerts/<uuid:uid>/acknowledge": [api("POST", ALERTS, body={"comment": "seen"})],
     "api/v1/alerts/<uuid:uid>/resolve": [api("POST", ALERTS, body={"resolution": "fixed"})],
+    "api/v1/experiments/": [api("GET", ALL), api("POST", DS, ok=400, body=EXPERIMENT)],
+    # The world has no ground truth, so the plan is refused (400) once the caller may see the model.
+    "api/v1/experiments/plan": [api("GET", ok=400, body={**EXPERIMENT, "mde": "0.05"})],
+    "api/v1/experiments/<uuid:uid>/": [api("GET"), api("PATCH", DS, body={"name": "matrix"})],
+    "api/v1/experiments/<uuid:uid>/stop": [api("POST", DS, body={"reason": "matrix"})],
     "api/v1/gdpr/subjects/<str:subject_id>/export": [api("GET", AUDIT, outsider=403)],
+    # Datasets, retraining and lineage (monitoring.datasets)
+    "api/v1/datasets/": [api("GET", ALL), api("POST", DS, ok=202, body="SNAPSHOT")],
+    "api/v1/datasets/<uuid:uid>/": [api("GET")],
+    "api/v1/datasets/<uuid:uid>/download": [api("GET", DOWNLOAD)],
+    "api/v1/models/<str:name>/environments/<str:env>/retraining-policy": [
+        api("GET"), api("PUT", ALERTS, body={"snapshot_days": 7})],
+    "api/v1/models/<str:name>/retraining-requests": [api("GET")],
+    "api/v1/retraining-requests/<uuid:uid>/close": [api("POST", ALERTS, body={"reason": "matrix"})],
+    "api/v1/models/<str:name>/versions/<int:number>/lineage": [api("GET")],
+    "api/v1/erased-data-flags/": [api("GET", AUDIT, outsider=403)],
+    "api/v1/erased-data-flags/<uuid:uid>/decide": [api("POST", AUDIT, outsider=403, body=DECISION)],
     "api/v1/gdpr/erasure": [api("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "reason": "asked"}),
                             api("POST", AUDIT, ok=400, outsider=403, body={"reason": "no subject"})],
 }
@@ -215,6 +258,11 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     deployment = deploy_now(v1, personas["ds"])
     promotion = promotions.promotion_request(version=v1, target="stage", reason="matrix", actor=personas["ds"])
     deploy_now(v2, personas["ds"])  # v2 serves dev now; rolling back goes to v1, promoting v2 is allowed
+    canary = deploy_now(v1, personas["ds"], strategy="canary", traffic_percent=50)  # v1 its canary: an experiment
+    experiment = Experiment.objects.create(
+        model=model, environment="dev", champion=EnvironmentState.objects.get(model=model, environment="dev").champion,
+        challenger=canary, champion_version=2, challenger_version=1, traffic_percent=50, metric="accuracy", mde=0.05,
+        baseline_sd=0.4, tau2=0.0025, planned_sample=1500, fixed_horizon_sample=800, started_by=personas["ds"])
     X, _y = files._data()
     source = tmp_path / "in.csv"
     X.head(20).to_csv(source, index=False)
@@ -226,13 +274,29 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     alert = Alert.objects.create(model=model, environment="dev", kind="error_rate", subject="", severity="alert",
                                  value=0.5, threshold=0.05, message="error rate 50%")
     victim_token, _ = portal_services.token_create(user=personas["ds"], name="victim", actor=personas["ds"])
+    start = timezone.now() - dt.timedelta(hours=1)
+    pids = [os.urandom(16).hex() for _ in range(5)]
+    write_batches([{"model": "churn", "environment": "dev", "version": 1, "role": "champion", "ts": start.timestamp(),
+                    "latency_ms": 1.0, "request_id": "", "error": "", "ids": pids,
+                    "inputs": X.head(5).to_numpy().tolist(), "outputs": [0] * 5, "subjects": None}])
+    Feedback.objects.bulk_create([Feedback(prediction_id=pid, actual=0) for pid in pids])
+    snapshot = dataset_services.snapshot_create(model=model, environment="dev", start=start,
+                                                end=timezone.now(), actor=personas["ds"])
+    snapshot_cut(snapshot_id=snapshot.pk)
+    retrain = RetrainingRequest.objects.create(model=model, environment="dev", trigger="manual", reason="matrix",
+                                               snapshot=snapshot, status="called")
+    flag = ErasedDataFlag.objects.create(version=v1, snapshot=snapshot, erasure_seq=1, erasure_hash="0" * 64)
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
-    ids = {"deployment": deployment.uid, "promotion": promotion.uid, "batch-job": job.uid, "alert": alert.uid,
-           "token": victim_token.uid, "schedule": schedule.pk, "webhook": hook.pk,
+    ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid,
+           "alert": alert.uid, "token": victim_token.uid, "schedule": schedule.pk, "webhook": hook.pk,
+           "snapshot": snapshot.uid,
+           "retraining": retrain.uid, "flag": flag.uid,
            "seq": AuditEvent.objects.order_by("seq").values_list("seq", flat=True).last()}
     bodies = {"ROWS": {"dataframe_split": {"columns": list(X.columns), "data": X.head(2).to_numpy().tolist()}},
-              "FEEDBACK": [{"prediction_id": "0" * 32, "actual": 1}]}
+              "FEEDBACK": [{"prediction_id": "0" * 32, "actual": 1}],
+              "SNAPSHOT": {"model": "churn", "environment": "dev", "from": start.isoformat(),
+                           "to": timezone.now().isoformat()}}
     return {"ids": ids, "tokens": tokens, "personas": personas, "bodies": bodies}
 
 
@@ -247,9 +311,13 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
         if key == "pk":
             return str(ids["webhook" if "webhook" in (name or "") else "schedule"])
         assert converter == "uuid", pattern
-        for prefix in ("deployment", "promotion", "batch-job", "alert", "token"):
+        for prefix in ("deployment", "promotion", "batch-job", "alert", "token", "experiment"):
             if (name or "").startswith(prefix):
                 return str(ids[prefix])
+        for names, key in ((("dataset", "snapshot", "download"), "snapshot"),
+                           (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag")):
+            if (name or "").startswith(names):
+                return str(ids[key])
         raise AssertionError(f"no object for {pattern}")
 
     return "/" + re.sub(r"<(?:(\w+):)?(\w+)>", value, pattern)
@@ -349,7 +417,9 @@ def test_every_form_and_session_api_call_needs_the_csrf_token(world: dict[str, A
             kwargs: dict[str, Any] = {"format": "json"} if call.api else {}
             path = fill(pattern, name, world["ids"], call.number, call.env)
             response = getattr(client, call.method.lower())(path, body or {}, **kwargs)
-            # The serving endpoints take tokens only, never the session: 401 there.
-            if response.status_code not in (403, 401) or (response.status_code == 401 and "/serve/" not in path):
+            # The serving endpoints take tokens only, and MLflow's webhook only its signature, never the session:
+            # 401 there.
+            sessionless = "/serve/" in path or path.startswith("/api/v1/integrations/mlflow/webhook")
+            if response.status_code not in (403, 401) or (response.status_code == 401 and not sessionless):
                 unprotected.append(f"{call.method} {path}: {response.status_code}")
     assert not unprotected, unprotected

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import clean_env
+from tests.conftest import clean_env, require_tool
 from tests.registry import modelhost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,9 +27,7 @@ def _compose() -> dict:  # type: ignore[type-arg]
 
 def _config(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     """``docker-compose config`` with exactly ``variables`` (no .env of a developer's, none of this shell's)."""
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.fail("docker-compose is missing: apt-get install docker-compose (it renders the compose file)")
+    binary = require_tool("docker-compose")  # renders the compose file
     env_file = tmp_path / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PORTAL_", "COMPOSE_"))}

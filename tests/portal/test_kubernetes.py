@@ -4,7 +4,6 @@ Kubernetes API schemas by kubernetes-validate, then checked against what the set
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import manage, settings_variables
+from tests.conftest import manage, require_tool, settings_variables
 from tests.registry import modelhost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,9 +20,7 @@ KUBERNETES_VERSION = "1.32.0"  # the oldest release the manifests must load on (
 
 
 def _render(overlay: str) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is missing: apt-get install kubectl (it renders the manifests offline)")
+    kubectl = require_tool("kubectl")  # renders the manifests offline
     result = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -144,11 +144,18 @@ ROUTES = {
     "monitoring.tasks.evaluate_alerts": "monitor",
     "monitoring.tasks.purge_payloads": "monitor",
     "monitoring.tasks.partitions_maintain": "monitor",
+    "monitoring.tasks.experiments_check": "monitor",
+    "monitoring.tasks.snapshot_cut": "score",
+    "monitoring.tasks.snapshots_reap": "monitor",
+    "monitoring.tasks.retraining_evaluate": "monitor",
     "portal.tasks.webhook_deliver": "celery",
     "portal.tasks.send_email": "celery",
     "portal.tasks.audit_chain_verify": "celery",
     "portal.tasks.audit_checkpoint": "celery",
     "portal.tasks.audit_checkpoint_send": "celery",
+    # MLflow sync: the import's download and the alias calls are network I/O; the scan it causes goes to `scan`
+    "registry.tasks.mlflow_sync_run": "celery",
+    "registry.tasks.mlflow_reconcile": "celery",
 }
 ROUTE_SCRIPT = """
 import json, django

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from django.test import Client, override_settings
 from portal.models import AuditEvent, Team
 from registry.models import ModelVersion
 from registry.versions import services
-from tests.conftest import assert_error_shape, clean_env, free_port
+from tests.conftest import assert_error_shape, clean_env, free_port, needs_sandbox
 from tests.registry import files
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
@@ -103,6 +104,8 @@ def test_every_uri_form_imports_once_with_its_lineage(tracking_server: dict[str,
         assert body["metrics"] == {"accuracy": 0.97, "auc": 0.99, "loss": 0.3}
         assert body["params"] == {"C": "1.0", "max_iter": "500"} and len(body["signature"]["inputs"]) == 30
         source = body["mlflow_source"]
+        # The version's own answer carries the same source (and a plain upload's is null).
+        assert api.get("/api/v1/models/churn/versions/1/").json()["mlflow_source"] == source
         assert source["missing_metrics"] == ["f1_minority"] and source["metric_history"]["f1_minority"][0][2] is None
         assert [p[2] for p in source["metric_history"]["loss"]] == [0.9, 0.5, 0.3]
         assert source["tracking_uri"] == tracking_server["uri"] and source["run_name"] == "lr-baseline"
@@ -171,3 +174,31 @@ def test_a_tracking_server_that_does_not_answer_is_a_json_503_within_seconds(per
 def test_import_is_refused_when_not_configured(personas: dict[str, Any], api_as: Any, churn: Any) -> None:
     body = assert_error_shape(api_as(personas["ds"]).post(IMPORT, {"uri": "models:/x/1"}, format="json"), 400)
     assert "PORTAL_MLFLOW_TRACKING_URI" in body["error"]["message"]
+
+
+@needs_sandbox()
+def test_models_saved_by_mlflow_315_to_318_clients_import_and_pass_the_sandbox(
+        tracking_server: dict[str, str], personas: dict[str, Any], api_as: Any, churn: Any, tmp_path: Path) -> None:
+    """Each client's files logged as a run's model folder on the tracking server (as those clients' log_model
+    leaves them), imported by URI, scanned in the sandbox and ready."""
+    from mlflow import MlflowClient
+
+    from tests.registry.versions.test_mlflow_clients import CLIENTS, client_fixture
+
+    mlflow_client = MlflowClient(tracking_server["uri"])
+    experiment = mlflow_client.create_experiment("client-fixtures")
+    api = api_as(personas["ds"])
+    for client in CLIENTS:
+        folder = tmp_path / client
+        with zipfile.ZipFile(client_fixture(client, "logreg")) as archive:
+            archive.extractall(folder)
+        run = mlflow_client.create_run(experiment, run_name=f"saved-by-{client}")
+        mlflow_client.log_artifacts(run.info.run_id, str(folder), artifact_path="model")
+        mlflow_client.set_terminated(run.info.run_id)
+        with override_settings(PORTAL_MLFLOW_TRACKING_URI=tracking_server["uri"]):
+            response = api.post(IMPORT, {"uri": f"runs:/{run.info.run_id}/model"}, format="json")
+        assert response.status_code == 201, (client, response.content)
+        version = services.version_scan(version_id=ModelVersion.objects.get(model=churn,
+                                                                            number=response.json()["number"]).pk)
+        assert version.status == "ready", (client, version.status_detail)
+        assert version.mlflow_source.run_name == f"saved-by-{client}"

@@ -1,0 +1,1 @@
+"""MLflow <-> portal sync: registry webhooks in, environment aliases out (see services)."""

@@ -7,7 +7,7 @@ One machine, one model (scikit-learn logistic regression, 20 numeric features, s
 generator (wrk from Debian's packages), 1-row and 100-row bodies holding the same rows:
 
 - MLflow's own scoring server: ``mlflow models serve --env-manager local`` with 2 workers;
-- the portal: gunicorn with 2 workers on PostgreSQL + Redis (BENCH_DATABASE_URL / BENCH_BROKER_URL, defaulting to
+- the portal: gunicorn as `manage.py runstack` starts it (2 gthread workers of 8 threads) on PostgreSQL + Redis (BENCH_DATABASE_URL / BENCH_BROKER_URL, defaulting to
   a database of its own, ``portal_bench_serving``, dropped and re-created, and Redis DB 7 on the local services),
   bearer-token auth, rate limiting and prediction logging on, each version deployed by the real deployment service,
   measured on its two serving paths:
@@ -51,7 +51,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = str(ROOT / ".venv" / "bin" / "python")
+PY = os.environ.get("BENCH_PYTHON") or str(ROOT / ".venv" / "bin" / "python")  # a venv reached through a symlink: its real path
 DB_URL = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portal_bench")
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/3")
 
@@ -189,6 +189,19 @@ def body(columns: list[str], rows: int, work: Path) -> Path:
     path = work / f"body-{rows}.json"
     path.write_text(json.dumps({"dataframe_split": {"columns": columns, "data": X.tolist()}}))
     return path
+
+
+def portal_web_command() -> list[str]:
+    """The web server exactly as ``manage.py runstack`` (``make run``) starts it: gunicorn, 2 workers of 8 threads
+    (gthread), access log off for the benchmark."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from portal.webserver import web_command
+
+    command = web_command(PY, "127.0.0.1:{port}")
+    log = command.index("--access-logfile")
+    return command[:log] + command[log + 2:]
 
 
 def portal_env(work: Path) -> dict[str, str]:
@@ -455,8 +468,7 @@ def main() -> None:
                        {**env, "MLFLOW_DISABLE_TELEMETRY": "1",
                         "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"},
                        [(MLFLOW, "/invocations", None, bodies)]),
-            "portal": ([PY, "-m", "gunicorn", "config.wsgi:application", "-w", "2", "-b", "127.0.0.1:{port}",
-                        "--log-level", "warning"], ROOT, env,
+            "portal": ([*portal_web_command(), "--log-level", "warning"], ROOT, env,
                        [(FAST, "/api/v1/serve/bench-lr/dev/invocations", token, bodies),
                         (SANDBOXED, "/api/v1/serve/bench-lr-sandboxed/dev/invocations", token, bodies)]),
             "bare": ([PY, "-m", "gunicorn", "--chdir", str(work), "django.core.wsgi:get_wsgi_application()",

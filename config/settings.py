@@ -470,6 +470,17 @@ PORTAL_MODEL_HOST_TIMEOUT_SECONDS = env_int("PORTAL_MODEL_HOST_TIMEOUT_SECONDS",
 # the CPUs its cgroup may use at once (cpu.max, where this machine delegates a cgroup v2 to the portal).
 PORTAL_MODEL_HOST_IDLE_CPU_SECONDS = env_float("PORTAL_MODEL_HOST_IDLE_CPU_SECONDS", 5.0, minimum=0.5, maximum=3600.0)
 PORTAL_MODEL_HOST_CPU_SHARE = env_float("PORTAL_MODEL_HOST_CPU_SHARE", 1.0, minimum=0.1, maximum=256.0)
+# Real-time scoring (issue 31): the longest a request waits for its model (a host's answer, or an in-process ONNX
+# run, stopped by onnxruntime's terminate flag), plus a second per 1,000 rows; batch and warm-up keep the host timeout.
+PORTAL_SCORING_TIMEOUT_SECONDS = env_int("PORTAL_SCORING_TIMEOUT_SECONDS", 5, minimum=1)
+# The bulkhead: scoring requests one served version may have in progress per web process; the excess gets a 503 at
+# once. A host answers one request at a time: four in flight keep it busy through a burst (three queued behind one
+# running), and two hung models still leave half of a worker's 16 threads to everything else.
+PORTAL_SERVE_IN_FLIGHT_HOSTED = env_int("PORTAL_SERVE_IN_FLIGHT_HOSTED", 4, minimum=1)
+PORTAL_SERVE_IN_FLIGHT_IN_PROCESS = env_int("PORTAL_SERVE_IN_FLIGHT_IN_PROCESS", 8, minimum=1)
+# The in-process ONNX path's memory ceiling (onnxruntime's CPU arena per process) and input bound per run.
+PORTAL_ONNX_MEMORY_MB = env_int("PORTAL_ONNX_MEMORY_MB", 256, minimum=64)
+PORTAL_ONNX_MAX_ROWS_PER_RUN = env_int("PORTAL_ONNX_MAX_ROWS_PER_RUN", 1024, minimum=1)
 # Batch scoring: chunk sizes (CSV by bytes, Parquet by rows), the share of bad rows a job tolerates, when a chunk
 # whose worker went silent is handed out again, and whether batch predictions join the prediction log.
 PORTAL_BATCH_CHUNK_BYTES = env_int("PORTAL_BATCH_CHUNK_MB", 16, minimum=1, maximum=1024) * 1024 * 1024

@@ -49,6 +49,7 @@ from registry.models import (
 )
 from registry.sandbox.hosts import HostModelError, HostUnavailable
 from registry.scanning.archive import extract_zip
+from registry.scanning.onnxgraph import OnnxRefused, OnnxReview, review_onnx
 from registry.serving.call_examples import example_rows
 from registry.serving.runtime import inferred_signature, load_onnx_predictor, load_serving_model
 from registry.versions import profiling
@@ -157,11 +158,9 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
     ONNX conversion predicts exactly what the model predicts (``_prove``); else the sandboxed host serves the
     model itself: ('mlflow', None) with MLflow's own scoring code, ('native', None) for other files."""
     version = deployment.version
-    if version.format == "onnx":
-        _step(deployment, 45, "Serving the uploaded ONNX file itself in-process: there is no other form to agree "
-                              "with.")
-        return "onnx", version.artifact
     assert version.artifact is not None
+    if version.format == "onnx":
+        return _uploaded_onnx_form(deployment)
     if version.format == "mlflow" and inferred_signature(version):
         _step(deployment, 45, "Serving with MLflow's own scoring code in a sandboxed model host: the model has no "
                               "signature, so requests reach it as `mlflow models serve` passes them (positional "
@@ -201,18 +200,21 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
         raise DeploymentFailed(f"preparing the serving form failed: {result.error}")
     reason = str(result.data.get("reason") or "no ONNX form")
     if result.data.get("kind") == "onnx" and output.is_file() and not output.is_symlink():
-        problems = onnx_serving_problems(output)
-        if problems:
-            raise DeploymentFailed("the sandbox's ONNX form cannot serve in-process: " + "; ".join(problems))
-        proof = _prove(output, out, result.data, reference=reference, example=example.rows)
-        if proof.passed:
-            _step(deployment, 45, f"Serving in-process with ONNX, {proof.form}: {proof.summary()}."
-                                  + (f" {reference_note}" if reference_note else ""))
-            _stamp(output, proof)
-            return "onnx", storage.blob_put_path(output)
-        reason = f"the ONNX conversion ({proof.form}) was not proven: {proof.summary()}"
-        if reference_note:
-            reason += f". {reference_note}"
+        # What the sandbox wrote is the claim of a process that loaded the model: checked here, by the portal,
+        # before anything credentialed loads it, then proven on the reference rows and probes before it is kept.
+        review = _review_onnx_file(output, "the sandbox's ONNX form")
+        if review.sandbox_reasons:
+            reason = "its ONNX form uses " + "; ".join(review.sandbox_reasons)
+        else:
+            proof = _prove(output, out, result.data, reference=reference, example=example.rows)
+            if proof.passed:
+                _step(deployment, 45, f"Serving in-process with ONNX, {proof.form}: {proof.summary()}."
+                                      + (f" {reference_note}" if reference_note else ""))
+                _stamp(output, proof)
+                return "onnx", storage.blob_put_path(output)
+            reason = f"the ONNX conversion ({proof.form}) was not proven: {proof.summary()}"
+            if reference_note:
+                reason += f". {reference_note}"
     if version.format == "mlflow":
         _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host ({reason}).")
         return "mlflow", None
@@ -376,43 +378,49 @@ def _stamp(output: Path, proof: Proof) -> None:
     onnx.save(model, str(output))
 
 
-ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+def _review_onnx_file(path: Path, what: str) -> OnnxReview:
+    """The portal's own review of an ONNX file (``registry.scanning.onnxgraph``): a deployment whose graph keeps
+    any tensor's data in another file is refused here, naming the tensor, before any credentialed process loads it."""
+    try:
+        review = review_onnx(path.read_bytes())
+    except OnnxRefused as exc:
+        raise DeploymentFailed(f"{what} cannot be served: {exc}") from None
+    if review.refusal:
+        raise DeploymentFailed(f"{what} cannot be served: {review.refusal}")
+    return review
+
+
+def _uploaded_onnx_form(deployment: Deployment) -> tuple[str, Any]:
+    """An uploaded ONNX graph: in the web workers when it holds only what the converters emit; else (control flow,
+    operators sized by input values, custom operators) in a sandboxed model host, said in the deployment's log,
+    or refused where no sandbox can start."""
+    version = deployment.version
+    assert version.artifact is not None
+    with storage.verified_local_path(version.artifact) as path:
+        review = _review_onnx_file(path, "the uploaded ONNX graph")
+    if not review.sandbox_reasons:
+        _step(deployment, 45, "Serving the uploaded ONNX graph itself in-process (no external data, only operators "
+                              "the converters emit): there is no other form to agree with.")
+        return "onnx", version.artifact
+    why = "; ".join(review.sandbox_reasons)
+    unavailable = sandbox.unavailable_reason()
+    if unavailable:
+        raise DeploymentFailed(f"the ONNX graph uses {why}, which the web workers do not run in-process; it needs a "
+                               f"sandboxed model host, and none can start here ({unavailable})")
+    _step(deployment, 45, f"Serving from a sandboxed model host: the ONNX graph uses {why}, which the web workers "
+                          "do not run in-process.")
+    return "native", None
 
 
 def onnx_serving_problems(path: Path) -> list[str]:
-    """An ONNX file written by a sandbox is data from an untrusted process: before a web worker loads it, its graph
-    may use only onnxruntime's built-in operator sets and keep every tensor inside the file (an external-data
-    location would make onnxruntime read another file of the web worker's)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
+    """Why an ONNX file may not serve in a web worker (empty: it may): a tensor keeping its data in another file,
+    or what only a sandboxed host runs. Kept for callers of the earlier check; ``_review_onnx_file`` is the one the
+    deployment uses."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a malformed protobuf of any kind
-        return [f"not a readable ONNX model ({type(exc).__name__})"]
-    problems = []
-    domains = {op.domain for op in model.opset_import} | {node.domain for node in model.graph.node}
-    for function in model.functions:
-        domains |= {node.domain for node in function.node}
-    unknown = sorted(domains - ONNX_DOMAINS)
-    if unknown:
-        problems.append("operators from custom domains " + ", ".join(repr(d) for d in unknown[:5]))
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        if any(uses_external_data(t) for t in graph.initializer):
-            problems.append("a tensor keeps its data in another file")
-            break
-        for node in graph.node:
-            for attribute in node.attribute:
-                graphs.extend([attribute.g] if attribute.HasField("g") else [])
-                graphs.extend(attribute.graphs)
-                tensors = ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
-                if any(uses_external_data(t) for t in tensors):
-                    problems.append("a tensor keeps its data in another file")
-                    graphs.clear()
-                    break
-    return problems
+        review = review_onnx(path.read_bytes())
+    except OnnxRefused as exc:
+        return [str(exc)]
+    return ([review.refusal] if review.refusal else []) + review.sandbox_reasons
 
 
 def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:

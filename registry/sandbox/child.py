@@ -94,17 +94,50 @@ def _onnx_type(elem_type: int) -> str:
             "bool": "boolean"}.get(name, name)
 
 
+def external_data_references(model: Any) -> list[dict[str, str]]:
+    """Every tensor of an ONNX model that keeps, or says it keeps, its data in another file, wherever it stands.
+
+    Found twice and merged: by onnx's own walk (``external_data_helper._get_all_tensors``: graph initializers,
+    attribute tensors, the subgraphs of If/Loop/Scan, function bodies) and by a walk of every message the protobuf
+    holds (``ListFields``), which also reaches what onnx's walk leaves out: ``sparse_initializer`` values and
+    indices, ``sparse_tensor`` attributes, ``training_info``, and an attribute whose ``type`` does not say what it
+    carries. A tensor counts when its ``data_location`` is EXTERNAL or when it has any ``external_data`` entry
+    (onnxruntime reads the file for the former; the latter is refused all the same). Each reference is
+    ``{"tensor", "location", "where"}``, ``where`` the protobuf path (``graph.sparse_initializer[0].values``)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    found: dict[tuple[str, str], dict[str, str]] = {}
+
+    def note(tensor: Any, where: str) -> None:
+        if uses_external_data(tensor) or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            found.setdefault((tensor.name, location), {"tensor": tensor.name, "location": location, "where": where})
+
+    stack: list[tuple[Any, str]] = [(model, "model")]
+    while stack:
+        message, where = stack.pop()
+        if isinstance(message, TensorProto):
+            note(message, where.removeprefix("model."))
+            continue
+        for descriptor, value in message.ListFields():
+            if descriptor.type != descriptor.TYPE_MESSAGE:
+                continue
+            if hasattr(value, "ListFields"):
+                stack.append((value, f"{where}.{descriptor.name}"))
+            else:
+                stack.extend((item, f"{where}.{descriptor.name}[{i}]") for i, item in enumerate(value))
+    for tensor in _get_all_tensors(model):
+        note(tensor, "a graph initializer or an attribute")
+    return list(found.values())
+
+
 def inspect_onnx(path: str) -> dict[str, Any]:
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(path, load_external_data=False)
     base = os.path.dirname(os.path.abspath(path))
-    external = []
-    for tensor in list(model.graph.initializer):
-        if uses_external_data(tensor):
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            external.append({"tensor": tensor.name, "location": info.get("location", "")})
+    external = external_data_references(model)
     inputs = [{"name": i.name, "type": _onnx_type(i.type.tensor_type.elem_type),
                "shape": [d.dim_value or None for d in i.type.tensor_type.shape.dim]} for i in model.graph.input]
     outputs = [{"name": o.name, "type": _onnx_type(o.type.tensor_type.elem_type)} for o in model.graph.output]
@@ -742,9 +775,37 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
             "probe_info": probe_info, "missing_values": missing_values}
 
 
+class _OnnxEstimator:
+    """An uploaded ONNX graph served by a model host (one the portal keeps out of its web workers: control flow,
+    shape-from-input operators): predictions for a float64 matrix, as the in-process session would give them."""
+
+    def __init__(self, path: str) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.load_model_format", "ONNX")
+        self.session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        first = self.session.get_inputs()[0]
+        self.name, self.float32 = first.name, first.type == "tensor(float)"
+        self.output = self.session.get_outputs()[0].name
+
+    def get_params(self) -> dict[str, Any]:
+        return {}
+
+    def predict(self, matrix: Any) -> Any:
+        import numpy as np
+
+        feed = np.asarray(matrix, dtype=np.float32 if self.float32 else np.float64)
+        return np.asarray(self.session.run([self.output], {self.name: feed})[0]).ravel()
+
+
 def _load_for_serving(fmt: str, path: str, options: dict[str, Any]) -> Any:
     """What a web worker used to load in-process: MLflow models through pyfunc (MLflow's own input handling),
     the rest as the estimator."""
+    if fmt == "onnx":
+        return _OnnxEstimator(path)
     if fmt == "mlflow":
         import mlflow.pyfunc
 

@@ -17,6 +17,7 @@ from registry import sandbox
 from registry.scanning import detect
 from registry.scanning.archive import extract_zip
 from registry.scanning.findings import Finding, UploadRejected
+from registry.scanning.onnxgraph import OnnxRefused, review_onnx
 from registry.scanning.pickles import PickleRejected, scan_pickle
 
 # .pth: a path hook (site runs its import lines); .egg and .whl: zips Python imports from when on sys.path.
@@ -72,22 +73,35 @@ def _skops_untrusted(path: Path, label: str) -> list[str]:
 
 
 def _check_onnx(path: Path, label: str, *, root: Path | None) -> dict[str, Any]:
+    """The sandbox parses the graph and lists every tensor that keeps its data in another file, wherever it stands
+    (``child.external_data_references``). A bare ONNX upload, the one form a web worker may run in-process, must
+    keep every tensor inside the file, and the portal checks that itself too (``onnxgraph.review_onnx``) rather
+    than trust the sandbox's word; inside an MLflow archive (served only by a sandboxed host, from its own copy of
+    the archive) a reference must name a file of the archive."""
     result = sandbox.inspect_onnx(path)
     if not result.ok:
         raise _block("corrupt_onnx", f"{label or 'file'}: not a readable ONNX model ({result.error}).", label)
-    for ext in result.data.get("external_data", []):
+    external = list(result.data.get("external_data", []))
+    if root is None:
+        try:
+            review = review_onnx(path.read_bytes())
+        except OnnxRefused as exc:
+            raise _block("corrupt_onnx", f"{label or 'file'}: {exc}.", label) from None
+        external += review.external
+    for ext in external:
         location = str(ext.get("location", ""))
+        where = f"tensor {ext.get('tensor', '')!r} (at {ext.get('where') or 'an initializer'})"
         if root is None:
             raise _block("onnx_external_data",
-                         f"{label or 'file'}: tensor {ext['tensor']!r} keeps its data in another file ({location!r}); "
-                         "upload the model inside an MLflow model zip with that file, or embed the data.", label)
+                         f"{label or 'file'}: {where} keeps its data in another file ({location!r}); the portal "
+                         "accepts a bare ONNX file only with every tensor inside it (embed the data, or upload an "
+                         "MLflow model zip that holds that file).", label)
         target = (path.parent / location).resolve()
-        if location.startswith("/") or ".." in PurePosixPath(location).parts or root.resolve() not in target.parents:
-            raise _block("onnx_external_data",
-                         f"{label}: tensor {ext['tensor']!r} points outside the archive ({location!r}).", label)
+        if (not location or location.startswith("/") or ".." in PurePosixPath(location).parts
+                or root.resolve() not in target.parents):
+            raise _block("onnx_external_data", f"{label}: {where} points outside the archive ({location!r}).", label)
         if not target.is_file():
-            raise _block("onnx_external_data", f"{label}: tensor {ext['tensor']!r} needs {location!r}, which is missing.",
-                         label)
+            raise _block("onnx_external_data", f"{label}: {where} needs {location!r}, which is missing.", label)
     return result.data
 
 

@@ -101,9 +101,10 @@ def example_rows(version: ModelVersion, *, limit: int = MAX_EXAMPLE_ROWS) -> Exa
     """The version's input example as rows a request carries (in the signature's column order where it names
     columns, extra example columns left out as MLflow ignores them), else placeholders typed by the signature."""
     specs = _input_specs(version)
-    named = [c for c in specs if c.get("name") is not None and c.get("type") != "tensor"]
+    # A bare ONNX graph's input (``shape`` from its inspection) is a tensor, as an MLflow tensor spec is.
+    named = [c for c in specs if c.get("name") is not None and c.get("type") != "tensor" and "shape" not in c]
     names = [str(c["name"]) for c in named]
-    tensors = [c for c in specs if c.get("type") == "tensor"]
+    tensors = [c for c in specs if c.get("type") == "tensor" or "shape" in c]
     example = version.input_example
     if (version.signature or {}).get("positional"):
         # Names the portal made up for a model that takes its inputs by position: rows without names, as MLflow
@@ -126,7 +127,7 @@ def example_rows(version: ModelVersion, *, limit: int = MAX_EXAMPLE_ROWS) -> Exa
     if named:
         return ExampleRows(names, [[_placeholder(c) for c in named]], "signature")
     if tensors:
-        shape = (tensors[0].get("tensor-spec") or {}).get("shape") or []
+        shape = tensors[0].get("shape") or (tensors[0].get("tensor-spec") or {}).get("shape") or []
         width = shape[1] if len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0 else 1
         return ExampleRows([], [[_placeholder(tensors[0])] * min(width, MAX_EXAMPLE_COLUMNS)], "signature")
     return ExampleRows([], [], "none")

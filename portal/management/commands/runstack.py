@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from portal.env import env_int, env_str
 from portal.management.commands.seed_demo import DEMO_USERS
+from portal.webserver import web_command
 
 STOP_GRACE_SECONDS = 15
 
@@ -33,13 +34,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, port: int | None, host: str | None, **options: Any) -> None:
         port = port or env_int("PORT", 8000, minimum=1, maximum=65535)
         host = host or env_str("PORTAL_BIND_HOST", "127.0.0.1")
-        web_workers = env_int("PORTAL_WEB_WORKERS", 2, minimum=1, maximum=64)
         concurrency = env_int("PORTAL_WORKER_CONCURRENCY", 2, minimum=1, maximum=64)
         py = sys.executable
         commands = {
-            "web": [py, "-m", "gunicorn", "config.wsgi:application", "--bind", f"{host}:{port}",
-                    "--workers", str(web_workers), "--access-logfile", "-", "--graceful-timeout", "10",
-                    "--timeout", "120"],
+            "web": web_command(py, f"{host}:{port}"),
             "worker": [py, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO",
                        "--concurrency", str(concurrency), "--hostname", f"worker-{os.getpid()}@%h"],
             "beat": [py, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"],

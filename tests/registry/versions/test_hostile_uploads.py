@@ -820,3 +820,199 @@ def test_a_model_that_attacks_the_sandbox_init_leaves_nothing_behind(ready_arena
         if places:
             ev.problems.append(f"{label} is out, in: {sorted(set(places))}")
     assert not ev.problems, "\n  ".join(ev.problems)
+
+
+# --- The in-process ONNX path and availability (issue 31, items 2-4) ---------------------------------------------
+# Kept apart from the cases above: an ONNX file carries no code, so these attack what onnxruntime does with data
+# (read a tensor from another file; loop or allocate as an input value says) and the web process's capacity (a
+# model host that never answers). Same arena: the real upload, worker, deployment and scoring entry point.
+
+def _register(arena: Arena, name: str) -> None:
+    response = arena.api.post("/api/v1/models/", {"name": name, "team": "acme"}, format="json")
+    assert response.status_code == 201, response.content
+
+
+def _upload_ready(arena: Arena, name: str, filename: str, data: bytes) -> Any:
+    """Upload, trust when the portal asks an approver to, and wait for the scan; the version."""
+    from registry.models import ModelVersion
+
+    _register(arena, name)
+    response = arena.api.post(f"/api/v1/models/{name}/versions/", {"file": SimpleUploadedFile(filename, data)},
+                              format="multipart")
+    assert response.status_code == 201, response.content
+    number = response.json()["number"]
+    if ModelVersion.objects.get(model__name=name, number=number).trust_state == "pending":
+        trust = arena.approver_api.post(f"/api/v1/models/{name}/versions/{number}/trust",
+                                        {"trust": True, "reason": "hostile-upload suite"}, format="json")
+        assert trust.status_code == 200, trust.content
+    version, why = _wait(arena, lambda: (v := ModelVersion.objects.get(model__name=name, number=number)).status
+                         != "scanning" and v, SCAN_TIMEOUT)
+    assert version and version.status == "ready", (why, version and version.status_detail)
+    return version
+
+
+def _deployed(arena: Arena, name: str, version: Any) -> Any:
+    from registry.models import Deployment
+
+    response = arena.api.post(f"/api/v1/models/{name}/versions/{version.number}/deploy", {"environment": "dev"},
+                              format="json")
+    assert response.status_code == 202, response.content
+    uid = response.json()["id"]
+    deployment, why = _wait(arena, lambda: (d := Deployment.objects.get(uid=uid)).status in ("live", "failed")
+                            and d, DEPLOY_TIMEOUT)
+    assert deployment, why
+    return deployment
+
+
+def _benign_answers(arena: Arena, *, within: float) -> list[float]:
+    """Score the benign neighbour a few times; each must be a 200 within ``within`` seconds. The durations."""
+    durations = []
+    for _ in range(3):
+        started = time.monotonic()
+        response = score(arena, "benign", arena.benign_columns, arena.benign_rows)
+        durations.append(time.monotonic() - started)
+        assert response.status_code == 200, response.content
+    assert max(durations) < within, durations
+    return durations
+
+
+def test_onnx_forged_serving_form_reading_a_sibling_blob_is_refused(ready_arena: Arena) -> None:
+    """A trusted pyfunc's prepare-serving answer writes an ONNX graph whose ``sparse_initializer`` reads, as external
+    data, the benign model's artifact: the forged file is made to hash into the victim's blob folder, so onnxruntime,
+    handed its path, would read the victim as a tensor. The deployment is refused naming why, nothing is kept, and
+    no credentialed process opens a session on it."""
+    import hashlib
+
+    from registry import storage
+    from registry.models import Blob, ModelVersion
+
+    arena = ready_arena
+    victim = ModelVersion.objects.get(model__name="benign", number=1).artifact
+    assert victim is not None
+    forged = hostile.onnx_reading_sibling(victim.sha256, min(victim.size // 4, 64), blob_prefix=victim.sha256[:4])
+    forged_sha = hashlib.sha256(forged).hexdigest()
+    assert storage.storage_name(forged_sha).rsplit("/", 1)[0] == victim.storage_name.rsplit("/", 1)[0]
+
+    version = _upload_ready(arena, "onnx-forged-serving-form", "model.zip", hostile.forging_pyfunc_zip(forged))
+    deployment = _deployed(arena, "onnx-forged-serving-form", version)
+    assert deployment.status == "failed", deployment.log
+    assert "graph.sparse_initializer[0].values" in deployment.error, deployment.error
+    assert "keeps its data in another file" in deployment.error, deployment.error
+    assert not any("Serving form ready" in entry["message"] for entry in deployment.log), deployment.log
+    assert not Blob.objects.filter(sha256=forged_sha).exists()  # the forged form was never kept
+    assert not storage.artifact_storage().exists(storage.storage_name(forged_sha))
+    response = score(arena, "onnx-forged-serving-form", hostile.COLUMNS, [[0.0, 0.0]])
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_deployed", response.content
+    with storage.verified_local_path(victim) as path:
+        head = path.read_bytes()[:16]
+    for text in (deployment.error, json.dumps(deployment.log), response.content.decode()):
+        assert head.hex() not in text and repr(head)[2:-1] not in text
+    _benign_answers(arena, within=5)
+
+
+def test_onnx_upload_with_external_data_in_a_subgraph_or_function_is_refused(ready_arena: Arena) -> None:
+    """A bare ONNX upload whose external data hides in an ``If`` branch or a model-local function's body (onnx's
+    graph-initializer check does not look there): refused at upload, naming the tensor and where it stands."""
+    from registry.models import ModelVersion
+
+    arena = ready_arena
+    victim = ModelVersion.objects.get(model__name="benign", number=1).artifact
+    assert victim is not None
+    cases = {"onnx-external-in-if": (hostile.onnx_external_in_subgraph(victim.sha256), ".g.node[0]"),
+             "onnx-external-in-function": (hostile.onnx_external_in_function(victim.sha256), "functions[0]")}
+    for name, (data, where) in cases.items():
+        _register(arena, name)
+        response = arena.api.post(f"/api/v1/models/{name}/versions/",
+                                  {"file": SimpleUploadedFile("model.onnx", data)}, format="multipart")
+        assert response.status_code == 422, (name, response.status_code, response.content[:500])
+        error = response.json()["error"]
+        assert "keeps its data in another file" in error["message"] and where in error["message"], error
+        assert "onnx_external_data" in json.dumps(error), error
+        assert not ModelVersion.objects.filter(model__name=name).exists()
+
+
+@pytest.mark.parametrize("build, operator", [(hostile.onnx_loop, "Loop"),
+                                             (hostile.onnx_constant_of_shape, "ConstantOfShape")],
+                         ids=["Loop sized by an input value", "ConstantOfShape sized by an input value"])
+def test_onnx_graphs_sized_by_input_values_are_served_by_the_sandbox_and_end_by_the_deadline(
+        ready_arena: Arena, settings: Any, build: Callable[[], bytes], operator: str) -> None:
+    """No approval is needed for an ONNX upload, and its example is zeros: the scan and the warm-up pass. The
+    deployment sends it to a sandboxed model host, saying why in its log; a request that asks for a billion
+    iterations (or 4 GB) ends by the scoring deadline, the web process does not grow, and the neighbour answers."""
+    import resource
+
+    arena = ready_arena
+    name = f"onnx-{operator.lower()}"
+    version = _upload_ready(arena, name, "model.onnx", build())
+    deployment = _deployed(arena, name, version)
+    assert deployment.status == "live", deployment.error
+    assert deployment.serving_kind == "native", deployment.serving_kind
+    log = " ".join(entry["message"] for entry in deployment.log)
+    assert "Serving from a sandboxed model host" in log and operator in log, log
+    # An ordinary request first, under the default deadline: it starts the host (its first answer imports pandas).
+    assert score(arena, name, hostile.ONNX_COLUMNS, [[0.0, 0.0], [1.0, 2.0]]).status_code == 200
+    settings.PORTAL_SCORING_TIMEOUT_SECONDS = 2
+
+    grown_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    response = score(arena, name, hostile.ONNX_COLUMNS, [[1e9, 0.0]])
+    took = time.monotonic() - started
+    assert response.status_code >= 500, response.content
+    body = response.json()
+    assert body["error_code"] and body["error"]["code"] in ("model_unavailable", "model_error"), body
+    assert took < 2 + 0.001 + 3, took  # the deadline (2 s, plus 1 s per 1,000 rows), and the host's stop
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown_before) / 1024
+    assert grown_mb < 100, grown_mb
+    _benign_answers(arena, within=5)
+
+
+def test_a_model_host_that_never_answers_does_not_take_the_others_down(ready_arena: Arena, settings: Any) -> None:
+    """Two requests hold a host that never answers: a third to it is answered 503 at once by the bulkhead (with
+    Retry-After and MLflow's error_code); the benign model keeps answering meanwhile; the two held requests end by
+    the deadline with a 503 whose text is true (the host did not answer; other models were served)."""
+    import threading
+
+    arena = ready_arena
+    settings.PORTAL_SCORING_TIMEOUT_SECONDS = 3
+    settings.PORTAL_SERVE_IN_FLIGHT_HOSTED = 2  # read when this process loads the deployment, on its first request
+    name = "hanging-host"
+    version = _upload_ready(arena, name, "model.zip", hostile.hanging_pyfunc_zip())
+    deployment = _deployed(arena, name, version)
+    assert deployment.status == "live", deployment.error
+    trigger = [[hostile.TRIGGER, 1.0]]
+    held: list[tuple[float, Any]] = []
+
+    def hold() -> None:
+        client = EntryPointClient(HTTP_AUTHORIZATION=arena.scorer.defaults["HTTP_AUTHORIZATION"])  # type: ignore[union-attr]
+        started = time.monotonic()
+        response = client.post(f"/api/v1/serve/{name}/dev/invocations", content_type="application/json",
+                               data=json.dumps({"dataframe_split": {"columns": hostile.COLUMNS, "data": trigger}}))
+        held.append((time.monotonic() - started, response))
+        from django.db import connections
+
+        connections.close_all()  # this thread's own: the database is dropped at the end of the module
+
+    # The host starts on its first request (a cold start, bounded by the sandbox's own start-up timeout, not by the
+    # scoring deadline): an ordinary request starts it, then the hostile ones find it running.
+    assert score(arena, name, hostile.COLUMNS, [[1.0, 2.0]]).status_code == 200
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.8)  # both are in the host's hands (or queued on it) now
+    started = time.monotonic()
+    busy = score(arena, name, hostile.COLUMNS, trigger)
+    assert time.monotonic() - started < 0.5
+    assert busy.status_code == 503 and busy["Retry-After"] == "1", busy.content
+    assert busy.json()["error_code"] == "TEMPORARILY_UNAVAILABLE" and busy.json()["error"]["code"] == "model_busy"
+    assert "2 requests in progress" in busy.json()["message"], busy.content
+    durations = _benign_answers(arena, within=1.5)
+    for thread in threads:
+        thread.join(timeout=20)
+    assert len(held) == 2
+    for took, response in held:
+        assert response.status_code == 503, response.content
+        assert took < 2 * 3 + 2, took  # at most the wait for the host's lock and then its answer, each ≤ 3 s
+        message = response.json()["message"]
+        assert "did not answer within 3 s" in message or "restarting" in message or "still busy" in message, message
+    print(f"benign during the hang: {[round(d, 3) for d in durations]} s; held requests ended after "
+          f"{[round(t, 2) for t, _ in held]} s")

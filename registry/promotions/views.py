@@ -21,7 +21,6 @@ from registry.promotions import services as promotions
 from registry.promotions.services import EVIDENCE_WINDOWS
 from registry.serving import call_examples
 from registry.versions import selectors
-from registry.versions.compare import metric_diff
 from registry.versions.views import keep_input
 
 _KEPT_KEY = "promotion-decision-{uid}"
@@ -44,7 +43,13 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
         messages.error(request, error_text(exc))
         keep_input(request, f"promote:{version.pk}", ("reason", "override_reason", "target"))
         return redirect(reverse("registry:version", args=[name, number]) + "#promote")
-    messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
+    blocked = [g for g in promotion.gates if g.get("blocks")]
+    if blocked:
+        messages.warning(request, f"Promotion to {promotion.target} requested, but it is blocked: "
+                         + " ".join(f"{g['label']}: {g['detail']}" for g in blocked)
+                         + " Approvers have not been notified; it cannot be approved until every gate passes.")
+    else:
+        messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
     return redirect("registry:promotion", uid=promotion.uid)
 
 
@@ -70,14 +75,8 @@ def promotion_queue(request: HttpRequest) -> HttpResponse:
 def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
     promotion = _promotion(request, uid)
     may_decide, why_not = promotions.can_approve(promotion, request.user)
-    if promotion.status == PromotionStatus.PENDING:
-        # Show the gates as they stand now, not only as they stood at request time.
-        gates = promotions.gates_as_json(promotions.gates_evaluate(
-            promotion.version, promotion.target, override_reason=promotion.override_reason,
-            tolerance=promotion.metric_tolerance))
-    else:
-        gates = promotion.gates
-    champion = promotion.champion_version
+    review = promotions.promotion_review(promotion)
+    notified = not any(g.get("blocks") for g in promotion.gates)  # the gates as they stood when it was requested
     window = request.GET.get("window", "24h")
     if window not in EVIDENCE_WINDOWS:
         window = "24h"
@@ -85,13 +84,12 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
     # What the approver typed survives a refused decision (a wrong password, a missing reason).
     kept = request.session.pop(_KEPT_KEY.format(uid=promotion.uid), None) or {}
     return render(request, "registry/promotion_detail.html", {
-        "promotion": promotion, "model": promotion.model, "version": promotion.version, "gates": gates,
-        "blocking": [g for g in gates if g.get("blocks")],
-        "signature": promotions.signature_comparison(promotion.version, champion, promotion.target),
+        "promotion": promotion, "model": promotion.model, "version": promotion.version, **review, "notified": notified,
+        "signature": promotions.signature_comparison(promotion.version, promotion.champion_version,
+                                                     promotion.target),
         "evidence": promotions.live_evidence(promotion=promotion, window=window),
         "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
         "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
-        "metric_rows": metric_diff(promotion.version, champion, promotion.metric_tolerance),
         "approvals": approvals,
         "approved_count": sum(1 for a in approvals if a.decision == "approve"),
         "may_decide": may_decide, "why_not": why_not if has_capability(request.user, "approve_promotion") else "",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from urllib.parse import urlencode
+
 import orjson
 from django.conf import settings
 from django.contrib import messages
@@ -56,7 +58,15 @@ def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
         params = {"range": "24h"}
         start, end = selectors.parse_range(params)
         invalid = str(exc)
-    summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end)
+    try:
+        version = selectors.version_param(model, params.get("version"))
+    except ValueError as exc:
+        version, invalid_version = None, f"{exc} Showing the version serving now instead."
+    else:
+        invalid_version = ""
+    summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end, version=version)
+    # The switcher keeps the range; the range links keep the version.
+    keep_range = {k: params[k] for k in ("range", "from", "to") if params.get(k)}
     settings_row = MonitoringSettings.objects.filter(model=model).first()
     preset = params.get("range", "")
     return render(request, "monitoring/model.html", {
@@ -64,7 +74,8 @@ def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
         "range_label": RANGE_LABELS.get(preset, "the chosen range"),
         "invalid": invalid, "chart_data": {k: summary[k] for k in (
             "time", "series", "heatmap", "distributions", "prediction_distribution", "drift", "roles", "granularity",
-            "from", "to")},
+            "from", "to", "version")},
+        "invalid_version": invalid_version, "range_query": urlencode(keep_range), "version_query": f"&version={version}" if version is not None else "",
         "alerts": Alert.objects.filter(model=model, environment=env).select_related(
             "acknowledged_by", "resolved_by").order_by("-opened_at")[:20],
         "may_manage": has_capability(request.user, "manage_alerts"),

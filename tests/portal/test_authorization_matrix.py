@@ -99,6 +99,17 @@ TABLE: dict[str, list[Call]] = {
     "audit/verify": [page("POST", AUDIT, ok=302, outsider=403)],
     "audit/events/<int:seq>/": [page("GET", AUDIT, outsider=403)],
     "compliance/processing": [page("GET", AUDIT, outsider=403)],
+    "audit/verify_export.py": [page("GET", AUDIT, outsider=403)],
+    # GDPR pages: the same capability as the API's; a search is an audited access, erasure needs the confirmation.
+    "compliance/subjects/": [page("GET", AUDIT, outsider=403),
+                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1"}),
+                             page("POST", AUDIT, ok=400, outsider=403, body={"subject_id": " "})],
+    "compliance/erasure/": [page("GET", AUDIT, outsider=403),
+                            page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "review"}),
+                            page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "erase",
+                                                                    "confirm": "yes", "reason": "asked"}),
+                            page("POST", AUDIT, ok=400, outsider=403, body={"subject_id": "subject-1",
+                                                                            "step": "erase"})],
     "healthz": [everyone("GET")],
     "readyz": [everyone("GET")],
     "metrics": [everyone("GET")],  # from loopback; other addresses need the token (tests/monitoring)

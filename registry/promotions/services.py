@@ -519,12 +519,23 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
     return seen
 
 
-def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
-                         to_version: int | None = None) -> Deployment:
-    environment_param(environment)
-    require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
-    if not reason.strip():
-        raise ValidationError({"reason": "Say why you roll back; it goes into the timeline and the audit trail."})
+ROLLBACK_WHO = {Environment.DEV: "data scientists and administrators (rolling dev back is a dev deployment)",
+                Environment.STAGE: "approvers and administrators", Environment.PROD: "approvers and administrators"}
+
+
+def may_roll_back(user: Any, environment: str) -> tuple[bool, str]:
+    """Whether ``user`` may roll ``environment`` back, and the one sentence every page and refusal uses to say who
+    may, so the environment page, the promotion page and the error agree word for word."""
+    capability = "deploy_dev" if environment == Environment.DEV else "rollback_environment"
+    if has_capability(user, capability):
+        return True, ""
+    return False, f"Rolling {environment} back is for {ROLLBACK_WHO.get(environment, 'approvers')}; your role is not."
+
+
+def rollback_plan(model: RegisteredModel, environment: str,
+                  to_version: int | None) -> tuple[ModelVersion, ModelVersion]:
+    """(what serves now, what a rollback to ``to_version`` (None: the previous one) would put back), or the
+    ValidationError the rollback itself would raise; the confirmation page shows it before anything happens."""
     current = champion_version(model, environment)
     if current is None:
         raise ValidationError({"environment": f"Nothing serves {environment}; there is nothing to roll back."})
@@ -532,14 +543,24 @@ def environment_rollback(*, model: RegisteredModel, environment: str, reason: st
     if to_version is None:
         if not candidates:
             raise ValidationError({"to_version": f"No earlier version served {environment}."})
-        chosen = candidates[0]
-    else:
-        matches = [v for v in candidates if v.number == to_version]
-        if not matches:
-            raise ValidationError({"to_version": f"v{to_version} never served {environment} before (or it serves "
-                                   "now); roll back to one of: " + (", ".join(f"v{v.number}" for v in candidates)
-                                                                   or "none") + "."})
-        chosen = matches[0]
+        return current, candidates[0]
+    matches = [v for v in candidates if v.number == to_version]
+    if not matches:
+        raise ValidationError({"to_version": f"v{to_version} never served {environment} before (or it serves "
+                               "now); roll back to one of: " + (", ".join(f"v{v.number}" for v in candidates)
+                                                               or "none") + "."})
+    return current, matches[0]
+
+
+def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
+                         to_version: int | None = None) -> Deployment:
+    environment_param(environment)
+    allowed, why_not = may_roll_back(actor, environment)
+    if not allowed:
+        raise PermissionDenied(why_not)
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why you roll back; it goes into the timeline and the audit trail."})
+    current, chosen = rollback_plan(model, environment, to_version)
     with transaction.atomic():
         deployment = deployment_start(version=chosen, environment=environment, strategy=Strategy.REPLACE,
                                       actor=actor, via_promotion=True, purpose=DeploymentPurpose.ROLLBACK,
@@ -610,6 +631,26 @@ def serving_at(model: RegisteredModel, environment: str, at: dt.datetime) -> dic
         Q(ended_at__isnull=True) | Q(ended_at__gt=at), started_at__lte=at).order_by("started_at")]
     champion = next((r for r in live if r["role"] == "champion"), None)
     return {"at": at, "serving": champion, "also": [r for r in live if r is not champion]}
+
+
+def champions_now(pairs: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
+    """The version number serving each (model id, environment) now, in one query: list pages say what serves now,
+    not what served when a request went live (a later rollback or promotion replaced it)."""
+    if not pairs:
+        return {}
+    query = Q()
+    for model_id, environment in pairs:
+        query |= Q(model_id=model_id, environment=environment)
+    return {(m, e): n for m, e, n in EnvironmentState.objects.filter(query, champion__isnull=False).values_list(
+        "model_id", "environment", "champion__version__number")}
+
+
+def live_state(promotion: PromotionRequest, champions: dict[tuple[int, str], int]) -> dict[str, Any] | None:
+    """For a live request: whether its version still serves the target, and what replaced it."""
+    if promotion.status != PromotionStatus.LIVE:
+        return None
+    now = champions.get((promotion.model_id, promotion.target))
+    return {"serving": now == promotion.version.number, "now": now}
 
 
 def promotion_queue(*, user: Any, status: str = "") -> QuerySet[PromotionRequest]:

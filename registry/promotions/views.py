@@ -62,7 +62,9 @@ def promotion_queue(request: HttpRequest) -> HttpResponse:
         wanted = "pending"
     qs = promotions.promotion_queue(user=request.user, status="" if wanted == "all" else wanted)
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
-    rows = [{"p": p, "blocking": [g for g in p.gates if g.get("blocks")],
+    champions = promotions.champions_now({(p.model_id, p.target) for p in page if p.status == PromotionStatus.LIVE})
+    rows = [{"p": p, "blocking": [g for g in p.gates if g.get("blocks")] if p.status == PromotionStatus.PENDING
+             else [], "live": promotions.live_state(p, champions),
              "may_decide": promotions.can_approve(p, request.user)[0]} for p in page]
     return render(request, "registry/promotion_queue.html", {
         "page": page, "rows": rows, "status": wanted, "statuses": ["pending", *[s for s in PromotionStatus.values
@@ -83,7 +85,12 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
     approvals = list(promotion.approvals.all())  # prefetched with their approvers
     # What the approver typed survives a refused decision (a wrong password, a missing reason).
     kept = request.session.pop(_KEPT_KEY.format(uid=promotion.uid), None) or {}
+    live = promotions.live_state(promotion, promotions.champions_now({(promotion.model_id, promotion.target)}))
+    may_rollback, rollback_why_not = promotions.may_roll_back(request.user, promotion.target)
     return render(request, "registry/promotion_detail.html", {
+        "live": live, "may_rollback": may_rollback, "rollback_why_not": rollback_why_not,
+        "rollback_candidates": promotions.rollback_candidates(promotion.model, promotion.target)
+        if may_rollback and live else [], "env": promotion.target,
         "promotion": promotion, "model": promotion.model, "version": promotion.version, **review, "notified": notified,
         "signature": promotions.signature_comparison(promotion.version, promotion.champion_version,
                                                      promotion.target),
@@ -154,7 +161,7 @@ def environment_page(request: HttpRequest, name: str, env: str) -> HttpResponse:
         raise Http404("No such environment.")
     raw_at = request.GET.get("at", "").strip()[:40]
     at = _parse_at(raw_at)
-    may_rollback = has_capability(request.user, "deploy_dev" if env == "dev" else "rollback_environment")
+    may_rollback, rollback_why_not = promotions.may_roll_back(request.user, env)
     serving = call_examples.serving_version(model=model, environment=env)
     url = request.build_absolute_uri(reverse("serve-invocations", args=[model.name, env]))
     return render(request, "registry/environment.html", {
@@ -164,24 +171,42 @@ def environment_page(request: HttpRequest, name: str, env: str) -> HttpResponse:
         "state": selectors.environment_overview(model=model)[env],
         "at_raw": raw_at, "at_invalid": bool(raw_at) and at is None,
         "served_at": promotions.serving_at(model, env, at) if at else None,
-        "may_rollback": may_rollback,
-        "candidates": promotions.rollback_candidates(model, env) if may_rollback else [],
+        "may_rollback": may_rollback, "rollback_why_not": rollback_why_not,
+        "rollback_candidates": promotions.rollback_candidates(model, env) if may_rollback else [],
     })
 
 
 @login_required
 @require_POST
 def environment_rollback(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    """Two steps: the form (on the environment and promotion pages) leads to a confirmation that names what serves
+    now and what comes back; only the confirmed POST rolls back."""
     model = selectors.model_get(user=request.user, name=name, action="view_models")
+    if env not in Environment.values:
+        messages.error(request, f"There is no environment {env!r}.")
+        return redirect("registry:model", name=name)
+    allowed, why_not = promotions.may_roll_back(request.user, env)
+    if not allowed:
+        messages.error(request, why_not)
+        return redirect("registry:environment", name=name, env=env)
     raw = request.POST.get("to_version", "")
+    to_version = int(raw) if raw.isdigit() else None
+    reason = request.POST.get("reason", "")[:5000]
+    confirmed = request.POST.get("confirm") == "yes"
+    if not confirmed or not reason.strip():
+        try:
+            current, chosen = promotions.rollback_plan(model, env, to_version)
+        except ValidationError as exc:
+            messages.error(request, error_text(exc))
+            return redirect("registry:environment", name=name, env=env)
+        return render(request, "registry/rollback_confirm.html", {
+            "model": model, "env": env, "current": current, "chosen": chosen, "reason": reason,
+            "reason_missing": confirmed and not reason.strip()}, status=400 if confirmed else 200)
     try:
-        deployment = promotions.environment_rollback(
-            model=model, environment=env, to_version=int(raw) if raw.isdigit() else None,
-            reason=request.POST.get("reason", "")[:5000], actor=request.user)
+        deployment = promotions.environment_rollback(model=model, environment=env, to_version=to_version,
+                                                     reason=reason, actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
         messages.error(request, error_text(exc))
-        return redirect("registry:environment", name=name, env=env) if env in Environment.values else \
-            redirect("registry:model", name=name)
+        return redirect("registry:environment", name=name, env=env)
     messages.success(request, f"Rolling {env} back to v{deployment.version.number}.")
     return redirect("registry:deployment", uid=deployment.uid)
-

@@ -134,9 +134,12 @@ TABLE: dict[str, list[Call]] = {
     "models/<str:name>/environments/<str:env>/": [page("GET")],
     "models/<str:name>/environments/<str:env>/predictions": [page("GET")],
     # Rolling back dev is a dev deployment (data scientists); stage and prod take an approver.
+    # A rollback is confirmed first (the unconfirmed POST shows the confirmation); refusals redirect with the reason.
     "models/<str:name>/environments/<str:env>/rollback": [
-        page("POST", DS, ok=302, denied=302, body={"reason": "matrix rollback"}),
-        page("POST", APPROVERS, ok=302, denied=302, body={"reason": "matrix rollback"}, env="stage")],
+        page("POST", DS, ok=302, denied=302, body={"reason": "matrix rollback", "confirm": "yes"}),
+        page("POST", DS, ok=200, denied=302, body={"reason": "matrix rollback"}),
+        page("POST", APPROVERS, ok=302, denied=302, body={"reason": "matrix rollback", "confirm": "yes"},
+             env="stage")],
     "models/<str:name>/batch/": [page("GET")],
     "models/<str:name>/batch/schedules": [page("POST", DS, ok=302, body=SCHEDULE)],
     "batch/<uuid:uid>/": [page("GET")],

@@ -26,8 +26,10 @@ from monitoring.selectors import (
     thresholds_for,
 )
 from monitoring.models import Rollup
-from registry.models import ServingInterval
-from registry.promotions.services import ENVIRONMENT_ORDER, EVIDENCE_WINDOWS, promotion_baseline
+from registry.models import ENVIRONMENT_ORDER, ServingInterval
+
+ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
+from registry.promotions.services import EVIDENCE_WINDOWS, promotion_baseline
 
 
 def live_predictions(model: Any, environment: str, version: int) -> int:
@@ -151,7 +153,7 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
     # Wherever either has served (dev counts for stage): the candidate beside the version it would replace.
     candidate_envs = served(candidate) - {target}
     baseline_envs = served(champion) if champion is not None else set()
-    environments = sorted(candidate_envs | baseline_envs, key=ENVIRONMENT_ORDER.index)
+    environments = sorted(candidate_envs | baseline_envs, key=ORDER.index)
 
     configured = thresholds.get("accuracy_min")
     floor: float | None = float(configured) if configured is not None else None
@@ -174,7 +176,7 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
                             "figures": _figures(model, env, champion.number, start, end, thresholds)})
     by_env = {c["environment"]: c["figures"] for c in columns if c["who"] == "champion"}
     champion_figures = by_env.get(target) or (by_env.get(baseline.environment) if baseline is not None else None)
-    served_list = sorted(candidate_envs, key=ENVIRONMENT_ORDER.index)
+    served_list = sorted(candidate_envs, key=ORDER.index)
 
     rows: list[dict[str, Any]] = []
     for metric, label in METRICS:

@@ -43,6 +43,8 @@ class AuditAction(enum.Enum):
     TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
     VERSION_IMPORT_DUPLICATE = (2018, "version.import_duplicate")
     VERSION_TAGS_CHANGE = (2019, "version.tags_change")
+    MODEL_ALIAS_SET = (2031, "model.alias_set")
+    MODEL_ALIAS_DELETE = (2032, "model.alias_delete")
     # 3000: deployments and traffic
     DEPLOYMENT_CREATE = (3001, "deployment.create")
     DEPLOYMENT_LIVE = (3002, "deployment.live")

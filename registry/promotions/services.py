@@ -36,6 +36,7 @@ from registry.deployments.services import deployment_finished, deployment_gates,
 from registry.models import (
     DEFAULT_APPROVALS,
     DEFAULT_METRIC_TOLERANCE,
+    ENVIRONMENT_ORDER,
     PROMOTION_TARGETS,
     ApprovalDecision,
     Deployment,
@@ -104,7 +105,7 @@ def _served_in(version: ModelVersion, environment: str) -> bool:
                                           role__in=("champion", "canary")).exists()
 
 
-ENVIRONMENT_ORDER = (Environment.DEV, Environment.STAGE, Environment.PROD)
+_ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
 
 
 def min_predictions() -> int:
@@ -114,7 +115,7 @@ def min_predictions() -> int:
 
 
 def previous_environment(target: str) -> str:
-    return ENVIRONMENT_ORDER[ENVIRONMENT_ORDER.index(target) - 1]
+    return _ORDER[_ORDER.index(target) - 1]
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def baseline_for(candidate: ModelVersion, target: str) -> Baseline | None:
     champion = champion_version(candidate.model, target)
     if champion is not None:
         return Baseline(champion, target, f"serves {target}")
-    for env in reversed(ENVIRONMENT_ORDER[:ENVIRONMENT_ORDER.index(target)]):
+    for env in reversed(_ORDER[:_ORDER.index(target)]):
         nearest = champion_version(candidate.model, env)
         if nearest is None:
             continue
@@ -519,8 +520,9 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
     return seen
 
 
-ROLLBACK_WHO = {Environment.DEV: "data scientists and administrators (rolling dev back is a dev deployment)",
-                Environment.STAGE: "approvers and administrators", Environment.PROD: "approvers and administrators"}
+ROLLBACK_WHO: dict[str, str] = {Environment.DEV: "data scientists and administrators (rolling dev back is a dev deployment)",
+                                Environment.STAGE: "approvers and administrators",
+                                Environment.PROD: "approvers and administrators"}
 
 
 def may_roll_back(user: Any, environment: str) -> tuple[bool, str]:

@@ -122,6 +122,8 @@ TABLE: dict[str, list[Call]] = {
     "models/<str:name>/": [page("GET")],
     "models/<str:name>/upload": [page("GET", DS)],
     "models/<str:name>/tags": [page("POST", DS, ok=302, body={"tags": "matrix"})],
+    "models/<str:name>/aliases": [page("POST", DS, ok=302, body={"alias": "champion", "version": "1"})],
+    "models/<str:name>/aliases/<str:alias>/delete": [page("POST", DS, ok=302)],
     "models/<str:name>/compare": [page("GET")],
     "models/<str:name>/versions/<int:number>/tags": [page("POST", DS, ok=302, body={"tags": "matrix"})],
     "models/<str:name>/import": [page("POST", DS, ok=302, body={"uri": ""})],
@@ -176,6 +178,9 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/models/<str:name>/versions/import": [api("POST", DS, ok=400)],
     "api/v1/models/<str:name>/versions/<int:number>/": [api("GET")],
     "api/v1/models/<str:name>/tags": [api("PUT", DS, body={"tags": ["matrix"]})],
+    "api/v1/models/<str:name>/aliases": [api("GET")],
+    "api/v1/models/<str:name>/aliases/<str:alias>": [api("PUT", DS, body={"version": 1}),
+                                                     api("DELETE", DS, ok=400)],
     "api/v1/models/<str:name>/versions/<int:number>/tags": [api("PUT", DS, body={"tags": ["matrix"]})],
     "api/v1/models/<str:name>/versions/<int:number>/artifact": [api("GET", DOWNLOAD)],
     "api/v1/models/<str:name>/versions/<int:number>/reference": [api("GET", DOWNLOAD)],
@@ -255,6 +260,7 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
     def value(match: re.Match[str]) -> str:
         converter, key = match.group(1), match.group(2)
         fixed = {"name": "churn", "env": env, "number": str(number), "slug": "acme", "subject_id": "subject-1",
+                 "alias": "champion",
                  "seq": str(ids["seq"])}
         if key in fixed:
             return fixed[key]

@@ -27,9 +27,9 @@ from monitoring.selectors import (
 )
 from monitoring.models import Rollup
 from registry.models import ENVIRONMENT_ORDER, ServingInterval
+from registry.promotions.services import EVIDENCE_WINDOWS, promotion_baseline
 
 ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
-from registry.promotions.services import EVIDENCE_WINDOWS, promotion_baseline
 
 
 def live_predictions(model: Any, environment: str, version: int) -> int:

@@ -257,7 +257,7 @@ def test_an_approver_rolls_stage_back_from_the_top_of_its_page(
     assert "v2 answers slower" in page.inner_text("[data-testid=timeline]")
 
     page.goto("/promotions/?status=live")
-    replaced = page.locator("tr", has_text=f"churn v2 → stage").locator("[data-testid=replaced]")
+    replaced = page.locator("tr", has_text="churn v2 → stage").locator("[data-testid=replaced]")
     assert replaced.inner_text() == "no longer serving: v1 serves now"
     page.goto(f"/promotions/{second.uid}/")
     assert "v1 serves stage now" in page.inner_text("[data-testid=promotion-replaced]")

@@ -184,7 +184,9 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
         threshold_text = ""
         for column in columns:
             figures = column["figures"]
-            reference = by_env.get(column["environment"], champion_figures)
+            # The replaced version in the same environment when it has figures there, else where it serves.
+            same = by_env.get(column["environment"])
+            reference = same if same and same["predictions"] else champion_figures
             status, threshold_text = _judge(metric, figures, thresholds,
                                             reference if column["who"] == "candidate" else None, floor)
             if column["who"] == "champion" and metric in ("p50", "p95"):

@@ -30,6 +30,8 @@ COPY --chown=portal:portal registry ./registry
 COPY --chown=portal:portal monitoring ./monitoring
 COPY --chown=portal:portal templates ./templates
 COPY --chown=portal:portal static ./static
+# The audit page offers the offline export verifier as a download.
+COPY --chown=portal:portal scripts/verify_export.py ./scripts/verify_export.py
 # collectstatic needs settings that import; the key is a throwaway used only for this build step.
 RUN PORTAL_SECRET_KEY=build-only-key-build-only-key-build-only-key-build-only-key-0123456789 \
     python manage.py collectstatic --noinput -v 0 && chown -R portal:portal /var/lib/portal

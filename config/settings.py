@@ -220,6 +220,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
+# Live predictions a candidate must have answered in the environment below the target (dev for stage, stage for prod)
+# before its promotion may be approved; 0 turns the requirement off.
+PORTAL_PROMOTION_MIN_PREDICTIONS = env_int("PORTAL_PROMOTION_MIN_PREDICTIONS", 100, minimum=0)
 PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600, minimum=30)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},

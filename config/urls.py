@@ -22,6 +22,9 @@ portal_patterns = (
         path("audit/verify", views.audit_verify, name="audit-verify"),
         path("audit/events/<int:seq>/", views.audit_event, name="audit-event"),
         path("compliance/processing", monitoring_views.records_of_processing, name="records-of-processing"),
+        path("compliance/subjects/", monitoring_views.subject_access, name="subject-access"),
+        path("compliance/erasure/", monitoring_views.subject_erasure, name="subject-erasure"),
+        path("audit/verify_export.py", views.audit_verifier_download, name="audit-verifier"),
     ],
     "portal",
 )

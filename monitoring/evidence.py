@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from django.db.models import Sum
 from django.utils import timezone
 
 from monitoring.rollups import bucket_start, rollups, version_spec
@@ -24,8 +25,19 @@ from monitoring.selectors import (
     granularity_for,
     thresholds_for,
 )
-from registry.models import ServingInterval
-from registry.promotions.services import EVIDENCE_WINDOWS
+from monitoring.models import Rollup
+from registry.models import ENVIRONMENT_ORDER, ServingInterval
+from registry.promotions.services import EVIDENCE_WINDOWS, promotion_baseline
+
+ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
+
+
+def live_predictions(model: Any, environment: str, version: int) -> int:
+    """Every live (champion and canary) prediction ``version`` answered in ``environment``, from the day rollups
+    (which add up every minute ever rolled up), for the promotion gate's minimum of real traffic."""
+    total = Rollup.objects.filter(model_name=model.name, environment=environment, version=version, granularity="day",
+                                  role__in=ONLINE_ROLES).aggregate(n=Sum("count"))["n"]
+    return int(total or 0)
 
 # p50 and p95 have no absolute limit in the monitoring settings; the candidate is held to the champion's figure
 # plus this share (a slower candidate warns, it does not block).
@@ -131,9 +143,17 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
     start = end - RANGES[window]
     model, candidate, target = promotion.model, promotion.version, promotion.target
     thresholds = thresholds_for(model)
-    champion = promotion.champion_version
-    served = sorted({env for env in ServingInterval.objects.filter(version=candidate).exclude(
-        environment=target).values_list("environment", flat=True)}, key=("dev", "stage", "prod").index)
+    baseline = promotion_baseline(promotion)
+    champion = baseline.version if baseline is not None else None
+
+    def served(version: Any) -> set[str]:
+        return set(ServingInterval.objects.filter(version=version, role__in=ONLINE_ROLES).values_list(
+            "environment", flat=True))
+
+    # Wherever either has served (dev counts for stage): the candidate beside the version it would replace.
+    candidate_envs = served(candidate) - {target}
+    baseline_envs = served(champion) if champion is not None else set()
+    environments = sorted(candidate_envs | baseline_envs, key=ORDER.index)
 
     configured = thresholds.get("accuracy_min")
     floor: float | None = float(configured) if configured is not None else None
@@ -142,16 +162,21 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
                                        if v is not None) if isinstance(a, int | float)]
         floor = recorded[0] - 0.05 if recorded else None
 
-    champion_figures = (_figures(model, target, champion.number, start, end, thresholds)
-                        if champion is not None else None)
     columns: list[dict[str, Any]] = []
-    for env in served:
-        columns.append({"key": f"candidate-{env}", "who": "candidate", "version": candidate.number,
-                        "environment": env, "figures": _figures(model, env, candidate.number, start, end,
-                                                                thresholds)})
-    if champion_figures is not None:
-        columns.append({"key": f"champion-{target}", "who": "champion", "version": champion.number,
-                        "environment": target, "figures": champion_figures})
+    for env in environments:
+        if env in candidate_envs:
+            columns.append({"key": f"candidate-{env}", "who": "candidate", "version": candidate.number,
+                            "environment": env, "label": f"Candidate v{candidate.number} in {env}",
+                            "figures": _figures(model, env, candidate.number, start, end, thresholds)})
+        if champion is not None and env in baseline_envs:
+            label = (f"Champion v{champion.number} in {env}" if env == target and baseline is not None
+                     and baseline.environment == target else f"v{champion.number} (it replaces) in {env}")
+            columns.append({"key": f"champion-{env}", "who": "champion", "version": champion.number,
+                            "environment": env, "label": label,
+                            "figures": _figures(model, env, champion.number, start, end, thresholds)})
+    by_env = {c["environment"]: c["figures"] for c in columns if c["who"] == "champion"}
+    champion_figures = by_env.get(target) or (by_env.get(baseline.environment) if baseline is not None else None)
+    served_list = sorted(candidate_envs, key=ORDER.index)
 
     rows: list[dict[str, Any]] = []
     for metric, label in METRICS:
@@ -159,8 +184,11 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
         threshold_text = ""
         for column in columns:
             figures = column["figures"]
+            # The replaced version in the same environment when it has figures there, else where it serves.
+            same = by_env.get(column["environment"])
+            reference = same if same and same["predictions"] else champion_figures
             status, threshold_text = _judge(metric, figures, thresholds,
-                                            champion_figures if column["who"] == "candidate" else None, floor)
+                                            reference if column["who"] == "candidate" else None, floor)
             if column["who"] == "champion" and metric in ("p50", "p95"):
                 status = "reference"
             if column["who"] == "champion" and metric == "accuracy" and figures["accuracy_kind"] == "mae":
@@ -182,5 +210,7 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
             "roles": c["figures"]["roles"]} for c in columns],
         "rows": rows,
         "warnings": sum(1 for r in rows for c in r["cells"] if c["status"] == "warn"),
-        "served_elsewhere": bool(served),
+        "served_elsewhere": bool(served_list),
+        "baseline": ({"version": baseline.version.number, "environment": baseline.environment, "why": baseline.why,
+                      "label": baseline.label} if baseline is not None else None),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from monitoring.datasets import erasure
@@ -52,6 +53,24 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
             "feedback": feedback, "training_snapshots": snapshots,
             "stores": ["prediction log (inputs, outputs)", "ground truth (feedback)",
                        "dataset snapshots (training data cut from the log)"]}
+
+
+ERASED_FIELDS = ("inputs", "output", "error", "subject link")
+
+
+def subject_holdings(*, subject_id: str, actor: Any) -> dict[str, Any]:
+    """What an erasure of ``subject_id`` would remove, counted (no payload is read): the prediction rows per model
+    and environment whose inputs, output, error and subject link go, and the ground truth that goes with them. For
+    the erasure page's confirmation step; the erasure itself counts again under its lock."""
+    require_capability(actor, "manage_subjects")
+    digest = subject_hash(subject_id)
+    drain()
+    rows = list(PredictionLog.objects.filter(subject_hash=digest).values("model_name", "environment").annotate(
+        n=Count("id")).order_by("model_name", "environment"))
+    ids = PredictionLog.objects.filter(subject_hash=digest).values("id")
+    return {"subject_hash": digest, "by_model": rows, "predictions": sum(r["n"] for r in rows),
+            "feedback": Feedback.objects.filter(prediction_id__in=ids).count(), "fields": ERASED_FIELDS,
+            "kept": ("model", "version", "environment", "time", "latency")}
 
 
 def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str, Any]:

@@ -151,7 +151,12 @@ def _heatmap(per_bucket: dict[dt.datetime, dict[str, Any]], axis: list[dt.dateti
     return {"time": [cell[0].isoformat() for cell in cells], "features": names, "psi": z, "min_rows": min_rows}
 
 
-def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end: dt.datetime) -> dict[str, Any]:
+def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end: dt.datetime,
+                       version: int | None = None) -> dict[str, Any]:
+    """Tiles, series, drift and heatmap of one version in ``environment`` over the range: ``version``, or by default
+    the one serving now (the champion; with nothing serving, the version with the most predictions in the range).
+    Figures of different versions are never added together; ``versions`` lists every version that served here in
+    the range (and what serves now), for the page's switcher; ``roles`` sets the sides of a canary or shadow apart."""
     span = end - start
     granularity = granularity_for(span)
     axis = _axis(start, end, granularity)
@@ -161,16 +166,26 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
              .filter(model=model, environment=environment).first())
     champion = state.champion.version.number if state and state.champion else None
     challenger = state.challenger.version.number if state and state.challenger else None
-    online = [r for r in rows if r.role in ONLINE_ROLES]
     versions_seen: dict[int, int] = defaultdict(int)
-    for r in online:
-        versions_seen[r.version] += r.count
-    drift_version = champion if champion is not None else (max(versions_seen, key=lambda v: versions_seen[v])
-                                                           if versions_seen else None)
+    for r in rows:
+        if r.role in ONLINE_ROLES:
+            versions_seen[r.version] += r.count
+    if version is None:
+        version = champion if champion is not None else (max(versions_seen, key=lambda v: versions_seen[v])
+                                                         if versions_seen else None)
+    drift_version = version
+    online = [r for r in rows if r.role in ONLINE_ROLES and r.version == version]
+    now_serving = {n: role for n, role in ((champion, "champion"), (challenger, state.mode if state else ""))
+                   if n is not None}
+    versions = [{"version": n, "serving": now_serving.get(n, ""), "predictions": versions_seen.get(n, 0)}
+                for n in sorted(set(versions_seen) | set(now_serving), key=lambda n: (
+                    n not in now_serving, n != champion, -n))]
 
     by_bucket: dict[dt.datetime, list[Rollup]] = defaultdict(list)
     batch_by_bucket: dict[dt.datetime, int] = defaultdict(int)
     for r in rows:
+        if r.version != version:
+            continue
         if r.role in ONLINE_ROLES:
             by_bucket[r.start].append(r)
         elif r.role == "batch":
@@ -207,12 +222,13 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
         "granularity": granularity, "thresholds": thresholds,
         "serving": {"champion": champion, "challenger": challenger, "mode": state.mode if state else None,
                     "challenger_percent": state.challenger_percent if state else 0},
+        "version": version, "versions": versions,
         "totals": {"predictions": window["count"], "errors": window["errors"],
                    "error_rate": window["errors"] / window["count"] if window["count"] else None,
                    "throughput_per_s": window["count"] / max(active, 1),
                    "throughput_per_min": 60 * window["count"] / max(active, 1),
                    "latency_ms": _latency(window["data"]),
-                   "batch_predictions": sum(r.count for r in rows if r.role == "batch")},
+                   "batch_predictions": sum(r.count for r in rows if r.role == "batch" and r.version == version)},
         "accuracy": {**accuracy_metrics(window["data"].get("truth"), task),
                      "labelled_share": window["labelled"] / window["count"] if window["count"] else None,
                      "task": task},
@@ -224,7 +240,11 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
         result.update(drift_report(spec, _merge([r for r in online if r.version == drift_version])["data"],
                                    thresholds))
         profiles = _feature_profiles(spec)
-        result["heatmap"] = _heatmap(drift_buckets, axis, profiles, thresholds)
+        heatmap = _heatmap(drift_buckets, axis, profiles, thresholds)
+        # A heatmap with no cell to judge is no heatmap: the page says so instead of drawing an empty time axis.
+        result["heatmap"] = heatmap if any(v is not None for row in heatmap["psi"] for v in row) else None
+        if not window["count"]:  # nothing to compare with the reference: no figure computed from zero rows
+            result.update({"drift": None, "distributions": {}, "prediction_distribution": None})
     result["roles"] = roles_report(rows, task)
     result["alerts"] = [alert_json(a) for a in Alert.objects.filter(
         model=model, environment=environment).exclude(status=AlertStatus.RESOLVED).order_by("-opened_at")[:50]]
@@ -316,6 +336,18 @@ def alert_json(alert: Alert) -> dict[str, Any]:
             "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None}
 
 
+def version_param(model: Any, raw: str | None) -> int | None:
+    """The ``version`` a monitoring page or API call asks for (None: the one serving now). ValueError names the
+    versions there are."""
+    if raw in (None, ""):
+        return None
+    numbers = list(model.versions.order_by("number").values_list("number", flat=True))
+    if not str(raw).isdigit() or int(str(raw)) not in numbers:
+        raise ValueError(f"version is one of {', '.join(str(n) for n in numbers) or 'none yet'}"
+                         " (or leave it out for the one serving now).")
+    return int(str(raw))
+
+
 def parse_range(params: Any, *, now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
     """``range=24h`` (a preset) or ``from``/``to`` (ISO 8601; ``to`` defaults to now). Raises ValueError with a
     message a person can act on."""
@@ -369,8 +401,9 @@ def _parse_time(text: str) -> dt.datetime:
 
 
 def portfolio(*, user: Any, window: dt.timedelta = dt.timedelta(hours=1)) -> list[dict[str, Any]]:
-    """Every environment serving a model the user may see, with a traffic light: red with an open alert, amber with
-    an open warning, grey without predictions in the last hour, green otherwise."""
+    """Every environment serving a model the user may see, with the serving (champion) version's figures over the
+    last hour and a traffic light: red with an open alert, amber with an open warning, grey without predictions of
+    that version in the last hour, green otherwise."""
     states_qs = scope_to_teams(EnvironmentState.objects.select_related("model__team", "champion__version",
                                                                      "challenger__version")
                             .filter(champion__isnull=False), user)
@@ -379,9 +412,12 @@ def portfolio(*, user: Any, window: dt.timedelta = dt.timedelta(hours=1)) -> lis
     since = bucket_start(now - window, Granularity.MINUTE)
     names = {s.model.name for s in states}
     traffic: dict[tuple[str, str], dict[str, Any]] = defaultdict(_empty)
+    serving = {(s.model.name, s.environment): s.champion.version.number for s in states if s.champion}
     for r in Rollup.objects.filter(model_name__in=names, granularity=Granularity.MINUTE, start__gte=since,
                                    role__in=ONLINE_ROLES):
         key = (r.model_name, r.environment)
+        if serving.get(key) != r.version:  # what serves now, not what served before it in the same hour
+            continue
         traffic[key] = add(traffic[key], {"count": r.count, "errors": r.errors, "labelled": r.labelled,
                                           "data": {"latency": r.data.get("latency") or [0] * (len(LATENCY_EDGES_MS) + 1)}})
     open_alerts: dict[tuple[int, str], list[Alert]] = defaultdict(list)

@@ -1,18 +1,24 @@
 """Monitoring pages: the portfolio (every serving environment with a traffic light), one model's environment with
-its Plotly panels, alert acknowledgement and resolution, thresholds, and Prometheus ``/metrics``."""
+its Plotly panels, alert acknowledgement and resolution, thresholds, Prometheus ``/metrics``, and the GDPR subject
+access and erasure pages."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.serializers.json import DjangoJSONEncoder
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from monitoring import alerts, gdpr, metrics, selectors
 from monitoring.models import Alert, MonitoringSettings
@@ -56,7 +62,15 @@ def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
         params = {"range": "24h"}
         start, end = selectors.parse_range(params)
         invalid = str(exc)
-    summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end)
+    try:
+        version = selectors.version_param(model, params.get("version"))
+    except ValueError as exc:
+        version, invalid_version = None, f"{exc} Showing the version serving now instead."
+    else:
+        invalid_version = ""
+    summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end, version=version)
+    # The switcher keeps the range; the range links keep the version.
+    keep_range = {k: params[k] for k in ("range", "from", "to") if params.get(k)}
     settings_row = MonitoringSettings.objects.filter(model=model).first()
     preset = params.get("range", "")
     return render(request, "monitoring/model.html", {
@@ -64,7 +78,8 @@ def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
         "range_label": RANGE_LABELS.get(preset, "the chosen range"),
         "invalid": invalid, "chart_data": {k: summary[k] for k in (
             "time", "series", "heatmap", "distributions", "prediction_distribution", "drift", "roles", "granularity",
-            "from", "to")},
+            "from", "to", "version")},
+        "invalid_version": invalid_version, "range_query": urlencode(keep_range), "version_query": f"&version={version}" if version is not None else "",
         "alerts": Alert.objects.filter(model=model, environment=env).select_related(
             "acknowledged_by", "resolved_by").order_by("-opened_at")[:20],
         "may_manage": has_capability(request.user, "manage_alerts"),
@@ -144,3 +159,75 @@ def records_of_processing(request: HttpRequest) -> HttpResponse:
     generated from the registry, so it is never out of date."""
     require_capability(request.user, "view_audit")
     return render(request, "monitoring/records_of_processing.html", gdpr.records_of_processing())
+
+
+# --- GDPR subject rights in the browser (the same services, and so the same audit events, as the API) -----------
+
+SUBJECT_REPORT_ROWS = 200  # rows shown on the page; the download holds every one
+
+
+def _subject_id(request: HttpRequest) -> tuple[str, str]:
+    """The subject id of the form, as given (ids are matched exactly, spaces included), and what is wrong with it."""
+    raw = request.POST.get("subject_id", "")
+    if not raw.strip():
+        return raw, "Give the subject id that the scoring calls sent (subject_ids)."
+    if len(raw) > gdpr.MAX_SUBJECT_ID:
+        return raw, f"A subject id has at most {gdpr.MAX_SUBJECT_ID} characters."
+    return raw, ""
+
+
+def _with_feedback(report: dict[str, Any]) -> list[dict[str, Any]]:
+    truth = {f["prediction_id"]: f for f in report["feedback"]}
+    return [{**p, "feedback": truth.get(p["id"])} for p in report["predictions"][:SUBJECT_REPORT_ROWS]]
+
+
+@never_cache
+@login_required
+@require_http_methods(["GET", "POST"])
+def subject_access(request: HttpRequest) -> HttpResponse:
+    """Subject access (Art. 15): search by subject id (POSTed, so it never sits in a URL or an access log), read
+    what is held, download all of it as JSON. Every search and every download is an audited access."""
+    require_capability(request.user, "manage_subjects")
+    report, subject_id, error = None, "", ""
+    if request.method == "POST":
+        subject_id, error = _subject_id(request)
+        if not error:
+            report = gdpr.subject_export(subject_id=subject_id, actor=request.user)
+            if request.POST.get("download"):
+                body = json.dumps(report, cls=DjangoJSONEncoder, indent=2, ensure_ascii=False)
+                response = HttpResponse(body, content_type="application/json")
+                name = f"subject-{report['subject_hash'][:12]}-{timezone.now():%Y%m%d-%H%M%S}.json"
+                response["Content-Disposition"] = f'attachment; filename="{name}"'
+                return response
+    return render(request, "monitoring/subject_access.html", {
+        "report": report, "subject_id": subject_id, "error": error, "shown": SUBJECT_REPORT_ROWS,
+        "rows": _with_feedback(report) if report else [],
+    }, status=400 if error else 200)
+
+
+@never_cache
+@login_required
+@require_http_methods(["GET", "POST"])
+def subject_erasure(request: HttpRequest) -> HttpResponse:
+    """Erasure (Art. 17) in three steps: the subject id, a confirmation naming exactly what will be removed (counted,
+    nothing read), then the erasure and its receipt (the audit event that records it)."""
+    require_capability(request.user, "manage_subjects")
+    context: dict[str, Any] = {"step": "start", "subject_id": "", "error": ""}
+    if request.method == "POST":
+        subject_id, error = _subject_id(request)
+        context.update(subject_id=subject_id, error=error)
+        if error:
+            return render(request, "monitoring/subject_erasure.html", context, status=400)
+        if request.POST.get("step") == "erase":
+            if request.POST.get("confirm") != "yes":
+                context.update(step="confirm", error="Tick the box to confirm the erasure.",
+                               holdings=gdpr.subject_holdings(subject_id=subject_id, actor=request.user),
+                               reason=request.POST.get("reason", "")[:1000])
+                return render(request, "monitoring/subject_erasure.html", context, status=400)
+            receipt = gdpr.subject_erase(subject_id=subject_id, actor=request.user,
+                                         reason=request.POST.get("reason", "")[:1000])
+            context.update(step="receipt", receipt=receipt, subject_id="")
+        else:
+            context.update(step="confirm", holdings=gdpr.subject_holdings(subject_id=subject_id,
+                                                                          actor=request.user))
+    return render(request, "monitoring/subject_erasure.html", context)

@@ -24,6 +24,7 @@ ENTRIES: list[NavEntry] = [
     NavEntry("Promotions", "registry:promotions", "view_models"),
     NavEntry("Monitoring", "monitoring:portfolio", "view_monitoring"),
     NavEntry("Audit trail", "portal:audit", "view_audit"),
+    NavEntry("Data subjects", "portal:subject-access", "manage_subjects"),
     NavEntry("API docs", "api-docs"),
     NavEntry("Account", "portal:account"),
     NavEntry("Administration", "admin:index", "manage_teams", staff_only=True),

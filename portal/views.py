@@ -18,6 +18,7 @@ from django.core.paginator import Paginator
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
@@ -107,6 +108,14 @@ def logout_view(request: HttpRequest) -> HttpResponse:
 
 # --- Home and account ---------------------------------------------------------------------------------------------
 
+# Where a capability is exercised in the browser, the home page links to it.
+CAPABILITY_PAGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "view_audit": (("Audit trail", "portal:audit"),),
+    "manage_subjects": (("Subject access", "portal:subject-access"), ("Erasure", "portal:subject-erasure")),
+    "view_monitoring": (("Monitoring", "monitoring:portfolio"),),
+}
+
+
 @login_required
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
@@ -116,7 +125,8 @@ def home(request: HttpRequest) -> HttpResponse:
     teams = selectors.team_list(user=user).prefetch_related("members")
     return render(request, "portal/home.html", {
         "roles": [ROLE_LABELS.get(r, r) for r in roles],
-        "capabilities": [CAPABILITY_TEXT[c] for c in caps],
+        "capabilities": [{"text": CAPABILITY_TEXT[c], "links": [(label, reverse(name)) for label, name in
+                                                               CAPABILITY_PAGES.get(c, ())]} for c in caps],
         "teams": teams,
         "all_teams": has_capability(user, "view_all_teams"),
         "recent": selectors.audit_events_for_user(user=user, limit=10),
@@ -203,8 +213,24 @@ def audit(request: HttpRequest) -> HttpResponse:
     return render(request, "portal/audit.html", {
         "form": form, "page": page, "query": query.urlencode(), "activity": activity, "audit_links": True,
         "can_export": has_capability(request.user, "export_audit"), "export_query": export_query,
+        "can_subjects": has_capability(request.user, "manage_subjects"),
         "public_key": public_key_pem() if has_capability(request.user, "export_audit") else "",
     }, status=status)
+
+
+VERIFIER = Path(settings.BASE_DIR) / "scripts" / "verify_export.py"
+
+
+@login_required
+@require_GET
+def audit_verifier_download(request: HttpRequest) -> HttpResponse:
+    """``scripts/verify_export.py``, the offline checker of audit exports, as the audit page's download."""
+    require_capability(request.user, "view_audit")
+    if not VERIFIER.is_file():
+        raise Http404("The verifier script is not installed with this portal.")
+    response = HttpResponse(VERIFIER.read_bytes(), content_type="text/x-python; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="verify_export.py"'
+    return response
 
 
 def _activity_chart(events: Any) -> dict[str, Any]:

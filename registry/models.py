@@ -314,6 +314,34 @@ class ServingInterval(models.Model):
         indexes = [models.Index(fields=["model", "environment", "started_at"], name="interval_model_env")]
 
 
+ALIAS_NAME_VALIDATOR = RegexValidator(
+    r"^(?!latest$)(?!v[0-9]+$)[a-z][a-z0-9_-]{0,63}$",
+    "An alias is 1 to 64 lowercase letters, digits, hyphens and underscores, starting with a letter, such as "
+    "champion; MLflow reserves latest and v<number>.",
+)
+
+
+class ModelAlias(models.Model):
+    """A name pointing at one version of a model, as MLflow's registered-model aliases (``@champion``): a version
+    may carry several, a name points at one version at a time. Set and moved in the portal, audited
+    (``registry.versions.services.alias_set``); the MLflow write-back reads them."""
+
+    team_path: ClassVar[str] = "model__team"
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(max_length=64, validators=[ALIAS_NAME_VALIDATOR])
+    version = models.ForeignKey("ModelVersion", on_delete=models.PROTECT, related_name="aliases")
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["model", "name"], name="model_alias_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}@{self.name} → v{self.version.number}"
+
+
 class PredictionOutbox(models.Model):
     """Prediction records waiting for monitoring's flusher, in the embedded mode (Redis holds them otherwise)."""
 

@@ -25,6 +25,8 @@ os.environ.setdefault("PORTAL_VAR_DIR", str(_root / "var" / "test"))
 os.environ.setdefault("PORTAL_ALLOWED_HOSTS", "localhost,127.0.0.1,testserver")
 # One queue: the worker fixtures move it to a private queue per test (tests/portal/test_settings.py checks routing).
 os.environ.setdefault("PORTAL_CELERY_QUEUE", "celery")
+# Most tests promote versions that never took traffic; the tests of the minimum set it themselves.
+os.environ.setdefault("PORTAL_PROMOTION_MIN_PREDICTIONS", "0")
 
 
 def _own_for_xdist_worker(worker: str) -> None:

@@ -29,9 +29,12 @@ class MonitoringApi(APIView):
         OpenApiParameter("from", OpenApiTypes.DATETIME, description="Start (ISO 8601); default: 24 hours before to"),
         OpenApiParameter("to", OpenApiTypes.DATETIME, description="End (ISO 8601); default: now"),
         OpenApiParameter("range", OpenApiTypes.STR, enum=list(selectors.RANGES),
-                         description="A preset instead of from/to")],
+                         description="A preset instead of from/to"),
+        OpenApiParameter("version", OpenApiTypes.INT,
+                         description="Whose figures: a version number; default the version serving now")],
         responses=OpenApiTypes.OBJECT,
-        summary="Accuracy, latency p50/p95/p99, throughput, error rate and per-feature drift over a time range")
+        summary="Accuracy, latency p50/p95/p99, throughput, error rate and per-feature drift of one version (the "
+                "serving one by default) over a time range")
     def get(self, request: Request, name: str, env: str) -> Response:
         registry_selectors.environment_param(env)
         model = registry_selectors.model_get(user=request.user, name=name, action="view_monitoring")
@@ -39,7 +42,12 @@ class MonitoringApi(APIView):
             start, end = selectors.parse_range(request.query_params)
         except ValueError as exc:
             raise serializers.ValidationError({"range": str(exc)}) from None
-        return Response(selectors.monitoring_summary(model=model, environment=env, start=start, end=end))
+        try:
+            version = selectors.version_param(model, request.query_params.get("version"))
+        except ValueError as exc:
+            raise serializers.ValidationError({"version": str(exc)}) from None
+        return Response(selectors.monitoring_summary(model=model, environment=env, start=start, end=end,
+                                                     version=version))
 
 
 class AlertListApi(APIView):

@@ -6,7 +6,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from registry.models import MODEL_NAME_VALIDATOR, MlflowSource, ModelVersion, RegisteredModel
-from registry.versions.selectors import environment_overview
+from registry.versions.selectors import aliases_of, environment_overview
 
 
 def _username(user: Any) -> str | None:
@@ -42,9 +42,13 @@ class ModelSerializer(serializers.ModelSerializer[RegisteredModel]):
 class ModelDetailSerializer(ModelSerializer):
     versions = serializers.SerializerMethodField()
     environments = serializers.SerializerMethodField()
+    aliases = serializers.SerializerMethodField(help_text="MLflow-style aliases set in the portal: name → version")
 
     class Meta(ModelSerializer.Meta):
-        fields = [*ModelSerializer.Meta.fields, "versions", "environments"]
+        fields = [*ModelSerializer.Meta.fields, "versions", "environments", "aliases"]
+
+    def get_aliases(self, obj: RegisteredModel) -> dict[str, int]:
+        return {a["alias"]: a["version"] for a in aliases_of(models=[obj]).get(obj.pk, [])}
 
     def get_environments(self, obj: RegisteredModel) -> dict[str, Any]:
         return {env: {"champion": s["champion"], "challenger": s["challenger"], "mode": s["mode"],

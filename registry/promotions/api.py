@@ -7,7 +7,7 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
@@ -77,6 +77,18 @@ class PromotionSerializer(serializers.Serializer[Any]):
         return dict(DeploymentSerializer(obj.deployment).data) if obj.deployment else None
 
 
+class PromotionDetailSerializer(PromotionSerializer):
+    review = serializers.SerializerMethodField(help_text=(
+        "What an approver decides on: gates as they stand now, the baseline the candidate is judged against, the "
+        "recorded metrics against it, whether the reason agrees with them, and what blocks an approval."))
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_review(self, obj: PromotionRequest) -> dict[str, Any]:
+        review = promotions.promotion_review(obj)
+        return {key: review[key] for key in ("blockers", "baseline", "metric_rows", "reason_check", "approvable",
+                                            "min_predictions")}
+
+
 def _promotion(request: Request, uid: str) -> PromotionRequest:
     require_capability(request.user, "view_models")
     try:
@@ -117,9 +129,11 @@ class PromotionListApi(APIView):
 
 
 class PromotionDetailApi(APIView):
-    @extend_schema(responses=PromotionSerializer, summary="One promotion request with its gates and approvals")
+    @extend_schema(responses=PromotionDetailSerializer,
+                   summary="One promotion request with its gates, approvals and review (baseline, reason check, "
+                           "what blocks an approval)")
     def get(self, request: Request, uid: str) -> Response:
-        return Response(PromotionSerializer(_promotion(request, uid)).data)
+        return Response(PromotionDetailSerializer(_promotion(request, uid)).data)
 
 
 class PromotionEvidenceApi(APIView):

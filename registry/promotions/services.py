@@ -36,6 +36,7 @@ from registry.deployments.services import deployment_finished, deployment_gates,
 from registry.models import (
     DEFAULT_APPROVALS,
     DEFAULT_METRIC_TOLERANCE,
+    ENVIRONMENT_ORDER,
     PROMOTION_TARGETS,
     ApprovalDecision,
     Deployment,
@@ -53,6 +54,7 @@ from registry.models import (
     TrustState,
     VersionStatus,
 )
+from registry.promotions.reasons import reason_check
 from registry.versions.compare import metric_diff, signature_diff
 from registry.versions.selectors import environment_param
 
@@ -101,6 +103,67 @@ def champion_version(model: RegisteredModel, environment: str) -> ModelVersion |
 def _served_in(version: ModelVersion, environment: str) -> bool:
     return ServingInterval.objects.filter(version=version, environment=environment,
                                           role__in=("champion", "canary")).exists()
+
+
+_ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
+
+
+def min_predictions() -> int:
+    """Live predictions a candidate must have answered in the environment before the target (dev for stage, stage
+    for prod) before a promotion may be approved (``PORTAL_PROMOTION_MIN_PREDICTIONS``; 0 turns the gate off)."""
+    return int(getattr(settings, "PORTAL_PROMOTION_MIN_PREDICTIONS", 0))
+
+
+def previous_environment(target: str) -> str:
+    return _ORDER[_ORDER.index(target) - 1]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The version a candidate is judged against, and why: the target's champion, or else (nothing serves the
+    target) the champion of the nearest environment below it, or the version the candidate replaced there."""
+
+    version: ModelVersion
+    environment: str
+    why: str
+
+    @property
+    def label(self) -> str:
+        return f"v{self.version.number} ({self.why})"
+
+
+def baseline_for(candidate: ModelVersion, target: str) -> Baseline | None:
+    champion = champion_version(candidate.model, target)
+    if champion is not None:
+        return Baseline(champion, target, f"serves {target}")
+    for env in reversed(_ORDER[:_ORDER.index(target)]):
+        nearest = champion_version(candidate.model, env)
+        if nearest is None:
+            continue
+        if nearest.pk != candidate.pk:
+            return Baseline(nearest, env, f"serves {env}")
+        # The candidate serves the nearest environment itself: the version it replaced there is the one to beat.
+        own = ServingInterval.objects.filter(version=candidate, environment=env, role="champion").order_by(
+            "started_at").first()
+        before = ServingInterval.objects.filter(
+            model=candidate.model, environment=env, role="champion", started_at__lte=own.started_at if own else
+            timezone.now()).exclude(version=candidate).select_related("version").order_by("-started_at").first()
+        return Baseline(before.version, env, f"served {env} before v{candidate.number}") if before else None
+    return None
+
+
+# Counts a version's live (champion and canary) predictions in one environment, all time; monitoring registers it.
+TrafficCounter = Callable[[RegisteredModel, str, int], int]
+_traffic_counter: TrafficCounter | None = None
+
+
+def register_traffic_counter(counter: TrafficCounter) -> None:
+    global _traffic_counter
+    _traffic_counter = counter
+
+
+def live_predictions(model: RegisteredModel, environment: str, version: int) -> int:
+    return _traffic_counter(model, environment, version) if _traffic_counter is not None else 0
 
 
 def signature_comparison(candidate: ModelVersion, champion: ModelVersion | None, target: str) -> dict[str, Any]:
@@ -168,11 +231,26 @@ def gates_evaluate(version: ModelVersion, target: str, *, override_reason: str =
                                       version.trust_state == TrustState.TRUSTED else ".")
     gates.append(Gate("scan", "Scan and trust", scan_ok, scan_detail))
 
+    minimum = min_predictions()
+    before = previous_environment(target)
+    served_before = _served_in(version, before)
     if target == Environment.PROD:
-        served = _served_in(version, Environment.STAGE)
-        gates.append(Gate("path", "Live in stage first", served,
-                          "It has served in stage." if served else "It has never been live in stage: promote it "
-                          "to stage first."))
+        gates.append(Gate("path", "Live in stage first", served_before,
+                          "It has served in stage." if served_before else "It has never been live in stage: "
+                          "promote it to stage first."))
+    if minimum > 0:
+        answered = live_predictions(model, before, version.number) if served_before else 0
+        enough = answered >= minimum
+        if not served_before:
+            traffic_detail = (f"Too little data: v{version.number} has never served {before}, so it has answered no "
+                              f"live predictions there; {minimum:,} are needed before {target}.")
+        elif enough:
+            traffic_detail = f"It answered {answered:,} live predictions in {before} (at least {minimum:,} needed)."
+        else:
+            traffic_detail = (f"Too little data: v{version.number} answered {answered:,} live prediction"
+                              f"{'s' if answered != 1 else ''} in {before}; {minimum:,} are needed before {target}.")
+        gates.append(Gate("traffic", f"Enough live traffic in {before}", enough, traffic_detail,
+                          rows=[{"environment": before, "predictions": answered, "minimum": minimum}]))
 
     sig_rows = signature_diff(version, champion)
     breaking = [r for r in sig_rows if r["change"] != "unchanged"]
@@ -190,20 +268,23 @@ def gates_evaluate(version: ModelVersion, target: str, *, override_reason: str =
             gate.detail += f" Overridden: “{override_reason.strip()[:300]}”"
         gates.append(gate)
 
-    m_rows = metric_diff(version, champion, tolerance)
+    baseline = baseline_for(version, target)
+    reference = baseline.version if baseline else None
+    m_rows = metric_diff(version, reference, tolerance)
     worse = [r for r in m_rows if r["worse"]]
     compared = [r for r in m_rows if r["delta"] is not None]
-    if champion is None:
-        m_ok, m_detail = True, f"Nothing serves {target} yet."
+    if baseline is None:
+        m_ok, m_detail = True, f"Nothing serves {target} or an environment below it: nothing to compare with."
     elif not compared:
-        m_ok, m_detail = True, f"No metric in common with v{champion.number} to compare."
+        m_ok, m_detail = True, f"No metric in common with {baseline.label} to compare."
     elif worse:
         m_ok = False
         m_detail = "; ".join(f"{r['name']} {r['candidate']:.4g} vs {r['champion']:.4g}" for r in worse) + \
-            f": worse than v{champion.number} by more than the tolerance of {tolerance:g}."
+            f": worse than {baseline.label} by more than the tolerance of {tolerance:g}."
     else:
-        m_ok, m_detail = True, f"{len(compared)} metric(s) within {tolerance:g} of v{champion.number} or better."
-    gates.append(Gate("metrics", "Metrics vs champion", m_ok, m_detail, rows=m_rows))
+        m_ok, m_detail = True, f"{len(compared)} metric(s) within {tolerance:g} of {baseline.label} or better."
+    gates.append(Gate("metrics", "Metrics vs champion" if baseline is None or baseline.environment == target else
+                      f"Metrics vs {baseline.environment}'s champion", m_ok, m_detail, rows=m_rows))
 
     report = version.sandbox_report or {}
     smoke_ok = bool(report.get("ok")) and version.status == VersionStatus.READY
@@ -211,6 +292,41 @@ def gates_evaluate(version: ModelVersion, target: str, *, override_reason: str =
                       f"Loaded in the sandbox and answered {len(report.get('predictions') or [])} example row(s)."
                       if smoke_ok else "The sandbox's smoke test has not passed."))
     return gates
+
+
+def promotion_baseline(promotion: PromotionRequest) -> Baseline | None:
+    """What the request's candidate is judged against: the target's champion when it was requested, else (for a
+    pending request) the nearest environment's champion now."""
+    if promotion.champion_version is not None:
+        return Baseline(promotion.champion_version, promotion.target, f"serves {promotion.target}"
+                        if promotion.status == PromotionStatus.PENDING else f"served {promotion.target} when requested")
+    baseline = baseline_for(promotion.version, promotion.target)
+    if baseline is None or baseline.version.pk == promotion.version.pk:
+        return None
+    return baseline
+
+
+def promotion_review(promotion: PromotionRequest) -> dict[str, Any]:
+    """What an approver decides on, for the page and the API alike: the gates (as they stand now while pending),
+    the metrics against the baseline, whether the reason agrees with them, and what stops an approval."""
+    if promotion.status == PromotionStatus.PENDING:
+        gates = gates_as_json(gates_evaluate(promotion.version, promotion.target,
+                                             override_reason=promotion.override_reason,
+                                             tolerance=promotion.metric_tolerance))
+    else:
+        gates = promotion.gates
+    baseline = promotion_baseline(promotion)
+    rows = metric_diff(promotion.version, baseline.version if baseline else None, promotion.metric_tolerance)
+    blockers = [f"{g['label']}: {g['detail']}" for g in gates if g.get("blocks")]
+    return {
+        "gates": gates, "blocking": [g for g in gates if g.get("blocks")], "blockers": blockers,
+        "baseline": ({"version": baseline.version.number, "environment": baseline.environment, "why": baseline.why,
+                      "label": baseline.label} if baseline else None),
+        "metric_rows": rows,
+        "reason_check": reason_check(promotion.reason, rows, baseline=baseline.label if baseline else ""),
+        "approvable": promotion.status == PromotionStatus.PENDING and not blockers,
+        "min_predictions": min_predictions(),
+    }
 
 
 def gates_as_json(gates: list[Gate]) -> list[dict[str, Any]]:
@@ -258,7 +374,9 @@ def promotion_request(*, version: ModelVersion, target: str, reason: str, actor:
             if any(g.overridden for g in gates):
                 audit_record(AuditAction.PROMOTION_GATE_OVERRIDE, actor=actor, target=promotion_target(promotion),
                              after={"gate": "signature", "reason": promotion.override_reason})
-            _notify(promotion, "promotion.requested")
+            # A request a gate blocks waits in the queue marked blocked: nobody is asked to approve what cannot be.
+            if not blocking(gates):
+                _notify(promotion, "promotion.requested")
     except IntegrityError as exc:
         existing = PromotionRequest.objects.filter(version=version, target=target, status__in=OPEN_STATUSES).first()
         raise ValidationError({"version": f"v{version.number} already has an open request to {target}"
@@ -402,12 +520,24 @@ def rollback_candidates(model: RegisteredModel, environment: str) -> list[ModelV
     return seen
 
 
-def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
-                         to_version: int | None = None) -> Deployment:
-    environment_param(environment)
-    require_capability(actor, "deploy_dev" if environment == Environment.DEV else "rollback_environment")
-    if not reason.strip():
-        raise ValidationError({"reason": "Say why you roll back; it goes into the timeline and the audit trail."})
+ROLLBACK_WHO: dict[str, str] = {Environment.DEV: "data scientists and administrators (rolling dev back is a dev deployment)",
+                                Environment.STAGE: "approvers and administrators",
+                                Environment.PROD: "approvers and administrators"}
+
+
+def may_roll_back(user: Any, environment: str) -> tuple[bool, str]:
+    """Whether ``user`` may roll ``environment`` back, and the one sentence every page and refusal uses to say who
+    may, so the environment page, the promotion page and the error agree word for word."""
+    capability = "deploy_dev" if environment == Environment.DEV else "rollback_environment"
+    if has_capability(user, capability):
+        return True, ""
+    return False, f"Rolling {environment} back is for {ROLLBACK_WHO.get(environment, 'approvers')}; your role is not."
+
+
+def rollback_plan(model: RegisteredModel, environment: str,
+                  to_version: int | None) -> tuple[ModelVersion, ModelVersion]:
+    """(what serves now, what a rollback to ``to_version`` (None: the previous one) would put back), or the
+    ValidationError the rollback itself would raise; the confirmation page shows it before anything happens."""
     current = champion_version(model, environment)
     if current is None:
         raise ValidationError({"environment": f"Nothing serves {environment}; there is nothing to roll back."})
@@ -415,14 +545,24 @@ def environment_rollback(*, model: RegisteredModel, environment: str, reason: st
     if to_version is None:
         if not candidates:
             raise ValidationError({"to_version": f"No earlier version served {environment}."})
-        chosen = candidates[0]
-    else:
-        matches = [v for v in candidates if v.number == to_version]
-        if not matches:
-            raise ValidationError({"to_version": f"v{to_version} never served {environment} before (or it serves "
-                                   "now); roll back to one of: " + (", ".join(f"v{v.number}" for v in candidates)
-                                                                   or "none") + "."})
-        chosen = matches[0]
+        return current, candidates[0]
+    matches = [v for v in candidates if v.number == to_version]
+    if not matches:
+        raise ValidationError({"to_version": f"v{to_version} never served {environment} before (or it serves "
+                               "now); roll back to one of: " + (", ".join(f"v{v.number}" for v in candidates)
+                                                               or "none") + "."})
+    return current, matches[0]
+
+
+def environment_rollback(*, model: RegisteredModel, environment: str, reason: str, actor: Any,
+                         to_version: int | None = None) -> Deployment:
+    environment_param(environment)
+    allowed, why_not = may_roll_back(actor, environment)
+    if not allowed:
+        raise PermissionDenied(why_not)
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why you roll back; it goes into the timeline and the audit trail."})
+    current, chosen = rollback_plan(model, environment, to_version)
     with transaction.atomic():
         deployment = deployment_start(version=chosen, environment=environment, strategy=Strategy.REPLACE,
                                       actor=actor, via_promotion=True, purpose=DeploymentPurpose.ROLLBACK,
@@ -493,6 +633,26 @@ def serving_at(model: RegisteredModel, environment: str, at: dt.datetime) -> dic
         Q(ended_at__isnull=True) | Q(ended_at__gt=at), started_at__lte=at).order_by("started_at")]
     champion = next((r for r in live if r["role"] == "champion"), None)
     return {"at": at, "serving": champion, "also": [r for r in live if r is not champion]}
+
+
+def champions_now(pairs: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
+    """The version number serving each (model id, environment) now, in one query: list pages say what serves now,
+    not what served when a request went live (a later rollback or promotion replaced it)."""
+    if not pairs:
+        return {}
+    query = Q()
+    for model_id, environment in pairs:
+        query |= Q(model_id=model_id, environment=environment)
+    return {(m, e): n for m, e, n in EnvironmentState.objects.filter(query, champion__isnull=False).values_list(
+        "model_id", "environment", "champion__version__number")}
+
+
+def live_state(promotion: PromotionRequest, champions: dict[tuple[int, str], int]) -> dict[str, Any] | None:
+    """For a live request: whether its version still serves the target, and what replaced it."""
+    if promotion.status != PromotionStatus.LIVE:
+        return None
+    now = champions.get((promotion.model_id, promotion.target))
+    return {"serving": now == promotion.version.number, "now": now}
 
 
 def promotion_queue(*, user: Any, status: str = "") -> QuerySet[PromotionRequest]:

@@ -22,7 +22,6 @@ from registry.promotions import services as promotions
 from registry.promotions.services import EVIDENCE_WINDOWS
 from registry.serving import call_examples
 from registry.versions import selectors
-from registry.versions.compare import metric_diff
 from registry.versions.views import keep_input
 
 _KEPT_KEY = "promotion-decision-{uid}"
@@ -45,7 +44,13 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
         messages.error(request, error_text(exc))
         keep_input(request, f"promote:{version.pk}", ("reason", "override_reason", "target"))
         return redirect(reverse("registry:version", args=[name, number]) + "#promote")
-    messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
+    blocked = [g for g in promotion.gates if g.get("blocks")]
+    if blocked:
+        messages.warning(request, f"Promotion to {promotion.target} requested, but it is blocked: "
+                         + " ".join(f"{g['label']}: {g['detail']}" for g in blocked)
+                         + " Approvers have not been notified; it cannot be approved until every gate passes.")
+    else:
+        messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
     return redirect("registry:promotion", uid=promotion.uid)
 
 
@@ -58,7 +63,9 @@ def promotion_queue(request: HttpRequest) -> HttpResponse:
         wanted = "pending"
     qs = promotions.promotion_queue(user=request.user, status="" if wanted == "all" else wanted)
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
-    rows = [{"p": p, "blocking": [g for g in p.gates if g.get("blocks")],
+    champions = promotions.champions_now({(p.model_id, p.target) for p in page if p.status == PromotionStatus.LIVE})
+    rows = [{"p": p, "blocking": [g for g in p.gates if g.get("blocks")] if p.status == PromotionStatus.PENDING
+             else [], "live": promotions.live_state(p, champions),
              "may_decide": promotions.can_approve(p, request.user)[0]} for p in page]
     return render(request, "registry/promotion_queue.html", {
         "page": page, "rows": rows, "status": wanted, "statuses": ["pending", *[s for s in PromotionStatus.values
@@ -71,29 +78,27 @@ def promotion_queue(request: HttpRequest) -> HttpResponse:
 def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
     promotion = _promotion(request, uid)
     may_decide, why_not = promotions.can_approve(promotion, request.user)
-    if promotion.status == PromotionStatus.PENDING:
-        # Show the gates as they stand now, not only as they stood at request time.
-        gates = promotions.gates_as_json(promotions.gates_evaluate(
-            promotion.version, promotion.target, override_reason=promotion.override_reason,
-            tolerance=promotion.metric_tolerance))
-    else:
-        gates = promotion.gates
-    champion = promotion.champion_version
+    review = promotions.promotion_review(promotion)
+    notified = not any(g.get("blocks") for g in promotion.gates)  # the gates as they stood when it was requested
     window = request.GET.get("window", "24h")
     if window not in EVIDENCE_WINDOWS:
         window = "24h"
     approvals = list(promotion.approvals.all())  # prefetched with their approvers
     # What the approver typed survives a refused decision (a wrong password, a missing reason).
     kept = request.session.pop(_KEPT_KEY.format(uid=promotion.uid), None) or {}
+    live = promotions.live_state(promotion, promotions.champions_now({(promotion.model_id, promotion.target)}))
+    may_rollback, rollback_why_not = promotions.may_roll_back(request.user, promotion.target)
     return render(request, "registry/promotion_detail.html", {
-        "promotion": promotion, "model": promotion.model, "version": promotion.version, "gates": gates,
-        "blocking": [g for g in gates if g.get("blocks")],
-        "signature": promotions.signature_comparison(promotion.version, champion, promotion.target),
+        "live": live, "may_rollback": may_rollback, "rollback_why_not": rollback_why_not,
+        "rollback_candidates": promotions.rollback_candidates(promotion.model, promotion.target)
+        if may_rollback and live else [], "env": promotion.target,
+        "promotion": promotion, "model": promotion.model, "version": promotion.version, **review, "notified": notified,
+        "signature": promotions.signature_comparison(promotion.version, promotion.champion_version,
+                                                     promotion.target),
         "evidence": promotions.live_evidence(promotion=promotion, window=window),
         "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
         "experiment": promotion_experiment(promotion),
         "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
-        "metric_rows": metric_diff(promotion.version, champion, promotion.metric_tolerance),
         "approvals": approvals,
         "approved_count": sum(1 for a in approvals if a.decision == "approve"),
         "may_decide": may_decide, "why_not": why_not if has_capability(request.user, "approve_promotion") else "",
@@ -158,7 +163,7 @@ def environment_page(request: HttpRequest, name: str, env: str) -> HttpResponse:
         raise Http404("No such environment.")
     raw_at = request.GET.get("at", "").strip()[:40]
     at = _parse_at(raw_at)
-    may_rollback = has_capability(request.user, "deploy_dev" if env == "dev" else "rollback_environment")
+    may_rollback, rollback_why_not = promotions.may_roll_back(request.user, env)
     serving = call_examples.serving_version(model=model, environment=env)
     url = request.build_absolute_uri(reverse("serve-invocations", args=[model.name, env]))
     return render(request, "registry/environment.html", {
@@ -168,24 +173,42 @@ def environment_page(request: HttpRequest, name: str, env: str) -> HttpResponse:
         "state": selectors.environment_overview(model=model)[env],
         "at_raw": raw_at, "at_invalid": bool(raw_at) and at is None,
         "served_at": promotions.serving_at(model, env, at) if at else None,
-        "may_rollback": may_rollback,
-        "candidates": promotions.rollback_candidates(model, env) if may_rollback else [],
+        "may_rollback": may_rollback, "rollback_why_not": rollback_why_not,
+        "rollback_candidates": promotions.rollback_candidates(model, env) if may_rollback else [],
     })
 
 
 @login_required
 @require_POST
 def environment_rollback(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    """Two steps: the form (on the environment and promotion pages) leads to a confirmation that names what serves
+    now and what comes back; only the confirmed POST rolls back."""
     model = selectors.model_get(user=request.user, name=name, action="view_models")
+    if env not in Environment.values:
+        messages.error(request, f"There is no environment {env!r}.")
+        return redirect("registry:model", name=name)
+    allowed, why_not = promotions.may_roll_back(request.user, env)
+    if not allowed:
+        messages.error(request, why_not)
+        return redirect("registry:environment", name=name, env=env)
     raw = request.POST.get("to_version", "")
+    to_version = int(raw) if raw.isdigit() else None
+    reason = request.POST.get("reason", "")[:5000]
+    confirmed = request.POST.get("confirm") == "yes"
+    if not confirmed or not reason.strip():
+        try:
+            current, chosen = promotions.rollback_plan(model, env, to_version)
+        except ValidationError as exc:
+            messages.error(request, error_text(exc))
+            return redirect("registry:environment", name=name, env=env)
+        return render(request, "registry/rollback_confirm.html", {
+            "model": model, "env": env, "current": current, "chosen": chosen, "reason": reason,
+            "reason_missing": confirmed and not reason.strip()}, status=400 if confirmed else 200)
     try:
-        deployment = promotions.environment_rollback(
-            model=model, environment=env, to_version=int(raw) if raw.isdigit() else None,
-            reason=request.POST.get("reason", "")[:5000], actor=request.user)
+        deployment = promotions.environment_rollback(model=model, environment=env, to_version=to_version,
+                                                     reason=reason, actor=request.user)
     except (ValidationError, PermissionDenied) as exc:
         messages.error(request, error_text(exc))
-        return redirect("registry:environment", name=name, env=env) if env in Environment.values else \
-            redirect("registry:model", name=name)
+        return redirect("registry:environment", name=name, env=env)
     messages.success(request, f"Rolling {env} back to v{deployment.version.number}.")
     return redirect("registry:deployment", uid=deployment.uid)
-

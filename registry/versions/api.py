@@ -140,6 +140,41 @@ class ModelTagsApi(APIView):
         return Response({"model": model.name, "tags": model.tags})
 
 
+class AliasInput(serializers.Serializer[Any]):
+    version = serializers.IntegerField(min_value=1)
+
+
+def _alias_json(model: Any) -> dict[str, Any]:
+    return {"model": model.name, "aliases": {a["alias"]: a["version"] for a in
+                                             selectors.aliases_of(models=[model]).get(model.pk, [])}}
+
+
+class ModelAliasesApi(APIView):
+    @extend_schema(responses=OpenApiTypes.OBJECT, summary="A model's aliases (MLflow's @champion and the like)")
+    def get(self, request: Request, name: str) -> Response:
+        return Response(_alias_json(selectors.model_get(user=request.user, name=name)))
+
+
+class ModelAliasApi(APIView):
+    @extend_schema(request=AliasInput, responses=OpenApiTypes.OBJECT,
+                   summary="Point an alias at a ready version, creating or moving it (data scientists and admins; "
+                           "audited as model.alias_set)")
+    def put(self, request: Request, name: str, alias: str) -> Response:
+        model = selectors.model_get(user=request.user, name=name, action="register_model")
+        data = AliasInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = selectors.version_get(user=request.user, name=name, number=data.validated_data["version"])
+        services.alias_set(model=model, name=alias, version=version, actor=request.user)
+        return Response(_alias_json(model))
+
+    @extend_schema(responses=OpenApiTypes.OBJECT,
+                   summary="Remove an alias (data scientists and admins; audited as model.alias_delete)")
+    def delete(self, request: Request, name: str, alias: str) -> Response:
+        model = selectors.model_get(user=request.user, name=name, action="register_model")
+        services.alias_delete(model=model, name=alias, actor=request.user)
+        return Response(_alias_json(model))
+
+
 class VersionTagsApi(APIView):
     @extend_schema(request=TagsInput, responses=OpenApiTypes.OBJECT,
                    summary="Replace a version's tags (data scientists and admins; audited as version.tags_change)")

@@ -12,9 +12,18 @@ from registry.models import MODEL_NAME_VALIDATOR
 from registry.versions.services import validate_tags
 
 
+NAME_RULE = ("1 to 100 lowercase letters, digits and hyphens, starting and ending with a letter or digit, "
+             "such as churn-classifier")
+
+
 class ModelRegisterForm(forms.Form):
     name = forms.CharField(max_length=100, validators=[MODEL_NAME_VALIDATOR],
-                           help_text="Lowercase letters, digits and hyphens, such as churn-classifier.")
+                           help_text="Lowercase letters, digits and hyphens, such as churn-classifier.",
+                           # The browser's own check names the rule (its "match the requested format" message
+                           # appends the title), instead of only saying that the pattern was not matched.
+                           widget=forms.TextInput(attrs={"pattern": r"[a-z0-9]([a-z0-9\-]{0,98}[a-z0-9])?",
+                                                         "title": NAME_RULE, "autocapitalize": "none",
+                                                         "spellcheck": "false"}))
     team = forms.ModelChoiceField(queryset=Team.objects.none(), to_field_name="slug")
     description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3}), max_length=5000)
     tags = forms.CharField(required=False, max_length=500, help_text="Comma-separated.")
@@ -22,6 +31,9 @@ class ModelRegisterForm(forms.Form):
     def __init__(self, *args: Any, teams: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["team"].queryset = teams if teams is not None else Team.objects.none()  # type: ignore[attr-defined]
+        if teams is not None and teams.count() == 1:  # a user's only team is the answer: no "---------" to change
+            self.fields["team"].empty_label = None  # type: ignore[attr-defined]
+            self.fields["team"].initial = teams.first()
 
 
 class TrustDecisionForm(forms.Form):

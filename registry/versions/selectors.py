@@ -10,7 +10,7 @@ from django.db.models import Count, Max, Q, QuerySet
 from portal.models import AuditEvent
 from portal.permissions import get_object_for_user, scope_to_teams
 from registry.models import (BATCH_ACTIVE, ENVIRONMENT_ORDER, BatchStatus, Deployment, Environment, EnvironmentState,
-                             MlflowSyncJob, MlflowSyncStatus, ModelVersion, RegisteredModel)
+                             MlflowSyncJob, MlflowSyncStatus, ModelAlias, ModelVersion, RegisteredModel)
 from registry.versions.compare import metric_diff, signature_diff
 
 MODEL_SORTS = {
@@ -45,6 +45,16 @@ def where_live(*, models: list[RegisteredModel]) -> dict[int, list[dict[str, Any
             "environment": state.environment, "version": state.champion.version.number,  # type: ignore[union-attr]
             "challenger": state.challenger.version.number if state.challenger else None, "mode": state.mode,
             "challenger_percent": state.challenger_percent})
+    return out
+
+
+def aliases_of(*, models: list[RegisteredModel]) -> dict[int, list[dict[str, Any]]]:
+    """Each model's aliases (``@champion`` → version), in one query: for the models list, model page and API, and
+    for the MLflow write-back, which reads them."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for model_id, name, number in ModelAlias.objects.filter(model__in=models).order_by("name").values_list(
+            "model_id", "name", "version__number"):
+        out.setdefault(model_id, []).append({"alias": name, "version": number})
     return out
 
 
@@ -88,9 +98,23 @@ def version_compare(*, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
     profile = [{"name": n, "a": profile_a.get(n), "b": profile_b.get(n)}
                for n in list(profile_a) + [n for n in profile_b if n not in profile_a]]
     signature = signature_diff(b, a)
+    params_a, params_b = a.params or {}, b.params or {}
+    params = [{"name": n, "a": params_a.get(n), "b": params_b.get(n),
+               "changed": params_a.get(n) != params_b.get(n)} for n in sorted(set(params_a) | set(params_b))]
+    runs = [_run(v) for v in (a, b)]
     return {"facts": facts, "metrics": metric_diff(b, a, 0.0), "signature": signature,
             "signature_changed": sum(1 for r in signature if r["change"] != "unchanged"), "card": card,
-            "profile": profile}
+            "profile": profile, "params": params, "params_changed": sum(1 for p in params if p["changed"]),
+            "runs": runs if any(runs) else None}
+
+
+def _run(version: ModelVersion) -> dict[str, Any] | None:
+    """The MLflow run a version was imported from (name, id, experiment, link), or None for an upload."""
+    source = getattr(version, "mlflow_source", None)
+    if source is None:
+        return None
+    return {"run_id": source.run_id, "run_name": source.run_name, "experiment": source.experiment_name,
+            "url": source.run_url, "uri": source.uri}
 
 
 def model_get(*, user: Any, name: str, action: str | None = None) -> RegisteredModel:

@@ -29,8 +29,10 @@ from portal.models import AuditOutcome, Team
 from portal.permissions import require_capability
 from registry import hooks, sandbox, storage
 from registry.models import (
+    ALIAS_NAME_VALIDATOR,
     Blob,
     MlflowSource,
+    ModelAlias,
     ModelVersion,
     ReferenceData,
     RegisteredModel,
@@ -236,6 +238,46 @@ def _tags_set(queryset: Any, pk: int, tags: Any, *, actor: Any, action: AuditAct
             locked.save(update_fields=["tags"])
             audit_record(action, actor=actor, target=target(locked), before={"tags": before}, after={"tags": clean})
     return locked
+
+
+def alias_set(*, model: RegisteredModel, name: str, version: ModelVersion, actor: Any) -> ModelAlias:
+    """Point alias ``name`` of ``model`` at ``version`` (creating it, or moving it from the version it named), audited
+    with before and after. MLflow's rules: one version per alias, any number of aliases per version."""
+    require_capability(actor, "register_model")
+    name = (name or "").strip().lstrip("@")
+    ALIAS_NAME_VALIDATOR(name)
+    if version.model_id != model.pk:
+        raise ValidationError({"version": f"v{version.number} is not a version of {model.name}."})
+    if version.status != VersionStatus.READY:
+        raise ValidationError({"version": f"v{version.number} is {version.status}; an alias names a ready version."})
+    with transaction.atomic():
+        RegisteredModel.objects.select_for_update().get(pk=model.pk)  # aliases of one model change one at a time
+        alias = ModelAlias.objects.filter(model=model, name=name).select_related("version").first()
+        before = alias.version.number if alias else None
+        if alias is None:
+            alias = ModelAlias.objects.create(model=model, name=name, version=version, updated_by=actor)
+        elif alias.version_id != version.pk:
+            alias.version, alias.updated_by, alias.updated_at = version, actor, timezone.now()
+            alias.save(update_fields=["version", "updated_by", "updated_at"])
+        else:
+            return alias
+        audit_record(AuditAction.MODEL_ALIAS_SET, actor=actor, target=model_target(model),
+                     before={"alias": name, "version": before}, after={"alias": name, "version": version.number})
+    return alias
+
+
+def alias_delete(*, model: RegisteredModel, name: str, actor: Any) -> None:
+    require_capability(actor, "register_model")
+    name = (name or "").strip().lstrip("@")
+    with transaction.atomic():
+        RegisteredModel.objects.select_for_update().get(pk=model.pk)
+        alias = ModelAlias.objects.filter(model=model, name=name).select_related("version").first()
+        if alias is None:
+            raise ValidationError({"alias": f"{model.name} has no alias @{name}."})
+        number = alias.version.number
+        alias.delete()
+        audit_record(AuditAction.MODEL_ALIAS_DELETE, actor=actor, target=model_target(model),
+                     before={"alias": name, "version": number}, after={"alias": name, "version": None})
 
 
 def validate_metrics(value: Any) -> dict[str, float]:

@@ -11,6 +11,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from portal.permissions import has_capability, require_capability
@@ -18,7 +19,7 @@ from portal.selectors import team_list
 from registry.models import PROMOTION_TARGETS, ModelVersion
 from registry.scanning.findings import UploadRejected
 from registry.versions import selectors, services
-from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm
+from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm, messages_of
 from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
 _KEPT = "kept-input:{key}"
@@ -48,13 +49,15 @@ def model_list(request: HttpRequest) -> HttpResponse:
     page = Paginator(selectors.model_list(user=request.user, search=search, team=team, sort=sort), 50).get_page(
         request.GET.get("page"))
     live = selectors.where_live(models=list(page.object_list))
+    aliases = selectors.aliases_of(models=list(page.object_list))
     query = request.GET.copy()
     query.pop("page", None)
     filters = request.GET.copy()
     for key in ("page", "sort"):
         filters.pop(key, None)
     return render(request, "registry/model_list.html", {
-        "page": page, "rows": [(m, live.get(m.pk, [])) for m in page.object_list], "q": search, "team": team,
+        "page": page, "rows": [(m, live.get(m.pk, []), aliases.get(m.pk, [])) for m in page.object_list],
+        "q": search, "team": team,
         "teams": team_list(user=request.user), "query": query.urlencode(), "filters": filters.urlencode(),
         "sort": sort, "sort_choices": [("name", "name (A-Z)"), ("-name", "name (Z-A)"), ("team", "team"),
                                        ("versions", "most versions"), ("updated", "latest upload")],
@@ -102,6 +105,8 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
         "tags_value": kept["values"].get("tags", ", ".join(model.tags or [])), "tags_errors": kept["errors"],
         "can_view_audit": has_capability(request.user, "view_audit"),
         "mlflow_sync_problems": selectors.mlflow_sync_problems(model=model),
+        "aliases": selectors.aliases_of(models=[model]).get(model.pk, []),
+        "ready_versions": [v for v in versions if v.status == "ready"],
     })
 
 
@@ -210,6 +215,35 @@ def model_tags(request: HttpRequest, name: str) -> HttpResponse:
     keep_input(request, f"model-tags:{model.pk}", ("tags",),
                errors={field: [str(e) for e in errs] for field, errs in form.errors.items()})
     return redirect("registry:model", name=name)
+
+
+@login_required
+@require_POST
+def model_alias_set(request: HttpRequest, name: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="register_model")
+    raw = request.POST.get("version", "")
+    alias = request.POST.get("alias", "")[:80]
+    try:
+        if not raw.isdigit():
+            raise ValidationError({"version": "Choose the version the alias points at."})
+        version = selectors.version_get(user=request.user, name=name, number=int(raw))
+        services.alias_set(model=model, name=alias, version=version, actor=request.user)
+        messages.success(request, f"@{alias.strip().lstrip('@')} now points at v{version.number}.")
+    except ValidationError as exc:
+        messages.error(request, "The alias was not set: " + " ".join(messages_of(exc)))
+    return redirect(reverse("registry:model", args=[name]) + "#aliases")
+
+
+@login_required
+@require_POST
+def model_alias_delete(request: HttpRequest, name: str, alias: str) -> HttpResponse:
+    model = selectors.model_get(user=request.user, name=name, action="register_model")
+    try:
+        services.alias_delete(model=model, name=alias, actor=request.user)
+        messages.success(request, f"@{alias} is removed.")
+    except ValidationError as exc:
+        messages.error(request, " ".join(messages_of(exc)))
+    return redirect(reverse("registry:model", args=[name]) + "#aliases")
 
 
 @login_required

@@ -27,6 +27,7 @@
   function plot(id, traces, layout) {  // drawn once near the viewport; resolves to the chart's element
     const el = document.getElementById("chart-" + id);
     if (!el) return Promise.resolve(null);
+    if (el.classList.contains("chart-empty")) { el.textContent = ""; el.classList.replace("chart-empty", "chart"); }
     const base = { margin: { t: 36, r: 16, b: 16, l: 16, pad: 4 }, height: 300, legend: legend, showlegend: true,
                    font: { family: "system-ui, sans-serif", size: 12, color: "#1d2330" } };
     const full = Object.assign(base, layout || {});
@@ -34,12 +35,15 @@
     return window.portalCharts.whenVisible(el, (Plotly) => { Plotly.newPlot(el, traces, full, config); return el; });
   }
 
-  function empty(id, text) {
+  function empty(id, text) {  // words instead of a chart: no axis, no caption computed from nothing
     const el = document.getElementById("chart-" + id);
     if (!el) return;
+    if (window.Plotly && el.data) window.Plotly.purge(el);
     el.textContent = text;
+    el.style.height = "";
     el.classList.remove("chart");
     el.classList.add("chart-empty");
+    summary(id, "");
   }
 
   const fmtTime = (iso) => iso.slice(0, 16).replace("T", " ");
@@ -51,7 +55,8 @@
     return best;
   }
   const per = data.granularity;
-  const window_ = fmtTime(data.from) + " to " + fmtTime(data.to) + " UTC";
+  const of = data.version ? " of v" + data.version : "";
+  const window_ = of + " " + fmtTime(data.from) + " to " + fmtTime(data.to) + " UTC";
 
   // Throughput and errors
   const total = sum(s.predictions);
@@ -67,11 +72,11 @@
                    title: { text: "error rate" }, fixedrange: true } });
     const i = peak(s.predictions);
     const errors = sum(s.errors);
-    summary("throughput", total + " online predictions " + window_ + (i >= 0 && s.predictions[i] ? "; busiest " + per + " " +
+    summary("throughput", total + " online predictions" + window_ + (i >= 0 && s.predictions[i] ? "; busiest " + per + " " +
       fmtTime(t[i]) + " with " + s.predictions[i] : "") + "; " + errors + " failed (" + pct(total ? errors / total : null, 2) + ")" +
       (sum(s.batch) ? "; " + sum(s.batch) + " batch predictions." : "."));
   } else {
-    empty("throughput", "No predictions " + window_ + ".");
+    empty("throughput", "No predictions" + window_ + ".");
   }
 
   // Latency
@@ -85,7 +90,7 @@
     summary("latency", "Latency per " + per + ", warm-up requests left out: highest p99 " + s.p99[p99peak].toFixed(1) +
       " ms at " + fmtTime(t[p99peak]) + " UTC.");
   } else {
-    empty("latency", "No latency to show: no predictions " + window_ + ".");
+    empty("latency", "No latency to show: no predictions" + window_ + ".");
   }
 
   // Accuracy
@@ -100,7 +105,8 @@
     summary("accuracy", "Accuracy (or mean absolute error for a regressor) per " + per + " of predictions with ground truth; latest " +
       (last[0] <= 1 ? pct(last[0]) : last[0].toFixed(3)) + " at " + fmtTime(t[last[1]]) + " UTC.");
   } else {
-    empty("accuracy", "No ground truth yet for predictions " + window_ + ": accuracy appears once feedback arrives.");
+    empty("accuracy", (total ? "No ground truth yet for predictions" + window_ + ": accuracy appears once feedback arrives."
+                             : "No accuracy to show: no predictions" + window_ + "."));
   }
 
   // Predictions: by class for a classifier, on the reference's bins for a regressor
@@ -117,7 +123,7 @@
       label + " " + pct(dist.current[i]) + (dist.reference ? " (reference " + pct(dist.reference[i]) + ")" : "")).join(", ") +
       (top >= 0 ? ". Most common: " + dist.labels[top] + "." : "."));
   } else {
-    empty("predictions", "No predictions " + window_ + ".");
+    empty("predictions", "No predictions" + window_ + ".");
   }
 
   // Champion and challenger
@@ -142,6 +148,11 @@
     if (!d) return;
     if (featureName) featureName.textContent = name;
     document.querySelectorAll("button[data-feature]").forEach((b) => b.setAttribute("aria-pressed", b.dataset.feature === name ? "true" : "false"));
+    const row = (data.drift && data.drift.features || []).find((f) => f.feature === name);
+    if (!sum(d.current) || (row && !row.rows)) {  // a feature with no current values: nothing to compare
+      empty("feature", "No values of " + name + " in the predictions" + window_ + ": nothing to compare with the reference.");
+      return;
+    }
     const el = document.getElementById("chart-feature");
     plot("feature", [
       { x: d.labels, y: d.reference, name: "reference", type: "bar", marker: { color: "#a86200" } },
@@ -150,7 +161,6 @@
          xaxis: { type: "category", automargin: true, fixedrange: true, title: { text: name } } });
     let worst = 0;
     d.labels.forEach((_, i) => { if (Math.abs(d.current[i] - d.reference[i]) > Math.abs(d.current[worst] - d.reference[worst])) worst = i; });
-    const row = (data.drift && data.drift.features || []).find((f) => f.feature === name);
     summary("feature", name + (row && row.psi !== null ? ": PSI " + row.psi.toFixed(3) + " (" + row.status + ")" : "") +
       ". Largest difference in " + d.labels[worst] + ": " + pct(d.current[worst]) + " now against " + pct(d.reference[worst]) + " in the reference.");
     if (focus && el) el.closest("section").scrollIntoView({ block: "nearest" });
@@ -159,6 +169,7 @@
     const button = event.target.closest("button[data-feature]");
     if (button) showFeature(button.dataset.feature, true);
   });
+  const ranked = ((data.drift && data.drift.features) || []).filter((f) => f.psi !== null).sort((a, b) => b.psi - a.psi);
   if (heat && heat.features.length) {
     const heatAxis = timeAxis(document.getElementById("chart-heatmap"));
     delete heatAxis.range;
@@ -170,11 +181,13 @@
           margin: { t: 12, r: 16, b: 16, l: 16, pad: 4 }, xaxis: heatAxis,
           yaxis: { automargin: true, type: "category", fixedrange: true, tickfont: { size: 12 } } });
     el.then((chart) => { if (chart) chart.on("plotly_click", (ev) => { if (ev.points && ev.points[0]) showFeature(ev.points[0].y); }); });
-    const ranked = ((data.drift && data.drift.features) || []).filter((f) => f.psi !== null).sort((a, b) => b.psi - a.psi);
     summary("heatmap", ranked.length ? "Worst features: " + ranked.slice(0, 3).map((f) => f.feature + " (PSI " + f.psi.toFixed(3) + ")").join(", ") + "." :
       "Too few predictions in every cell to judge drift yet.");
-    showFeature(ranked.length ? ranked[0].feature : heat.features[0]);
   } else {
-    for (const id of ["heatmap", "feature"]) empty(id, "No drift to show: no reference data for the serving version, or no predictions in this range.");
+    empty("heatmap", data.drift ? "Too few predictions" + of + " in any stretch of this range to draw drift over time; the table below judges the range as a whole."
+                                : "No drift to show: " + (total ? "no reference data for v" + data.version + "." : "no predictions" + window_ + "."));
   }
+  const first = ranked.length ? ranked[0].feature : (heat && heat.features.length ? heat.features[0] : null);
+  if (first && data.distributions && data.distributions[first]) showFeature(first);
+  else empty("feature", "No feature to show: " + (total ? "no reference data for v" + data.version + "." : "no predictions" + window_ + "."));
 })();

@@ -18,6 +18,12 @@
       promotion.className = "status status-" + d.status;
     }
     status.className = "status status-" + d.status;
+    // The page's own heading and its link to the environment follow the end too (no stale "Deploying…").
+    const verb = document.querySelector("[data-testid=deployment-verb]");
+    if (verb && (d.status === "live" || d.status === "retired")) verb.textContent = verb.dataset.done;
+    if (verb && d.status === "failed") verb.textContent = verb.dataset.failed;
+    const done = document.querySelector("[data-testid=deployment-done]");
+    if (done) done.hidden = d.status !== "live";
     progress.value = d.progress;
     error.hidden = !d.error;
     error.textContent = d.error || "";

@@ -17,11 +17,15 @@ import pytest
 from django.utils import timezone
 
 from monitoring.alerts import evaluate_alerts
+from monitoring.flush import flush_predictions
 from monitoring.rollups import rollup_dirty
 from registry.models import Deployment, ModelVersion
+from registry.promotions import services as promotions
+from registry.versions import services as versions
 from tests.browser.test_upload_journey import _sign_in
 from tests.monitoring.conftest import live, log_rows, reference_matrix  # noqa: F401 - fixtures
-from tests.registry.conftest import fresh_serving_cache, two_versions  # noqa: F401 - fixtures
+from tests.registry.conftest import deploy_now, fresh_serving_cache, serving, two_versions  # noqa: F401
+from tests.registry.test_gdpr import _predict
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 AXE = Path(__file__).resolve().parent / "vendor" / "axe.min.js"
@@ -92,4 +96,81 @@ def test_every_page_of_the_three_journeys_passes_axe_at_phone_and_laptop_widths(
                 visited += 1
         context.close()
     assert visited == 2 * sum(len(p) for p in urls.values())
+    assert not found, "\n".join(found)
+
+
+RUN_AXE_ALL = """async () => {
+  const result = await window.axe.run(document, {resultTypes: ['violations']});
+  return result.violations.map((v) => v.id + ' (' + v.impact + '): ' + v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(' | '));
+}"""
+
+
+def _submit(selector: str, fill: dict[str, str] | None = None, check: str = "") -> Callable[[Any], None]:
+    """A step that fills and submits a form on the current page, then waits for the next page to load."""
+    def step(page: Any) -> None:
+        for field, value in (fill or {}).items():
+            page.fill(field, value)
+        if check:
+            page.check(check)
+        with page.expect_navigation():
+            page.click(selector)
+    return step
+
+
+def test_the_pages_of_issue_33_pass_axe_with_no_violation_of_any_impact(
+        browser: Any, live_server: Any, serving: Any, personas: dict[str, Any], settings: Any,  # noqa: F811
+        log_rows: Callable[..., list[str]]) -> None:  # noqa: F811
+    """The blocked promotion, monitoring per version, the GDPR pages, rollback's confirmation, aliases and compare:
+    0 axe violations of any impact (not only serious ones) at 412 and 1,366 px, and nothing scrolls sideways."""
+    settings.PORTAL_PROMOTION_MIN_PREDICTIONS = 50
+    v1, v2 = ModelVersion.objects.filter(model__name="churn").order_by("number")
+    _predict(serving, ["alice@example.org", "bob"])
+    flush_predictions()
+    _columns, X, _y = reference_matrix()
+    log_rows(X[:60], at=timezone.now() - dt.timedelta(minutes=10), outputs=[1] * 60, version=v1.number)
+    rollup_dirty()
+    deployment = deploy_now(v2, personas["ds"])
+    versions.alias_set(model=v1.model, name="champion", version=v2, actor=personas["ds"])
+    promotion = promotions.promotion_request(version=v2, target="stage", reason="v2 scores higher.",
+                                             actor=personas["ds"])
+    subject = {"#subject-id": "alice@example.org"}
+    journeys: dict[str, list[Any]] = {
+        "dana": ["/models/", "/models/churn/", "/models/churn/compare?a=1&b=2", f"/deployments/{deployment.uid}/",
+                 "/models/churn/environments/dev/", _submit("[data-testid=rollback-start]")],
+        "alex": [f"/promotions/{promotion.uid}/", "/promotions/?status=all", "/monitoring/",
+                 "/models/churn/environments/dev/monitoring", "/models/churn/environments/dev/monitoring?version=1"],
+        "casey": ["/compliance/subjects/", _submit("[data-testid=subject-search] button", subject),
+                  "/compliance/erasure/", _submit("[data-testid=erasure-start] button", subject),
+                  _submit("[data-testid=erasure-submit]", {"#erasure-reason": "axe"}, check="input[name=confirm]"),
+                  "/audit/", "/"],
+    }
+    script = AXE.read_text()
+    found: list[str] = []
+    visited = 0
+    for user, steps in journeys.items():
+        context = browser.new_context(base_url=live_server.url, bypass_csp=True)  # to inject axe
+        page = context.new_page()
+        _sign_in(page, user)
+        for width in WIDTHS:
+            page.set_viewport_size({"width": width, "height": 900})
+            for step in steps:
+                if isinstance(step, str):
+                    response = page.goto(step)
+                    assert response is not None and response.status == 200, (user, step, response and response.status)
+                else:
+                    step(page)
+                page.wait_for_load_state("load")
+                for chart in page.locator(".chart").all():
+                    chart.scroll_into_view_if_needed()
+                    page.wait_for_function("(el) => !el.classList.contains('chart') || el.querySelector('.main-svg')",
+                                           arg=chart.element_handle(), timeout=15_000)
+                page.add_script_tag(content=script)
+                for violation in page.evaluate(RUN_AXE_ALL):
+                    found.append(f"{width}px {page.url} as {user}: {violation}")
+                overflow = page.evaluate(WIDEST)
+                if overflow:
+                    found.append(f"{width}px {page.url} as {user}: scrolls sideways by {overflow[0]} px ({overflow[1]})")
+                visited += 1
+        context.close()
+    assert visited == 2 * sum(len(s) for s in journeys.values())
     assert not found, "\n".join(found)

@@ -106,7 +106,8 @@ def test_an_approver_reads_every_panel_and_acknowledges_the_drift_alert(
         page.locator(f"#{panel}").scroll_into_view_if_needed()
         page.wait_for_selector(f"#{panel} .main-svg", timeout=15_000)
         assert page.eval_on_selector(f"#{panel}", "el => (el.data || []).length") > 0, panel
-    assert page.inner_text("[data-testid=kpi-predictions]") == "750"
+    # The tiles are the serving version's (600 of v1), not v1 and the canary added together (750).
+    assert page.inner_text("[data-testid=kpi-predictions]") == "600"
     assert page.inner_text("[data-testid=kpi-throughput]") not in ("0.00/s", "0.0/min")
     assert page.inner_text("[data-testid=kpi-accuracy]").endswith("%")
     assert page.locator("[data-testid=drift-row] .status-alert").count() > 0

@@ -89,9 +89,10 @@ def test_a_data_scientist_requests_prod_two_approvers_approve_and_prod_serves_it
     first.click("[data-testid=evidence] a[data-window='1h']")
     first.wait_for_url("**window=1h*")
     api = _check_evidence_against_the_api(first, uid, "1h")
-    assert [c["key"] for c in api["columns"]] == ["candidate-stage", "champion-prod"]
+    # v2 beside v1 wherever either served: v1 served stage before prod (no predictions there in the window).
+    assert [c["key"] for c in api["columns"]] == ["candidate-stage", "champion-stage", "champion-prod"]
     cells = {r["metric"]: r["cells"] for r in api["rows"]}
-    assert [c["display"] for c in cells["predictions"]] == ["120", "150"]
+    assert [c["display"] for c in cells["predictions"]] == ["120", "0", "150"]
     assert cells["error_rate"][0]["display"] == "0.83%" and cells["error_rate"][0]["status"] == "pass"
     summary = first.inner_text("[data-testid=signature-summary]")
     assert summary == f"All 30 inputs unchanged from v{v1.number}."

@@ -107,6 +107,17 @@ TABLE: dict[str, list[Call]] = {
     "audit/verify": [page("POST", AUDIT, ok=302, outsider=403)],
     "audit/events/<int:seq>/": [page("GET", AUDIT, outsider=403)],
     "compliance/processing": [page("GET", AUDIT, outsider=403)],
+    "audit/verify_export.py": [page("GET", AUDIT, outsider=403)],
+    # GDPR pages: the same capability as the API's; a search is an audited access, erasure needs the confirmation.
+    "compliance/subjects/": [page("GET", AUDIT, outsider=403),
+                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1"}),
+                             page("POST", AUDIT, ok=400, outsider=403, body={"subject_id": " "})],
+    "compliance/erasure/": [page("GET", AUDIT, outsider=403),
+                            page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "review"}),
+                            page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "erase",
+                                                                    "confirm": "yes", "reason": "asked"}),
+                            page("POST", AUDIT, ok=400, outsider=403, body={"subject_id": "subject-1",
+                                                                            "step": "erase"})],
     "healthz": [everyone("GET")],
     "readyz": [everyone("GET")],
     "metrics": [everyone("GET")],  # from loopback; other addresses need the token (tests/monitoring)
@@ -119,6 +130,8 @@ TABLE: dict[str, list[Call]] = {
     "models/<str:name>/": [page("GET")],
     "models/<str:name>/upload": [page("GET", DS)],
     "models/<str:name>/tags": [page("POST", DS, ok=302, body={"tags": "matrix"})],
+    "models/<str:name>/aliases": [page("POST", DS, ok=302, body={"alias": "champion", "version": "1"})],
+    "models/<str:name>/aliases/<str:alias>/delete": [page("POST", DS, ok=302)],
     "models/<str:name>/compare": [page("GET")],
     "models/<str:name>/versions/<int:number>/tags": [page("POST", DS, ok=302, body={"tags": "matrix"})],
     "models/<str:name>/import": [page("POST", DS, ok=302, body={"uri": ""})],
@@ -131,9 +144,12 @@ TABLE: dict[str, list[Call]] = {
     "models/<str:name>/environments/<str:env>/": [page("GET")],
     "models/<str:name>/environments/<str:env>/predictions": [page("GET")],
     # Rolling back dev is a dev deployment (data scientists); stage and prod take an approver.
+    # A rollback is confirmed first (the unconfirmed POST shows the confirmation); refusals redirect with the reason.
     "models/<str:name>/environments/<str:env>/rollback": [
-        page("POST", DS, ok=302, denied=302, body={"reason": "matrix rollback"}),
-        page("POST", APPROVERS, ok=302, denied=302, body={"reason": "matrix rollback"}, env="stage")],
+        page("POST", DS, ok=302, denied=302, body={"reason": "matrix rollback", "confirm": "yes"}),
+        page("POST", DS, ok=200, denied=302, body={"reason": "matrix rollback"}),
+        page("POST", APPROVERS, ok=302, denied=302, body={"reason": "matrix rollback", "confirm": "yes"},
+             env="stage")],
     "models/<str:name>/batch/": [page("GET")],
     "models/<str:name>/batch/schedules": [page("POST", DS, ok=302, body=SCHEDULE)],
     "batch/<uuid:uid>/": [page("GET")],
@@ -189,6 +205,9 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/models/<str:name>/versions/import": [api("POST", DS, ok=400)],
     "api/v1/models/<str:name>/versions/<int:number>/": [api("GET")],
     "api/v1/models/<str:name>/tags": [api("PUT", DS, body={"tags": ["matrix"]})],
+    "api/v1/models/<str:name>/aliases": [api("GET")],
+    "api/v1/models/<str:name>/aliases/<str:alias>": [api("PUT", DS, body={"version": 1}),
+                                                     api("DELETE", DS, ok=400)],
     "api/v1/models/<str:name>/versions/<int:number>/tags": [api("PUT", DS, body={"tags": ["matrix"]})],
     "api/v1/models/<str:name>/versions/<int:number>/artifact": [api("GET", DOWNLOAD)],
     "api/v1/models/<str:name>/versions/<int:number>/reference": [api("GET", DOWNLOAD)],
@@ -305,6 +324,7 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
     def value(match: re.Match[str]) -> str:
         converter, key = match.group(1), match.group(2)
         fixed = {"name": "churn", "env": env, "number": str(number), "slug": "acme", "subject_id": "subject-1",
+                 "alias": "champion",
                  "seq": str(ids["seq"])}
         if key in fixed:
             return fixed[key]

@@ -11,7 +11,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('portal', '0005_score_capability'),
-        ('registry', '0007_version_tags'),
+        ('registry', '0008_model_alias'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

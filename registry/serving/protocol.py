@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,12 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InputError(f"The body is not valid JSON: {exc}.", "parse_error") from None
+        # MLflow's server reads bodies with Python's json, which takes NaN and Infinity as numbers (pandas writes
+        # them so); orjson does not, so only a body it refuses is read again that way.
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(f"The body is not valid JSON: {exc}.", "parse_error") from None
     if not isinstance(payload, dict):
         raise InputError("The body must be a JSON object with one of: dataframe_split, dataframe_records, "
                          "instances, inputs.")
@@ -158,7 +164,9 @@ def _parse_csv(body: bytes) -> ParsedRequest:
         header = next(reader)
     except StopIteration:
         raise InputError("The CSV is empty.") from None
-    rows = [row for row in reader if row]
+    # An empty field is a missing value, as pandas (and so MLflow's server) reads it: NaN, which then passes only to a
+    # form proven on missing values.
+    rows = [[field if field.strip() else "nan" for field in row] for row in reader if row]
     if not rows:
         raise InputError("The CSV has a header but no rows.")
     return ParsedRequest([h.strip() for h in header], rows, None, form="csv")

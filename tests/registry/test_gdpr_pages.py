@@ -51,7 +51,9 @@ def test_access_download_confirm_and_erase_from_the_pages(serving: Client, perso
                                               "reason": "ticket 42"}).content.decode()
     event = AuditEvent.objects.filter(action="gdpr.erasure").latest("seq")
     assert f'data-testid="receipt-hash">{event.hash}<' in done and 'data-testid="receipt-predictions">2<' in done
-    assert event.after == {"predictions_erased": 2, "feedback_erased": 1} and event.metadata["reason"] == "ticket 42"
+    assert event.after == {"predictions_erased": 2, "feedback_erased": 1,
+                           "training_data": {"snapshots": [], "versions_trained_on_them": []}}, event.after
+    assert event.metadata["reason"] == "ticket 42"
     assert PredictionLog.objects.get(pk=ids[0]).inputs is None
     assert PredictionLog.objects.get(pk=ids[1]).inputs is not None, "bob's rows stay"
 

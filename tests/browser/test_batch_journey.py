@@ -33,7 +33,9 @@ def test_drop_a_csv_watch_it_score_and_download_it(page: Any, serving: Any, work
     _sign_in(page, "dana")
     page.goto("/models/churn/")
     page.click("[data-testid=batch-link]")
-    page.wait_for_selector("#batch-dropzone")
+    # The page's script marks the zone once its handlers are bound: a file set before that fires a change event
+    # nobody hears, and the button stays disabled.
+    page.wait_for_selector("#batch-dropzone[data-ready]", state="attached")
     # A file without the model's columns is refused in the page, with the reason.
     bad = tmp_path / "wrong.csv"
     bad.write_text("customer,age\nc1,40\n")

@@ -258,12 +258,8 @@ def cmd_download(portal: Portal, args: argparse.Namespace) -> Outcome:
         if not args.model or args.version is None:
             raise UsageError("portal download: name MODEL VERSION, or --batch-job ID")
         path = portal.download_artifact(args.model, args.version, Path(args.output or f"{args.model}-v{args.version}"))
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
     return Outcome(EXIT_OK, "downloaded", [f"wrote {path}"],
-                   {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
+                   {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256_of(path)})
 
 
 def _wait_version(portal: Portal, v: Version, args: argparse.Namespace) -> Outcome:

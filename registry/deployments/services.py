@@ -412,17 +412,6 @@ def _uploaded_onnx_form(deployment: Deployment) -> tuple[str, Any]:
     return "native", None
 
 
-def onnx_serving_problems(path: Path) -> list[str]:
-    """Why an ONNX file may not serve in a web worker (empty: it may): a tensor keeping its data in another file,
-    or what only a sandboxed host runs. Kept for callers of the earlier check; ``_review_onnx_file`` is the one the
-    deployment uses."""
-    try:
-        review = review_onnx(path.read_bytes())
-    except OnnxRefused as exc:
-        return [str(exc)]
-    return ([review.refusal] if review.refusal else []) + review.sandbox_reasons
-
-
 def _warm_and_validate(deployment: Deployment, kind: str, blob: Any) -> None:
     """Load the serving form as a web worker will, and check the input example's output against the signature."""
     version = deployment.version

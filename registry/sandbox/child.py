@@ -612,8 +612,14 @@ def knn_probes(model: Any, limit: int) -> tuple[Any, dict[str, Any]]:
 
 
 def linear_probes(model: Any, bases: Any, limit: int) -> tuple[Any, dict[str, Any]]:
-    """On and just beside a linear classifier's decision boundaries: each base row projected onto the boundary
-    between every pair of classes, and nudged off it by relative steps of 1e-12 to 1e-6."""
+    """Just beside a linear classifier's decision boundaries: each base row projected onto the boundary between
+    every pair of classes, then moved off it to either side by 4, 1,000 and 1,000,000 times the rounding bound of
+    its margin (2 n eps (sum |w_i x_i| + |c|), the float64 dot product's error bound), so that every probe has a side.
+
+    A row left exactly on a boundary is not a probe: there the model's own answer is decided by rounding (the order
+    BLAS sums in, which changes with its build and thread count), so `mlflow models serve` on another machine could
+    answer either way, and a conversion that disagrees there is no more wrong than the model itself. Any margin
+    past that bound has one right answer, and the conversion must give it."""
     import numpy as np
 
     coef = np.atleast_2d(np.asarray(model.coef_, dtype=np.float64))
@@ -622,14 +628,17 @@ def linear_probes(model: Any, bases: Any, limit: int) -> tuple[Any, dict[str, An
         (coef[a] - coef[b], intercept[a] - intercept[b]) for a in range(coef.shape[0]) for b in range(a)]
     rows = []
     bases = np.asarray(bases, dtype=np.float64)
+    eps = float(np.finfo(np.float64).eps)
     for w, c in planes:
         norm = float(w @ w)
         if not norm:
             continue
         on = bases - ((bases @ w + c) / norm)[:, None] * w[None, :]
-        rows.append(on)
-        for step in (1e-12, 1e-9, 1e-6):
-            rows += [on + step * w[None, :] / np.sqrt(norm), on - step * w[None, :] / np.sqrt(norm)]
+        bound = 2 * len(w) * eps * (np.abs(on) @ np.abs(w) + abs(c))
+        unit = w / np.sqrt(norm)
+        for factor in (4.0, 1e3, 1e6):
+            off = (factor * bound / np.sqrt(norm))[:, None] * unit[None, :]
+            rows += [on + off, on - off]
     probes = np.concatenate(rows) if rows else np.empty((0, bases.shape[1]))
     return probes[:limit], {"boundaries": len(planes)}
 

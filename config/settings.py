@@ -481,6 +481,10 @@ PORTAL_SCORING_TIMEOUT_SECONDS = env_int("PORTAL_SCORING_TIMEOUT_SECONDS", 5, mi
 # running), and two hung models still leave half of a worker's 16 threads to everything else.
 PORTAL_SERVE_IN_FLIGHT_HOSTED = env_int("PORTAL_SERVE_IN_FLIGHT_HOSTED", 4, minimum=1)
 PORTAL_SERVE_IN_FLIGHT_IN_PROCESS = env_int("PORTAL_SERVE_IN_FLIGHT_IN_PROCESS", 8, minimum=1)
+# A request that finds every slot taken waits this long for one, but only while the version is making progress (one
+# of its requests finished within the last second): a healthy model under a burst queues briefly, as any server's
+# backlog would; a version whose slots are held by requests that do not finish (a hang) is refused at once.
+PORTAL_SERVE_QUEUE_MS = env_int("PORTAL_SERVE_QUEUE_MS", 100, minimum=0, maximum=5000)
 # The in-process ONNX path's memory ceiling (onnxruntime's CPU arena per process) and input bound per run.
 PORTAL_ONNX_MEMORY_MB = env_int("PORTAL_ONNX_MEMORY_MB", 256, minimum=64)
 PORTAL_ONNX_MAX_ROWS_PER_RUN = env_int("PORTAL_ONNX_MAX_ROWS_PER_RUN", 1024, minimum=1)

@@ -66,7 +66,8 @@ class LoadedModel:
 
     ``slots`` is its bulkhead in this process: at most ``in_flight`` scoring requests at a time (in-process and
     hosted forms have their own limits, ``PORTAL_SERVE_IN_FLIGHT_IN_PROCESS`` and ``PORTAL_SERVE_IN_FLIGHT_HOSTED``);
-    the scoring view answers the excess at once with a 503 rather than queueing it behind a slow model."""
+    the scoring view answers the excess with a 503 rather than queueing it behind a slow model (``enter``: at once
+    when the version is making no progress, after ``PORTAL_SERVE_QUEUE_MS`` at most when it is)."""
 
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
@@ -86,6 +87,25 @@ class LoadedModel:
         self.in_flight = (settings.PORTAL_SERVE_IN_FLIGHT_IN_PROCESS if kind == "onnx"
                           else settings.PORTAL_SERVE_IN_FLIGHT_HOSTED)
         self.slots = threading.BoundedSemaphore(self.in_flight)
+        self.last_exit = 0.0  # monotonic time a request of this version last left its slot
+
+    PROGRESS_SECONDS = 1.0
+
+    def enter(self) -> bool:
+        """A slot of this version's bulkhead (give it back with ``leave``). Free: taken at once. All taken: waited
+        for, up to ``PORTAL_SERVE_QUEUE_MS``, only while one of this version's requests finished within the last
+        ``PROGRESS_SECONDS``; slots held by requests that do not finish are a hang, and the request is refused at
+        once, so a hung model never holds more of a worker's threads than its slots (and a second at most)."""
+        if self.slots.acquire(blocking=False):
+            return True
+        wait = settings.PORTAL_SERVE_QUEUE_MS / 1000
+        if not wait or time.monotonic() - self.last_exit > self.PROGRESS_SECONDS:
+            return False
+        return self.slots.acquire(timeout=wait)
+
+    def leave(self) -> None:
+        self.last_exit = time.monotonic()
+        self.slots.release()
 
     @property
     def answers_requests(self) -> bool:

@@ -209,7 +209,7 @@ def _shadow(route: runtime.Route, name: str, env: str, matrix: Any, ids: list[st
     except Exception as exc:
         predictions, error = [], f"{type(exc).__name__}: {exc}"[:500]
     finally:
-        loaded.slots.release()
+        loaded.leave()
     if not isinstance(predictions, list) or len(predictions) != len(ids):
         predictions = []
     if matrix is None:
@@ -287,13 +287,13 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         return _input_error(exc)
     role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY") or (subjects[0] if subjects
                                                                                      else None))
-    if not loaded.slots.acquire(blocking=False):
+    if not loaded.enter():
         return _busy(name, loaded)
     try:
         return _invoke_one(request, route, loaded, role, body, content_type, subjects, name=name, env=env,
                            token_id=token_id, started=started)
     finally:
-        loaded.slots.release()
+        loaded.leave()
 
 
 def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.LoadedModel, role: str, body: bytes,
@@ -468,7 +468,7 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     except protocol.InputError as exc:
         return _input_error(exc)
     ids = _prediction_ids(matrix.shape[0])
-    if not loaded.slots.acquire(blocking=False):
+    if not loaded.enter():
         return _busy(name, loaded)
     try:
         predictions = loaded.predict(matrix, timeout=settings.PORTAL_SCORING_TIMEOUT_SECONDS)
@@ -486,7 +486,7 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
                            subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
         return _error(500, "model_error", "The model failed on this input; the failure is logged.")
     finally:
-        loaded.slots.release()
+        loaded.leave()
     latency_ms = (time.perf_counter() - started) * 1000
     count = buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
                                predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids),

@@ -227,6 +227,19 @@ def clean_segment_column(raw: Any, *, model: Any, versions: list[int]) -> str:
     return column
 
 
+def segment_options(model: Any, state: EnvironmentState) -> list[str]:
+    """The input columns the start form offers for segments: categorical in both sides' reference data, not personal,
+    with few enough categories (what ``clean_segment_column`` accepts)."""
+    numbers = list(Deployment.objects.filter(pk__in=[state.champion_id, state.challenger_id])
+                   .values_list("version__number", flat=True))
+    offered: list[str] | None = None
+    for number in numbers:
+        names = [f.name for f in version_spec(model.name, number).features
+                 if f.kind == "categorical" and len(f.categories) <= MAX_SEGMENTS]
+        offered = names if offered is None else [n for n in offered if n in names]
+    return offered or []
+
+
 # --- Writes -------------------------------------------------------------------------------------------------------
 
 def experiment_start(*, model: Any, environment: str, metric: str, mde: float, actor: Any, alpha: float = 0.05,

@@ -20,13 +20,14 @@ from monitoring.experiments.models import Experiment, ExperimentUnit
 from monitoring.flush import flush_predictions
 from monitoring.models import PredictionLog
 from monitoring.rollups import rollup_dirty
+from portal import services as portal_services
 from portal.models import AuditEvent
 from registry.models import EnvironmentState, ModelVersion, ServingInterval
 from registry.serving import runtime
 from registry.serving.views import subject_hash
-from tests.conftest import assert_error_shape
+from tests.conftest import EntryPointClient, assert_error_shape
 from tests.monitoring.test_experiments import LATER, history
-from tests.registry.conftest import deploy_now, serving  # noqa: F401 - fixture
+from tests.registry.conftest import deploy_now
 from tests.registry.conftest import rows as _rows
 
 pytestmark = pytest.mark.django_db
@@ -34,15 +35,24 @@ pytestmark = pytest.mark.django_db
 URL = "/api/v1/serve/churn/dev/invocations"
 
 
-def send(serving: Client, keys: range) -> Counter[int]:
+def send(scoring: Client, keys: range) -> Counter[int]:
     """One request per routing key; the versions that answered."""
     body = json.dumps({"instances": _rows(1)[1]})
     answered: Counter[int] = Counter()
     for i in keys:
-        response = serving.post(URL, body, content_type="application/json", HTTP_X_ROUTING_KEY=f"customer-{i}")
+        response = scoring.post(URL, body, content_type="application/json", HTTP_X_ROUTING_KEY=f"customer-{i}")
         assert response.status_code == 200, response.content
         answered[response.json()["model_version"]] += 1
     return answered
+
+
+@pytest.fixture
+def scoring(two_versions: list[ModelVersion], personas: dict[str, Any]) -> Client:
+    """v1 serving churn in dev, and a client that scores through the production entry point with a data
+    scientist's token."""
+    deploy_now(two_versions[0], personas["ds"])
+    _token, plaintext = portal_services.token_create(user=personas["ds"], name="serve", actor=personas["ds"])
+    return EntryPointClient(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
 
 
 def routed_again() -> None:
@@ -51,7 +61,7 @@ def routed_again() -> None:
 
 
 @pytest.fixture
-def running(serving: Client, two_versions: list[ModelVersion], personas: dict[str, Any],
+def running(scoring: Client, two_versions: list[ModelVersion], personas: dict[str, Any],
             log_rows: Callable[..., list[str]], api_as: Callable[[Any], Any]) -> Experiment:
     """v1 champion, v2 its canary; an experiment started through the API with the challenger on 10 %."""
     deploy_now(two_versions[1], personas["ds"], strategy="canary", traffic_percent=50)
@@ -64,11 +74,11 @@ def running(serving: Client, two_versions: list[ModelVersion], personas: dict[st
 
 
 def test_a_new_share_is_what_the_router_sends_the_challenger(
-        running: Experiment, serving: Client, personas: dict[str, Any], api_as: Callable[[Any], Any]) -> None:
+        running: Experiment, scoring: Client, personas: dict[str, Any], api_as: Callable[[Any], Any]) -> None:
     routed_again()
-    before = send(serving, range(0, 1500))
+    before = send(scoring, range(0, 1500))
     assert abs(before[2] / 1500 - 0.10) <= 0.03, before
-    on_challenger = [i for i in range(0, 200) if send(serving, range(i, i + 1))[2]]
+    on_challenger = [i for i in range(0, 200) if send(scoring, range(i, i + 1))[2]]
 
     changed = api_as(personas["ds"]).patch(f"/api/v1/experiments/{running.uid}/", {"traffic_percent": 40},
                                            format="json")
@@ -89,10 +99,10 @@ def test_a_new_share_is_what_the_router_sends_the_challenger(
     assert ServingInterval.objects.get(role="canary", ended_at__isnull=True).traffic_percent == 40
 
     routed_again()
-    after = send(serving, range(1500, 3000))
+    after = send(scoring, range(1500, 3000))
     assert abs(after[2] / 1500 - 0.40) <= 0.04, after
     # Sticky: a user on the challenger stays there when its share grows.
-    assert all(send(serving, range(i, i + 1))[2] for i in on_challenger[:20])
+    assert all(send(scoring, range(i, i + 1))[2] for i in on_challenger[:20])
 
     # The log keeps each request's unit (its routing key, keyed), and the sample-ratio check expects each unit on
     # the split of its first request: 10 % for the first 1,500 users, 40 % for the next.

@@ -23,11 +23,20 @@ from registry.models import ModelVersion
 from registry.serving import runtime
 from registry.serving.views import subject_hash
 from tests.monitoring.conftest import reference_matrix
-from tests.monitoring.test_experiments import LATER, after_start, canary, history, start  # noqa: F401 - fixture
+from tests.monitoring.test_experiments import LATER, after_start, history, start
+from tests.registry.conftest import deploy_now
 
 pytestmark = pytest.mark.django_db
 
 VERSION_OF = {"champion": 1, "canary": 2}
+
+
+@pytest.fixture
+def split(two_versions: list[ModelVersion], personas: dict[str, Any]) -> list[ModelVersion]:
+    """v1 the champion of churn in dev, v2 its canary on 50 % of requests."""
+    deploy_now(two_versions[0], personas["ds"])
+    deploy_now(two_versions[1], personas["ds"], strategy="canary", traffic_percent=50)
+    return two_versions
 
 
 def router(percent: int) -> runtime.Route:
@@ -52,9 +61,9 @@ def requests_batches(assignments: list[tuple[str, str, int]], at: dt.datetime, s
     return batches
 
 
-def test_heavy_users_do_not_fake_a_sample_ratio_mismatch(canary: list[ModelVersion], personas: dict[str, Any],
+def test_heavy_users_do_not_fake_a_sample_ratio_mismatch(split: list[ModelVersion], personas: dict[str, Any],
                                                          log_rows: Callable[..., list[str]]) -> None:
-    model = canary[0].model
+    model = split[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, mde=0.2)
     now = after_start()
@@ -83,8 +92,8 @@ def test_heavy_users_do_not_fake_a_sample_ratio_mismatch(canary: list[ModelVersi
 
 
 def test_a_real_52_48_split_of_units_is_caught_even_when_requests_look_even(
-        canary: list[ModelVersion], personas: dict[str, Any], log_rows: Callable[..., list[str]]) -> None:
-    model = canary[0].model
+        split: list[ModelVersion], personas: dict[str, Any], log_rows: Callable[..., list[str]]) -> None:
+    model = split[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, mde=0.2)
     now = after_start()
@@ -105,8 +114,8 @@ def test_a_real_52_48_split_of_units_is_caught_even_when_requests_look_even(
 
 
 def test_a_unit_is_counted_once_in_the_arm_of_its_first_request_whatever_the_roll_up_order(
-        canary: list[ModelVersion], personas: dict[str, Any], log_rows: Callable[..., list[str]]) -> None:
-    model = canary[0].model
+        split: list[ModelVersion], personas: dict[str, Any], log_rows: Callable[..., list[str]]) -> None:
+    model = split[0].model
     history(log_rows, personas, model)
     experiment = start(personas, model, mde=0.2)
     first = after_start().replace(second=0)
@@ -126,3 +135,33 @@ def test_a_unit_is_counted_once_in_the_arm_of_its_first_request_whatever_the_rol
     experiment = experiment_evaluate(experiment_id=experiment.pk, now=minutes[-1] + LATER)
     assert experiment is not None
     assert experiment.analysis["srm"]["units"] == [1, 1] and experiment.analysis["srm"]["requests"] == [6, 9]
+
+
+def test_an_erased_subjects_unit_leaves_the_log_and_stays_counted(
+        split: list[ModelVersion], personas: dict[str, Any], log_rows: Callable[..., list[str]]) -> None:
+    from monitoring.gdpr import subject_erase
+    from monitoring.rollups import mark_dirty
+
+    model = split[0].model
+    history(log_rows, personas, model)
+    experiment = start(personas, model, mde=0.2)
+    now = after_start()
+    batches = requests_batches([("champion", "ann", 3), ("canary", "bob", 2)], now)
+    for batch in batches:  # sent with subject_ids, the first of which the router assigned by
+        batch["subjects"] = [batch["unit"]]
+    write_batches(batches)
+    rollup_dirty()
+    counted = experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
+    assert counted is not None and counted.analysis["srm"]["units"] == [1, 1]
+
+    subject_erase(subject_id="ann", actor=personas["compliance"], reason="request 7")
+    assert not PredictionLog.objects.filter(unit_hash=subject_hash("ann")).exists()
+    assert PredictionLog.objects.filter(unit_hash="-").count() == 3
+    assert not ExperimentUnit.objects.filter(unit_hash=subject_hash("ann")).exists()
+    assert ExperimentUnit.objects.filter(experiment=experiment).count() == 2
+    # Rolled up again, the erased requests are not recounted as keyless ones: the split still holds two users.
+    mark_dirty([("churn", "dev", now)])
+    rollup_dirty()
+    again = experiment_evaluate(experiment_id=experiment.pk, now=now + LATER)
+    assert again is not None
+    assert again.analysis["srm"]["units"] == [1, 1] and again.analysis["srm"]["anonymous_requests"] == [0, 0]

@@ -185,7 +185,8 @@ def generate(rows: int, start: float, end: float) -> float:
         truth.seek(0)
         with conn, conn.cursor() as cur:
             cur.copy_expert("COPY monitoring_predictionlog (id, model_name, version, environment, role, created_at, "
-                            "latency_ms, inputs, output, subject_hash, request_id, error, shadow_of, unit_hash) FROM STDIN", log)
+                            "latency_ms, inputs, output, subject_hash, request_id, error, shadow_of, unit_hash) "
+                            "FROM STDIN", log)
             cur.copy_expert("COPY monitoring_feedback (prediction_id, actual, received_at, submitted_by) FROM STDIN",
                             truth)
         written += n

@@ -346,7 +346,7 @@ class ErasedDataFlag(models.Model):
 
 from monitoring.experiments.models import Experiment, ExperimentUnit  # noqa: E402
 
-__all__ = ["Alert", "AlertStatus", "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings", "PredictionLog",
-           "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
+__all__ = ["Alert", "AlertStatus", "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings",
+           "PredictionLog", "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
            "RetrainingRequest", "TrainingLink", "ErasedDataFlag", "SnapshotStatus", "SensitiveTreatment",
            "RetrainingStatus"]

@@ -44,8 +44,8 @@ def units_record(model_name: str, environment: str, start: dt.datetime, end: dt.
             continue
         rows = (PredictionLog.objects.filter(model_name=model_name, environment=environment, created_at__gte=lower,
                                              created_at__lt=upper, role__in=("champion", "canary"))
-                .exclude(unit_hash__in=("", ERASED_UNIT)).order_by("created_at").values_list("unit_hash", "role", "version",
-                                                                          "created_at"))
+                .exclude(unit_hash__in=("", ERASED_UNIT)).order_by("created_at")
+                .values_list("unit_hash", "role", "version", "created_at"))
         first: dict[str, tuple[str, dt.datetime]] = {}
         for unit, role, version, created in rows.iterator(chunk_size=5000):
             arm = arms.get((role, version))
@@ -75,8 +75,8 @@ def _upsert(experiment_id: int, first: dict[str, tuple[str, dt.datetime]]) -> No
         params: list[Any] = []
         for unit, (arm, created) in part:
             params.extend([experiment_id, unit, arm, created])
-        with connection.cursor() as cursor:
+        sql = f"INSERT INTO {table} (experiment_id, unit_hash, arm, first_seen) VALUES {values} "  # noqa: S608
+        with connection.cursor() as cursor:  # the table's name is ours, the values are parameters
             cursor.execute(
-                f"INSERT INTO {table} (experiment_id, unit_hash, arm, first_seen) VALUES {values} "  # noqa: S608 - our names
-                "ON CONFLICT (experiment_id, unit_hash) DO UPDATE SET arm = EXCLUDED.arm, "
+                sql + "ON CONFLICT (experiment_id, unit_hash) DO UPDATE SET arm = EXCLUDED.arm, "
                 f"first_seen = EXCLUDED.first_seen WHERE EXCLUDED.first_seen < {table}.first_seen", params)

@@ -150,6 +150,10 @@ def test_bad_segment_columns_are_refused_with_a_message_and_write_nothing(
     page.force_login(personas["ds"])
     html = page.get("/models/churn/environments/dev/experiments").content.decode()
     assert '<option value="region">region</option>' in html and 'value="postcode"' not in html
+    refused = page.post("/models/churn/environments/dev/experiments", {"metric": "accuracy", "mde": "0.1",
+                                                                        "segment_column": "postcode"})
+    assert refused.status_code == 400 and "at most 20 can be analysed per segment" in refused.content.decode()
+    assert not Experiment.objects.exists()
     # Who may start one with segments: where one deploys (dev: data scientists); viewers and outsiders not.
     assert api_as(personas["viewer"]).post("/api/v1/experiments/", {**body, "segment_column": "region"},
                                            format="json").status_code == 403

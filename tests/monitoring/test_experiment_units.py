@@ -41,8 +41,9 @@ def split(two_versions: list[ModelVersion], personas: dict[str, Any]) -> list[Mo
 
 def router(percent: int) -> runtime.Route:
     """The serving router's own assignment rule (sticky by key), on stand-in sides."""
-    return runtime.Route(generation=1, champion=("champion", None), challenger=("canary", None),  # type: ignore[arg-type]
-                         mode="canary", challenger_percent=percent, checked_at=0.0)
+    sides: Any = (("champion", None), ("canary", None))
+    return runtime.Route(generation=1, champion=sides[0], challenger=sides[1], mode="canary",
+                         challenger_percent=percent, checked_at=0.0)
 
 
 def requests_batches(assignments: list[tuple[str, str, int]], at: dt.datetime, seed: int = 0) -> list[dict[str, Any]]:

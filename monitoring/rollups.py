@@ -102,6 +102,11 @@ class VersionSpec:
     reference: dict[str, Any] = field(default_factory=dict)
 
 
+def segment_count(feature: FeatureSpec) -> int:
+    """How many named categories a categorical feature has in its reference (the rest is ``OTHER``)."""
+    return len(feature.categories - {OTHER, MISSING})
+
+
 def category_key(value: Any, known: frozenset[str]) -> str:
     if value is None:
         return MISSING
@@ -244,7 +249,7 @@ def summarise(rows: list[tuple[float, str, Any, Any, Any]] | list[tuple[float, s
             key = orjson.dumps([_label(predicted), _label(actual)]).decode()
             confusion[key if key in confusion or len(confusion) < MAX_CONFUSION else OTHER] += 1
         data["truth"] = {**truth_sums(labelled), "confusion": dict(confusion)}
-        segmented = [f for f in spec.features if f.kind == "categorical" and len(f.categories) <= MAX_SEGMENTS]
+        segmented = [f for f in spec.features if f.kind == "categorical" and segment_count(f) <= MAX_SEGMENTS]
         if segmented:
             # Per category of each categorical input (of few categories), the same sums: an experiment asked for
             # one column's segments reads them (``monitoring.experiments.selectors``).

@@ -27,7 +27,7 @@ from monitoring.experiments import stats
 from monitoring.experiments.models import Experiment, ExperimentStatus, Metric, Verdict
 from monitoring.experiments.selectors import GUARDRAILS, experiment_analysis, metric_sums, running_experiment
 from monitoring.models import Granularity, Rollup
-from monitoring.rollups import MAX_SEGMENTS, task_of, version_spec
+from monitoring.rollups import MAX_SEGMENTS, segment_count, task_of, version_spec
 from monitoring.selectors import thresholds_for
 from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
@@ -220,9 +220,9 @@ def clean_segment_column(raw: Any, *, model: Any, versions: list[int]) -> str:
             raise ValidationError({"segment_column": (
                 f"{column!r} is numeric in v{number}'s reference data; segments need a categorical column (such as "
                 "a region or a plan).")})
-        if len(feature.categories) > MAX_SEGMENTS:
+        if segment_count(feature) > MAX_SEGMENTS:
             raise ValidationError({"segment_column": (
-                f"{column!r} has {len(feature.categories)} categories in v{number}'s reference data; at most "
+                f"{column!r} has {segment_count(feature)} categories in v{number}'s reference data; at most "
                 f"{MAX_SEGMENTS} can be analysed per segment (each would need its own share of the error rate).")})
     return column
 
@@ -235,7 +235,7 @@ def segment_options(model: Any, state: EnvironmentState) -> list[str]:
     offered: list[str] | None = None
     for number in numbers:
         names = [f.name for f in version_spec(model.name, number).features
-                 if f.kind == "categorical" and len(f.categories) <= MAX_SEGMENTS]
+                 if f.kind == "categorical" and segment_count(f) <= MAX_SEGMENTS]
         offered = names if offered is None else [n for n in offered if n in names]
     return offered or []
 

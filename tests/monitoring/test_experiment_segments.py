@@ -161,3 +161,13 @@ def test_bad_segment_columns_are_refused_with_a_message_and_write_nothing(
                                              format="json").status_code == 404
     started = client.post("/api/v1/experiments/", {**body, "segment_column": "region"}, format="json")
     assert started.status_code == 201 and started.json()["segment_column"] == "region"
+
+
+def test_a_references_rest_bucket_is_not_counted_as_a_category() -> None:
+    """A profile keeps its most common values and counts the rest as ``__other__``: twenty named values and the rest
+    are twenty categories, which may be analysed per segment (the rest shows as its own row when seen)."""
+    from monitoring.rollups import MAX_SEGMENTS, OTHER, FeatureSpec, segment_count
+
+    named = frozenset(str(i) for i in range(MAX_SEGMENTS))
+    assert segment_count(FeatureSpec("plan", 0, "categorical", categories=named | {OTHER})) == MAX_SEGMENTS
+    assert segment_count(FeatureSpec("plan", 0, "categorical", categories=named | {"x", OTHER})) == MAX_SEGMENTS + 1

@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 
 COLUMNS = ("id", "model_name", "version", "environment", "role", "created_at", "latency_ms", "inputs", "output",
-           "subject_hash", "request_id", "error", "shadow_of")
-TEXT_COLUMNS = ("id", "model_name", "environment", "role", "subject_hash", "request_id", "error", "shadow_of")
+           "subject_hash", "request_id", "error", "shadow_of", "unit_hash")
+TEXT_COLUMNS = ("id", "model_name", "environment", "role", "subject_hash", "request_id", "error", "shadow_of",
+                "unit_hash")
 COPY_ABOVE = 50  # rows; fewer go through the ORM (and always on SQLite)
 
 
@@ -63,9 +64,9 @@ def _rows(batch: dict[str, Any]) -> list[tuple[Any, ...]]:
     shadow_of = batch.get("shadow_of") or [""] * n
     latency = batch["latency_ms"] / n if n > 1 else batch["latency_ms"]
     model, version, environment, role = batch["model"], batch["version"], batch["environment"], batch["role"]
-    request_id, error = batch.get("request_id", ""), batch.get("error", "")
+    request_id, error, unit = batch.get("request_id", ""), batch.get("error", ""), batch.get("unit") or ""
     return [(ids[i], model, version, environment, role, created, latency, inputs[i],
-             outputs[i] if i < len(outputs) else None, subjects[i] or "", request_id, error, shadow_of[i])
+             outputs[i] if i < len(outputs) else None, subjects[i] or "", request_id, error, shadow_of[i], unit)
             for i in range(n)]
 
 
@@ -103,7 +104,8 @@ def _csv(rows: list[tuple[Any, ...]]) -> io.StringIO:
         inputs, output = r[7], r[8]
         writerow((r[0], r[1], r[2], r[3], r[4], stamp, r[6],
                   "" if inputs is None else dumps(inputs, option=option).decode(),
-                  "" if output is None else dumps(output, option=option).decode(), r[9], r[10], r[11], r[12]))
+                  "" if output is None else dumps(output, option=option).decode(), r[9], r[10], r[11], r[12],
+                  r[13]))
     out.seek(0)
     return out
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Case, Count, Value, When
 from django.utils import timezone
 
 from monitoring.datasets import erasure
+from monitoring.experiments.units import ERASED_UNIT, units_unlink
 from monitoring.flush import drain
 from monitoring.models import Feedback, PredictionLog
 from monitoring.sensitive import reveal_row
@@ -58,6 +59,12 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
 ERASED_FIELDS = ("inputs", "output", "error", "subject link")
 
 
+def _unit_erased() -> Case:
+    """A row's routing-key hash goes with its payload; a keyed row stays marked as keyed (``ERASED_UNIT``) so the
+    roll-up never recounts its request as a keyless unit of an experiment (the unit itself stays counted there)."""
+    return Case(When(unit_hash="", then=Value("")), default=Value(ERASED_UNIT))
+
+
 def subject_holdings(*, subject_id: str, actor: Any) -> dict[str, Any]:
     """What an erasure of ``subject_id`` would remove, counted (no payload is read): the prediction rows per model
     and environment whose inputs, output, error and subject link go, and the ground truth that goes with them. For
@@ -91,7 +98,8 @@ def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str,
             ids = [pk for pk, _model in rows]
             feedback = Feedback.objects.filter(prediction_id__in=ids).delete()[0]
             erased = PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None, subject_hash="",
-                                                                     error="")
+                                                                     error="", unit_hash=_unit_erased())
+            units_unlink(digest)
             summary = plan.summary()
             event = audit_record(AuditAction.GDPR_ERASURE, actor=actor, target=_target(digest),
                                  after={"predictions_erased": erased, "feedback_erased": feedback,
@@ -124,12 +132,14 @@ def payloads_purge(*, now: Any = None) -> dict[str, dict[str, int]]:
         with transaction.atomic():  # one per environment, with its audit event; ids are read in slices
             while True:
                 ids = list(PredictionLog.objects.filter(environment=environment, created_at__lt=cutoff).exclude(
-                    inputs=None, output=None, subject_hash="").values_list("id", flat=True)[:PURGE_SLICE])
+                    inputs=None, output=None, subject_hash="", unit_hash__in=("", ERASED_UNIT))
+                    .values_list("id", flat=True)[:PURGE_SLICE])
                 if not ids:
                     break
                 feedback += Feedback.objects.filter(prediction_id__in=ids).delete()[0]
                 purged += PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None,
-                                                                          subject_hash="", error="")
+                                                                          subject_hash="", error="",
+                                                                          unit_hash=_unit_erased())
             if purged:
                 audit_record(AuditAction.RETENTION_PURGE, actor=None,
                              target=Target("environment", environment, f"prediction payloads in {environment}"),

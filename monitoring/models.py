@@ -24,6 +24,9 @@ class PredictionLog(models.Model):
     inputs = models.JSONField(null=True)
     output = models.JSONField(null=True)
     subject_hash = models.CharField(max_length=64, blank=True, db_index=True)
+    # The keyed hash of what the router assigned this request by (its X-Routing-Key, else its first subject id): the
+    # unit of an A/B experiment's assignment. Empty when the request had neither (then the request is the unit).
+    unit_hash = models.CharField(max_length=64, blank=True, default="")
     request_id = models.CharField(max_length=64, blank=True)
     error = models.TextField(blank=True)
     shadow_of = models.CharField(max_length=32, blank=True, help_text="For a shadow prediction: the id of the "
@@ -341,9 +344,9 @@ class ErasedDataFlag(models.Model):
         ordering = ["-flagged_at"]
 
 
-from monitoring.experiments.models import Experiment  # noqa: E402
+from monitoring.experiments.models import Experiment, ExperimentUnit  # noqa: E402
 
-__all__ = ["Alert", "AlertStatus", "Experiment", "Feedback", "Granularity", "MonitoringSettings", "PredictionLog",
-           "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
+__all__ = ["Alert", "AlertStatus", "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings",
+           "PredictionLog", "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
            "RetrainingRequest", "TrainingLink", "ErasedDataFlag", "SnapshotStatus", "SensitiveTreatment",
            "RetrainingStatus"]

@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from monitoring.additive import add
 from monitoring.drift import numeric_bins
+from monitoring.experiments.units import units_record
 from monitoring.models import Feedback, Granularity, PredictionLog, Rollup, RollupDirty
 from registry.models import ModelVersion
 from registry.serving.runtime import input_columns
@@ -35,6 +36,7 @@ from registry.serving.runtime import input_columns
 LATENCY_EDGES_MS = [10 ** (-2 + i / 20) for i in range(141)]
 MAX_LABELS = 50
 MAX_CONFUSION = 200
+MAX_SEGMENTS = 20  # a categorical input with more categories than this is not summed per segment
 OTHER = "__other__"
 MISSING = "__missing__"
 # Raw rows are read and summarised this many at a time. Per minute of 30k one-row predictions (20 inputs), measured
@@ -98,6 +100,11 @@ class VersionSpec:
     target: FeatureSpec | None  # the reference's column of true values, for prediction drift
     task: str  # classification | regression | unknown
     reference: dict[str, Any] = field(default_factory=dict)
+
+
+def segment_count(feature: FeatureSpec) -> int:
+    """How many named categories a categorical feature has in its reference (the rest is ``OTHER``)."""
+    return len(feature.categories - {OTHER, MISSING})
 
 
 def category_key(value: Any, known: frozenset[str]) -> str:
@@ -194,9 +201,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def summarise(rows: list[tuple[float, str, Any, Any, Any]] | list[tuple[float, str, Any, Any, Any, str]],
-              spec: VersionSpec) -> dict[str, Any]:
-    """One bucket's additive numbers from its rows ``(latency_ms, error, inputs, output, actual[, request_id])``."""
+def summarise(rows: list[tuple[float, str, Any, Any, Any]] | list[tuple[float, str, Any, Any, Any, str]]
+              | list[tuple[float, str, Any, Any, Any, str, str]], spec: VersionSpec) -> dict[str, Any]:
+    """One bucket's additive numbers from its rows ``(latency_ms, error, inputs, output, actual[, request_id[,
+    unit_hash]])``."""
     latencies = np.fromiter((r[0] for r in rows), dtype="float64", count=len(rows))
     latency = np.bincount(np.searchsorted(LATENCY_EDGES_MS, latencies, side="right"),
                           minlength=len(LATENCY_EDGES_MS) + 1)
@@ -233,33 +241,55 @@ def summarise(rows: list[tuple[float, str, Any, Any, Any]] | list[tuple[float, s
                                                         t.edges)
         else:
             data["predictions"]["cats"] = dict(Counter(category_key(o, t.categories) for o in outputs))
-    labelled = [(r[3], r[4]) for r in rows if r[4] is not None and not r[1]]
+    truth_rows = [r for r in rows if r[4] is not None and not r[1]]
+    labelled = [(r[3], r[4]) for r in truth_rows]
     if labelled:
         confusion: Counter[str] = Counter()
-        correct = 0
-        reg = [0, 0.0, 0.0, 0.0, 0.0]
         for predicted, actual in labelled:
-            p, a = _label(predicted), _label(actual)
-            correct += p == a
-            key = orjson.dumps([p, a]).decode()
+            key = orjson.dumps([_label(predicted), _label(actual)]).decode()
             confusion[key if key in confusion or len(confusion) < MAX_CONFUSION else OTHER] += 1
-            if _is_number(predicted) and _is_number(actual):
-                error = float(predicted) - float(actual)
-                reg[0] += 1
-                reg[1] += abs(error)
-                reg[2] += error * error
-                reg[3] += float(actual)
-                reg[4] += float(actual) ** 2
-        data["truth"] = {"n": len(labelled), "correct": correct, "confusion": dict(confusion), "reg": reg,
-                         **outcome_sums(labelled)}
+        data["truth"] = {**truth_sums(labelled), "confusion": dict(confusion)}
+        segmented = [f for f in spec.features if f.kind == "categorical" and segment_count(f) <= MAX_SEGMENTS]
+        if segmented:
+            # Per category of each categorical input (of few categories), the same sums: an experiment asked for
+            # one column's segments reads them (``monitoring.experiments.selectors``).
+            segments: dict[str, Any] = {}
+            for f in segmented:
+                by_category: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
+                for r in truth_rows:
+                    row = r[2]
+                    by_category[category_key(row[f.index] if isinstance(row, list) and f.index < len(row) else None,
+                                             f.categories)].append((r[3], r[4]))
+                segments[f.name] = {category: truth_sums(pairs) for category, pairs in by_category.items()}
+            data["truth"]["segments"] = segments
     if rows and len(rows[0]) > 5:
-        # Requests (not rows) are what a canary assigns, so the experiments' sample-ratio check counts these. A
-        # request's rows share one time, hence one minute: the count stays additive across buckets.
+        # A request's rows share one time, hence one minute: the count stays additive across buckets.
         data["requests"] = len({r[5] or f"row{i}" for i, r in enumerate(rows)})  # type: ignore[misc]
+        # What the router assigns is a unit: a routing key or subject (counted once per experiment, in
+        # ``monitoring.experiments.units``), or, for a request with neither, the request itself, counted here.
+        data["anonymous"] = len({r[5] or f"row{i}" for i, r in enumerate(rows)
+                                 if len(r) < 7 or not r[6]})  # type: ignore[misc]
     return data
 
 
 LOG_LOSS_EPS = 1e-15
+
+
+def truth_sums(labelled: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Of ``(predicted, actual)`` pairs: how many, how many right, the regression error sums (n, sum |e|, sum e^2,
+    sum y, sum y^2) and ``outcome_sums``."""
+    correct = 0
+    reg = [0, 0.0, 0.0, 0.0, 0.0]
+    for predicted, actual in labelled:
+        correct += _label(predicted) == _label(actual)
+        if _is_number(predicted) and _is_number(actual):
+            error = float(predicted) - float(actual)
+            reg[0] += 1
+            reg[1] += abs(error)
+            reg[2] += error * error
+            reg[3] += float(actual)
+            reg[4] += float(actual) ** 2
+    return {"n": len(labelled), "correct": correct, "reg": reg, **outcome_sums(labelled)}
 
 
 def outcome_sums(labelled: list[tuple[Any, Any]]) -> dict[str, list[float]]:
@@ -286,7 +316,7 @@ def outcome_sums(labelled: list[tuple[Any, Any]]) -> dict[str, list[float]]:
 
 ROW_SQL = """
 SELECT p.created_at, p.version, p.role, p.latency_ms, p.error, CAST(p.inputs AS TEXT), CAST(p.output AS TEXT),
-       CAST(f.actual AS TEXT), p.request_id
+       CAST(f.actual AS TEXT), p.request_id, p.unit_hash
 FROM {log} p LEFT JOIN {feedback} f ON f.prediction_id = p.id
 WHERE p.model_name = %s AND p.environment = %s AND p.created_at >= %s AND p.created_at < %s
 """
@@ -325,10 +355,11 @@ def compute_minutes(model_name: str, environment: str, start: dt.datetime, end: 
     specs = {} if specs is None else specs
     result: dict[Key, dict[str, Any]] = {}
     for chunk in _raw_rows(model_name, environment, start, end):
-        groups: dict[Key, list[tuple[float, str, Any, Any, Any, str]]] = defaultdict(list)
-        for created, version, role, latency, error, inputs, output, actual, request_id in chunk:
+        groups: dict[Key, list[tuple[float, str, Any, Any, Any, str, str]]] = defaultdict(list)
+        for created, version, role, latency, error, inputs, output, actual, request_id, unit in chunk:
             groups[(minute_of(_created(created)), int(version), role)].append(
-                (float(latency), error or "", _loads(inputs), _loads(output), _loads(actual), request_id or ""))
+                (float(latency), error or "", _loads(inputs), _loads(output), _loads(actual), request_id or "",
+                 unit or ""))
         for key, rows in groups.items():
             spec = specs.get(key[1])
             if spec is None:
@@ -437,6 +468,7 @@ def rollup_range(model_name: str, environment: str, start: dt.datetime, end: dt.
             key = (bucket_start(minute, granularity), version, role)
             merged[key] = add(merged[key], delta) if key in merged else delta
         _apply(model_name, environment, granularity, merged)
+    units_record(model_name, environment, start, end)
     return len(new)
 
 

@@ -466,6 +466,11 @@ def cmd_batch(portal: Portal, args: argparse.Namespace) -> Outcome:
 def _experiment_outcome(e: Experiment) -> Outcome:
     line = f"experiment {e.id} ({e.model} {e.environment}): {e.verdict}. {e.sentence}"
     lines = [line] + ([f"promotion request {e.promotion} opened"] if e.promotion else [])
+    segments = (e.raw.get("analysis") or {}).get("segments")
+    if segments:
+        lines.append(f"per segment of {segments['column']}: {segments['caveat']}")
+        lines.extend(f"  {row['label']}: {row['champion']['outcomes']:,} and {row['challenger']['outcomes']:,} "
+                     f"outcomes; {row['sentence']}" for row in segments["rows"])
     code = EXPERIMENT_EXIT.get(e.verdict, EXIT_OK)
     message = {EXIT_FAILED: e.sentence, EXIT_TIMEOUT: "still running; ask again with portal experiment status"}.get(
         code, "")
@@ -475,10 +480,12 @@ def _experiment_outcome(e: Experiment) -> Outcome:
 def cmd_experiment(portal: Portal, args: argparse.Namespace) -> Outcome:
     if args.action == "start":
         if not args.model or not args.env or args.metric is None or args.mde is None:
-            raise UsageError("portal experiment start MODEL ENV --metric M --mde X [--alpha A] [--traffic-percent P]")
+            raise UsageError("portal experiment start MODEL ENV --metric M --mde X [--alpha A] [--traffic-percent P] "
+                             "[--segment COLUMN]")
         e = portal.start_experiment(args.model, args.env, metric=args.metric, mde=args.mde, alpha=args.alpha,
                                     traffic_percent=args.traffic_percent,
-                                    guardrails=_json_object(args.guardrails, "--guardrails"), name=args.name or "")
+                                    guardrails=_json_object(args.guardrails, "--guardrails"), name=args.name or "",
+                                    segment_column=args.segment or "")
         outcome = _experiment_outcome(e)
         outcome.exit_code, outcome.outcome, outcome.message = EXIT_OK, "started", ""
         outcome.lines = [f"started experiment {e.id}: {e.raw.get('planned_sample')} outcomes per side planned",
@@ -486,6 +493,15 @@ def cmd_experiment(portal: Portal, args: argparse.Namespace) -> Outcome:
         return outcome
     if not args.model:
         raise UsageError(f"portal experiment {args.action} ID")
+    if args.action == "traffic":
+        if args.traffic_percent is None:
+            raise UsageError("portal experiment traffic ID --traffic-percent P")
+        e = portal.experiment_traffic(args.model, args.traffic_percent)
+        outcome = _experiment_outcome(e)
+        outcome.exit_code, outcome.outcome, outcome.message = EXIT_OK, "traffic_changed", ""
+        outcome.lines = [f"experiment {e.id}: the challenger now gets {e.raw.get('traffic_percent')} % of traffic",
+                         *outcome.lines]
+        return outcome
     if args.action == "stop":
         e = portal.stop_experiment(args.model, reason=args.reason or "", stop_traffic=args.stop_traffic)
         outcome = _experiment_outcome(e)
@@ -611,15 +627,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-error-share", type=float)
     batch.add_argument("--output", help="where --wait writes the scored file (default: FILE-scored.EXT)")
     experiment = command("experiment", cmd_experiment, "A/B experiments: start MODEL ENV, status ID (--wait: until "
-                         "a verdict; exit 0 a verdict, 1 stopped by a guardrail or invalid, 4 still running), stop ID",
+                         "a verdict; exit 0 a verdict, 1 stopped by a guardrail or invalid, 4 still running), "
+                         "traffic ID --traffic-percent P (the challenger's new share), stop ID",
                          7 * 24 * 3600)
-    experiment.add_argument("action", choices=["start", "status", "stop"])
+    experiment.add_argument("action", choices=["start", "status", "traffic", "stop"])
     experiment.add_argument("model", nargs="?", help="start: the model; status and stop: the experiment's id")
     experiment.add_argument("env", nargs="?", choices=["dev", "stage", "prod"])
     experiment.add_argument("--metric", choices=["accuracy", "log_loss", "mae", "outcome"])
     experiment.add_argument("--mde", type=float, help="minimum detectable effect in the metric's units")
     experiment.add_argument("--alpha", type=float, default=0.05)
-    experiment.add_argument("--traffic-percent", type=int, help="the challenger's share, 1-99")
+    experiment.add_argument("--traffic-percent", type=int, help="the challenger's share, 1-99 (start, traffic)")
+    experiment.add_argument("--segment", help="start: a categorical input column to analyse per segment")
     experiment.add_argument("--guardrails", help='JSON object, e.g. \'{"error_rate_max": 0.02}\'')
     experiment.add_argument("--name")
     experiment.add_argument("--reason", help="stop: why")

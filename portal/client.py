@@ -469,9 +469,11 @@ class Portal:
 
     def start_experiment(self, model: str, env: str, *, metric: str, mde: float, alpha: float = 0.05,
                          traffic_percent: int | None = None, guardrails: dict[str, Any] | None = None,
-                         name: str = "") -> Experiment:
+                         name: str = "", segment_column: str = "") -> Experiment:
         body: dict[str, Any] = {"model": model, "environment": env, "metric": metric, "mde": mde, "alpha": alpha,
                                 "name": name}
+        if segment_column:
+            body["segment_column"] = segment_column
         if traffic_percent is not None:
             body["traffic_percent"] = traffic_percent
         if guardrails is not None:
@@ -481,6 +483,11 @@ class Portal:
 
     def experiment(self, experiment_id: str) -> Experiment:
         return Experiment.from_api(self.request("GET", f"/api/v1/experiments/{_q(experiment_id)}/",
+                                                what=f"experiment {experiment_id}"))
+
+    def experiment_traffic(self, experiment_id: str, traffic_percent: int) -> Experiment:
+        return Experiment.from_api(self.request("PATCH", f"/api/v1/experiments/{_q(experiment_id)}/",
+                                                json={"traffic_percent": traffic_percent},
                                                 what=f"experiment {experiment_id}"))
 
     def stop_experiment(self, experiment_id: str, *, reason: str = "", stop_traffic: bool = False) -> Experiment:

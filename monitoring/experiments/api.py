@@ -40,11 +40,16 @@ class ExperimentInput(serializers.Serializer[Any]):
                                  help_text="limits on the challenger; a missing one takes the model's monitoring "
                                            "threshold, null turns it off")
     name = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
+    segment_column = serializers.CharField(required=False, allow_blank=True, default="", max_length=200,
+                                           help_text="a categorical input column: the analysis then shows each of "
+                                                     "its segments too (at most 20 categories)")
 
 
 class ExperimentChangeInput(serializers.Serializer[Any]):
     guardrails = GuardrailsInput(required=False)
     name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    traffic_percent = serializers.IntegerField(required=False, help_text=(
+        "the challenger's new share, 1-99: the router sends it that share from now on (audited with the change)"))
 
 
 class StopInput(serializers.Serializer[Any]):
@@ -91,7 +96,8 @@ class ExperimentListApi(APIView):
         model = registry_selectors.model_get(user=request.user, name=v["model"], action="view_monitoring")
         experiment = services.experiment_start(
             model=model, environment=v["environment"], metric=v["metric"], mde=v["mde"], alpha=v["alpha"],
-            traffic_percent=v["traffic_percent"], guardrails=_guardrails(v), name=v["name"], actor=request.user)
+            traffic_percent=v["traffic_percent"], guardrails=_guardrails(v), name=v["name"],
+            segment_column=v["segment_column"], actor=request.user)
         return Response(selectors.experiment_json(experiment), status=status.HTTP_201_CREATED)
 
 
@@ -134,7 +140,8 @@ class ExperimentDetailApi(APIView):
         return Response(selectors.experiment_json(selectors.experiment_get(user=request.user, uid=uid)))
 
     @extend_schema(request=ExperimentChangeInput, responses=OpenApiTypes.OBJECT,
-                   summary="Change a running experiment's guardrails or name (audited)")
+                   summary="Change a running experiment's guardrails, name or traffic share (audited; a new share is "
+                           "what the router gives the challenger from then on)")
     def patch(self, request: Request, uid: str) -> Response:
         experiment = selectors.experiment_get(user=request.user, uid=uid)
         data = ExperimentChangeInput(data=request.data)
@@ -142,7 +149,7 @@ class ExperimentDetailApi(APIView):
         v = data.validated_data
         experiment = services.experiment_settings_change(
             experiment=experiment, actor=request.user, guardrails=_guardrails(v) if "guardrails" in v else None,
-            name=v.get("name"))
+            name=v.get("name"), traffic_percent=v.get("traffic_percent"))
         return Response(selectors.experiment_json(experiment))
 
 

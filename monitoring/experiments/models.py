@@ -62,6 +62,8 @@ class Experiment(models.Model):
     planned_sample = models.PositiveIntegerField(help_text="Outcomes per arm (the smaller) for 80 % power at the MDE.")
     fixed_horizon_sample = models.PositiveIntegerField()
     guardrails = models.JSONField(default=dict, blank=True)
+    segment_column = models.CharField(max_length=200, blank=True, help_text=(
+        "A categorical input column to analyse per segment (its categories), or empty."))
     status = models.CharField(max_length=8, choices=ExperimentStatus.choices, default=ExperimentStatus.RUNNING)
     verdict = models.CharField(max_length=16, choices=Verdict.choices, default=Verdict.RUNNING)
     verdict_sentence = models.TextField(blank=True)
@@ -84,3 +86,19 @@ class Experiment(models.Model):
     @property
     def higher_is_better(self) -> bool:
         return HIGHER_IS_BETTER[Metric(self.metric)]
+
+
+class ExperimentUnit(models.Model):
+    """One unit (a routing key or subject, hashed as the log keeps it) assigned to an arm, first seen at
+    ``first_seen``: the sample-ratio check counts these, not requests, so a user sending fifty requests counts once.
+    Written by the roll-up of the minutes that hold the unit's predictions (``monitoring.experiments.units``);
+    requests with neither key nor subject are counted from the rollups instead (each request is its own unit)."""
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="units")
+    unit_hash = models.CharField(max_length=64)
+    arm = models.CharField(max_length=10)  # champion | challenger
+    first_seen = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["experiment", "unit_hash"], name="experiment_unit_once")]
+        indexes = [models.Index(fields=["experiment", "arm", "first_seen"], name="experiment_unit_arm_seen")]

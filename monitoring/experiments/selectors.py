@@ -13,15 +13,17 @@ import math
 from typing import Any
 
 import numpy as np
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
+from django.db.models.fields.json import KeyTransform
 from django.utils import timezone
 
 from monitoring.experiments import stats
-from monitoring.experiments.models import Experiment, ExperimentStatus, Metric, Verdict
+from monitoring.experiments.models import Experiment, ExperimentStatus, ExperimentUnit, Metric, Verdict
 from monitoring.models import Granularity, Rollup
-from monitoring.rollups import minute_of, version_spec
+from monitoring.rollups import MISSING, OTHER, minute_of, version_spec
 from monitoring.selectors import _latency, _merge, drift_report, thresholds_for
 from portal.permissions import get_object_for_user, scope_to_teams
+from registry.models import ServingInterval
 
 ARMS = ("champion", "challenger")
 ROLE_OF = {"champion": "champion", "challenger": "canary"}
@@ -113,6 +115,79 @@ def arm_buckets(experiment: Experiment, end: dt.datetime) -> tuple[list[dt.datet
     return times, matrices
 
 
+def traffic_phases(experiment: Experiment, end: dt.datetime) -> list[tuple[dt.datetime, dt.datetime, float]]:
+    """The challenger's share of traffic over the experiment, as ``(from, to, share)``: what the router really did,
+    read from the challenger's serving intervals (a change of share starts a new one), else the configured share."""
+    start = experiment.started_at
+    rows = (ServingInterval.objects.filter(deployment_id=experiment.challenger_id, role="canary", started_at__lt=end)
+            .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=start)).order_by("started_at")
+            .values_list("started_at", "ended_at", "traffic_percent"))
+    phases = []
+    for began, ended, percent in rows:
+        lower, upper = max(began, start), min(ended or end, end)
+        if lower < upper:
+            phases.append((lower, upper, percent / 100))
+    return phases or [(start, end, experiment.traffic_percent / 100)]
+
+
+def _ceil_minute(ts: dt.datetime) -> dt.datetime:
+    floor = minute_of(ts.astimezone(dt.UTC))
+    return floor if floor == ts else floor + dt.timedelta(minutes=1)
+
+
+def assignment_check(experiment: Experiment, end: dt.datetime) -> dict[str, Any]:
+    """The sample-ratio check on units, not requests: keyed units (routing keys, subjects) each once, in the arm and
+    split of their first request (``monitoring.experiments.units``), and requests without a key from the rollups
+    (each its own unit). Every unit is expected on the challenger's side with its split's share; a minute in which
+    the split changed holds both splits, so its keyless requests are left out (as the start's own minute is)."""
+    phases = traffic_phases(experiment, end)
+    observed = {"champion": 0.0, "challenger": 0.0}
+    expected_challenger = 0.0
+    keyed = [0, 0]
+    anonymous = [0, 0]
+    aggregates: dict[str, Any] = {}
+    for i, (lower, upper, _share) in enumerate(phases):
+        for arm in ARMS:
+            aggregates[f"p{i}_{arm}"] = Count("pk", filter=Q(arm=arm, first_seen__gte=lower, first_seen__lt=upper))
+    counts = ExperimentUnit.objects.filter(experiment=experiment).aggregate(**aggregates)
+    versions = {"champion": experiment.champion_version, "challenger": experiment.challenger_version}
+    for i, (lower, upper, share) in enumerate(phases):
+        phase_total = 0.0
+        for j, arm in enumerate(ARMS):
+            n = int(counts[f"p{i}_{arm}"] or 0)
+            observed[arm] += n
+            keyed[j] += n
+            phase_total += n
+        first = counted_from(experiment) if i == 0 else _ceil_minute(lower)
+        last = minute_of(upper.astimezone(dt.UTC)) if i < len(phases) - 1 else end
+        for granularity, span_start, span_end in (_spans(first, last) if first < last else []):
+            if span_start >= span_end:
+                continue
+            rows = Rollup.objects.filter(
+                model_name=experiment.model.name, environment=experiment.environment, granularity=granularity,
+                start__gte=span_start, start__lt=span_end, role__in=list(ROLE_OF.values()),
+                version__in=list(set(versions.values()))).values_list("version", "role", "count",
+                                                                      "data__anonymous", "data__requests")
+            for version, role, count, anon, requests in rows:
+                side = next((a for a in ARMS if ROLE_OF[a] == role and versions[a] == version), None)
+                if side is None:
+                    continue
+                # A bucket rolled up before units were logged holds only keyless requests.
+                n = anon if anon is not None else (requests if requests is not None else count)
+                observed[side] += n
+                anonymous[ARMS.index(side)] += n
+                phase_total += n
+        expected_challenger += phase_total * share
+    total = observed["champion"] + observed["challenger"]
+    units = [int(observed["champion"]), int(observed["challenger"])]
+    p_value = stats.srm_p_value_expected(units, [total - expected_challenger, expected_challenger])
+    return {"p_value": p_value, "mismatch": p_value < stats.SRM_P,
+            "expected_share": expected_challenger / total if total else phases[-1][2],
+            "observed_share": units[1] / total if total else None, "units": units, "keyed_units": keyed,
+            "anonymous_requests": anonymous,
+            "splits": [{"from": lo.isoformat(), "to": hi.isoformat(), "share": share} for lo, hi, share in phases]}
+
+
 def guardrail_report(experiment: Experiment, now: dt.datetime) -> list[dict[str, Any]]:
     """Each guardrail of the challenger over the model's alert window (or since the start, when shorter)."""
     thresholds = thresholds_for(experiment.model)
@@ -197,12 +272,8 @@ def experiment_analysis(experiment: Experiment, *, now: dt.datetime | None = Non
                      "mean": mean, "mean_display": metric_display(experiment.metric, mean)}
     difference = (arms["challenger"]["mean"] - arms["champion"]["mean"]
                   if arms["challenger"]["mean"] is not None and arms["champion"]["mean"] is not None else None)
-    share = experiment.traffic_percent / 100
-    assigned = [arms["champion"]["requests"], arms["challenger"]["requests"]]
-    srm_p = stats.srm_p_value(assigned, [1 - share, share])
-    total_assigned = sum(assigned)
-    srm = {"p_value": srm_p, "mismatch": srm_p < stats.SRM_P, "expected_share": share,
-           "observed_share": assigned[1] / total_assigned if total_assigned else None, "requests": assigned}
+    srm = assignment_check(experiment, end)
+    srm["requests"] = [arms["champion"]["requests"], arms["challenger"]["requests"]]
     guardrails = guardrail_report(experiment, end) if experiment.status == ExperimentStatus.RUNNING else \
         (experiment.analysis or {}).get("guardrails", [])
     smaller = min(arms["champion"]["outcomes"], arms["challenger"]["outcomes"])
@@ -221,6 +292,8 @@ def experiment_analysis(experiment: Experiment, *, now: dt.datetime | None = Non
         "significant": significant, "srm": srm, "guardrails": guardrails, "series": series,
         "waiting": arms["champion"]["waiting"] + arms["challenger"]["waiting"],
     }
+    if experiment.segment_column:
+        analysis["segments"] = segment_analysis(experiment, end)
     verdict, sentence = proposed_verdict(experiment, analysis)
     analysis["proposed_verdict"], analysis["proposed_sentence"] = verdict, sentence
     return analysis
@@ -241,7 +314,8 @@ def proposed_verdict(experiment: Experiment, analysis: dict[str, Any]) -> tuple[
                                    f"{g['window']}, so its traffic was stopped.")
     srm = analysis["srm"]
     if srm["mismatch"]:
-        return Verdict.INVALID, (f"Invalid: the challenger received {srm['observed_share']:.1%} of requests where "
+        return Verdict.INVALID, (f"Invalid: the challenger was assigned {srm['observed_share']:.1%} of "
+                                 f"{sum(srm['units']):,} users (routing keys, subjects or keyless requests) where "
                                  f"{srm['expected_share']:.0%} was set (sample-ratio mismatch, p = "
                                  f"{srm['p_value']:.2g}). Assignment or logging is broken, so no verdict can be "
                                  f"trusted; fix it and start a new experiment.")
@@ -269,6 +343,98 @@ def proposed_verdict(experiment: Experiment, analysis: dict[str, Any]) -> tuple[
         "the result.")
 
 
+def segment_sums(experiment: Experiment, end: dt.datetime) -> dict[str, dict[str, list[float]]]:
+    """Per category of the experiment's segment column and per arm: (n, sum, sum of squares) of the metric, from the
+    rollups' per-segment sums (``monitoring.rollups.summarise``) over the buckets the analysis reads."""
+    versions = {"champion": experiment.champion_version, "challenger": experiment.challenger_version}
+    path = KeyTransform(experiment.segment_column, KeyTransform("segments", KeyTransform("truth", "data")))
+    out: dict[str, dict[str, list[float]]] = {}
+    for granularity, start, stop in _spans(counted_from(experiment), end):
+        if start >= stop:
+            continue
+        rows = (Rollup.objects.filter(
+            model_name=experiment.model.name, environment=experiment.environment, granularity=granularity,
+            start__gte=start, start__lt=stop, role__in=list(ROLE_OF.values()),
+            version__in=list(set(versions.values()))).annotate(segments=path)
+            .values_list("version", "role", "segments"))
+        for version, role, segments in rows:
+            arm = next((a for a in ARMS if ROLE_OF[a] == role and versions[a] == version), None)
+            if arm is None or not isinstance(segments, dict):
+                continue
+            for category, truth in segments.items():
+                sums = out.setdefault(category, {a: [0.0, 0.0, 0.0] for a in ARMS})[arm]
+                n, total, squares = metric_sums(truth, experiment.metric)
+                sums[0] += n
+                sums[1] += total
+                sums[2] += squares
+    return out
+
+
+def segment_label(category: str) -> str:
+    return {OTHER: "(any other value)", MISSING: "(missing)"}.get(category, category)
+
+
+def segment_analysis(experiment: Experiment, end: dt.datetime) -> dict[str, Any]:
+    """Per segment of the experiment's categorical column: outcomes and means per arm, the difference, its interval
+    and what it means, each at a Bonferroni-corrected level over the segments (the column's reference categories
+    and any other value seen), so that together they keep the experiment's error rate however often one looks."""
+    sums = segment_sums(experiment, end)
+    spec = version_spec(experiment.model.name, experiment.challenger_version)
+    feature = next((f for f in spec.features if f.name == experiment.segment_column), None)
+    known = sorted(feature.categories) if feature is not None else []
+    names = sorted(set(known) | set(sums), key=lambda c: (c in (OTHER, MISSING), c))
+    k = max(1, len(names))
+    alpha_each = experiment.alpha / k
+    level = 1 - alpha_each
+    empty = {a: [0.0, 0.0, 0.0] for a in ARMS}
+    table = np.array([[sums.get(c, empty)[a] for a in ARMS] for c in names], dtype="float64").reshape(k if names
+                                                                                                      else 0, 2, 3)
+    rows: list[dict[str, Any]] = []
+    sig, lows, highs = np.zeros(0, dtype=bool), np.zeros(0), np.zeros(0)
+    if names:
+        sig, lows, highs = stats.segment_msprt(table[:, 0, 0], table[:, 0, 1], table[:, 0, 2], table[:, 1, 0],
+                                               table[:, 1, 1], table[:, 1, 2], tau2=experiment.tau2,
+                                               alpha=experiment.alpha, segments=k)
+    metric, version = experiment.metric, experiment.challenger_version
+    for i, category in enumerate(names):
+        (n_a, s_a, _q_a), (n_b, s_b, _q_b) = table[i, 0], table[i, 1]
+        mean_a = s_a / n_a if n_a else None
+        mean_b = s_b / n_b if n_b else None
+        difference = mean_b - mean_a if mean_a is not None and mean_b is not None else None
+        low, high = float(lows[i]), float(highs[i])
+        enough = math.isfinite(low) and math.isfinite(high)
+        if not enough:
+            verdict, sentence = "insufficient", (f"Too few outcomes to tell ({int(n_a)} and {int(n_b)}; "
+                                                 f"{stats.MIN_PER_ARM} per side are needed).")
+        elif bool(sig[i]):
+            better = (difference or 0) > 0
+            if not experiment.higher_is_better:
+                better = not better
+            verdict = "challenger_better" if better else "champion_better"
+            sentence = (f"v{version} is {'better' if better else 'worse'} in this segment: "
+                        f"{metric_display(metric, difference, signed=True)} ({level:.1%} interval "
+                        f"{metric_display(metric, low, signed=True)} to {metric_display(metric, high, signed=True)}).")
+        else:
+            verdict, sentence = "no_clear_difference", (
+                f"No clear difference here yet: {metric_display(metric, difference, signed=True)} ({level:.1%} "
+                f"interval {metric_display(metric, low, signed=True)} to {metric_display(metric, high, signed=True)}"
+                ", which includes zero).")
+        rows.append({"segment": category, "label": segment_label(category),
+                     "champion": {"outcomes": int(n_a), "mean": mean_a,
+                                  "mean_display": metric_display(metric, mean_a)},
+                     "challenger": {"outcomes": int(n_b), "mean": mean_b,
+                                    "mean_display": metric_display(metric, mean_b)},
+                     "difference": difference, "difference_display": metric_display(metric, difference, signed=True),
+                     "interval": [_finite(low), _finite(high)], "significant": bool(sig[i]) if enough else False,
+                     "verdict": verdict, "sentence": sentence})
+    return {"column": experiment.segment_column, "segments": k, "alpha_each": alpha_each, "level": level,
+            "caveat": (f"Each of the {k} segments is judged at the {level:.2%} level (Bonferroni: "
+                       f"{experiment.alpha:g} shared over {k}), so that all of them together are wrong less than "
+                       f"{experiment.alpha:.0%} of the time however often you look. A segment that differs is a lead "
+                       "to confirm with its own experiment; the verdict above rests on all traffic."),
+            "rows": rows}
+
+
 def experiment_json(experiment: Experiment) -> dict[str, Any]:
     analysis = experiment.analysis or {}
     return {
@@ -279,7 +445,7 @@ def experiment_json(experiment: Experiment) -> dict[str, Any]:
         "traffic_percent": experiment.traffic_percent, "metric": experiment.metric, "mde": experiment.mde,
         "alpha": experiment.alpha, "baseline_mean": experiment.baseline_mean, "baseline_sd": experiment.baseline_sd,
         "planned_sample": experiment.planned_sample, "fixed_horizon_sample": experiment.fixed_horizon_sample,
-        "guardrails": experiment.guardrails,
+        "guardrails": experiment.guardrails, "segment_column": experiment.segment_column or None,
         "started_by": experiment.started_by.get_username() if experiment.started_by else None,
         "started_at": experiment.started_at.isoformat(),
         "ended_at": experiment.ended_at.isoformat() if experiment.ended_at else None,

@@ -27,7 +27,7 @@ from monitoring.experiments import stats
 from monitoring.experiments.models import Experiment, ExperimentStatus, Metric, Verdict
 from monitoring.experiments.selectors import GUARDRAILS, experiment_analysis, metric_sums, running_experiment
 from monitoring.models import Granularity, Rollup
-from monitoring.rollups import task_of
+from monitoring.rollups import MAX_SEGMENTS, segment_count, task_of, version_spec
 from monitoring.selectors import thresholds_for
 from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
@@ -36,8 +36,9 @@ from portal.permissions import require_capability
 from portal.tasks import send_email_task
 from portal.webhooks import webhooks_notify
 from registry.deployments.services import canary_share_change, challenger_stop
-from registry.models import ENVIRONMENT_ORDER, Deployment, EnvironmentState, ServingMode
+from registry.models import ENVIRONMENT_ORDER, Deployment, EnvironmentState, ModelVersion, ServingMode
 from registry.promotions.services import promotion_request
+from registry.serving.runtime import input_columns
 from registry.versions.selectors import environment_param
 
 logger = logging.getLogger(__name__)
@@ -191,10 +192,59 @@ def clean_guardrails(raw: Any, model: Any) -> dict[str, float]:
     return out
 
 
+def clean_segment_column(raw: Any, *, model: Any, versions: list[int]) -> str:
+    """The categorical input column to analyse per segment, checked against both versions' inputs and reference
+    profiles: it must exist, be categorical (its reference has categories, not bins), not be personal data (stored
+    encrypted, so never summed per value) and have at most ``MAX_SEGMENTS`` categories. Empty: no segments."""
+    if raw is None or raw == "":
+        return ""
+    if not isinstance(raw, str) or len(raw) > 200:
+        raise ValidationError({"segment_column": "Name one input column (a string)."})
+    column = raw.strip()
+    for number in versions:
+        version = ModelVersion.objects.filter(model=model, number=number).first()
+        columns = input_columns(version) if version is not None else []
+        if column not in columns:
+            shown = ", ".join(columns[:12]) + (" …" if len(columns) > 12 else "")
+            raise ValidationError({"segment_column": (
+                f"v{number} of {model.name} has no input column {column!r}; its inputs are: {shown or 'none named'}.")})
+        if version is not None and column in set(version.sensitive_columns or {}):
+            raise ValidationError({"segment_column": (
+                f"{column!r} is personal data, kept encrypted in the log: it cannot be analysed per value.")})
+        feature = next((f for f in version_spec(model.name, number).features if f.name == column), None)
+        if feature is None:
+            raise ValidationError({"segment_column": (
+                f"v{number} has no reference profile for {column!r}, so its categories are unknown: register the "
+                "version with reference data (POST …/versions/N/reference) first.")})
+        if feature.kind != "categorical":
+            raise ValidationError({"segment_column": (
+                f"{column!r} is numeric in v{number}'s reference data; segments need a categorical column (such as "
+                "a region or a plan).")})
+        if segment_count(feature) > MAX_SEGMENTS:
+            raise ValidationError({"segment_column": (
+                f"{column!r} has {segment_count(feature)} categories in v{number}'s reference data; at most "
+                f"{MAX_SEGMENTS} can be analysed per segment (each would need its own share of the error rate).")})
+    return column
+
+
+def segment_options(model: Any, state: EnvironmentState) -> list[str]:
+    """The input columns the start form offers for segments: categorical in both sides' reference data, not personal,
+    with few enough categories (what ``clean_segment_column`` accepts)."""
+    numbers = list(Deployment.objects.filter(pk__in=[state.champion_id, state.challenger_id])
+                   .values_list("version__number", flat=True))
+    offered: list[str] | None = None
+    for number in numbers:
+        names = [f.name for f in version_spec(model.name, number).features
+                 if f.kind == "categorical" and segment_count(f) <= MAX_SEGMENTS]
+        offered = names if offered is None else [n for n in offered if n in names]
+    return offered or []
+
+
 # --- Writes -------------------------------------------------------------------------------------------------------
 
 def experiment_start(*, model: Any, environment: str, metric: str, mde: float, actor: Any, alpha: float = 0.05,
-                     traffic_percent: int | None = None, guardrails: Any = None, name: str = "") -> Experiment:
+                     traffic_percent: int | None = None, guardrails: Any = None, name: str = "",
+                     segment_column: str | None = None) -> Experiment:
     """Start an experiment of the environment's champion against its canary challenger. Refuses, saying what to do:
     an unknown environment, no canary, overlapping experiments, a share outside 1-99 %, a metric without ground
     truth, nonsense numbers."""
@@ -214,6 +264,8 @@ def experiment_start(*, model: Any, environment: str, metric: str, mde: float, a
                               alpha=float(alpha), traffic_percent=share)
     champion: Deployment = planned["champion"]
     challenger = Deployment.objects.select_related("version").get(pk=planned["challenger_id"])
+    segment = clean_segment_column(segment_column, model=model,
+                                   versions=[champion.version.number, challenger.version.number])
     try:
         with transaction.atomic():
             if share != state.challenger_percent:
@@ -225,7 +277,7 @@ def experiment_start(*, model: Any, environment: str, metric: str, mde: float, a
                 challenger_version=challenger.version.number, traffic_percent=share, metric=metric, mde=float(mde),
                 alpha=float(alpha), baseline_mean=planned["baseline_mean"], baseline_sd=planned["baseline_sd"],
                 tau2=planned["tau2"], planned_sample=planned["planned_sample"],
-                fixed_horizon_sample=planned["fixed_horizon_sample"], guardrails=guard,
+                fixed_horizon_sample=planned["fixed_horizon_sample"], guardrails=guard, segment_column=segment,
                 started_by=actor if getattr(actor, "is_authenticated", False) else None,
                 verdict_sentence="Just started: no outcomes counted yet.")
             audit_record(AuditAction.EXPERIMENT_START, actor=actor, target=experiment_target(experiment),
@@ -242,17 +294,29 @@ def _settings(experiment: Experiment) -> dict[str, Any]:
             "alpha": experiment.alpha, "guardrails": experiment.guardrails, "name": experiment.name,
             "planned_sample": experiment.planned_sample, "fixed_horizon_sample": experiment.fixed_horizon_sample,
             "baseline_mean": experiment.baseline_mean, "baseline_sd": experiment.baseline_sd,
-            "tau2": experiment.tau2}
+            "tau2": experiment.tau2, "segment_column": experiment.segment_column}
 
 
 def experiment_settings_change(*, experiment: Experiment, actor: Any, guardrails: Any = None,
-                               name: str | None = None) -> Experiment:
-    """Change what may change while it runs: the guardrails and the name (the metric, effect and split are fixed:
-    changing them would void the statistics)."""
+                               name: str | None = None, traffic_percent: Any = None) -> Experiment:
+    """Change what may change while it runs: the guardrails, the name and the challenger's share of traffic (the
+    metric and effect are fixed: changing them would void the statistics).
+
+    A new share is what the router gives the challenger's deployment from then on: the environment's canary split
+    changes (through the deployment service, audited there as a traffic switch) in the same transaction as the
+    experiment's record and its audit event, so the two never disagree. Units keep their side unless the cut moves
+    past them; the sample-ratio check expects each unit on the split in force at its first request
+    (``selectors.traffic_phases``), and the planned sample is recomputed for the new split (the test's mixing
+    variance stays as planned: it must not depend on the data)."""
     require_capability(actor, _capability(experiment.environment))
     guard = clean_guardrails(guardrails, experiment.model) if guardrails is not None else None
+    if traffic_percent is not None and (isinstance(traffic_percent, bool) or not isinstance(traffic_percent, int)
+                                        or not 1 <= traffic_percent <= 99):
+        raise ValidationError({"traffic_percent": (
+            f"The challenger's share must be a whole percentage from 1 to 99, not {traffic_percent!r}: with 0 or "
+            "100 one side gets no traffic to compare (stop the experiment to end it).")})
     with transaction.atomic():
-        locked = Experiment.objects.select_for_update().get(pk=experiment.pk)
+        locked = Experiment.objects.select_for_update().select_related("model__team").get(pk=experiment.pk)
         if locked.status != ExperimentStatus.RUNNING:
             raise ValidationError({"status": "The experiment has ended; start a new one to change its settings."})
         before = _settings(locked)
@@ -260,7 +324,21 @@ def experiment_settings_change(*, experiment: Experiment, actor: Any, guardrails
             locked.guardrails = guard
         if name is not None:
             locked.name = name.strip()[:200]
-        locked.save(update_fields=["guardrails", "name"])
+        if traffic_percent is not None and traffic_percent != locked.traffic_percent:
+            state = EnvironmentState.objects.select_for_update().filter(
+                model=locked.model, environment=locked.environment).first()
+            if state is None or state.mode != ServingMode.CANARY or state.challenger_id != locked.challenger_id:
+                raise ValidationError({"traffic_percent": (
+                    f"The challenger v{locked.challenger_version} no longer serves as the canary of "
+                    f"{locked.model.name} in {locked.environment}, so its share cannot change; the experiment ends "
+                    "at its next analysis.")})
+            canary_share_change(model=locked.model, environment=locked.environment, traffic_percent=traffic_percent,
+                                actor=actor, reason=f"experiment {locked.uid}: share changed")
+            locked.traffic_percent = traffic_percent
+            locked.planned_sample = stats.planned_sample(
+                tau2=locked.tau2, sd=locked.baseline_sd, mde=locked.mde, alpha=locked.alpha,
+                share=traffic_percent / 100)
+        locked.save(update_fields=["guardrails", "name", "traffic_percent", "planned_sample"])
         audit_record(AuditAction.EXPERIMENT_SETTINGS_CHANGE, actor=actor, target=experiment_target(locked),
                      before=before, after=_settings(locked))
     return locked

@@ -22,12 +22,15 @@ the MDE reach a verdict within the planned sample. ``fixed_horizon_sample`` is t
 sample for comparison (what a one-look test would need).
 
 **Sample-ratio mismatch.** A chi-squared goodness-of-fit test of the assignment counts against the configured
-split; p < 0.001 invalidates the experiment (a bug in assignment or logging, not a finding about the models).
+split; p < 0.001 invalidates the experiment (a bug in assignment or logging, not a finding about the models). The
+counts are of units (routing keys or subjects; a request without either is its own unit), never of requests: a sticky
+user sending fifty requests is one assignment.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +109,17 @@ def msprt_arrays(n_a: np.ndarray, sum_a: np.ndarray, sq_a: np.ndarray, n_b: np.n
     return significant, low, high
 
 
+def segment_msprt(n_a: np.ndarray, sum_a: np.ndarray, sq_a: np.ndarray, n_b: np.ndarray, sum_b: np.ndarray,
+                  sq_b: np.ndarray, *, tau2: float, alpha: float,
+                  segments: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``msprt_arrays`` per segment (segments on the last axis), each at ``alpha / k`` (Bonferroni over ``k``
+    segments, by default the last axis's length): the chance that any segment of an A/A experiment is ever declared
+    different stays at most ``alpha`` however often one looks. The intervals are at ``1 - alpha / k`` and hold for
+    all segments together with at least ``1 - alpha``."""
+    k = max(1, int(segments if segments is not None else np.shape(n_a)[-1]))
+    return msprt_arrays(n_a, sum_a, sq_a, n_b, sum_b, sq_b, tau2=tau2, alpha=alpha / k)
+
+
 def _threshold_z(v: float, tau2: float, alpha: float) -> float:
     """The |z| at which the mSPRT rejects when the difference's variance is ``v``."""
     return math.sqrt((v + tau2) / tau2 * (math.log((v + tau2) / v) - 2 * math.log(alpha)))
@@ -142,6 +156,14 @@ def _planned_for(tau2: float, *, sd: float, mde: float, alpha: float, power: flo
     return math.ceil(hi)
 
 
+def planned_sample(*, tau2: float, sd: float, mde: float, alpha: float, share: float,
+                   power: float = POWER) -> int:
+    """The sample per (smaller) arm at which the test with this ``tau2`` reaches ``power`` at ``mde`` when the
+    challenger gets ``share`` of the traffic: a share changed mid-experiment keeps the planned ``tau2``."""
+    small = min(share, 1 - share)
+    return int(_planned_for(tau2, sd=sd, mde=mde, alpha=alpha, power=power, ratio=(1 - small) / small))
+
+
 @dataclass(frozen=True)
 class Plan:
     tau2: float
@@ -175,6 +197,18 @@ def srm_p_value(observed: list[float], shares: list[float]) -> float:
         return 1.0
     expected = [total * s / sum(shares) for s in shares]
     return float(sps.chisquare(observed, expected).pvalue)
+
+
+def srm_p_value_expected(observed: Sequence[float], expected: Sequence[float]) -> float:
+    """Chi-squared (one degree of freedom) of assignment counts against expected counts, which may mix several
+    splits (units assigned while the share was 10 % and others while it was 20 %): each unit's expected side is its
+    own split's, and the Pearson statistic on the summed counts is then conservative (its variance is at most the
+    one-split binomial's). 1.0 with nothing assigned."""
+    total = float(sum(observed))
+    if total <= 0 or any(e <= 0 for e in expected):
+        return 1.0
+    scale = total / float(sum(expected))
+    return float(sps.chisquare(observed, [e * scale for e in expected]).pvalue)
 
 
 def srm_mismatch(observed: list[float], shares: list[float]) -> bool:

@@ -21,7 +21,7 @@ from portal.views import error_text
 from registry.models import Environment, EnvironmentState, ServingMode
 from registry.versions import selectors as registry_selectors
 
-FORM_FIELDS = ("metric", "mde", "alpha", "traffic_percent", "name", *GUARDRAILS)
+FORM_FIELDS = ("metric", "mde", "alpha", "traffic_percent", "name", "segment_column", *GUARDRAILS)
 
 
 def _number(raw: str, cast: Any, field: str) -> Any:
@@ -44,7 +44,8 @@ def _form_values(post: Any) -> dict[str, Any]:
     return {"metric": post.get("metric", ""), "mde": _number(post.get("mde", ""), float, "mde"),
             "alpha": _number(post.get("alpha", "") or "0.05", float, "alpha"),
             "traffic_percent": _number(post.get("traffic_percent", ""), int, "traffic_percent"),
-            "guardrails": guard, "name": post.get("name", "")[:200]}
+            "guardrails": guard, "name": post.get("name", "")[:200],
+            "segment_column": post.get("segment_column", "")[:200]}
 
 
 @login_required
@@ -64,7 +65,7 @@ def environment_experiments(request: HttpRequest, name: str, env: str) -> HttpRe
                                                    mde=values["mde"], alpha=values["alpha"],
                                                    traffic_percent=values["traffic_percent"],
                                                    guardrails=values["guardrails"], name=values["name"],
-                                                   actor=request.user)
+                                                   segment_column=values["segment_column"], actor=request.user)
         except (ValidationError, PermissionDenied) as exc:
             messages.error(request, error_text(exc))
             return _list_page(request, model, env, may_start, dict(request.POST.items()), status=400)
@@ -91,10 +92,12 @@ def _list_page(request: HttpRequest, model: Any, env: str, may_start: bool, form
     thresholds = thresholds_for(model)
     defaults = {key: thresholds.get(meta["threshold"]) for key, meta in GUARDRAILS.items()}
     experiments = selectors.experiments_for(user=request.user).filter(model=model, environment=env)[:50]
+    segment_options = services.segment_options(model, state) if canary and state is not None else []
     return render(request, "monitoring/experiments.html", {
         "model": model, "env": env, "state": state, "canary": canary, "may_start": may_start,
         "experiments": experiments, "metrics": Metric.choices, "form": form, "plan": plan,
         "plan_error": plan_error, "guardrail_defaults": defaults, "guardrails": GUARDRAILS,
+        "segment_options": segment_options,
     }, status=status)
 
 

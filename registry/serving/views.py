@@ -172,15 +172,25 @@ def subject_hash(subject_id: str) -> str:
     return hmac.new(settings.PORTAL_SUBJECT_HASH_KEY.encode(), subject_id.encode(), hashlib.sha256).hexdigest()
 
 
+def routing_key(request: HttpRequest, subjects: list[str] | None) -> str | None:
+    """What the router assigns a request by: its ``X-Routing-Key``, else its first subject id (None: at random)."""
+    return request.META.get("HTTP_X_ROUTING_KEY") or (subjects[0] if subjects else None)
+
+
+def unit_hash(key: str | None) -> str:
+    """The logged form of a routing key (keyed like a subject id, never in clear): an experiment's unit."""
+    return subject_hash(key) if key else ""
+
+
 def _batch(*, name: str, env: str, role: str, version: int, matrix: Any, predictions: list[Any], ids: list[str],
-           latency_ms: float, subjects: list[str] | None, error: str = "") -> dict[str, Any]:
+           latency_ms: float, subjects: list[str] | None, error: str = "", unit: str = "") -> dict[str, Any]:
     # A cold start (the host or serving form loading for this process's first request) is not live latency.
     latency_ms = max(latency_ms - hosts.cold_start_seconds() * 1000, 0.0)
     return {
         "model": name, "environment": env, "version": version, "role": role, "ts": time.time(),
         "latency_ms": round(latency_ms, 3), "request_id": context.current().request_id, "error": error,
         "ids": ids, "inputs": matrix, "outputs": predictions,
-        "subjects": [subject_hash(s) for s in subjects] if subjects else None,
+        "subjects": [subject_hash(s) for s in subjects] if subjects else None, "unit": unit,
     }
 
 
@@ -285,8 +295,7 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         subjects, body = _split_subjects(content_type, request.body)
     except protocol.InputError as exc:
         return _input_error(exc)
-    role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY") or (subjects[0] if subjects
-                                                                                     else None))
+    role, _deployment, loaded = route.pick(routing_key(request, subjects))
     if not loaded.enter():
         return _busy(name, loaded)
     try:
@@ -318,7 +327,7 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
             return _error(500, "model_error", "The model failed on this input; the failure is logged.")
         return _answered(name=name, env=env, role=role, loaded=loaded, rows=matrix, predictions=predictions,
                          subjects=parsed.subject_ids, token_id=token_id, started=started, route=route,
-                         request=(request.body, content_type))
+                         request=(request.body, content_type), unit=unit_hash(routing_key(request, subjects)))
     try:
         answer = loaded.invoke(body, content_type, timeout=timeout)
     except hosts.HostUnavailable as exc:
@@ -335,7 +344,7 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
                                predictions=[], ids=_prediction_ids(n),
                                latency_ms=(time.perf_counter() - started) * 1000,
                                subjects=subjects if subjects and len(subjects) == n else None,
-                               error=answer.model_error))
+                               error=answer.model_error, unit=unit_hash(routing_key(request, subjects))))
         return _mlflow_error(answer)
     if subjects is not None and len(subjects) != answer.count:
         return _error(400, "invalid_input", f"subject_ids has {len(subjects)} entries for {answer.count} rows.")
@@ -345,13 +354,14 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
         return _model_unavailable(name, loaded, hosts.HostUnavailable("the model host's answer is not JSON"))
     return _answered(name=name, env=env, role=role, loaded=loaded, rows=_logged_rows(answer, loaded.columns),
                      predictions=predictions, subjects=subjects, token_id=token_id, started=started, route=route,
-                     request=(body, content_type), count=answer.count,
+                     request=(body, content_type), count=answer.count, unit=unit_hash(routing_key(request, subjects)),
                      non_finite="NaN" in answer.body or "Infinity" in answer.body)
 
 
 def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, rows: Any, predictions: Any,
               subjects: list[str] | None, token_id: str, started: float, route: runtime.Route,
-              request: tuple[bytes, str], count: int | None = None, non_finite: bool = False) -> Answer:
+              request: tuple[bytes, str], count: int | None = None, non_finite: bool = False,
+              unit: str = "") -> Answer:
     """``non_finite``: MLflow's answer holds NaN or Infinity, which MLflow writes as such (not JSON's null): the
     answer is written the same way, so a client reads what MLflow's own server would have sent."""
     n = count if count is not None else len(rows)
@@ -359,7 +369,7 @@ def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, ro
     per_row = predictions if isinstance(predictions, list) and len(predictions) == n else [None] * n
     count_now = buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=rows,
                                    predictions=per_row, ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
-                                   subjects=subjects), count_key=_count_key(token_id))
+                                   subjects=subjects, unit=unit), count_key=_count_key(token_id))
     _record_count(token_id, count_now)
     if route.mode == "shadow" and route.challenger is not None:
         _shadow_pool.submit(_shadow, route, name, env, None, ids, subjects, context.current().request_id,
@@ -460,8 +470,8 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         return _invoke(request, route, name=name, env=env, token_id=token_id, started=started)
     try:
         parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
-        role, _deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
-                                              or (parsed.subject_ids[0] if parsed.subject_ids else None))
+        key = routing_key(request, parsed.subject_ids)
+        role, _deployment, loaded = route.pick(key)
         matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
                                     allow_missing=loaded.missing_values)
         protocol.check_params(parsed.params, loaded.params)
@@ -475,7 +485,8 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     except (hosts.HostUnavailable, runtime.ScoringLimit) as exc:
         buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
                            predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
-                           subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
+                           subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500],
+                           unit=unit_hash(key)))
         if isinstance(exc, runtime.ScoringLimit):
             return _limited(name, loaded, exc)
         return _model_unavailable(name, loaded, exc)
@@ -483,13 +494,15 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         logger.exception("Model %s v%s failed in %s", name, loaded.version_number, env)
         buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
                            predictions=[], ids=ids, latency_ms=(time.perf_counter() - started) * 1000,
-                           subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500]))
+                           subjects=parsed.subject_ids, error=f"{type(exc).__name__}: {exc}"[:500],
+                           unit=unit_hash(key)))
         return _error(500, "model_error", "The model failed on this input; the failure is logged.")
     finally:
         loaded.leave()
     latency_ms = (time.perf_counter() - started) * 1000
     count = buffer.emit(_batch(name=name, env=env, role=role, version=loaded.version_number, matrix=matrix,
-                               predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids),
+                               predictions=predictions, ids=ids, latency_ms=latency_ms, subjects=parsed.subject_ids,
+                               unit=unit_hash(key)),
                         count_key=_count_key(token_id))
     _record_count(token_id, count)
     if route.mode == "shadow" and route.challenger is not None:

@@ -18,7 +18,7 @@ from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
 from registry.models import PROMOTION_TARGETS, ModelVersion
 from registry.scanning.findings import UploadRejected
-from registry.versions import selectors, services
+from registry.versions import explanations, selectors, services
 from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm, messages_of
 from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
@@ -155,6 +155,7 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         # A refused decision comes back bound to what was typed, so its errors show beside the fields.
         "trust_form": (TrustDecisionForm(kept_trust) if kept_trust else TrustDecisionForm()) if can_decide else None,
         "sandbox": json.dumps(version.sandbox_report, indent=2, default=str) if version.sandbox_report else "",
+        "importance": explanations.importance(version),
     })
 
 

@@ -63,3 +63,62 @@ def test_global_importance_of_a_forest_is_computed_in_the_sandbox(personas: dict
     ours = np.array([features[c]["mean_abs"] for c in X.columns])
     assert np.allclose(ours, direct, rtol=1e-9, atol=1e-12)
     assert len(explanation["background"]) == 100 and explanation["columns"] == list(X.columns)
+
+
+def leaning_forest(column: str) -> Any:
+    """A forest that can learn only from ``column``: every other column is shuffled noise in its training data."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y = files._data()
+    noisy = X.copy()
+    rng = np.random.default_rng(0)
+    for c in noisy.columns:
+        if c != column:
+            noisy[c] = rng.permutation(noisy[c].to_numpy())
+    return RandomForestClassifier(n_estimators=20, max_depth=6, random_state=0).fit(noisy, y)
+
+
+@pytest.mark.django_db
+def test_version_page_shows_importance_and_promotion_page_compares_champion_and_candidate(
+        personas: dict[str, Any], tmp_path: Path) -> None:
+    from django.test import Client
+
+    from registry.promotions import services as promotions
+    from tests.registry.promotions.test_promotions import promote_live
+
+    champion = upload("lean", forest(), tmp_path, personas, name="v1")
+    candidate = upload("lean", leaning_forest("mean radius"), tmp_path, personas, name="v2")
+    assert champion.status == candidate.status == "ready"
+    client = Client()
+    client.force_login(personas["viewer"])
+    page = client.get(f"/models/lean/versions/{candidate.number}/").content.decode()
+    assert "shap.TreeExplainer (path-dependent)" in page and "exact" in page
+    assert 'data-testid="importance-chart"' in page and "vendor/plotly/plotly-basic.min.js" in page
+    top = max(candidate.explanation["features"], key=lambda f: f["mean_abs"])
+    assert top["name"] == "mean radius" and top["share"] > 0.3
+    assert f'<th scope="row">{top["name"]}</th>' in page
+
+    promote_live(champion, "stage", personas)
+    promotion = promotions.promotion_request(version=candidate, target="stage", reason="leaner",
+                                             actor=personas["ds"])
+    assert promotion.champion_version_id == champion.pk
+    page = client.get(f"/promotions/{promotion.uid}/").content.decode()
+    theirs = {f["name"]: f["share"] for f in champion.explanation["features"]}
+    ratio = top["share"] / theirs["mean radius"]
+    assert ratio >= 1.5
+    assert f"The candidate leans on `mean radius` {ratio:.1f}× as much as the champion" in page.replace("&#x60;", "`")
+    assert 'data-testid="importance-diff"' in page
+
+
+@pytest.mark.django_db
+def test_version_without_reference_data_says_why_there_is_no_importance(personas: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    from django.test import Client
+
+    version = upload("noref", forest(), tmp_path, personas, reference=False)
+    assert version.status == "ready"
+    assert version.explanation == {"error": "the version has no reference data to explain against"}
+    client = Client()
+    client.force_login(personas["viewer"])
+    page = client.get(f"/models/noref/versions/{version.number}/").content.decode()
+    assert "No global importance: the version has no reference data to explain against." in page

@@ -988,7 +988,7 @@ class Explainer:
 
         self.model = _explained_estimator(model)
         self.columns = columns
-        self.background = None if background is None else np.asarray(background, dtype=np.float64)
+        self.background: Any = None if background is None else np.asarray(background, dtype=np.float64)
         self.budget = budget
         self.classes = _classes(self.model)
         module = type(self.model).__module__
@@ -1272,7 +1272,7 @@ def _output_words(explainer: Explainer) -> str:
 
 
 def _host_explain(model: Any, header: dict[str, Any], payload: bytes,
-                  explainers: dict[str, Explainer | NoExplainer]) -> dict[str, Any]:
+                  explainers: dict[str, Explainer | NoExplainer], by_matrix: Any) -> dict[str, Any]:
     """An explain request: the rows, then the background rows, as float64 matrices in one payload. The explainer
     is built once per background (and its refusal remembered)."""
     import hashlib
@@ -1301,9 +1301,11 @@ def _host_explain(model: Any, header: dict[str, Any], payload: bytes,
     explainer.budget = float(header.get("budget_seconds") or explainer.budget)
     deadline = time.perf_counter() + float(header.get("budget_seconds") or 5)
     try:
-        return explain_rows(explainer, matrix, columns or [f"f{i}" for i in range(matrix.shape[1])], deadline)
+        answer = explain_rows(explainer, matrix, columns or [f"f{i}" for i in range(matrix.shape[1])], deadline)
     except ExplainBudget as exc:
         return {"ok": False, "over_budget": True, "error": str(exc)}
+    answer["predictions"] = [p.item() if hasattr(p, "item") else p for p in by_matrix(matrix, columns)]
+    return answer
 
 
 def host(fmt: str, path: str, options: dict[str, Any]) -> int:
@@ -1344,7 +1346,7 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
             elif header.get("op") == "invoke":
                 answer = _invoke(model, payload, str(header.get("content_type") or ""))
             elif header.get("op") == "explain":
-                answer = _host_explain(model, header, payload, explainers)
+                answer = _host_explain(model, header, payload, explainers, by_matrix)
             else:
                 matrix = np.frombuffer(payload, dtype="float64").reshape(header["shape"])
                 answer = {"ok": True, "predictions": by_matrix(matrix, header.get("columns") or None).tolist()}

@@ -1253,7 +1253,7 @@ def global_importance(fmt: str, path: str, options: dict[str, Any]) -> dict[str,
     share = mean_abs / mean_abs.sum() if mean_abs.sum() > 0 else mean_abs
     names = columns or [f"f{i}" for i in range(sample.shape[1])]
     cost: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 3), "rows": explained,
-                            "reference_rows": int(len(reference))}
+                            "reference_rows": len(reference)}
     if evaluations:
         cost["model_evaluations"] = int(evaluations)
         cost["background_rows"] = int(getattr(explainer, "background_used", len(background)))

@@ -174,3 +174,62 @@ def test_model_agnostic_fallback_on_100_features_stays_within_budget_and_says_ap
     many = explain(client, "explain-mlp", frame.iloc[:1000])
     assert many.status_code == 504, many.content
     assert "send fewer rows" in many.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("action", ["write_var", "write_tmp"])
+def test_a_hostile_models_explainer_runs_in_the_sandbox(action: str, personas: dict[str, Any], tmp_path: Path,
+                                                        settings: Any) -> None:
+    """A custom pyfunc whose every load and every predict writes a canary (into var/ or /tmp): its global
+    importance (at scan time) and its explanations (from /explain) call it hundreds of times, all inside the
+    sandbox, so no canary ever appears outside it, and the explainer still answers."""
+    import os
+    import secrets
+    import sysconfig
+
+    import pandas as pd
+
+    from registry.models import RegisteredModel
+    from registry.versions import services
+    from registry.versions.localfiles import LocalUpload
+    from tests.registry import hostile
+
+    token = secrets.token_hex(6)
+    setting = hostile.Setting(token=token, var_dir=str(settings.VAR_DIR),
+                              site_packages=sysconfig.get_paths()["purelib"], sentinel_name="EXPLAIN_SENTINEL",
+                              host_pid_namespace=os.readlink("/proc/self/ns/pid"), secret_files=[],
+                              env_names=[], pg_databases=[])
+    zipped = tmp_path / "model.zip"
+    zipped.write_bytes(hostile.model_zip(hostile.config(setting, action), "cloudpickle"))
+    reference = tmp_path / "ref.csv"
+    pd.DataFrame(np.random.default_rng(0).normal(size=(60, 2)), columns=hostile.COLUMNS).to_csv(reference,
+                                                                                              index=False)
+
+    def canaries() -> list[str]:
+        found = [str(p) for p in Path(settings.VAR_DIR).rglob(f"*{token}*")]
+        return found + [f"/tmp/{n}" for n in os.listdir("/tmp") if token in n]
+
+    from portal.models import Team
+
+    model = RegisteredModel.objects.filter(name="hostile-explain").first() or services.model_register(
+        name="hostile-explain", team=Team.objects.get(slug="acme"), actor=personas["ds"])
+    version = services.version_upload(model=model, upload=LocalUpload(zipped, zipped.name),
+                                      reference=LocalUpload(reference, reference.name),
+                                      meta=services.UploadMetadata(), actor=personas["ds"])
+    if version.trust_state == "pending":  # code: an approver trusts it, and the sandbox must hold it all the same
+        services.version_trust_decide(version=version, trust=True, reason="explanation canary test",
+                                      actor=personas["approver1"])
+    version = services.version_scan(version_id=version.pk)
+    assert version.status == "ready", version.status_detail
+    assert version.explanation.get("method", "").startswith("shap.KernelExplainer"), version.explanation
+    assert version.explanation["cost"]["model_evaluations"] > 100  # the payload ran that often, in the sandbox
+    assert canaries() == []
+    deploy_now(version, personas["ds"])
+    frame = pd.DataFrame([[1.0, 2.0], [3.0, 5.0]], columns=hostile.COLUMNS)
+    response = explain(client_for(personas["ds"]), "hostile-explain", frame)
+    assert response.status_code == 200, response.content
+    answer = response.json()
+    assert answer["approximate"] is True
+    for row, expected in zip(answer["explanations"], (3.0, 8.0), strict=True):  # the model adds its two inputs
+        assert row["prediction"] == expected
+        assert abs(sum(row["attributions"].values()) + row["base_value"] - row["output"]) <= 1e-6
+    assert canaries() == []

@@ -252,6 +252,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.evaluate_alerts",
         "schedule": timedelta(seconds=env_int("PORTAL_ALERT_SECONDS", 60, minimum=10)),
     },
+    "monitoring-attribution-drift": {
+        "task": "monitoring.tasks.attribution_drift",
+        "schedule": timedelta(minutes=env_int("PORTAL_ATTRIBUTION_DRIFT_MINUTES", 60, minimum=5)),
+    },
     "monitoring-experiments": {
         "task": "monitoring.tasks.experiments_check",
         "schedule": timedelta(seconds=env_int("PORTAL_EXPERIMENT_SECONDS", 60, minimum=10)),

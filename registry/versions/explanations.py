@@ -36,37 +36,39 @@ def _shares(version: ModelVersion | None) -> dict[str, float]:
     return {str(f["name"]): float(f.get("share") or 0) for f in version.explanation.get("features") or []}
 
 
-def comparison(champion: ModelVersion | None, candidate: ModelVersion, top: int = TOP_FEATURES) -> dict[str, Any]:
+def comparison(champion: ModelVersion | None, candidate: ModelVersion, top: int = TOP_FEATURES, *,
+               names: tuple[str, str] = ("the champion", "the candidate")) -> dict[str, Any]:
     """Champion against candidate: each feature's share of attribution in both (the candidate's top features and
     the champion's), and sentences for the features the candidate leans on far more or far less ("the candidate
     leans on `income` 2.1× as much as the champion")."""
     theirs, ours = _shares(champion), _shares(candidate)
+    old, new = names
     if not ours:
         why = (candidate.explanation or {}).get("error") or "the candidate has no global importance yet"
         return {"available": False, "why": str(why), "rows": [], "sentences": []}
     if not theirs:
-        why = "nothing serves there yet" if champion is None else \
+        why = "nothing to compare with" if champion is None else \
             (champion.explanation or {}).get("error") or f"v{champion.number} has no global importance (scanned " \
                                                          "before explanations existed)"
         return {"available": False, "why": str(why), "rows": [], "sentences": []}
-    names = sorted(set(ours) | set(theirs), key=lambda n: -max(ours.get(n, 0.0), theirs.get(n, 0.0)))[:top]
+    features = sorted(set(ours) | set(theirs), key=lambda n: -max(ours.get(n, 0.0), theirs.get(n, 0.0)))[:top]
     rows, sentences = [], []
-    for name in names:
+    for name in features:
         a, b = theirs.get(name, 0.0), ours.get(name, 0.0)
         ratio = (b / a) if a > 0 else None
         rows.append({"name": name, "champion": a, "candidate": b, "ratio": ratio})
         if max(a, b) < MIN_SHARE:
             continue
         if a == 0:
-            sentences.append(f"the candidate leans on `{name}`, which the champion does not use")
+            sentences.append(f"{new} leans on `{name}`, which {old} does not use")
         elif b == 0:
-            sentences.append(f"the candidate no longer uses `{name}`")
+            sentences.append(f"{new} does not use `{name}`, which {old} does")
         elif ratio is not None and ratio >= LEANS_RATIO:
-            sentences.append(f"the candidate leans on `{name}` {ratio:.1f}× as much as the champion")
+            sentences.append(f"{new} leans on `{name}` {ratio:.1f}× as much as {old}")
         elif ratio is not None and ratio <= 1 / LEANS_RATIO:
-            sentences.append(f"the candidate leans on `{name}` {1 / ratio:.1f}× less than the champion")
+            sentences.append(f"{new} leans on `{name}` {1 / ratio:.1f}× less than {old}")
     assert champion is not None
     return {"available": True, "rows": rows, "sentences": sentences, "champion": champion.number,
-            "chart": {"features": names,
-                      "series": [{"name": f"champion v{champion.number}", "values": [r["champion"] for r in rows]},
-                                 {"name": f"candidate v{candidate.number}", "values": [r["candidate"] for r in rows]}]}}
+            "chart": {"features": features,
+                      "series": [{"name": f"v{champion.number}", "values": [r["champion"] for r in rows]},
+                                 {"name": f"v{candidate.number}", "values": [r["candidate"] for r in rows]}]}}

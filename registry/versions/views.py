@@ -292,5 +292,7 @@ def version_compare(request: HttpRequest, name: str) -> HttpResponse:
     return render(request, "registry/version_compare.html", {
         "model": model, "numbers": numbers, "a": a, "b": b, "problem": problem,
         "comparison": selectors.version_compare(a=a, b=b) if a and b and not problem else None,
+        "importance": explanations.comparison(a, b, names=(f"v{a.number}", f"v{b.number}"))
+        if a and b and not problem else None,
     }, status=status)
 

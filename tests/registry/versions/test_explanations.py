@@ -108,6 +108,9 @@ def test_version_page_shows_importance_and_promotion_page_compares_champion_and_
     assert ratio >= 1.5
     assert f"The candidate leans on `mean radius` {ratio:.1f}× as much as the champion" in page.replace("&#x60;", "`")
     assert 'data-testid="importance-diff"' in page
+    compare = client.get(f"/models/lean/compare?a={champion.number}&b={candidate.number}").content.decode()
+    assert f"v{candidate.number} leans on `mean radius` {ratio:.1f}× as much as v{champion.number}" in \
+        compare.replace("&#x60;", "`")
 
 
 @pytest.mark.django_db

@@ -32,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("PORTAL_DEBUG", "1")  # as the other benches: no secret key needed, nothing served over HTTP
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -252,6 +252,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.evaluate_alerts",
         "schedule": timedelta(seconds=env_int("PORTAL_ALERT_SECONDS", 60, minimum=10)),
     },
+    "monitoring-attribution-drift": {
+        "task": "monitoring.tasks.attribution_drift",
+        "schedule": timedelta(minutes=env_int("PORTAL_ATTRIBUTION_DRIFT_MINUTES", 60, minimum=5)),
+    },
     "monitoring-experiments": {
         "task": "monitoring.tasks.experiments_check",
         "schedule": timedelta(seconds=env_int("PORTAL_EXPERIMENT_SECONDS", 60, minimum=10)),
@@ -476,6 +480,13 @@ PORTAL_MODEL_HOST_CPU_SHARE = env_float("PORTAL_MODEL_HOST_CPU_SHARE", 1.0, mini
 # Real-time scoring (issue 31): the longest a request waits for its model (a host's answer, or an in-process ONNX
 # run, stopped by onnxruntime's terminate flag), plus a second per 1,000 rows; batch and warm-up keep the host timeout.
 PORTAL_SCORING_TIMEOUT_SECONDS = env_int("PORTAL_SCORING_TIMEOUT_SECONDS", 5, minimum=1)
+# Explanations (issue 37): the seconds a version's global SHAP importance may take at scan time (in the sandbox), and
+# the budget of one explain request's model-agnostic explainer (a tree or linear explainer takes milliseconds); the
+# host answering an explain request is given the budget plus PORTAL_EXPLAIN_TIMEOUT_SECONDS (its first explain
+# imports shap) before it is killed.
+PORTAL_EXPLAIN_GLOBAL_SECONDS = env_int("PORTAL_EXPLAIN_GLOBAL_SECONDS", 30, minimum=1)
+PORTAL_EXPLAIN_BUDGET_SECONDS = env_float("PORTAL_EXPLAIN_BUDGET_SECONDS", 5.0, minimum=0.1, maximum=600.0)
+PORTAL_EXPLAIN_TIMEOUT_SECONDS = env_int("PORTAL_EXPLAIN_TIMEOUT_SECONDS", 20, minimum=1)
 # The bulkhead: scoring requests one served version may have in progress per web process; the excess gets a 503 at
 # once. A host answers one request at a time: four in flight keep it busy through a burst (three queued behind one
 # running), and two hung models still leave half of a worker's 16 threads to everything else.

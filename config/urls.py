@@ -38,6 +38,7 @@ urlpatterns = [
     path("api/v1/", include("monitoring.api.urls")),
     path("api/v1/", include(dataset_urls.api_patterns)),
     path("api/v1/serve/<str:name>/<str:env>/invocations", serving_views.invocations, name="serve-invocations"),
+    path("api/v1/serve/<str:name>/<str:env>/explain", serving_views.explain, name="serve-explain"),
     path("", include("registry.urls")),
     path("", include("monitoring.urls")),
     path("", include("monitoring.datasets.urls")),

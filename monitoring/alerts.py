@@ -116,7 +116,30 @@ def conditions(model: Any, environment: str, *, now: dt.datetime | None = None) 
             found.append(Condition("accuracy", "", "alert", metrics["accuracy"], float(floor),
                                    f"Accuracy {metrics['accuracy']:.3f} on {metrics['labelled']} predictions with "
                                    f"ground truth (floor {float(floor):.3f})."))
+        drifted_attribution = _attribution_condition(model, environment, champion.number, thresholds, now=now)
+        if drifted_attribution is not None:
+            found.append(drifted_attribution)
     return found
+
+
+def _attribution_condition(model: Any, environment: str, version: int, thresholds: dict[str, Any], *,
+                           now: dt.datetime | None) -> Condition | None:
+    """``attr_drift``: the latest attribution-drift measurement of the serving version (taken within two windows)
+    at or above ``attribution_drift_max``, naming the features whose share moved most."""
+    from monitoring.attribution import latest
+
+    limit = thresholds.get("attribution_drift_max")
+    record = latest(model, environment, version)
+    window = dt.timedelta(minutes=2 * int(thresholds["window_minutes"]))
+    if limit is None or record is None or record.distance is None or \
+            record.measured_at < (now or timezone.now()) - window or record.distance < float(limit):
+        return None
+    moved = sorted(set(record.production) | set(record.reference),
+                   key=lambda n: -abs(record.production.get(n, 0.0) - record.reference.get(n, 0.0)))[:3]
+    named = ", ".join(f"{n} {record.reference.get(n, 0.0):.0%} → {record.production.get(n, 0.0):.0%}" for n in moved)
+    return Condition("attr_drift", "", "alert", record.distance, float(limit),
+                     f"Attribution drift {record.distance:.2f} (threshold {float(limit):g}) over {record.rows} "
+                     f"production rows of v{version}: share of attribution {named}.")
 
 
 def evaluate_alerts(*, now: dt.datetime | None = None) -> dict[str, int]:
@@ -230,7 +253,7 @@ def _notify(alert: Alert, event: str) -> None:
 THRESHOLD_LIMITS: dict[str, tuple[float, float]] = {
     "psi_warning": (0.0, 100.0), "psi_alert": (0.0, 100.0), "min_rows": (1, 10_000_000),
     "error_rate_max": (0.0, 1.0), "latency_p99_ms": (0.01, 600_000.0), "accuracy_min": (0.0, 1.0),
-    "min_labelled": (1, 10_000_000), "window_minutes": (5, 7 * 24 * 60),
+    "min_labelled": (1, 10_000_000), "window_minutes": (5, 7 * 24 * 60), "attribution_drift_max": (0.01, 1.0),
 }
 INTEGER_THRESHOLDS = {"min_rows", "min_labelled", "window_minutes"}
 

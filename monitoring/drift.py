@@ -33,6 +33,7 @@ DEFAULT_THRESHOLDS: dict[str, Any] = {
     "accuracy_min": None,  # None: the version's recorded accuracy metric minus 0.05, when it has one
     "min_labelled": 50,
     "window_minutes": 60,
+    "attribution_drift_max": 0.2,  # total variation between production's and the reference's attribution shares
 }
 
 

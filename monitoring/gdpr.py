@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, Count, Value, When
 from django.utils import timezone
@@ -37,12 +38,17 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
     drain()
-    predictions = list(PredictionLog.objects.filter(subject_hash=digest).order_by("created_at").values(
-        "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error"))
+    predictions: list[dict[str, Any]] = [dict(p) for p in PredictionLog.objects.filter(
+        subject_hash=digest).order_by("created_at").values(
+        "id", "model_name", "version", "environment", "role", "created_at", "inputs", "output", "error")]
 
     may_see = has_capability(actor, "view_sensitive")
+    plain = {p["id"]: reveal_row(p["inputs"], may_see=True) for p in predictions}
     for p in predictions:
         p["inputs"] = reveal_row(p["inputs"], may_see=may_see)
+    explained = decision_explanations(predictions, plain)
+    for p in predictions:
+        p["explanation"] = explained.get(p["id"])
     feedback = list(Feedback.objects.filter(prediction_id__in=[p["id"] for p in predictions]).values(
         "prediction_id", "actual", "received_at"))
     snapshots = erasure.subject_snapshots(digest)
@@ -54,6 +60,91 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
             "feedback": feedback, "training_snapshots": snapshots,
             "stores": ["prediction log (inputs, outputs)", "ground truth (feedback)",
                        "dataset snapshots (training data cut from the log)"]}
+
+
+MAX_EXPLAINED_DECISIONS = 200
+TOP_FEATURES = 3
+
+
+def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each logged decision, why it came out as it did (GDPR Art. 15(1)(h), 22): recomputed by the version's
+    explainer in a sandboxed host (the model is a program; nothing of it runs here) from the logged inputs
+    (``plain``: decrypted, used only for the computation; the words show the values as ``predictions`` shows
+    them, masked for a reader without ``view_sensitive``). Per prediction id: the prediction, the model version,
+    the method and the top features in plain words, or ``{"unavailable": why}``."""
+    import numpy as np
+
+    from registry.sandbox import hosts
+    from registry.serving import runtime
+
+    out: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for p in predictions:
+        if p.get("error") or p.get("output") is None:
+            continue
+        if plain.get(p["id"]) is None:
+            out[p["id"]] = {"unavailable": "its inputs were erased"}
+        elif len(groups) <= MAX_EXPLAINED_DECISIONS and sum(map(len, groups.values())) < MAX_EXPLAINED_DECISIONS:
+            groups.setdefault((p["model_name"], p["version"]), []).append(p)
+        else:
+            out[p["id"]] = {"unavailable": f"the report explains the first {MAX_EXPLAINED_DECISIONS} decisions"}
+    for (model_name, number), items in groups.items():
+        version = (ModelVersion.objects.select_related("artifact", "model")
+                   .filter(model__name=model_name, number=number).first())
+        why = ""
+        if version is None or version.artifact is None:
+            why = "the model version's file is no longer held"
+        elif (version.explanation or {}).get("no_explainer"):
+            why = f"no explainer fits this model ({version.explanation.get('error')})"
+        matrix = None
+        if not why:
+            try:
+                matrix = np.asarray([plain[p["id"]] for p in items], dtype="float64")
+            except (TypeError, ValueError):
+                why = "its inputs are not all numbers"
+        if why or version is None or matrix is None:
+            out.update({p["id"]: {"unavailable": why} for p in items})
+            continue
+        info = version.explanation or {}
+        columns = [str(c) for c in info.get("columns") or runtime.input_columns(version)]
+        background = np.asarray(info["background"], dtype="float64") if info.get("background") else None
+        if len(columns) != matrix.shape[1] or (background is not None and background.shape[1] != matrix.shape[1]):
+            columns, background = runtime.input_columns(version), None
+        loaded = runtime.load_serving_model(version=version, kind="native", blob=None,
+                                            key=f"subject-explain-{version.pk}")
+        try:
+            answer = loaded.explain(matrix, background, columns or None,
+                                    budget=settings.PORTAL_EXPLAIN_BUDGET_SECONDS)
+        except (hosts.NoExplainer, hosts.ExplainOverBudget, hosts.HostUnavailable, hosts.HostModelError) as exc:
+            out.update({p["id"]: {"unavailable": f"the explainer could not run ({exc})"} for p in items})
+            continue
+        finally:
+            loaded.close()
+        names = [str(c) for c in answer.get("columns") or columns]
+        for p, row in zip(items, answer["rows"], strict=True):
+            shown = p["inputs"] if isinstance(p["inputs"], list) else [None] * len(names)
+            order = sorted(range(len(names)), key=lambda i: -abs(row["attributions"][i]))[:TOP_FEATURES]
+            what = answer["output"] + (f" of class {row['class']}" if row.get("class") is not None else "")
+            top = [{"feature": names[i], "value": shown[i] if i < len(shown) else None,
+                    "attribution": row["attributions"][i],
+                    "words": f"{names[i]} = {_value_words(shown[i] if i < len(shown) else None)} "
+                             f"{'raised' if row['attributions'][i] > 0 else 'lowered'} the {what} by "
+                             f"{abs(row['attributions'][i]):.3g}"}
+                   for i in order]
+            out[p["id"]] = {"prediction": p["output"], "model": model_name, "version": number,
+                            "method": answer["method"], "approximate": answer["approximate"],
+                            "explains": what, "output": row["output"], "base_value": row["base_value"],
+                            "top_features": top,
+                            "summary": (f"Version {number} of {model_name} decided {p['output']}; its {what} was "
+                                        f"{row['output']:.3g} against an average of {row['base_value']:.3g}, "
+                                        "mostly because " + "; ".join(t["words"] for t in top) + ".")}
+    return out
+
+
+def _value_words(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 ERASED_FIELDS = ("inputs", "output", "error", "subject link")

@@ -144,6 +144,28 @@ class Alert(models.Model):
         return f"{self.model.name} {self.environment}: {what}"
 
 
+class AttributionDrift(models.Model):
+    """One measurement of attribution drift (issue 37): each feature's share of SHAP attribution over recent
+    production rows of the serving version, against its share over the reference data (the version's global
+    importance), and their distance (total variation: half the sum of the absolute differences, 0 to 1)."""
+
+    model = models.ForeignKey("registry.RegisteredModel", on_delete=models.CASCADE, related_name="+")
+    environment = models.CharField(max_length=8)
+    version = models.PositiveIntegerField()
+    measured_at = models.DateTimeField(default=timezone.now, db_index=True)
+    rows = models.PositiveIntegerField(default=0)
+    production = models.JSONField(default=dict, blank=True)  # feature -> share of attribution in production
+    reference = models.JSONField(default=dict, blank=True)  # feature -> share over the reference data
+    distance = models.FloatField(null=True, blank=True)
+    method = models.CharField(max_length=100, blank=True)
+    approximate = models.BooleanField(default=False)
+    error = models.TextField(blank=True)  # why nothing was measured
+
+    class Meta:
+        ordering = ["-measured_at"]
+        indexes = [models.Index(fields=["model", "environment", "measured_at"], name="attrdrift_model_env_time")]
+
+
 # The experiments feature keeps its model in its own folder; importing it here makes it part of this app.
 # --- Datasets cut from production, retraining and lineage (monitoring.datasets) -------------------------------
 
@@ -349,4 +371,4 @@ from monitoring.experiments.models import Experiment, ExperimentUnit  # noqa: E4
 __all__ = ["Alert", "AlertStatus", "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings",
            "PredictionLog", "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
            "RetrainingRequest", "TrainingLink", "ErasedDataFlag", "SnapshotStatus", "SensitiveTreatment",
-           "RetrainingStatus"]
+           "RetrainingStatus", "AttributionDrift"]

@@ -42,3 +42,10 @@ def evaluate_alerts_task() -> dict[str, int]:
 @shared_task(name="monitoring.tasks.partitions_maintain", ignore_result=True)
 def partitions_maintain_task() -> dict[str, object]:
     return partitions_maintain()
+
+
+@shared_task(name="monitoring.tasks.attribution_drift", ignore_result=True)
+def attribution_drift_task() -> int:
+    from monitoring.attribution import measure_all
+
+    return measure_all()

@@ -87,7 +87,16 @@ def model_monitoring(request: HttpRequest, name: str, env: str) -> HttpResponse:
                                         option=orjson.OPT_INDENT_2).decode(),
         "target_column": settings_row.target_column if settings_row else "",
         "defaults": alerts.thresholds_defaults(),
+        **_attribution_context(model, env),
     })
+
+
+def _attribution_context(model: Any, env: str) -> dict[str, Any]:
+    from monitoring import attribution
+
+    record = attribution.latest(model, env)
+    return {"attribution": record, "attribution_rows": attribution.rows_for_page(record),
+            "attribution_limit": selectors.thresholds_for(model).get("attribution_drift_max")}
 
 
 

@@ -89,7 +89,7 @@ class ModelVersion(models.Model):
     MUTABLE_FIELDS = frozenset({
         "status", "status_detail", "scan_findings", "untrusted_types", "trust_state", "trust_decided_by",
         "trust_decided_at", "trust_reason", "scanned_at", "sandbox_report", "signature", "input_example", "tags",
-        "flavors", "artifact",
+        "flavors", "artifact", "explanation",
     })
 
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
@@ -133,6 +133,10 @@ class ModelVersion(models.Model):
     trust_reason = models.TextField(blank=True)
     scanned_at = models.DateTimeField(null=True, blank=True)
     sandbox_report = models.JSONField(default=dict, blank=True)
+    # SHAP global importance computed at scan time in the sandbox from the reference data: method, whether it is
+    # approximate, its cost, mean |attribution| per feature, and the background rows the explain endpoint uses;
+    # or {"error": why} when none could be computed ({} before the scan).
+    explanation = models.JSONField(default=dict, blank=True)
     reference = models.ForeignKey(ReferenceData, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
 
     class Meta:

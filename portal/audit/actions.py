@@ -110,6 +110,7 @@ class AuditAction(enum.Enum):
     # 5000: data subjects
     GDPR_SUBJECT_ACCESS = (5001, "gdpr.subject_access")
     GDPR_ERASURE = (5002, "gdpr.erasure")
+    SUBJECT_EXPLANATION_READ = (5003, "subject.explanation_read")
     RETENTION_PURGE = (5011, "retention.purge")
     RETENTION_DROP_PARTITION = (5012, "retention.drop_partition")
     PAYLOAD_KEYS_ROTATE = (5021, "payload_keys.rotate")

@@ -21,7 +21,7 @@ from registry.models import Environment, PromotionRequest, PromotionStatus
 from registry.promotions import services as promotions
 from registry.promotions.services import EVIDENCE_WINDOWS
 from registry.serving import call_examples
-from registry.versions import selectors
+from registry.versions import explanations, selectors
 from registry.versions.views import keep_input
 
 _KEPT_KEY = "promotion-decision-{uid}"
@@ -98,6 +98,7 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
         "evidence": promotions.live_evidence(promotion=promotion, window=window),
         "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
         "experiment": promotion_experiment(promotion),
+        "importance": explanations.comparison(promotion.champion_version, promotion.version),
         "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
         "approvals": approvals,
         "approved_count": sum(1 for a in approvals if a.decision == "approve"),

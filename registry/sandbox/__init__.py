@@ -24,7 +24,7 @@ from django.conf import settings
 from registry.sandbox import bwrap, cgroups, launch, remote
 from registry.sandbox.bwrap import SandboxUnavailable
 
-__all__ = ["SandboxResult", "SandboxUnavailable", "cgroups_status", "inspect_onnx", "prepare_serving", "run",
+__all__ = ["SandboxResult", "SandboxUnavailable", "cgroups_status", "global_importance", "inspect_onnx", "prepare_serving", "run",
            "skops_types", "smoke_test", "unavailable_reason"]
 
 OUTPUT_TAIL_BYTES = 256 * 1024
@@ -163,3 +163,12 @@ def prepare_serving(fmt: str, path: Path, options: dict[str, Any], *, out: Path)
 def smoke_test(fmt: str, path: Path, options: dict[str, Any]) -> SandboxResult:
     mounts = _model(path)
     return run(["smoke", fmt, mounts.inside_model(), json.dumps(options)], mounts)
+
+
+def global_importance(fmt: str, path: Path, options: dict[str, Any], *, budget_seconds: int) -> SandboxResult:
+    """SHAP global importance of a version, computed where its loader may run code: the sandbox. ``path`` is a
+    folder holding the model (``model.FORMAT``, or an MLflow model folder) and the reference rows as ``.npy``
+    (``options["reference"]``); the sandbox's wall clock allows the budget plus the load."""
+    mounts = _model(path)
+    return run(["importance", fmt, mounts.inside_model(), json.dumps({**options, "budget_seconds": budget_seconds})],
+               mounts, timeout=budget_seconds + settings.PORTAL_SANDBOX_TIMEOUT_SECONDS)

@@ -945,6 +945,378 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# --- Explanations (SHAP), computed here and only here: the model is a program --------------------------------
+
+EXPLAIN_MAX_ROWS = 10_000  # rows one explain request may carry
+EXPLAIN_BACKGROUND_ROWS = 100  # background rows kept for the linear and model-agnostic explainers
+GLOBAL_MAX_ROWS = 1000  # reference rows explained at most for a version's global importance
+GLOBAL_AGNOSTIC_ROWS = 50  # ...by the model-agnostic explainer, against
+GLOBAL_AGNOSTIC_BACKGROUND = 20  # ...this many background rows, within
+GLOBAL_AGNOSTIC_SECONDS = 10.0  # ...at most this many seconds
+TREE_MODULES = ("sklearn.ensemble", "sklearn.tree", "xgboost", "lightgbm", "catboost")
+
+
+class NoExplainer(Exception):
+    """No explainer fits this model (said to the caller as a 422, with why)."""
+
+
+class ExplainBudget(Exception):
+    """The explanation would take longer than its budget (said to the caller as a 504, with how long)."""
+
+
+def _explained_estimator(model: Any) -> Any:
+    """The estimator SHAP reads: a pyfunc's raw scikit-learn-style model where it has one, else the model."""
+    try:
+        raw = model.get_raw_model() if hasattr(model, "get_raw_model") and not _is_estimator(model) else None
+        if _is_estimator(raw):
+            return raw
+    except Exception:  # noqa: S110 - the pyfunc itself is then explained model-agnostically
+        pass
+    return model
+
+
+def _classes(model: Any) -> list[Any] | None:
+    classes = getattr(model, "classes_", None)
+    if classes is None:
+        return None
+    return [c.item() if hasattr(c, "item") else c for c in classes]
+
+
+class Explainer:
+    """One model's SHAP explainer: TreeExplainer (path-dependent, exact) for tree ensembles of scikit-learn,
+    XGBoost, LightGBM; LinearExplainer (exact, against the background's mean) for scikit-learn linear models;
+    otherwise a permutation explainer over the background, bounded by ``budget`` seconds (approximate).
+
+    Each row's answer explains one output, which ``output`` names: a regressor's prediction; for a classifier the
+    positive class (binary) or the predicted class (more classes), as the probability (scikit-learn trees), the
+    margin (log-odds: XGBoost, LightGBM, gradient boosting) or the decision function (linear models). The
+    attributions add up to that output minus ``base_value``."""
+
+    def __init__(self, model: Any, columns: list[str] | None, background: Any, *, budget: float) -> None:
+        import numpy as np
+
+        self.model = _explained_estimator(model)
+        self.columns = columns
+        self.background: Any = None if background is None else np.asarray(background, dtype=np.float64)
+        self.budget = budget
+        self.classes = _classes(self.model)
+        module = type(self.model).__module__
+        self.family = ""
+        self.reason = ""
+        import shap
+
+        self._shap = shap
+        if module.startswith(TREE_MODULES) and _is_estimator(self.model):
+            try:
+                self.explainer = shap.TreeExplainer(self.model)
+                self.family, self.method, self.approximate = "tree", "shap.TreeExplainer (path-dependent)", False
+            except Exception as exc:
+                self.reason = f"TreeExplainer does not read {type(self.model).__name__}: {_error_text(exc)[:200]}"
+        if not self.family and module.startswith("sklearn.linear_model") and hasattr(self.model, "coef_"):
+            if self.background is None or not len(self.background):
+                self.reason = "a linear model is explained against reference rows and the version has none"
+            else:
+                self.explainer = shap.LinearExplainer(self.model, self.background)
+                self.family, self.method, self.approximate = "linear", "shap.LinearExplainer (interventional)", False
+        if not self.family:
+            if self.background is None or not len(self.background):
+                raise NoExplainer((self.reason + "; " if self.reason else "") + "the model-agnostic explainer "
+                                  "needs reference rows to compare with, and the version has none")
+            self.family, self.approximate = "agnostic", True
+            self.method = "shap.KernelExplainer (model-agnostic, sampled coalitions)"
+            self._function = self._agnostic_function()
+
+    # --- outputs -----------------------------------------------------------------------------------------------
+
+    def _frame(self, matrix: Any) -> Any:
+        import pandas as pd
+
+        names = getattr(self.model, "feature_names_in_", None)
+        if self.columns and (names is not None or not hasattr(self.model, "n_features_in_")):
+            return pd.DataFrame(matrix, columns=self.columns)
+        return matrix
+
+    def _agnostic_function(self) -> Any:
+        """What the model-agnostic explainer explains: rows x outputs (a classifier's probabilities, or the
+        prediction as one column)."""
+        import numpy as np
+
+        probe = self.background[:2]
+        if self.classes is not None and hasattr(self.model, "predict_proba"):
+            self.output_kind = "probability"
+            return lambda matrix: np.asarray(self.model.predict_proba(self._frame(matrix)), dtype=np.float64)
+        try:
+            sample = np.asarray(self._predict(probe))
+        except Exception as exc:
+            raise NoExplainer(f"the model failed on reference rows: {_error_text(exc)[:300]}") from None
+        if sample.dtype.kind not in "fiub" or sample.reshape(len(probe), -1).shape[1] != 1:
+            raise NoExplainer("the model answers labels or several values per row and no probabilities, so "
+                              "there is no one number per row to explain")
+        self.output_kind = "prediction"
+        return lambda matrix: np.asarray(self._predict(matrix), dtype=np.float64).reshape(len(matrix), 1)
+
+    def _predict(self, matrix: Any) -> Any:
+        import numpy as np
+        import pandas as pd
+
+        result = self.model.predict(self._frame(matrix))
+        if isinstance(result, (pd.DataFrame, pd.Series)):
+            result = result.to_numpy()
+        return np.asarray(result)
+
+    def _raw_output(self, matrix: Any) -> tuple[Any, str]:
+        """The model's own output in the space its explainer explains: (rows x outputs, what it is)."""
+        import numpy as np
+
+        model, frame, module = self.model, self._frame(matrix), type(self.model).__module__
+        margin = "margin (log-odds)" if self.classes is not None else "prediction (raw score)"
+        if module.startswith("xgboost"):
+            return np.asarray(model.predict(frame, output_margin=True), dtype=np.float64), margin
+        if module.startswith("lightgbm"):
+            return np.asarray(model.predict(frame, raw_score=True), dtype=np.float64), margin
+        if self.classes is not None and self.family == "linear":
+            return np.asarray(model.decision_function(frame), dtype=np.float64), "decision function (log-odds)"
+        if self.classes is not None and module.startswith("sklearn.ensemble._gb"):
+            return np.asarray(model.decision_function(frame), dtype=np.float64), "margin (log-odds)"
+        if self.classes is not None and hasattr(model, "predict_proba"):
+            return np.asarray(model.predict_proba(frame), dtype=np.float64), "probability"
+        return np.asarray(self._predict(matrix), dtype=np.float64), "prediction"
+
+    # --- explaining --------------------------------------------------------------------------------------------
+
+    def _per_class(self, values: Any, expected: Any, outputs: Any, n: int, width: int) -> tuple[Any, Any, Any, Any]:
+        """(attributions rows x features, base per row, output per row, class index per row or None)."""
+        import numpy as np
+
+        values = np.asarray(values, dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64).reshape(-1)
+        outputs = outputs.reshape(n, -1)
+        if values.ndim == 2:  # one output explained (a regressor, or a binary margin)
+            column = outputs[:, -1] if outputs.shape[1] > 1 else outputs[:, 0]
+            return values, np.full(n, expected[-1]), column, (None if self.classes is None else
+                                                              np.full(n, len(self.classes) - 1))
+        classes = values.shape[2]
+        if self.classes is not None and len(self.classes) == 2 and classes == 2:
+            picked = np.ones(n, dtype=int)
+        else:
+            picked = np.argmax(outputs, axis=1) if outputs.shape[1] == classes else np.zeros(n, dtype=int)
+        rows = np.arange(n)
+        return values[rows, :, picked], expected[picked], outputs[rows, picked], picked
+
+    def explain(self, matrix: Any, deadline: float | None = None) -> dict[str, Any]:
+        import numpy as np
+
+        matrix = np.asarray(matrix, dtype=np.float64)
+        n, width = matrix.shape
+        started = time.perf_counter()
+        evaluations = 0
+        if self.family == "tree":
+            values = self.explainer.shap_values(self._frame(matrix), check_additivity=False)
+            outputs, kind = self._raw_output(matrix)
+            if isinstance(values, list):  # older per-class lists
+                values = np.stack(values, axis=-1)
+            attributions, base, output, picked = self._per_class(values, self.explainer.expected_value, outputs,
+                                                                 n, width)
+        elif self.family == "linear":
+            values = self.explainer.shap_values(matrix)
+            outputs, kind = self._raw_output(matrix)
+            if isinstance(values, list):
+                values = np.stack(values, axis=-1)
+            attributions, base, output, picked = self._per_class(values, self.explainer.expected_value, outputs,
+                                                                 n, width)
+        else:
+            attributions, base, output, picked, evaluations = self._agnostic(matrix, deadline)
+            kind = self.output_kind
+        return {"attributions": attributions, "base": base, "output": output, "picked": picked, "kind": kind,
+                "seconds": time.perf_counter() - started, "evaluations": evaluations}
+
+    def _agnostic(self, matrix: Any, deadline: float | None) -> tuple[Any, Any, Any, Any, int]:
+        """Kernel SHAP (``shap.KernelExplainer``, no L1 selection: the attributions add up exactly) row by row,
+        sized to the budget: coalition samples per row between 2 x features + 2 and 2,048, fewer background rows
+        (an even sample) when even the fewest samples would not fit; past the budget it stops and says so
+        (``ExplainBudget``). Approximate: the Shapley values are estimated from sampled coalitions."""
+        import numpy as np
+
+        n, width = matrix.shape
+        budget_end = time.perf_counter() + self.budget
+        if deadline is not None:
+            budget_end = min(budget_end, deadline)
+        background = self.background
+        # What one model call on a background-sized batch costs: the unit of the budget.
+        timer = time.perf_counter()
+        self._function(np.repeat(matrix[:1], len(background), axis=0))
+        per_call = max(time.perf_counter() - timer, 1e-5)
+        fewest = 2 * width + 2
+        per_row_seconds = (budget_end - time.perf_counter()) / n * 0.8  # a fifth kept for the overhead
+        if per_call * fewest > per_row_seconds and len(background) > 1:
+            keep = max(1, int(len(background) * per_row_seconds / (per_call * fewest)))
+            background = background[np.linspace(0, len(background) - 1, keep).astype(int)]
+            per_call *= keep / len(self.background)
+        if per_call * fewest > per_row_seconds:
+            needed = per_call * fewest * n / 0.8
+            raise ExplainBudget(f"explaining {n} rows model-agnostically needs about {needed:.1f} s, over the "
+                                f"budget of {self.budget:.1f} s: send fewer rows")
+        samples = int(max(fewest, min(2048, per_row_seconds / per_call)))
+        explainer = self._shap.KernelExplainer(self._function, background)
+        expected = np.asarray(explainer.expected_value, dtype=np.float64).reshape(-1)
+        attributions = np.empty((n, width))
+        base = np.empty(n)
+        output = np.empty(n)
+        picked = None if self.classes is None else np.empty(n, dtype=int)
+        for i in range(n):
+            if time.perf_counter() > budget_end:
+                raise ExplainBudget(f"explained {i} of {n} rows within the budget of {self.budget:.1f} s: "
+                                    "send fewer rows")
+            values = np.asarray(explainer.shap_values(matrix[i:i + 1], nsamples=samples, silent=True,
+                                                      l1_reg=False), dtype=np.float64).reshape(width, -1)
+            outputs = self._function(matrix[i:i + 1]).reshape(-1)
+            k = 0
+            if picked is not None and self.classes is not None:
+                k = 1 if len(self.classes) == 2 and len(outputs) == 2 else int(np.argmax(outputs))
+                picked[i] = k
+            attributions[i], base[i], output[i] = values[:, k], expected[k], outputs[k]
+        self.background_used = len(background)
+        return attributions, base, output, picked, samples * len(background) * n
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "approximate": self.approximate, "family": self.family}
+
+
+def explain_rows(explainer: Explainer, matrix: Any, columns: list[str], deadline: float | None) -> dict[str, Any]:
+    """The answer of an explain request: per row the output explained, its base value and attributions."""
+    import numpy as np
+
+    found = explainer.explain(matrix, deadline)
+    attributions, base, output = found["attributions"], found["base"], found["output"]
+    gap = float(np.max(np.abs(attributions.sum(axis=1) + base - output))) if len(output) else 0.0
+    classes = explainer.classes
+    picked = found["picked"]
+    rows = []
+    for i in range(len(output)):
+        row: dict[str, Any] = {"output": float(output[i]), "base_value": float(base[i]),
+                               "attributions": [float(v) for v in attributions[i]]}
+        if classes is not None and picked is not None:
+            row["class"] = classes[int(picked[i])]
+        rows.append(row)
+    description = explainer.describe()
+    cost: dict[str, Any] = {"seconds": round(found["seconds"], 6), "rows": len(output)}
+    if found["evaluations"]:
+        cost["model_evaluations"] = int(found["evaluations"])
+        cost["background_rows"] = int(getattr(explainer, "background_used", 0))
+    return {"ok": True, **description, "output": found["kind"], "columns": columns, "rows": rows,
+            "additivity_gap": gap, "cost": cost}
+
+
+def global_importance(fmt: str, path: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A version's global importance, at scan time: mean |SHAP| per feature over (a sample of) the reference rows,
+    with the method, what it cost, and a background sample for the explain endpoint."""
+    import numpy as np
+
+    root = path if os.path.isdir(path) else os.path.dirname(path)
+    if fmt != "mlflow" and os.path.isdir(path):
+        path = os.path.join(path, f"model.{fmt}")
+    columns = options.get("columns") or None
+    reference = np.load(os.path.join(root, options["reference"]), allow_pickle=False)
+    budget = float(options.get("budget_seconds") or 30)
+    reference = reference[np.isfinite(reference).all(axis=1)]
+    if not len(reference):
+        return {"ok": False, "error": "the reference data has no complete rows to explain"}
+    rng = np.random.default_rng(0)
+    background = reference[np.sort(rng.choice(len(reference), size=min(EXPLAIN_BACKGROUND_ROWS, len(reference)),
+                                              replace=False))]
+    model = _load_for_serving(fmt, path, options) if fmt == "onnx" else _load(fmt, path, options)
+    started = time.perf_counter()
+    try:
+        explainer = Explainer(model, columns, background, budget=budget)
+    except NoExplainer as exc:
+        return {"ok": False, "error": str(exc), "no_explainer": True}
+    sample = reference[np.sort(rng.choice(len(reference), size=min(GLOBAL_MAX_ROWS, len(reference)),
+                                          replace=False))]
+    if explainer.family == "agnostic":  # sampled coalitions over a smaller background, on fewer rows
+        sample = sample[:GLOBAL_AGNOSTIC_ROWS]
+        explainer.background = background[np.linspace(0, len(background) - 1,
+                                                      min(len(background), GLOBAL_AGNOSTIC_BACKGROUND)).astype(int)]
+        explainer.budget = min(budget, GLOBAL_AGNOSTIC_SECONDS)
+    totals = np.zeros(sample.shape[1])
+    explained = 0
+    evaluations = 0
+    note = ""
+    chunk = 100 if explainer.family != "agnostic" else len(sample)
+    end = started + budget
+    while explained < len(sample):
+        if time.perf_counter() > end:
+            note = f"the budget of {budget:.0f} s ran out after {explained} rows"
+            break
+        part = sample[explained:explained + chunk]
+        try:
+            found = explainer.explain(part, end)
+        except ExplainBudget:
+            note = f"the budget of {budget:.0f} s ran out after {explained} rows"
+            break
+        totals += np.abs(found["attributions"]).sum(axis=0)
+        evaluations += found["evaluations"]
+        explained += len(part)
+    if not explained:
+        return {"ok": False, "error": f"not one reference row could be explained within {budget:.0f} s"}
+    mean_abs = totals / explained
+    share = mean_abs / mean_abs.sum() if mean_abs.sum() > 0 else mean_abs
+    names = columns or [f"f{i}" for i in range(sample.shape[1])]
+    cost: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 3), "rows": explained,
+                            "reference_rows": len(reference)}
+    if evaluations:
+        cost["model_evaluations"] = int(evaluations)
+        cost["background_rows"] = int(getattr(explainer, "background_used", len(background)))
+    return {"ok": True, **explainer.describe(), "output": getattr(explainer, "output_kind", "")
+            or _output_words(explainer), "features": [
+                {"name": str(n), "mean_abs": float(m), "share": float(s)}
+                for n, m, s in zip(names, mean_abs, share, strict=True)],
+            "cost": cost, "note": note, "background": background.tolist(), "columns": names}
+
+
+def _output_words(explainer: Explainer) -> str:
+    try:
+        return explainer._raw_output(explainer.background[:1])[1]
+    except Exception:
+        return ""
+
+
+def _host_explain(model: Any, header: dict[str, Any], payload: bytes,
+                  explainers: dict[str, Explainer | NoExplainer], by_matrix: Any) -> dict[str, Any]:
+    """An explain request: the rows, then the background rows, as float64 matrices in one payload. The explainer
+    is built once per background (and its refusal remembered)."""
+    import hashlib
+
+    import numpy as np
+
+    shape, background_shape = header["shape"], header.get("background_shape") or [0, 0]
+    rows = int(shape[0]) * int(shape[1])
+    data = np.frombuffer(payload, dtype="float64")
+    matrix = data[:rows].reshape(shape)
+    if int(shape[0]) > EXPLAIN_MAX_ROWS:
+        return {"ok": False, "error": f"at most {EXPLAIN_MAX_ROWS} rows may be explained at once"}
+    background = data[rows:].reshape(background_shape) if background_shape[0] else None
+    columns = header.get("columns") or None
+    key = hashlib.sha256(payload[rows * 8:]).hexdigest() + json.dumps(columns)
+    explainer = explainers.get(key)
+    if explainer is None:
+        try:
+            explainer = Explainer(model, columns, background, budget=float(header.get("budget_seconds") or 5))
+        except NoExplainer as exc:
+            explainer = exc
+        explainers.clear()  # one background at a time: a new one replaces the old
+        explainers[key] = explainer
+    if isinstance(explainer, NoExplainer):
+        return {"ok": False, "no_explainer": True, "error": str(explainer)}
+    explainer.budget = float(header.get("budget_seconds") or explainer.budget)
+    deadline = time.perf_counter() + float(header.get("budget_seconds") or 5)
+    try:
+        answer = explain_rows(explainer, matrix, columns or [f"f{i}" for i in range(matrix.shape[1])], deadline)
+    except ExplainBudget as exc:
+        return {"ok": False, "over_budget": True, "error": str(exc)}
+    answer["predictions"] = [p.item() if hasattr(p, "item") else p for p in by_matrix(matrix, columns)]
+    return answer
+
+
 def host(fmt: str, path: str, options: dict[str, Any]) -> int:
     """Load once, then answer predict frames until the parent closes the socket."""
     import numpy as np
@@ -967,6 +1339,7 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
         write_frame(writer, orjson.dumps({"ok": False, "error": _error_text(exc)}))
         return 0
     by_matrix = _MatrixPredictor(model)
+    explainers: dict[str, Explainer | NoExplainer] = {}
     write_frame(writer, orjson.dumps({"ok": True, "ready": True,
                                       "load_seconds": round(time.perf_counter() - started, 4)}))
     while True:
@@ -981,6 +1354,8 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
                 answer: dict[str, Any] = {"ok": True}
             elif header.get("op") == "invoke":
                 answer = _invoke(model, payload, str(header.get("content_type") or ""))
+            elif header.get("op") == "explain":
+                answer = _host_explain(model, header, payload, explainers, by_matrix)
             else:
                 matrix = np.frombuffer(payload, dtype="float64").reshape(header["shape"])
                 answer = {"ok": True, "predictions": by_matrix(matrix, header.get("columns") or None).tolist()}
@@ -1009,6 +1384,8 @@ def main(argv: list[str]) -> int:
             _emit(prepare_serving(argv[2], argv[3], json.loads(argv[4])))
         elif argv[1] == "skops-types":
             _emit(skops_types(argv[2]))
+        elif argv[1] == "importance":
+            _emit(global_importance(argv[2], argv[3], json.loads(argv[4])))
         elif argv[1] == "smoke":
             _emit(smoke(argv[2], argv[3], json.loads(argv[4]) if len(argv) > 4 else {}))
         else:

@@ -56,6 +56,14 @@ class HostModelError(Exception):
     """The model raised on this input (its host is fine): the caller answers as for any model failure."""
 
 
+class NoExplainer(Exception):
+    """No explainer fits this model (the host says why): the caller answers 422."""
+
+
+class ExplainOverBudget(Exception):
+    """The model-agnostic explainer would overrun its time budget on these rows: the caller answers 504."""
+
+
 # Materialise fills an empty folder with what the host loads and returns (format, path inside that folder, options).
 Materialise = Callable[[Path], tuple[str, Path, dict[str, Any]]]
 
@@ -386,6 +394,48 @@ class ModelHost:
         model_error = answer.get("model_error")
         return Invocation(status=status, body=text, columns=columns, rows=rows, count=count,
                           model_error=model_error[:MAX_ERROR_CHARS] if isinstance(model_error, str) else "")
+
+
+    def explain(self, matrix: np.ndarray, background: np.ndarray | None, columns: list[str] | None, *,
+                budget: float, timeout: float) -> dict[str, Any]:
+        """SHAP attributions for the rows of a float64 matrix, computed by the host (the model is a program):
+        the rows and the background rows go as one payload; the answer is checked for shape (one prediction,
+        output, base value and a number per feature for every row) before anything reads it."""
+        data = np.ascontiguousarray(matrix, dtype="float64")
+        back = np.ascontiguousarray(background if background is not None else np.empty((0, data.shape[1])),
+                                    dtype="float64")
+        payload = data.tobytes() + back.tobytes()
+        answer = self._request({"op": "explain", "columns": columns, "shape": list(data.shape),
+                                "background_shape": list(back.shape), "budget_seconds": budget,
+                                "nbytes": len(payload)}, payload, timeout=timeout)
+        if not answer.get("ok"):
+            error = str(answer.get("error") or "the explainer failed")[:MAX_ERROR_CHARS]
+            if answer.get("no_explainer"):
+                raise NoExplainer(error)
+            if answer.get("over_budget"):
+                raise ExplainOverBudget(error)
+            raise HostModelError(error)
+        n, width = data.shape
+        rows, predictions = answer.get("rows"), answer.get("predictions")
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        well_formed = (
+            isinstance(rows, list) and len(rows) == n and isinstance(predictions, list) and len(predictions) == n
+            and all(p is None or isinstance(p, (bool, int, float)) or (isinstance(p, str) and len(p) <= MAX_LABEL_CHARS)
+                    for p in predictions)
+            and all(isinstance(r, dict) and number(r.get("output")) and number(r.get("base_value"))
+                    and isinstance(r.get("attributions"), list) and len(r["attributions"]) == width
+                    and all(number(v) for v in r["attributions"])
+                    and (r.get("class") is None or isinstance(r.get("class"), (bool, int, float, str)))
+                    for r in rows)
+            and all(isinstance(answer.get(k), str) for k in ("method", "output"))
+            and isinstance(answer.get("approximate"), bool))
+        if not well_formed:
+            with self._lock:
+                raise self._crashed("sent an explanation that does not have the shape of one")
+        return answer
 
 
 @dataclass

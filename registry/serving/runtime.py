@@ -72,8 +72,9 @@ class LoadedModel:
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
                  params: list[dict[str, Any]] | None = None, tensor: bool = False,
-                 missing_values: bool = False) -> None:
+                 missing_values: bool = False, explain_fn: Any = None) -> None:
         self.version_number = version_number
+        self._explain = explain_fn
         # The ONNX form was proven on rows with missing values: NaN (JSON null) passes to it, as MLflow passes it
         self.missing_values = missing_values
         self.columns = columns
@@ -125,6 +126,18 @@ class LoadedModel:
         if isinstance(result, list):
             return result
         return np.asarray(result).ravel().tolist()
+
+    def explain(self, matrix: np.ndarray, background: np.ndarray | None, columns: list[str] | None, *,
+                budget: float) -> dict[str, Any]:
+        """SHAP attributions for ``matrix`` from a sandboxed host (the one serving the version, or for an
+        in-process ONNX form a host of the original artifact, started on the first explain): the model's
+        explainer runs only there. Bounded by ``budget`` (the model-agnostic explainer's) plus
+        ``PORTAL_EXPLAIN_TIMEOUT_SECONDS`` and a second per 1,000 rows, after which the host is killed."""
+        if self._explain is None:
+            raise hosts.NoExplainer("this serving form has no sandboxed host to explain it")
+        timeout = budget + settings.PORTAL_EXPLAIN_TIMEOUT_SECONDS + matrix.shape[0] / 1000
+        result: dict[str, Any] = self._explain(matrix, background, columns, budget, timeout)
+        return result
 
     def close(self) -> None:
         """Stop what serves this form (a sandboxed model host); an in-process ONNX session just goes."""
@@ -306,6 +319,19 @@ def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, A
     return predict, invoke, lambda: hosts.pool.release(key)
 
 
+def _explainer_host(key: str, version: ModelVersion) -> Any:
+    """Explain through the version's sandboxed host ``key`` (started on first use)."""
+    label = f"{key} (version {version.number}, {version.format})"
+    materialise = materialiser(version)
+
+    def explain(matrix: np.ndarray, background: np.ndarray | None, columns: list[str] | None, budget: float,
+                timeout: float) -> dict[str, Any]:
+        host = hosts.pool.get(key, materialise, label=label)
+        return host.explain(matrix, background, columns, budget=budget, timeout=timeout)
+
+    return explain
+
+
 def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str | None = None) -> LoadedModel:
     """The serving form: an ONNX session in this process (onnxruntime runs no code from the file), or a client of
     a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
@@ -324,15 +350,23 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                 kind = "mlflow" if version.format == "mlflow" else "native"
         if kind == "onnx":
             missing_values = getattr(predictor, "metadata", {}).get("portal.missing_values") == "true"
+    key = key or f"version-{version.pk}-{os.urandom(4).hex()}"
+    explain = None
     if kind != "onnx":
         assert version.artifact is not None
-        predictor, invoke, close = _hosted(key or f"version-{version.pk}-{os.urandom(4).hex()}", version, columns)
+        predictor, invoke, close = _hosted(key, version, columns)
+        explain = _explainer_host(key, version)
+    elif version.artifact is not None:
+        # Served in-process from ONNX; explained from the original artifact in a sandboxed host of its own.
+        explain_key = f"{key}-explain"
+        explain = _explainer_host(explain_key, version)
+        close = lambda: hosts.pool.release(explain_key)  # noqa: E731
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
                        predict_fn=predictor, kind=kind, close=close,
                        invoke_fn=invoke if kind == "mlflow" else None,
                        named=bool(columns) and version.format == "mlflow" and not inferred_signature(version),
                        params=param_specs(version),
-                       missing_values=missing_values,
+                       missing_values=missing_values, explain_fn=explain,
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
 

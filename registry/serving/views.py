@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+import numpy as np
 import orjson
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
@@ -434,9 +435,10 @@ def score(request: HttpRequest, name: str, env: str) -> Answer:
         return _unavailable("the prediction log is unreachable")
 
 
-def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
-    started = time.perf_counter()
-    hosts.cold_start_reset()
+def _gate(request: HttpRequest, name: str, env: str) -> Answer | tuple[Any, str, runtime.Route]:
+    """What every serving route checks first: host, method, token, rate, environment, the model among the
+    caller's teams, the ``score`` capability, something deployed, a Content-Type. An error ``Answer``, or the
+    (user, token id, route) to serve."""
     try:
         request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on every other path
     except DisallowedHost:
@@ -466,6 +468,16 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         return _input_error(protocol.InputError(
             f"Say what the body is with a Content-Type header: application/json, text/csv or {protocol.PARQUET}.",
             "unsupported_media_type"))
+    return user, token_id, route
+
+
+def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
+    started = time.perf_counter()
+    hosts.cold_start_reset()
+    gate = _gate(request, name, env)
+    if isinstance(gate, Answer):
+        return gate
+    _user, token_id, route = gate
     if route.answers_requests:
         return _invoke(request, route, name=name, env=env, token_id=token_id, started=started)
     try:
@@ -510,3 +522,100 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
                             context.current().request_id)
     return Answer(200, orjson.dumps({"predictions": predictions, "prediction_ids": ids,
                                      "model_version": loaded.version_number}), {})
+
+
+# --- Explanations: POST /api/v1/serve/{name}/{env}/explain (issue 37) -----------------------------------------
+
+EXPLAIN_MAX_ROWS = 1000
+
+
+@csrf_exempt
+def explain(request: HttpRequest, name: str, env: str) -> HttpResponse:
+    """Each row's prediction with its SHAP attributions and base value, for the same bodies ``invocations`` takes.
+    Computed by a sandboxed host (the model and its explainer are the uploader's program), time-bounded; the
+    ``score`` capability; a read of data about a person (audited) when the body carries ``subject_ids``."""
+    try:
+        return _explain(request, name, env).as_response()
+    except DatabaseError as exc:
+        logger.warning("Explaining %s in %s: database unavailable (%s)", name, env, type(exc).__name__)
+        return _unavailable("the database is unreachable").as_response()
+
+
+def _explain(request: HttpRequest, name: str, env: str) -> Answer:
+    hosts.cold_start_reset()
+    gate = _gate(request, name, env)
+    if isinstance(gate, Answer):
+        return gate
+    user, _token_id, route = gate
+    try:
+        parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
+        role, deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
+                                              or (parsed.subject_ids[0] if parsed.subject_ids else None))
+        matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
+                                    allow_missing=False)
+    except protocol.InputError as exc:
+        return _input_error(exc)
+    if matrix.shape[0] > EXPLAIN_MAX_ROWS:
+        return _error(400, "invalid_input", f"Explain at most {EXPLAIN_MAX_ROWS} rows a request, not "
+                                            f"{matrix.shape[0]}.")
+    version = deployment.version
+    info = version.explanation or {}
+    what = f"version {version.number} of {name}"
+    if info.get("no_explainer"):
+        return _no_explainer(what, str(info.get("error") or "no explainer fits the model"))
+    background = None
+    if info.get("background"):
+        background = np.asarray(info["background"], dtype="float64")
+    columns = [str(c) for c in info.get("columns") or loaded.columns]
+    if len(columns) != matrix.shape[1] or (background is not None and background.shape[1] != matrix.shape[1]):
+        columns, background = list(loaded.columns), None
+    if not loaded.slots.acquire(blocking=False):
+        return _busy(name, loaded)
+    try:
+        answer = loaded.explain(matrix, background, columns or None, budget=settings.PORTAL_EXPLAIN_BUDGET_SECONDS)
+    except hosts.NoExplainer as exc:
+        return _no_explainer(what, str(exc))
+    except hosts.ExplainOverBudget as exc:
+        return _error(504, "deadline_exceeded", f"The explanation of {what} was stopped: {exc}.")
+    except hosts.HostUnavailable as exc:
+        return _model_unavailable(name, loaded, exc)
+    except hosts.HostModelError as exc:
+        logger.warning("Explaining %s v%s in %s failed: %s", name, loaded.version_number, env, exc)
+        return _error(500, "model_error", "The model or its explainer failed on this input; the failure is logged.")
+    finally:
+        loaded.slots.release()
+    names = [str(c) for c in answer.get("columns") or columns]
+    if parsed.subject_ids:
+        _audit_subject_explanations(user=user, name=name, env=env, version=version.number, role=role,
+                                    subjects=parsed.subject_ids)
+    rows = []
+    for prediction, row in zip(answer["predictions"], answer["rows"], strict=True):
+        item = {"prediction": prediction, "output": row["output"], "base_value": row["base_value"],
+                "attributions": dict(zip(names, row["attributions"], strict=True))}
+        if row.get("class") is not None:
+            item["class"] = row["class"]
+        rows.append(item)
+    return Answer(200, orjson.dumps({
+        "model_version": loaded.version_number, "method": answer["method"], "approximate": answer["approximate"],
+        "output": answer["output"], "explanations": rows, "cost": answer.get("cost") or {},
+        "additivity_gap": answer.get("additivity_gap")}), {})
+
+
+def _no_explainer(what: str, why: str) -> Answer:
+    return _error(422, "no_explainer", f"No explanation is available for {what}: {why}.", "INVALID_PARAMETER_VALUE")
+
+
+def _audit_subject_explanations(*, user: Any, name: str, env: str, version: int, role: str,
+                                subjects: list[str]) -> None:
+    """An explanation of a decision about a person is a read of data about them: one audit event per subject,
+    naming the subject by the keyed hash the prediction log uses (never the raw id)."""
+    from django.db import transaction
+
+    from portal.audit.actions import AuditAction
+    from portal.audit.record import Target, audit_record
+
+    with transaction.atomic():
+        for digest in dict.fromkeys(subject_hash(s) for s in subjects):
+            audit_record(AuditAction.SUBJECT_EXPLANATION_READ, actor=user,
+                         target=Target(type="subject", id=digest, repr=f"subject {digest[:12]}…"),
+                         metadata={"model": name, "environment": env, "version": version, "role": role})

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.files.uploadedfile import UploadedFile
@@ -470,6 +473,7 @@ def version_scan(*, version_id: int) -> ModelVersion:
     example = version.input_example
     problems: list[str] = []
     reference_profile = None
+    explanation: dict[str, Any] = {}
     tmp_root = Path(settings.VAR_DIR) / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     try:
@@ -492,6 +496,8 @@ def version_scan(*, version_id: int) -> ModelVersion:
             result = sandbox.smoke_test(fmt, target, options)
             report = {"ok": result.ok, "isolated_network": result.isolated_network,
                       **{k: v for k, v in result.data.items() if k != "ok"}}
+            if result.ok:
+                explanation = _global_importance(version, fmt, target, result.data, Path(tmp))
             if not result.ok:
                 problems.append(f"the model could not be loaded and run in the sandbox: {result.error}")
                 if result.stderr_tail:
@@ -542,8 +548,9 @@ def version_scan(*, version_id: int) -> ModelVersion:
         locked.signature = json_safe(signature)
         locked.input_example = json_safe(example)
         locked.scanned_at = timezone.now()
+        locked.explanation = json_safe(explanation) if not problems else {}
         locked.save(update_fields=["status", "status_detail", "scan_findings", "sandbox_report", "signature",
-                                   "input_example", "scanned_at"])
+                                   "input_example", "scanned_at", "explanation"])
         if reference_profile is not None and locked.reference_id:
             ReferenceData.objects.filter(pk=locked.reference_id).update(profile=reference_profile,
                                                                         rows=reference_profile["rows"])
@@ -553,6 +560,58 @@ def version_scan(*, version_id: int) -> ModelVersion:
     if problems:
         _release_rejected_artifact(locked)
     return locked
+
+
+def _reference_rows(version: ModelVersion, columns: list[str], positional: bool) -> tuple[Any, list[str], str]:
+    """The version's reference data as float64 rows in the model's input order (by name, or the first columns for
+    a model that takes its inputs by position): (matrix or None, the columns, why not)."""
+    if version.reference is None:
+        return None, columns, "the version has no reference data to explain against"
+    with storage.verified_local_path(version.reference.blob) as path:
+        table = profiling.read_table(path, version.reference.format)
+    names = [str(n) for n in table.column_names]
+    picked = names[:len(columns)] if positional else columns
+    if not picked or any(c not in names for c in picked) or len(picked) != len(columns):
+        return None, columns, "the reference data lacks some of the model's inputs"
+    try:
+        matrix = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype("float64") for c in picked])
+    except (TypeError, ValueError):
+        return None, columns, "the reference data has inputs that are not numbers"
+    return matrix, (columns if not positional else picked), ""
+
+
+def _global_importance(version: ModelVersion, fmt: str, target: Path, smoke: dict[str, Any],
+                       work: Path) -> dict[str, Any]:
+    """SHAP global importance from the reference data, computed in the sandbox (the model is a program). Never
+    blocks the version: a model no explainer fits, or no reference data, is stored as {"error": why}."""
+    columns = [str(c.get("name")) for c in smoke.get("inputs") or [] if isinstance(c, dict)]
+    try:
+        matrix, names, why = _reference_rows(version, columns, bool(smoke.get("positional")))
+    except (profiling.ReferenceDataError, storage.IntegrityError) as exc:
+        matrix, names, why = None, columns, f"the reference data could not be read ({exc})"
+    if matrix is None:
+        return {"error": why}
+    if fmt == "mlflow":
+        bundle = target  # the unpacked MLflow model folder, a private copy in the scan's own folder
+    else:
+        bundle = work / "explain"
+        bundle.mkdir()
+        source = target.resolve()
+        try:
+            os.link(source, bundle / f"model.{fmt}")
+        except OSError:
+            shutil.copyfile(source, bundle / f"model.{fmt}")
+    np.save(bundle / "portal-reference.npy", matrix, allow_pickle=False)
+    budget = settings.PORTAL_EXPLAIN_GLOBAL_SECONDS
+    options = {"columns": names, "reference": "portal-reference.npy",
+               "trusted_types": version.untrusted_types if version.trust_state == TrustState.TRUSTED else []}
+    result = sandbox.global_importance(fmt, bundle, options, budget_seconds=budget)
+    if not result.ok:
+        return {"error": (result.error or "the explainer failed in the sandbox")[:1000],
+                "no_explainer": bool(result.data.get("no_explainer"))}
+    data = {k: v for k, v in result.data.items() if k != "ok"}
+    data["computed_at"] = timezone.now().isoformat()
+    return data
 
 
 def _release_rejected_artifact(version: ModelVersion) -> None:

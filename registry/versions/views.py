@@ -18,7 +18,7 @@ from portal.permissions import has_capability, require_capability
 from portal.selectors import team_list
 from registry.models import PROMOTION_TARGETS, ModelVersion
 from registry.scanning.findings import UploadRejected
-from registry.versions import selectors, services
+from registry.versions import explanations, selectors, services
 from registry.versions.forms import ModelRegisterForm, TagsForm, TrustDecisionForm, messages_of
 from registry.versions.mlflow_import import TrackingServerUnavailable, mlflow_import
 
@@ -155,6 +155,7 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         # A refused decision comes back bound to what was typed, so its errors show beside the fields.
         "trust_form": (TrustDecisionForm(kept_trust) if kept_trust else TrustDecisionForm()) if can_decide else None,
         "sandbox": json.dumps(version.sandbox_report, indent=2, default=str) if version.sandbox_report else "",
+        "importance": explanations.importance(version),
     })
 
 
@@ -291,5 +292,7 @@ def version_compare(request: HttpRequest, name: str) -> HttpResponse:
     return render(request, "registry/version_compare.html", {
         "model": model, "numbers": numbers, "a": a, "b": b, "problem": problem,
         "comparison": selectors.version_compare(a=a, b=b) if a and b and not problem else None,
+        "importance": explanations.comparison(a, b, names=(f"v{a.number}", f"v{b.number}"))
+        if a and b and not problem else None,
     }, status=status)
 

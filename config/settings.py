@@ -201,6 +201,7 @@ if not _single_queue:
     CELERY_TASK_QUEUES = [Queue(name) for name in PORTAL_CELERY_QUEUES]
     CELERY_TASK_ROUTES = {
         "registry.tasks.version_scan": {"queue": "scan"},
+        "registry.tasks.version_explain": {"queue": "scan"},
         "registry.tasks.deployment*": {"queue": "deploy"},
         "registry.tasks.batch_*": {"queue": "score"},
         # A snapshot cut runs for minutes: with the batch work, never holding up the prediction-log flushers.

@@ -43,6 +43,7 @@ class AuditAction(enum.Enum):
     TEAM_TRUSTED_TYPE_ADD = (2017, "team.trusted_type_add")
     VERSION_IMPORT_DUPLICATE = (2018, "version.import_duplicate")
     VERSION_TAGS_CHANGE = (2019, "version.tags_change")
+    VERSION_EXPLAINED = (2020, "version.explained")
     MODEL_ALIAS_SET = (2031, "model.alias_set")
     MODEL_ALIAS_DELETE = (2032, "model.alias_delete")
     # 2100: the MLflow integration (registry webhooks in, aliases out)

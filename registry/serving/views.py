@@ -569,7 +569,7 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
     columns = [str(c) for c in info.get("columns") or loaded.columns]
     if len(columns) != matrix.shape[1] or (background is not None and background.shape[1] != matrix.shape[1]):
         columns, background = list(loaded.columns), None
-    if not loaded.slots.acquire(blocking=False):
+    if not loaded.enter():
         return _busy(name, loaded)
     try:
         answer = loaded.explain(matrix, background, columns or None, budget=settings.PORTAL_EXPLAIN_BUDGET_SECONDS)
@@ -583,7 +583,7 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
         logger.warning("Explaining %s v%s in %s failed: %s", name, loaded.version_number, env, exc)
         return _error(500, "model_error", "The model or its explainer failed on this input; the failure is logged.")
     finally:
-        loaded.slots.release()
+        loaded.leave()
     names = [str(c) for c in answer.get("columns") or columns]
     if parsed.subject_ids:
         _audit_subject_explanations(user=user, name=name, env=env, version=version.number, role=role,

@@ -1,4 +1,4 @@
-"""What the pages show of a version's SHAP global importance (computed at scan time in the sandbox, stored on
+"""What the pages show of a version's SHAP global importance (computed in the sandbox once the scan made the version ready, stored on
 ``ModelVersion.explanation``): its top features, and a champion against a candidate in words."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def importance(version: ModelVersion | None, top: int = TOP_FEATURES) -> dict[st
     if version is None or not version.explanation:
         return None
     data = version.explanation
+    if data.get("pending"):
+        return {"pending": True}
     if data.get("error"):
         return {"error": str(data["error"])}
     features = sorted(data.get("features") or [], key=lambda f: -float(f.get("mean_abs") or 0))
@@ -31,7 +33,8 @@ def importance(version: ModelVersion | None, top: int = TOP_FEATURES) -> dict[st
 
 
 def _shares(version: ModelVersion | None) -> dict[str, float]:
-    if version is None or not version.explanation or version.explanation.get("error"):
+    if version is None or not version.explanation or version.explanation.get("error") \
+            or version.explanation.get("pending"):
         return {}
     return {str(f["name"]): float(f.get("share") or 0) for f in version.explanation.get("features") or []}
 
@@ -44,12 +47,16 @@ def comparison(champion: ModelVersion | None, candidate: ModelVersion, top: int 
     theirs, ours = _shares(champion), _shares(candidate)
     old, new = names
     if not ours:
-        why = (candidate.explanation or {}).get("error") or "the candidate has no global importance yet"
+        why = (candidate.explanation or {}).get("error") or (
+            "the candidate's global importance is still being computed in the sandbox"
+            if (candidate.explanation or {}).get("pending") else "the candidate has no global importance yet")
         return {"available": False, "why": str(why), "rows": [], "sentences": []}
     if not theirs:
         why = "nothing to compare with" if champion is None else \
-            (champion.explanation or {}).get("error") or f"v{champion.number} has no global importance (scanned " \
-                                                         "before explanations existed)"
+            (champion.explanation or {}).get("error") or (
+                f"v{champion.number}'s global importance is still being computed in the sandbox"
+                if (champion.explanation or {}).get("pending")
+                else f"v{champion.number} has no global importance (scanned before explanations existed)")
         return {"available": False, "why": str(why), "rows": [], "sentences": []}
     features = sorted(set(ours) | set(theirs), key=lambda n: -max(ours.get(n, 0.0), theirs.get(n, 0.0)))[:top]
     rows, sentences = [], []

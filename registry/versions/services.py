@@ -473,7 +473,6 @@ def version_scan(*, version_id: int) -> ModelVersion:
     example = version.input_example
     problems: list[str] = []
     reference_profile = None
-    explanation: dict[str, Any] = {}
     tmp_root = Path(settings.VAR_DIR) / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     try:
@@ -496,8 +495,6 @@ def version_scan(*, version_id: int) -> ModelVersion:
             result = sandbox.smoke_test(fmt, target, options)
             report = {"ok": result.ok, "isolated_network": result.isolated_network,
                       **{k: v for k, v in result.data.items() if k != "ok"}}
-            if result.ok:
-                explanation = _global_importance(version, fmt, target, result.data, Path(tmp))
             if not result.ok:
                 problems.append(f"the model could not be loaded and run in the sandbox: {result.error}")
                 if result.stderr_tail:
@@ -548,7 +545,10 @@ def version_scan(*, version_id: int) -> ModelVersion:
         locked.signature = json_safe(signature)
         locked.input_example = json_safe(example)
         locked.scanned_at = timezone.now()
-        locked.explanation = json_safe(explanation) if not problems else {}
+        # The global importance is a second sandbox run of up to PORTAL_EXPLAIN_GLOBAL_SECONDS: its own task, so
+        # the version is ready (and deployable) without waiting for it.
+        locked.explanation = {} if problems else {"pending": True} if locked.reference_id else {
+            "error": "the version has no reference data to explain against"}
         locked.save(update_fields=["status", "status_detail", "scan_findings", "sandbox_report", "signature",
                                    "input_example", "scanned_at", "explanation"])
         if reference_profile is not None and locked.reference_id:
@@ -559,6 +559,49 @@ def version_scan(*, version_id: int) -> ModelVersion:
                      before={"status": VersionStatus.SCANNING}, after={"status": status, "problems": problems})
     if problems:
         _release_rejected_artifact(locked)
+    elif locked.explanation.get("pending"):
+        _enqueue_explain(locked)
+    return locked
+
+
+def _enqueue_explain(version: ModelVersion) -> None:
+    from registry.versions.tasks import version_explain_task  # lazy: the tasks module imports this one
+
+    ctx = context.current().as_task_kwargs()
+    transaction.on_commit(lambda: version_explain_task.delay(version.pk, request_ctx=ctx))
+
+
+def version_explain(*, version_id: int) -> ModelVersion:
+    """The version's SHAP global importance from its reference data, computed in the sandbox (the model is a
+    program) after the scan made it ready, and stored on the version with its audit event. Idempotent: a version
+    whose importance is no longer pending is left as it is. Never blocks the version: a model no explainer fits is
+    stored as {"error": why}."""
+    version = ModelVersion.objects.select_related("model__team", "artifact", "reference__blob").get(pk=version_id)
+    if version.status != VersionStatus.READY or not (version.explanation or {}).get("pending"):
+        return version
+    tmp_root = Path(settings.VAR_DIR) / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    try:
+        assert version.artifact is not None
+        with storage.verified_local_path(version.artifact) as artifact, \
+                tempfile.TemporaryDirectory(prefix="explain-", dir=tmp_root) as tmp:
+            fmt, target = _sandbox_target(version, artifact, Path(tmp))
+            explanation = _global_importance(version, fmt, target, dict(version.sandbox_report or {}), Path(tmp))
+    except sandbox.SandboxUnavailable as exc:
+        logger.error("Version %s not explained: the model sandbox is unavailable (%s)", version.pk, exc)
+        explanation = {"error": f"the model sandbox was unavailable on the worker ({exc})"[:1000]}
+    except (storage.IntegrityError, UploadRejected) as exc:
+        explanation = {"error": str(exc)[:1000]}
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        if not (locked.explanation or {}).get("pending"):
+            return locked
+        locked.explanation = json_safe(explanation)
+        locked.save(update_fields=["explanation"])
+        audit_record(AuditAction.VERSION_EXPLAINED, actor=None, target=version_target(locked),
+                     outcome=AuditOutcome.FAILURE if explanation.get("error") else AuditOutcome.SUCCESS,
+                     after={"method": explanation.get("method", ""), "approximate": bool(explanation.get("approximate")),
+                            "error": str(explanation.get("error") or "")[:300]})
     return locked
 
 

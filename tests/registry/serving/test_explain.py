@@ -220,6 +220,7 @@ def test_a_hostile_models_explainer_runs_in_the_sandbox(action: str, personas: d
                                       actor=personas["approver1"])
     version = services.version_scan(version_id=version.pk)
     assert version.status == "ready", version.status_detail
+    version = services.version_explain(version_id=version.pk)
     assert version.explanation.get("method", "").startswith("shap.KernelExplainer"), version.explanation
     assert version.explanation["cost"]["model_evaluations"] > 100  # the payload ran that often, in the sandbox
     assert canaries() == []

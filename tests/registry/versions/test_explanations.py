@@ -31,7 +31,13 @@ def upload(model_name: str, estimator: Any, tmp_path: Path, personas: dict[str, 
         ref = LocalUpload(ref_path, ref_path.name)
     version = services.version_upload(model=model, upload=LocalUpload(path, path.name), reference=ref,
                                       meta=services.UploadMetadata(), actor=personas["ds"])
-    return services.version_scan(version_id=version.pk)
+    version = services.version_scan(version_id=version.pk)
+    if version.status != "ready":
+        return version
+    if not reference:
+        return version
+    assert version.explanation == {"pending": True}, version.explanation
+    return services.version_explain(version_id=version.pk)  # the task the scan enqueues, as the worker runs it
 
 
 def forest(n: int = 20, depth: int | None = 6) -> Any:

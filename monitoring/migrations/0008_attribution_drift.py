@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('monitoring', '0006_datasets'),
+        ('monitoring', '0007_experiment_units_and_segments'),
         ('registry', '0010_version_explanation'),
     ]
 

@@ -413,6 +413,9 @@ class PromotionRequest(models.Model):
     deployment = models.OneToOneField(Deployment, null=True, blank=True, on_delete=models.PROTECT,
                                       related_name="promotion")
     decided_at = models.DateTimeField(null=True, blank=True)
+    approvers_notified_at = models.DateTimeField(
+        null=True, blank=True, help_text="When approvers were asked to decide: at the request, or (a gate blocked it) "
+        "when its last blocking gate cleared. Empty while it is blocked.")
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
 

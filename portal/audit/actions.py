@@ -105,6 +105,7 @@ class AuditAction(enum.Enum):
     PROMOTION_LIVE = (4006, "promotion.live")
     PROMOTION_FAIL = (4007, "promotion.fail")
     PROMOTION_GATE_OVERRIDE = (4008, "promotion.gate_override")
+    PROMOTION_UNBLOCKED = (4009, "promotion.unblocked")
     ENVIRONMENT_ROLLBACK = (4011, "environment.rollback")
     WEBHOOK_CREATE = (4021, "webhook.create")
     # 5000: data subjects

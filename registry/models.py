@@ -636,6 +636,8 @@ class MlflowSyncJob(models.Model):
     finds the row), or setting ``environment``'s alias on it. Failures stay visible with their error and retry with
     backoff until ``MAX_ATTEMPTS``."""
 
+    team_path: ClassVar[str] = "connection__team"  # whose team sees it (portal.permissions.scope_to_teams)
+
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     connection = models.ForeignKey(MlflowConnection, on_delete=models.CASCADE, related_name="jobs")
     kind = models.CharField(max_length=8, choices=MlflowSyncKind.choices)

@@ -53,6 +53,8 @@ class AuditAction(enum.Enum):
     MLFLOW_IMPORT_FAIL = (2105, "mlflow.import_fail")
     MLFLOW_ALIAS_SET = (2106, "mlflow.alias_set")
     MLFLOW_ALIAS_FAIL = (2107, "mlflow.alias_fail")
+    MLFLOW_DISCONNECT = (2108, "mlflow.disconnect")
+    MLFLOW_JOB_RETRY = (2109, "mlflow.job_retry")
     # 3000: deployments and traffic
     DEPLOYMENT_CREATE = (3001, "deployment.create")
     DEPLOYMENT_LIVE = (3002, "deployment.live")

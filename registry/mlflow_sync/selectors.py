@@ -42,7 +42,7 @@ def connections_overview(*, user: Any, problems_per_connection: int = 20) -> lis
         counts.setdefault(row["connection_id"], {})[row["status"]] = row["n"]
     overview = []
     for connection in connections:
-        seen = deliveries.get(str(connection.uid), {})
+        seen: dict[str, Any] = deliveries.get(str(connection.uid), {})
         problems = list(connection.jobs.filter(status__in=PROBLEM_STATUSES).select_related("version__model")
                         .order_by("-updated_at")[:problems_per_connection])
         by_status = counts.get(connection.pk, {})

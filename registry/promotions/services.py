@@ -421,7 +421,8 @@ def promotion_request(*, version: ModelVersion, target: str, reason: str, actor:
             promotion = PromotionRequest.objects.create(
                 model=version.model, version=version, target=target, requested_by=actor, reason=reason.strip(),
                 override_reason=override_reason.strip(), approvals_required=approvals, metric_tolerance=tolerance,
-                champion_version=champion, gates=gates_as_json(gates))
+                champion_version=champion, gates=gates_as_json(gates),
+                approvers_notified_at=None if blocking(gates) else timezone.now())
             audit_record(AuditAction.PROMOTION_REQUEST, actor=actor, target=promotion_target(promotion),
                          after={"version": version.number, "target": target, "reason": promotion.reason,
                                 "approvals_required": approvals,
@@ -432,9 +433,7 @@ def promotion_request(*, version: ModelVersion, target: str, reason: str, actor:
                              after={"gate": "signature", "reason": promotion.override_reason})
             # A request a gate blocks waits in the queue marked blocked: nobody is asked to approve what cannot be,
             # until its gates clear (promotions_recheck_blocked asks them then).
-            if not blocking(gates):
-                promotion.approvers_notified_at = promotion.created_at
-                promotion.save(update_fields=["approvers_notified_at"])
+            if promotion.approvers_notified_at is not None:
                 _notify(promotion, "promotion.requested")
     except IntegrityError as exc:
         existing = PromotionRequest.objects.filter(version=version, target=target, status__in=OPEN_STATUSES).first()

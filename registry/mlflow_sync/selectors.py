@@ -30,7 +30,7 @@ def connections_overview(*, user: Any, problems_per_connection: int = 20) -> lis
     connections = connection_list(user=user)
     ids = [str(c.uid) for c in connections]
     since = timezone.now() - REFUSED_WINDOW
-    deliveries = {row["target_id"]: row for row in AuditEvent.objects.filter(target_type="mlflow_connection",
+    deliveries: dict[str, dict[str, Any]] = {row["target_id"]: dict(row) for row in AuditEvent.objects.filter(target_type="mlflow_connection",
                                                                              target_id__in=ids).values("target_id")
                   .annotate(last=Max("timestamp", filter=Q(action=AuditAction.MLFLOW_WEBHOOK_RECEIVE.label)),
                             refused=Count("pk", filter=Q(action=AuditAction.MLFLOW_WEBHOOK_REFUSE.label,
@@ -42,7 +42,7 @@ def connections_overview(*, user: Any, problems_per_connection: int = 20) -> lis
         counts.setdefault(row["connection_id"], {})[row["status"]] = row["n"]
     overview = []
     for connection in connections:
-        seen: dict[str, Any] = deliveries.get(str(connection.uid), {})
+        seen = deliveries.get(str(connection.uid), {})
         problems = list(connection.jobs.filter(status__in=PROBLEM_STATUSES).select_related("version__model")
                         .order_by("-updated_at")[:problems_per_connection])
         by_status = counts.get(connection.pk, {})

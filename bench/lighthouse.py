@@ -70,8 +70,13 @@ def run(lighthouse: str, url: str, cookie: str, desktop: bool) -> dict[str, floa
                    "--extra-headers=" + json.dumps({"Cookie": cookie})]
         if desktop:
             command.append("--preset=desktop")
-        subprocess.run(command, check=True, env={**os.environ, "CHROME_PATH": "/usr/bin/chromium"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        for attempt in (1, 2):  # on a loaded machine Chromium now and then fails to start in Lighthouse's time
+            done = subprocess.run(command, env={**os.environ, "CHROME_PATH": "/usr/bin/chromium"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+            if done.returncode == 0:
+                break
+            if attempt == 2:
+                sys.exit(f"Lighthouse failed on {url}: {done.stderr[-2000:]}")
         data = json.loads(report.read_text())
     audits = data["audits"]
     return {"performance": round(data["categories"]["performance"]["score"] * 100),

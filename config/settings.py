@@ -222,12 +222,16 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 20, "interval_start": 0, "int
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
 # Live predictions a candidate must have answered in the environment below the target (dev for stage, stage for prod)
-# before its promotion may be approved; 0 turns the requirement off.
+# before its promotion may be approved, and (where the model's accuracy is judged) enough of them with ground truth;
+# 0 turns both requirements off.
 PORTAL_PROMOTION_MIN_PREDICTIONS = env_int("PORTAL_PROMOTION_MIN_PREDICTIONS", 100, minimum=0)
 PORTAL_DEPLOYMENT_STALE_SECONDS = env_int("PORTAL_DEPLOYMENT_STALE_SECONDS", 600, minimum=30)
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-deployments": {"task": "registry.tasks.deployments_reap", "schedule": timedelta(seconds=60)},
     "reap-stale-batch-jobs": {"task": "registry.tasks.batch_reap", "schedule": timedelta(seconds=60)},
+    # Blocked promotion requests whose gates cleared (traffic, ground truth, a trust decision): approvers are asked
+    "promotions-recheck": {"task": "registry.tasks.promotions_recheck",
+                           "schedule": timedelta(seconds=env_int("PORTAL_PROMOTION_RECHECK_SECONDS", 60, minimum=10))},
     # MLflow connections: versions whose webhook never arrived, and sync jobs whose retry is overdue
     "mlflow-reconcile": {"task": "registry.tasks.mlflow_reconcile",
                          "schedule": timedelta(seconds=env_int("PORTAL_MLFLOW_RECONCILE_SECONDS", 60, minimum=10))},

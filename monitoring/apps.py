@@ -11,15 +11,17 @@ class MonitoringConfig(AppConfig):
         # lazy: AppConfig.ready() runs once the app registry is loaded; these register checks, hooks and listeners
         # The registry defines the hook and monitoring fills it (imports point monitoring → registry only).
         from monitoring.datasets.services import training_sets_record, training_sets_resolve
-        from monitoring.evidence import live_evidence, live_predictions
+        from monitoring.evidence import ground_truth, live_evidence, live_predictions
         from monitoring.experiments.evidence import promotion_experiment
         from monitoring.flush import write_batches
         from registry.hooks import (register_prediction_log_writer, register_promotion_experiment,
                                     register_training_sets)
-        from registry.promotions.services import register_live_evidence, register_traffic_counter
+        from registry.promotions.services import (register_ground_truth_reader, register_live_evidence,
+                                                   register_traffic_counter)
 
         register_live_evidence(live_evidence)
         register_traffic_counter(live_predictions)  # the promotion gate's minimum of live traffic
+        register_ground_truth_reader(ground_truth)  # the promotion gate's accuracy on ground truth
         register_promotion_experiment(promotion_experiment)  # the promotion page shows the experiment behind it
         register_prediction_log_writer(write_batches)  # batch jobs log their predictions
         register_training_sets(training_sets_resolve, training_sets_record)  # lineage: versions' trained_on

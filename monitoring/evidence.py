@@ -27,7 +27,7 @@ from monitoring.selectors import (
 )
 from monitoring.models import Rollup
 from registry.models import ENVIRONMENT_ORDER, ServingInterval
-from registry.promotions.services import EVIDENCE_WINDOWS, promotion_baseline
+from registry.promotions.services import EVIDENCE_WINDOWS, GroundTruth, promotion_baseline
 
 ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
 
@@ -38,6 +38,36 @@ def live_predictions(model: Any, environment: str, version: int) -> int:
     total = Rollup.objects.filter(model_name=model.name, environment=environment, version=version, granularity="day",
                                   role__in=ONLINE_ROLES).aggregate(n=Sum("count"))["n"]
     return int(total or 0)
+
+def accuracy_floor(thresholds: dict[str, Any], *versions: Any) -> float | None:
+    """The accuracy a version is held to: the model's monitoring setting ``accuracy_min``, else the first recorded
+    ``accuracy`` metric of ``versions`` (the champion's, then the candidate's) less 0.05; None when neither exists."""
+    configured = thresholds.get("accuracy_min")
+    if configured is not None:
+        return float(configured)
+    recorded = [float(a) for a in ((v.metrics or {}).get("accuracy") for v in versions if v is not None)
+                if isinstance(a, int | float) and not isinstance(a, bool)]
+    return recorded[0] - 0.05 if recorded else None
+
+
+def ground_truth(version: Any, environment: str, baseline: Any) -> GroundTruth | None:
+    """All of ``version``'s live predictions in ``environment`` that have ground truth (from the day rollups, as
+    ``live_predictions`` counts them), and the floor (``baseline``'s recorded accuracy first, as the evidence table
+    judges it) and minimum the monitoring settings hold them to; None for a regressor (its MAE has no floor)."""
+    model = version.model
+    task = version_spec(model.name, version.number).task
+    if task == "regression":
+        return None
+    thresholds = thresholds_for(model)
+    floor = accuracy_floor(thresholds, baseline, version)
+    rows = list(Rollup.objects.filter(model_name=model.name, environment=environment, version=version.number,
+                                      granularity="day", role__in=ONLINE_ROLES))
+    truth = accuracy_metrics(_merge(rows)["data"].get("truth"), task)
+    if truth.get("task") == "regression":
+        return None
+    return GroundTruth(labelled=int(truth.get("labelled", 0)), minimum=int(thresholds["min_labelled"]),
+                      accuracy=truth.get("accuracy"), floor=floor)
+
 
 # p50 and p95 have no absolute limit in the monitoring settings; the candidate is held to the champion's figure
 # plus this share (a slower candidate warns, it does not block).
@@ -155,12 +185,7 @@ def live_evidence(*, promotion: Any, window: str = "24h", now: dt.datetime | Non
     baseline_envs = served(champion) if champion is not None else set()
     environments = sorted(candidate_envs | baseline_envs, key=ORDER.index)
 
-    configured = thresholds.get("accuracy_min")
-    floor: float | None = float(configured) if configured is not None else None
-    if floor is None:
-        recorded = [float(a) for a in ((v.metrics or {}).get("accuracy") for v in (champion, candidate)
-                                       if v is not None) if isinstance(a, int | float)]
-        floor = recorded[0] - 0.05 if recorded else None
+    floor = accuracy_floor(thresholds, champion, candidate)
 
     columns: list[dict[str, Any]] = []
     for env in environments:

@@ -417,6 +417,9 @@ class PromotionRequest(models.Model):
     deployment = models.OneToOneField(Deployment, null=True, blank=True, on_delete=models.PROTECT,
                                       related_name="promotion")
     decided_at = models.DateTimeField(null=True, blank=True)
+    approvers_notified_at = models.DateTimeField(
+        null=True, blank=True, help_text="When approvers were asked to decide: at the request, or (a gate blocked it) "
+        "when its last blocking gate cleared. Empty while it is blocked.")
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -636,6 +639,8 @@ class MlflowSyncJob(models.Model):
     of ``registered_model`` (one row per MLflow version: a webhook delivered twice, or found again by the reconcile,
     finds the row), or setting ``environment``'s alias on it. Failures stay visible with their error and retry with
     backoff until ``MAX_ATTEMPTS``."""
+
+    team_path: ClassVar[str] = "connection__team"  # whose team sees it (portal.permissions.scope_to_teams)
 
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     connection = models.ForeignKey(MlflowConnection, on_delete=models.CASCADE, related_name="jobs")

@@ -4,6 +4,7 @@ from django.urls import path
 
 from registry.batch import views as batch_views
 from registry.deployments import views as deployment_views
+from registry.mlflow_sync import views as mlflow_views
 from registry.promotions import views as promotion_views
 from registry.versions import views as version_views
 
@@ -39,4 +40,8 @@ urlpatterns = [
     path("promotions/<uuid:uid>/", promotion_views.promotion_detail, name="promotion"),
     path("promotions/<uuid:uid>/decide", promotion_views.promotion_decide, name="promotion-decide"),
     path("promotions/<uuid:uid>/cancel", promotion_views.promotion_cancel, name="promotion-cancel"),
+    path("integrations/mlflow/", mlflow_views.connections_page, name="mlflow-connections"),
+    path("integrations/mlflow/connect", mlflow_views.connection_create, name="mlflow-connect"),
+    path("integrations/mlflow/<uuid:uid>/disable", mlflow_views.connection_disable, name="mlflow-disable"),
+    path("integrations/mlflow/jobs/<uuid:uid>/retry", mlflow_views.sync_job_retry, name="mlflow-job-retry"),
 ]

@@ -54,6 +54,8 @@ class AuditAction(enum.Enum):
     MLFLOW_IMPORT_FAIL = (2105, "mlflow.import_fail")
     MLFLOW_ALIAS_SET = (2106, "mlflow.alias_set")
     MLFLOW_ALIAS_FAIL = (2107, "mlflow.alias_fail")
+    MLFLOW_DISCONNECT = (2108, "mlflow.disconnect")
+    MLFLOW_JOB_RETRY = (2109, "mlflow.job_retry")
     # 3000: deployments and traffic
     DEPLOYMENT_CREATE = (3001, "deployment.create")
     DEPLOYMENT_LIVE = (3002, "deployment.live")
@@ -106,6 +108,7 @@ class AuditAction(enum.Enum):
     PROMOTION_LIVE = (4006, "promotion.live")
     PROMOTION_FAIL = (4007, "promotion.fail")
     PROMOTION_GATE_OVERRIDE = (4008, "promotion.gate_override")
+    PROMOTION_UNBLOCKED = (4009, "promotion.unblocked")
     ENVIRONMENT_ROLLBACK = (4011, "environment.rollback")
     WEBHOOK_CREATE = (4021, "webhook.create")
     # 5000: data subjects

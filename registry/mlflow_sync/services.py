@@ -168,6 +168,59 @@ def mlflow_connect(*, team: Team, tracking_uri: str, actor: Any, write_back: boo
     return connection
 
 
+def mlflow_disconnect(*, connection: MlflowConnection, actor: Any) -> MlflowConnection:
+    """Stop a connection: its webhook deliveries are refused from now on, the reconcile and write-back skip it, and
+    its webhook is taken off the tracking server (tried once, outside any transaction; a server that cannot be
+    reached keeps a webhook whose deliveries the portal refuses, and the audit event says so). Kept, not deleted:
+    its jobs and audit trail stay readable."""
+    require_capability(actor, "manage_teams")
+    if not connection.active:
+        raise ValidationError({"connection": f"The connection to {connection.tracking_uri} is already disabled."})
+    removed, problem = False, ""
+    if connection.webhook_id:
+        try:
+            _bound_mlflow_requests()
+            _probe(connection.tracking_uri)
+            _client(connection.tracking_uri).delete_webhook(connection.webhook_id)
+            removed = True
+        except Exception as exc:  # the server away or the webhook gone: the portal refuses its deliveries anyway
+            problem = _message(exc)[:300]
+    with transaction.atomic():
+        updated = MlflowConnection.objects.filter(pk=connection.pk, active=True).update(active=False)
+        if not updated:
+            raise ValidationError({"connection": f"The connection to {connection.tracking_uri} is already disabled."})
+        audit_record(AuditAction.MLFLOW_DISCONNECT, actor=actor, target=connection_target(connection),
+                     before={"active": True}, after={"active": False, "webhook_removed": removed,
+                                                     "webhook_problem": problem})
+    connection.refresh_from_db()
+    return connection
+
+
+RETRYABLE = (MlflowSyncStatus.FAILED, MlflowSyncStatus.RETRYING)
+
+
+def sync_job_retry(*, job: MlflowSyncJob, actor: Any) -> MlflowSyncJob:
+    """Try a failed job again now (one that gave up, or one waiting out its backoff), with a fresh count of
+    attempts. A job refused by the scan is not retried: the same file would be refused again."""
+    require_capability(actor, "manage_teams")
+    with transaction.atomic():
+        locked = MlflowSyncJob.objects.select_for_update().select_related("connection__team").get(pk=job.pk)
+        if not locked.connection.active:
+            raise ValidationError({"job": "Its connection is disabled; connect the server again to sync it."})
+        if locked.status not in RETRYABLE:
+            raise ValidationError({"job": f"A job that is {locked.get_status_display().lower()} is not retried."})
+        before = {"status": locked.status, "attempts": locked.attempts, "error": locked.error[:300]}
+        now = timezone.now()
+        MlflowSyncJob.objects.filter(pk=locked.pk).update(status=MlflowSyncStatus.PENDING, attempts=0,
+                                                          next_attempt_at=now, updated_at=now)
+        audit_record(AuditAction.MLFLOW_JOB_RETRY, actor=actor, target=connection_target(locked.connection),
+                     before=before, after={"status": MlflowSyncStatus.PENDING, "job": str(locked.uid),
+                                           "registered_model": locked.registered_model,
+                                           "mlflow_version": locked.mlflow_version})
+        _enqueue_on_commit(locked)
+    return MlflowSyncJob.objects.get(pk=job.pk)
+
+
 # --- Webhooks in ------------------------------------------------------------------------------------------------
 
 def _refuse(connection: MlflowConnection | None, connection_id: str, reason: str, *, delivery_id: str,

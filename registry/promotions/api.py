@@ -56,8 +56,15 @@ class PromotionSerializer(serializers.Serializer[Any]):
     gates = serializers.JSONField()
     approvals = serializers.SerializerMethodField()
     deployment = serializers.SerializerMethodField()
+    blocked = serializers.SerializerMethodField(help_text=(
+        "Pending and a gate blocks it: approvers have not been notified and will be when every gate passes."))
+    approvers_notified_at = serializers.DateTimeField(allow_null=True, help_text=(
+        "When approvers were asked to decide; null while the request is blocked."))
     created_at = serializers.DateTimeField()
     decided_at = serializers.DateTimeField(allow_null=True)
+
+    def get_blocked(self, obj: PromotionRequest) -> bool:
+        return obj.status == PromotionStatus.PENDING and obj.approvers_notified_at is None
 
     def get_requested_by(self, obj: PromotionRequest) -> str | None:
         return _username(obj.requested_by)

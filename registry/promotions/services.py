@@ -110,7 +110,8 @@ _ORDER: list[str] = [str(e) for e in ENVIRONMENT_ORDER]
 
 def min_predictions() -> int:
     """Live predictions a candidate must have answered in the environment before the target (dev for stage, stage
-    for prod) before a promotion may be approved (``PORTAL_PROMOTION_MIN_PREDICTIONS``; 0 turns the gate off)."""
+    for prod) before a promotion may be approved (``PORTAL_PROMOTION_MIN_PREDICTIONS``; 0 turns the gate off, and
+    with it the accuracy-on-ground-truth gate)."""
     return int(getattr(settings, "PORTAL_PROMOTION_MIN_PREDICTIONS", 0))
 
 
@@ -164,6 +165,58 @@ def register_traffic_counter(counter: TrafficCounter) -> None:
 
 def live_predictions(model: RegisteredModel, environment: str, version: int) -> int:
     return _traffic_counter(model, environment, version) if _traffic_counter is not None else 0
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """A version's live predictions in one environment that have ground truth, all time, and what the accuracy gate
+    holds them to (monitoring's settings for the model): ``minimum`` labelled to judge, ``floor`` to reach."""
+
+    labelled: int
+    minimum: int
+    accuracy: float | None
+    floor: float | None
+
+
+# Reads a version's ground truth in one environment against its model's accuracy floor (the baseline it is judged
+# against, when any, sets a floor from its recorded accuracy); monitoring registers it. None (or a floor of None): no
+# accuracy is judged for the model (a regressor, or no floor set and no recorded accuracy).
+GroundTruthReader = Callable[[ModelVersion, str, "ModelVersion | None"], "GroundTruth | None"]
+_ground_truth_reader: GroundTruthReader | None = None
+
+
+def register_ground_truth_reader(reader: GroundTruthReader) -> None:
+    global _ground_truth_reader
+    _ground_truth_reader = reader
+
+
+def ground_truth(version: ModelVersion, environment: str, baseline: ModelVersion | None) -> GroundTruth | None:
+    return _ground_truth_reader(version, environment, baseline) if _ground_truth_reader is not None else None
+
+
+def _accuracy_gate(version: ModelVersion, target: str, before: str, served_before: bool) -> Gate | None:
+    """Accuracy on live ground truth where the candidate served before ``target``: "too little data" blocks, as a
+    figure below the floor does. None where no accuracy is judged for the model."""
+    baseline = baseline_for(version, target)
+    truth = ground_truth(version, before, baseline.version if baseline else None)
+    if truth is None or truth.floor is None:
+        return None
+    name, label = "ground_truth", f"Accuracy on ground truth in {before}"
+    rows = [{"environment": before, "labelled": truth.labelled, "minimum": truth.minimum,
+             "accuracy": truth.accuracy, "floor": truth.floor}]
+    if not served_before:
+        return Gate(name, label, False, f"Too little data: v{version.number} has never served {before}, so none of "
+                    f"its predictions has ground truth; {truth.minimum:,} labelled predictions are needed to judge "
+                    f"its accuracy against the floor of {truth.floor:.3f}.", rows=rows)
+    if truth.labelled < truth.minimum or truth.accuracy is None:
+        return Gate(name, label, False, f"Too little data: {truth.labelled:,} of v{version.number}'s live predictions "
+                    f"in {before} have ground truth; {truth.minimum:,} are needed to judge its accuracy against the "
+                    f"floor of {truth.floor:.3f}. Send ground truth to the feedback endpoint.", rows=rows)
+    if truth.accuracy < truth.floor:
+        return Gate(name, label, False, f"Accuracy {truth.accuracy:.3f} on {truth.labelled:,} labelled predictions in "
+                    f"{before} is below the floor of {truth.floor:.3f}.", rows=rows)
+    return Gate(name, label, True, f"Accuracy {truth.accuracy:.3f} on {truth.labelled:,} labelled predictions in "
+                f"{before} (floor {truth.floor:.3f}).", rows=rows)
 
 
 def signature_comparison(candidate: ModelVersion, champion: ModelVersion | None, target: str) -> dict[str, Any]:
@@ -251,6 +304,9 @@ def gates_evaluate(version: ModelVersion, target: str, *, override_reason: str =
                               f"{'s' if answered != 1 else ''} in {before}; {minimum:,} are needed before {target}.")
         gates.append(Gate("traffic", f"Enough live traffic in {before}", enough, traffic_detail,
                           rows=[{"environment": before, "predictions": answered, "minimum": minimum}]))
+        accuracy = _accuracy_gate(version, target, before, served_before)
+        if accuracy is not None:
+            gates.append(accuracy)
 
     sig_rows = signature_diff(version, champion)
     breaking = [r for r in sig_rows if r["change"] != "unchanged"]
@@ -365,7 +421,8 @@ def promotion_request(*, version: ModelVersion, target: str, reason: str, actor:
             promotion = PromotionRequest.objects.create(
                 model=version.model, version=version, target=target, requested_by=actor, reason=reason.strip(),
                 override_reason=override_reason.strip(), approvals_required=approvals, metric_tolerance=tolerance,
-                champion_version=champion, gates=gates_as_json(gates))
+                champion_version=champion, gates=gates_as_json(gates),
+                approvers_notified_at=None if blocking(gates) else timezone.now())
             audit_record(AuditAction.PROMOTION_REQUEST, actor=actor, target=promotion_target(promotion),
                          after={"version": version.number, "target": target, "reason": promotion.reason,
                                 "approvals_required": approvals,
@@ -374,14 +431,54 @@ def promotion_request(*, version: ModelVersion, target: str, reason: str, actor:
             if any(g.overridden for g in gates):
                 audit_record(AuditAction.PROMOTION_GATE_OVERRIDE, actor=actor, target=promotion_target(promotion),
                              after={"gate": "signature", "reason": promotion.override_reason})
-            # A request a gate blocks waits in the queue marked blocked: nobody is asked to approve what cannot be.
-            if not blocking(gates):
+            # A request a gate blocks waits in the queue marked blocked: nobody is asked to approve what cannot be,
+            # until its gates clear (promotions_recheck_blocked asks them then).
+            if promotion.approvers_notified_at is not None:
                 _notify(promotion, "promotion.requested")
     except IntegrityError as exc:
         existing = PromotionRequest.objects.filter(version=version, target=target, status__in=OPEN_STATUSES).first()
         raise ValidationError({"version": f"v{version.number} already has an open request to {target}"
                                + (f" ({existing.uid})." if existing else ".")}) from exc
     return promotion
+
+
+def promotion_recheck(*, promotion: PromotionRequest, now: dt.datetime | None = None) -> bool:
+    """Evaluate a blocked pending request's gates again; once none blocks (the version has answered enough live
+    traffic, its ground truth arrived, an approver trusted its types…), record the gates, audit that it became
+    approvable, and ask its approvers, exactly once (the row lock and ``approvers_notified_at`` see to that).
+    Returns whether approvers were notified now."""
+    with transaction.atomic():
+        locked = PromotionRequest.objects.select_for_update().select_related("model__team", "version__model").filter(
+            pk=promotion.pk, status=PromotionStatus.PENDING, approvers_notified_at__isnull=True).first()
+        if locked is None:
+            return False
+        gates = gates_evaluate(locked.version, locked.target, override_reason=locked.override_reason,
+                               tolerance=locked.metric_tolerance)
+        if blocking(gates):
+            return False
+        before = [g.get("name") for g in locked.gates if g.get("blocks")]
+        locked.gates = gates_as_json(gates)
+        locked.approvers_notified_at = locked.updated_at = now or timezone.now()
+        locked.save(update_fields=["gates", "approvers_notified_at", "updated_at"])
+        audit_record(AuditAction.PROMOTION_UNBLOCKED, actor=None, target=promotion_target(locked),
+                     before={"blocking_gates": before}, after={"blocking_gates": [],
+                                                               "approvers_notified": _approver_emails(locked)})
+        _notify(locked, "promotion.requested")
+        return True
+
+
+def promotions_recheck_blocked() -> list[str]:
+    """Every blocked pending request checked again (beat, ``registry.tasks.promotions_recheck``); the uids of those
+    whose approvers were notified now."""
+    unblocked = []
+    for promotion in PromotionRequest.objects.filter(status=PromotionStatus.PENDING,
+                                                     approvers_notified_at__isnull=True).order_by("created_at"):
+        try:
+            if promotion_recheck(promotion=promotion):
+                unblocked.append(str(promotion.uid))
+        except Exception:  # one request's failure (a version deleted under it) must not stop the others
+            logger.exception("Rechecking promotion %s failed", promotion.uid)
+    return unblocked
 
 
 def can_approve(promotion: PromotionRequest, user: Any) -> tuple[bool, str]:

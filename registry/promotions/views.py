@@ -48,7 +48,8 @@ def version_promote(request: HttpRequest, name: str, number: int) -> HttpRespons
     if blocked:
         messages.warning(request, f"Promotion to {promotion.target} requested, but it is blocked: "
                          + " ".join(f"{g['label']}: {g['detail']}" for g in blocked)
-                         + " Approvers have not been notified; it cannot be approved until every gate passes.")
+                         + " Approvers have not been notified; it cannot be approved until every gate passes, and "
+                         "they will be notified then.")
     else:
         messages.success(request, f"Promotion to {promotion.target} requested; approvers have been notified.")
     return redirect("registry:promotion", uid=promotion.uid)
@@ -79,7 +80,7 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
     promotion = _promotion(request, uid)
     may_decide, why_not = promotions.can_approve(promotion, request.user)
     review = promotions.promotion_review(promotion)
-    notified = not any(g.get("blocks") for g in promotion.gates)  # the gates as they stood when it was requested
+    notified = promotion.approvers_notified_at is not None
     window = request.GET.get("window", "24h")
     if window not in EVIDENCE_WINDOWS:
         window = "24h"

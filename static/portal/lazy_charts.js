@@ -21,10 +21,19 @@
     return loading;
   }
 
+  // Charts that come into view together are drawn one after another, each in a task of its own (a timeout between
+  // them lets the browser handle input and paint): drawn in one go, the monitoring page's five charts held the main
+  // thread for 0.4 s on a laptop (Lighthouse's total blocking time).
+  let drawn = Promise.resolve();
+  const nextTask = () => new Promise((resolve) => setTimeout(resolve, 0));
+
   function whenVisible(el, draw) {
     return new Promise((resolve) => {
       if (!el) { resolve(null); return; }
-      const run = () => plotly().then((Plotly) => resolve(draw(Plotly)));
+      const run = () => {
+        drawn = drawn.then(() => plotly()).then((Plotly) => nextTask().then(() => resolve(draw(Plotly))))
+          .catch((error) => { resolve(null); console.error(error); });
+      };
       if (!("IntersectionObserver" in window)) { run(); return; }
       const observer = new IntersectionObserver((entries) => {
         if (entries.some((e) => e.isIntersecting)) { observer.disconnect(); run(); }

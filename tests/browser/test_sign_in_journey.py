@@ -16,7 +16,7 @@ NAVIGATION = {
     "approver1": ["Home", "Models", "Promotions", "Monitoring", "API docs", "Account"],
     "approver2": ["Home", "Models", "Promotions", "Monitoring", "API docs", "Account"],
     "compliance": ["Home", "Models", "Promotions", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account"],
-    "admin": ["Home", "Models", "Promotions", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account", "Administration"],
+    "admin": ["Home", "Models", "Promotions", "Monitoring", "MLflow", "Audit trail", "Data subjects", "API docs", "Account", "Administration"],
 }
 ROLE_LABEL = {"ds": "Data scientist", "approver1": "Approver", "approver2": "Approver",
               "compliance": "Compliance officer", "admin": "Administrator"}

@@ -105,9 +105,11 @@ def test_an_approver_cannot_approve_a_candidate_with_no_evidence_and_a_contradic
     assert approver.evaluate("() => getComputedStyle(document.querySelector('button[value=approve]')).cursor") \
         == "not-allowed", "and it looks disabled"
     shown = approver.locator("[data-testid=approve-blocked] li").all_inner_texts()
-    assert shown == review["blockers"] and len(shown) == 2
+    assert shown == review["blockers"] and len(shown) == 3
     assert any(s.startswith("Enough live traffic in dev: Too little data") for s in shown)
-    assert "(approvers were not notified)" in approver.inner_text("[data-testid=blocked]")
+    assert any(s.startswith("Accuracy on ground truth in dev: Too little data") for s in shown)
+    assert "Approvers have not been notified; they will be when every gate passes." in approver.inner_text(
+        "[data-testid=blocked]")
     contradiction = approver.inner_text("[data-testid=reason-contradiction]")
     assert contradiction == "The figures disagree: " + review["reason_check"]["contradictions"][0]
     assert "accuracy 0.965 vs 0.979" in contradiction

@@ -201,6 +201,8 @@ def test_monitoring_pages_per_role(drifted: ModelVersion, personas: dict[str, An
     if code == 200:
         text = page.content.decode()
         assert 'id="monitoring-data"' in text and "Drift over the range" in text
+        # plotly's partial bundle of the three trace types the page draws, from our static files
+        assert "/static/vendor/plotly/plotly-monitoring.min.js" in text and "plotly-cartesian" not in text
         assert ('data-testid="acknowledge"' in text) == (who == "ds"), "only roles that manage alerts see buttons"
         assert 'data-light="red"' in portfolio.content.decode()
     else:

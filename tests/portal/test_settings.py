@@ -156,6 +156,8 @@ ROUTES = {
     # MLflow sync: the import's download and the alias calls are network I/O; the scan it causes goes to `scan`
     "registry.tasks.mlflow_sync_run": "celery",
     "registry.tasks.mlflow_reconcile": "celery",
+    # Blocked promotion requests checked again: reads gates and sends mail, nothing long
+    "registry.tasks.promotions_recheck": "celery",
 }
 ROUTE_SCRIPT = """
 import json, django

@@ -97,7 +97,7 @@ EXPECTED_NAV = {
     "ds": {"Home", "Models", "Promotions", "Monitoring", "API docs", "Account"},
     "approver1": {"Home", "Models", "Promotions", "Monitoring", "API docs", "Account"},
     "compliance": {"Home", "Models", "Promotions", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account"},
-    "admin": {"Home", "Models", "Promotions", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account", "Administration"},
+    "admin": {"Home", "Models", "Promotions", "Monitoring", "MLflow", "Audit trail", "Data subjects", "API docs", "Account", "Administration"},
     "viewer": {"Home", "Models", "Promotions", "Monitoring", "API docs", "Account"},
 }
 

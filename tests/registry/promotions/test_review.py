@@ -69,7 +69,7 @@ def test_a_stage_candidate_is_compared_with_dev_and_refused_while_it_has_no_traf
     review = detail["review"]
     assert review["baseline"] == {"version": v1.number, "environment": "dev", "why": "serves dev",
                                   "label": f"v{v1.number} (serves dev)"}
-    assert review["approvable"] is False and len(review["blockers"]) == 2
+    assert review["approvable"] is False and len(review["blockers"]) == 3  # traffic, ground truth, metrics
     assert "0.965 vs 0.979" in review["reason_check"]["contradictions"][0]
     refused = api_as(personas["approver1"]).post(f"/api/v1/promotions/{promotion.uid}/approve", {"comment": "ok"},
                                                  format="json")
@@ -82,7 +82,7 @@ def test_a_stage_candidate_is_compared_with_dev_and_refused_while_it_has_no_traf
     assert re.search(r'<button type="submit" name="decision" value="approve" class="primary" disabled '
                      r'aria-describedby="approve-blocked">', content)
     assert 'data-testid="approve-blocked"' in content and "Enough live traffic in dev" in content
-    assert 'data-testid="reason-contradiction"' in content and "(approvers were not notified)" in content
+    assert 'data-testid="reason-contradiction"' in content and "Approvers have not been notified" in content
     # The page's evidence sets v2 (dev: nothing yet) beside v1 in dev, where v1 serves.
     evidence = api_as(personas["approver1"]).get(f"/api/v1/promotions/{promotion.uid}/evidence").json()
     assert [c["key"] for c in evidence["columns"]] == ["champion-dev"]

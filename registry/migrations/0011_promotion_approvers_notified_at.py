@@ -14,7 +14,7 @@ def backfill(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("registry", "0009_mlflow_sync"),
+        ("registry", "0010_version_explanation"),
     ]
 
     operations = [

@@ -94,6 +94,8 @@ def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, An
         why = ""
         if version is None or version.artifact is None:
             why = "the model version's file is no longer held"
+        elif (version.explanation or {}).get("pending"):
+            why = "the version's explainer is still being prepared from its reference data; ask again in a minute"
         elif (version.explanation or {}).get("no_explainer"):
             why = f"no explainer fits this model ({version.explanation.get('error')})"
         matrix = None

@@ -72,7 +72,7 @@ _MLFLOW_CODES = {
     "not_deployed": "ENDPOINT_NOT_FOUND", "throttled": "REQUEST_LIMIT_EXCEEDED", "method_not_allowed": "BAD_REQUEST",
     "model_unavailable": "TEMPORARILY_UNAVAILABLE", "unavailable": "TEMPORARILY_UNAVAILABLE",
     "model_error": "INTERNAL_ERROR", "model_busy": "TEMPORARILY_UNAVAILABLE", "deadline_exceeded": "DEADLINE_EXCEEDED",
-    "resource_limit_exceeded": "RESOURCE_LIMIT_EXCEEDED",
+    "resource_limit_exceeded": "RESOURCE_LIMIT_EXCEEDED", "explainer_pending": "TEMPORARILY_UNAVAILABLE",
 }
 
 
@@ -563,6 +563,10 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
     what = f"version {version.number} of {name}"
     if info.get("no_explainer"):
         return _no_explainer(what, str(info.get("error") or "no explainer fits the model"))
+    if info.get("pending"):
+        return _error(503, "explainer_pending", f"The explainer of {what} is still being prepared from its reference "
+                      "data (it is computed in the sandbox once the version is ready); retry in a minute.",
+                      **{"Retry-After": "30"})
     background = None
     if info.get("background"):
         background = np.asarray(info["background"], dtype="float64")

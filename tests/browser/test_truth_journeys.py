@@ -80,9 +80,16 @@ def test_an_approver_cannot_approve_a_candidate_with_no_evidence_and_a_contradic
     v1 = upload(model, personas["ds"], tmp_path, metrics={"accuracy": 0.979})
     deploy_now(v1, personas["ds"])
     v2 = upload(model, personas["ds"], tmp_path, metrics={"accuracy": 0.965}, c=0.5)
+    for version in (v1, v2):  # the task the scan enqueues: each version's SHAP importance, in the sandbox
+        assert "error" not in services.version_explain(version_id=version.pk).explanation
 
     _sign_in(page, "dana")
     page.goto(f"/models/breast-cancer/versions/{v2.number}/")
+    page.wait_for_selector("[data-testid=importance-table]", state="attached")
+    v2.refresh_from_db()
+    top = max(v2.explanation["features"], key=lambda f: f["mean_abs"])["name"]
+    assert page.locator("[data-testid=importance-table] tbody th").first.text_content() == top
+    document(page, "version-importance")
     page.fill("[data-testid=promote-form] textarea[name=reason]", "v2 scores higher than v1.")
     page.click("[data-testid=promote-form] button[value=stage]")
     page.wait_for_selector(".messages .warning")
@@ -118,6 +125,8 @@ def test_an_approver_cannot_approve_a_candidate_with_no_evidence_and_a_contradic
         assert cells.all_inner_texts() == [f"{row['champion']:.4f}", f"{row['candidate']:.4f}",
                                            f"{row['delta']:.4f}"]
     _check_evidence_against_the_api(approver, uid, "24h")
+    compared = approver.locator("[data-testid=importance-diff] tbody th").all_text_contents()
+    assert compared and set(compared) <= {f["name"] for f in v2.explanation["features"]}
     document(approver, "promotion-blocked")
 
     # Forcing the button back on changes nothing: the server refuses the approval too.
@@ -181,7 +190,9 @@ def test_monitoring_shows_the_serving_version_and_switches_to_the_one_before(
 # --- 3. GDPR access and erasure -----------------------------------------------------------------------------------
 
 def test_a_compliance_officer_answers_access_then_erasure_in_the_browser(
-        page: Any, serving: Any, personas: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+        page: Any, serving: Any, two_versions: list[ModelVersion], personas: dict[str, Any],  # noqa: F811
+        tmp_path: Path) -> None:
+    services.version_explain(version_id=two_versions[0].pk)  # the task the scan enqueues: the explainer's background
     ids = _predict(serving, ["alice@example.org", "bob", "alice@example.org", "alice@example.org"])
     flush_predictions()
     _sign_in(page, "casey")
@@ -200,6 +211,12 @@ def test_a_compliance_officer_answers_access_then_erasure_in_the_browser(
     download.value.save_as(saved)
     report = json.loads(saved.read_text())
     assert sorted(p["id"] for p in report["predictions"]) == sorted(p["id"] for p in api["predictions"])
+    # Why each decision came out as it did (issue 37), in the download and on the page: recomputed in the sandbox.
+    shown = page.inner_text("[data-testid=subject-rows]")
+    for decision in report["predictions"]:
+        why = decision["explanation"]
+        assert why.get("version") == decision["version"] and len(why.get("top_features") or []) == 3, why
+        assert why["top_features"][0]["words"] in shown, (why, shown)
     document(page, "gdpr-access")
 
     page.click("text=Erase this subject's data…")

@@ -234,3 +234,19 @@ def test_a_hostile_models_explainer_runs_in_the_sandbox(action: str, personas: d
         assert row["prediction"] == expected
         assert abs(sum(row["attributions"].values()) + row["base_value"] - row["output"]) <= 1e-6
     assert canaries() == []
+
+
+def test_explain_before_the_explainer_is_ready_says_so(personas: dict[str, Any], tmp_path: Path) -> None:
+    """Between the scan and its explain task the version serves but has no explainer yet: 503 with Retry-After
+    and the reason, never a 422 that would call the model unexplainable."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = files._data()
+    estimator = LogisticRegression(max_iter=5000).fit(X, y)
+    version = live("pending-explainer", estimator, tmp_path, personas)
+    ModelVersion.objects.filter(pk=version.pk).update(explanation={"pending": True})
+    response = client_for(personas["ds"]).post("/api/v1/serve/pending-explainer/dev/explain", body(X.head(2)),
+                                               content_type="application/json")
+    assert response.status_code == 503 and response["Retry-After"] == "30", response.content
+    assert response.json()["error"]["code"] == "explainer_pending"
+    assert "still being prepared" in response.json()["message"]

@@ -462,6 +462,14 @@ def _answer_keys(chunks: list[BatchChunk]) -> tuple[list[str], str]:
     return keys, ""
 
 
+def job_prediction_columns(job: BatchJob) -> list[str]:
+    """The result file's prediction columns: the job's prediction column, or for a model whose answer is a record
+    per row (a DataFrame or dict) one column per key, as its scored chunks answered (until one has, the former)."""
+    keys = BatchChunk.objects.filter(job=job).exclude(output_keys=[]).order_by("index").values_list(
+        "output_keys", flat=True).first()
+    return _prediction_columns(job, list(keys or []))
+
+
 def _prediction_columns(job: BatchJob, keys: list[str]) -> list[str]:
     return batch_io.prediction_names(list(job.columns), keys, job.prediction_id_column) if keys \
         else [job.prediction_column]

@@ -1019,6 +1019,7 @@ def test_ten_thousand_rows_and_threshold_probes_agree_in_batch(name: str, portal
     one column per key of MLflow's JSON answer, under a header that names them."""
     import csv as csv_module
 
+    from registry.batch import services as batch_services
     from registry.storage import verified_local_path
 
     spec = BY_NAME[name]
@@ -1036,6 +1037,7 @@ def test_ten_thousand_rows_and_threshold_probes_agree_in_batch(name: str, portal
     assert len(body) == len(frame)
     where = _result_columns(expected, input_columns, job)
     assert header == [*input_columns, *where.values(), job.prediction_id_column], header
+    assert batch_services.job_prediction_columns(job) == list(where.values())  # as the job's page and API say
     assert all(len(row) == len(header) for row in body)  # no answer spills into other fields
     written = [dict(zip(header, row, strict=True)) for row in body]
     for i, (row, value) in enumerate(zip(written, expected, strict=True)):

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0009_mlflow_sync'),
+        ('registry', '0010_version_explanation'),
     ]
 
     operations = [

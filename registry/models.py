@@ -581,6 +581,9 @@ class BatchChunk(models.Model):
     output_name = models.CharField(max_length=255, blank=True)
     errors_name = models.CharField(max_length=255, blank=True)
     log_name = models.CharField(max_length=255, blank=True)
+    # The keys of the model's record answer (a DataFrame or dict) its part has a column for, in MLflow's JSON
+    # order; [] when each row's prediction is one cell.
+    output_keys = models.JSONField(default=list, blank=True)
     logged = models.BooleanField(default=False)
     worker = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

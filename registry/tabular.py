@@ -307,6 +307,38 @@ class ScoredChunk:
     good: np.ndarray  # boolean mask of rows that were scored
     predictions: list[Any]  # one per good row
     ids: list[str]  # one prediction id per row
+    # The columns a DataFrame or dict answer fills, in MLflow's JSON order (each prediction then a dict of them);
+    # [] for one prediction per row in one column.
+    keys: list[str] = field(default_factory=list)
+
+
+def answer_keys(predictions: list[Any]) -> list[str]:
+    """The columns of MLflow's JSON answer when every row's prediction is a record (a DataFrame or a dict the model
+    returned), [] otherwise. Rows answering other columns than the first are the model's fault, not the file's."""
+    if not predictions or not all(isinstance(p, dict) for p in predictions):
+        return []
+    keys = [str(k) for k in predictions[0]]
+    first = set(keys)
+    for p in predictions:
+        if set(map(str, p)) != first:
+            raise RuntimeError(f"the model answered the columns {sorted(map(str, p))[:10]} for one row and "
+                               f"{keys[:10]} for another")
+    return keys
+
+
+def prediction_names(columns: list[str], keys: list[str], id_name: str) -> list[str]:
+    """The result file's column for each key of a record answer: the key itself, or ``key_2``... where the input
+    (or the prediction id column) already has that name."""
+    taken = {*columns, id_name}
+    names = []
+    for key in keys:
+        name, n = key, 1
+        while name in taken:
+            n += 1
+            name = f"{key}_{n}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def float_columns(table: Any, columns: list[str],
@@ -352,7 +384,16 @@ def float_columns(table: Any, columns: list[str],
     return matrix, good, errors
 
 
-def _predictions_text(predictions: list[Any], good: np.ndarray) -> list[str]:
+def _predictions_text(predictions: list[Any], good: np.ndarray, keys: list[str] | None = None) -> list[str]:
+    """One CSV fragment per row: the prediction's cell, or for a record answer its cells (one per key, comma
+    separated); rows not scored get as many empty cells."""
+    if keys:
+        out = ["," * (len(keys) - 1)] * len(good)
+        it = iter(predictions)
+        for i in np.flatnonzero(good):
+            record = next(it)
+            out[i] = ",".join(_cell(record.get(k)) for k in keys)
+        return out
     out = [""] * len(good)
     it = iter(predictions)
     for i in np.flatnonzero(good):
@@ -362,6 +403,8 @@ def _predictions_text(predictions: list[Any], good: np.ndarray) -> list[str]:
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return repr(value) if np.isfinite(value) else ""
     if isinstance(value, str):
@@ -369,8 +412,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
-        # A row of a DataFrame, dict or multi-output prediction, as MLflow's JSON shapes it: one quoted cell (a
-        # Python repr would split into several fields under the header).
+        # A multi-output prediction (or a nested value in a record answer), as MLflow's JSON shapes it: one quoted
+        # cell (a Python repr would split into several fields under the header).
         return _quote(json.dumps(value, default=str))  # NaN written as MLflow's server writes it
     return str(value)
 
@@ -381,10 +424,12 @@ def _quote(text: str) -> str:
     return text
 
 
-def _fast_predictions(predictions: list[Any], good: np.ndarray) -> list[str]:
+def _fast_predictions(predictions: list[Any], good: np.ndarray, keys: list[str] | None = None) -> list[str]:
     """Prediction cells for every row ('' for rows not scored); vectorised for numeric predictions."""
     import pyarrow as pa
 
+    if keys:
+        return _predictions_text(predictions, good, keys)
     if good.all() and predictions and isinstance(predictions[0], (int, float)) and not isinstance(predictions[0], bool):
         arr = pa.array(predictions)
         if pa.types.is_floating(arr.type):
@@ -399,24 +444,60 @@ TablePredict = Callable[[Any], tuple[np.ndarray, list[Any], list[RowError]]]
 MAX_REQUESTS_PER_CHUNK = 64  # when MLflow refuses a chunk, the halves it is cut into to find the rows it refuses
 
 
-def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool) -> TablePredict:
+_SIGNATURE_ARROW = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32",
+                    "boolean": "bool", "datetime": "timestamp[ns]"}
+
+
+def _typed_for_mlflow(column: Any, kind: str | None) -> Any:
+    """A column as MLflow's server takes it in Parquet: dictionaries decoded, and text (a CSV chunk's) read as the
+    signature's numbers or datetimes where every value of it reads so (else left as text, for MLflow to refuse
+    the rows that do not)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    target = _SIGNATURE_ARROW.get(kind or "")
+    if target is None or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column
+    try:
+        return column.cast(pa.timestamp("ns") if target == "timestamp[ns]" else target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return column
+
+
+def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool, tensor: bool = False,
+                  types: dict[str, str] | None = None) -> TablePredict:
     """Rows scored by MLflow's own scoring code (a model's sandboxed host), so every column type the signature has
     (strings, categoricals, integers, datetimes) is read as MLflow reads it: a CSV chunk is sent as CSV (MLflow
     parses it with the signature's types), a Parquet chunk as Parquet (dictionary-encoded columns, a pandas
     categorical, decoded to their values). When MLflow refuses a chunk (400), it is cut in halves until the rows
-    it refuses are found; each is reported with MLflow's message and the rest are scored."""
+    it refuses are found; each is reported with MLflow's message and the rest are scored.
+
+    Two kinds of model MLflow's server refuses those bodies for: a tensor signature (its Parquet reader gives
+    float64 columns, which a float32 tensor refuses) gets the rows as JSON ``inputs``, which MLflow converts to the
+    tensor's type; a signature with datetime columns (its CSV reader cannot take them) gets Parquet, the text read
+    as the signature's types (``types``, from the signature)."""
     import json
 
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    kinds = types or {}
+    text_body = csv_body and "datetime" not in kinds.values()
+
     def body_of(table: Any) -> tuple[bytes, str]:
         sink = io.BytesIO()
-        if csv_body:
+        if tensor:
+            rows = [list(r) for r in zip(*(c.to_pylist() for c in table.columns), strict=True)]
+            # Python's json writes NaN as MLflow's server reads it (a missing value), not as null
+            return json.dumps({"inputs": [[float("nan") if v is None else v for v in r] for r in rows]}).encode(), \
+                "application/json"
+        if text_body:
             pacsv.write_csv(table, sink)
             return sink.getvalue(), "text/csv"
-        columns = [c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c for c in table.columns]
+        columns = [_typed_for_mlflow(c, kinds.get(name)) for c, name in zip(table.columns, table.column_names,
+                                                                              strict=True)]
         pq.write_table(pa.table(columns, names=table.column_names), sink)
         return sink.getvalue(), "application/vnd.apache.parquet"
 
@@ -433,6 +514,7 @@ def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool) -> Tab
             if answer.status == 200:
                 payload = json.loads(answer.body)  # MLflow writes NaN, which only the standard library reads
                 values = payload.get("predictions", payload) if isinstance(payload, dict) else payload
+                values = _records(values, hi - lo)
                 if not isinstance(values, list) or len(values) != hi - lo:
                     raise RuntimeError(f"MLflow answered {len(values) if isinstance(values, list) else 'one'} "
                                        f"predictions for {hi - lo} rows")
@@ -458,6 +540,15 @@ def mlflow_scorer(invoke: Callable[[bytes, str], Any], *, csv_body: bool) -> Tab
         return good, [out[i] for i in np.flatnonzero(good)], errors
 
     return run
+
+
+def _records(values: Any, rows: int) -> Any:
+    """A dict answer of one list per key, each a value per row (a model returning a dict of columns), as the rows'
+    records; anything else as it is."""
+    if isinstance(values, dict) and values and all(isinstance(v, list) and len(v) == rows for v in values.values()):
+        keys = list(values)
+        return [{k: values[k][i] for k in keys} for i in range(rows)]
+    return values
 
 
 def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_prefix: str, newline: bytes,
@@ -488,9 +579,10 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_
                                                                     null_values=[""], strings_can_be_null=True))
     scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
                           table_predict=table_predict, allow_missing=allow_missing)
-    cells = _fast_predictions(scored.predictions, scored.good)
+    cells = _fast_predictions(scored.predictions, scored.good, scored.keys)
     output = _append_columns(data, cells, scored.ids, newline, scored.rows)
-    scored.output = output if output is not None else _rewrite_csv(data, cells=cells, ids=scored.ids)
+    scored.output = output if output is not None else _rewrite_csv(data, cells=cells, ids=scored.ids,
+                                                                  width=max(len(scored.keys), 1))
     return scored
 
 
@@ -502,7 +594,7 @@ def _score_table(table: Any, *, required: list[str], id_prefix: str,
     ids = [f"{id_prefix}{i:06x}" for i in range(n)]
     if table_predict is not None:
         good, predictions, errors = table_predict(table.select(list(dict.fromkeys(required))))
-        return ScoredChunk(b"", n, errors, good, predictions, ids)
+        return ScoredChunk(b"", n, errors, good, predictions, ids, answer_keys(predictions))
     matrix, good, errors = float_columns(table, required, allow_missing)
     scored_matrix = matrix if good.all() else matrix[good]
     predictions = list(predict(np.ascontiguousarray(scored_matrix))) if scored_matrix.shape[0] else []
@@ -529,8 +621,9 @@ def _append_columns(data: bytes, cells: list[str], ids: list[str], newline: byte
     return joined + newline
 
 
-def _rewrite_csv(data: bytes, *, cells: list[str], ids: list[str]) -> bytes:
-    """The slow path for chunks with quoted fields: every row re-written by the csv module."""
+def _rewrite_csv(data: bytes, *, cells: list[str], ids: list[str], width: int = 1) -> bytes:
+    """The slow path for chunks with quoted fields: every row re-written by the csv module (``width``: the
+    prediction cells each row's fragment holds)."""
     reader = csv.reader(io.StringIO(data.decode("utf-8")))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -538,7 +631,8 @@ def _rewrite_csv(data: bytes, *, cells: list[str], ids: list[str]) -> bytes:
     for row in reader:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
-        writer.writerow([*row, _unquote(cells[k]), ids[k]])
+        predicted = [_unquote(cells[k])] if width == 1 else next(csv.reader([cells[k]]))
+        writer.writerow([*row, *predicted, ids[k]])
         k += 1
     if k != len(ids):
         raise BatchInputError(f"The chunk has {k} rows where {len(ids)} were parsed; the CSV is inconsistent.")
@@ -559,17 +653,34 @@ def score_arrow_chunk(table: Any, *, required: list[str], id_prefix: str, predic
 
     scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
                           table_predict=table_predict, allow_missing=allow_missing)
-    full: list[Any] = [None] * table.num_rows
-    for i, value in zip(np.flatnonzero(scored.good), scored.predictions, strict=True):
-        full[i] = value
-    try:
-        pred_array = pa.array(full)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        pred_array = pa.array([None if v is None else str(v) for v in full], type=pa.string())
-    out = table.append_column(prediction_name, pred_array).append_column(id_name, pa.array(scored.ids,
-                                                                                           type=pa.string()))
+    rows = np.flatnonzero(scored.good)
+    out = table
+    if scored.keys:  # a record answer: one column per key, named as prediction_names says
+        for key, name in zip(scored.keys, prediction_names(table.column_names, scored.keys, id_name), strict=True):
+            full: list[Any] = [None] * table.num_rows
+            for i, record in zip(rows, scored.predictions, strict=True):
+                full[i] = record.get(key)
+            out = out.append_column(name, _arrow_values(full))
+    else:
+        full = [None] * table.num_rows
+        for i, value in zip(rows, scored.predictions, strict=True):
+            full[i] = value
+        out = out.append_column(prediction_name, _arrow_values(full))
+    out = out.append_column(id_name, pa.array(scored.ids, type=pa.string()))
     scored.output = ipc_bytes(out)
     return scored
+
+
+def _arrow_values(values: list[Any]) -> Any:
+    """A prediction column: Arrow's own type when the values have one; else (mixed, nested) each value as MLflow's
+    JSON writes it."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
+                         for v in values], type=pa.string())
 
 
 def ipc_bytes(data: Any) -> bytes:
@@ -606,26 +717,32 @@ _ARROW_TYPES = {"long": "int64", "integer": "int32", "double": "float64", "float
 
 
 def scored_rows(data: bytes, *, fmt: str, columns: list[str], required: list[str], subject_column: str,
-                prediction_column: str, id_column: str, types: dict[str, str] | None = None) -> LoggedRows:
+                prediction_column: str, id_column: str, types: dict[str, str] | None = None,
+                keys: list[str] | None = None) -> LoggedRows:
     """The scored rows of a part (inputs, prediction id, prediction, subject) for the prediction log: rows without
     a prediction (they failed the signature) are left out. ``types`` (the signature's column types) gives a
-    column read as text, because another row of its chunk was not a number, its numbers back."""
+    column read as text, because another row of its chunk was not a number, its numbers back. ``keys``: the part
+    holds a record answer (one column per key), logged as one record per row, as MLflow's JSON answer has it."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
-    include = list(dict.fromkeys([*required, prediction_column, id_column, *([subject_column] if subject_column
-                                                                                else [])]))
+    names = prediction_names(columns, keys, id_column) if keys else [prediction_column]
+    include = list(dict.fromkeys([*required, *names, id_column, *([subject_column] if subject_column else [])]))
     if fmt == "csv":
         text = {id_column: pa.string(), **({subject_column: pa.string()} if subject_column else {})}
         table = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=[*columns, prediction_column, id_column], use_threads=False),
+            read_options=pacsv.ReadOptions(column_names=[*columns, *names, id_column], use_threads=False),
             parse_options=pacsv.ParseOptions(newlines_in_values=b'"' in data),
             convert_options=pacsv.ConvertOptions(include_columns=include, column_types=text, null_values=[""],
                                                  strings_can_be_null=True))
     else:
         table = read_ipc(data).select(include)
-    predicted = table.column(prediction_column).is_valid().to_numpy(zero_copy_only=False)
+    valid = [table.column(n).is_valid() for n in names]
+    while len(valid) > 1:
+        valid = [pc.or_(valid[0], valid[1]), *valid[2:]]
+    predicted = valid[0].to_numpy(zero_copy_only=False)
     numeric = all(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
                   for t in (table.column(c).type for c in required))
     inputs: Any
@@ -643,9 +760,12 @@ def scored_rows(data: bytes, *, fmt: str, columns: list[str], required: list[str
     subjects = None
     if subject_column:
         subjects = ["" if s is None else str(s) for s in table.column(subject_column).take(index).to_pylist()]
-    return LoggedRows(inputs,
-                      table.column(id_column).take(index).to_pylist(),
-                      table.column(prediction_column).take(index).to_pylist(), subjects)
+    if keys:
+        values = [table.column(n).take(index).to_pylist() for n in names]
+        outputs = [dict(zip(keys, row, strict=True)) for row in zip(*values, strict=True)]
+    else:
+        outputs = table.column(prediction_column).take(index).to_pylist()
+    return LoggedRows(inputs, table.column(id_column).take(index).to_pylist(), outputs, subjects)
 
 
 def _as_signature_type(column: Any, kind: str | None) -> Any:

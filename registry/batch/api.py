@@ -41,6 +41,9 @@ class BatchJobSerializer(serializers.Serializer[Any]):
     id_column = serializers.CharField()
     subject_column = serializers.CharField()
     prediction_column = serializers.CharField()
+    prediction_columns = serializers.SerializerMethodField(
+        help_text="The result file's prediction columns: `prediction_column`, or one per key of the model's answer "
+                  "when it answers a record per row (a DataFrame or dict), as MLflow's JSON answer names them")
     prediction_id_column = serializers.CharField()
     max_error_share = serializers.FloatField()
     error = serializers.CharField()
@@ -55,6 +58,9 @@ class BatchJobSerializer(serializers.Serializer[Any]):
     seconds = serializers.SerializerMethodField()
     state = serializers.SerializerMethodField(help_text="One sentence on where the job stands and `final`: "
                                                         "true once nothing will change (logging included)")
+
+    def get_prediction_columns(self, obj: Any) -> list[str]:
+        return batch.job_prediction_columns(obj)
 
     def get_state(self, obj: Any) -> dict[str, Any]:
         return selectors.batch_job_state(job=obj)

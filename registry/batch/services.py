@@ -321,7 +321,7 @@ def batch_chunk_run(*, chunk_id: int) -> str:
     # The prediction log reads the scored part again after the job is done, off the path people wait on.
     log_name = output_name if settings.PORTAL_BATCH_LOG_PREDICTIONS and scored.predictions else ""
     return _chunk_done(chunk, rows=scored.rows, failed=int((~scored.good).sum()), output_name=output_name,
-                       errors_name=errors_name, log_name=log_name)
+                       errors_name=errors_name, log_name=log_name, keys=scored.keys)
 
 
 def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
@@ -331,7 +331,8 @@ def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
     # A model MLflow's scoring code answers (its sandboxed host) gets the rows as MLflow reads them, whatever the
     # column types; the others (in-process ONNX, a native host) take one float64 matrix.
     # A tensor signature: MLflow's server refuses CSV bodies for it, so its rows go as numbers in Parquet.
-    table_predict = (batch_io.mlflow_scorer(loaded.invoke, csv_body=job.input_format == "csv" and not loaded.tensor)
+    table_predict = (batch_io.mlflow_scorer(loaded.invoke, csv_body=job.input_format == "csv" and not loaded.tensor,
+                                            tensor=loaded.tensor, types=_signature_types(job))
                      if loaded.answers_requests else None)
     if job.input_format == "csv":
         data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
@@ -349,12 +350,18 @@ def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
                                       allow_missing=loaded.missing_values)
 
 
+def _signature_types(job: BatchJob) -> dict[str, str]:
+    """The signature's input column types by name (``double``, ``datetime``…)."""
+    return {str(c.get("name")): str(c.get("type")) for c in (job.version.signature or {}).get("inputs") or []
+            if isinstance(c, dict)}
+
+
 def _chunk_done(chunk: BatchChunk, *, rows: int, failed: int, output_name: str, errors_name: str,
-                log_name: str) -> str:
+                log_name: str, keys: list[str] | None = None) -> str:
     with transaction.atomic():
         updated = BatchChunk.objects.filter(pk=chunk.pk, status=ChunkStatus.RUNNING).update(
             status=ChunkStatus.DONE, rows=rows, rows_failed=failed, output_name=output_name, errors_name=errors_name,
-            log_name=log_name, finished_at=timezone.now())
+            log_name=log_name, output_keys=list(keys or []), finished_at=timezone.now())
         if not updated:
             return "duplicate"  # another run of the same chunk finished first; its part is the one used
         job = BatchJob.objects.select_for_update().get(pk=chunk.job_id)
@@ -394,7 +401,12 @@ def batch_assemble(*, job_id: int) -> BatchJob | None:
                    f"than the {100 * job.max_error_share:g} % this job allows; see the errors file.",
               errors_blob=errors_blob)
         return job
-    result_blob = _assemble_csv(job, chunks) if job.input_format == "csv" else _assemble_parquet(job, chunks)
+    keys, problem = _answer_keys(chunks)
+    if problem:
+        _fail(job, problem)
+        return job
+    result_blob = _assemble_csv(job, chunks, keys) if job.input_format == "csv" else \
+        _assemble_parquet(job, chunks, keys)
     with transaction.atomic():
         updated = BatchJob.objects.filter(pk=job.pk, status=BatchStatus.ASSEMBLING).update(
             status=BatchStatus.DONE, result_blob=result_blob, errors_blob=errors_blob, rows_total=rows,
@@ -435,11 +447,39 @@ def _completeness_problem(job: BatchJob, chunks: list[BatchChunk]) -> str:
     return ""
 
 
-def _header_line(job: BatchJob, first_chunk: BatchChunk) -> bytes:
+def _answer_keys(chunks: list[BatchChunk]) -> tuple[list[str], str]:
+    """The columns of the model's record answer (a DataFrame or dict) that the result file gets, [] for one
+    prediction column; and why the parts cannot be put together (the model answered differently in two chunks).
+    A chunk none of whose rows was scored has no answer to tell; it gets empty cells in every column."""
+    answered = [c for c in chunks if int(c.rows or 0) > c.rows_failed]
+    keys = list(answered[0].output_keys) if answered else []
+    for chunk in answered:
+        if list(chunk.output_keys) != keys:
+            first = f"the columns {keys}" if keys else "one prediction per row"
+            then = f"the columns {list(chunk.output_keys)}" if chunk.output_keys else "one prediction per row"
+            return [], (f"the model answered {first} in chunk {answered[0].index + 1} and {then} in chunk "
+                        f"{chunk.index + 1}, so the scored rows do not fit one file")
+    return keys, ""
+
+
+def job_prediction_columns(job: BatchJob) -> list[str]:
+    """The result file's prediction columns: the job's prediction column, or for a model whose answer is a record
+    per row (a DataFrame or dict) one column per key, as its scored chunks answered (until one has, the former)."""
+    keys = BatchChunk.objects.filter(job=job).exclude(output_keys=[]).order_by("index").values_list(
+        "output_keys", flat=True).first()
+    return _prediction_columns(job, list(keys or []))
+
+
+def _prediction_columns(job: BatchJob, keys: list[str]) -> list[str]:
+    return batch_io.prediction_names(list(job.columns), keys, job.prediction_id_column) if keys \
+        else [job.prediction_column]
+
+
+def _header_line(job: BatchJob, first_chunk: BatchChunk, keys: list[str]) -> bytes:
     header = storage.read_range(job.input_blob.storage_name, 0, int(first_chunk.start))
     newline = job.newline.encode()
     body = header[: -len(newline)] if header.endswith(newline) else header.rstrip(b"\r\n")
-    extra = ",".join(batch_io._quote(n) for n in (job.prediction_column, job.prediction_id_column))
+    extra = ",".join(batch_io._quote(n) for n in (*_prediction_columns(job, keys), job.prediction_id_column))
     return body + b"," + extra.encode() + newline
 
 
@@ -449,11 +489,15 @@ def _tmp_file() -> tuple[int, str]:
     return tempfile.mkstemp(dir=tmp_dir)
 
 
-def _assemble_csv(job: BatchJob, chunks: list[BatchChunk]) -> Any:
+def _assemble_csv(job: BatchJob, chunks: list[BatchChunk], keys: list[str]) -> Any:
     """Header, then the parts in order. On local disk the kernel copies the parts (copy_file_range) while a thread
-    hashes them, so the result costs about one read of its size; elsewhere the parts are streamed through."""
-    header = _header_line(job, chunks[0])
+    hashes them, so the result costs about one read of its size; elsewhere the parts are streamed through (and
+    so are parts whose rows all failed where the answer has several columns: their rows get an empty cell each)."""
+    header = _header_line(job, chunks[0], keys)
     store = storage.artifact_storage()
+    pad = len(keys) - 1 if keys else 0
+    if pad and any(list(c.output_keys) != keys for c in chunks):
+        return _assemble_streamed(header, chunks, pad=pad, newline=job.newline.encode(), keys=keys)
     try:
         paths = [store.path(c.output_name) for c in chunks]
     except NotImplementedError:
@@ -499,37 +543,58 @@ def _copy_into(src: Any, out: Any) -> int:
     return done
 
 
-def _assemble_streamed(header: bytes, chunks: list[BatchChunk]) -> Any:
+def _assemble_streamed(header: bytes, chunks: list[BatchChunk], *, pad: int = 0, newline: bytes = b"\n",
+                       keys: list[str] | None = None) -> Any:
     fd, tmp = _tmp_file()
     digest = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "wb") as out:
-        for piece in _pieces(header, chunks):
+        for piece in _pieces(header, chunks, pad=pad, newline=newline, keys=keys):
             digest.update(piece)
             out.write(piece)
             size += len(piece)
     return storage.blob_put_moved(tmp, sha256=digest.hexdigest(), size=size)
 
 
-def _pieces(header: bytes, chunks: list[BatchChunk]) -> Any:
+def _pieces(header: bytes, chunks: list[BatchChunk], *, pad: int = 0, newline: bytes = b"\n",
+            keys: list[str] | None = None) -> Any:
     yield header
     store = storage.artifact_storage()
     for chunk in chunks:
+        if pad and list(chunk.output_keys) != keys:
+            # No row of this chunk was scored: each line ends ",<empty prediction>,<id>" and gets the empty cells
+            # of the answer's other columns (the id, last, never holds a comma or a quote).
+            with store.open(chunk.output_name, "rb") as fh:
+                lines = fh.read().split(newline)
+            yield newline.join(line.rsplit(b",", 1)[0] + b"," * (pad + 1) + line.rsplit(b",", 1)[1]
+                               if line else line for line in lines)
+            continue
         with store.open(chunk.output_name, "rb") as fh:
             while piece := fh.read(storage.CHUNK * 8):
                 yield piece
 
 
-def _assemble_parquet(job: BatchJob, chunks: list[BatchChunk]) -> Any:
+def _assemble_parquet(job: BatchJob, chunks: list[BatchChunk], keys: list[str]) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fd, tmp = _tmp_file()
     os.close(fd)
     writer = None
+    # Parts whose rows all failed where the answer has several columns get the answer's columns (their types as
+    # a scored part has them), empty, in place of their one empty prediction column.
+    schema = None
+    if keys:
+        answered = next(c for c in chunks if list(c.output_keys) == keys)
+        schema = batch_io.read_ipc(storage.read_work_file(answered.output_name)).schema
     try:
         for chunk in chunks:
             table = batch_io.read_ipc(storage.read_work_file(chunk.output_name))
+            if keys and list(chunk.output_keys) != keys and schema is not None:
+                base = table.drop_columns([job.prediction_column, job.prediction_id_column])
+                for name in _prediction_columns(job, keys):
+                    base = base.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+                table = base.append_column(job.prediction_id_column, table.column(job.prediction_id_column))
             if writer is None:
                 # Dictionary encoding only where it pays (text columns): on float columns it costs 4x the time
                 # and makes the file bigger.
@@ -594,9 +659,8 @@ def batch_log_chunk(*, chunk_id: int) -> int:
     required = job_input_columns(job)
     logged = batch_io.scored_rows(data, fmt=job.input_format, columns=list(job.columns), required=required,
                                   subject_column=job.subject_column, prediction_column=job.prediction_column,
-                                  id_column=job.prediction_id_column,
-                                  types={str(c.get("name")): str(c.get("type")) for c in
-                                         (job.version.signature or {}).get("inputs") or [] if isinstance(c, dict)})
+                                  id_column=job.prediction_id_column, keys=list(chunk.output_keys),
+                                  types=_signature_types(job))
     matrix, ids, outputs, subjects = logged.matrix, logged.ids, logged.outputs, logged.subjects
     rows = ids
     seconds = (chunk.finished_at - chunk.started_at).total_seconds() if chunk.finished_at and chunk.started_at else 0

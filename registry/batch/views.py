@@ -51,7 +51,7 @@ def batch_job_page(request: HttpRequest, uid: str) -> HttpResponse:
     return render(request, "registry/batch_job.html", {
         "job": job, "model": job.model, "chunks": list(job.chunks.order_by("index")),
         "can_run": has_capability(request.user, "run_batch"), "active": job.status in batch.BATCH_ACTIVE,
-        "state": selectors.batch_job_state(job=job),
+        "state": selectors.batch_job_state(job=job), "prediction_columns": batch.job_prediction_columns(job),
     })
 
 

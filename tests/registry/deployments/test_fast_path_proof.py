@@ -62,9 +62,11 @@ def _zip(folder: Path, archive: Path) -> Path:
 
 
 def _deploy_mlflow(personas: dict[str, Any], tmp_path: Path, name: str, model: Any, X: Any,
-                   trusted: tuple[str, ...] = ("sklearn.tree._tree.Tree",)) -> tuple[Any, Any]:
-    """Saved the docs' way (signature inferred from input and output, an input example), uploaded, trusted where
-    MLflow's skops file names the tree type, scanned, deployed; (deployment, a scoring client)."""
+                   trusted: tuple[str, ...] = ("sklearn.tree._tree.Tree",),
+                   reference: Path | None = None) -> tuple[Any, Any]:
+    """Saved the docs' way (signature inferred from input and output, an input example), uploaded (with its
+    reference data, if given), trusted where MLflow's skops file names the tree type, scanned, deployed;
+    (deployment, a scoring client)."""
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
@@ -73,7 +75,8 @@ def _deploy_mlflow(personas: dict[str, Any], tmp_path: Path, name: str, model: A
                               input_example=X.head(5), skops_trusted_types=list(trusted))
     archive = _zip(folder, tmp_path / f"{name}.zip")
     registered = services.model_register(name=name, team=Team.objects.get(slug="acme"), actor=personas["ds"])
-    version = services.version_upload(model=registered, upload=LocalUpload(archive, archive.name), reference=None,
+    version = services.version_upload(model=registered, upload=LocalUpload(archive, archive.name),
+                                      reference=LocalUpload(reference, reference.name) if reference else None,
                                       meta=services.UploadMetadata(), actor=personas["ds"])
     if version.trust_state == "pending":
         version = services.version_trust_decide(version=version, trust=True, reason="scikit-learn's own tree type",
@@ -256,3 +259,30 @@ def test_hist_gradient_boosting_with_missing_values_is_served_by_the_model_itsel
                            content_type="application/json")
     assert response.status_code == 200, response.content
     assert response.json()["predictions"] == model.predict(rows).tolist()
+
+
+@pytest.mark.django_db
+@needs_sandbox()
+def test_a_binary_logistic_regression_is_served_by_the_fast_path_and_equal_on_its_reference_set(
+        personas: dict[str, Any], tmp_path: Path) -> None:
+    """The most common model there is: its ONNX form is proven on the whole reference set and on rows on and just
+    beside its decision boundary, then serves; every reference row answered as MLflow (the model itself) answers."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(5)
+    X = pd.DataFrame({"tenure": rng.random(3000) * 60, "spend": rng.random(3000) * 100,
+                      "visits": rng.integers(0, 20, 3000).astype("float64")})
+    y = ((X.spend / 100 + X.tenure / 60 + rng.normal(0, 0.2, 3000)) > 1).astype(int)
+    model = LogisticRegression(max_iter=500).fit(X, y)
+    reference = tmp_path / "reference.csv"
+    X.to_csv(reference, index=False)
+    deployment, client = _deploy_mlflow(personas, tmp_path, "binary-lr", model, X, reference=reference)
+    log = _log(deployment)
+    assert deployment.serving_kind == "onnx", log
+    assert "3,000 reference" in log and "decision-boundary probes" in log and " 0 mismatches" in log, log
+    body = {"dataframe_split": {"columns": list(X.columns), "data": X.to_numpy().tolist()}}
+    response = client.post("/api/v1/serve/binary-lr/dev/invocations", json.dumps(body),
+                           content_type="application/json")
+    assert response.status_code == 200, response.content
+    assert response.json()["predictions"] == model.predict(X).tolist()

@@ -316,6 +316,141 @@ def _unsigned(folder: Path) -> None:
     mlflow.sklearn.save_model(model, str(folder))
 
 
+DATETIME_CODE = """
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Calendar(PythonModel):
+    def predict(self, context, model_input, params=None):
+        when = model_input["when"]
+        return when.dt.dayofweek * 100.0 + when.dt.hour + when.dt.minute / 60 + model_input["amount"] / 7
+
+
+mlflow.models.set_model(Calendar())
+"""
+
+FRAME_CODE = """
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class Scores(PythonModel):
+    def predict(self, context, model_input, params=None):
+        total = model_input["x"] + model_input["y"]
+        return pd.DataFrame({"label": np.where(total > 1, "high", "low"), "score": total * 0.5})
+
+
+mlflow.models.set_model(Scores())
+"""
+
+DICT_CODE = """
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Columns(PythonModel):
+    def predict(self, context, model_input, params=None):
+        x, y = model_input["x"], model_input["y"]
+        return {"total": (x + y).tolist(), "ratio": (x / (y.abs() + 1)).tolist()}
+
+
+mlflow.models.set_model(Columns())
+"""
+
+SIGNATURE_ONLY_CODE = """
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Lengths(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input["text"].str.len() * (params or {}).get("times", 1)
+
+
+mlflow.models.set_model(Lengths())
+"""
+
+WORDS = ["churn", "stay", "gold plan", "premium", "día", 'naïve, "quoted"', "x"]
+
+
+def _code(folder: Path, text: str) -> str:
+    code = folder.parent / f"{folder.name}_code.py"
+    code.write_text(text)
+    return str(code)
+
+
+def _xy_rows(n: int, seed: int) -> Any:
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"x": (rng.random(n) * 4 - 2).round(4), "y": (rng.random(n) * 4 - 2).round(4)})
+
+
+def _when_rows(n: int, seed: int) -> Any:
+    """Datetimes as people send them (ISO text), and an amount."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    start = np.datetime64("2025-01-01T00:00:00")
+    when = start + rng.integers(0, 365 * 24 * 60, n).astype("timedelta64[m]")
+    return pd.DataFrame({"when": pd.Series(when).dt.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "amount": (rng.random(n) * 500).round(2)})
+
+
+def _datetime_pyfunc(folder: Path) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    X = _when_rows(5, 1)
+    X["when"] = pd.to_datetime(X["when"])  # a datetime column, as a frame read from a database has it
+    out = X["when"].dt.dayofweek * 100.0 + X["when"].dt.hour + X["amount"] / 7
+    mlflow.pyfunc.save_model(str(folder), python_model=_code(folder, DATETIME_CODE),
+                             signature=infer_signature(X, out), input_example=X.head(3))
+
+
+def _frame_pyfunc(folder: Path) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    X = _xy_rows(5, 1)
+    out = pd.DataFrame({"label": ["high"] * 5, "score": X.x * 0.5})
+    mlflow.pyfunc.save_model(str(folder), python_model=_code(folder, FRAME_CODE),
+                             signature=infer_signature(X, out), input_example=X.head(3))
+
+
+def _dict_pyfunc(folder: Path) -> None:
+    import mlflow.pyfunc
+    from mlflow.models import infer_signature
+
+    X = _xy_rows(5, 1)
+    mlflow.pyfunc.save_model(str(folder), python_model=_code(folder, DICT_CODE), signature=infer_signature(X),
+                             input_example=X.head(3))
+
+
+def _signature_only_pyfunc(folder: Path) -> None:
+    """A signature (one string column, one param) written by hand, and no input example."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("long")]),
+                               params=ParamSchema([ParamSpec("times", "long", 1)]))
+    mlflow.pyfunc.save_model(str(folder), python_model=_code(folder, SIGNATURE_ONLY_CODE), signature=signature)
+
+
+def _text_rows(n: int, seed: int) -> Any:
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"text": [WORDS[i] * int(k) for i, k in zip(rng.integers(0, len(WORDS), n),
+                                                                   rng.integers(1, 4, n), strict=True)]})
+
+
 SPECS = [
     Spec("conf-lr", "sklearn", "signature inferred from input and output", lambda f: _lr(f, signature="inferred")),
     Spec("conf-lr-example", "sklearn", "input example only", lambda f: _lr(f, signature="example")),
@@ -345,6 +480,15 @@ SPECS = [
          rows=lambda n, seed: _iris_rows(n, seed, columns=IRIS[:2])),
     Spec("conf-unsigned", "sklearn", "no signature, no input example", _unsigned, tensor=True,
          rows=lambda n, seed: _iris_rows(n, seed, columns=IRIS[:2])),
+    Spec("conf-datetime", "python_function", "a datetime input column (from a frame read from a database)",
+         _datetime_pyfunc, needs_trust="Reviewed the model's code: date arithmetic only", rows=_when_rows),
+    Spec("conf-frame-out", "python_function", "returns a DataFrame of two columns (a label and a score)",
+         _frame_pyfunc, needs_trust="Reviewed the model's code: arithmetic only", rows=_xy_rows),
+    Spec("conf-dict-out", "python_function", "returns a dict of two columns", _dict_pyfunc,
+         needs_trust="Reviewed the model's code: arithmetic only", rows=_xy_rows),
+    Spec("conf-signature-only", "python_function", "a signature with one input column and params, no input example",
+         _signature_only_pyfunc, params={"times": 2}, needs_trust="Reviewed the model's code: string lengths only",
+         rows=_text_rows),
 ]
 BY_NAME = {s.name: s for s in SPECS}
 
@@ -362,6 +506,8 @@ for _name in ("conf-lr", "conf-lr-example", "conf-lr-params", "conf-rf", "conf-l
 # No threshold probes for conf-rf: its "visits" input is an integer column, which MLflow (rightly) refuses to fill
 # with the fractional split points; the iris forests carry the probes.
 BY_NAME["conf-lr-tensor"].rows = lambda n, seed: _numeric_rows(n, seed).astype("float64").T.reset_index(drop=True).T
+# The onnx flavor (a float32 tensor): the same rows, which MLflow and the portal both narrow to float32.
+BY_NAME["conf-onnx"].rows = BY_NAME["conf-lr-tensor"].rows
 
 
 def _example(spec: Spec) -> Any:
@@ -370,6 +516,9 @@ def _example(spec: Spec) -> Any:
 
     if spec.name == "conf-pyfunc":
         return pd.DataFrame({"x": [1.5, 4.0, -2.0], "y": [0.5, 0.0, 1.25]})
+    if spec.name in ("conf-frame-out", "conf-dict-out", "conf-datetime", "conf-signature-only"):
+        assert spec.rows is not None
+        return spec.rows(3, 5).reset_index(drop=True)
     if spec.name == "conf-iris-forest":  # the issue's own row first: MLflow answers 1
         return pd.DataFrame([[6.042, 2.194, 4.95, 1.461], [5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], columns=IRIS)
     if spec.name == "conf-knn":  # the issue's [5.9, 3.0]: MLflow answers 2
@@ -410,14 +559,16 @@ def _j(payload: Any) -> Request:
 
 
 def _first_numeric(frame: Any) -> Any:
-    return next(c for c in frame.columns if frame[c].dtype.kind in "fiu")
+    return next((c for c in frame.columns if frame[c].dtype.kind in "fiu"), None)
 
 
 def _int_column(frame: Any) -> Any:
     return next((c for c in frame.columns if frame[c].dtype.kind in "iu"), None)
 
 
-def _with_value(frame: Any, column: Any, value: Any) -> Request:
+def _with_value(frame: Any, column: Any, value: Any) -> Request | None:
+    if column is None:
+        return None  # the model has no such column
     payload = {"columns": list(frame.columns), "data": _values(frame)}
     payload["data"][0][list(frame.columns).index(column)] = value
     return _j({"dataframe_split": payload})
@@ -783,13 +934,21 @@ def _bulk_body(spec: Spec, part: Any) -> bytes:
     return json.dumps({"dataframe_split": {"columns": [str(c) for c in part.columns], "data": _cells(part)}}).encode()
 
 
+def _as_rows(predictions: Any, n: int) -> list[Any]:
+    """MLflow's answer one per row: a dict of columns (a model returning a dict) becomes the rows' records."""
+    if isinstance(predictions, dict):
+        assert all(isinstance(v, list) and len(v) == n for v in predictions.values()), predictions
+        return [{k: v[i] for k, v in predictions.items()} for i in range(n)]
+    return list(predictions)
+
+
 def _mlflow_predictions(spec: Spec, frame: Any, server: Server) -> list[Any]:
     answers: list[Any] = []
     for start in range(0, len(frame), REQUEST_ROWS):
         theirs = requests.post(server.url, data=_bulk_body(spec, frame.iloc[start:start + REQUEST_ROWS]),
                                headers={"Content-Type": JSON}, timeout=REQUEST_SECONDS * 4)
         assert theirs.status_code == 200, theirs.content[:500]
-        answers += _json(theirs.content)["predictions"]
+        answers += _as_rows(_json(theirs.content)["predictions"], len(frame.iloc[start:start + REQUEST_ROWS]))
     return answers
 
 
@@ -807,24 +966,61 @@ def test_ten_thousand_rows_and_threshold_probes_agree_in_real_time(name: str, po
         answer = portal.client.post(f"/api/v1/serve/{name}/dev/invocations",
                                     _bulk_body(spec, frame.iloc[start:start + REQUEST_ROWS]), content_type=JSON)
         assert answer.status_code == 200, answer.content[:500]
-        ours += _json(answer.content)["predictions"]
+        ours += _as_rows(_json(answer.content)["predictions"], len(frame.iloc[start:start + REQUEST_ROWS]))
     _same(expected, ours, f"{name} served as {spec.serving_kind}, {len(frame)} rows; deployment log: {spec.log}")
+
+
+def _result_columns(expected: list[Any], input_columns: list[str], job: Any) -> dict[str, str]:
+    """Which result column holds which part of the answer: a record answer's keys get a column each, named as the
+    key (``key_2`` where an input column has its name); one prediction per row has the prediction column."""
+    if expected and isinstance(expected[0], dict):
+        taken = {*input_columns, job.prediction_id_column}
+        return {key: key if key not in taken else f"{key}_2" for key in expected[0]}
+    return {"": job.prediction_column}
+
+
+def _batch_job(name: str, frame: Any, spec: Spec, folder: Path, fmt: str) -> tuple[Any, list[str]]:
+    """The rows as a batch file with the user's own headers (positional models included) and an id column, scored
+    by the batch services in this process; the job and the file's columns."""
+    from django.contrib.auth import get_user_model
+
+    from registry.batch import services as batch
+    from registry.models import RegisteredModel
+    from tests.registry.batch.test_batch import run_inline
+
+    own = frame.copy()
+    if spec.tensor:
+        own.columns = [f"input {i}" for i in range(own.shape[1])]  # the user's own headers
+    own.insert(0, "row_id", [f"r{i}" for i in range(len(own))])
+    path = folder / f"rows.{fmt}"
+    if fmt == "csv":
+        own.to_csv(path, index=False)
+    else:
+        own.to_parquet(path, index=False)
+    user = get_user_model().objects.get(username="conf-ds")
+    job = batch.batch_submit(model=RegisteredModel.objects.get(name=name), environment="dev", path=path,
+                             filename=path.name, actor=user,
+                             options=batch.BatchOptions(id_column="row_id", max_error_share=0.0))
+    job = run_inline(job)
+    if job.status != "done" and job.errors_blob is not None:
+        from registry.storage import verified_local_path
+
+        with verified_local_path(job.errors_blob) as errors:
+            pytest.fail(f"{job.error}: {errors.read_text()[:1000]}")
+    assert job.status == "done", (job.status, job.error)
+    return job, [str(c) for c in own.columns]
 
 
 @pytest.mark.parametrize("name", BULK)
 def test_ten_thousand_rows_and_threshold_probes_agree_in_batch(name: str, portal: Portal,
                                                                mlflow_servers: dict[str, Server],
                                                                tmp_path: Path) -> None:
-    """The same rows as a batch file with the user's own headers (positional models included), scored by the
-    batch services in this process, every prediction equal to MLflow's."""
+    """The same rows as a CSV batch file, every prediction equal to MLflow's; a DataFrame or dict answer written as
+    one column per key of MLflow's JSON answer, under a header that names them."""
     import csv as csv_module
 
-    from django.contrib.auth import get_user_model
-
-    from registry.batch import services as batch
-    from registry.models import RegisteredModel
+    from registry.batch import services as batch_services
     from registry.storage import verified_local_path
-    from tests.registry.batch.test_batch import run_inline
 
     spec = BY_NAME[name]
     if name in portal.refused:
@@ -832,26 +1028,132 @@ def test_ten_thousand_rows_and_threshold_probes_agree_in_batch(name: str, portal
     server = _server(mlflow_servers, name)
     frame = _bulk(spec, server.folder)
     expected = _mlflow_predictions(spec, frame, server)
-    own = frame.copy()
-    if spec.tensor:
-        own.columns = [f"input {i}" for i in range(own.shape[1])]  # the user's own headers
-    path = tmp_path / "rows.csv"
-    own.insert(0, "row_id", [f"r{i}" for i in range(len(own))])
-    own.to_csv(path, index=False)
-    user = get_user_model().objects.get(username="conf-ds")
-    job = batch.batch_submit(model=RegisteredModel.objects.get(name=name), environment="dev", path=path,
-                             filename="rows.csv", actor=user,
-                             options=batch.BatchOptions(id_column="row_id", max_error_share=0.0))
-    job = run_inline(job)
-    assert job.status == "done", (job.status, job.error)
+    job, input_columns = _batch_job(name, frame, spec, tmp_path, "csv")
     with verified_local_path(job.result_blob) as result:
         text = result.read_text()
-    written = list(csv_module.DictReader(io.StringIO(text)))
-    assert len(written) == len(frame)
-    ours = [row[job.prediction_column] for row in written]
-    for i, (cell, value) in enumerate(zip(ours, expected, strict=True)):
-        if isinstance(value, float):
-            assert cell == "" if math.isnan(value) else math.isclose(float(cell), value, rel_tol=1e-9,
-                                                                      abs_tol=1e-12), (i, cell, value)
+    reader = csv_module.reader(io.StringIO(text))
+    header = next(reader)
+    body = list(reader)
+    assert len(body) == len(frame)
+    where = _result_columns(expected, input_columns, job)
+    assert header == [*input_columns, *where.values(), job.prediction_id_column], header
+    assert batch_services.job_prediction_columns(job) == list(where.values())  # as the job's page and API say
+    assert all(len(row) == len(header) for row in body)  # no answer spills into other fields
+    written = [dict(zip(header, row, strict=True)) for row in body]
+    for i, (row, value) in enumerate(zip(written, expected, strict=True)):
+        for key, column in where.items():
+            _same_cell(row[column], value[key] if key else value, (i, key, spec.log))
+
+
+def _same_cell(cell: str, value: Any, where: Any) -> None:
+    """A CSV cell against MLflow's JSON value."""
+    if isinstance(value, float):
+        assert cell == "" if math.isnan(value) else math.isclose(float(cell), value, rel_tol=1e-9,
+                                                                  abs_tol=1e-12), (where, cell, value)
+    elif value is None:
+        assert cell == "", (where, cell, value)
+    elif isinstance(value, bool):
+        assert cell == ("true" if value else "false"), (where, cell, value)
+    elif isinstance(value, (dict, list)):
+        assert json.loads(cell) == value, (where, cell, value)
+    else:
+        assert cell == str(value), (where, cell, value)
+
+
+PARQUET_BULK = ["conf-frame-out", "conf-dict-out", "conf-signature-only", "conf-datetime", "conf-onnx"]
+
+
+@pytest.mark.parametrize("name", PARQUET_BULK)
+def test_ten_thousand_rows_agree_in_a_parquet_batch(name: str, portal: Portal, mlflow_servers: dict[str, Server],
+                                                   tmp_path: Path) -> None:
+    """The same rows as a Parquet batch file: every prediction equal to MLflow's, a DataFrame or dict answer as
+    one typed column per key of MLflow's JSON answer."""
+    import pyarrow.parquet as pq
+
+    from registry.storage import verified_local_path
+
+    spec = BY_NAME[name]
+    if name in portal.refused:
+        pytest.fail(f"the portal refused {name}: {portal.refused[name]}")
+    server = _server(mlflow_servers, name)
+    frame = _bulk(spec, server.folder)
+    expected = _mlflow_predictions(spec, frame, server)
+    job, input_columns = _batch_job(name, frame, spec, tmp_path, "parquet")
+    with verified_local_path(job.result_blob) as result:
+        table = pq.read_table(result)
+    where = _result_columns(expected, input_columns, job)
+    assert table.column_names == [*input_columns, *where.values(), job.prediction_id_column], table.column_names
+    assert table.num_rows == len(frame)
+    for key, column in where.items():
+        values = table.column(column).to_pylist()
+        assert not any(isinstance(v, str) and v.startswith("{") for v in values[:5]), values[:5]  # no JSON cell
+        _same([row[key] if key else row for row in expected], values, f"{name}: {column}; {spec.log}")
+
+
+@pytest.mark.parametrize("name", ["conf-lr", "conf-lr-params"])
+def test_binary_logistic_regressions_are_served_by_the_proven_fast_path(name: str, portal: Portal,
+                                                                        mlflow_servers: dict[str, Server]) -> None:
+    """The common case keeps the fast path once proven (so the protocol cases above, params of the wrong type
+    among them, are answered by the fast path's own parser and checks, as MLflow answers them)."""
+    spec = BY_NAME[name]
+    if name in portal.refused:
+        pytest.fail(f"the portal refused {name}: {portal.refused[name]}")
+    assert spec.serving_kind == "onnx", spec.log
+    assert "decision-boundary probes" in spec.log and " 0 mismatches" in spec.log, spec.log
+
+
+@pytest.mark.parametrize("name", ["conf-frame-out"])
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_record_answer_keeps_its_columns_when_a_whole_chunk_fails(name: str, fmt: str, portal: Portal,
+                                                                    mlflow_servers: dict[str, Server],
+                                                                    tmp_path: Path, settings: Any) -> None:
+    """A file cut into many small chunks, one stretch of rows (whole chunks) refused by the model's signature: the
+    refused rows get an empty cell under each of the answer's columns, no row has more or fewer fields than the
+    header, and every scored row holds MLflow's answer."""
+    import csv as csv_module
+
+    import pyarrow.parquet as pq
+    from django.contrib.auth import get_user_model
+
+    from registry.batch import services as batch
+    from registry.models import RegisteredModel
+    from registry.storage import verified_local_path
+    from tests.registry.batch.test_batch import run_inline
+
+    if name in portal.refused:
+        pytest.fail(f"the portal refused {name}: {portal.refused[name]}")
+    settings.PORTAL_BATCH_CHUNK_BYTES = 1024
+    settings.PORTAL_BATCH_CHUNK_ROWS = 100
+    server = _server(mlflow_servers, name)
+    frame = _xy_rows(1000, 9).astype(object)
+    bad = range(300, 600)
+    frame.loc[list(bad), "x"] = "abc"
+    good = [i for i in range(len(frame)) if i not in bad]
+    expected = _mlflow_predictions(BY_NAME[name], frame.iloc[good].astype("float64"), server)
+    own = frame.copy()
+    own.insert(0, "row_id", [f"r{i}" for i in range(len(own))])
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "csv":
+        own.to_csv(path, index=False)
+    else:
+        own.astype({"x": str}).to_parquet(path, index=False, row_group_size=100)
+    job = batch.batch_submit(model=RegisteredModel.objects.get(name=name), environment="dev", path=path,
+                             filename=path.name, actor=get_user_model().objects.get(username="conf-ds"),
+                             options=batch.BatchOptions(id_column="row_id", max_error_share=1.0))
+    job = run_inline(job)
+    assert job.status == "done", (job.status, job.error)
+    assert job.chunks_total >= 5 and job.rows_failed == len(bad), (job.chunks_total, job.rows_failed)
+    header = ["row_id", "x", "y", "label", "score", job.prediction_id_column]
+    with verified_local_path(job.result_blob) as result:
+        if fmt == "csv":
+            rows = list(csv_module.reader(io.StringIO(result.read_text())))
+            assert rows[0] == header and all(len(r) == len(header) for r in rows)
+            label, score = [r[3] for r in rows[1:]], [r[4] for r in rows[1:]]
         else:
-            assert cell == str(value), (i, cell, value, spec.log)
+            table = pq.read_table(result)
+            assert table.column_names == header
+            label, score = table.column("label").to_pylist(), table.column("score").to_pylist()
+    empty = "" if fmt == "csv" else None
+    assert all(label[i] == empty and score[i] == empty for i in bad)
+    assert [label[i] for i in good] == [e["label"] for e in expected]
+    _same([e["score"] for e in expected], [float(score[i]) for i in good], f"{fmt}: {job.error}")

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0010_version_explanation'),
+        ('registry', '0011_promotion_approvers_notified_at'),
     ]
 
     operations = [

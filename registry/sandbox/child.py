@@ -17,6 +17,7 @@ only. The limits are set before anything reads the artifact, and cannot be raise
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -1156,7 +1157,10 @@ class Explainer:
             needed = per_call * fewest * n / 0.8
             raise ExplainBudget(f"explaining {n} rows model-agnostically needs about {needed:.1f} s, over the "
                                 f"budget of {self.budget:.1f} s: send fewer rows")
-        samples = int(max(fewest, min(2048, per_row_seconds / per_call)))
+        # A power of two, and the sampler seeded by the row itself: the same row explained twice (the subject access
+        # page, then its download) gets the same estimate unless the machine's speed moved the budget's choice.
+        samples = 1 << int(np.log2(max(fewest, min(2048, per_row_seconds / per_call))))
+        samples = max(samples, fewest)
         explainer = self._shap.KernelExplainer(self._function, background)
         expected = np.asarray(explainer.expected_value, dtype=np.float64).reshape(-1)
         attributions = np.empty((n, width))
@@ -1167,6 +1171,8 @@ class Explainer:
             if time.perf_counter() > budget_end:
                 raise ExplainBudget(f"explained {i} of {n} rows within the budget of {self.budget:.1f} s: "
                                     "send fewer rows")
+            np.random.seed(int.from_bytes(hashlib.blake2b(np.ascontiguousarray(matrix[i]).tobytes(),
+                                                          digest_size=4).digest(), "big"))
             values = np.asarray(explainer.shap_values(matrix[i:i + 1], nsamples=samples, silent=True,
                                                       l1_reg=False), dtype=np.float64).reshape(width, -1)
             outputs = self._function(matrix[i:i + 1]).reshape(-1)

@@ -39,7 +39,7 @@ def test_an_administrator_connects_retries_and_disables_an_mlflow_server(
         page.click("[data-testid=connect-submit]")
     assert "is connected to " + mlflow_server in page.inner_text(".messages")
     connection = MlflowConnection.objects.get()
-    hooks = MlflowClient(tracking_uri=mlflow_server).list_webhooks()
+    hooks = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server).list_webhooks()
     assert [h.webhook_id for h in hooks] == [connection.webhook_id], "the webhook is on the server"
     assert hooks[0].url == connection.webhook_url and hooks[0].url.startswith(live_server.url)
     card = page.locator(f"[data-connection='{connection.uid}']")
@@ -78,7 +78,7 @@ def test_an_administrator_connects_retries_and_disables_an_mlflow_server(
         page.click("[data-testid=disable]")
     assert f"The connection to {mlflow_server} is disabled" in page.inner_text(".messages")
     assert page.locator("[data-testid=connection-state]").inner_text() == "disabled"
-    assert list(MlflowClient(tracking_uri=mlflow_server).list_webhooks()) == [], "the webhook left the server"
+    assert list(MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server).list_webhooks()) == [], "the webhook left the server"
     event = AuditEvent.objects.get(action="mlflow.disconnect")
     assert event.after == {"active": False, "webhook_removed": True, "webhook_problem": ""}
     assert not _axe(page)

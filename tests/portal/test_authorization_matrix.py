@@ -32,8 +32,10 @@ from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, Retra
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
-from registry.models import EnvironmentState, ModelVersion
+from registry.mlflow_sync import services as mlflow_sync
+from registry.models import EnvironmentState, MlflowConnection, MlflowSyncJob, MlflowSyncStatus, ModelVersion
 from registry.promotions import services as promotions
+from tests.conftest import free_port
 from tests.registry import files
 from tests.registry.conftest import deploy_now, fresh_serving_cache, two_versions  # noqa: F401 - fixtures
 
@@ -198,6 +200,13 @@ TABLE: dict[str, list[Call]] = {
     # MLflow's signature (none here: 401 for everyone, audited as mlflow.webhook_refuse).
     "api/v1/integrations/mlflow/connections": [api("GET", ADMIN, outsider=403), api("POST", ADMIN, ok=400, outsider=403)],
     "api/v1/integrations/mlflow/webhook": [everyone("POST", 401)],
+    # The connections page: every member reads (their own teams' connections; the outsider sees theirs, none), team
+    # managers act. Connect is refused for want of a tracking URI (the form comes back, 302).
+    "integrations/mlflow/": [page("GET", ALL)],
+    "integrations/mlflow/connect": [page("POST", ADMIN, ok=302, outsider=403,
+                                         body={"team": "acme", "tracking_uri": ""})],
+    "integrations/mlflow/<uuid:uid>/disable": [page("POST", ADMIN, ok=302)],
+    "integrations/mlflow/jobs/<uuid:uid>/retry": [page("POST", ADMIN, ok=302)],
     # API: the registry
     "api/v1/models/": [api("GET", ALL), api("POST", DS, ok=201, body={"name": "matrix-model", "team": "acme"})],
     "api/v1/models/<str:name>/": [api("GET")],
@@ -238,6 +247,9 @@ TABLE: dict[str, list[Call]] = {
                                         api("DELETE", DS, ok=204)],
     # API: serving and monitoring
     "api/v1/serve/<str:name>/<str:env>/invocations": [api("POST", SCORE, body="ROWS")],
+    # The world's versions were scanned, but their explain task (a second sandbox run) has not run: those allowed get
+    # 503 explainer_pending, which is past every permission check.
+    "api/v1/serve/<str:name>/<str:env>/explain": [api("POST", SCORE, ok=503, body="ROWS")],
     "api/v1/serve/<str:name>/<str:env>/feedback": [api("POST", SCORE, ok=202, body="FEEDBACK")],
     "api/v1/models/<str:name>/environments/<str:env>/predictions": [api("GET")],
     "api/v1/models/<str:name>/environments/<str:env>/monitoring": [api("GET")],
@@ -305,12 +317,20 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     retrain = RetrainingRequest.objects.create(model=model, environment="dev", trigger="manual", reason="matrix",
                                                snapshot=snapshot, status="called")
     flag = ErasedDataFlag.objects.create(version=v1, snapshot=snapshot, erasure_seq=1, erasure_hash="0" * 64)
+    connection = MlflowConnection.objects.create(team=Team.objects.get(slug="acme"),
+                                                 tracking_uri=f"http://127.0.0.1:{free_port()}",
+                                                 secret_encrypted=mlflow_sync.secret_encrypt("s" * 32),
+                                                 webhook_id="wh-1", created_by=personas["admin"])
+    sync_job = MlflowSyncJob.objects.create(connection=connection, kind="import", registered_model="churn",
+                                            mlflow_version="1", status=MlflowSyncStatus.FAILED, error="did not answer",
+                                            attempts=8)
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
     ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid,
            "alert": alert.uid, "token": victim_token.uid, "schedule": schedule.pk, "webhook": hook.pk,
            "snapshot": snapshot.uid,
-           "retraining": retrain.uid, "flag": flag.uid,
+           "retraining": retrain.uid, "flag": flag.uid, "mlflow-connection": connection.uid,
+           "mlflow-job": sync_job.uid,
            "seq": AuditEvent.objects.order_by("seq").values_list("seq", flat=True).last()}
     bodies = {"ROWS": {"dataframe_split": {"columns": list(X.columns), "data": X.head(2).to_numpy().tolist()}},
               "FEEDBACK": [{"prediction_id": "0" * 32, "actual": 1}],
@@ -334,7 +354,8 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
         for prefix in ("deployment", "promotion", "batch-job", "alert", "token", "experiment"):
             if (name or "").startswith(prefix):
                 return str(ids[prefix])
-        for names, key in ((("dataset", "snapshot", "download"), "snapshot"),
+        for names, key in ((("dataset", "snapshot", "download"), "snapshot"), (("mlflow-disable",), "mlflow-connection"),
+                           (("mlflow-job-retry",), "mlflow-job"),
                            (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag")):
             if (name or "").startswith(names):
                 return str(ids[key])

@@ -131,6 +131,8 @@ def test_the_readme_documents_every_variable_the_settings_read() -> None:
 
 ROUTES = {
     "registry.tasks.version_scan": "scan",
+    # the global importance after a scan: a second sandbox run, beside the scans
+    "registry.tasks.version_explain": "scan",
     "registry.tasks.deployment_run": "deploy",
     "registry.tasks.deployments_reap": "deploy",
     "registry.tasks.batch_plan": "score",
@@ -148,6 +150,8 @@ ROUTES = {
     "monitoring.tasks.snapshot_cut": "score",
     "monitoring.tasks.snapshots_reap": "monitor",
     "monitoring.tasks.retraining_evaluate": "monitor",
+    # production rows explained by each champion's sandboxed host, hourly
+    "monitoring.tasks.attribution_drift": "monitor",
     "portal.tasks.webhook_deliver": "celery",
     "portal.tasks.send_email": "celery",
     "portal.tasks.audit_chain_verify": "celery",

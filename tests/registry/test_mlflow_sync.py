@@ -110,7 +110,7 @@ def test_mlflow_registry_and_portal_stay_in_step(mlflow_server: str, live_server
                         format="json")
     assert answer.status_code == 201, answer.content
     connection = MlflowConnection.objects.get(uid=answer.json()["id"])
-    hooks = MlflowClient(mlflow_server).list_webhooks()
+    hooks = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server).list_webhooks()
     assert [h.webhook_id for h in hooks] == [connection.webhook_id]
     assert {str(e) for e in hooks[0].events} == {"model_version.created", "model_version_alias.created"}
     assert mlflow_sync.connection_secret(connection) not in connection.secret_encrypted  # stored encrypted
@@ -158,11 +158,11 @@ def test_mlflow_registry_and_portal_stay_in_step(mlflow_server: str, live_server
 
     # 3. The portal unreachable when MLflow fires (the webhook pointed at a port nothing listens on): the delivery
     # is lost, and the periodic reconcile imports the version later.
-    MlflowClient(mlflow_server).update_webhook(connection.webhook_id, url=f"http://127.0.0.1:{free_port()}/down")
+    MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server).update_webhook(connection.webhook_id, url=f"http://127.0.0.1:{free_port()}/down")
     second = log_model(mlflow_server, 2)
     time.sleep(2)
     assert not MlflowSyncJob.objects.filter(mlflow_version=second["version"]).exists()
-    MlflowClient(mlflow_server).update_webhook(connection.webhook_id, url=connection.webhook_url)
+    MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server).update_webhook(connection.webhook_id, url=connection.webhook_url)
     mlflow_reconcile_task.delay()
     later = wait_for(lambda: ModelVersion.objects.filter(model__name="churn", status="ready",
                                                          mlflow_source__registered_version=second["version"]).first(),
@@ -180,7 +180,7 @@ def test_mlflow_registry_and_portal_stay_in_step(mlflow_server: str, live_server
                  what=f"{target} live")
     alias_job = wait_for(lambda: MlflowSyncJob.objects.filter(kind="alias", environment="prod", status="done").first(),
                          timeout=60, what="MLflow's prod alias set")
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     prod = client.get_model_version_by_alias("churn", "prod")
     assert prod.version == first["version"] != later.mlflow_source.registered_version
     assert prod.tags["portal.prod.approved_by"] == "alex,blair"

@@ -72,7 +72,7 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
                 X, _y = files._data()
                 info = mlflow.sklearn.log_model(files.logistic_regression(), name="model", input_example=X.head(2),
                                                 pip_requirements=["scikit-learn"], registered_model_name="churn-lr")
-            MlflowClient(uri).set_registered_model_alias("churn-lr", "champion", "1")
+            MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("churn-lr", "champion", "1")
         finally:
             mlflow.set_tracking_uri(previous)
             mlflow.set_registry_uri(previous)
@@ -185,7 +185,7 @@ def test_models_saved_by_mlflow_315_to_318_clients_import_and_pass_the_sandbox(
 
     from tests.registry.versions.test_mlflow_clients import CLIENTS, client_fixture
 
-    mlflow_client = MlflowClient(tracking_server["uri"])
+    mlflow_client = MlflowClient(tracking_uri=tracking_server["uri"], registry_uri=tracking_server["uri"])
     experiment = mlflow_client.create_experiment("client-fixtures")
     api = api_as(personas["ds"])
     for client in CLIENTS:

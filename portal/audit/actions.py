@@ -56,6 +56,7 @@ class AuditAction(enum.Enum):
     MLFLOW_ALIAS_FAIL = (2107, "mlflow.alias_fail")
     MLFLOW_DISCONNECT = (2108, "mlflow.disconnect")
     MLFLOW_JOB_RETRY = (2109, "mlflow.job_retry")
+    MLFLOW_RECONCILE = (2110, "mlflow.reconcile")
     # 3000: deployments and traffic
     DEPLOYMENT_CREATE = (3001, "deployment.create")
     DEPLOYMENT_LIVE = (3002, "deployment.live")

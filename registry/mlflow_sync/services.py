@@ -452,7 +452,9 @@ def mlflow_alias_on_live(sender: Any, *, deployment: Deployment, live: bool, **k
 
 def mlflow_reconcile() -> dict[str, int]:
     """Queue imports for versions made on each connected server since it was connected that no webhook announced,
-    and hand out again jobs whose retry is overdue (a lost message) or whose worker died mid-run."""
+    and hand out again jobs whose retry is overdue (a lost message) or whose worker died mid-run. Each connection
+    where versions were found is audited (``mlflow.reconcile``, the versions named), and each job handed out again
+    (``mlflow.job_retry`` by no one, with the reason), in the transaction that makes the change."""
     now = timezone.now()
     found = 0
     for connection in MlflowConnection.objects.filter(active=True).select_related("team"):
@@ -462,20 +464,34 @@ def mlflow_reconcile() -> dict[str, int]:
             logger.warning("MLflow reconcile of %s failed: %s", connection.tracking_uri, _message(exc)[:300])
             continue
         with transaction.atomic():
+            new_versions = []
             for name, version in versions_seen:
                 _job, created = _import_job(connection, name, version, origin="reconcile")
-                found += int(created)
+                if created:
+                    new_versions.append(f"{name}/{version}")
             MlflowConnection.objects.filter(pk=connection.pk).update(reconciled_at=now)
+            if new_versions:
+                audit_record(AuditAction.MLFLOW_RECONCILE, actor=None, target=connection_target(connection),
+                             after={"queued": new_versions}, metadata={"seen": len(versions_seen)})
+            found += len(new_versions)
     overdue = MlflowSyncJob.objects.filter(
         Q(status__in=[MlflowSyncStatus.PENDING, MlflowSyncStatus.RETRYING], next_attempt_at__lte=now - timedelta(
             seconds=60)) | Q(status=MlflowSyncStatus.RUNNING, updated_at__lte=now - RUNNING_STALE))
     requeued = 0
-    for job in overdue:
+    for job in overdue.select_related("connection"):
         with transaction.atomic():
+            status = job.status
             if job.status == MlflowSyncStatus.RUNNING:
                 MlflowSyncJob.objects.filter(pk=job.pk, status=MlflowSyncStatus.RUNNING).update(
                     status=MlflowSyncStatus.RETRYING, updated_at=now)
+                status = MlflowSyncStatus.RETRYING
             MlflowSyncJob.objects.filter(pk=job.pk).update(next_attempt_at=now)
+            audit_record(AuditAction.MLFLOW_JOB_RETRY, actor=None, target=connection_target(job.connection),
+                         before={"status": job.status},
+                         after={"status": status, "job": str(job.uid), "registered_model": job.registered_model,
+                                "mlflow_version": job.mlflow_version},
+                         metadata={"reason": "its worker stopped mid-run" if job.status == MlflowSyncStatus.RUNNING
+                                   else "its retry was not picked up in time"})
             _enqueue_on_commit(job)
         requeued += 1
     return {"found": found, "requeued": requeued}

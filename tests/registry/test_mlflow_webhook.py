@@ -113,3 +113,29 @@ def test_connecting_refuses_credentials_in_the_address(personas: dict[str, Any],
                                               format="json")
     assert response.status_code == 400 and "no credentials" in response.content.decode()
     assert not MlflowConnection.objects.exists()
+
+
+def test_the_reconcile_audits_each_job_it_hands_out_again(connection: MlflowConnection,
+                                                          django_capture_on_commit_callbacks: Any) -> None:
+    """A job whose worker died mid-run (RUNNING for longer than RUNNING_STALE) and one whose retry message was lost
+    are handed out again by the reconcile, each with an audit event by no one that says why; a job not yet due is
+    left alone and unaudited. The tracking server is unreachable, so nothing new is found (and nothing is audited
+    for it)."""
+    now = timezone.now()
+    stale, _ = mlflow_sync._import_job(connection, "churn", "1", origin="webhook")
+    lost, _ = mlflow_sync._import_job(connection, "churn", "2", origin="webhook")
+    due_later, _ = mlflow_sync._import_job(connection, "churn", "3", origin="webhook")
+    MlflowSyncJob.objects.filter(pk=stale.pk).update(status="running",
+                                                     updated_at=now - mlflow_sync.RUNNING_STALE - timedelta(minutes=1))
+    MlflowSyncJob.objects.filter(pk=lost.pk).update(status="retrying", next_attempt_at=now - timedelta(minutes=5))
+    MlflowSyncJob.objects.filter(pk=due_later.pk).update(status="retrying", next_attempt_at=now + timedelta(hours=1))
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        outcome = mlflow_sync.mlflow_reconcile()
+    assert outcome == {"found": 0, "requeued": 2} and len(queued) == 2
+    events = {e.after["mlflow_version"]: e for e in AuditEvent.objects.filter(action="mlflow.job_retry")}
+    assert set(events) == {"1", "2"}
+    assert events["1"].actor is None and events["1"].before == {"status": "running"}
+    assert events["1"].after["status"] == "retrying" and "worker stopped" in events["1"].metadata["reason"]
+    assert events["2"].before == {"status": "retrying"} and "not picked up" in events["2"].metadata["reason"]
+    assert MlflowSyncJob.objects.get(pk=stale.pk).status == "retrying"
+    assert not AuditEvent.objects.filter(action="mlflow.reconcile").exists()

@@ -53,7 +53,7 @@ class EdgePackageDetailApi(APIView):
 
 
 class EdgePackageDownloadApi(APIView):
-    @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY},
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
                    summary="Download a ready edge package (ZIP; X-Content-SHA256); audited")
     def get(self, request: Request, uid: str) -> Any:
         package = selectors.package_get(user=request.user, uid=uid, action="download_artifact")

@@ -204,6 +204,11 @@ def quantized_graph(source: Path, target: Path) -> str:
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The rewrite holds a few copies of the graph in this worker: bounded by the in-process memory cap.
+    limit = settings.PORTAL_ONNX_MEMORY_MB * 1024 * 1024 // 4
+    if source.stat().st_size > limit:
+        return (f"the float form ({source.stat().st_size:,} bytes) is larger than a quarter of PORTAL_ONNX_MEMORY_MB, "
+                "the most a worker quantizes")
     model = onnx.load_model_from_string(source.read_bytes())
     initializers = {i.name: i for i in model.graph.initializer}
     nodes: list[Any] = []
@@ -288,7 +293,7 @@ def write_package(*, version: ModelVersion, package_uid: str, work: Path, forms:
     (root / "public_key.pem").write_text(signing.public_key_pem())
     (root / "README.txt").write_text(
         f"Edge package of {version.model.name} version {version.number}.\n\n"
-        "Needs Python 3.9+ with onnxruntime and numpy (pip install onnxruntime numpy); nothing else.\n\n"
+        "Needs Python 3.10+ with onnxruntime and numpy (pip install onnxruntime numpy); nothing else.\n\n"
         "  python -m portal_edge verify --public-key portal-edge-key.pem   # signature and hashes, offline\n"
         "  python -m portal_edge rows.json                               # or rows.csv; predictions on stdout\n"
         "  python -m portal_edge upload --url https://PORTAL --token mle_…  # kept predictions, when online\n\n"
@@ -336,7 +341,10 @@ def build(*, version: ModelVersion, package_uid: str, int8: bool, work: Path,
     else:
         step(65, "Quantizing the float form to int8 with onnxruntime's dynamic quantization.")
         int8_path = work / "model.int8.onnx"
-        note = quantized_graph(float_path, int8_path)
+        try:
+            note = quantized_graph(float_path, int8_path)
+        except Exception as exc:  # the quantizer refuses graphs in many ways; the package then has no int8 form
+            note = f"onnxruntime's dynamic quantization failed on this graph ({type(exc).__name__}: {str(exc)[:200]})"
         if not note:
             try:
                 int8_predictions, int8_form = measure(int8_path, matrix, truth, quantized=True)

@@ -245,9 +245,18 @@ class UploadReceipt:
                 "note": "each prediction id is logged once: records sent again are kept once"}
 
 
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (an integer too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _finite_number(value: Any, what: str, index: int, *, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not low <= value <= high:
+    if not _is_number(value) or not low <= float(value) <= high:
         raise ValidationError({"records": f"record {index}: {what} must be a number between {low:g} and {high:g}."})
     return float(value)
 
@@ -280,14 +289,12 @@ def _checked(records: Any, model: RegisteredModel) -> list[dict[str, Any]]:
         latency = _finite_number(record.get("latency_ms", 0.0), "latency_ms", i, low=0.0, high=3_600_000.0)
         inputs = record.get("inputs")
         if not isinstance(inputs, list) or (widths[version] and len(inputs) != widths[version]) or not all(
-                v is None or (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v))
-                for v in inputs):
+                v is None or _is_number(v) for v in inputs):
             raise ValidationError({"records": f"record {i}: inputs must be a list of {widths[version]} numbers "
                                               "(null where missing)."})
         output = record.get("output")
-        if not (output is None or isinstance(output, str | bool) or (
-                isinstance(output, int | float) and math.isfinite(output))) or (isinstance(output, str)
-                                                                               and len(output) > 1000):
+        if not (output is None or isinstance(output, str | bool) or _is_number(output)) or (
+                isinstance(output, str) and len(output) > 1000):
             raise ValidationError({"records": f"record {i}: output must be a number, text or null."})
         if pid in seen:
             continue  # the same prediction twice in one upload: once is enough

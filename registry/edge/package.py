@@ -203,6 +203,7 @@ def quantized_graph(source: Path, target: Path) -> str:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     # The rewrite holds a few copies of the graph in this worker: bounded by the in-process memory cap.
     limit = settings.PORTAL_ONNX_MEMORY_MB * 1024 * 1024 // 4
@@ -230,13 +231,16 @@ def quantized_graph(source: Path, target: Path) -> str:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.metadata_props[:]
+    operators = sorted({n.op_type for n in model.graph.node})
+    nothing = ("onnxruntime's dynamic quantization found nothing to quantize in this graph (it quantizes the weights "
+               "of MatMul, convolutions and recurrent layers; this graph has " + ", ".join(operators[:12]) + ")")
+    if not set(operators) & (set(IntegerOpsRegistry) - {"Gather", "Transpose"}):  # those two only follow others
+        return nothing
     quantize_dynamic(model, str(target), weight_type=QuantType.QInt8)
     quantized = onnx.load_model_from_string(target.read_bytes())
     if not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "ConvInteger") for n in quantized.graph.node):
-        operators = sorted({n.op_type for n in model.graph.node})
         target.unlink()
-        return ("onnxruntime's dynamic quantization found nothing to quantize in this graph (it quantizes the "
-                "weights of MatMul, Gemm and convolutions; this graph has " + ", ".join(operators[:12]) + ")")
+        return nothing
     used = {n.domain for n in quantized.graph.node} | {"", "ai.onnx"}
     kept = [o for o in quantized.opset_import if o.domain in used]
     del quantized.opset_import[:]
@@ -272,7 +276,7 @@ def measure(path: Path, matrix: Any, truth: Any, *, quantized: bool) -> tuple[An
     except (OnnxRefused, OnnxSandboxOnly) as exc:
         raise PackageRefused(f"the {'int8' if quantized else 'float'} form may not run in the portal: {exc}") from None
     predictions = _predict_all(predict, matrix)
-    form = Form(name="int8" if quantized else "fp32", file=path.name, path=path,
+    form = Form(name="int8" if quantized else "fp32", file="model.int8.onnx" if quantized else "model.onnx", path=path,
                 metrics=form_metrics(predictions, truth))
     form.latency_ms_p50, form.latency_us_per_row_batch = _latency(predict, matrix)
     return predictions, form

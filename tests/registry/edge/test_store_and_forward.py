@@ -36,7 +36,7 @@ def test_predictions_kept_offline_are_logged_once_each_after_an_outage_and_a_res
         tmp_path: Path) -> None:
     package = _build_in_process(edge_lr, personas)
     assert package.status == "ready", package.error
-    folder = _package_folder(package, tmp_path)
+    folder = _package_folder(package, tmp_path / "device")
     _token, plaintext = edge.device_token_create(model=edge_lr.model, name="shop floor", environment="prod",
                                                  actor=personas["ds"])
 

@@ -488,9 +488,10 @@ def test_every_form_and_session_api_call_needs_the_csrf_token(world: dict[str, A
             kwargs: dict[str, Any] = {"format": "json"} if call.api else {}
             path = fill(pattern, name, world["ids"], call.number, call.env)
             response = getattr(client, call.method.lower())(path, body or {}, **kwargs)
-            # The serving endpoints take tokens only, and MLflow's webhook only its signature, never the session:
-            # 401 there.
-            sessionless = "/serve/" in path or path.startswith("/api/v1/integrations/mlflow/webhook")
+            # The serving endpoints take tokens only, MLflow's webhook only its signature and edge uploads only a
+            # device token, never the session: 401 there.
+            sessionless = "/serve/" in path or path.startswith(("/api/v1/integrations/mlflow/webhook",
+                                                                "/api/v1/edge/uploads"))
             if response.status_code not in (403, 401) or (response.status_code == 401 and not sessionless):
                 unprotected.append(f"{call.method} {path}: {response.status_code}")
     assert not unprotected, unprotected

@@ -729,8 +729,8 @@ def xgboost_probes(model: Any, bases: Any, limit: int, rng: Any) -> tuple[Any, d
                 else:  # x >= split: (lo, hi] with lo just below the split
                     lo[j] = max(lo[j], float(np.nextafter(threshold, below)))
             child = up
-        for j in np.flatnonzero(np.isfinite(lo) | np.isfinite(hi) | ~np.isfinite(base)):
-            base[j] = _inside(lo[j], hi[j], base[j] if np.isfinite(base[j]) else 0.0)
+        for k in np.flatnonzero(np.isfinite(lo) | np.isfinite(hi) | ~np.isfinite(base)).tolist():
+            base[k] = _inside(float(lo[k]), float(hi[k]), float(base[k]) if np.isfinite(base[k]) else 0.0)
         for value in [*threshold_values(float(np.float32(row_info.Split))), np.nan]:
             row = base.copy()
             row[feature] = value

@@ -272,7 +272,12 @@ class Runner:
     def predict(self, rows: list[list[Any]]) -> list[Any]:
         import numpy as np
 
-        matrix = np.asarray([[_cell(v, self.allow_missing) for v in row] for row in rows], dtype=np.float64)
+        try:  # numbers (or numeric text, null as missing) in one step; anything else cell by cell, saying which
+            matrix = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError):
+            matrix = np.asarray([[_cell(v, self.allow_missing) for v in row] for row in rows], dtype=np.float64)
+        if not self.allow_missing and matrix.size and np.isnan(matrix).any():
+            raise PackageError("a value is missing, and this model was not proven on missing values")
         if matrix.ndim != 2 or (self.columns and matrix.shape[1] != len(self.columns)):
             raise PackageError(f"the model takes rows of {len(self.columns)} values")
         if not len(matrix):

@@ -13,5 +13,5 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # The registry keeps its tasks with each feature (registry/<feature>/tasks.py).
 app.autodiscover_tasks(["registry.versions", "registry.deployments", "registry.batch", "registry.mlflow_sync",
-                        "registry.promotions",
+                        "registry.promotions", "registry.edge",
                         "monitoring.datasets"])

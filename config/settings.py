@@ -204,6 +204,8 @@ if not _single_queue:
         "registry.tasks.version_explain": {"queue": "scan"},
         "registry.tasks.deployment*": {"queue": "deploy"},
         "registry.tasks.batch_*": {"queue": "score"},
+        # An edge package converts and proves the version in the sandbox, as a deployment does
+        "registry.tasks.edge_package_build": {"queue": "deploy"},
         # A snapshot cut runs for minutes: with the batch work, never holding up the prediction-log flushers.
         "monitoring.tasks.snapshot_cut": {"queue": "score"},
         "monitoring.tasks.*": {"queue": "monitor"},
@@ -578,6 +580,27 @@ if PORTAL_AUDIT_SIGNING_KEY:
     if not _valid_key:
         raise ImproperlyConfigured("PORTAL_AUDIT_SIGNING_KEY must be an unencrypted Ed25519 private key in PEM "
                                    "(openssl genpkey -algorithm ed25519)")
+
+# --- Edge packages ------------------------------------------------------------------------------------------------
+# Ed25519 private key (PEM, PKCS#8) that signs edge packages' manifests (its public key travels in each package and
+# is at /api/v1/edge/public-key); without it one is generated once in var/ in the demo, and packages are refused
+# when PORTAL_DEBUG is off. Keep it apart from the audit key: devices hold what it signs.
+PORTAL_EDGE_SIGNING_KEY = env_str("PORTAL_EDGE_SIGNING_KEY", "")
+if PORTAL_EDGE_SIGNING_KEY:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey as _Ed25519Edge
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key as _load_pem_edge
+
+    try:
+        _valid_edge_key = isinstance(_load_pem_edge(PORTAL_EDGE_SIGNING_KEY.encode(), password=None), _Ed25519Edge)
+    except (ValueError, TypeError):
+        _valid_edge_key = False
+    if not _valid_edge_key:
+        raise ImproperlyConfigured("PORTAL_EDGE_SIGNING_KEY must be an unencrypted Ed25519 private key in PEM "
+                                   "(openssl genpkey -algorithm ed25519)")
+# An int8 form is offered only when, on the reference rows, its accuracy is at most this far below the float form's
+# (classifiers; or its share of answers that differ from the float form's, without true labels), or its mean
+# absolute error at most this fraction above it (regressors).
+PORTAL_EDGE_INT8_TOLERANCE = env_float("PORTAL_EDGE_INT8_TOLERANCE", 0.01, minimum=0.0, maximum=1.0)
 
 # Checkpoints of the chain's head are also POSTed here (the compliance team's receiver), signed like every webhook
 # with the secret when one is given.

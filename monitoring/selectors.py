@@ -23,6 +23,9 @@ from portal.permissions import get_object_for_user, scope_to_teams
 from registry.models import EnvironmentState, ServingInterval
 
 ONLINE_ROLES = ("champion", "canary")
+# What the monitoring page adds up: live answers, and the predictions edge devices uploaded (registry.edge), whose
+# rows the roles table still sets apart; promotion evidence and alerts stay on the portal's own traffic.
+MONITORED_ROLES = (*ONLINE_ROLES, "edge")
 RANGES = {"1h": dt.timedelta(hours=1), "6h": dt.timedelta(hours=6), "24h": dt.timedelta(hours=24),
           "7d": dt.timedelta(days=7), "30d": dt.timedelta(days=30), "90d": dt.timedelta(days=90)}
 MAX_RANGE = dt.timedelta(days=400)
@@ -168,13 +171,13 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
     challenger = state.challenger.version.number if state and state.challenger else None
     versions_seen: dict[int, int] = defaultdict(int)
     for r in rows:
-        if r.role in ONLINE_ROLES:
+        if r.role in MONITORED_ROLES:
             versions_seen[r.version] += r.count
     if version is None:
         version = champion if champion is not None else (max(versions_seen, key=lambda v: versions_seen[v])
                                                          if versions_seen else None)
     drift_version = version
-    online = [r for r in rows if r.role in ONLINE_ROLES and r.version == version]
+    online = [r for r in rows if r.role in MONITORED_ROLES and r.version == version]
     now_serving = {n: role for n, role in ((champion, "champion"), (challenger, state.mode if state else ""))
                    if n is not None}
     versions = [{"version": n, "serving": now_serving.get(n, ""), "predictions": versions_seen.get(n, 0)}
@@ -186,7 +189,7 @@ def monitoring_summary(*, model: Any, environment: str, start: dt.datetime, end:
     for r in rows:
         if r.version != version:
             continue
-        if r.role in ONLINE_ROLES:
+        if r.role in MONITORED_ROLES:
             by_bucket[r.start].append(r)
         elif r.role == "batch":
             batch_by_bucket[r.start] += r.count

@@ -671,3 +671,75 @@ class MlflowSyncJob(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.registered_model}/{self.mlflow_version} ({self.status})"
+
+
+class EdgePackageStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Building"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+class EdgePackage(models.Model):
+    """An offline package of one version for small devices, built by a worker (``registry.edge``): the version's
+    proven ONNX form, optionally an int8 form that stays within ``PORTAL_EDGE_INT8_TOLERANCE`` of it on the reference
+    rows, the ``portal_edge`` runner, and a manifest signed with the edge signing key. ``forms`` holds each form's
+    file, size, metrics on the reference rows and latency per row; ``int8_note`` why there is no int8 form."""
+
+    team_path: ClassVar[str] = "model__team"  # whose team sees it (portal.permissions.scope_to_teams)
+    MAX_ATTEMPTS = 3
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="edge_packages")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="edge_packages")
+    int8_requested = models.BooleanField(default=True)
+    status = models.CharField(max_length=8, choices=EdgePackageStatus.choices, default=EdgePackageStatus.QUEUED)
+    progress = models.PositiveSmallIntegerField(default=0)
+    log = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    forms = models.JSONField(default=list, blank=True)
+    int8_note = models.TextField(blank=True)
+    manifest = models.JSONField(default=dict, blank=True)
+    blob = models.ForeignKey(Blob, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["model", "-created_at"], name="edgepackage_model_time")]
+
+    def __str__(self) -> str:
+        return f"edge package {str(self.uid)[:8]} of {self.model.name} v{self.version.number} ({self.status})"
+
+
+class EdgeDeviceToken(models.Model):
+    """A device fleet's credential: uploads the predictions its runners stored while offline for one model, into
+    that model's prediction log under ``environment``, and does nothing else. Only its SHA-256 is kept."""
+
+    team_path: ClassVar[str] = "model__team"
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="edge_tokens")
+    environment = models.CharField(max_length=8, choices=Environment.choices, default=Environment.PROD)
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_report_at = models.DateTimeField(null=True, blank=True)
+    records_received = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"device token {self.prefix}… for {self.model.name}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

@@ -4,6 +4,7 @@ from django.urls import path
 
 from registry.batch import views as batch_views
 from registry.deployments import views as deployment_views
+from registry.edge import views as edge_views
 from registry.mlflow_sync import views as mlflow_views
 from registry.promotions import views as promotion_views
 from registry.versions import views as version_views
@@ -36,6 +37,11 @@ urlpatterns = [
     path("batch/<uuid:uid>/cancel", batch_views.batch_job_cancel, name="batch-job-cancel"),
     path("batch-schedules/<int:pk>/toggle", batch_views.schedule_toggle, name="batch-schedule-toggle"),
     path("batch-schedules/<int:pk>/delete", batch_views.schedule_delete, name="batch-schedule-delete"),
+    path("models/<str:name>/edge/", edge_views.edge_page, name="edge"),
+    path("models/<str:name>/edge/packages", edge_views.package_create, name="edge-package-create"),
+    path("models/<str:name>/edge/tokens", edge_views.token_create, name="edge-token-create"),
+    path("edge/<uuid:uid>/", edge_views.package_page, name="edge-package"),
+    path("edge-tokens/<uuid:uid>/revoke", edge_views.token_revoke, name="edge-token-revoke"),
     path("promotions/", promotion_views.promotion_queue, name="promotions"),
     path("promotions/<uuid:uid>/", promotion_views.promotion_detail, name="promotion"),
     path("promotions/<uuid:uid>/decide", promotion_views.promotion_decide, name="promotion-decide"),

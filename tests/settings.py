@@ -16,6 +16,8 @@ os.environ.setdefault("PORTAL_PAYLOAD_KEYS", "NH4Yxr2bIzZf21P0Yo8BK1qjWifarquKp4
 os.environ.setdefault("PORTAL_SUBJECT_HASH_KEY", "tests-only-subject-hash-key-0123456789abcdef")
 os.environ.setdefault("PORTAL_AUDIT_SIGNING_KEY", "-----BEGIN PRIVATE KEY-----\n"
                       "MC4CAQAwBQYDK2VwBCIEIAxg0LrD3ZcITDl5pc8XWLWbYIvYvhVevwpMSOYI4mkk\n-----END PRIVATE KEY-----\n")
+os.environ.setdefault("PORTAL_EDGE_SIGNING_KEY", "-----BEGIN PRIVATE KEY-----\n"
+                      "MC4CAQAwBQYDK2VwBCIEIEQYP1K6bKfGC9GUFnJsDPuLqu9FRBS9Y5vGNQ5+dvk9\n-----END PRIVATE KEY-----\n")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portal")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
 os.environ.setdefault("PORTAL_SECURE_SSL_REDIRECT", "0")

@@ -100,6 +100,14 @@ class AuditAction(enum.Enum):
     VERSION_TRAINED_ON = (3421, "version.trained_on")
     VERSION_ERASED_DATA_FLAG = (3422, "version.erased_data_flag")
     VERSION_ERASED_DATA_DECISION = (3423, "version.erased_data_decision")
+    # 3500: edge packages, device tokens and what devices upload
+    EDGE_PACKAGE_REQUEST = (3501, "edge.package_request")
+    EDGE_PACKAGE_READY = (3502, "edge.package_ready")
+    EDGE_PACKAGE_FAIL = (3503, "edge.package_fail")
+    EDGE_PACKAGE_DOWNLOAD = (3504, "edge.package_download")
+    EDGE_TOKEN_CREATE = (3511, "edge.token_create")
+    EDGE_TOKEN_REVOKE = (3512, "edge.token_revoke")
+    EDGE_UPLOAD_REFUSED = (3513, "edge.upload_refused")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

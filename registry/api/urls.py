@@ -4,6 +4,7 @@ from django.urls import path
 
 from registry.batch import api as batch
 from registry.deployments import api as deployments
+from registry.edge import api as edge
 from registry.mlflow_sync import api as mlflow_sync
 from registry.promotions import api as promotions
 from registry.versions import api as versions
@@ -43,6 +44,13 @@ urlpatterns = [
     path("batch-jobs/<uuid:uid>/result", batch.BatchJobResultApi.as_view(), name="batch-job-result"),
     path("batch-jobs/<uuid:uid>/errors", batch.BatchJobErrorsApi.as_view(), name="batch-job-errors"),
     path("batch-jobs/<uuid:uid>/cancel", batch.BatchJobCancelApi.as_view(), name="batch-job-cancel"),
+    path("models/<str:name>/edge-packages/", edge.EdgePackageListApi.as_view(), name="edge-packages"),
+    path("edge-packages/<uuid:uid>/", edge.EdgePackageDetailApi.as_view(), name="edge-package"),
+    path("edge-packages/<uuid:uid>/download", edge.EdgePackageDownloadApi.as_view(), name="edge-package-download"),
+    path("models/<str:name>/edge-tokens/", edge.EdgeTokenListApi.as_view(), name="edge-tokens"),
+    path("edge-tokens/<uuid:uid>/revoke", edge.EdgeTokenRevokeApi.as_view(), name="edge-token-revoke"),
+    path("edge/uploads", edge.EdgeUploadApi.as_view(), name="edge-uploads"),
+    path("edge/public-key", edge.EdgePublicKeyApi.as_view(), name="edge-public-key"),
     path("models/<str:name>/batch-schedules/", batch.BatchScheduleListApi.as_view(), name="batch-schedules"),
     path("batch-schedules/<int:pk>/", batch.BatchScheduleDetailApi.as_view(), name="batch-schedule"),
 ]

@@ -166,6 +166,36 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
                               "signature, so requests reach it as `mlflow models serve` passes them (positional "
                               "inputs, their own column names), never under names the portal inferred.")
         return "mlflow", None
+    prepared = proven_onnx_form(version, work)
+    if prepared.path is not None and prepared.proof is not None:
+        _step(deployment, 45, f"Serving in-process with ONNX, {prepared.proof.form}: {prepared.proof.summary()}."
+                              + (f" {prepared.note}" if prepared.note else ""))
+        return "onnx", storage.blob_put_path(prepared.path)
+    if version.format == "mlflow":
+        _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host ({prepared.reason}).")
+        return "mlflow", None
+    _step(deployment, 45, f"Serving from a sandboxed model host: {prepared.reason}.")
+    return "native", None
+
+
+@dataclass
+class PreparedForm:
+    """What ``proven_onnx_form`` found: ``path`` (the stamped ONNX file in the work folder) and its ``proof`` when
+    the conversion was proven; else ``reason`` says why there is no in-process form."""
+
+    path: Path | None = None
+    proof: Proof | None = None
+    reason: str = ""
+    note: str = ""  # about the reference rows (sampled, or not used)
+    reference: Any = None  # the reference rows the proof compared (float64, serving order), or None
+    example: Any = None  # the version's input example (``call_examples.example_rows``)
+
+
+def proven_onnx_form(version: ModelVersion, work: Path) -> PreparedForm:
+    """Convert a version (not an ONNX upload) to ONNX in the sandbox and prove the conversion here, on the version's
+    reference rows, its input example and the sandbox's boundary probes: the form deployments serve in-process and
+    edge packages carry. Raises ``DeploymentFailed`` when the sandbox cannot run or fails outright."""
+    assert version.artifact is not None
     example = _example(version)
     reference, reference_note = _reference_matrix(version, example.columns, len(example.rows[0]))
     with storage.verified_local_path(version.artifact) as artifact:
@@ -198,28 +228,24 @@ def _prepare(deployment: Deployment, work: Path) -> tuple[str, Any]:
             raise DeploymentFailed(f"the model sandbox is unavailable on this worker: {exc}") from None
     if not result.ok:
         raise DeploymentFailed(f"preparing the serving form failed: {result.error}")
-    reason = str(result.data.get("reason") or "no ONNX form")
+    prepared = PreparedForm(reason=str(result.data.get("reason") or "no ONNX form"), note=reference_note,
+                            reference=reference, example=example)
     if result.data.get("kind") == "onnx" and output.is_file() and not output.is_symlink():
         # What the sandbox wrote is the claim of a process that loaded the model: checked here, by the portal,
         # before anything credentialed loads it, then proven on the reference rows and probes before it is kept.
         review = _review_onnx_file(output, "the sandbox's ONNX form")
         if review.sandbox_reasons:
-            reason = "its ONNX form uses " + "; ".join(review.sandbox_reasons)
+            prepared.reason = "its ONNX form uses " + "; ".join(review.sandbox_reasons)
         else:
             proof = _prove(output, out, result.data, reference=reference, example=example.rows)
             if proof.passed:
-                _step(deployment, 45, f"Serving in-process with ONNX, {proof.form}: {proof.summary()}."
-                                      + (f" {reference_note}" if reference_note else ""))
                 _stamp(output, proof)
-                return "onnx", storage.blob_put_path(output)
-            reason = f"the ONNX conversion ({proof.form}) was not proven: {proof.summary()}"
+                prepared.path, prepared.proof = output, proof
+                return prepared
+            prepared.reason = f"the ONNX conversion ({proof.form}) was not proven: {proof.summary()}"
             if reference_note:
-                reason += f". {reference_note}"
-    if version.format == "mlflow":
-        _step(deployment, 45, f"Serving with MLflow's own scoring code in a sandboxed model host ({reason}).")
-        return "mlflow", None
-    _step(deployment, 45, f"Serving from a sandboxed model host: {reason}.")
-    return "native", None
+                prepared.reason += f". {reference_note}"
+    return prepared
 
 
 REFERENCE_FILE = "portal-reference.npy"

@@ -644,16 +644,114 @@ def linear_probes(model: Any, bases: Any, limit: int) -> tuple[Any, dict[str, An
     return probes[:limit], {"boundaries": len(planes)}
 
 
+def _xgboost_model(model: Any) -> bool:
+    """An XGBoost scikit-learn estimator (``XGBClassifier``, ``XGBRegressor``) with a fitted booster."""
+    return type(model).__module__.startswith("xgboost") and hasattr(model, "get_booster")
+
+
+def xgboost_onnx(model: Any, rows: Any) -> Any:
+    """The XGBoost estimator as ONNX by onnxmltools' converter (registered with skl2onnx): a float32 ``TreeEnsemble``
+    comparing ``x < split`` as XGBoost does, missing values routed as each node's default direction says. None
+    when onnxmltools is not installed or cannot convert this model (its objective, its booster)."""
+    try:
+        from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
+        from skl2onnx import to_onnx, update_registered_converter
+        from skl2onnx.common.shape_calculator import (
+            calculate_linear_classifier_output_shapes,
+            calculate_linear_regressor_output_shapes,
+        )
+        from xgboost import XGBClassifier, XGBRegressor
+    except ImportError:
+        return None
+    update_registered_converter(XGBClassifier, "XGBoostXGBClassifier", calculate_linear_classifier_output_shapes,
+                                convert_xgboost, options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
+    update_registered_converter(XGBRegressor, "XGBoostXGBRegressor", calculate_linear_regressor_output_shapes,
+                                convert_xgboost)
+    import copy
+
+    import onnxruntime
+
+    # onnxmltools reads features as f0, f1…: a model fitted on named columns is converted from a copy without
+    # the names (the order is the same; the portal feeds the graph in the signature's column order).
+    plain = copy.deepcopy(model)
+    plain.get_booster().feature_names = None
+    plain.get_booster().feature_types = None
+    options = {id(plain): {"zipmap": False}} if isinstance(plain, XGBClassifier) else None
+    try:
+        converted = to_onnx(plain, rows[:1].astype("float32"), options=options,
+                            target_opset={"": 17, "ai.onnx.ml": 3})
+        onnxruntime.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # an objective or booster the converter does not cover: the model serves itself
+        return None
+    return converted
+
+
+def xgboost_probes(model: Any, bases: Any, limit: int, rng: Any) -> tuple[Any, dict[str, Any]]:
+    """Rows that reach split nodes of the booster's trees (the path's other splits satisfied, from a base row) with
+    the split's feature at and just around its threshold (XGBoost compares ``float32(x) < split``), and missing
+    there: every split node when they fit in ``limit`` rows, else an even sample of them (said in the report)."""
+    import numpy as np
+
+    frame = model.get_booster().trees_to_dataframe()
+    names = list(model.get_booster().feature_names or [f"f{i}" for i in range(bases.shape[1])])
+    position = {str(name): i for i, name in enumerate(names)}
+    splits = frame[frame["Feature"] != "Leaf"]
+    by_id = {str(r.ID): r for r in splits.itertuples(index=False)}
+    parent: dict[str, tuple[str, bool]] = {}
+    for r in splits.itertuples(index=False):
+        parent[str(r.Yes)] = (str(r.ID), True)
+        parent[str(r.No)] = (str(r.ID), False)
+    nodes = list(by_id)
+    per_node = 7
+    total = len(nodes)
+    if total * per_node > limit:
+        keep = rng.choice(total, size=max(1, limit // per_node), replace=False)
+        nodes = [nodes[i] for i in sorted(keep)]
+    below = np.float32(-np.inf)
+    rows = []
+    for node in nodes:
+        row_info = by_id[node]
+        feature = position.get(str(row_info.Feature))
+        if feature is None:
+            continue
+        base = np.array(bases[rng.integers(len(bases))], dtype=np.float64)
+        lo = np.full(base.shape[0], -np.inf)
+        hi = np.full(base.shape[0], np.inf)
+        child = node
+        while child in parent:
+            up, yes = parent[child]
+            split = by_id[up]
+            j = position.get(str(split.Feature))
+            if j is not None:
+                threshold = np.float32(split.Split)
+                if yes:  # x < split: at most the float32 just below it
+                    hi[j] = min(hi[j], float(np.nextafter(threshold, below)))
+                else:  # x >= split: (lo, hi] with lo just below the split
+                    lo[j] = max(lo[j], float(np.nextafter(threshold, below)))
+            child = up
+        for k in np.flatnonzero(np.isfinite(lo) | np.isfinite(hi) | ~np.isfinite(base)).tolist():
+            base[k] = _inside(float(lo[k]), float(hi[k]), float(base[k]) if np.isfinite(base[k]) else 0.0)
+        for value in [*threshold_values(float(np.float32(row_info.Split))), np.nan]:
+            row = base.copy()
+            row[feature] = value
+            rows.append(row)
+    report = {"split_nodes": total, "split_nodes_probed": len(nodes)}
+    return (np.asarray(rows) if rows else np.empty((0, bases.shape[1]))), report
+
+
 def probe_family(model: Any) -> str | None:
     """Which probes can find where a conversion of ``model`` would decide otherwise: ``trees`` (split
-    thresholds), ``neighbours`` (ties), ``linear`` (a linear classifier's boundaries), ``smooth`` (a linear
-    regression, whose answer has no boundary to fall on the other side of); None for anything else (boosted trees
-    with their own threshold storage, kernels, networks, pipelines), which then serves itself."""
+    thresholds), ``xgboost`` (the booster's split thresholds), ``neighbours`` (ties), ``linear`` (a linear
+    classifier's boundaries), ``smooth`` (a linear regression, whose answer has no boundary to fall on the other
+    side of); None for anything else (other boosted trees with their own threshold storage, kernels, networks,
+    pipelines), which then serves itself."""
     from sklearn.base import is_classifier, is_regressor
 
     module = type(model).__module__
     if _tree_ensemble(model) is not None:
         return "trees"
+    if _xgboost_model(model):
+        return "xgboost"
     if module.startswith("sklearn.neighbors") and hasattr(model, "_fit_X"):
         return "neighbours"
     if module.startswith("sklearn.linear_model") and hasattr(model, "coef_") and hasattr(model, "intercept_"):
@@ -709,14 +807,19 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
     family = probe_family(model)
     if family is None:
         return {"ok": True, "kind": "native", "reason": f"{type(model).__name__} decides in ways the portal has no "
-                                                        "probes for (only scikit-learn forests and trees, KNN, linear "
-                                                        "models are probed), so an ONNX form could not be proven"}
+                                                        "probes for (only scikit-learn forests and trees, XGBoost, KNN, "
+                                                        "linear models are probed), so an ONNX form could not be proven"}
     reference = np.empty((0, rows.shape[1]))
     if options.get("reference"):
         reference = np.load(os.path.join(root, options["reference"]), allow_pickle=False)
     onnx_model = tree_ensemble_onnx(model)
     form = "a double-precision tree ensemble (float32 inputs against the fitted double thresholds, as " \
            "scikit-learn compares them)"
+    if family == "xgboost":
+        onnx_model = xgboost_onnx(model, rows)
+        if onnx_model is None:
+            return {"ok": True, "kind": "native", "reason": "onnxmltools could not convert this XGBoost model"}
+        form = "onnxmltools' XGBoost conversion (float32 inputs against the booster's float32 splits)"
     if onnx_model is None:
         try:
             from skl2onnx import to_onnx
@@ -749,6 +852,9 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
     probe_info: dict[str, Any] = {}
     if family == "trees":
         probes, probe_info = tree_probes(model, bases, budget, rng)
+        probe_kind = "split-threshold probes"
+    elif family == "xgboost":
+        probes, probe_info = xgboost_probes(model, bases, budget, rng)
         probe_kind = "split-threshold probes"
     elif family == "neighbours":
         probes, probe_info = knn_probes(model, budget)

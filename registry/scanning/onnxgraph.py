@@ -51,6 +51,12 @@ IN_PROCESS_OPERATORS: frozenset[tuple[str, str]] = frozenset(
     [("", op) for op in _ONNX_OPERATORS.split()] + [("ai.onnx", op) for op in _ONNX_OPERATORS.split()]
     + [("ai.onnx.ml", op) for op in _ML_OPERATORS.split()])
 IN_PROCESS_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+# What onnxruntime's dynamic quantization adds to a converted graph (weights as int8, activations quantized per run):
+# standard operators of bounded cost, allowed in-process only where the portal quantized a proven form itself (an
+# edge package's int8 form, measured on the reference rows); never for an uploaded or served graph.
+QUANTIZATION_OPERATORS: frozenset[tuple[str, str]] = frozenset(
+    (domain, op) for domain in ("", "ai.onnx")
+    for op in ("DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "ConvInteger"))
 # Named in the deployment log when they are the reason: what the in-process path leaves to the sandbox on purpose.
 CONTROL_FLOW = frozenset({"Loop", "Scan", "If"})
 SHAPE_FROM_INPUT = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
@@ -88,7 +94,11 @@ class OnnxReview:
     @property
     def sandbox_reasons(self) -> list[str]:
         """Why this graph runs only in a sandboxed model host (empty: it may run in this process)."""
-        outside = sorted(op for op in self.operators if op not in IN_PROCESS_OPERATORS)
+        return self.reasons_beyond(IN_PROCESS_OPERATORS)
+
+    def reasons_beyond(self, allowed: frozenset[tuple[str, str]]) -> list[str]:
+        """Why this graph may not run in this process when ``allowed`` are the operators it may use."""
+        outside = sorted(op for op in self.operators if op not in allowed)
         reasons = []
         flow = sorted({op for _d, op in outside if op in CONTROL_FLOW})
         shaped = sorted({op for _d, op in outside if op in SHAPE_FROM_INPUT})

@@ -33,7 +33,7 @@ from registry import storage
 from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
 from registry.sandbox import hosts
 from registry.scanning.archive import extract_zip
-from registry.scanning.onnxgraph import OnnxSandboxOnly, checked_onnx
+from registry.scanning.onnxgraph import IN_PROCESS_OPERATORS, QUANTIZATION_OPERATORS, OnnxSandboxOnly, checked_onnx
 
 logger = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.5
@@ -222,7 +222,7 @@ def _onnx_options() -> Any:
     return options
 
 
-def _onnx_predictor(path: Path) -> Any:
+def _onnx_predictor(path: Path, *, allowed: frozenset[tuple[str, str]] = IN_PROCESS_OPERATORS) -> Any:
     """An in-process session over a private copy of the graph: the verified file read into memory, checked
     (``checked_onnx``: no tensor may keep its data in another file, the operators those of the converters), and
     handed to onnxruntime as bytes, so no path, and no folder of other files, is ever onnxruntime's to read from.
@@ -231,9 +231,9 @@ def _onnx_predictor(path: Path) -> Any:
 
     data = path.read_bytes()
     review = checked_onnx(data)
-    if review.sandbox_reasons:
-        raise OnnxSandboxOnly("the graph runs only in a sandboxed model host: it uses "
-                              + "; ".join(review.sandbox_reasons))
+    reasons = review.reasons_beyond(allowed)
+    if reasons:
+        raise OnnxSandboxOnly("the graph runs only in a sandboxed model host: it uses " + "; ".join(reasons))
     del review
     session = onnxruntime.InferenceSession(data, sess_options=_onnx_options(), providers=["CPUExecutionProvider"])
     del data
@@ -271,10 +271,13 @@ def _onnx_predictor(path: Path) -> Any:
     return predict
 
 
-def load_onnx_predictor(path: Path) -> Any:
+def load_onnx_predictor(path: Path, *, quantized: bool = False) -> Any:
     """The in-process ONNX predictor a web worker serves with, for a deployment to prove the form on probe rows
-    before it serves (``registry.deployments.services._prove``)."""
-    return _onnx_predictor(path)
+    before it serves (``registry.deployments.services._prove``). ``quantized``: also the operators of onnxruntime's
+    dynamic quantization, for an int8 form the portal made itself from a proven one (an edge package's), measured
+    here under the same deadline and memory cap; never a serving form."""
+    return _onnx_predictor(path, allowed=IN_PROCESS_OPERATORS | QUANTIZATION_OPERATORS if quantized
+                           else IN_PROCESS_OPERATORS)
 
 
 def materialiser(version: ModelVersion) -> hosts.Materialise:

@@ -33,7 +33,17 @@ from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
 from registry.mlflow_sync import services as mlflow_sync
-from registry.models import EnvironmentState, MlflowConnection, MlflowSyncJob, MlflowSyncStatus, ModelVersion
+from registry import storage
+from registry.edge import services as edge_services
+from registry.models import (
+    EdgePackage,
+    EdgePackageStatus,
+    EnvironmentState,
+    MlflowConnection,
+    MlflowSyncJob,
+    MlflowSyncStatus,
+    ModelVersion,
+)
 from registry.promotions import services as promotions
 from tests.conftest import free_port
 from tests.registry import files
@@ -158,6 +168,12 @@ TABLE: dict[str, list[Call]] = {
     "batch/<uuid:uid>/cancel": [page("POST", DS, ok=302)],
     "batch-schedules/<int:pk>/toggle": [page("POST", DS, ok=302)],
     "batch-schedules/<int:pk>/delete": [page("POST", DS, ok=302)],
+    # Edge packages: every member reads; makers build and manage device tokens; downloads as artifacts (audited).
+    "models/<str:name>/edge/": [page("GET")],
+    "models/<str:name>/edge/packages": [page("POST", DS, ok=302, body={"version": "1"})],
+    "models/<str:name>/edge/tokens": [page("POST", DS, body={"name": "matrix fleet"})],
+    "edge/<uuid:uid>/": [page("GET")],
+    "edge-tokens/<uuid:uid>/revoke": [page("POST", DS, ok=302)],
     "promotions/": [page("GET", ALL)],
     "promotions/<uuid:uid>/": [page("GET")],
     "promotions/<uuid:uid>/decide": [
@@ -241,6 +257,14 @@ TABLE: dict[str, list[Call]] = {
     "api/v1/batch-jobs/<uuid:uid>/result": [api("GET", DS, ok=400)],
     "api/v1/batch-jobs/<uuid:uid>/errors": [api("GET", DS, ok=400)],
     "api/v1/batch-jobs/<uuid:uid>/cancel": [api("POST", DS)],
+    "api/v1/models/<str:name>/edge-packages/": [api("GET"), api("POST", DS, ok=202, body={"version": 1})],
+    "api/v1/edge-packages/<uuid:uid>/": [api("GET")],
+    "api/v1/edge-packages/<uuid:uid>/download": [api("GET", DOWNLOAD)],
+    "api/v1/models/<str:name>/edge-tokens/": [api("GET"), api("POST", DS, ok=201, body={"name": "matrix fleet"})],
+    "api/v1/edge-tokens/<uuid:uid>/revoke": [api("POST", DS)],
+    # Uploads take a device token (mle_…) and nothing else: a user's token or session is not one (401).
+    "api/v1/edge/uploads": [everyone("POST", 401)],
+    "api/v1/edge/public-key": [api("GET", ALL)],
     "api/v1/models/<str:name>/batch-schedules/": [
         api("GET"), api("POST", DS, ok=201, body={**SCHEDULE, "env": "dev"})],
     "api/v1/batch-schedules/<int:pk>/": [api("GET"), api("PATCH", DS, body={"enabled": False}),
@@ -324,13 +348,18 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     sync_job = MlflowSyncJob.objects.create(connection=connection, kind="import", registered_model="churn",
                                             mlflow_version="1", status=MlflowSyncStatus.FAILED, error="did not answer",
                                             attempts=8)
+    archive = tmp_path / "edge.zip"
+    archive.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty ZIP: the matrix asks who may download, not what
+    edge_package = EdgePackage.objects.create(model=model, version=v1, status=EdgePackageStatus.READY, progress=100,
+                                              blob=storage.blob_put_path(archive))
+    edge_token, _ = edge_services.device_token_create(model=model, name="matrix devices", actor=personas["ds"])
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
     ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid,
            "alert": alert.uid, "token": victim_token.uid, "schedule": schedule.pk, "webhook": hook.pk,
            "snapshot": snapshot.uid,
            "retraining": retrain.uid, "flag": flag.uid, "mlflow-connection": connection.uid,
-           "mlflow-job": sync_job.uid,
+           "mlflow-job": sync_job.uid, "edge-package": edge_package.uid, "edge-token": edge_token.uid,
            "seq": AuditEvent.objects.order_by("seq").values_list("seq", flat=True).last()}
     bodies = {"ROWS": {"dataframe_split": {"columns": list(X.columns), "data": X.head(2).to_numpy().tolist()}},
               "FEEDBACK": [{"prediction_id": "0" * 32, "actual": 1}],
@@ -355,7 +384,8 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
             if (name or "").startswith(prefix):
                 return str(ids[prefix])
         for names, key in ((("dataset", "snapshot", "download"), "snapshot"), (("mlflow-disable",), "mlflow-connection"),
-                           (("mlflow-job-retry",), "mlflow-job"),
+                           (("mlflow-job-retry",), "mlflow-job"), (("edge-package",), "edge-package"),
+                           (("edge-token",), "edge-token"),
                            (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag")):
             if (name or "").startswith(names):
                 return str(ids[key])
@@ -458,9 +488,10 @@ def test_every_form_and_session_api_call_needs_the_csrf_token(world: dict[str, A
             kwargs: dict[str, Any] = {"format": "json"} if call.api else {}
             path = fill(pattern, name, world["ids"], call.number, call.env)
             response = getattr(client, call.method.lower())(path, body or {}, **kwargs)
-            # The serving endpoints take tokens only, and MLflow's webhook only its signature, never the session:
-            # 401 there.
-            sessionless = "/serve/" in path or path.startswith("/api/v1/integrations/mlflow/webhook")
+            # The serving endpoints take tokens only, MLflow's webhook only its signature and edge uploads only a
+            # device token, never the session: 401 there.
+            sessionless = "/serve/" in path or path.startswith(("/api/v1/integrations/mlflow/webhook",
+                                                                "/api/v1/edge/uploads"))
             if response.status_code not in (403, 401) or (response.status_code == 401 and not sessionless):
                 unprotected.append(f"{call.method} {path}: {response.status_code}")
     assert not unprotected, unprotected

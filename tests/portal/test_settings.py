@@ -135,6 +135,8 @@ ROUTES = {
     "registry.tasks.version_explain": "scan",
     "registry.tasks.deployment_run": "deploy",
     "registry.tasks.deployments_reap": "deploy",
+    # an edge package converts and proves the version in the sandbox, as a deployment does
+    "registry.tasks.edge_package_build": "deploy",
     "registry.tasks.batch_plan": "score",
     "registry.tasks.batch_chunk": "score",
     "registry.tasks.batch_assemble": "score",

@@ -300,6 +300,7 @@ class Proof:
     first_mismatch: str = ""
     refusal: str = ""  # why no comparison could be made at all
     missing_values: bool = False
+    empty_rows: str = "refuses"  # the sandbox's word on what the model does with no rows (``answers`` or ``refuses``)
 
     @property
     def passed(self) -> bool:
@@ -323,7 +324,8 @@ def _prove(output: Path, out: Path, report: dict[str, Any], *, reference: Any, e
     proof = Proof(form=str(report.get("form") or "the ONNX conversion")[:200],
                   probe_kind=str(report.get("probe_kind") or "probes")[:60],
                   probe_info={str(k)[:40]: v for k, v in dict(report.get("probe_info") or {}).items()
-                              if isinstance(v, int)})
+                              if isinstance(v, int)},
+                  empty_rows="answers" if report.get("empty_rows") == "answers" else "refuses")
     try:
         inputs = np.load(out / PROBES_FILE, allow_pickle=False, mmap_mode="r")
         native = np.load(out / NATIVE_FILE, allow_pickle=False, mmap_mode="r")
@@ -398,7 +400,7 @@ def _stamp(output: Path, proof: Proof) -> None:
     model = onnx.load(str(output), load_external_data=False)
     del model.metadata_props[:]
     for key, value in (("portal.missing_values", "true" if proof.missing_values else "false"),
-                       ("portal.proof", proof.summary()[:2000])):
+                       ("portal.empty_rows", proof.empty_rows), ("portal.proof", proof.summary()[:2000])):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, str(output))

@@ -888,7 +888,22 @@ def prepare_serving(fmt: str, path: str, options: dict[str, Any]) -> dict[str, A
         fh.write(onnx_model.SerializeToString())
     return {"ok": True, "kind": "onnx", "form": form, "reference_rows": len(reference),
             "example_rows": len(rows), "probes": len(probes), "probe_kind": probe_kind,
-            "probe_info": probe_info, "missing_values": missing_values}
+            "probe_info": probe_info, "missing_values": missing_values,
+            "empty_rows": _empty_rows(model, columns, rows.shape[1])}
+
+
+def _empty_rows(model: Any, columns: list[str] | None, width: int) -> str:
+    """What the model does with a request of no rows, as MLflow's server would feed it: ``answers`` (an empty list:
+    XGBoost, LightGBM) or ``refuses`` (scikit-learn raises on zero samples, and MLflow's server answers 400)."""
+    import numpy as np
+    import pandas as pd
+
+    empty = np.empty((0, width))
+    try:
+        answer = np.asarray(model.predict(pd.DataFrame(empty, columns=columns) if columns else empty))
+    except Exception:  # whatever the model raises, MLflow's server turns into a 4xx
+        return "refuses"
+    return "answers" if answer.size == 0 else "refuses"
 
 
 class _OnnxEstimator:

@@ -34,6 +34,13 @@ class InputError(Exception):
         self.mlflow_code = mlflow_code
 
 
+class NoRows(InputError):
+    """A well-formed request of no rows: refused (400) unless the model answers those, as MLflow's server does."""
+
+    def __init__(self) -> None:
+        super().__init__("There are no rows to score.")
+
+
 class SchemaError(InputError):
     """A value MLflow's schema enforcement refuses (400 INVALID_PARAMETER_VALUE)."""
 
@@ -114,7 +121,7 @@ def parse(content_type: str, body: bytes) -> ParsedRequest:
             raise InputError(f"{keys[0]} must be a list of rows.")
         parsed = ParsedRequest(None, data, None)
     if not parsed.rows:
-        raise InputError("There are no rows to score.")
+        raise NoRows()
     if len(parsed.rows) > MAX_ROWS:
         raise InputError(f"At most {MAX_ROWS} rows per request; use a batch job for more.")
     parsed.params = params or None
@@ -148,8 +155,10 @@ def _parse_parquet(body: bytes) -> ParsedRequest:
     columns = [c for c in table.column_names if not c.startswith("__index_level_")]  # a saved pandas index
     if table.num_rows > MAX_ROWS:
         raise InputError(f"At most {MAX_ROWS} rows per request; use a batch job for more.")
-    if not columns or not table.num_rows:
+    if not columns:
         raise InputError("There are no rows to score.")
+    if not table.num_rows:
+        raise NoRows()
     rows = [list(r) for r in zip(*(table.column(c).to_pylist() for c in columns), strict=True)]
     return ParsedRequest(columns, rows, None, form="parquet")
 

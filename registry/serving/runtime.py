@@ -72,8 +72,11 @@ class LoadedModel:
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
                  params: list[dict[str, Any]] | None = None, tensor: bool = False,
-                 missing_values: bool = False, explain_fn: Any = None) -> None:
+                 missing_values: bool = False, explain_fn: Any = None, answers_empty: bool = False) -> None:
         self.version_number = version_number
+        # A request of no rows: the model answers an empty list (XGBoost, LightGBM), or refuses it (scikit-learn),
+        # as MLflow's server does; only the in-process form needs telling (a host runs MLflow's own code)
+        self.answers_empty = answers_empty
         self._explain = explain_fn
         # The ONNX form was proven on rows with missing values: NaN (JSON null) passes to it, as MLflow passes it
         self.missing_values = missing_values
@@ -340,7 +343,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
     columns = named_inputs(version)
     close = invoke = None
-    missing_values = False
+    missing_values = answers_empty = False
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
             try:
@@ -353,6 +356,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                 kind = "mlflow" if version.format == "mlflow" else "native"
         if kind == "onnx":
             missing_values = getattr(predictor, "metadata", {}).get("portal.missing_values") == "true"
+            answers_empty = getattr(predictor, "metadata", {}).get("portal.empty_rows") == "answers"
     key = key or f"version-{version.pk}-{os.urandom(4).hex()}"
     explain = None
     if kind != "onnx":
@@ -369,7 +373,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                        invoke_fn=invoke if kind == "mlflow" else None,
                        named=bool(columns) and version.format == "mlflow" and not inferred_signature(version),
                        params=param_specs(version),
-                       missing_values=missing_values, explain_fn=explain,
+                       missing_values=missing_values, explain_fn=explain, answers_empty=answers_empty,
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
 

@@ -487,6 +487,12 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
         matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
                                     allow_missing=loaded.missing_values)
         protocol.check_params(parsed.params, loaded.params)
+    except protocol.NoRows as exc:
+        _role, _deployment, loaded = route.pick(routing_key(request, None))
+        if not loaded.answers_empty:
+            return _input_error(exc)
+        return Answer(200, orjson.dumps({"predictions": [], "prediction_ids": [],
+                                         "model_version": loaded.version_number}), {})
     except protocol.InputError as exc:
         return _input_error(exc)
     ids = _prediction_ids(matrix.shape[0])

@@ -26,7 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from portal.cli import MultipartStream  # noqa: E402
+from portal.client import MultipartStream  # noqa: E402
 
 DRAIN_APP = '''
 def application(environ, start_response):

@@ -467,10 +467,10 @@ def main() -> None:
                              "(mlflow), or the matrix path of a non-MLflow file (native)")
     args = parser.parse_args()
     print("load at start:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
-    name = f"bench-{args.model}"
+    deployed = f"bench-{args.model}"  # the fast path's model; the sandboxed one is f"{deployed}-sandboxed"
 
     def script(text: str) -> str:
-        return (text.replace("sys.argv[1]", repr(str(work))).replace("bench-lr", name)
+        return (text.replace("sys.argv[1]", repr(str(work))).replace("bench-lr", deployed)
                 .replace("SANDBOXED_KIND", args.sandboxed_kind))
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
@@ -507,8 +507,8 @@ def main() -> None:
                         "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"},
                        [(MLFLOW, "/invocations", None, bodies)]),
             "portal": ([*portal_web_command(), "--log-level", "warning"], ROOT, env,
-                       [(FAST, f"/api/v1/serve/{name}/dev/invocations", token, bodies),
-                        (SANDBOXED, f"/api/v1/serve/{name}-sandboxed/dev/invocations", token, bodies)]),
+                       [(FAST, f"/api/v1/serve/{deployed}/dev/invocations", token, bodies),
+                        (SANDBOXED, f"/api/v1/serve/{deployed}-sandboxed/dev/invocations", token, bodies)]),
             "bare": ([PY, "-m", "gunicorn", "--chdir", str(work), "django.core.wsgi:get_wsgi_application()",
                       "-w", "2", "-b", "127.0.0.1:{port}", "--log-level", "warning"], ROOT,
                      {**env, "DJANGO_SETTINGS_MODULE": "bare_settings", "BARE_MODEL": str(native),
@@ -577,7 +577,7 @@ def main() -> None:
         hop = json.loads(re.search(r"HOP (.*)", hop_out).group(1))  # type: ignore[union-attr]
 
         # Every answered portal prediction must be in the log once the flusher has drained the buffer.
-        logged = logged_count(env, (name, f"{name}-sandboxed"))
+        logged = logged_count(env, (deployed, f"{deployed}-sandboxed"))
 
     medians = {key: {field: median([run[key][field] for run in runs]) for field in ("rps", "p50", "p99", "non2xx")}
                for key in runs[0]}

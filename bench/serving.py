@@ -1,22 +1,27 @@
 """Serving benchmark: MLflow's scoring server, the portal's two serving paths, MLServer and a bare Django view, side
 by side on one model.
 
-    .venv/bin/python bench/serving.py [--seconds 10] [--connections 8] [--runs 2] [--hop-calls 2000]
+    .venv/bin/python bench/serving.py [--model lr|forest] [--sandboxed-kind mlflow|native] [--seconds 10]
+                                      [--connections 8] [--runs 2] [--hop-calls 2000]
 
-One machine, one model (scikit-learn logistic regression, 20 numeric features, saved by MLflow 3.17), one load
-generator (wrk from Debian's packages), 1-row and 100-row bodies holding the same rows:
+One machine, one model (``--model``: a scikit-learn logistic regression, or a 200-tree random forest; 20 numeric
+features, saved by MLflow 3.17; run once per model), one load generator (wrk from Debian's packages), 1-row and
+100-row bodies holding the same rows:
 
 - MLflow's own scoring server: ``mlflow models serve --env-manager local`` with 2 workers;
 - the portal: gunicorn as `manage.py runstack` starts it (2 gthread workers of 8 threads) on PostgreSQL + Redis (BENCH_DATABASE_URL / BENCH_BROKER_URL, defaulting to
   a database of its own, ``portal_bench_serving``, dropped and re-created, and Redis DB 7 on the local services),
   bearer-token auth, rate limiting and prediction logging on, each version deployed by the real deployment service,
   measured on its two serving paths:
-  - the fast path: model ``bench-lr``, converted to ONNX and run in the web worker;
-  - the sandboxed path: model ``bench-lr-sandboxed`` (the same MLflow archive) deployed with serving kind
-    ``native``, so each web worker asks its own bubblewrap-sandboxed model host over a Unix socket. The model
-    converts to ONNX, so the set-up script (this benchmark's own process only) replaces the deployment's
-    "prepare the serving form" step by the answer it gives a model skl2onnx cannot convert, ``("native", None)``;
-    everything else (warming through a host, the input example, the traffic switch) is the real deployment;
+  - the fast path: model ``bench-MODEL``, converted to ONNX and run in the web worker;
+  - the sandboxed path: model ``bench-MODEL-sandboxed`` (the same MLflow archive) deployed with serving kind
+    ``mlflow`` (``--sandboxed-kind``), as an MLflow model that leaves the fast path is served: each web worker asks
+    its own bubblewrap-sandboxed model host over a Unix socket, numeric ``dataframe_split`` rows as one float64
+    frame answered by the estimator as MLflow's server would (``child._FrameScorer``), anything else through
+    MLflow's own scoring code (``native``: the matrix path of a non-MLflow file). The model converts to ONNX, so
+    the set-up script (this benchmark's own process only) replaces the deployment's "prepare the serving form"
+    step by the answer it gives a model it cannot prove, ``("mlflow", None)``; everything else (warming through a
+    host, the input example, the traffic switch) is the real deployment;
 - MLServer (Seldon) 1.7 with ``mlserver-sklearn`` serving the same estimator (joblib) with ``parallel_workers`` 2,
   its V2 inference protocol over HTTP (one FP64 tensor of shape [rows, 20]), ``debug`` off, metrics on (its
   defaults otherwise). It runs from a virtualenv of its own, never the project's (skipped, saying so, when it is
@@ -28,9 +33,12 @@ All servers are started once and stay up; each run measures every target in turn
 measurement), so load from elsewhere on the machine spreads over all of them, then the portal's two paths and
 MLServer once more with one connection and 1-row bodies: under 8 connections a p50 is mostly queueing, with one it
 is the latency a request adds. Prints requests/s, p50 and p99 per run and their medians, the ratios per run and
-their medians, and checks that every answered prediction reached the log. Then, without HTTP, the socket hop itself: the median time of ``LoadedModel.predict`` on a 1-row matrix for
-the sandboxed host and for the in-process ONNX session, and a breakdown of the host's share (an empty ``ping``
-frame's round trip; what the host runs per request, timed in this benchmark's own process on its own model).
+their medians, and checks that every answered prediction reached the log. Then, without HTTP, the socket hop
+itself: the median time of ``LoadedModel.predict`` (and ``predict_frame``, an MLflow host's frame) on a 1-row
+matrix for the sandboxed host and for the in-process ONNX session, and a breakdown of the host's share (an empty
+``ping`` frame's round trip; what the host runs per request, timed in this benchmark's own process on its own
+model); the per-request overhead is the host's frame minus the estimator's own ``predict`` on the bare array.
+Report `uptime`'s load average beside every figure (printed at the start and the end).
 """
 
 from __future__ import annotations
@@ -161,21 +169,27 @@ def logged_count(env: dict[str, str], models: tuple[str, ...] = ("bench-lr",)) -
     return int(re.search(r"LOGGED (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
-def build_model(work: Path) -> tuple[Path, Path, list[str]]:
+def build_model(work: Path, kind: str = "lr") -> tuple[Path, Path, list[str]]:
     import joblib
     import mlflow.sklearn
     import pandas as pd
     from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
     X, y = make_classification(n_samples=2000, n_features=20, random_state=0)
     columns = [f"x{i}" for i in range(20)]
     frame = pd.DataFrame(X, columns=columns)
-    model = LogisticRegression(max_iter=1000).fit(frame, y)
+    extra: dict[str, object] = {}
+    if kind == "forest":
+        model: object = RandomForestClassifier(n_estimators=200, random_state=0, n_jobs=1).fit(frame, y)
+        extra["skops_trusted_types"] = ["sklearn.tree._tree.Tree"]  # MLflow 3 saves scikit-learn with skops
+    else:
+        model = LogisticRegression(max_iter=1000).fit(frame, y)
     mlflow_dir = work / "mlflow-model"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mlflow.sklearn.save_model(model, str(mlflow_dir), input_example=frame.head(3))
+        mlflow.sklearn.save_model(model, str(mlflow_dir), input_example=frame.head(3), **extra)
     native = work / "model.joblib"
     joblib.dump(model, native)
     frame.head(500).assign(target=y[:500]).to_csv(work / "reference.csv", index=False)
@@ -257,6 +271,12 @@ model = services.model_register(name="bench-lr", team=team, actor=user)
 version = services.version_upload(model=model, upload=LocalUpload(Path(archive), "model.zip"),
                                   reference=LocalUpload(work / "reference.csv", "reference.csv"),
                                   meta=services.UploadMetadata(), actor=user)
+if version.trust_state == "pending":  # the forest, saved with skops: an approver names what it loads
+    approver, _ = User.objects.get_or_create(username="bench-approver")
+    approver.groups.add(Group.objects.get(name="approver"))
+    Membership.objects.get_or_create(team=team, user=approver)
+    version = services.version_trust_decide(version=version, trust=True, reason="scikit-learn's own tree storage",
+                                            actor=approver)
 version = services.version_scan(version_id=version.pk)
 assert version.status == "ready", version.status_detail
 d = deployments.deployment_run(deployment_id=deployments.deployment_start(version=version, environment="dev",
@@ -270,22 +290,29 @@ print("TOKEN", portal_services.token_create(user=user, name="bench", actor=user)
 '''
 
 
-# The same archive as a second model, deployed with serving kind "native": a sandboxed model host per web worker.
-# skl2onnx converts a logistic regression, so the deployment's "prepare the serving form" step is replaced, in this
-# set-up process only, by what it answers for a model it cannot convert; the rest is the real deployment (warming
-# through a host, the input example against the signature, the traffic switch). No setting of the portal changes.
+# The same archive as a second model, deployed with serving kind SANDBOXED_KIND ("mlflow": how an MLflow model that
+# leaves the fast path is served; "native": the matrix path of other files): a sandboxed model host per web worker.
+# The model converts to ONNX, so the deployment's "prepare the serving form" step is replaced, in this set-up
+# process only, by what it answers for a model it cannot prove; the rest is the real deployment (warming through a
+# host, the input example against the signature, the traffic switch). No setting of the portal changes.
 SANDBOXED_SETUP = BENCH_USER + '''
 archive = work / "model.zip"
 model = services.model_register(name="bench-lr-sandboxed", team=team, actor=user)
 version = services.version_upload(model=model, upload=LocalUpload(archive, "model.zip"),
                                   reference=LocalUpload(work / "reference.csv", "reference.csv"),
                                   meta=services.UploadMetadata(), actor=user)
+if version.trust_state == "pending":  # the forest, saved with skops: an approver names what it loads
+    approver, _ = User.objects.get_or_create(username="bench-approver")
+    approver.groups.add(Group.objects.get(name="approver"))
+    Membership.objects.get_or_create(team=team, user=approver)
+    version = services.version_trust_decide(version=version, trust=True, reason="scikit-learn's own tree storage",
+                                            actor=approver)
 version = services.version_scan(version_id=version.pk)
 assert version.status == "ready", version.status_detail
 real_prepare = deployments._prepare
 def no_onnx_form(deployment, tmp):
-    deployments._step(deployment, 45, "Serving natively: bench/serving.py measures the sandboxed model host.")
-    return "native", None
+    deployments._step(deployment, 45, "Serving from a host: bench/serving.py measures the sandboxed model host.")
+    return "SANDBOXED_KIND", None
 deployments._prepare = no_onnx_form
 try:
     d = deployments.deployment_run(deployment_id=deployments.deployment_start(version=version, environment="dev",
@@ -293,7 +320,7 @@ try:
 finally:
     deployments._prepare = real_prepare
 assert d.status == "live", d.error
-assert d.serving_kind == "native" and d.serving_blob is None, (d.serving_kind, d.serving_blob)
+assert d.serving_kind == "SANDBOXED_KIND" and d.serving_blob is None, (d.serving_kind, d.serving_blob)
 print("SERVING", d.serving_kind)
 '''
 
@@ -320,7 +347,7 @@ fast_d, host_d = live("bench-lr"), live("bench-lr-sandboxed")
 fast = runtime.load_serving_model(version=fast_d.version, kind=fast_d.serving_kind, blob=fast_d.serving_blob)
 hosted = runtime.load_serving_model(version=host_d.version, kind=host_d.serving_kind, blob=host_d.serving_blob,
                                     key="bench-hop")
-assert hosted.kind == "native", hosted.kind
+assert hosted.kind == "SANDBOXED_KIND", hosted.kind
 row = np.asarray(json.loads((work / "body-1.json").read_text())["dataframe_split"]["data"], dtype="float64")
 columns = fast.columns
 hosted.predict(row)  # starts the host
@@ -338,6 +365,7 @@ estimator = pyfunc.get_raw_model()
 frame = lambda: pd.DataFrame(row, columns=columns)
 subjects = {
     "host: LoadedModel.predict": lambda: hosted.predict(row),
+    **({"host: LoadedModel.predict_frame": lambda: hosted.predict_frame(row)} if hosted.takes_frames else {}),
     f"fast: LoadedModel.predict ({fast.kind})": lambda: fast.predict(row),
     "host: empty ping frame": ping,
     "in-process pyfunc.predict(DataFrame)": lambda: pyfunc.predict(frame()),
@@ -432,7 +460,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--runs", type=int, default=2, help="rounds over every target; medians are printed")
     parser.add_argument("--hop-calls", type=int, default=2000, help="calls per subject of the in-process hop timing")
+    parser.add_argument("--model", choices=("lr", "forest"), default="lr",
+                        help="a logistic regression, or a random forest of 200 trees")
+    parser.add_argument("--sandboxed-kind", choices=("mlflow", "native"), default="mlflow",
+                        help="how the sandboxed deployment is served: as an MLflow model that leaves the fast path "
+                             "(mlflow), or the matrix path of a non-MLflow file (native)")
     args = parser.parse_args()
+    print("load at start:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    deployed = f"bench-{args.model}"  # the fast path's model; the sandboxed one is f"{deployed}-sandboxed"
+
+    def script(text: str) -> str:
+        return (text.replace("sys.argv[1]", repr(str(work))).replace("bench-lr", deployed)
+                .replace("SANDBOXED_KIND", args.sandboxed_kind))
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk")
     venv = Path(os.environ.get("BENCH_MLSERVER_VENV", "/tmp/mlserver-venv"))  # noqa: S108 - a benchmark's venv
@@ -444,18 +483,17 @@ def main() -> None:
     recreate_database(DB_URL)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
-        mlflow_dir, native, columns = build_model(work)
+        mlflow_dir, native, columns = build_model(work, args.model)
         bodies = {1: body(columns, 1, work), 100: body(columns, 100, work)}
         env = portal_env(work)
         subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        out = subprocess.run([PY, "manage.py", "shell", "-c", SETUP.replace("sys.argv[1]", repr(str(work)))],
+        out = subprocess.run([PY, "manage.py", "shell", "-c", script(SETUP)],
                              cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
         serving_kind = re.search(r"SERVING (\S+)", out).group(1)  # type: ignore[union-attr]
         form_line = re.search(r"FORM (.*)", out)
         form = form_line.group(1) if form_line else ""
-        out = subprocess.run([PY, "manage.py", "shell", "-c",
-                              SANDBOXED_SETUP.replace("sys.argv[1]", repr(str(work)))],
+        out = subprocess.run([PY, "manage.py", "shell", "-c", script(SANDBOXED_SETUP)],
                              cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         sandboxed_kind = re.search(r"SERVING (\S+)", out).group(1)  # type: ignore[union-attr]
         (work / "bare_settings.py").write_text(BARE_SETTINGS)
@@ -469,8 +507,8 @@ def main() -> None:
                         "PATH": f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"},
                        [(MLFLOW, "/invocations", None, bodies)]),
             "portal": ([*portal_web_command(), "--log-level", "warning"], ROOT, env,
-                       [(FAST, "/api/v1/serve/bench-lr/dev/invocations", token, bodies),
-                        (SANDBOXED, "/api/v1/serve/bench-lr-sandboxed/dev/invocations", token, bodies)]),
+                       [(FAST, f"/api/v1/serve/{deployed}/dev/invocations", token, bodies),
+                        (SANDBOXED, f"/api/v1/serve/{deployed}-sandboxed/dev/invocations", token, bodies)]),
             "bare": ([PY, "-m", "gunicorn", "--chdir", str(work), "django.core.wsgi:get_wsgi_application()",
                       "-w", "2", "-b", "127.0.0.1:{port}", "--log-level", "warning"], ROOT,
                      {**env, "DJANGO_SETTINGS_MODULE": "bare_settings", "BARE_MODEL": str(native),
@@ -533,17 +571,18 @@ def main() -> None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=30)
 
-        hop_script = HOP.replace("sys.argv[1]", repr(str(work))).replace("sys.argv[2]", repr(str(args.hop_calls)))
+        hop_script = script(HOP).replace("sys.argv[2]", repr(str(args.hop_calls)))
         hop_out = subprocess.run([PY, "manage.py", "shell", "-c", hop_script], cwd=ROOT, env=env, check=True,
                                  capture_output=True, text=True).stdout
         hop = json.loads(re.search(r"HOP (.*)", hop_out).group(1))  # type: ignore[union-attr]
 
         # Every answered portal prediction must be in the log once the flusher has drained the buffer.
-        logged = logged_count(env, ("bench-lr", "bench-lr-sandboxed"))
+        logged = logged_count(env, (deployed, f"{deployed}-sandboxed"))
 
     medians = {key: {field: median([run[key][field] for run in runs]) for field in ("rps", "p50", "p99", "non2xx")}
                for key in runs[0]}
-    print(f"\nmodel: LogisticRegression, 20 features; serving forms: {FAST}: {serving_kind}, {SANDBOXED}: "
+    model_name = "LogisticRegression" if args.model == "lr" else "RandomForestClassifier (200 trees)"
+    print(f"\nmodel: {model_name}, 20 features; serving forms: {FAST}: {serving_kind}, {SANDBOXED}: "
           f"{sandboxed_kind}; wrk -t2 -c{args.connections} -d{args.seconds}s; {args.runs} runs")
     # The fast path's share: of the bench's two deployments, bench-lr-sandboxed is forced onto a host by design;
     # bench-lr takes the fast path only when its ONNX form was proven (issue 32: labels equal on the reference data
@@ -567,11 +606,17 @@ def main() -> None:
         print(f"  {name:<44}{us:>9.0f}")
     fast_key = next(k for k in hop if k.startswith("fast: "))
     print(f"  {'host - fast':<44}{hop['host: LoadedModel.predict'] - hop[fast_key]:>9.0f}")
+    own = hop["in-process estimator.predict(ndarray)"]
+    for key in ("host: LoadedModel.predict_frame", "host: LoadedModel.predict"):
+        if key in hop:
+            print(f"  {'overhead: ' + key.split(': ')[1] + ' - estimator.predict(ndarray)':<44}{hop[key] - own:>9.0f}"
+                  "   (target < 150)")
     expected = sum((r["total"] - r["non2xx"]) * rows for run in runs for (name, rows), r in run.items()
                    if name.startswith((FAST, SANDBOXED)))
     print(f"\nportal predictions answered in the measured runs: {expected}; in the log after flushing: {logged} "
           f"({'all present' if logged >= expected else 'MISSING ' + str(expected - logged)}; the log also "
           "holds the warm-up and readiness requests)")
+    print("load at end:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

@@ -584,6 +584,9 @@ class BatchChunk(models.Model):
     # The keys of the model's record answer (a DataFrame or dict) its part has a column for, in MLflow's JSON
     # order; [] when each row's prediction is one cell.
     output_keys = models.JSONField(default=list, blank=True)
+    # Where the chunk's time went, in seconds: read (its bytes from the store), parse (rows to the model's input),
+    # model (the model's call, with shipping the rows to a sandboxed host), format (the scored part), write.
+    stage_seconds = models.JSONField(default=dict, blank=True)
     logged = models.BooleanField(default=False)
     worker = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -306,10 +307,11 @@ class ScoredChunk:
     errors: list[RowError]
     good: np.ndarray  # boolean mask of rows that were scored
     predictions: list[Any]  # one per good row
-    ids: list[str]  # one prediction id per row
+    ids: Any  # one prediction id per row: an Arrow (large) string array, built without a Python string per row
     # The columns a DataFrame or dict answer fills, in MLflow's JSON order (each prediction then a dict of them);
     # [] for one prediction per row in one column.
     keys: list[str] = field(default_factory=list)
+    format_seconds: float = 0.0  # writing ``output``
 
 
 def answer_keys(predictions: list[Any]) -> list[str]:
@@ -424,19 +426,29 @@ def _quote(text: str) -> str:
     return text
 
 
-def _fast_predictions(predictions: list[Any], good: np.ndarray, keys: list[str] | None = None) -> list[str]:
-    """Prediction cells for every row ('' for rows not scored); vectorised for numeric predictions."""
+def _fast_predictions(predictions: list[Any], good: np.ndarray, keys: list[str] | None = None) -> Any:
+    """Prediction cells for every row ('' for rows not scored), as an Arrow string array: integers, and labels
+    with nothing to quote, converted by Arrow (no Python per row); floats by ``repr`` (which round-trips exactly,
+    where Arrow's cast may not); anything else cell by cell."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     if keys:
-        return _predictions_text(predictions, good, keys)
-    if good.all() and predictions and isinstance(predictions[0], (int, float)) and not isinstance(predictions[0], bool):
+        return pa.array(_predictions_text(predictions, good, keys), type=pa.string())
+    first = predictions[0] if predictions else None
+    if good.all() and isinstance(first, (int, float)) and not isinstance(first, bool):
         arr = pa.array(predictions)
         if pa.types.is_floating(arr.type):
-            # repr() round-trips exactly, pyarrow's cast may not; floats go through Python (still vectorised below).
-            return [repr(v) for v in predictions]
-        return arr.cast(pa.string()).to_pylist()
-    return _predictions_text(predictions, good)
+            return pa.array([repr(v) for v in predictions], type=pa.string())
+        return arr.cast(pa.string()).fill_null("")
+    if good.all() and isinstance(first, str):
+        try:
+            arr = pa.array(predictions, type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arr = None
+        if arr is not None and not arr.null_count and not pc.any(pc.match_substring_regex(arr, '[,"\r\n]')).as_py():
+            return arr
+    return pa.array(_predictions_text(predictions, good), type=pa.string())
 
 
 # Scores a table of the signature's columns whole: (mask of rows scored, their predictions, why the others were not).
@@ -551,19 +563,36 @@ def _records(values: Any, rows: int) -> Any:
     return values
 
 
+# Scores the signature's numeric columns as one float64 matrix, as MLflow's scoring server answers those rows (an
+# MLflow model's host, ``LoadedModel.predict_frame``); raises when it cannot be certain of that answer (the caller's
+# ``declined`` exception), and the rows then go to MLflow's own scoring code.
+FramePredict = Callable[[np.ndarray], list[Any]]
+
+
 def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_prefix: str, newline: bytes,
                     predict: Callable[[np.ndarray], list[Any]],
                     table_predict: TablePredict | None = None, as_text: bool = True,
-                    allow_missing: bool = False) -> ScoredChunk:
+                    allow_missing: bool = False, frame_predict: FramePredict | None = None,
+                    frame_kinds: list[str] | None = None,
+                    declined: type[Exception] | tuple[type[Exception], ...] = ()) -> ScoredChunk:
     """Score the rows in ``data`` (whole rows of a CSV without its header). ``table_predict`` (a model MLflow's
     scoring code answers) takes the signature's columns as text, for MLflow to read with the signature's types
-    (``as_text``), or as numbers for a tensor signature."""
+    (``as_text``), or as numbers for a tensor signature. ``frame_predict`` (such a model whose host answers a
+    matrix as MLflow would, with ``frame_kinds`` its signature's column types) gets the chunk as one float64
+    matrix instead when every value of it is a finite number of a ``double`` column (``frame_matrix``)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     include = list(dict.fromkeys(required))
     read = pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=1 << 20)
     parse = pacsv.ParseOptions(newlines_in_values=b'"' in data)
+    if frame_predict is not None and table_predict is not None and CSV_FRAMES and frame_kinds \
+            and all(k == "double" for k in frame_kinds):
+        scored = _score_frames(data, read, parse, include=include, required=required, id_prefix=id_prefix,
+                               frame_predict=frame_predict, kinds=frame_kinds, declined=declined)
+        if scored is not None:
+            scored.output = _csv_output(data, scored, newline)
+            return scored
     types = {c: pa.string() if table_predict is not None and as_text else pa.float64() for c in required}
     try:
         table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
@@ -579,11 +608,109 @@ def score_csv_chunk(data: bytes, *, columns: list[str], required: list[str], id_
                                                                     null_values=[""], strings_can_be_null=True))
     scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
                           table_predict=table_predict, allow_missing=allow_missing)
+    scored.output = _csv_output(data, scored, newline)
+    return scored
+
+
+# Whether a CSV chunk's numbers may reach an MLflow model's host as a matrix read by pyarrow: only where pyarrow
+# reads every decimal text as the same double as pandas' parser (which MLflow's server uses), see
+# ``tests/registry/batch/test_frames.py``.
+CSV_FRAMES = True
+
+
+def _score_frames(data: bytes, read: Any, parse: Any, *, include: list[str], required: list[str], id_prefix: str,
+                  frame_predict: FramePredict, kinds: list[str],
+                  declined: type[Exception] | tuple[type[Exception], ...]) -> ScoredChunk | None:
+    """The chunk's rows scored through ``frame_predict``, or None: a value is not a number (pyarrow refuses it),
+    missing or not finite, or the host declined; MLflow's own scoring code then answers the chunk."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse,
+                               convert_options=pacsv.ConvertOptions(
+                                   include_columns=include, column_types={c: pa.float64() for c in include},
+                                   null_values=[""], strings_can_be_null=True))
+    except pa.ArrowInvalid:
+        return None
+    return score_frames(table, required=required, id_prefix=id_prefix, frame_predict=frame_predict, kinds=kinds,
+                        declined=declined)
+
+
+def frame_matrix(table: Any, required: list[str], kinds: list[str]) -> np.ndarray | None:
+    """The signature's columns of ``table`` as one float64 matrix when MLflow's scoring server would read them as
+    exactly these numbers, the types it enforces already theirs: a ``double`` column of doubles, a ``long``
+    column of 64-bit integers within 2^53 (a double holds them exactly), no missing or non-finite value. None
+    otherwise."""
+    import pyarrow as pa
+
+    if len(required) != len(kinds):
+        return None
+    matrix = np.empty((table.num_rows, len(required)), dtype="float64")
+    for j, (name, kind) in enumerate(zip(required, kinds, strict=True)):
+        column = table.column(name)
+        if column.null_count:
+            return None
+        if kind == "double" and pa.types.is_float64(column.type):
+            values = column.to_numpy()
+            if not np.isfinite(values).all():
+                return None
+        elif kind == "long" and pa.types.is_int64(column.type):
+            ints = column.to_numpy()
+            if len(ints) and np.abs(ints).max() > 2 ** 53:
+                return None
+            values = ints.astype("float64")
+        else:
+            return None
+        matrix[:, j] = values
+    return matrix
+
+
+def score_frames(table: Any, *, required: list[str], id_prefix: str, frame_predict: FramePredict,
+                 kinds: list[str], declined: type[Exception] | tuple[type[Exception], ...]) -> ScoredChunk | None:
+    """Every row of ``table`` scored through ``frame_predict`` (``frame_matrix``'s conditions), or None."""
+    matrix = frame_matrix(table, required, kinds)
+    if matrix is None:
+        return None
+    try:
+        predictions = list(frame_predict(matrix)) if matrix.shape[0] else []
+    except declined:
+        return None
+    n = table.num_rows
+    if len(predictions) != n:
+        raise RuntimeError(f"the model returned {len(predictions)} predictions for {n} rows")
+    return ScoredChunk(b"", n, [], np.ones(n, dtype=bool), predictions, prediction_ids(id_prefix, n))
+
+
+def _csv_output(data: bytes, scored: ScoredChunk, newline: bytes) -> bytes:
+    started = time.perf_counter()
     cells = _fast_predictions(scored.predictions, scored.good, scored.keys)
     output = _append_columns(data, cells, scored.ids, newline, scored.rows)
-    scored.output = output if output is not None else _rewrite_csv(data, cells=cells, ids=scored.ids,
-                                                                  width=max(len(scored.keys), 1))
-    return scored
+    if output is None:
+        output = _rewrite_csv(data, cells=cells.to_pylist(), ids=scored.ids.to_pylist(),
+                              width=max(len(scored.keys), 1))
+    scored.format_seconds = time.perf_counter() - started
+    return output
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def prediction_ids(prefix: str, n: int) -> Any:
+    """``{prefix}{i:06x}`` for each row i, as an Arrow large string array built by numpy (no string per row)."""
+    import pyarrow as pa
+
+    head = prefix.encode()
+    if n >= 16 ** 6 or not head.isascii():
+        return pa.array([f"{prefix}{i:06x}" for i in range(n)], type=pa.large_string())
+    width = len(head) + 6
+    out = np.empty((n, width), dtype=np.uint8)
+    out[:, :len(head)] = np.frombuffer(head, dtype=np.uint8)
+    index = np.arange(n, dtype=np.int64)
+    for k in range(6):
+        out[:, len(head) + k] = _HEX[(index >> (4 * (5 - k))) & 15]
+    offsets = np.arange(0, (n + 1) * width, width, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out))
 
 
 def _score_table(table: Any, *, required: list[str], id_prefix: str,
@@ -591,7 +718,7 @@ def _score_table(table: Any, *, required: list[str], id_prefix: str,
                  allow_missing: bool = False) -> ScoredChunk:
     """Check the rows against the signature and predict the good ones; the caller writes the output."""
     n = table.num_rows
-    ids = [f"{id_prefix}{i:06x}" for i in range(n)]
+    ids = prediction_ids(id_prefix, n)
     if table_predict is not None:
         good, predictions, errors = table_predict(table.select(list(dict.fromkeys(required))))
         return ScoredChunk(b"", n, errors, good, predictions, ids, answer_keys(predictions))
@@ -603,22 +730,39 @@ def _score_table(table: Any, *, required: list[str], id_prefix: str,
     return ScoredChunk(b"", n, errors, good, predictions, ids)
 
 
-def _append_columns(data: bytes, cells: list[str], ids: list[str], newline: bytes, n: int) -> bytes | None:
-    """Each input line with ``,prediction,prediction_id`` appended; None when lines and rows do not line up (quoted
-    line breaks, blank lines), so the caller rewrites the chunk instead."""
+def _append_columns(data: bytes, cells: Any, ids: Any, newline: bytes, n: int) -> bytes | None:
+    """Each input line with ``,prediction,prediction_id`` appended, by Arrow over the chunk's bytes (no Python per
+    row): the lines are cut out of ``data`` where its newlines are, joined element-wise with their cells and ids.
+    None when lines and rows do not line up (quoted fields, blank lines, mixed line ends), so the caller rewrites
+    the chunk instead."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if b'"' in data:
         return None
-    lines = data.split(b"\n")
-    if lines and not lines[-1].strip(b"\r"):
-        lines.pop()
-    if len(lines) != n:
-        return None
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buffer == 10)
     crlf = newline == b"\r\n"
     if crlf:
-        lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    suffix = [f",{c},{i}".encode() for c, i in zip(cells, ids, strict=True)]
-    joined = newline.join(line + s for line, s in zip(lines, suffix, strict=True))
-    return joined + newline
+        if len(ends) and (ends[0] == 0 or not (buffer[ends - 1] == 13).all()):
+            return None
+        cuts = ends - 1
+    else:
+        cuts = ends
+    if not data.endswith(b"\n"):
+        cuts = np.append(cuts, len(data))  # a last line without its newline
+    if len(cuts) != n:
+        return None
+    # Line i is data[cuts[i-1]:cuts[i]]: the previous line's newline, then its own text without the newline.
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0] = 0
+    offsets[1:] = cuts
+    lines = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buffer))
+    joined = pc.binary_join_element_wise(lines, cells.cast(pa.large_string()), ids.cast(pa.large_string()),
+                                         pa.scalar(",", pa.large_string()))
+    _validity, value_offsets, values = joined.buffers()
+    start, stop = np.frombuffer(value_offsets, dtype=np.int64)[[joined.offset, joined.offset + n]]
+    return values[int(start):int(stop)].to_pybytes() + newline
 
 
 def _rewrite_csv(data: bytes, *, cells: list[str], ids: list[str], width: int = 1) -> bytes:
@@ -647,12 +791,21 @@ def _unquote(cell: str) -> str:
 
 def score_arrow_chunk(table: Any, *, required: list[str], id_prefix: str, prediction_name: str, id_name: str,
                       predict: Callable[[np.ndarray], list[Any]],
-                      table_predict: TablePredict | None = None, allow_missing: bool = False) -> ScoredChunk:
-    """Score an Arrow table (a Parquet chunk); the output is an Arrow IPC file of the input plus two columns."""
+                      table_predict: TablePredict | None = None, allow_missing: bool = False,
+                      frame_predict: FramePredict | None = None, frame_kinds: list[str] | None = None,
+                      declined: type[Exception] | tuple[type[Exception], ...] = ()) -> ScoredChunk:
+    """Score an Arrow table (a Parquet chunk); the output is an Arrow IPC file of the input plus two columns.
+    ``frame_predict``: as for ``score_csv_chunk`` (a Parquet file's columns are already typed: MLflow's reader
+    keeps a double column's doubles and a long column's integers)."""
     import pyarrow as pa
 
-    scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
-                          table_predict=table_predict, allow_missing=allow_missing)
+    scored = None
+    if frame_predict is not None and table_predict is not None and frame_kinds:
+        scored = score_frames(table, required=required, id_prefix=id_prefix, frame_predict=frame_predict,
+                              kinds=frame_kinds, declined=declined)
+    if scored is None:
+        scored = _score_table(table, required=required, id_prefix=id_prefix, predict=predict,
+                              table_predict=table_predict, allow_missing=allow_missing)
     rows = np.flatnonzero(scored.good)
     out = table
     if scored.keys:  # a record answer: one column per key, named as prediction_names says
@@ -661,13 +814,17 @@ def score_arrow_chunk(table: Any, *, required: list[str], id_prefix: str, predic
             for i, record in zip(rows, scored.predictions, strict=True):
                 full[i] = record.get(key)
             out = out.append_column(name, _arrow_values(full))
+    elif scored.good.all():
+        out = out.append_column(prediction_name, _arrow_values(scored.predictions))
     else:
         full = [None] * table.num_rows
         for i, value in zip(rows, scored.predictions, strict=True):
             full[i] = value
         out = out.append_column(prediction_name, _arrow_values(full))
-    out = out.append_column(id_name, pa.array(scored.ids, type=pa.string()))
+    out = out.append_column(id_name, scored.ids.cast(pa.string()))
+    started = time.perf_counter()
     scored.output = ipc_bytes(out)
+    scored.format_seconds = time.perf_counter() - started
     return scored
 
 

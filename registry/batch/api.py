@@ -94,6 +94,10 @@ class BatchChunkSerializer(serializers.Serializer[Any]):
     worker = serializers.CharField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
+    stage_seconds = serializers.DictField(child=serializers.FloatField(), help_text=(
+        "Seconds the chunk spent reading its bytes (read), turning rows into the model's input (parse), in the "
+        "model's call including shipping rows to a sandboxed host (model), writing the scored part's bytes "
+        "(format) and storing it (write)."))
 
 
 class BatchJobDetailSerializer(BatchJobSerializer):

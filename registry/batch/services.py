@@ -29,6 +29,7 @@ import os
 import posixpath
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from registry.models import (
     EnvironmentState,
     RegisteredModel,
 )
+from registry.sandbox import hosts
 from registry.serving.runtime import cache, input_columns, positional_inputs
 from registry.serving.views import subject_hash
 from registry.versions.selectors import environment_param
@@ -302,8 +304,9 @@ def batch_chunk_run(*, chunk_id: int) -> str:
     job = chunk.job
     if chunk.attempts > 1:
         logger.warning("Batch %s: chunk %s is being run again (attempt %s)", job.uid, chunk.index, chunk.attempts)
+    clock = _Stopwatch()
     try:
-        scored = _score(job, chunk)
+        scored = _score(job, chunk, clock)
     except batch_io.BatchInputError as exc:
         _fail(job, f"chunk {chunk.index + 1}: {exc}")
         return "failed"
@@ -313,41 +316,82 @@ def batch_chunk_run(*, chunk_id: int) -> str:
         return "failed"
     suffix = f"{chunk.index:05d}-{chunk.attempts}"
     prefix = work_prefix(job)
+    written = time.perf_counter()
     output_name = storage.put_work_file(f"{prefix}/part-{suffix}", scored.output)
+    clock.seconds["write"] = time.perf_counter() - written
     errors_name = ""
     if scored.errors:
         errors_name = storage.put_work_file(f"{prefix}/errors-{suffix}.csv", batch_io.errors_csv(
             [(e.row, e.column, e.reason) for e in scored.errors]))
     # The prediction log reads the scored part again after the job is done, off the path people wait on.
     log_name = output_name if settings.PORTAL_BATCH_LOG_PREDICTIONS and scored.predictions else ""
+    clock.seconds["format"] = scored.format_seconds
+    clock.seconds["parse"] = max(0.0, clock.scoring - clock.seconds.get("model", 0.0) - scored.format_seconds)
     return _chunk_done(chunk, rows=scored.rows, failed=int((~scored.good).sum()), output_name=output_name,
-                       errors_name=errors_name, log_name=log_name, keys=scored.keys)
+                       errors_name=errors_name, log_name=log_name, keys=scored.keys,
+                       stage_seconds={k: round(v, 4) for k, v in clock.seconds.items()})
 
 
-def _score(job: BatchJob, chunk: BatchChunk) -> batch_io.ScoredChunk:
+class _Stopwatch:
+    """A chunk's seconds per stage (``BatchChunk.stage_seconds``): ``timed`` wraps the model's callables."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"read": 0.0, "model": 0.0}
+        self.scoring = 0.0  # parse, model and format together
+
+    def timed(self, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds["model"] += time.perf_counter() - started
+
+        return run
+
+
+def _score(job: BatchJob, chunk: BatchChunk, clock: _Stopwatch | None = None) -> batch_io.ScoredChunk:
+    clock = clock or _Stopwatch()
     loaded = cache.loaded(job.deployment)
     required = job_input_columns(job)
     prefix = f"{job.id_prefix}{chunk.index:04x}"
     # A model MLflow's scoring code answers (its sandboxed host) gets the rows as MLflow reads them, whatever the
     # column types; the others (in-process ONNX, a native host) take one float64 matrix.
     # A tensor signature: MLflow's server refuses CSV bodies for it, so its rows go as numbers in Parquet.
-    table_predict = (batch_io.mlflow_scorer(loaded.invoke, csv_body=job.input_format == "csv" and not loaded.tensor,
+    table_predict = (batch_io.mlflow_scorer(clock.timed(loaded.invoke),
+                                            csv_body=job.input_format == "csv" and not loaded.tensor,
                                             tensor=loaded.tensor, types=_signature_types(job))
                      if loaded.answers_requests else None)
+    # Such a model whose host answers a numeric signature's rows as MLflow's server would (a scikit-learn
+    # estimator): a chunk of finite numbers goes to it as one float64 matrix, without MLflow re-parsing the text.
+    frames: dict[str, Any] = {}
+    if table_predict is not None and loaded.takes_frames:
+        frames = {"frame_predict": clock.timed(loaded.predict_frame), "frame_kinds": loaded.frame_kinds,
+                  "declined": hosts.FrameDeclined}
+    started = time.perf_counter()
     if job.input_format == "csv":
         data = storage.read_range(job.input_blob.storage_name, chunk.start, chunk.end)
-        return batch_io.score_csv_chunk(data, columns=list(job.columns), required=required, id_prefix=prefix,
-                                        newline=job.newline.encode(), predict=loaded.predict,
-                                        table_predict=table_predict, as_text=not loaded.tensor,
-                                        allow_missing=loaded.missing_values)
+        clock.seconds["read"] = time.perf_counter() - started
+        scoring = time.perf_counter()
+        scored = batch_io.score_csv_chunk(data, columns=list(job.columns), required=required, id_prefix=prefix,
+                                          newline=job.newline.encode(), predict=clock.timed(loaded.predict),
+                                          table_predict=table_predict, as_text=not loaded.tensor,
+                                          allow_missing=loaded.missing_values, **frames)
+        clock.scoring = time.perf_counter() - scoring
+        return scored
     if chunk.source:
         table = batch_io.read_ipc(storage.read_work_file(chunk.source))
     else:
         with storage.local_path(job.input_blob) as path:
             table = batch_io.read_parquet_groups(str(path), int(chunk.start), int(chunk.end))
-    return batch_io.score_arrow_chunk(table, required=required, id_prefix=prefix, prediction_name=job.prediction_column, id_name=job.prediction_id_column,
-                                      predict=loaded.predict, table_predict=table_predict,
-                                      allow_missing=loaded.missing_values)
+    clock.seconds["read"] = time.perf_counter() - started
+    scoring = time.perf_counter()
+    scored = batch_io.score_arrow_chunk(table, required=required, id_prefix=prefix,
+                                        prediction_name=job.prediction_column, id_name=job.prediction_id_column,
+                                        predict=clock.timed(loaded.predict), table_predict=table_predict,
+                                        allow_missing=loaded.missing_values, **frames)
+    clock.scoring = time.perf_counter() - scoring
+    return scored
 
 
 def _signature_types(job: BatchJob) -> dict[str, str]:
@@ -357,11 +401,12 @@ def _signature_types(job: BatchJob) -> dict[str, str]:
 
 
 def _chunk_done(chunk: BatchChunk, *, rows: int, failed: int, output_name: str, errors_name: str,
-                log_name: str, keys: list[str] | None = None) -> str:
+                log_name: str, keys: list[str] | None = None, stage_seconds: dict[str, float] | None = None) -> str:
     with transaction.atomic():
         updated = BatchChunk.objects.filter(pk=chunk.pk, status=ChunkStatus.RUNNING).update(
             status=ChunkStatus.DONE, rows=rows, rows_failed=failed, output_name=output_name, errors_name=errors_name,
-            log_name=log_name, output_keys=list(keys or []), finished_at=timezone.now())
+            log_name=log_name, output_keys=list(keys or []), stage_seconds=stage_seconds or {},
+            finished_at=timezone.now())
         if not updated:
             return "duplicate"  # another run of the same chunk finished first; its part is the one used
         job = BatchJob.objects.select_for_update().get(pk=chunk.job_id)

@@ -11,8 +11,11 @@ no secrets to give away: it sees the system, Python, and the one artifact bound 
 One-shot modes print one JSON object on their last line of stdout: ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "..."}``. ``host`` loads the model once and then answers frames on its standard input
 (a Unix socket): each frame is a 4-byte big-endian length, a JSON header of that length, and, when the header says
-``nbytes``, that many raw bytes (a C-ordered float64 matrix of ``shape``). Answers are frames with a JSON header
-only. The limits are set before anything reads the artifact, and cannot be raised again from inside.
+``nbytes``, that many raw bytes (a C-ordered float64 matrix of ``shape``; ``invoke`` sends a request body as
+it came). ``op`` is ``predict`` (the estimator on the matrix), ``frame`` (the matrix as MLflow's scoring server
+would answer its rows, see ``_FrameScorer``), ``invoke`` (MLflow's own scoring code on the body), ``explain`` or
+``ping``. Answers are frames with a JSON header only. The limits are set before anything reads the artifact, and
+cannot be raised again from inside.
 """
 
 from __future__ import annotations
@@ -1053,6 +1056,101 @@ class _MatrixPredictor:
         return by_frame
 
 
+class _FrameScorer:
+    """Rows of a numeric column signature, sent as one float64 matrix in the signature's order (the portal parsed
+    the request), answered as MLflow's scoring server answers them where that answer is certain without MLflow's
+    own parsing: a model of the scikit-learn flavor whose pyfunc ``predict`` is the estimator's ``predict``
+    (``_SklearnModelWrapper``, no ``pyfunc_predict_fn``), with a signature of required ``double`` and ``long``
+    columns and no type hints. MLflow's schema enforcement hands that estimator a DataFrame of the signature's
+    columns in its order (float64 and int64); it gets the same here, or the bare array once the first request
+    showed both answer alike (as ``_MatrixPredictor`` decides). For anything else ``reason`` says why not, and the
+    portal sends the request to MLflow's own scoring code (``invoke``)."""
+
+    def __init__(self, model: Any) -> None:
+        import warnings
+
+        self.estimator: Any = None
+        self.names: list[str] = []
+        self.kinds: list[str] = []
+        self.use_array: bool | None = None
+        try:
+            self.reason = self._check(model)
+        except Exception as exc:  # an MLflow without these internals: MLflow's own code answers
+            self.reason = f"its MLflow metadata could not be read ({_error_text(exc)[:200]})"
+        if self.reason:
+            self.estimator = None
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+
+    def _check(self, model: Any) -> str:
+        from mlflow.pyfunc import PyFuncModel
+        from mlflow.sklearn import _SklearnModelWrapper
+
+        if not isinstance(model, PyFuncModel):
+            return "not an MLflow pyfunc model"
+        meta = model.metadata
+        if meta._is_signature_from_type_hint() or meta._is_type_hint_from_example():
+            return "its signature comes from type hints"
+        if getattr(model._predict_fn, "__func__", None) is not _SklearnModelWrapper.predict:
+            return "its pyfunc predict is not a scikit-learn estimator's predict"
+        schema = meta.get_input_schema()
+        if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
+            return "its signature does not name columns"
+        kinds = []
+        for spec in schema.inputs:
+            kind = getattr(getattr(spec, "type", None), "name", None)
+            if not getattr(spec, "required", False) or kind not in ("double", "long"):
+                return "its signature has columns other than required double and long ones"
+            kinds.append(str(kind))
+        raw = model.get_raw_model()
+        if not _is_estimator(raw):
+            return "its raw model is not an estimator"
+        self.estimator, self.names, self.kinds = raw, [str(n) for n in schema.input_names()], kinds
+        return ""
+
+    def _frame(self, matrix: Any) -> Any:
+        import numpy as np
+        import pandas as pd
+
+        return pd.DataFrame({name: matrix[:, j].astype(np.int64) if kind == "long" else matrix[:, j]
+                             for j, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))})
+
+    def __call__(self, matrix: Any, columns: list[str] | None, kinds: list[str] | None) -> dict[str, Any]:
+        """``{"ok": True, "predictions": [...]}`` as MLflow's JSON answer has them, or ``{"ok": False, "decline":
+        why, "permanent": bool}``: permanent when the model can never be answered so; else for this request only
+        (the estimator raised, or answered what MLflow's encoder writes otherwise), which MLflow then answers."""
+        import numpy as np
+
+        if self.estimator is None:
+            return {"ok": False, "decline": self.reason, "permanent": True}
+        if list(columns or []) != self.names or list(kinds or []) != self.kinds or matrix.ndim != 2 \
+                or matrix.shape[1] != len(self.names):
+            return {"ok": False, "decline": "the rows do not come in the signature's columns", "permanent": False}
+        try:
+            if self.use_array:
+                result = np.asarray(self.estimator.predict(matrix))
+            else:
+                result = np.asarray(self.estimator.predict(self._frame(matrix)))
+                if self.use_array is None:
+                    names = getattr(self.estimator, "feature_names_in_", None)
+                    if names is not None and [str(n) for n in names] != self.names:
+                        self.use_array = False
+                    else:
+                        try:
+                            by_array = np.asarray(self.estimator.predict(matrix))
+                            self.use_array = by_array.dtype == result.dtype and np.array_equal(by_array, result)
+                        except Exception:
+                            self.use_array = False
+        except Exception as exc:
+            return {"ok": False, "decline": f"the model raised ({_error_text(exc)[:200]})", "permanent": False}
+        if result.ndim != 1 or len(result) != matrix.shape[0]:
+            return {"ok": False, "decline": "the model answers other than one value per row", "permanent": True}
+        if result.dtype.kind == "f" and not np.isfinite(result).all():
+            return {"ok": False, "decline": "the answer holds NaN or infinity", "permanent": False}
+        if result.dtype.kind not in "biuf" and not all(isinstance(v, str) for v in result.tolist()):
+            return {"ok": False, "decline": "the answer is not numbers or text", "permanent": True}
+        return {"ok": True, "frame": True, "predictions": result.tolist()}
+
+
 def _json_default(value: Any) -> Any:
     """What orjson cannot write in a logged row: timestamps as ISO text (pandas' Timestamp, numpy datetimes),
     bytes as base64 (MLflow's binary columns), anything else as its text."""
@@ -1466,6 +1564,7 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
         write_frame(writer, orjson.dumps({"ok": False, "error": _error_text(exc)}))
         return 0
     by_matrix = _MatrixPredictor(model)
+    by_frame = _FrameScorer(model) if fmt == "mlflow" else None
     explainers: dict[str, Explainer | NoExplainer] = {}
     write_frame(writer, orjson.dumps({"ok": True, "ready": True,
                                       "load_seconds": round(time.perf_counter() - started, 4)}))
@@ -1481,6 +1580,12 @@ def host(fmt: str, path: str, options: dict[str, Any]) -> int:
                 answer: dict[str, Any] = {"ok": True}
             elif header.get("op") == "invoke":
                 answer = _invoke(model, payload, str(header.get("content_type") or ""))
+            elif header.get("op") == "frame":
+                if by_frame is None:
+                    answer = {"ok": False, "decline": "not an MLflow model", "permanent": True}
+                else:
+                    matrix = np.frombuffer(payload, dtype="float64").reshape(header["shape"])
+                    answer = by_frame(matrix, header.get("columns") or None, header.get("kinds") or None)
             elif header.get("op") == "explain":
                 answer = _host_explain(model, header, payload, explainers, by_matrix)
             else:

@@ -3,7 +3,8 @@
 A web worker (or a Celery worker scoring a batch, or warming a deployment) never loads an artifact whose loader can
 run code. It starts a host instead: ``bwrap.command`` around ``child.py host``, with the artifact bound read-only,
 one end of a ``socketpair`` as the host's standard input and output, and the other end kept here. Requests go out
-as a small JSON header plus the raw float64 matrix; answers come back as JSON, size-capped and checked (the host is
+as a small JSON header plus the raw float64 matrix (``predict``, ``frame``, ``explain``) or an MLflow request's
+body (``invoke``); answers come back as JSON, size-capped and checked (the host is
 hostile until proven otherwise, so nothing it sends is unpickled or trusted beyond "a list of scalars").
 
 Supervision, per process: a host is started on first use and after a crash (with backoff: 1, 2, 4… up to 60 s,
@@ -45,6 +46,7 @@ MAX_LABEL_CHARS = 10_000  # a predicted label's length, on the matrix path (one 
 MAX_ROWS = 1_000_000  # rows one answer may say it scored (a batch chunk holds 100,000 by default)
 MAX_ERROR_CHARS = 500
 BACKOFF_MAX_SECONDS = 60.0
+SMALL_PAYLOAD_BYTES = 64 * 1024  # requests up to this size go out in one send
 CPU_WATCH_SECONDS = 1.0  # how often the watchdog reads each host's CPU time (one /proc read per host)
 
 
@@ -54,6 +56,16 @@ class HostUnavailable(Exception):
 
 class HostModelError(Exception):
     """The model raised on this input (its host is fine): the caller answers as for any model failure."""
+
+
+class FrameDeclined(Exception):
+    """The host does not answer these rows as MLflow's scoring server would without MLflow's own parsing (its model
+    is not one whose answer is certain so, ``permanent``; or it raised on these rows): the caller sends the request
+    to ``invoke``."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class NoExplainer(Exception):
@@ -136,6 +148,7 @@ class ModelHost:
         self.starts = 0
         self._busy = False
         self._stage: bwrap.Stage | None = None
+        self.frames_declined = ""  # why this model's rows never go to the host as a matrix (``predict_frame``)
         self._served = 0  # requests finished, so the watchdog can tell an idle second from a busy one
         self._cpu_watch: tuple[float | None, int, float] = (None, 0, 0.0)  # the watchdog's (CPU, served, idle CPU)
 
@@ -342,10 +355,14 @@ class ModelHost:
             deadline = time.monotonic() + timeout
             try:
                 self._sock.settimeout(timeout)
-                self._sock.sendall(FRAME_HEADER.pack(len(encoded)) + encoded)
-                if header.get("nbytes"):
-                    self._sock.settimeout(max(0.001, deadline - time.monotonic()))
-                    self._sock.sendall(payload)
+                if header.get("nbytes") and len(payload) <= SMALL_PAYLOAD_BYTES:
+                    # One send for a small request (a real-time row): a system call less on the path people wait on
+                    self._sock.sendall(b"".join((FRAME_HEADER.pack(len(encoded)), encoded, payload)))
+                else:
+                    self._sock.sendall(FRAME_HEADER.pack(len(encoded)) + encoded)
+                    if header.get("nbytes"):
+                        self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+                        self._sock.sendall(payload)
             except TimeoutError:
                 raise self._crashed(f"did not take the request within {timeout:.0f} s") from None
             except OSError:
@@ -370,6 +387,35 @@ class ModelHost:
         predictions = answer.get("predictions")
         if not isinstance(predictions, list) or len(predictions) != data.shape[0] or not all(
                 p is None or isinstance(p, (bool, int, float)) or (isinstance(p, str) and len(p) <= MAX_LABEL_CHARS)
+                for p in predictions):
+            with self._lock:
+                raise self._crashed(f"answered {len(predictions) if isinstance(predictions, list) else 'no'} "
+                                    f"predictions for {data.shape[0]} rows")
+        return predictions
+
+    def predict_frame(self, matrix: np.ndarray, columns: list[str], kinds: list[str], *,
+                      timeout: float) -> list[Any]:
+        """Rows of a numeric column signature (a float64 matrix in its order; ``kinds`` its column types, which the
+        host checks against the model's own) answered as MLflow's scoring server answers them, by the estimator
+        itself (``child._FrameScorer``): the answer's ``predictions``, checked as ``predict`` checks them.
+        ``FrameDeclined`` when the host cannot be certain of MLflow's answer; once it says it never can (the model
+        is not of that kind), every later call declines here without asking it."""
+        if self.frames_declined:
+            raise FrameDeclined(self.frames_declined, permanent=True)
+        data = np.ascontiguousarray(matrix, dtype="float64")
+        answer = self._request({"op": "frame", "columns": columns, "kinds": kinds, "shape": list(data.shape),
+                                "nbytes": data.nbytes}, data.data.cast("B"), timeout=timeout)
+        if not answer.get("ok"):
+            why = str(answer.get("decline") or answer.get("error") or "the host declined")[:MAX_ERROR_CHARS]
+            if answer.get("permanent") is True:
+                self.frames_declined = why
+            raise FrameDeclined(why, permanent=bool(self.frames_declined))
+        if answer.get("frame") is not True:  # a host program older than frames answered it as ``predict``
+            self.frames_declined = "the model host does not answer frames"
+            raise FrameDeclined(self.frames_declined, permanent=True)
+        predictions = answer.get("predictions")
+        if not isinstance(predictions, list) or len(predictions) != data.shape[0] or not all(
+                isinstance(p, (bool, int, float)) or (isinstance(p, str) and len(p) <= MAX_LABEL_CHARS)
                 for p in predictions):
             with self._lock:
                 raise self._crashed(f"answered {len(predictions) if isinstance(predictions, list) else 'no'} "

@@ -250,6 +250,72 @@ def to_matrix(parsed: ParsedRequest, columns: list[str], *, named: bool = False,
     return _finite(matrix, columns, allow_missing)
 
 
+EXACT_INTEGER = 2 ** 53  # the largest magnitude below which every integer is a double exactly
+
+
+def numeric_rows(content_type: str, body: bytes, columns: list[str], kinds: list[str]) -> np.ndarray | None:
+    """The rows of a JSON ``dataframe_split`` body as one float64 matrix in the signature's column order, when
+    MLflow's scoring server would read them as exactly these numbers: a body of that one key (no params, nothing
+    else), ``columns`` naming each of the signature's columns once and nothing more, rows of that width holding
+    JSON numbers only (integers within 2^53, which a double holds exactly; a ``long`` column integers only), at
+    most ``MAX_ROWS`` of them. ``kinds``: the signature's column types (``double`` or ``long``), in its order.
+
+    None for anything else, and the body goes to MLflow's own parser, which answers it (refusals included): this is
+    a shortcut for the common request, never a second reading of MLflow's rules."""
+    if content_type.strip().lower() != "application/json":
+        return None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(payload) is not dict or len(payload) != 1:
+        return None
+    split = payload.get("dataframe_split")
+    if type(split) is not dict or len(split) != 2:
+        return None
+    names, data = split.get("columns"), split.get("data")
+    width = len(columns)
+    if type(names) is not list or type(data) is not list or not data or len(data) > MAX_ROWS or len(names) != width:
+        return None
+    order = None
+    if names != columns:
+        if not all(type(n) is str for n in names) or set(names) != set(columns) or len(set(names)) != width:
+            return None
+        order = [names.index(c) for c in columns]
+    for row in data:
+        if type(row) is not list or len(row) != width:
+            return None
+    types = {type(v) for row in data for v in row}
+    if not types <= _NUMBERS:
+        return None
+    try:
+        matrix = np.array(data, dtype="float64")
+    except (OverflowError, ValueError):
+        return None
+    if not np.isfinite(matrix).all():
+        return None
+    if int in types and np.abs(matrix).max(initial=0.0) > EXACT_INTEGER:
+        return None
+    for j, kind in enumerate(kinds):
+        if kind != "double":
+            source = j if order is None else order[j]
+            if kind != "long" or not all(type(row[source]) is int for row in data):
+                return None
+    return matrix if order is None else np.ascontiguousarray(matrix[:, order])
+
+
+def logged_values(matrix: np.ndarray, kinds: list[str]) -> list[list[Any]]:
+    """A matrix from ``numeric_rows`` as the prediction log keeps MLflow's parsed rows: ``long`` columns as
+    integers, the rest as floats."""
+    rows = matrix.tolist()
+    longs = [j for j, kind in enumerate(kinds) if kind == "long"]
+    if longs:
+        for row in rows:
+            for j in longs:
+                row[j] = int(row[j])
+    return rows
+
+
 # MLflow's param types and the Python values each takes (its ParamSpec conversion: a whole number is a valid
 # float, a float is not a valid integer; a boolean is neither).
 _PARAM_TYPES: dict[str, tuple[type, ...]] = {

@@ -72,11 +72,16 @@ class LoadedModel:
     def __init__(self, *, version_number: int, columns: list[str], predict_fn: Any, kind: str,
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
                  params: list[dict[str, Any]] | None = None, tensor: bool = False,
-                 missing_values: bool = False, explain_fn: Any = None, answers_empty: bool = False) -> None:
+                 missing_values: bool = False, explain_fn: Any = None, frame_fn: Any = None,
+                 frame_kinds: list[str] | None = None, answers_empty: bool = False) -> None:
         self.version_number = version_number
         # A request of no rows: the model answers an empty list (XGBoost, LightGBM), or refuses it (scikit-learn),
         # as MLflow's server does; only the in-process form needs telling (a host runs MLflow's own code)
         self.answers_empty = answers_empty
+        # An MLflow model's host may answer a numeric request's rows as MLflow's server would, from one matrix
+        # (``predict_frame``); ``frame_kinds``: the signature's column types (double, long) that makes possible.
+        self._frame = frame_fn if frame_kinds else None
+        self.frame_kinds = frame_kinds or []
         self._explain = explain_fn
         # The ONNX form was proven on rows with missing values: NaN (JSON null) passes to it, as MLflow passes it
         self.missing_values = missing_values
@@ -120,6 +125,25 @@ class LoadedModel:
         assert self._invoke is not None
         invocation: hosts.Invocation = self._invoke(body, content_type, timeout)
         return invocation
+
+    @property
+    def takes_frames(self) -> bool:
+        return self._frame is not None
+
+    def predict_frame(self, matrix: np.ndarray, *, timeout: float | None = None) -> list[Any]:
+        """Rows of the numeric column signature (a float64 matrix in its order) answered as MLflow's scoring server
+        answers them, by the estimator in the version's host (``hosts.ModelHost.predict_frame``). Raises
+        ``hosts.FrameDeclined`` where the host cannot be certain of that answer; once it never can, this form stops
+        offering (``takes_frames``)."""
+        if self._frame is None:
+            raise hosts.FrameDeclined("this serving form is not an MLflow model's host", permanent=True)
+        try:
+            result: list[Any] = self._frame(matrix, timeout)
+        except hosts.FrameDeclined as exc:
+            if exc.permanent:
+                self._frame = None
+            raise
+        return result
 
     def predict(self, matrix: np.ndarray, columns: list[str] | None = None, *,
                 timeout: float | None = None) -> list[Any]:
@@ -308,9 +332,9 @@ def materialiser(version: ModelVersion) -> hosts.Materialise:
     return materialise
 
 
-def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, Any, Any]:
-    """Predict, invoke and close through the version's sandboxed model host; the artifact is never loaded in this
-    process. The host starts on first use."""
+def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, Any, Any, Any]:
+    """Predict, invoke, predict_frame and close through the version's sandboxed model host; the artifact is never
+    loaded in this process. The host starts on first use."""
     label = f"{key} (version {version.number}, {version.format})"
     materialise = materialiser(version)
 
@@ -322,7 +346,13 @@ def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, A
         host = hosts.pool.get(key, materialise, label=label)
         return host.invoke(body, content_type, timeout=_deadline_seconds(timeout, 0) + len(body) / 100_000)
 
-    return predict, invoke, lambda: hosts.pool.release(key)
+    kinds = frame_kinds(version) or []
+
+    def frame(matrix: np.ndarray, timeout: float | None = None) -> list[Any]:
+        host = hosts.pool.get(key, materialise, label=label)
+        return host.predict_frame(matrix, columns, kinds, timeout=_deadline_seconds(timeout, matrix.shape[0]))
+
+    return predict, invoke, frame, lambda: hosts.pool.release(key)
 
 
 def _explainer_host(key: str, version: ModelVersion) -> Any:
@@ -342,7 +372,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     """The serving form: an ONNX session in this process (onnxruntime runs no code from the file), or a client of
     a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
     columns = named_inputs(version)
-    close = invoke = None
+    close = invoke = frame = None
     missing_values = answers_empty = False
     if kind == "onnx":
         with storage.verified_local_path(blob) as path:
@@ -361,7 +391,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
     explain = None
     if kind != "onnx":
         assert version.artifact is not None
-        predictor, invoke, close = _hosted(key, version, columns)
+        predictor, invoke, frame, close = _hosted(key, version, columns)
         explain = _explainer_host(key, version)
     elif version.artifact is not None:
         # Served in-process from ONNX; explained from the original artifact in a sandboxed host of its own.
@@ -374,8 +404,26 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                        named=bool(columns) and version.format == "mlflow" and not inferred_signature(version),
                        params=param_specs(version),
                        missing_values=missing_values, explain_fn=explain, answers_empty=answers_empty,
+                       frame_fn=frame if kind == "mlflow" else None,
+                       frame_kinds=frame_kinds(version) if kind == "mlflow" else None,
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
+
+
+def frame_kinds(version: ModelVersion) -> list[str] | None:
+    """The column types of a signature of required ``double`` and ``long`` columns only (whose rows a request can
+    carry as one float64 matrix, see ``protocol.numeric_rows``), in its order; None for any other signature, or a
+    version whose signature the portal inferred (never enforced, so MLflow reads its requests otherwise)."""
+    inputs = (version.signature or {}).get("inputs") or []
+    if inferred_signature(version) or not inputs:
+        return None
+    kinds = []
+    for column in inputs:
+        if not isinstance(column, dict) or not column.get("name") or column.get("required", True) is not True \
+                or column.get("type") not in ("double", "long"):
+            return None
+        kinds.append(str(column["type"]))
+    return kinds
 
 
 def inferred_signature(version: ModelVersion) -> bool:

@@ -329,6 +329,11 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
         return _answered(name=name, env=env, role=role, loaded=loaded, rows=matrix, predictions=predictions,
                          subjects=parsed.subject_ids, token_id=token_id, started=started, route=route,
                          request=(request.body, content_type), unit=unit_hash(routing_key(request, subjects)))
+    if loaded.takes_frames:
+        framed = _framed(request, route, loaded, role, body, content_type, subjects, name=name, env=env,
+                         token_id=token_id, started=started)
+        if framed is not None:
+            return framed
     try:
         answer = loaded.invoke(body, content_type, timeout=timeout)
     except hosts.HostUnavailable as exc:
@@ -357,6 +362,30 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
                      predictions=predictions, subjects=subjects, token_id=token_id, started=started, route=route,
                      request=(body, content_type), count=answer.count, unit=unit_hash(routing_key(request, subjects)),
                      non_finite="NaN" in answer.body or "Infinity" in answer.body)
+
+
+def _framed(request: HttpRequest, route: runtime.Route, loaded: runtime.LoadedModel, role: str, body: bytes,
+            content_type: str, subjects: list[str] | None, *, name: str, env: str, token_id: str,
+            started: float) -> Answer | None:
+    """The common request to an MLflow model's host without MLflow's parsing: a numeric ``dataframe_split`` whose
+    every value MLflow would read as the same number (``protocol.numeric_rows``) goes to the host as one float64
+    matrix and is answered by the estimator as MLflow's scoring server answers it (``child._FrameScorer``). None:
+    the request is not of that kind, or the host declined it, and MLflow's own scoring code answers it."""
+    matrix = protocol.numeric_rows(content_type, body, loaded.columns, loaded.frame_kinds)
+    if matrix is None:
+        return None
+    if subjects is not None and len(subjects) != matrix.shape[0]:
+        return _error(400, "invalid_input", f"subject_ids has {len(subjects)} entries for {matrix.shape[0]} rows.")
+    try:
+        predictions = loaded.predict_frame(matrix, timeout=settings.PORTAL_SCORING_TIMEOUT_SECONDS)
+    except hosts.FrameDeclined:
+        return None
+    except hosts.HostUnavailable as exc:
+        return _model_unavailable(name, loaded, exc)
+    return _answered(name=name, env=env, role=role, loaded=loaded,
+                     rows=protocol.logged_values(matrix, loaded.frame_kinds), predictions=predictions,
+                     subjects=subjects, token_id=token_id, started=started, route=route,
+                     request=(body, content_type), unit=unit_hash(routing_key(request, subjects)))
 
 
 def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, rows: Any, predictions: Any,

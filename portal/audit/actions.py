@@ -99,6 +99,10 @@ class AuditAction(enum.Enum):
     VERSION_TRAINED_ON = (3421, "version.trained_on")
     VERSION_ERASED_DATA_FLAG = (3422, "version.erased_data_flag")
     VERSION_ERASED_DATA_DECISION = (3423, "version.erased_data_decision")
+    # 3600: multi-model endpoints (routing rules in front of several models)
+    ENDPOINT_CREATE = (3601, "endpoint.create")
+    ENDPOINT_CHANGE = (3602, "endpoint.change")
+    ENDPOINT_DELETE = (3603, "endpoint.delete")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

@@ -134,8 +134,9 @@ def test_a_rule_change_is_picked_up_without_a_restart_and_audited(front: Endpoin
     row = {**X.head(1).to_dict(orient="records")[0], "region": "eu", "segment": 0}
     body, content_type = _body("split", [*X.columns, "region", "segment"], [row])
     assert scorer.post(URL, body, content_type=content_type).json()["models"] == ["alpha"]
+    client = api_as(personas["ds"])
     before = AuditEvent.objects.count()
-    changed = api_as(personas["ds"]).put("/api/v1/endpoints/front/dev/", {
+    changed = client.put("/api/v1/endpoints/front/dev/", {
         "rules": [{"kind": "field_equals", "key": "region", "values": ["eu"], "model": "gamma"}],
         "default": "beta"}, format="json")
     assert changed.status_code == 200, changed.content

@@ -52,7 +52,7 @@ class EndpointSerializer(serializers.Serializer[Any]):
     environment = serializers.CharField()
     team = serializers.CharField(source="team.slug")
     description = serializers.CharField()
-    default = serializers.SerializerMethodField()
+    default = serializers.SerializerMethodField(method_name="default_model_name")
     rules = serializers.SerializerMethodField()
     generation = serializers.IntegerField()
     invocations = serializers.SerializerMethodField()
@@ -60,7 +60,7 @@ class EndpointSerializer(serializers.Serializer[Any]):
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 
-    def get_default(self, obj: Endpoint) -> str | None:
+    def default_model_name(self, obj: Endpoint) -> str | None:
         return obj.default_model.name if obj.default_model else None
 
     def get_rules(self, obj: Endpoint) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ def endpoint_rules(endpoint: Endpoint) -> list[dict[str, Any]]:
              "serving_version": served.get(r.model_id)} for r in rules] + (
         [{"position": None, "kind": "default", "kind_label": "Every other row", "key": "", "values": [],
           "percent": None, "model": endpoint.default_model.name,
-          "serving_version": served.get(endpoint.default_model_id)}] if endpoint.default_model else [])
+          "serving_version": served.get(endpoint.default_model.pk)}] if endpoint.default_model else [])
 
 
 def deployable_models(*, endpoint_team_id: int, environment: str) -> list[str]:

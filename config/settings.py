@@ -503,6 +503,11 @@ PORTAL_SERVE_IN_FLIGHT_IN_PROCESS = env_int("PORTAL_SERVE_IN_FLIGHT_IN_PROCESS",
 # of its requests finished within the last second): a healthy model under a burst queues briefly, as any server's
 # backlog would; a version whose slots are held by requests that do not finish (a hang) is refused at once.
 PORTAL_SERVE_QUEUE_MS = env_int("PORTAL_SERVE_QUEUE_MS", 100, minimum=0, maximum=5000)
+# Many models per worker: the serving forms one process keeps loaded (ONNX sessions' estimated memory plus their
+# sandboxed hosts' resident memory), and how many at most; past either, the least recently used idle one is evicted
+# and loads again on its next request (a cold load, shown on the deployment page, not counted as live latency).
+PORTAL_SERVE_MEMORY_MB = env_int("PORTAL_SERVE_MEMORY_MB", 1024, minimum=16)
+PORTAL_SERVE_MAX_LOADED = env_int("PORTAL_SERVE_MAX_LOADED", 1000, minimum=1)
 # The in-process ONNX path's memory ceiling (onnxruntime's CPU arena per process) and input bound per run.
 PORTAL_ONNX_MEMORY_MB = env_int("PORTAL_ONNX_MEMORY_MB", 256, minimum=64)
 PORTAL_ONNX_MAX_ROWS_PER_RUN = env_int("PORTAL_ONNX_MAX_ROWS_PER_RUN", 1024, minimum=1)

@@ -7,6 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from monitoring import views as monitoring_views
 from monitoring.datasets import urls as dataset_urls
 from portal import twofactor, views
+from registry.serving import endpoints as serving_endpoints
 from registry.serving import views as serving_views
 
 portal_patterns = (
@@ -38,6 +39,8 @@ urlpatterns = [
     path("api/v1/", include("monitoring.api.urls")),
     path("api/v1/", include(dataset_urls.api_patterns)),
     path("api/v1/serve/<str:name>/<str:env>/invocations", serving_views.invocations, name="serve-invocations"),
+    path("api/v1/serve/endpoints/<str:endpoint_name>/<str:env>/invocations", serving_endpoints.invocations,
+         name="serve-endpoint-invocations"),
     path("api/v1/serve/<str:name>/<str:env>/explain", serving_views.explain, name="serve-explain"),
     path("", include("registry.urls")),
     path("", include("monitoring.urls")),

@@ -1,6 +1,7 @@
 """The WSGI entry point. Scoring requests go through the scoring application; everything else through the full stack.
 
-``/api/v1/serve/<model>/<env>/invocations`` uses none of sessions, authentication middleware, messages, CSRF or
+``/api/v1/serve/<model>/<env>/invocations`` (and an endpoint's ``/api/v1/serve/endpoints/<name>/<env>/invocations``)
+uses none of sessions, authentication middleware, messages, CSRF or
 lockouts (it authenticates bearer tokens itself). It is answered by ``registry.serving.wsgi.ScoringApplication``,
 which calls the scoring view's ``score`` without Django's request handler. What that application does not take (a
 query string, a redirect to HTTPS...) goes to a second Django handler built with only the request-id, security and

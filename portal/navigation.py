@@ -22,6 +22,7 @@ ENTRIES: list[NavEntry] = [
     NavEntry("Home", "portal:home"),
     NavEntry("Models", "registry:models", "view_models"),
     NavEntry("Promotions", "registry:promotions", "view_models"),
+    NavEntry("Endpoints", "registry:endpoints", "view_models"),
     NavEntry("Monitoring", "monitoring:portfolio", "view_monitoring"),
     NavEntry("MLflow", "registry:mlflow-connections", "manage_teams"),  # team members reach it from a model page
     NavEntry("Audit trail", "portal:audit", "view_audit"),

@@ -346,6 +346,74 @@ class ModelAlias(models.Model):
         return f"{self.model.name}@{self.name} → v{self.version.number}"
 
 
+class Endpoint(models.Model):
+    """One address in front of several models of a team in one environment
+    (``/api/v1/serve/endpoints/{name}/{env}/invocations``): its ordered ``rules`` send each row to a model deployed
+    there, ``default_model`` takes the rows no rule matches. ``generation`` goes up with every change, so serving
+    workers notice one by comparing one integer (as ``EnvironmentState``)."""
+
+    team_path: ClassVar[str] = "team"  # whose team sees it (portal.permissions.scope_to_teams)
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    name = models.CharField(max_length=100, validators=[MODEL_NAME_VALIDATOR])
+    environment = models.CharField(max_length=8, choices=Environment.choices)
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="endpoints")
+    description = models.TextField(blank=True)
+    default_model = models.ForeignKey(RegisteredModel, null=True, blank=True, on_delete=models.PROTECT,
+                                      related_name="+")
+    generation = models.PositiveBigIntegerField(default=1)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "environment"]
+        constraints = [models.UniqueConstraint(fields=["name", "environment"], name="endpoint_name_env_unique")]
+
+    def __str__(self) -> str:
+        return f"endpoint {self.name}/{self.environment}"
+
+
+class RuleKind(models.TextChoices):
+    FIELD_EQUALS = "field_equals", "A field of the row equals"
+    FIELD_IN = "field_in", "A field of the row is one of"
+    HEADER_EQUALS = "header_equals", "A request header equals"
+    SHARE = "share", "A share of traffic"
+
+
+class EndpointRule(models.Model):
+    """One routing rule, tried in ``position`` order; the first that matches a row names its model."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="rules")
+    position = models.PositiveSmallIntegerField()
+    kind = models.CharField(max_length=16, choices=RuleKind.choices)
+    key = models.CharField(max_length=200, blank=True)  # the field (input column) or header name
+    values = models.JSONField(default=list, blank=True)  # field_equals / header_equals: one; field_in: several
+    percent = models.PositiveSmallIntegerField(null=True, blank=True)  # share: 1..100
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="endpoint_rules")
+
+    class Meta:
+        ordering = ["endpoint", "position"]
+        constraints = [models.UniqueConstraint(fields=["endpoint", "position"], name="endpoint_rule_position")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} rule {self.position}: {self.kind} -> {self.model_id}"
+
+
+class ColdLoad(models.Model):
+    """A deployment's serving form loaded (an ONNX session) or its sandboxed host started in a serving or batch
+    process, and how long it took: shown on the deployment page, never counted as live latency."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="cold_loads")
+    seconds = models.FloatField()
+    kind = models.CharField(max_length=16)  # onnx | native | mlflow
+    resident_bytes = models.BigIntegerField(null=True, blank=True)  # the form's estimated memory once loaded
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["deployment", "-at"], name="coldload_deployment_at")]
+
+
 class PredictionOutbox(models.Model):
     """Prediction records waiting for monitoring's flusher, in the embedded mode (Redis holds them otherwise)."""
 

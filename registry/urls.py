@@ -5,6 +5,7 @@ from django.urls import path
 from registry.batch import views as batch_views
 from registry.deployments import views as deployment_views
 from registry.edge import views as edge_views
+from registry.endpoints import views as endpoint_views
 from registry.mlflow_sync import views as mlflow_views
 from registry.promotions import views as promotion_views
 from registry.versions import views as version_views
@@ -46,6 +47,12 @@ urlpatterns = [
     path("promotions/<uuid:uid>/", promotion_views.promotion_detail, name="promotion"),
     path("promotions/<uuid:uid>/decide", promotion_views.promotion_decide, name="promotion-decide"),
     path("promotions/<uuid:uid>/cancel", promotion_views.promotion_cancel, name="promotion-cancel"),
+    path("endpoints/", endpoint_views.endpoint_list_page, name="endpoints"),
+    path("endpoints/new", endpoint_views.endpoint_create_page, name="endpoint-create"),
+    path("endpoints/<str:endpoint_name>/<str:env>/", endpoint_views.endpoint_page, name="endpoint"),
+    path("endpoints/<str:endpoint_name>/<str:env>/rules", endpoint_views.endpoint_rules_page, name="endpoint-rules"),
+    path("endpoints/<str:endpoint_name>/<str:env>/delete", endpoint_views.endpoint_delete_page,
+         name="endpoint-delete"),
     path("integrations/mlflow/", mlflow_views.connections_page, name="mlflow-connections"),
     path("integrations/mlflow/connect", mlflow_views.connection_create, name="mlflow-connect"),
     path("integrations/mlflow/<uuid:uid>/disable", mlflow_views.connection_disable, name="mlflow-disable"),

@@ -108,6 +108,10 @@ class AuditAction(enum.Enum):
     EDGE_TOKEN_CREATE = (3511, "edge.token_create")
     EDGE_TOKEN_REVOKE = (3512, "edge.token_revoke")
     EDGE_UPLOAD_REFUSED = (3513, "edge.upload_refused")
+    # 3600: multi-model endpoints (routing rules in front of several models)
+    ENDPOINT_CREATE = (3601, "endpoint.create")
+    ENDPOINT_CHANGE = (3602, "endpoint.change")
+    ENDPOINT_DELETE = (3603, "endpoint.delete")
     # 4000: promotion, approvals, rollback, notifications
     PROMOTION_REQUEST = (4001, "promotion.request")
     PROMOTION_APPROVE = (4002, "promotion.approve")

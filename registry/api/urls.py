@@ -5,6 +5,7 @@ from django.urls import path
 from registry.batch import api as batch
 from registry.deployments import api as deployments
 from registry.edge import api as edge
+from registry.endpoints import api as endpoints
 from registry.mlflow_sync import api as mlflow_sync
 from registry.promotions import api as promotions
 from registry.versions import api as versions
@@ -39,6 +40,8 @@ urlpatterns = [
     path("promotions/<uuid:uid>/cancel", promotions.PromotionCancelApi.as_view(), name="promotion-cancel"),
     path("models/<str:name>/environments/<str:env>/rollback", promotions.RollbackApi.as_view(), name="rollback"),
     path("models/<str:name>/environments/<str:env>/history", promotions.HistoryApi.as_view(), name="history"),
+    path("endpoints/", endpoints.EndpointListApi.as_view(), name="endpoints"),
+    path("endpoints/<str:endpoint_name>/<str:env>/", endpoints.EndpointDetailApi.as_view(), name="endpoint"),
     path("batch-jobs/", batch.BatchJobListApi.as_view(), name="batch-jobs"),
     path("batch-jobs/<uuid:uid>/", batch.BatchJobDetailApi.as_view(), name="batch-job"),
     path("batch-jobs/<uuid:uid>/result", batch.BatchJobResultApi.as_view(), name="batch-job-result"),

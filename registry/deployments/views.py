@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from registry.deployments.selectors import cold_load_summary
 from registry.deployments.services import deployment_start
 from registry.versions import selectors
 from registry.versions.views import keep_input
@@ -35,4 +36,5 @@ def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse
 def deployment_detail(request: HttpRequest, uid: str) -> HttpResponse:
     deployment = selectors.deployment_get(user=request.user, uid=uid)
     return render(request, "registry/deployment_detail.html", {"deployment": deployment,
-                                                                "model": deployment.model})
+                                                                "model": deployment.model,
+                                                                "cold": cold_load_summary(deployment)})

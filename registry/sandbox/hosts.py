@@ -47,6 +47,7 @@ MAX_ROWS = 1_000_000  # rows one answer may say it scored (a batch chunk holds 1
 MAX_ERROR_CHARS = 500
 BACKOFF_MAX_SECONDS = 60.0
 SMALL_PAYLOAD_BYTES = 64 * 1024  # requests up to this size go out in one send
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CPU_WATCH_SECONDS = 1.0  # how often the watchdog reads each host's CPU time (one /proc read per host)
 
 
@@ -232,6 +233,17 @@ class ModelHost:
             if not proc.kill():
                 logger.warning("Model host %s: something of it was still there after SIGKILL", self.label)
         self._cleanup()
+
+    def resident_bytes(self) -> int:
+        """Resident memory of the sandbox's program (its init), from ``/proc``; 0 when not running here."""
+        proc = self._proc
+        if not isinstance(proc, launch.SandboxProcess) or self._owner != os.getpid():
+            return 0
+        try:
+            with open(f"/proc/{proc.init_pid or proc.pid}/statm", "rb") as fh:
+                return int(fh.read().split()[1]) * PAGE_SIZE
+        except (OSError, IndexError, ValueError):
+            return 0
 
     # --- the CPU budget ----------------------------------------------------------------------------------------
 
@@ -512,10 +524,39 @@ class HostPool:
             self._hosts.move_to_end(key)
             running = [h for h in self._hosts.values() if h.running and h is not host]
             excess = len(running) + 1 - settings.PORTAL_MODEL_HOSTS_PER_PROCESS
-            for victim in running[:max(0, excess)]:
-                logger.info("Stopping model host %s: this process holds its maximum of hosts", victim.label)
-                victim.stop()
+            for victim in running:
+                if excess <= 0:
+                    break
+                # Least recently used first, never one with a request inside it (that one holds its lock): a
+                # busy host is passed over, and the process holds one host more until a request finishes.
+                if victim._lock.acquire(blocking=False):
+                    try:
+                        logger.info("Stopping model host %s: this process holds its maximum of hosts", victim.label)
+                        victim.stop()
+                        excess -= 1
+                    finally:
+                        victim._lock.release()
             return host
+
+    def stop_idle(self, key: str) -> bool:
+        """Stop the host ``key`` unless a request is inside it (True: stopped, or not running). It stays known
+        to the pool, so a caller that still holds it starts it again, counted and reaped as any other."""
+        with self._lock:
+            host = self._hosts.get(key)
+        if host is None or not host.running:
+            return True
+        if not host._lock.acquire(blocking=False):
+            return False
+        try:
+            host.stop()
+        finally:
+            host._lock.release()
+        return True
+
+    def resident_bytes(self, key: str) -> int:
+        """The resident memory of the host ``key``'s sandbox on this machine (0: not running, or a remote one)."""
+        host = self._hosts.get(key)
+        return host.resident_bytes() if host is not None else 0
 
     def release(self, key: str) -> None:
         with self._lock:

@@ -7,6 +7,9 @@ this process never unpickles, imports or executes an uploaded artifact.
 Routing is re-read from the database at most every ``REFRESH_SECONDS`` per (model, environment), by comparing the
 environment's ``generation``; a traffic switch is therefore picked up within a second, without a restart. A new
 version is loaded before the routing points at it, so requests keep being answered by the old one meanwhile.
+
+Many models share a process: forms load on first use and the least recently used idle ones are evicted past the
+process's memory budget (``ServingCache``); every cold load is timed for the deployment page.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 
 from registry import storage
-from registry.models import Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
+from registry.models import ColdLoad, Deployment, EnvironmentState, ModelVersion, ServingMode, TrustState
 from registry.sandbox import hosts
 from registry.scanning.archive import extract_zip
 from registry.scanning.onnxgraph import IN_PROCESS_OPERATORS, QUANTIZATION_OPERATORS, OnnxSandboxOnly, checked_onnx
@@ -38,7 +41,10 @@ from registry.scanning.onnxgraph import IN_PROCESS_OPERATORS, QUANTIZATION_OPERA
 logger = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.5
 STALE_SECONDS = 300.0  # how long a route read before a database outage keeps serving during it
-MAX_LOADED = 16
+COLD_LOADS_KEPT = 100  # a deployment's most recent cold loads kept for its page
+# What one in-process session holds besides its graph's weights: bench/density.py measured about 90 KB of RSS per
+# loaded session of a 1 KB logistic regression (300 sessions in one process).
+ONNX_SESSION_BYTES = 96 * 1024
 
 
 class ScoringLimit(Exception):
@@ -73,8 +79,12 @@ class LoadedModel:
                  close: Any = None, invoke_fn: Any = None, named: bool = False,
                  params: list[dict[str, Any]] | None = None, tensor: bool = False,
                  missing_values: bool = False, explain_fn: Any = None, frame_fn: Any = None,
-                 frame_kinds: list[str] | None = None, answers_empty: bool = False) -> None:
+                 frame_kinds: list[str] | None = None, answers_empty: bool = False, resident_fn: Any = None,
+                 evict_fn: Any = None) -> None:
         self.version_number = version_number
+        self._resident = resident_fn
+        self._evict = evict_fn
+        self.loaded_at = time.monotonic()
         # A request of no rows: the model answers an empty list (XGBoost, LightGBM), or refuses it (scikit-learn),
         # as MLflow's server does; only the in-process form needs telling (a host runs MLflow's own code)
         self.answers_empty = answers_empty
@@ -115,6 +125,26 @@ class LoadedModel:
     def leave(self) -> None:
         self.last_exit = time.monotonic()
         self.slots.release()
+
+    @property
+    def busy(self) -> bool:
+        """A request (or a shadow copy) is inside this form in this process: one of its slots is taken."""
+        return self.slots._value < self.in_flight
+
+    @property
+    def last_used(self) -> float:
+        return max(self.last_exit, self.loaded_at)
+
+    def resident_bytes(self) -> int:
+        """What this form holds in memory on this machine: the ONNX session's estimate taken when it was loaded,
+        or its sandboxed host's resident memory now (0 while the host is not running)."""
+        return int(self._resident()) if self._resident is not None else 0
+
+    def evict(self) -> bool:
+        """Let the memory go unless a request is inside: an ONNX session is dropped with the last reference to it
+        (a request that still holds it finishes on it), a sandboxed host is stopped only while idle. True once
+        nothing of it is running that a request needs."""
+        return bool(self._evict()) if self._evict is not None else True
 
     @property
     def answers_requests(self) -> bool:
@@ -257,12 +287,17 @@ def _onnx_predictor(path: Path, *, allowed: frozenset[tuple[str, str]] = IN_PROC
     import onnxruntime
 
     data = path.read_bytes()
+    before = _rss_bytes()
     review = checked_onnx(data)
     reasons = review.reasons_beyond(allowed)
     if reasons:
         raise OnnxSandboxOnly("the graph runs only in a sandboxed model host: it uses " + "; ".join(reasons))
     del review
     session = onnxruntime.InferenceSession(data, sess_options=_onnx_options(), providers=["CPUExecutionProvider"])
+    # An estimate, taken where loads are one at a time (the serving cache's lock): what the process grew by while
+    # the session was built, and at least what a session of this graph holds (the graph's weights, about twice
+    # over once placed, plus the session's own structures): the growth alone reads 0 when freed memory is reused.
+    resident = max(_rss_bytes() - before, 2 * len(data) + ONNX_SESSION_BYTES)
     del data
     first = session.get_inputs()[0]
     dtype = np.float32 if first.type == "tensor(float)" else np.float64
@@ -295,7 +330,19 @@ def _onnx_predictor(path: Path, *, allowed: frozenset[tuple[str, str]] = IN_PROC
         return np.concatenate([p.reshape(p.shape[0], -1) if p.ndim > 1 else p for p in parts])
 
     predict.metadata = dict(session.get_modelmeta().custom_metadata_map)  # type: ignore[attr-defined]
+    predict.resident_bytes = resident  # type: ignore[attr-defined]
     return predict
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def load_onnx_predictor(path: Path, *, quantized: bool = False) -> Any:
@@ -332,25 +379,42 @@ def materialiser(version: ModelVersion) -> hosts.Materialise:
     return materialise
 
 
-def _hosted(key: str, version: ModelVersion, columns: list[str]) -> tuple[Any, Any, Any, Any]:
+def _hosted(key: str, version: ModelVersion, columns: list[str],
+            on_start: Any = None) -> tuple[Any, Any, Any, Any]:
     """Predict, invoke, predict_frame and close through the version's sandboxed model host; the artifact is never
-    loaded in this process. The host starts on first use."""
+    loaded in this process. The host starts on first use; ``on_start(seconds)`` hears of each start (a cold load)."""
     label = f"{key} (version {version.number}, {version.format})"
     materialise = materialiser(version)
 
+    def started(host: hosts.ModelHost, starts: int, began: float) -> None:
+        if on_start is not None and host.starts != starts:
+            on_start(time.monotonic() - began)
+
     def predict(matrix: np.ndarray, timeout: float | None = None) -> list[Any]:
         host = hosts.pool.get(key, materialise, label=label)
-        return host.predict(matrix, columns or None, timeout=_deadline_seconds(timeout, matrix.shape[0]))
+        starts, began = host.starts, time.monotonic()
+        try:
+            return host.predict(matrix, columns or None, timeout=_deadline_seconds(timeout, matrix.shape[0]))
+        finally:
+            started(host, starts, began)
 
     def invoke(body: bytes, content_type: str, timeout: float | None = None) -> hosts.Invocation:
         host = hosts.pool.get(key, materialise, label=label)
-        return host.invoke(body, content_type, timeout=_deadline_seconds(timeout, 0) + len(body) / 100_000)
+        starts, began = host.starts, time.monotonic()
+        try:
+            return host.invoke(body, content_type, timeout=_deadline_seconds(timeout, 0) + len(body) / 100_000)
+        finally:
+            started(host, starts, began)
 
     kinds = frame_kinds(version) or []
 
     def frame(matrix: np.ndarray, timeout: float | None = None) -> list[Any]:
         host = hosts.pool.get(key, materialise, label=label)
-        return host.predict_frame(matrix, columns, kinds, timeout=_deadline_seconds(timeout, matrix.shape[0]))
+        starts, began = host.starts, time.monotonic()
+        try:
+            return host.predict_frame(matrix, columns, kinds, timeout=_deadline_seconds(timeout, matrix.shape[0]))
+        finally:
+            started(host, starts, began)
 
     return predict, invoke, frame, lambda: hosts.pool.release(key)
 
@@ -368,9 +432,11 @@ def _explainer_host(key: str, version: ModelVersion) -> Any:
     return explain
 
 
-def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str | None = None) -> LoadedModel:
+def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str | None = None,
+                       on_start: Any = None) -> LoadedModel:
     """The serving form: an ONNX session in this process (onnxruntime runs no code from the file), or a client of
-    a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process)."""
+    a sandboxed model host for every other artifact. ``key`` names the host (one per deployment and process);
+    ``on_start(seconds)`` hears of each start of that host."""
     columns = named_inputs(version)
     close = invoke = frame = None
     missing_values = answers_empty = False
@@ -389,15 +455,20 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
             answers_empty = getattr(predictor, "metadata", {}).get("portal.empty_rows") == "answers"
     key = key or f"version-{version.pk}-{os.urandom(4).hex()}"
     explain = None
+    host_key = key
     if kind != "onnx":
         assert version.artifact is not None
-        predictor, invoke, frame, close = _hosted(key, version, columns)
+        predictor, invoke, frame, close = _hosted(key, version, columns, on_start)
         explain = _explainer_host(key, version)
-    elif version.artifact is not None:
-        # Served in-process from ONNX; explained from the original artifact in a sandboxed host of its own.
-        explain_key = f"{key}-explain"
-        explain = _explainer_host(explain_key, version)
-        close = lambda: hosts.pool.release(explain_key)  # noqa: E731
+        resident: Any = lambda: hosts.pool.resident_bytes(host_key)  # noqa: E731
+    else:
+        size = int(getattr(predictor, "resident_bytes", 0))
+        host_key = f"{key}-explain"
+        resident = lambda: size + hosts.pool.resident_bytes(host_key)  # noqa: E731 - its explainer's host too
+        if version.artifact is not None:
+            # Served in-process from ONNX; explained from the original artifact in a sandboxed host of its own.
+            explain = _explainer_host(host_key, version)
+            close = lambda: hosts.pool.release(host_key)  # noqa: E731
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
                        predict_fn=predictor, kind=kind, close=close,
                        invoke_fn=invoke if kind == "mlflow" else None,
@@ -406,6 +477,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                        missing_values=missing_values, explain_fn=explain, answers_empty=answers_empty,
                        frame_fn=frame if kind == "mlflow" else None,
                        frame_kinds=frame_kinds(version) if kind == "mlflow" else None,
+                       resident_fn=resident, evict_fn=lambda: hosts.pool.stop_idle(host_key),
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
 
@@ -492,10 +564,19 @@ class Route:
 
 
 class ServingCache:
+    """The serving forms this process has loaded, and each (model, environment)'s route to them.
+
+    Forms load on first use and stay while the process's memory budget (``PORTAL_SERVE_MEMORY_MB``: ONNX sessions'
+    estimates plus their sandboxed hosts' resident memory) holds them; past it, the least recently used are
+    evicted, never one with a request inside it (``LoadedModel.busy``) and never the one just loaded. An evicted
+    form's routes are forgotten, so its next request loads it again: a cold load, timed, recorded for the
+    deployment page (``ColdLoad``) and left out of the live latency, as every cold start is."""
+
     def __init__(self) -> None:
         self._routes: dict[tuple[int, str], Route] = {}
         self._models: OrderedDict[int, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self.evictions = 0
 
     def clear(self) -> None:
         with self._lock:
@@ -510,20 +591,61 @@ class ServingCache:
         with self._lock:
             return self._loaded(deployment)
 
-    def _loaded(self, deployment: Deployment) -> LoadedModel:
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(m.resident_bytes() for m in self._models.values())
+
+    def _loaded(self, deployment: Deployment, *, enforce: bool = True) -> LoadedModel:
         cached = self._models.get(deployment.pk)
         if cached is not None:
             self._models.move_to_end(deployment.pk)
             return cached
         began = time.monotonic()
-        loaded = load_serving_model(version=deployment.version, kind=deployment.serving_kind or "native",
-                                    blob=deployment.serving_blob, key=f"deployment-{deployment.pk}")
-        hosts.cold_start_add(time.monotonic() - began)  # an ONNX session loaded for this request: a cold start
+        kind = deployment.serving_kind or "native"
+
+        def host_started(seconds: float) -> None:
+            _record_cold_load(deployment.pk, seconds, "mlflow" if kind == "mlflow" else "native",
+                              hosts.pool.resident_bytes(f"deployment-{deployment.pk}"))
+            self.enforce_budget()
+
+        loaded = load_serving_model(version=deployment.version, kind=kind, blob=deployment.serving_blob,
+                                    key=f"deployment-{deployment.pk}", on_start=host_started)
+        seconds = time.monotonic() - began
+        hosts.cold_start_add(seconds)  # an ONNX session loaded for this request: a cold start
         self._models[deployment.pk] = loaded
-        while len(self._models) > MAX_LOADED:
-            _pk, evicted = self._models.popitem(last=False)
-            evicted.close()
+        if loaded.kind == "onnx":
+            _record_cold_load(deployment.pk, seconds, "onnx", loaded.resident_bytes())
+        if enforce:
+            self._enforce_budget(keep=(loaded,))
         return loaded
+
+    def enforce_budget(self) -> int:
+        with self._lock:
+            return self._enforce_budget(keep=())
+
+    def _enforce_budget(self, *, keep: tuple[LoadedModel, ...]) -> int:
+        """Evict least recently used forms until the process is within its budget; the number evicted."""
+        budget = settings.PORTAL_SERVE_MEMORY_MB * 1024 * 1024
+        sizes = {pk: m.resident_bytes() for pk, m in self._models.items()}
+        total = sum(sizes.values())
+        if total <= budget and len(self._models) <= settings.PORTAL_SERVE_MAX_LOADED:
+            return 0
+        evicted = 0
+        for pk, loaded in sorted(self._models.items(), key=lambda item: item[1].last_used):
+            if total <= budget and len(self._models) <= settings.PORTAL_SERVE_MAX_LOADED:
+                break
+            if any(loaded is k for k in keep) or loaded.busy or not loaded.evict():
+                continue  # a request is inside it: it stays, and the process is over budget until one finishes
+            del self._models[pk]
+            total -= sizes[pk]
+            evicted += 1
+            for key in [k for k, r in self._routes.items()
+                        if any(side is not None and side[1] is loaded for side in (r.champion, r.challenger))]:
+                del self._routes[key]
+            logger.info("Serving form of deployment %s evicted (least recently used; %.0f MB of %s MB in use)",
+                        pk, total / 1024 / 1024, settings.PORTAL_SERVE_MEMORY_MB)
+        self.evictions += evicted
+        return evicted
 
     def route(self, model_id: int, environment: str) -> Route | None:
         key = (model_id, environment)
@@ -548,11 +670,28 @@ class ServingCache:
             state = (EnvironmentState.objects.select_related(
                 "champion__version__artifact", "champion__serving_blob", "challenger__version__artifact",
                 "challenger__serving_blob").get(model_id=model_id, environment=environment))
-            champion = (state.champion, self._loaded(state.champion)) if state.champion else None
-            challenger = (state.challenger, self._loaded(state.challenger)) if state.challenger else None
+            champion = (state.champion, self._loaded(state.champion, enforce=False)) if state.champion else None
+            challenger = ((state.challenger, self._loaded(state.challenger, enforce=False)) if state.challenger
+                          else None)
+            self._enforce_budget(keep=tuple(side[1] for side in (champion, challenger) if side is not None))
             route = Route(state.generation, champion, challenger, state.mode, state.challenger_percent, now)
             self._routes[key] = route
         return route
+
+
+def _record_cold_load(deployment_id: int, seconds: float, kind: str, resident: int) -> None:
+    """One cold load for the deployment page; telemetry, so a database that cannot take it loses only the row."""
+    try:
+        with transaction.atomic():  # a savepoint: a batch worker's own transaction stays usable if this fails
+            row = ColdLoad.objects.create(deployment_id=deployment_id, seconds=round(seconds, 6), kind=kind,
+                                          resident_bytes=resident or None)
+            if row.pk % COLD_LOADS_KEPT == 0:  # now and then a deployment's older rows go: its page shows the recent
+                kept = list(ColdLoad.objects.filter(deployment_id=deployment_id).order_by("-at")
+                            .values_list("at", flat=True)[COLD_LOADS_KEPT - 1:COLD_LOADS_KEPT])
+                if kept:
+                    ColdLoad.objects.filter(deployment_id=deployment_id, at__lt=kept[0]).delete()
+    except DatabaseError as exc:
+        logger.warning("Could not record a cold load of deployment %s: %s", deployment_id, type(exc).__name__)
 
 
 cache = ServingCache()

@@ -22,6 +22,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -49,6 +50,7 @@ _model_cache: dict[tuple[int, str], tuple[float, tuple[int | None, bool]]] = {}
 _local_counts: dict[tuple[str, int], int] = {}
 _lock = threading.Lock()
 _shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+Extra = Callable[[int, int], dict[str, Any]]
 
 
 class Answer(NamedTuple):
@@ -290,7 +292,7 @@ def _mlflow_error(answer: hosts.Invocation) -> Answer:
 
 
 def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, token_id: str,
-            started: float) -> Answer:
+            started: float, extra: Extra | None = None) -> Answer:
     content_type = request.META.get("CONTENT_TYPE", "")
     try:
         subjects, body = _split_subjects(content_type, request.body)
@@ -301,14 +303,14 @@ def _invoke(request: HttpRequest, route: runtime.Route, *, name: str, env: str, 
         return _busy(name, loaded)
     try:
         return _invoke_one(request, route, loaded, role, body, content_type, subjects, name=name, env=env,
-                           token_id=token_id, started=started)
+                           token_id=token_id, started=started, extra=extra)
     finally:
         loaded.leave()
 
 
 def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.LoadedModel, role: str, body: bytes,
                 content_type: str, subjects: list[str] | None, *, name: str, env: str, token_id: str,
-                started: float) -> Answer:
+                started: float, extra: Extra | None = None) -> Answer:
     timeout = settings.PORTAL_SCORING_TIMEOUT_SECONDS
     if not loaded.answers_requests:  # a canary of another kind beside an MLflow champion
         try:
@@ -328,10 +330,11 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
             return _error(500, "model_error", "The model failed on this input; the failure is logged.")
         return _answered(name=name, env=env, role=role, loaded=loaded, rows=matrix, predictions=predictions,
                          subjects=parsed.subject_ids, token_id=token_id, started=started, route=route,
-                         request=(request.body, content_type), unit=unit_hash(routing_key(request, subjects)))
+                         request=(request.body, content_type), unit=unit_hash(routing_key(request, subjects)),
+                         extra=extra)
     if loaded.takes_frames:
         framed = _framed(request, route, loaded, role, body, content_type, subjects, name=name, env=env,
-                         token_id=token_id, started=started)
+                         token_id=token_id, started=started, extra=extra)
         if framed is not None:
             return framed
     try:
@@ -361,12 +364,12 @@ def _invoke_one(request: HttpRequest, route: runtime.Route, loaded: runtime.Load
     return _answered(name=name, env=env, role=role, loaded=loaded, rows=_logged_rows(answer, loaded.columns),
                      predictions=predictions, subjects=subjects, token_id=token_id, started=started, route=route,
                      request=(body, content_type), count=answer.count, unit=unit_hash(routing_key(request, subjects)),
-                     non_finite="NaN" in answer.body or "Infinity" in answer.body)
+                     non_finite="NaN" in answer.body or "Infinity" in answer.body, extra=extra)
 
 
 def _framed(request: HttpRequest, route: runtime.Route, loaded: runtime.LoadedModel, role: str, body: bytes,
             content_type: str, subjects: list[str] | None, *, name: str, env: str, token_id: str,
-            started: float) -> Answer | None:
+            started: float, extra: Extra | None = None) -> Answer | None:
     """The common request to an MLflow model's host without MLflow's parsing: a numeric ``dataframe_split`` whose
     every value MLflow would read as the same number (``protocol.numeric_rows``) goes to the host as one float64
     matrix and is answered by the estimator as MLflow's scoring server answers it (``child._FrameScorer``). None:
@@ -385,13 +388,13 @@ def _framed(request: HttpRequest, route: runtime.Route, loaded: runtime.LoadedMo
     return _answered(name=name, env=env, role=role, loaded=loaded,
                      rows=protocol.logged_values(matrix, loaded.frame_kinds), predictions=predictions,
                      subjects=subjects, token_id=token_id, started=started, route=route,
-                     request=(body, content_type), unit=unit_hash(routing_key(request, subjects)))
+                     request=(body, content_type), unit=unit_hash(routing_key(request, subjects)), extra=extra)
 
 
 def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, rows: Any, predictions: Any,
               subjects: list[str] | None, token_id: str, started: float, route: runtime.Route,
               request: tuple[bytes, str], count: int | None = None, non_finite: bool = False,
-              unit: str = "") -> Answer:
+              unit: str = "", extra: Extra | None = None) -> Answer:
     """``non_finite``: MLflow's answer holds NaN or Infinity, which MLflow writes as such (not JSON's null): the
     answer is written the same way, so a client reads what MLflow's own server would have sent."""
     n = count if count is not None else len(rows)
@@ -405,6 +408,8 @@ def _answered(*, name: str, env: str, role: str, loaded: runtime.LoadedModel, ro
         _shadow_pool.submit(_shadow, route, name, env, None, ids, subjects, context.current().request_id,
                             request)
     payload = {"predictions": predictions, "prediction_ids": ids, "model_version": loaded.version_number}
+    if extra is not None:
+        payload.update(extra(len(ids), loaded.version_number))
     if non_finite and _has_non_finite(predictions):
         import json
 
@@ -468,6 +473,36 @@ def _gate(request: HttpRequest, name: str, env: str) -> Answer | tuple[Any, str,
     """What every serving route checks first: host, method, token, rate, environment, the model among the
     caller's teams, the ``score`` capability, something deployed, a Content-Type. An error ``Answer``, or the
     (user, token id, route) to serve."""
+    caller = gate_caller(request, env)
+    if isinstance(caller, Answer):
+        return caller
+    user, token_id = caller
+    model_id, may_score = _model_id(user, name)
+    if model_id is None:
+        return _error(404, "not_found", f"No model named {name!r} that you may use.")
+    if not may_score:
+        return _error(403, "permission_denied", "Your role does not allow this (score): viewers and compliance "
+                                                "officers read, they do not score.")
+    route = runtime.cache.route(model_id, env)
+    if route is None or route.champion is None:
+        return _error(404, "not_deployed", f"Nothing serves {name} in {env} yet.")
+    missing = content_type_missing(request)
+    if missing is not None:
+        return missing
+    return user, token_id, route
+
+
+def content_type_missing(request: HttpRequest) -> Answer | None:
+    if not request.META.get("CONTENT_TYPE", "").strip():
+        return _input_error(protocol.InputError(
+            f"Say what the body is with a Content-Type header: application/json, text/csv or {protocol.PARQUET}.",
+            "unsupported_media_type"))
+    return None
+
+
+def gate_caller(request: HttpRequest, env: str) -> Answer | tuple[Any, str]:
+    """The checks every serving route (a model's or an endpoint's) makes before looking up what it serves: host,
+    method, token, rate, environment. An error ``Answer``, or the (user, token id)."""
     try:
         request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on every other path
     except DisallowedHost:
@@ -484,20 +519,7 @@ def _gate(request: HttpRequest, name: str, env: str) -> Answer | tuple[Any, str,
                                         "token; slow down.", **{"Retry-After": "1"})
     if env not in Environment.values:
         return _error(404, "not_found", f"Unknown environment {env!r}: use dev, stage or prod.")
-    model_id, may_score = _model_id(user, name)
-    if model_id is None:
-        return _error(404, "not_found", f"No model named {name!r} that you may use.")
-    if not may_score:
-        return _error(403, "permission_denied", "Your role does not allow this (score): viewers and compliance "
-                                                "officers read, they do not score.")
-    route = runtime.cache.route(model_id, env)
-    if route is None or route.champion is None:
-        return _error(404, "not_deployed", f"Nothing serves {name} in {env} yet.")
-    if not request.META.get("CONTENT_TYPE", "").strip():
-        return _input_error(protocol.InputError(
-            f"Say what the body is with a Content-Type header: application/json, text/csv or {protocol.PARQUET}.",
-            "unsupported_media_type"))
-    return user, token_id, route
+    return user, token_id
 
 
 def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
@@ -507,10 +529,19 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     if isinstance(gate, Answer):
         return gate
     _user, token_id, route = gate
+    return serve(request, route, name=name, env=env, token_id=token_id, started=started)
+
+
+def serve(request: HttpRequest, route: runtime.Route, *, name: str, env: str, token_id: str, started: float,
+          extra: Extra | None = None, parsed: protocol.ParsedRequest | None = None) -> Answer:
+    """Score the whole request with the model ``name`` (its ``route``), past every check of the gate. ``extra``:
+    more keys for the answer from its row count and version (an endpoint names the model that answered);
+    ``parsed``: the body, when the caller has parsed it already (an endpoint whose rules read fields)."""
     if route.answers_requests:
-        return _invoke(request, route, name=name, env=env, token_id=token_id, started=started)
+        return _invoke(request, route, name=name, env=env, token_id=token_id, started=started, extra=extra)
     try:
-        parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
+        if parsed is None:
+            parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
         key = routing_key(request, parsed.subject_ids)
         role, _deployment, loaded = route.pick(key)
         matrix = protocol.to_matrix(parsed, loaded.columns, named=loaded.named, tensor=loaded.tensor,
@@ -555,8 +586,10 @@ def _invocations(request: HttpRequest, name: str, env: str) -> Answer:
     if route.mode == "shadow" and route.challenger is not None:
         _shadow_pool.submit(_shadow, route, name, env, matrix, ids, parsed.subject_ids,
                             context.current().request_id)
-    return Answer(200, orjson.dumps({"predictions": predictions, "prediction_ids": ids,
-                                     "model_version": loaded.version_number}), {})
+    payload = {"predictions": predictions, "prediction_ids": ids, "model_version": loaded.version_number}
+    if extra is not None:
+        payload.update(extra(len(ids), loaded.version_number))
+    return Answer(200, orjson.dumps(payload), {})
 
 
 # --- Explanations: POST /api/v1/serve/{name}/{env}/explain (issue 37) -----------------------------------------

@@ -1,4 +1,5 @@
-"""The scoring route as a WSGI application of its own, without Django's request handler.
+"""The scoring routes (a model's, and an endpoint's in front of several) as a WSGI application of their own, without
+Django's request handler.
 
 Django's handler costs a scoring request more than its model does: the middleware chain, URL resolving, the
 response object's header bookkeeping. This application does only what that path needs, with the same parts: a
@@ -29,10 +30,10 @@ from django.utils.log import log_response
 
 from portal import context
 from portal.middleware import add_security_headers, request_context
-from registry.serving import views
+from registry.serving import endpoints, views
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-SCORING_PATH = re.compile(r"^/api/v1/serve/([^/]+)/([^/]+)/invocations$")
+SCORING_PATH = re.compile(r"^/api/v1/serve/(?:(endpoints)/)?([^/]+)/([^/]+)/invocations$")
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
@@ -65,7 +66,8 @@ class ScoringApplication:
             ctx = request_context(request)
             with context.bound(ctx):
                 try:
-                    answer = views.score(request, *match.groups())
+                    endpoint, name, env = match.groups()
+                    answer = (endpoints.score if endpoint else views.score)(request, name, env)
                 except Exception as exc:  # what Django's handler does with it: logged, signalled, handler400/500
                     return self._send(start_response, request, ctx, response_for_exception(request, exc))
                 if answer.status >= 400:

@@ -32,6 +32,7 @@ from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, Retra
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
+from registry.endpoints import services as endpoint_services
 from registry.mlflow_sync import services as mlflow_sync
 from registry import storage
 from registry.edge import services as edge_services
@@ -102,6 +103,9 @@ SCHEDULE = {"environment": "dev", "name": "second", "location": "second/", "cron
 TRUST = {"decision": "trust", "reason": "reviewed for the matrix"}
 EXPERIMENT = {"model": "churn", "environment": "dev", "metric": "accuracy", "mde": 0.05}
 DECISION = {"decision": "keep", "reason": "reviewed for the matrix"}
+ENDPOINT = {"team": "acme", "name": "matrix-endpoint", "environment": "dev", "default": "churn"}
+ENDPOINT_RULES_FORM = {"kind-0": "field_in", "key-0": "mean radius", "values-0": "1, 2", "model-0": "churn",
+                       "default": "churn"}
 
 # pattern -> the calls made on it, each with the status per persona. Objects in paths are team acme's, so the
 # outsider gets 404 wherever one is named; a capability held by nobody in a team is a 403. Personas outside
@@ -223,6 +227,18 @@ TABLE: dict[str, list[Call]] = {
                                          body={"team": "acme", "tracking_uri": ""})],
     "integrations/mlflow/<uuid:uid>/disable": [page("POST", ADMIN, ok=302)],
     "integrations/mlflow/jobs/<uuid:uid>/retry": [page("POST", ADMIN, ok=302)],
+    # Multi-model endpoints: every member reads; changing one is a dev deployment's (data scientists) in dev, a team
+    # manager's in stage and prod. Creating one names its team, so the outsider meets acme as if it did not exist.
+    "endpoints/": [page("GET", ALL)],
+    "endpoints/new": [page("POST", DS, ok=302, body=ENDPOINT)],
+    "endpoints/<str:endpoint_name>/<str:env>/": [page("GET")],
+    "endpoints/<str:endpoint_name>/<str:env>/rules": [page("POST", DS, ok=302, body=ENDPOINT_RULES_FORM)],
+    "endpoints/<str:endpoint_name>/<str:env>/delete": [page("POST", DS, ok=302)],
+    "api/v1/endpoints/": [api("GET", ALL), api("POST", DS, ok=201, body=ENDPOINT)],
+    "api/v1/endpoints/<str:endpoint_name>/<str:env>/": [
+        api("GET"), api("PUT", DS, body={"rules": [{"kind": "share", "percent": 10, "model": "churn"}]}),
+        api("DELETE", DS, ok=204)],
+    "api/v1/serve/endpoints/<str:endpoint_name>/<str:env>/invocations": [api("POST", SCORE, body="ROWS")],
     # API: the registry
     "api/v1/models/": [api("GET", ALL), api("POST", DS, ok=201, body={"name": "matrix-model", "team": "acme"})],
     "api/v1/models/<str:name>/": [api("GET")],
@@ -353,6 +369,9 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     edge_package = EdgePackage.objects.create(model=model, version=v1, status=EdgePackageStatus.READY, progress=100,
                                               blob=storage.blob_put_path(archive))
     edge_token, _ = edge_services.device_token_create(model=model, name="matrix devices", actor=personas["ds"])
+    endpoint_services.endpoint_create(team=Team.objects.get(slug="acme"), name="front", environment="dev",
+                                      default_model="churn", actor=personas["ds"],
+                                      rules=[endpoint_services.RuleInput(kind="share", model="churn", percent=50)])
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
     ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid,
@@ -372,7 +391,7 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
     """The pattern with acme's objects in its placeholders."""
     def value(match: re.Match[str]) -> str:
         converter, key = match.group(1), match.group(2)
-        fixed = {"name": "churn", "env": env, "number": str(number), "slug": "acme", "subject_id": "subject-1",
+        fixed = {"name": "churn", "endpoint_name": "front", "env": env, "number": str(number), "slug": "acme", "subject_id": "subject-1",
                  "alias": "champion",
                  "seq": str(ids["seq"])}
         if key in fixed:

@@ -94,11 +94,11 @@ def test_next_is_followed_only_to_our_own_pages(client: Client, personas: dict[s
 
 
 EXPECTED_NAV = {
-    "ds": {"Home", "Models", "Promotions", "Monitoring", "API docs", "Account"},
-    "approver1": {"Home", "Models", "Promotions", "Monitoring", "API docs", "Account"},
-    "compliance": {"Home", "Models", "Promotions", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account"},
-    "admin": {"Home", "Models", "Promotions", "Monitoring", "MLflow", "Audit trail", "Data subjects", "API docs", "Account", "Administration"},
-    "viewer": {"Home", "Models", "Promotions", "Monitoring", "API docs", "Account"},
+    "ds": {"Home", "Models", "Promotions", "Endpoints", "Monitoring", "API docs", "Account"},
+    "approver1": {"Home", "Models", "Promotions", "Endpoints", "Monitoring", "API docs", "Account"},
+    "compliance": {"Home", "Models", "Promotions", "Endpoints", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account"},
+    "admin": {"Home", "Models", "Promotions", "Endpoints", "Monitoring", "MLflow", "Audit trail", "Data subjects", "API docs", "Account", "Administration"},
+    "viewer": {"Home", "Models", "Promotions", "Endpoints", "Monitoring", "API docs", "Account"},
 }
 
 

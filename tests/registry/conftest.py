@@ -28,6 +28,10 @@ def fresh_serving_cache() -> None:
 
     views._auth_cache.clear()
     views._model_cache.clear()
+    from registry.serving import endpoints
+
+    endpoints.cache.clear()
+    endpoints._access_cache.clear()
     from monitoring.flush import LOCK_KEY
     from registry.serving import buffer
 

@@ -89,6 +89,10 @@ class LoadedModel:
                           else settings.PORTAL_SERVE_IN_FLIGHT_HOSTED)
         self.slots = threading.BoundedSemaphore(self.in_flight)
         self.last_exit = 0.0  # monotonic time a request of this version last left its slot
+        # Explanations have a bulkhead of their own (and a host of their own, ``load_serving_model``): a burst of
+        # explain requests, each up to a budget of seconds, never takes a scoring slot nor waits in front of scoring.
+        self.explain_in_flight = settings.PORTAL_EXPLAIN_IN_FLIGHT
+        self.explain_slots = threading.BoundedSemaphore(self.explain_in_flight)
 
     PROGRESS_SECONDS = 1.0
 
@@ -107,6 +111,15 @@ class LoadedModel:
     def leave(self) -> None:
         self.last_exit = time.monotonic()
         self.slots.release()
+
+    def explain_enter(self) -> bool:
+        """A slot of this version's explain bulkhead, taken at once or not at all (give it back with
+        ``explain_leave``): an explanation runs for up to its budget, so a caller is told to come back rather than
+        queued behind one."""
+        return self.explain_slots.acquire(blocking=False)
+
+    def explain_leave(self) -> None:
+        self.explain_slots.release()
 
     @property
     def answers_requests(self) -> bool:
@@ -129,9 +142,9 @@ class LoadedModel:
 
     def explain(self, matrix: np.ndarray, background: np.ndarray | None, columns: list[str] | None, *,
                 budget: float) -> dict[str, Any]:
-        """SHAP attributions for ``matrix`` from a sandboxed host (the one serving the version, or for an
-        in-process ONNX form a host of the original artifact, started on the first explain): the model's
-        explainer runs only there. Bounded by ``budget`` (the model-agnostic explainer's) plus
+        """SHAP attributions for ``matrix`` from a sandboxed host of the version's own (never the one scoring:
+        a host answers one request at a time, and an explanation must not hold scoring up), started on the first
+        explain and reaped when idle like any host: the model's explainer runs only there. Bounded by ``budget`` (the model-agnostic explainer's) plus
         ``PORTAL_EXPLAIN_TIMEOUT_SECONDS`` and a second per 1,000 rows, after which the host is killed."""
         if self._explain is None:
             raise hosts.NoExplainer("this serving form has no sandboxed host to explain it")
@@ -352,13 +365,20 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
             missing_values = getattr(predictor, "metadata", {}).get("portal.missing_values") == "true"
     key = key or f"version-{version.pk}-{os.urandom(4).hex()}"
     explain = None
+    # Explained by a sandboxed host of its own (of the original artifact, also for a form served in-process from
+    # ONNX): the scoring host answers one request at a time and never waits behind an explanation.
+    explain_key = f"{key}-explain"
     if kind != "onnx":
         assert version.artifact is not None
-        predictor, invoke, close = _hosted(key, version, columns)
-        explain = _explainer_host(key, version)
+        predictor, invoke, close_scoring = _hosted(key, version, columns)
+        explain = _explainer_host(explain_key, version)
+
+        def close_both() -> None:
+            close_scoring()
+            hosts.pool.release(explain_key)
+
+        close = close_both
     elif version.artifact is not None:
-        # Served in-process from ONNX; explained from the original artifact in a sandboxed host of its own.
-        explain_key = f"{key}-explain"
         explain = _explainer_host(explain_key, version)
         close = lambda: hosts.pool.release(explain_key)  # noqa: E731
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),

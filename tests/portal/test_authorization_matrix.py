@@ -28,7 +28,8 @@ from rest_framework.test import APIClient
 from monitoring.datasets import services as dataset_services
 from monitoring.datasets.cut import snapshot_cut
 from monitoring.flush import write_batches
-from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, RetrainingRequest
+from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, RetrainingRequest, SubjectAccessReport
+from monitoring.sensitive import encrypt_value
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
@@ -93,6 +94,9 @@ TRUST = {"decision": "trust", "reason": "reviewed for the matrix"}
 EXPERIMENT = {"model": "churn", "environment": "dev", "metric": "accuracy", "mde": 0.05}
 DECISION = {"decision": "keep", "reason": "reviewed for the matrix"}
 
+OWN_REPORT = Call("GET", {None: 302, "outsider": 403, "viewer": 403, "ds": 403, "approver1": 403, "compliance": 200,
+                          "admin": 404}, ("compliance",))
+
 # pattern -> the calls made on it, each with the status per persona. Objects in paths are team acme's, so the
 # outsider gets 404 wherever one is named; a capability held by nobody in a team is a 403. Personas outside
 # ``allowed`` must also leave no audit event behind (nothing changed), which catches pages that refuse with a
@@ -112,8 +116,11 @@ TABLE: dict[str, list[Call]] = {
     "audit/verify_export.py": [page("GET", AUDIT, outsider=403)],
     # GDPR pages: the same capability as the API's; a search is an audited access, erasure needs the confirmation.
     "compliance/subjects/": [page("GET", AUDIT, outsider=403),
-                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1"}),
+                             page("POST", AUDIT, ok=302, outsider=403, body={"subject_id": "subject-1"}),
                              page("POST", AUDIT, ok=400, outsider=403, body={"subject_id": " "})],
+    # A compiled subject access report is the asking officer's only: another one (here the admin) gets 404.
+    "compliance/subjects/reports/<uuid:uid>/": [OWN_REPORT],
+    "compliance/subjects/reports/<uuid:uid>/download": [OWN_REPORT],
     "compliance/erasure/": [page("GET", AUDIT, outsider=403),
                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "review"}),
                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "erase",
@@ -324,13 +331,17 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     sync_job = MlflowSyncJob.objects.create(connection=connection, kind="import", registered_model="churn",
                                             mlflow_version="1", status=MlflowSyncStatus.FAILED, error="did not answer",
                                             attempts=8)
+    report = SubjectAccessReport.objects.create(
+        subject_hash="0" * 64, requested_by=personas["compliance"], status="ready",
+        report=encrypt_value({"subject_hash": "0" * 64, "generated_at": timezone.now(), "predictions": [],
+                              "feedback": [], "training_snapshots": [], "stores": []}))
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
     ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid,
            "alert": alert.uid, "token": victim_token.uid, "schedule": schedule.pk, "webhook": hook.pk,
            "snapshot": snapshot.uid,
            "retraining": retrain.uid, "flag": flag.uid, "mlflow-connection": connection.uid,
-           "mlflow-job": sync_job.uid,
+           "mlflow-job": sync_job.uid, "subject-report": report.uid,
            "seq": AuditEvent.objects.order_by("seq").values_list("seq", flat=True).last()}
     bodies = {"ROWS": {"dataframe_split": {"columns": list(X.columns), "data": X.head(2).to_numpy().tolist()}},
               "FEEDBACK": [{"prediction_id": "0" * 32, "actual": 1}],
@@ -356,7 +367,8 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
                 return str(ids[prefix])
         for names, key in ((("dataset", "snapshot", "download"), "snapshot"), (("mlflow-disable",), "mlflow-connection"),
                            (("mlflow-job-retry",), "mlflow-job"),
-                           (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag")):
+                           (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag"),
+                           (("subject-report",), "subject-report")):
             if (name or "").startswith(names):
                 return str(ids[key])
         raise AssertionError(f"no object for {pattern}")

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.real_sandbox]
 def test_a_worker_compiles_the_report_while_its_page_shows_the_progress(
         worker_factory: Any, personas: dict[str, Any], tmp_path: Path) -> None:
     live("credit", models()["forest"], tmp_path, personas)  # a tree explainer: milliseconds, whatever the load
-    X, _y = files._data()
+    X: Any = files._data()[0]
     scored = client_for(personas["ds"]).post("/api/v1/serve/credit/dev/invocations",
                                              body(X.iloc[[3, 40, 77]], subjects=["erin", "frank", "erin"]),
                                              content_type="application/json")

@@ -208,6 +208,8 @@ if not _single_queue:
         "registry.tasks.edge_package_build": {"queue": "deploy"},
         # A snapshot cut runs for minutes: with the batch work, never holding up the prediction-log flushers.
         "monitoring.tasks.snapshot_cut": {"queue": "score"},
+        # A subject access report runs each decision's version in a sandboxed host for seconds: the same.
+        "monitoring.tasks.subject_report": {"queue": "score"},
         "monitoring.tasks.*": {"queue": "monitor"},
     }
 CELERY_TASK_ACKS_LATE = True
@@ -494,6 +496,11 @@ PORTAL_SCORING_TIMEOUT_SECONDS = env_int("PORTAL_SCORING_TIMEOUT_SECONDS", 5, mi
 PORTAL_EXPLAIN_GLOBAL_SECONDS = env_int("PORTAL_EXPLAIN_GLOBAL_SECONDS", 30, minimum=1)
 PORTAL_EXPLAIN_BUDGET_SECONDS = env_float("PORTAL_EXPLAIN_BUDGET_SECONDS", 5.0, minimum=0.1, maximum=600.0)
 PORTAL_EXPLAIN_TIMEOUT_SECONDS = env_int("PORTAL_EXPLAIN_TIMEOUT_SECONDS", 20, minimum=1)
+# Explanations must not starve scoring: explain requests one served version may have in progress per web process
+# (their own bulkhead and their own sandboxed host; the excess gets a 503 at once), and explain requests a minute
+# per API token (the excess gets a 429 with Retry-After; 0: no limit).
+PORTAL_EXPLAIN_IN_FLIGHT = env_int("PORTAL_EXPLAIN_IN_FLIGHT", 2, minimum=1, maximum=64)
+PORTAL_EXPLAIN_RATE_LIMIT = env_int("PORTAL_EXPLAIN_RATE_LIMIT", 60, minimum=0)
 # The bulkhead: scoring requests one served version may have in progress per web process; the excess gets a 503 at
 # once. A host answers one request at a time: four in flight keep it busy through a burst (three queued behind one
 # running), and two hung models still leave half of a worker's 16 threads to everything else.

@@ -126,3 +126,12 @@ def rows_for_page(record: AttributionDrift | None, top: int = 12) -> list[dict[s
                    key=lambda n: -max(record.production.get(n, 0.0), record.reference.get(n, 0.0)))[:top]
     return [{"name": n, "reference": record.reference.get(n, 0.0), "production": record.production.get(n, 0.0),
              "change": record.production.get(n, 0.0) - record.reference.get(n, 0.0)} for n in names]
+
+
+def record_json(record: AttributionDrift | None) -> dict[str, Any] | None:
+    """The latest measurement for the API: what the monitoring page's table shows, every feature."""
+    if record is None:
+        return None
+    return {"version": record.version, "measured_at": record.measured_at, "rows": record.rows,
+            "distance": record.distance, "method": record.method, "approximate": record.approximate,
+            "error": record.error, "features": rows_for_page(record, top=len(record.reference) + len(record.production))}

@@ -7,24 +7,30 @@ their way to the log are included in an access export and cannot come back after
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import Case, Count, Value, When
 from django.utils import timezone
 
 from monitoring.datasets import erasure
 from monitoring.experiments.units import ERASED_UNIT, units_unlink
 from monitoring.flush import drain
-from monitoring.models import Feedback, PredictionLog
-from monitoring.sensitive import reveal_row
+from monitoring.models import Feedback, PredictionLog, SubjectAccessReport, SubjectReportStatus
+from monitoring.sensitive import decrypt_value, encrypt_value, reveal_row
+from portal import context
 from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
 from portal.models import Membership
 from portal.permissions import has_capability, require_capability
 from registry.models import EnvironmentState, ModelVersion, RegisteredModel
 from registry.serving.views import subject_hash
+
+logger = logging.getLogger(__name__)
 
 MAX_SUBJECT_ID = 256
 PURGE_SLICE = 10_000
@@ -35,8 +41,14 @@ def _target(digest: str) -> Target:
 
 
 def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
+    """Everything held about the subject, compiled in this process (the API's export). The pages ask a worker for
+    it instead (``subject_report_request``): explaining the decisions takes seconds per model version."""
     require_capability(actor, "manage_subjects")
-    digest = subject_hash(subject_id)
+    return _export(subject_hash(subject_id), actor)
+
+
+def _export(digest: str, actor: Any, *, progress: Callable[[int, int], None] | None = None,
+            report: str = "") -> dict[str, Any]:
     drain()
     predictions: list[dict[str, Any]] = [dict(p) for p in PredictionLog.objects.filter(
         subject_hash=digest).order_by("created_at").values(
@@ -46,7 +58,7 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     plain = {p["id"]: reveal_row(p["inputs"], may_see=True) for p in predictions}
     for p in predictions:
         p["inputs"] = reveal_row(p["inputs"], may_see=may_see)
-    explained = decision_explanations(predictions, plain)
+    explained = decision_explanations(predictions, plain, progress=progress)
     for p in predictions:
         p["explanation"] = explained.get(p["id"])
     feedback = list(Feedback.objects.filter(prediction_id__in=[p["id"] for p in predictions]).values(
@@ -55,7 +67,7 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
     with transaction.atomic():
         audit_record(AuditAction.GDPR_SUBJECT_ACCESS, actor=actor, target=_target(digest),
                      metadata={"predictions": len(predictions), "feedback": len(feedback),
-                               "snapshots": len(snapshots)})
+                               "snapshots": len(snapshots), **({"report": report} if report else {})})
     return {"subject_hash": digest, "generated_at": timezone.now(), "predictions": predictions,
             "feedback": feedback, "training_snapshots": snapshots,
             "stores": ["prediction log (inputs, outputs)", "ground truth (feedback)",
@@ -64,14 +76,17 @@ def subject_export(*, subject_id: str, actor: Any) -> dict[str, Any]:
 
 MAX_EXPLAINED_DECISIONS = 200
 TOP_FEATURES = 3
+EXPLAIN_SLICE = 20  # decisions explained per call of the version's explainer (each call has the explain budget)
 
 
-def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, Any], *,
+                          progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, Any]]:
     """For each logged decision, why it came out as it did (GDPR Art. 15(1)(h), 22): recomputed by the version's
     explainer in a sandboxed host (the model is a program; nothing of it runs here) from the logged inputs
     (``plain``: decrypted, used only for the computation; the words show the values as ``predictions`` shows
     them, masked for a reader without ``view_sensitive``). Per prediction id: the prediction, the model version,
-    the method and the top features in plain words, or ``{"unavailable": why}``."""
+    the method and the top features in plain words, or ``{"unavailable": why}``. ``progress(done, total)`` is told
+    the decisions settled so far after each model version."""
     import numpy as np
 
     from registry.sandbox import hosts
@@ -88,6 +103,10 @@ def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, An
             groups.setdefault((p["model_name"], p["version"]), []).append(p)
         else:
             out[p["id"]] = {"unavailable": f"the report explains the first {MAX_EXPLAINED_DECISIONS} decisions"}
+    total = sum(map(len, groups.values()))
+    done = 0
+    if progress is not None:
+        progress(0, total)
     for (model_name, number), items in groups.items():
         version = (ModelVersion.objects.select_related("artifact", "model")
                    .filter(model__name=model_name, number=number).first())
@@ -98,6 +117,8 @@ def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, An
             why = "the version's explainer is still being prepared from its reference data; ask again in a minute"
         elif (version.explanation or {}).get("no_explainer"):
             why = f"no explainer fits this model ({version.explanation.get('error')})"
+        elif (version.explanation or {}).get("error"):
+            why = f"the version's explainer could not be prepared ({version.explanation.get('error')})"
         matrix = None
         if not why:
             try:
@@ -106,6 +127,9 @@ def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, An
                 why = "its inputs are not all numbers"
         if why or version is None or matrix is None:
             out.update({p["id"]: {"unavailable": why} for p in items})
+            done += len(items)
+            if progress is not None:
+                progress(done, total)
             continue
         info = version.explanation or {}
         columns = [str(c) for c in info.get("columns") or runtime.input_columns(version)]
@@ -115,31 +139,48 @@ def decision_explanations(predictions: list[dict[str, Any]], plain: dict[str, An
         loaded = runtime.load_serving_model(version=version, kind="native", blob=None,
                                             key=f"subject-explain-{version.pk}")
         try:
-            answer = loaded.explain(matrix, background, columns or None,
-                                    budget=settings.PORTAL_EXPLAIN_BUDGET_SECONDS)
-        except (hosts.NoExplainer, hosts.ExplainOverBudget, hosts.HostUnavailable, hosts.HostModelError) as exc:
-            out.update({p["id"]: {"unavailable": f"the explainer could not run ({exc})"} for p in items})
-            continue
+            # In slices, each with the explain budget: a model-agnostic explainer answers a few rows per budget,
+            # and the report's page shows the count going up.
+            for first in range(0, len(items), EXPLAIN_SLICE):
+                part = items[first:first + EXPLAIN_SLICE]
+                try:
+                    answer = loaded.explain(matrix[first:first + EXPLAIN_SLICE], background, columns or None,
+                                            budget=settings.PORTAL_EXPLAIN_BUDGET_SECONDS)
+                except (hosts.NoExplainer, hosts.ExplainOverBudget, hosts.HostUnavailable,
+                        hosts.HostModelError) as exc:
+                    out.update({p["id"]: {"unavailable": f"the explainer could not run ({exc})"} for p in part})
+                else:
+                    out.update(_words(model_name, number, part, answer, columns))
+                done += len(part)
+                if progress is not None:
+                    progress(done, total)
         finally:
             loaded.close()
-        names = [str(c) for c in answer.get("columns") or columns]
-        for p, row in zip(items, answer["rows"], strict=True):
-            shown = p["inputs"] if isinstance(p["inputs"], list) else [None] * len(names)
-            order = sorted(range(len(names)), key=lambda i: -abs(row["attributions"][i]))[:TOP_FEATURES]
-            what = answer["output"] + (f" of class {row['class']}" if row.get("class") is not None else "")
-            top = [{"feature": names[i], "value": shown[i] if i < len(shown) else None,
-                    "attribution": row["attributions"][i],
-                    "words": f"{names[i]} = {_value_words(shown[i] if i < len(shown) else None)} "
-                             f"{'raised' if row['attributions'][i] > 0 else 'lowered'} the {what} by "
-                             f"{abs(row['attributions'][i]):.3g}"}
-                   for i in order]
-            out[p["id"]] = {"prediction": p["output"], "model": model_name, "version": number,
-                            "method": answer["method"], "approximate": answer["approximate"],
-                            "explains": what, "output": row["output"], "base_value": row["base_value"],
-                            "top_features": top,
-                            "summary": (f"Version {number} of {model_name} decided {p['output']}; its {what} was "
-                                        f"{row['output']:.3g} against an average of {row['base_value']:.3g}, "
-                                        "mostly because " + "; ".join(t["words"] for t in top) + ".")}
+    return out
+
+
+def _words(model_name: str, number: int, items: list[dict[str, Any]], answer: dict[str, Any],
+           columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Each decision's explanation in plain words: its three weightiest features and what they did."""
+    out: dict[str, dict[str, Any]] = {}
+    names = [str(c) for c in answer.get("columns") or columns]
+    for p, row in zip(items, answer["rows"], strict=True):
+        shown = p["inputs"] if isinstance(p["inputs"], list) else [None] * len(names)
+        order = sorted(range(len(names)), key=lambda i: -abs(row["attributions"][i]))[:TOP_FEATURES]
+        what = answer["output"] + (f" of class {row['class']}" if row.get("class") is not None else "")
+        top = [{"feature": names[i], "value": shown[i] if i < len(shown) else None,
+                "attribution": row["attributions"][i],
+                "words": f"{names[i]} = {_value_words(shown[i] if i < len(shown) else None)} "
+                         f"{'raised' if row['attributions'][i] > 0 else 'lowered'} the {what} by "
+                         f"{abs(row['attributions'][i]):.3g}"}
+               for i in order]
+        out[p["id"]] = {"prediction": p["output"], "model": model_name, "version": number,
+                        "method": answer["method"], "approximate": answer["approximate"],
+                        "explains": what, "output": row["output"], "base_value": row["base_value"],
+                        "top_features": top,
+                        "summary": (f"Version {number} of {model_name} decided {p['output']}; its {what} was "
+                                    f"{row['output']:.3g} against an average of {row['base_value']:.3g}, "
+                                    "mostly because " + "; ".join(t["words"] for t in top) + ".")}
     return out
 
 
@@ -147,6 +188,101 @@ def _value_words(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+# --- Subject access reports compiled by a worker (the pages) -------------------------------------------------
+
+STALLED_SECONDS = 600  # a report no worker finished in this long is shown as failed (its worker stopped)
+
+
+def reports_expire(*, now: Any = None) -> int:
+    """Compiled reports are copies of a subject's data: gone once older than ``SubjectAccessReport.KEEP_SECONDS``
+    (asked again, a report is compiled afresh and audited again)."""
+    now = now or timezone.now()
+    return SubjectAccessReport.objects.filter(
+        created_at__lt=now - dt.timedelta(seconds=SubjectAccessReport.KEEP_SECONDS)).delete()[0]
+
+
+def subject_report_request(*, subject_id: str, actor: Any) -> SubjectAccessReport:
+    """Ask a worker for the subject's access report (``subject_report_compile``): a row the page follows. Only the
+    keyed hash of ``subject_id`` is stored. The access itself is audited when the worker reads the data, under this
+    request's id."""
+    from monitoring.tasks import subject_report_task  # lazy: the tasks module imports this one
+
+    require_capability(actor, "manage_subjects")
+    digest = subject_hash(subject_id)
+    reports_expire()
+    with transaction.atomic():
+        report = SubjectAccessReport.objects.create(subject_hash=digest, requested_by=actor)
+        ctx = context.current().as_task_kwargs()
+        pk = report.pk
+        transaction.on_commit(lambda: subject_report_task.delay(pk, request_ctx=ctx))
+    return report
+
+
+def subject_report_compile(*, report_id: int) -> SubjectAccessReport | None:
+    """The worker's side: claims the report, compiles it as the API's export does (audited as a subject access by
+    the officer who asked), counting decisions explained as it goes, and stores it encrypted. A report erased
+    meanwhile (the subject's erasure deletes it) stays gone: its result is dropped."""
+    now = timezone.now()
+    if not SubjectAccessReport.objects.filter(pk=report_id, status=SubjectReportStatus.PENDING).update(
+            status=SubjectReportStatus.RUNNING, started_at=now):
+        return SubjectAccessReport.objects.filter(pk=report_id).first()
+    report = SubjectAccessReport.objects.select_related("requested_by").get(pk=report_id)
+    actor = report.requested_by
+    if actor is None or not actor.is_active or not has_capability(actor, "manage_subjects"):
+        SubjectAccessReport.objects.filter(pk=report_id).update(
+            status=SubjectReportStatus.FAILED, finished_at=timezone.now(),
+            error="The officer who asked for it may no longer answer subject access requests.")
+        return SubjectAccessReport.objects.filter(pk=report_id).first()
+
+    def progress(done: int, total: int) -> None:
+        SubjectAccessReport.objects.filter(pk=report_id).update(decisions_done=done, decisions_total=total)
+
+    try:
+        data = _export(report.subject_hash, actor, progress=progress, report=str(report.uid))
+    except Exception as exc:
+        logger.exception("Subject access report %s failed", report.uid)
+        SubjectAccessReport.objects.filter(pk=report_id).update(
+            status=SubjectReportStatus.FAILED, finished_at=timezone.now(),
+            error=f"The report could not be compiled ({type(exc).__name__}); ask again, or use the API's export.")
+        return SubjectAccessReport.objects.filter(pk=report_id).first()
+    SubjectAccessReport.objects.filter(pk=report_id, status=SubjectReportStatus.RUNNING).update(
+        status=SubjectReportStatus.READY, report=encrypt_value(data), finished_at=timezone.now(),
+        decisions_done=models.F("decisions_total"))
+    return SubjectAccessReport.objects.filter(pk=report_id).first()
+
+
+def subject_report_get(*, uid: Any, actor: Any) -> SubjectAccessReport | None:
+    """The report ``uid`` if ``actor`` asked for it (another officer's report is not theirs to read: None) and it
+    has not expired."""
+    require_capability(actor, "manage_subjects")
+    reports_expire()
+    return SubjectAccessReport.objects.filter(uid=uid, requested_by=actor).first()
+
+
+def subject_report_stalled(report: SubjectAccessReport) -> bool:
+    started = report.started_at or report.created_at
+    return report.running and (timezone.now() - started).total_seconds() > STALLED_SECONDS
+
+
+def subject_report_data(report: SubjectAccessReport) -> dict[str, Any]:
+    """The compiled report, decrypted (ready reports only)."""
+    assert report.status == SubjectReportStatus.READY and report.report
+    data: dict[str, Any] = decrypt_value(report.report)
+    return data
+
+
+def subject_report_download(*, report: SubjectAccessReport, actor: Any) -> dict[str, Any]:
+    """The ready report for download: a further access to the subject's data, audited as the search was."""
+    require_capability(actor, "manage_subjects")
+    data = subject_report_data(report)
+    with transaction.atomic():
+        audit_record(AuditAction.GDPR_SUBJECT_ACCESS, actor=actor, target=_target(report.subject_hash),
+                     metadata={"predictions": len(data["predictions"]), "feedback": len(data["feedback"]),
+                               "snapshots": len(data["training_snapshots"]), "report": str(report.uid),
+                               "download": True})
+    return data
 
 
 ERASED_FIELDS = ("inputs", "output", "error", "subject link")
@@ -193,11 +329,13 @@ def subject_erase(*, subject_id: str, actor: Any, reason: str = "") -> dict[str,
             erased = PredictionLog.objects.filter(id__in=ids).update(inputs=None, output=None, subject_hash="",
                                                                      error="", unit_hash=_unit_erased())
             units_unlink(digest)
+            # Access reports compiled (or being compiled) for the subject are copies of their data: they go too.
+            reports = SubjectAccessReport.objects.filter(subject_hash=digest).delete()[0]
             summary = plan.summary()
             event = audit_record(AuditAction.GDPR_ERASURE, actor=actor, target=_target(digest),
                                  after={"predictions_erased": erased, "feedback_erased": feedback,
                                         "training_data": summary},
-                                 metadata={"reason": reason[:1000]})
+                                 metadata={"reason": reason[:1000], "access_reports_deleted": reports})
             training = erasure.erasure_apply(plan, models={m for _pk, m in rows}, event=event, actor=actor)
     except BaseException:
         erasure.erasure_abandon(plan)
@@ -213,7 +351,6 @@ def payloads_purge(*, now: Any = None) -> dict[str, dict[str, int]]:
     """Purge prediction payloads past each environment's retention (``PORTAL_RETENTION_DAYS_*``): inputs, outputs,
     errors, the subject link and ground truth go; model, version, time and latency stay. One audit event per
     environment that had anything to purge, with the counts."""
-    import datetime as dt
 
     from django.conf import settings
 
@@ -250,7 +387,6 @@ def records_of_processing() -> dict[str, Any]:
     payloads are kept and who can see them. Users, memberships, versions and serving states take one query each
     whatever their number; whether subject ids are logged is one EXISTS per model over the last 30 days of its
     log (a range of the (model, environment, time) index, stopping at the first hit), never the whole table."""
-    import datetime as dt
 
     from django.conf import settings
     from django.contrib.auth import get_user_model

@@ -166,6 +166,53 @@ class AttributionDrift(models.Model):
         indexes = [models.Index(fields=["model", "environment", "measured_at"], name="attrdrift_model_env_time")]
 
 
+class SubjectReportStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for a worker"
+    RUNNING = "running", "Explaining the decisions"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+class SubjectAccessReport(models.Model):
+    """A subject access report (GDPR Art. 15) prepared by a worker, since explaining each logged decision runs the
+    version's explainer in a sandboxed host (seconds per version). Known by the subject's keyed hash only (the id
+    typed is never stored). The report is personal data: kept encrypted with the payload keys (``report``), shown
+    only to the officer who asked, deleted with the subject's other data at erasure and once it is older than
+    ``KEEP_SECONDS``. Invariant: ``report`` is set exactly when ``status`` is ready."""
+
+    KEEP_SECONDS = 3600
+
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    subject_hash = models.CharField(max_length=64, db_index=True)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=8, choices=SubjectReportStatus.choices, default=SubjectReportStatus.PENDING)
+    decisions_total = models.PositiveIntegerField(default=0)  # decisions to explain
+    decisions_done = models.PositiveIntegerField(default=0)  # ...explained (or found unexplainable) so far
+    report = models.TextField(blank=True)  # the JSON report, encrypted (monitoring.sensitive.encrypt_value)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"subject access report {str(self.uid)[:8]} ({self.status})"
+
+    @property
+    def progress(self) -> int:
+        if self.status == SubjectReportStatus.READY:
+            return 100
+        if not self.decisions_total:
+            return 0
+        return min(99, int(100 * self.decisions_done / self.decisions_total))
+
+    @property
+    def running(self) -> bool:
+        return self.status in (SubjectReportStatus.PENDING, SubjectReportStatus.RUNNING)
+
+
 # The experiments feature keeps its model in its own folder; importing it here makes it part of this app.
 # --- Datasets cut from production, retraining and lineage (monitoring.datasets) -------------------------------
 
@@ -371,4 +418,4 @@ from monitoring.experiments.models import Experiment, ExperimentUnit  # noqa: E4
 __all__ = ["Alert", "AlertStatus", "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings",
            "PredictionLog", "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
            "RetrainingRequest", "TrainingLink", "ErasedDataFlag", "SnapshotStatus", "SensitiveTreatment",
-           "RetrainingStatus", "AttributionDrift"]
+           "RetrainingStatus", "AttributionDrift", "SubjectAccessReport", "SubjectReportStatus"]

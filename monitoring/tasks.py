@@ -8,6 +8,7 @@ from monitoring.flush import fan_out_allowed, flush_predictions
 from monitoring.gdpr import payloads_purge
 from monitoring.partitions import partitions_maintain
 from monitoring.rollups import rollup_dirty
+from portal.tasks import with_request_context
 from registry.serving import buffer
 
 
@@ -49,3 +50,13 @@ def attribution_drift_task() -> int:
     from monitoring.attribution import measure_all
 
     return measure_all()
+
+
+@shared_task(name="monitoring.tasks.subject_report", ignore_result=True)
+@with_request_context
+def subject_report_task(report_id: int) -> str:
+    """A compliance officer's subject access report (``monitoring.gdpr.subject_report_compile``)."""
+    from monitoring.gdpr import subject_report_compile
+
+    report = subject_report_compile(report_id=report_id)
+    return report.status if report is not None else "erased meanwhile"

@@ -194,24 +194,71 @@ def _with_feedback(report: dict[str, Any]) -> list[dict[str, Any]]:
 @login_required
 @require_http_methods(["GET", "POST"])
 def subject_access(request: HttpRequest) -> HttpResponse:
-    """Subject access (Art. 15): search by subject id (POSTed, so it never sits in a URL or an access log), read
-    what is held, download all of it as JSON. Every search and every download is an audited access."""
+    """Subject access (Art. 15): search by subject id (POSTed, so it never sits in a URL or an access log). The
+    report is compiled by a worker (each decision is explained by its version's sandboxed host, seconds per
+    version): the search asks for it and goes to its page, which follows it until it is ready."""
     require_capability(request.user, "manage_subjects")
-    report, subject_id, error = None, "", ""
+    subject_id, error = "", ""
     if request.method == "POST":
         subject_id, error = _subject_id(request)
         if not error:
-            report = gdpr.subject_export(subject_id=subject_id, actor=request.user)
-            if request.POST.get("download"):
-                body = json.dumps(report, cls=DjangoJSONEncoder, indent=2, ensure_ascii=False)
-                response = HttpResponse(body, content_type="application/json")
-                name = f"subject-{report['subject_hash'][:12]}-{timezone.now():%Y%m%d-%H%M%S}.json"
-                response["Content-Disposition"] = f'attachment; filename="{name}"'
-                return response
-    return render(request, "monitoring/subject_access.html", {
-        "report": report, "subject_id": subject_id, "error": error, "shown": SUBJECT_REPORT_ROWS,
-        "rows": _with_feedback(report) if report else [],
-    }, status=400 if error else 200)
+            report = gdpr.subject_report_request(subject_id=subject_id, actor=request.user)
+            return redirect("portal:subject-report", uid=report.uid)
+    return render(request, "monitoring/subject_access.html", {"subject_id": subject_id, "error": error},
+                  status=400 if error else 200)
+
+
+def _parsed_report(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored report's times (ISO strings in the JSON) as datetimes, for the page's date formats."""
+    from django.utils.dateparse import parse_datetime
+
+    def when(value: Any) -> Any:
+        return parse_datetime(value) if isinstance(value, str) else value
+
+    return {**data, "generated_at": when(data.get("generated_at")),
+            "predictions": [{**p, "created_at": when(p.get("created_at"))} for p in data["predictions"]]}
+
+
+def _own_report(request: HttpRequest, uid: Any) -> Any:
+    report = gdpr.subject_report_get(uid=uid, actor=request.user)
+    if report is None:
+        raise Http404("No such report of yours (reports are kept for an hour).")
+    return report
+
+
+@never_cache
+@login_required
+@require_GET
+def subject_report(request: HttpRequest, uid: Any) -> HttpResponse:
+    """One subject access report: its progress while a worker compiles it (the page refreshes itself), then what
+    is held, with its download. Only the officer who asked sees it; it is kept for an hour."""
+    require_capability(request.user, "manage_subjects")
+    report = _own_report(request, uid)
+    data = _parsed_report(gdpr.subject_report_data(report)) if report.status == "ready" else None
+    return render(request, "monitoring/subject_report.html", {
+        "job": report, "report": data, "stalled": gdpr.subject_report_stalled(report),
+        "shown": SUBJECT_REPORT_ROWS, "rows": _with_feedback(data) if data else [],
+        "keep_minutes": report.KEEP_SECONDS // 60,
+    })
+
+
+@never_cache
+@login_required
+@require_GET
+def subject_report_download(request: HttpRequest, uid: Any) -> HttpResponse:
+    """The ready report as JSON: a further access, audited as the search was."""
+    require_capability(request.user, "manage_subjects")
+    report = _own_report(request, uid)
+    if report.status != "ready":
+        return render(request, "monitoring/subject_report.html", {
+            "job": report, "report": None, "stalled": gdpr.subject_report_stalled(report),
+            "keep_minutes": report.KEEP_SECONDS // 60}, status=409)
+    data = gdpr.subject_report_download(report=report, actor=request.user)
+    body = json.dumps(data, cls=DjangoJSONEncoder, indent=2, ensure_ascii=False)
+    response = HttpResponse(body, content_type="application/json")
+    name = f"subject-{data['subject_hash'][:12]}-{timezone.now():%Y%m%d-%H%M%S}.json"
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
 
 
 @never_cache

@@ -46,8 +46,12 @@ class MonitoringApi(APIView):
             version = selectors.version_param(model, request.query_params.get("version"))
         except ValueError as exc:
             raise serializers.ValidationError({"version": str(exc)}) from None
-        return Response(selectors.monitoring_summary(model=model, environment=env, start=start, end=end,
-                                                     version=version))
+        from monitoring import attribution
+
+        summary = selectors.monitoring_summary(model=model, environment=env, start=start, end=end, version=version)
+        # The latest attribution-drift measurement in the environment (of the version serving when it was taken).
+        summary["attribution_drift"] = attribution.record_json(attribution.latest(model, env))
+        return Response(summary)
 
 
 class AlertListApi(APIView):

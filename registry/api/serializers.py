@@ -154,13 +154,17 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     scan = serializers.SerializerMethodField()
     reference_data = serializers.SerializerMethodField()
     mlflow_source = serializers.SerializerMethodField()
+    importance = serializers.SerializerMethodField(help_text=(
+        "The version's global SHAP importance, computed in the sandbox after the scan: method, approximate, the "
+        "output explained, cost and every feature's mean |SHAP| and share; {\"pending\": true} until computed, "
+        "{\"error\": why} when none could be, null for a version scanned before explanations existed."))
 
     class Meta:
         model = ModelVersion
         fields = ["model", "number", "status", "status_detail", "sha256", "size", "format", "flavors", "signature",
                   "input_example", "metrics", "params", "description", "tags", "sensitive_columns", "uploaded_by",
                   "created_at", "lineage",
-                  "model_card", "scan", "reference_data", "mlflow_source"]
+                  "model_card", "scan", "reference_data", "mlflow_source", "importance"]
 
     def get_uploaded_by(self, obj: ModelVersion) -> str | None:
         return _username(obj.uploaded_by)
@@ -183,6 +187,19 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     def get_mlflow_source(self, obj: ModelVersion) -> dict[str, Any] | None:
         """Null for a version that was uploaded rather than imported from MLflow."""
         return mlflow_source_data(obj)
+
+    def get_importance(self, obj: ModelVersion) -> dict[str, Any] | None:
+        data = obj.explanation or {}
+        if not data:
+            return None
+        if data.get("pending"):
+            return {"pending": True}
+        if data.get("error"):
+            return {"error": str(data["error"])}
+        return {"method": data.get("method", ""), "approximate": bool(data.get("approximate")),
+                "output": data.get("output", ""), "cost": data.get("cost") or {}, "note": data.get("note", ""),
+                "features": [{"name": str(f["name"]), "mean_abs": float(f.get("mean_abs") or 0),
+                              "share": float(f.get("share") or 0)} for f in data.get("features") or []]}
 
     def get_reference_data(self, obj: ModelVersion) -> dict[str, Any] | None:
         ref = obj.reference

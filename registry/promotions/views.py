@@ -4,6 +4,7 @@ the environment timeline with "what served at T", and rollback."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -99,7 +100,7 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
         "evidence": promotions.live_evidence(promotion=promotion, window=window),
         "evidence_window": window, "evidence_windows": EVIDENCE_WINDOWS,
         "experiment": promotion_experiment(promotion),
-        "importance": explanations.comparison(promotion.champion_version, promotion.version),
+        **_importance(promotion),
         "kept_comment": kept.get("comment", ""), "kept_decision": kept.get("decision", ""),
         "approvals": approvals,
         "approved_count": sum(1 for a in approvals if a.decision == "approve"),
@@ -107,6 +108,18 @@ def promotion_detail(request: HttpRequest, uid: str) -> HttpResponse:
         "needs_password": promotion.target == Environment.PROD,
         "may_cancel": promotion.status == PromotionStatus.PENDING and promotion.requested_by_id == request.user.pk,
     })
+
+
+def _importance(promotion: Any) -> dict[str, Any]:
+    """The candidate's global importance against the version it is judged by: the target's champion, or, when
+    nothing serves the target, the nearest environment's (which the page says)."""
+    baseline = promotions.promotion_baseline(promotion)
+    if baseline is None:
+        return {"importance": explanations.comparison(None, promotion.version), "importance_baseline": None}
+    own = baseline.environment == promotion.target
+    names = ("the champion" if own else f"v{baseline.version.number} ({baseline.why})", "the candidate")
+    return {"importance": explanations.comparison(baseline.version, promotion.version, names=names),
+            "importance_baseline": baseline, "importance_elsewhere": not own}
 
 
 @login_required

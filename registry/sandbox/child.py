@@ -1195,6 +1195,50 @@ def _explained_estimator(model: Any) -> Any:
     return model
 
 
+def _xgboost_exact(shap: Any, explainer: Any) -> tuple[Any, float] | None:
+    """XGBoost's own TreeSHAP (``pred_contribs``, which ``shap.TreeExplainer`` calls for XGBoost models) computes in
+    float32: its path's zero and one fractions and permutation weights are floats, so a row's contributions carry
+    float32 rounding gathered over every tree, and add up to its float32 margin only to a few float32 steps (about
+    1e-6 for a margin near 8). The same trees, as shap itself parses them from the booster (float32 split values and
+    leaf weights, which float64 holds exactly), are given to shap's own TreeSHAP as a tree dictionary, which computes
+    in double precision: the attributions add up to the margin those trees give in double precision to about 1e-15.
+    Rows are rounded to float32 first, as XGBoost rounds them, so each row takes XGBoost's path through every tree.
+    The trees are handed over in float64: shap's C helper averages the leaves up each tree (the base value) only in
+    float64, and left in float32, as shap's own parse holds them, the base value would be the base score alone.
+
+    For a binary or single-output gradient-boosted model (``gbtree``, numeric splits); None for any other (several
+    outputs, dart's weighted trees, categorical splits), which keeps XGBoost's own contributions. Also the bound the
+    double-precision margin and XGBoost's float32 margin may differ by: one float32 rounding per tree added, at the
+    largest magnitude a partial sum can reach."""
+    import numpy as np
+
+    ensemble = explainer.model
+    booster = getattr(ensemble, "original_model", None)
+    if booster is None or ensemble.num_outputs != 1 or ensemble.num_stacked_models != 1 \
+            or ensemble.cat_feature_indices is not None:
+        return None
+    try:
+        config = json.loads(booster.save_config())
+        if config["learner"]["gradient_booster"]["name"] != "gbtree":
+            return None
+    except (KeyError, TypeError, ValueError):
+        return None
+    limit = ensemble.tree_limit or len(ensemble.trees)
+    trees = [{"children_left": t.children_left, "children_right": t.children_right,
+              "children_default": t.children_default, "features": t.features,
+              "thresholds": np.asarray(t.thresholds, dtype=np.float64),
+              "values": np.asarray(t.values, dtype=np.float64),
+              "node_sample_weight": np.asarray(t.node_sample_weight, dtype=np.float64)}
+             for t in ensemble.trees[:limit]]
+    base = float(np.asarray(ensemble.base_offset, dtype=np.float64).reshape(-1)[0])
+    exact = shap.TreeExplainer({"trees": trees, "base_offset": base, "input_dtype": np.float32,
+                                "internal_dtype": np.float64})
+    leaves = [np.abs(np.asarray(t["values"])[np.asarray(t["children_left"]) < 0]).max(initial=0.0) for t in trees]
+    largest = abs(base) + float(sum(leaves))
+    bound = (len(trees) + 1) * float(np.spacing(np.float32(largest)))
+    return exact, bound
+
+
 def _classes(model: Any) -> list[Any] | None:
     classes = getattr(model, "classes_", None)
     if classes is None:
@@ -1223,6 +1267,7 @@ class Explainer:
         module = type(self.model).__module__
         self.family = ""
         self.reason = ""
+        self.exact: tuple[Any, float] | None = None
         import shap
 
         self._shap = shap
@@ -1232,6 +1277,11 @@ class Explainer:
                 self.family, self.method, self.approximate = "tree", "shap.TreeExplainer (path-dependent)", False
             except Exception as exc:
                 self.reason = f"TreeExplainer does not read {type(self.model).__name__}: {_error_text(exc)[:200]}"
+        if self.family == "tree" and module.startswith("xgboost"):
+            try:
+                self.exact = _xgboost_exact(shap, self.explainer)
+            except Exception:  # shap cannot read these trees itself: XGBoost's own contributions serve
+                self.exact = None
         if not self.family and module.startswith("sklearn.linear_model") and hasattr(self.model, "coef_"):
             if self.background is None or not len(self.background):
                 self.reason = "a linear model is explained against reference rows and the version has none"
@@ -1330,7 +1380,10 @@ class Explainer:
         n, width = matrix.shape
         started = time.perf_counter()
         evaluations = 0
-        if self.family == "tree":
+        exact = self._exact_xgboost(matrix) if self.family == "tree" and self.exact is not None else None
+        if exact is not None:
+            attributions, base, output, picked, kind = exact
+        elif self.family == "tree":
             values = self.explainer.shap_values(self._frame(matrix), check_additivity=False)
             outputs, kind = self._raw_output(matrix)
             if isinstance(values, list):  # older per-class lists
@@ -1349,6 +1402,28 @@ class Explainer:
             kind = self.output_kind
         return {"attributions": attributions, "base": base, "output": output, "picked": picked, "kind": kind,
                 "seconds": time.perf_counter() - started, "evaluations": evaluations}
+
+    def _exact_xgboost(self, matrix: Any) -> tuple[Any, Any, Any, Any, str] | None:
+        """XGBoost's trees explained by shap's double-precision TreeSHAP (``_xgboost_exact``), and the margin those
+        trees give in double precision. Proven on every request before it is used: that margin must be XGBoost's
+        own (``predict(output_margin=True)``, a float32 sum) within the float32 rounding of summing its trees
+        (``bound``). Otherwise (a model shap parses differently from XGBoost) None: XGBoost's own float32
+        contributions are used, as ``shap.TreeExplainer`` gives them."""
+        import numpy as np
+
+        assert self.exact is not None
+        explainer, bound = self.exact
+        rows = np.asarray(matrix, dtype=np.float32)  # as XGBoost reads them (its DMatrix is float32)
+        margin = np.asarray(explainer.model.predict(rows), dtype=np.float64).reshape(-1)
+        theirs, kind = self._raw_output(matrix)
+        theirs = np.asarray(theirs, dtype=np.float64).reshape(-1)
+        if theirs.shape != margin.shape or not np.all(np.abs(margin - theirs) <= bound):
+            self.exact = None
+            return None
+        values = np.asarray(explainer.shap_values(rows, check_additivity=False), dtype=np.float64)
+        base = np.full(len(margin), float(np.asarray(explainer.expected_value, dtype=np.float64).reshape(-1)[0]))
+        picked = None if self.classes is None else np.full(len(margin), len(self.classes) - 1)
+        return values.reshape(len(margin), -1), base, margin, picked, kind
 
     def _agnostic(self, matrix: Any, deadline: float | None) -> tuple[Any, Any, Any, Any, int]:
         """Kernel SHAP (``shap.KernelExplainer``, no L1 selection: the attributions add up exactly) row by row,

@@ -107,6 +107,10 @@ class LoadedModel:
                           else settings.PORTAL_SERVE_IN_FLIGHT_HOSTED)
         self.slots = threading.BoundedSemaphore(self.in_flight)
         self.last_exit = 0.0  # monotonic time a request of this version last left its slot
+        # Explanations have a bulkhead of their own (and a host of their own, ``load_serving_model``): a burst of
+        # explain requests, each up to a budget of seconds, never takes a scoring slot nor waits in front of scoring.
+        self.explain_in_flight = settings.PORTAL_EXPLAIN_IN_FLIGHT
+        self.explain_slots = threading.BoundedSemaphore(self.explain_in_flight)
 
     PROGRESS_SECONDS = 1.0
 
@@ -125,6 +129,15 @@ class LoadedModel:
     def leave(self) -> None:
         self.last_exit = time.monotonic()
         self.slots.release()
+
+    def explain_enter(self) -> bool:
+        """A slot of this version's explain bulkhead, taken at once or not at all (give it back with
+        ``explain_leave``): an explanation runs for up to its budget, so a caller is told to come back rather than
+        queued behind one."""
+        return self.explain_slots.acquire(blocking=False)
+
+    def explain_leave(self) -> None:
+        self.explain_slots.release()
 
     @property
     def busy(self) -> bool:
@@ -186,9 +199,9 @@ class LoadedModel:
 
     def explain(self, matrix: np.ndarray, background: np.ndarray | None, columns: list[str] | None, *,
                 budget: float) -> dict[str, Any]:
-        """SHAP attributions for ``matrix`` from a sandboxed host (the one serving the version, or for an
-        in-process ONNX form a host of the original artifact, started on the first explain): the model's
-        explainer runs only there. Bounded by ``budget`` (the model-agnostic explainer's) plus
+        """SHAP attributions for ``matrix`` from a sandboxed host of the version's own (never the one scoring:
+        a host answers one request at a time, and an explanation must not hold scoring up), started on the first
+        explain and reaped when idle like any host: the model's explainer runs only there. Bounded by ``budget`` (the model-agnostic explainer's) plus
         ``PORTAL_EXPLAIN_TIMEOUT_SECONDS`` and a second per 1,000 rows, after which the host is killed."""
         if self._explain is None:
             raise hosts.NoExplainer("this serving form has no sandboxed host to explain it")
@@ -455,20 +468,28 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
             answers_empty = getattr(predictor, "metadata", {}).get("portal.empty_rows") == "answers"
     key = key or f"version-{version.pk}-{os.urandom(4).hex()}"
     explain = None
-    host_key = key
+    # Explained by a sandboxed host of its own (of the original artifact, also for a form served in-process from
+    # ONNX): the scoring host answers one request at a time and never waits behind an explanation.
+    explain_key = f"{key}-explain"
     if kind != "onnx":
         assert version.artifact is not None
-        predictor, invoke, frame, close = _hosted(key, version, columns, on_start)
-        explain = _explainer_host(key, version)
-        resident: Any = lambda: hosts.pool.resident_bytes(host_key)  # noqa: E731
+        predictor, invoke, frame, close_scoring = _hosted(key, version, columns, on_start)
+        explain = _explainer_host(explain_key, version)
+
+        def close_both() -> None:
+            close_scoring()
+            hosts.pool.release(explain_key)
+
+        close = close_both
+        host_keys = (key, explain_key)
+        resident: Any = lambda: sum(hosts.pool.resident_bytes(k) for k in host_keys)  # noqa: E731
     else:
         size = int(getattr(predictor, "resident_bytes", 0))
-        host_key = f"{key}-explain"
-        resident = lambda: size + hosts.pool.resident_bytes(host_key)  # noqa: E731 - its explainer's host too
+        host_keys = (explain_key,)
+        resident = lambda: size + hosts.pool.resident_bytes(explain_key)  # noqa: E731 - its explainer's host too
         if version.artifact is not None:
-            # Served in-process from ONNX; explained from the original artifact in a sandboxed host of its own.
-            explain = _explainer_host(host_key, version)
-            close = lambda: hosts.pool.release(host_key)  # noqa: E731
+            explain = _explainer_host(explain_key, version)
+            close = lambda: hosts.pool.release(explain_key)  # noqa: E731
     return LoadedModel(version_number=version.number, columns=columns or input_columns(version),
                        predict_fn=predictor, kind=kind, close=close,
                        invoke_fn=invoke if kind == "mlflow" else None,
@@ -477,7 +498,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
                        missing_values=missing_values, explain_fn=explain, answers_empty=answers_empty,
                        frame_fn=frame if kind == "mlflow" else None,
                        frame_kinds=frame_kinds(version) if kind == "mlflow" else None,
-                       resident_fn=resident, evict_fn=lambda: hosts.pool.stop_idle(host_key),
+                       resident_fn=resident, evict_fn=lambda: all([hosts.pool.stop_idle(k) for k in host_keys]),
                        tensor=version.format == "mlflow" and any(isinstance(c, dict) and c.get("type") == "tensor"
                                                                  for c in version.signature.get("inputs") or []))
 

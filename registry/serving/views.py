@@ -75,6 +75,7 @@ _MLFLOW_CODES = {
     "model_unavailable": "TEMPORARILY_UNAVAILABLE", "unavailable": "TEMPORARILY_UNAVAILABLE",
     "model_error": "INTERNAL_ERROR", "model_busy": "TEMPORARILY_UNAVAILABLE", "deadline_exceeded": "DEADLINE_EXCEEDED",
     "resource_limit_exceeded": "RESOURCE_LIMIT_EXCEEDED", "explainer_pending": "TEMPORARILY_UNAVAILABLE",
+    "explainer_busy": "TEMPORARILY_UNAVAILABLE",
 }
 
 
@@ -614,7 +615,11 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
     gate = _gate(request, name, env)
     if isinstance(gate, Answer):
         return gate
-    user, _token_id, route = gate
+    user, token_id, route = gate
+    wait = _explain_over_limit(token_id)
+    if wait:
+        return _error(429, "throttled", f"More than {settings.PORTAL_EXPLAIN_RATE_LIMIT} explain requests a minute "
+                                        f"with this token; retry in {wait} s.", **{"Retry-After": str(wait)})
     try:
         parsed = protocol.parse(request.META.get("CONTENT_TYPE", ""), request.body)
         role, deployment, loaded = route.pick(request.META.get("HTTP_X_ROUTING_KEY")
@@ -641,8 +646,11 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
     columns = [str(c) for c in info.get("columns") or loaded.columns]
     if len(columns) != matrix.shape[1] or (background is not None and background.shape[1] != matrix.shape[1]):
         columns, background = list(loaded.columns), None
-    if not loaded.enter():
-        return _busy(name, loaded)
+    if not loaded.explain_enter():
+        return _error(503, "explainer_busy", f"Version {loaded.version_number} of {name} already has "
+                      f"{loaded.explain_in_flight} explanations in progress in this server process, as many as one "
+                      "model may have; this request was not started (scoring is not affected). Retry in a moment.",
+                      **{"Retry-After": "2"})
     try:
         answer = loaded.explain(matrix, background, columns or None, budget=settings.PORTAL_EXPLAIN_BUDGET_SECONDS)
     except hosts.NoExplainer as exc:
@@ -655,7 +663,7 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
         logger.warning("Explaining %s v%s in %s failed: %s", name, loaded.version_number, env, exc)
         return _error(500, "model_error", "The model or its explainer failed on this input; the failure is logged.")
     finally:
-        loaded.leave()
+        loaded.explain_leave()
     names = [str(c) for c in answer.get("columns") or columns]
     if parsed.subject_ids:
         _audit_subject_explanations(user=user, name=name, env=env, version=version.number, role=role,
@@ -671,6 +679,40 @@ def _explain(request: HttpRequest, name: str, env: str) -> Answer:
         "model_version": loaded.version_number, "method": answer["method"], "approximate": answer["approximate"],
         "output": answer["output"], "explanations": rows, "cost": answer.get("cost") or {},
         "additivity_gap": answer.get("additivity_gap")}), {})
+
+
+_explain_counts: dict[tuple[str, int], int] = {}
+
+
+def _explain_over_limit(token_id: str) -> int:
+    """Counts this explain request against its token's ``PORTAL_EXPLAIN_RATE_LIMIT`` for the current minute (in
+    Redis when the portal has it, so every web process shares the count; in this process otherwise). Over the
+    limit: the seconds until the minute is over (the Retry-After); 0 otherwise."""
+    limit = settings.PORTAL_EXPLAIN_RATE_LIMIT
+    if not limit:
+        return 0
+    now = time.time()
+    minute = int(now // 60)
+    count = None
+    client = buffer.redis_client()
+    if client is not None:
+        key = f"portal:explain-rate:{token_id}:{minute}"
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count = int(pipe.execute()[0])
+        except Exception as exc:  # Redis down: each process counts for itself rather than letting everything by
+            logger.warning("Explain rate count in Redis failed (%s); counting in this process", type(exc).__name__)
+    if count is None:
+        with _lock:
+            count = _explain_counts.get((token_id, minute), 0) + 1
+            _explain_counts[(token_id, minute)] = count
+            if len(_explain_counts) > 10_000:
+                _explain_counts.clear()
+    if count <= limit:
+        return 0
+    return max(1, math.ceil((minute + 1) * 60 - now))
 
 
 def _no_explainer(what: str, why: str) -> Answer:

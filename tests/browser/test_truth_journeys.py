@@ -32,7 +32,7 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 DRAWN = "(el) => !el.classList.contains('chart') || el.querySelector('.main-svg')"
 
 
-def document(page: Any, name: str, *, widths: tuple[int, ...] = (412, 1366)) -> list[Path]:
+def document(page: Any, name: str, *, widths: tuple[int, ...] = (412, 1366), section: str = "") -> list[Path]:
     """Full-page screenshots for the docs at a phone's and a laptop's width, once the page has laid itself out
     (and any chart in view has drawn) at that width; nothing scrolls sideways at either."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,10 @@ def document(page: Any, name: str, *, widths: tuple[int, ...] = (412, 1366)) -> 
             page.wait_for_function(DRAWN, arg=chart.element_handle())
         assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth"), (name, width)
         path = SCREENSHOTS / f"{name}-{width}.png"
-        page.screenshot(path=str(path), full_page=True)
+        if section:  # one part of a long page, as it lays out at that width
+            page.locator(section).screenshot(path=str(path))
+        else:
+            page.screenshot(path=str(path), full_page=True)
         _shrink(path)
         paths.append(path)
     page.set_viewport_size({"width": 1366, "height": 900})
@@ -125,9 +128,10 @@ def test_an_approver_cannot_approve_a_candidate_with_no_evidence_and_a_contradic
         assert cells.all_inner_texts() == [f"{row['champion']:.4f}", f"{row['candidate']:.4f}",
                                            f"{row['delta']:.4f}"]
     _check_evidence_against_the_api(approver, uid, "24h")
-    assert approver.inner_text("#importance-comparison [data-testid=importance-summary]") == \
-        "No comparison of feature importance: nothing serves stage yet."
+    _check_importance_against_the_api(approver, v1, v2)
     document(approver, "promotion-blocked")
+    approver.evaluate("() => { document.querySelector('#importance-comparison details').open = true; }")
+    document(approver, "promotion-importance", section="#importance-comparison")
 
     # Forcing the button back on changes nothing: the server refuses the approval too.
     approver.fill("textarea[name=comment]", "Approving anyway.")
@@ -139,6 +143,36 @@ def test_an_approver_cannot_approve_a_candidate_with_no_evidence_and_a_contradic
     assert approver.inner_text("[data-testid=promotion-status]") == "Pending"
     assert errors == [] and page.console_errors == []
     context.close()
+
+
+def _check_importance_against_the_api(page: Any, champion: ModelVersion, candidate: ModelVersion) -> None:
+    """Nothing serves stage: the promotion page compares the candidate's importance with dev's champion, says so,
+    and shows each feature's share as the versions' API gives it, drawn as two bar series."""
+    assert page.inner_text("[data-testid=importance-baseline]") == (
+        f"Nothing serves stage yet: the candidate is compared with v{champion.number}, which serves dev, the "
+        "nearest environment before it.")
+    theirs, ours = ({f["name"]: f["share"] for f in _api(page, f"/api/v1/models/breast-cancer/versions/{v.number}/")
+                     ["importance"]["features"]} for v in (champion, candidate))
+    rows = page.locator("[data-testid=importance-diff] tbody tr")
+    assert rows.count() == min(15, len(set(theirs) | set(ours)))
+    for i in range(rows.count()):
+        name = rows.nth(i).locator("th").text_content()
+        cells = [c.text_content() for c in rows.nth(i).locator("td").all()]
+        assert cells[0] == f"{round(theirs[name] * 100)} %" and cells[1] == f"{round(ours[name] * 100)} %", name
+        assert float(cells[2].rstrip("×")) == pytest.approx(ours[name] / theirs[name], abs=0.006), name
+    top = max(ours, key=lambda n: ours[n])
+    assert page.locator("[data-testid=importance-diff] tbody th").first.text_content() in (
+        top, max(theirs, key=lambda n: theirs[n]))
+    summary = page.inner_text("#importance-comparison [data-testid=importance-summary]")
+    for name in ours:
+        ratio = ours[name] / theirs[name] if theirs.get(name) else None
+        if ratio is not None and max(ours[name], theirs[name]) >= 0.02 and ratio >= 1.5:
+            assert f"The candidate leans on `{name}` {ratio:.1f}× as much as v{champion.number} (serves dev)" in \
+                summary or f"the candidate leans on `{name}` {ratio:.1f}×" in summary, (name, summary)
+    chart = page.locator("#importance-chart")
+    chart.scroll_into_view_if_needed()
+    page.wait_for_function(DRAWN, arg=chart.element_handle(), timeout=30_000)
+    assert page.locator("#importance-chart .barlayer .trace").count() == 2
 
 
 # --- 2. Monitoring after a version switch -------------------------------------------------------------------------
@@ -191,7 +225,7 @@ def test_monitoring_shows_the_serving_version_and_switches_to_the_one_before(
 
 def test_a_compliance_officer_answers_access_then_erasure_in_the_browser(
         page: Any, serving: Any, two_versions: list[ModelVersion], personas: dict[str, Any],  # noqa: F811
-        tmp_path: Path) -> None:
+        tmp_path: Path, worker_factory: Any) -> None:
     services.version_explain(version_id=two_versions[0].pk)  # the task the scan enqueues: the explainer's background
     ids = _predict(serving, ["alice@example.org", "bob", "alice@example.org", "alice@example.org"])
     flush_predictions()
@@ -199,7 +233,11 @@ def test_a_compliance_officer_answers_access_then_erasure_in_the_browser(
     page.click("nav.mainnav >> text=Data subjects")
     page.fill("#subject-id", "alice@example.org")
     page.click("[data-testid=subject-search] button[type=submit]")
-    page.wait_for_selector("[data-testid=subject-report]")
+    # A worker compiles the report (each decision explained in the sandbox): its page says so until it is ready.
+    page.wait_for_selector("[data-testid=subject-report-job]")
+    assert page.inner_text("[data-testid=subject-report-status]") in ("Waiting for a worker", "Explaining the decisions")
+    worker_factory()
+    page.wait_for_selector("[data-testid=subject-report]", timeout=120_000)
     api = _api(page, "/api/v1/gdpr/subjects/alice@example.org/export")
     assert page.inner_text("[data-testid=subject-hash]") == api["subject_hash"]
     assert page.inner_text("[data-testid=subject-predictions]") == str(len(api["predictions"])) == "3"
@@ -286,4 +324,51 @@ def test_an_approver_rolls_stage_back_from_the_top_of_its_page(
     assert replaced.inner_text() == "no longer serving: v1 serves now"
     page.goto(f"/promotions/{second.uid}/")
     assert "v1 serves stage now" in page.inner_text("[data-testid=promotion-replaced]")
+    assert page.console_errors == []
+
+
+# --- 5. Attribution drift on the monitoring page ------------------------------------------------------------------
+
+def test_the_monitoring_page_shows_attribution_drift_as_the_api_has_it(
+        page: Any, personas: dict[str, Any], tmp_path: Path) -> None:
+    """Production rows whose one feature moved far from the reference: the serving version's own explainer (in the
+    sandbox) gives that feature a larger share of attribution; the monitoring page's table shows each feature's
+    share in the reference and in production, and the distance, as the monitoring API has them."""
+    from sklearn.linear_model import LogisticRegression
+
+    from monitoring import attribution
+    from registry.models import EnvironmentState
+    from tests.registry import files
+    from tests.registry.serving.test_explain import body, client_for, live as live_version
+
+    X, y = files._data()
+    version = live_version("drifting", LogisticRegression(max_iter=5000).fit(X, y), tmp_path, personas)
+    rows = X.head(200).sample(80, random_state=1)
+    moved = X.columns[3]
+    rows[moved] = X[moved].mean() + 30 * X[moved].std()
+    assert client_for(personas["ds"]).post("/api/v1/serve/drifting/dev/invocations", body(rows),
+                                           content_type="application/json").status_code == 200
+    flush_predictions()
+    record = attribution.measure(state=EnvironmentState.objects.select_related("model", "champion__version").get(
+        model__name="drifting", environment="dev"))
+    assert record.error == "" and record.rows == 80 and record.distance is not None, record.error
+
+    _sign_in(page, "alex")
+    page.goto("/models/drifting/environments/dev/monitoring")
+    page.wait_for_selector("[data-testid=attribution-table]")
+    api = _api(page, "/api/v1/models/drifting/environments/dev/monitoring")["attribution_drift"]
+    assert api["version"] == version.number and api["rows"] == 80
+    summary = page.inner_text("[data-testid=attribution-summary]")
+    assert f"v{api['version']} over 80 production rows" in summary and f"distance {api['distance']:.3f}" in summary
+    shown = page.locator("[data-testid=attribution-table] tbody tr")
+    assert shown.count() == min(12, len(api["features"]))
+    for i in range(shown.count()):
+        feature = api["features"][i]
+        assert shown.nth(i).locator("th").inner_text() == feature["name"]
+        cells = shown.nth(i).locator("td").all_inner_texts()
+        assert cells[:2] == [f"{round(feature['reference'] * 100)} %", f"{round(feature['production'] * 100)} %"]
+        assert float(cells[2]) == pytest.approx(feature["change"], abs=6e-4)
+    assert max(api["features"], key=lambda f: f["change"])["name"] == moved, "the moved feature gained the most"
+    page.locator("[data-testid=attribution-drift]").scroll_into_view_if_needed()
+    document(page, "monitoring-attribution-drift", section="[data-testid=attribution-drift]")
     assert page.console_errors == []

@@ -179,6 +179,8 @@ def test_a_win_opens_a_promotion_request_that_carries_the_experiment(
     page = client.get(f"/promotions/{promotion.uid}/").content.decode()
     assert 'data-testid="promotion-experiment"' in page and 'data-verdict="challenger_wins"' in page
     assert "experiment-series" in page and "monitoring/experiment" in page
+    # plotly's basic bundle (scatter, its band and error bars): no cartesian bundle for traces it never draws
+    assert "/static/vendor/plotly/plotly-basic.min.js" in page and "plotly-cartesian" not in page
     assert experiment.analysis["interval_display"] in page
     # Evaluating again changes nothing: it has ended.
     assert services.experiment_evaluate(experiment_id=experiment.pk, now=now + LATER) is None

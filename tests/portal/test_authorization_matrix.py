@@ -28,7 +28,8 @@ from rest_framework.test import APIClient
 from monitoring.datasets import services as dataset_services
 from monitoring.datasets.cut import snapshot_cut
 from monitoring.flush import write_batches
-from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, RetrainingRequest
+from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, RetrainingRequest, SubjectAccessReport
+from monitoring.sensitive import encrypt_value
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook
 from registry.batch import services as batch
@@ -107,6 +108,9 @@ ENDPOINT = {"team": "acme", "name": "matrix-endpoint", "environment": "dev", "de
 ENDPOINT_RULES_FORM = {"kind-0": "field_in", "key-0": "mean radius", "values-0": "1, 2", "model-0": "churn",
                        "default": "churn"}
 
+OWN_REPORT = Call("GET", {None: 302, "outsider": 403, "viewer": 403, "ds": 403, "approver1": 403, "compliance": 200,
+                          "admin": 404}, ("compliance",))
+
 # pattern -> the calls made on it, each with the status per persona. Objects in paths are team acme's, so the
 # outsider gets 404 wherever one is named; a capability held by nobody in a team is a 403. Personas outside
 # ``allowed`` must also leave no audit event behind (nothing changed), which catches pages that refuse with a
@@ -126,8 +130,11 @@ TABLE: dict[str, list[Call]] = {
     "audit/verify_export.py": [page("GET", AUDIT, outsider=403)],
     # GDPR pages: the same capability as the API's; a search is an audited access, erasure needs the confirmation.
     "compliance/subjects/": [page("GET", AUDIT, outsider=403),
-                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1"}),
+                             page("POST", AUDIT, ok=302, outsider=403, body={"subject_id": "subject-1"}),
                              page("POST", AUDIT, ok=400, outsider=403, body={"subject_id": " "})],
+    # A compiled subject access report is the asking officer's only: another one (here the admin) gets 404.
+    "compliance/subjects/reports/<uuid:uid>/": [OWN_REPORT],
+    "compliance/subjects/reports/<uuid:uid>/download": [OWN_REPORT],
     "compliance/erasure/": [page("GET", AUDIT, outsider=403),
                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "review"}),
                             page("POST", AUDIT, outsider=403, body={"subject_id": "subject-1", "step": "erase",
@@ -372,6 +379,10 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
     endpoint_services.endpoint_create(team=Team.objects.get(slug="acme"), name="front", environment="dev",
                                       default_model="churn", actor=personas["ds"],
                                       rules=[endpoint_services.RuleInput(kind="share", model="churn", percent=50)])
+    report = SubjectAccessReport.objects.create(
+        subject_hash="0" * 64, requested_by=personas["compliance"], status="ready",
+        report=encrypt_value({"subject_hash": "0" * 64, "generated_at": timezone.now(), "predictions": [],
+                              "feedback": [], "training_snapshots": [], "stores": []}))
     tokens = {who: portal_services.token_create(user=user, name="matrix", actor=user)[1]
               for who, user in personas.items()}
     ids = {"deployment": deployment.uid, "promotion": promotion.uid, "experiment": experiment.uid, "batch-job": job.uid,
@@ -379,6 +390,7 @@ def world(two_versions: list[ModelVersion], personas: dict[str, Any], tmp_path: 
            "snapshot": snapshot.uid,
            "retraining": retrain.uid, "flag": flag.uid, "mlflow-connection": connection.uid,
            "mlflow-job": sync_job.uid, "edge-package": edge_package.uid, "edge-token": edge_token.uid,
+           "subject-report": report.uid,
            "seq": AuditEvent.objects.order_by("seq").values_list("seq", flat=True).last()}
     bodies = {"ROWS": {"dataframe_split": {"columns": list(X.columns), "data": X.head(2).to_numpy().tolist()}},
               "FEEDBACK": [{"prediction_id": "0" * 32, "actual": 1}],
@@ -405,7 +417,8 @@ def fill(pattern: str, name: str | None, ids: dict[str, Any], number: int = 1, e
         for names, key in ((("dataset", "snapshot", "download"), "snapshot"), (("mlflow-disable",), "mlflow-connection"),
                            (("mlflow-job-retry",), "mlflow-job"), (("edge-package",), "edge-package"),
                            (("edge-token",), "edge-token"),
-                           (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag")):
+                           (("request-close", "retraining-close"), "retraining"), (("erased-data-decide",), "flag"),
+                           (("subject-report",), "subject-report")):
             if (name or "").startswith(names):
                 return str(ids[key])
         raise AssertionError(f"no object for {pattern}")

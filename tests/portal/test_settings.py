@@ -154,6 +154,8 @@ ROUTES = {
     "monitoring.tasks.retraining_evaluate": "monitor",
     # production rows explained by each champion's sandboxed host, hourly
     "monitoring.tasks.attribution_drift": "monitor",
+    # a compliance officer's subject access report: each decision explained by its version's sandboxed host
+    "monitoring.tasks.subject_report": "score",
     "portal.tasks.webhook_deliver": "celery",
     "portal.tasks.send_email": "celery",
     "portal.tasks.audit_chain_verify": "celery",

@@ -9,7 +9,8 @@ from typing import Any
 from django.test import Client
 
 from monitoring.flush import flush_predictions
-from monitoring.models import PredictionLog
+from monitoring import gdpr
+from monitoring.models import PredictionLog, SubjectAccessReport
 from portal.models import AuditEvent
 from tests.registry.conftest import fresh_serving_cache, serving, two_versions  # noqa: F401 - fixtures
 from tests.registry.test_gdpr import _predict
@@ -26,18 +27,35 @@ def test_access_download_confirm_and_erase_from_the_pages(serving: Client, perso
     page.force_login(personas["compliance"])
 
     before = AuditEvent.objects.filter(action="gdpr.subject_access").count()
-    found = page.post("/compliance/subjects/", {"subject_id": "alice@example.org"})
+    asked = page.post("/compliance/subjects/", {"subject_id": "alice@example.org"})
+    job = SubjectAccessReport.objects.get()
+    assert asked.status_code == 302 and asked["Location"] == f"/compliance/subjects/reports/{job.uid}/"
+    assert job.subject_hash == api["subject_hash"] and job.requested_by == personas["compliance"]
+    assert "alice@example.org" not in json.dumps(list(SubjectAccessReport.objects.values()), default=str)
+    waiting = page.get(asked["Location"]).content.decode()  # no worker yet: the page says so and refreshes
+    assert '<meta http-equiv="refresh" content="3">' in waiting and "Waiting for a worker" in waiting
+    assert 'data-testid="subject-report"' not in waiting
+    assert page.get(f"{asked['Location']}download").status_code == 409, "nothing to download before it is ready"
+    gdpr.subject_report_compile(report_id=job.pk)  # the task the search enqueued, as the worker runs it
+    job.refresh_from_db()
+    assert job.status == "ready" and job.report.startswith("enc:") and "alice" not in job.report
+    found = page.get(asked["Location"])
     content = found.content.decode()
     assert found.status_code == 200 and found.headers["Cache-Control"].startswith("max-age=0")
+    assert 'http-equiv="refresh"' not in content
     assert f'data-testid="subject-hash">{api["subject_hash"]}<' in content
     assert 'data-testid="subject-predictions">2<' in content and 'data-testid="subject-feedback">1<' in content
-    download = page.post("/compliance/subjects/", {"subject_id": "alice@example.org", "download": "1"})
+    download = page.get(f"{asked['Location']}download")
     assert download.headers["Content-Disposition"].startswith('attachment; filename="subject-')
     report = json.loads(download.content)
     assert sorted(p["id"] for p in report["predictions"]) == sorted(p["id"] for p in api["predictions"])
-    assert AuditEvent.objects.filter(action="gdpr.subject_access").count() == before + 2, "search and download"
+    assert AuditEvent.objects.filter(action="gdpr.subject_access").count() == before + 2, "report and download"
     assert "alice@example.org" not in json.dumps(list(AuditEvent.objects.values("after", "metadata", "target_repr")))
     assert page.post("/compliance/subjects/", {"subject_id": "  "}).status_code == 400
+    other = Client()
+    other.force_login(personas["admin"])  # may answer subject requests, but did not ask for this report
+    assert other.get(asked["Location"]).status_code == 404
+    assert other.get(f"{asked['Location']}download").status_code == 404
 
     confirm = page.post("/compliance/erasure/", {"subject_id": "alice@example.org", "step": "review"})
     text = confirm.content.decode()
@@ -56,6 +74,9 @@ def test_access_download_confirm_and_erase_from_the_pages(serving: Client, perso
     assert event.metadata["reason"] == "ticket 42"
     assert PredictionLog.objects.get(pk=ids[0]).inputs is None
     assert PredictionLog.objects.get(pk=ids[1]).inputs is not None, "bob's rows stay"
+    # the compiled report was a copy of alice's data: it went with the rest
+    assert event.metadata["access_reports_deleted"] == 1 and not SubjectAccessReport.objects.exists()
+    assert page.get(asked["Location"]).status_code == 404
 
 
 def test_the_audit_page_serves_the_verifier(personas: dict[str, Any]) -> None:

@@ -481,7 +481,7 @@ def load_serving_model(*, version: ModelVersion, kind: str, blob: Any, key: str 
             hosts.pool.release(explain_key)
 
         close = close_both
-        host_keys = (key, explain_key)
+        host_keys: tuple[str, ...] = (key, explain_key)
         resident: Any = lambda: sum(hosts.pool.resident_bytes(k) for k in host_keys)  # noqa: E731
     else:
         size = int(getattr(predictor, "resident_bytes", 0))

@@ -36,8 +36,9 @@ PASSWORD = "persona-pass-123456"
 # `make test` gives whole files to each test process (pytest-xdist's --dist loadfile, with --no-loadscope-reorder so
 # that the order below is the order they are handed out in). Handed out longest first, no long file starts late and
 # keeps one process busy after the others ran out of work (the longest-processing-time-first rule). The weights are
-# seconds per file measured on a 2-core machine (tests/file_durations.json; refresh it with
-# `python -m tests.file_durations` from a run's --junitxml); a file it does not know weighs a second per test.
+# seconds per file on a 2-core machine (tests/file_durations.json: for now estimates for the longest files, from
+# partial runs; rewrite it with `python -m tests.file_durations` from a whole run's --junitxml); a file it does not
+# know weighs a second per test.
 FILE_DURATIONS = Path(__file__).with_name("file_durations.json")
 UNKNOWN_SECONDS_PER_TEST = 1.0
 

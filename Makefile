@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist, whole files to a process, each with its own database, Redis db and var/); 0: one.
+# Files are handed out longest first (tests/conftest.py, from tests/file_durations.json), not by their test count.
 PYTEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # `make run` is the developer's demo: DEBUG on unless the caller says otherwise.
 run: export PORTAL_DEBUG ?= 1

@@ -32,6 +32,39 @@ os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync 
 PASSWORD = "persona-pass-123456"
 
 
+# --- Scheduling: longest files first -------------------------------------------------------------------------------
+# `make test` gives whole files to each test process (pytest-xdist's --dist loadfile, with --no-loadscope-reorder so
+# that the order below is the order they are handed out in). Handed out longest first, no long file starts late and
+# keeps one process busy after the others ran out of work (the longest-processing-time-first rule). The weights are
+# seconds per file on a 2-core machine (tests/file_durations.json: for now estimates for the longest files, from
+# partial runs; rewrite it with `python -m tests.file_durations` from a whole run's --junitxml); a file it does not
+# know weighs a second per test.
+FILE_DURATIONS = Path(__file__).with_name("file_durations.json")
+UNKNOWN_SECONDS_PER_TEST = 1.0
+
+
+def file_weights(items: list[pytest.Item]) -> dict[str, float]:
+    import json
+
+    known: dict[str, float] = json.loads(FILE_DURATIONS.read_text()) if FILE_DURATIONS.exists() else {}
+    counts: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        counts[path] = counts.get(path, 0) + 1
+    return {path: float(known.get(path, n * UNKNOWN_SECONDS_PER_TEST)) for path, n in counts.items()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, files longest first (each file's own order kept, as pytest-django left it)."""
+    if not hasattr(config, "workerinput"):  # collection happens in the test processes; -n 0 keeps pytest's order
+        return
+    weights = file_weights(items)
+    first_seen = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.nodeid.split("::", 1)[0], i)
+    items.sort(key=lambda item: (-weights[(path := item.nodeid.split("::", 1)[0])], first_seen[path]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fresh_var_dir() -> None:
     """Start every run with empty artifact and upload folders under the test var/ directory."""
@@ -42,6 +75,27 @@ def fresh_var_dir() -> None:
     for name in ("artifacts", "uploads", "tmp"):
         shutil.rmtree(Path(settings.VAR_DIR) / name, ignore_errors=True)
         (Path(settings.VAR_DIR) / name).mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_models_list_their_flavors_default_requirements() -> Iterator[None]:
+    """The tests save many MLflow models, each the way MLflow's documentation does; for each, ``save_model`` starts a
+    Python process that loads the model again to list the packages it imports (requirements.txt): 4 to 20 s a model
+    on this machine, against 0.1 s for the rest of the save. Neither the portal nor ``mlflow models serve
+    --env-manager local`` reads those requirements, so in this process the list is MLflow's defaults for the flavor,
+    what MLflow itself writes when that inference fails. Everything else a model's folder holds is as MLflow writes it."""
+    import mlflow.models
+
+    inferred = mlflow.models.infer_pip_requirements
+
+    def flavor_defaults(model_uri: str, flavor: str, fallback: list[str] | None = None, **kwargs: Any) -> list[str]:
+        return list(fallback) if fallback is not None else inferred(model_uri, flavor, fallback, **kwargs)
+
+    mlflow.models.infer_pip_requirements = flavor_defaults
+    try:
+        yield
+    finally:
+        mlflow.models.infer_pip_requirements = inferred
 
 
 @pytest.fixture(autouse=True)

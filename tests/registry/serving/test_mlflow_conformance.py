@@ -762,6 +762,8 @@ def portal(django_db_setup: Any, django_db_blocker: Any, mlflow_servers: dict[st
         atomic = transaction.atomic()
         atomic.__enter__()
         try:
+            _exchanges.clear()
+            _bulk_answers.clear()
             runtime.cache.clear()
             views._auth_cache.clear()
             views._model_cache.clear()
@@ -853,6 +855,11 @@ def _json(body: bytes) -> Any:
         return None
 
 
+# (model, case) -> the exchange, for the module's lifetime: the status test and the error-code test look at the same
+# request to the same two servers (both deterministic), so it is made once, by whichever of them runs first.
+_exchanges: dict[tuple[str, str], tuple[Any, Any, str]] = {}
+
+
 def _exchange(name: str, case: str, portal: Portal, servers: dict[str, Server]) -> tuple[Any, Any, str]:
     """The same request to MLflow's server and to the portal: both responses, and a line describing them."""
     spec = BY_NAME[name]
@@ -861,6 +868,9 @@ def _exchange(name: str, case: str, portal: Portal, servers: dict[str, Server]) 
     request = CASES[case](spec, _example(spec))
     if request is None:
         pytest.skip("not applicable to this model")
+    made = _exchanges.get((name, case))
+    if made is not None:
+        return made
     content_type, body = request
     server = _server(servers, name)
     headers = {"Content-Type": content_type} if content_type is not None else {}
@@ -868,6 +878,7 @@ def _exchange(name: str, case: str, portal: Portal, servers: dict[str, Server]) 
     ours = portal.client.post(f"/api/v1/serve/{name}/dev/invocations", body, content_type=content_type or "")
     detail = (f"{spec.flavor} ({spec.idiom}, served as {spec.serving_kind}), {case}: MLflow {theirs.status_code} "
               f"{theirs.content[:300]!r}; portal {ours.status_code} {ours.content[:300]!r}")
+    _exchanges[(name, case)] = (theirs, ours, detail)
     return theirs, ours, detail
 
 
@@ -942,6 +953,21 @@ def _as_rows(predictions: Any, n: int) -> list[Any]:
     return list(predictions)
 
 
+# model -> its bulk rows and MLflow's answers to them: the real-time, CSV and Parquet comparisons of a model score the
+# same rows against the same answers, so MLflow's server is asked once per model (and the probes read once).
+_bulk_answers: dict[str, tuple[Any, list[Any]]] = {}
+
+
+def _bulk_and_answers(spec: Spec, server: Server) -> tuple[Any, list[Any]]:
+    """The spec's bulk rows (``_bulk``) and MLflow's predictions for them; a copy of the rows, which callers may
+    change."""
+    if spec.name not in _bulk_answers:
+        frame = _bulk(spec, server.folder)
+        _bulk_answers[spec.name] = (frame, _mlflow_predictions(spec, frame, server))
+    frame, expected = _bulk_answers[spec.name]
+    return frame.copy(), expected
+
+
 def _mlflow_predictions(spec: Spec, frame: Any, server: Server) -> list[Any]:
     answers: list[Any] = []
     for start in range(0, len(frame), REQUEST_ROWS):
@@ -959,8 +985,7 @@ def test_ten_thousand_rows_and_threshold_probes_agree_in_real_time(name: str, po
     if name in portal.refused:
         pytest.fail(f"the portal refused {name}: {portal.refused[name]}")
     server = _server(mlflow_servers, name)
-    frame = _bulk(spec, server.folder)
-    expected = _mlflow_predictions(spec, frame, server)
+    frame, expected = _bulk_and_answers(spec, server)
     ours: list[Any] = []
     for start in range(0, len(frame), REQUEST_ROWS):
         answer = portal.client.post(f"/api/v1/serve/{name}/dev/invocations",
@@ -1026,8 +1051,7 @@ def test_ten_thousand_rows_and_threshold_probes_agree_in_batch(name: str, portal
     if name in portal.refused:
         pytest.fail(f"the portal refused {name}: {portal.refused[name]}")
     server = _server(mlflow_servers, name)
-    frame = _bulk(spec, server.folder)
-    expected = _mlflow_predictions(spec, frame, server)
+    frame, expected = _bulk_and_answers(spec, server)
     job, input_columns = _batch_job(name, frame, spec, tmp_path, "csv")
     with verified_local_path(job.result_blob) as result:
         text = result.read_text()
@@ -1076,8 +1100,7 @@ def test_ten_thousand_rows_agree_in_a_parquet_batch(name: str, portal: Portal, m
     if name in portal.refused:
         pytest.fail(f"the portal refused {name}: {portal.refused[name]}")
     server = _server(mlflow_servers, name)
-    frame = _bulk(spec, server.folder)
-    expected = _mlflow_predictions(spec, frame, server)
+    frame, expected = _bulk_and_answers(spec, server)
     job, input_columns = _batch_job(name, frame, spec, tmp_path, "parquet")
     with verified_local_path(job.result_blob) as result:
         table = pq.read_table(result)

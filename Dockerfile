@@ -38,4 +38,4 @@ RUN PORTAL_SECRET_KEY=build-only-key-build-only-key-build-only-key-build-only-ke
 USER portal
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
-CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2", "--worker-class", "gthread", "--threads", "16", "--access-logfile", "-"]
+CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2", "--worker-class", "portal.webworker.LingeringThreadWorker", "--threads", "16", "--access-logfile", "-"]

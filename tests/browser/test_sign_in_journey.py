@@ -12,11 +12,11 @@ from tests.browser.conftest import screenshot
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 NAVIGATION = {
-    "ds": ["Home", "Models", "Promotions", "Monitoring", "API docs", "Account"],
-    "approver1": ["Home", "Models", "Promotions", "Monitoring", "API docs", "Account"],
-    "approver2": ["Home", "Models", "Promotions", "Monitoring", "API docs", "Account"],
-    "compliance": ["Home", "Models", "Promotions", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account"],
-    "admin": ["Home", "Models", "Promotions", "Monitoring", "MLflow", "Audit trail", "Data subjects", "API docs", "Account", "Administration"],
+    "ds": ["Home", "Models", "Promotions", "Endpoints", "Monitoring", "API docs", "Account"],
+    "approver1": ["Home", "Models", "Promotions", "Endpoints", "Monitoring", "API docs", "Account"],
+    "approver2": ["Home", "Models", "Promotions", "Endpoints", "Monitoring", "API docs", "Account"],
+    "compliance": ["Home", "Models", "Promotions", "Endpoints", "Monitoring", "Audit trail", "Data subjects", "API docs", "Account"],
+    "admin": ["Home", "Models", "Promotions", "Endpoints", "Monitoring", "MLflow", "Audit trail", "Data subjects", "API docs", "Account", "Administration"],
 }
 ROLE_LABEL = {"ds": "Data scientist", "approver1": "Approver", "approver2": "Approver",
               "compliance": "Compliance officer", "admin": "Administrator"}

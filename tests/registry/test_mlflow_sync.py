@@ -124,7 +124,9 @@ def test_mlflow_registry_and_portal_stay_in_step(mlflow_server: str, live_server
                        timeout=180, interval=0.25, what=lambda: (
                            "churn v1 ready in the portal; jobs: "
                            f"{list(MlflowSyncJob.objects.values('status', 'error', 'attempts'))}, versions: "
-                           f"{list(ModelVersion.objects.values('number', 'status', 'status_detail'))}"))
+                           f"{list(ModelVersion.objects.values('number', 'status', 'status_detail'))}, deliveries "
+                           f"received: {AuditEvent.objects.filter(action='mlflow.webhook_receive').count()}, refused: "
+                           f"{list(AuditEvent.objects.filter(action='mlflow.webhook_refuse').values('metadata'))}"))
     print(f"log_model returned -> portal version ready: {time.monotonic() - logged_at:.1f} s")
     body = admin.get(f"/api/v1/models/churn/versions/{version.number}/").json()
     assert body["mlflow_source"]["run_id"] == first["run_id"]

@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
+# ruff (pinned in pyproject's test extras, so a new release's rules never fail a run by themselves) checks these.
+RUFF_PATHS := config portal registry monitoring tests
 # Test processes (pytest-xdist, whole files to a process, each with its own database, Redis db and var/); 0: one.
 # Files are handed out longest first (tests/conftest.py, from tests/file_durations.json), not by their test count.
 PYTEST_WORKERS ?= 2
@@ -80,6 +82,7 @@ test: $(INSTALLED_TEST) test-tools
 	  echo "$$out"; \
 	  case "$$out" in *"Migrations for"*) echo "Models changed without a migration: run manage.py makemigrations";; \
 	  *) echo "manage.py makemigrations --check could not run (see the error above)";; esac; exit 1; }
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
@@ -104,7 +107,7 @@ typecheck: $(INSTALLED_TEST)
 	$(VENV)/bin/mypy
 
 lint: $(INSTALLED_TEST)
-	$(VENV)/bin/ruff check config portal registry monitoring tests
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
 
 clean-var:
 	rm -rf var

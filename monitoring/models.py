@@ -415,7 +415,7 @@ class ErasedDataFlag(models.Model):
 
 from monitoring.experiments.models import Experiment, ExperimentUnit  # noqa: E402
 
-__all__ = ["Alert", "AlertStatus", "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings",
-           "PredictionLog", "Rollup", "RollupDirty", "DatasetSnapshot", "DatasetAccessToken", "RetrainingPolicy",
-           "RetrainingRequest", "TrainingLink", "ErasedDataFlag", "SnapshotStatus", "SensitiveTreatment",
-           "RetrainingStatus", "AttributionDrift", "SubjectAccessReport", "SubjectReportStatus"]
+__all__ = ["Alert", "AlertStatus", "AttributionDrift", "DatasetAccessToken", "DatasetSnapshot", "ErasedDataFlag",
+           "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings", "PredictionLog",
+           "RetrainingPolicy", "RetrainingRequest", "RetrainingStatus", "Rollup", "RollupDirty", "SensitiveTreatment",
+           "SnapshotStatus", "SubjectAccessReport", "SubjectReportStatus", "TrainingLink"]

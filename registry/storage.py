@@ -194,7 +194,7 @@ def blob_put_moved(path: str | Path, *, sha256: str, size: int) -> Blob:
     from django.core.files.uploadedfile import TemporaryUploadedFile
 
     class _Moved(TemporaryUploadedFile):
-        def __init__(self) -> None:  # noqa: D401 - only what FileSystemStorage._save needs
+        def __init__(self) -> None:  # only what FileSystemStorage._save needs
             File.__init__(self, open(path, "rb"), name=os.path.basename(str(path)))
             self.size = size
 

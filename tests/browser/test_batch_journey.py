@@ -17,7 +17,7 @@ from tests.registry.conftest import fresh_serving_cache, serving, two_versions  
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def test_drop_a_csv_watch_it_score_and_download_it(page: Any, serving: Any, worker_factory: Any,
+def test_drop_a_csv_watch_it_score_and_download_it(page: Any, serving: Any, worker_factory: Any,  # noqa: F811
                                                    tmp_path: Path, settings: Any) -> None:
     settings.PORTAL_BATCH_CHUNK_BYTES = 256 * 1024  # the upload is cut into chunks as it arrives, in this process
     worker_factory()

@@ -90,7 +90,7 @@ class _Receiver(BaseHTTPRequestHandler):
     answers: list[int] = []
     received: list[tuple[dict[str, str], bytes]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_POST(self) -> None:  # the stdlib's name
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).received.append((dict(self.headers), body))
         self.send_response(type(self).answers.pop(0) if type(self).answers else 200)

@@ -419,12 +419,13 @@ def test_two_approvals_racing_start_exactly_one_deployment(personas: dict[str, A
                                                  actor=personas["ds"])
         barrier = threading.Barrier(2)
 
-        def approve(who: str, promotion: PromotionRequest = promotion) -> None:
+        def approve(who: str, promotion: PromotionRequest = promotion,
+                    barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             try:
                 promotions.promotion_decide(promotion=promotion, actor=personas[who], approve=True)
                 results[who] = "ok"
-            except Exception as exc:  # noqa: BLE001 - the loser's refusal is what we look at
+            except Exception as exc:  # the loser's refusal is what we look at
                 results[who] = f"{type(exc).__name__}: {exc}"
             finally:
                 connection.close()

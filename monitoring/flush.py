@@ -9,8 +9,7 @@ entries pending in the group: after ``PORTAL_PREDICTION_CLAIM_SECONDS`` another 
 so a record written twice (its flusher died between the commit and the acknowledgement) is in the log once.
 
 The outbox rows (the embedded mode's buffer, and where serving writes while Redis is unreachable) are deleted in the
-same transaction that inserts them. Records left in the list of the buffer's earlier design (an upgrade, a web
-process not yet upgraded) are still flushed, one flusher at a time as before.
+same transaction that inserts them.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from registry.serving import buffer
 
 MOVE_BATCHES = 1000  # records (one per request) read from one stream key and written at a time
 FLUSH_BUDGET_SECONDS = 10  # a run drains until the buffer is empty or this much time has passed
-LOCK_KEY = "portal:predictions:flush-lock"  # the earlier design's one-flusher lock (its list is still drained)
 FAN_OUT_KEY = "portal:predlog:fan-out"
 CONSUMER_IDLE_FORGET_MS = 3_600_000  # a consumer (a flusher process) with nothing pending, idle this long, is removed
 logger = logging.getLogger(__name__)
@@ -144,7 +142,7 @@ def flush_predictions(*, on_backlog: Callable[[], None] | None = None) -> int:
     if client is None:
         return _flush_outbox()
     try:
-        written = _flush_legacy_list(client) + _flush_streams(client, on_backlog=on_backlog)
+        written = _flush_streams(client, on_backlog=on_backlog)
     finally:
         written_outbox = _flush_outbox()  # even when Redis is away: that is when the outbox fills
     return written + written_outbox
@@ -174,7 +172,6 @@ def _waiting_in_redis(client: Any) -> bool:
     pipe = client.pipeline(transaction=False)
     for key in buffer.stream_keys():
         pipe.xlen(key)
-    pipe.exists(buffer.REDIS_KEY, buffer.PROCESSING_KEY)
     return any(pipe.execute())
 
 
@@ -334,41 +331,6 @@ def _forget_idle_consumers(client: Any, keys: list[str]) -> None:
         for consumer in client.xinfo_consumers(key, buffer.STREAM_GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > CONSUMER_IDLE_FORGET_MS:
                 client.xgroup_delconsumer(key, buffer.STREAM_GROUP, consumer["name"])
-
-
-# --- The earlier design's list -----------------------------------------------------------------------------------
-
-def _flush_legacy_list(client: Any) -> int:
-    """Records left in the list the buffer used before Redis Streams (an upgrade; a web process not yet upgraded):
-    moved to the processing list and written, one flusher at a time (the lock), as that design did."""
-    if not client.exists(buffer.REDIS_KEY, buffer.PROCESSING_KEY):
-        return 0
-    lock = client.lock(LOCK_KEY, timeout=FLUSH_BUDGET_SECONDS * 6, blocking=False)
-    if not lock.acquire(blocking=False):
-        return 0
-    try:
-        written = 0
-        # Leftovers of a flusher that died after moving but before writing.
-        leftovers = client.lrange(buffer.PROCESSING_KEY, 0, -1)
-        if leftovers:
-            written += write_batches([orjson.loads(raw) for raw in leftovers])
-            client.delete(buffer.PROCESSING_KEY)
-        deadline = time.monotonic() + FLUSH_BUDGET_SECONDS
-        while time.monotonic() < deadline:
-            pipe = client.pipeline(transaction=True)
-            for _ in range(MOVE_BATCHES):
-                pipe.lmove(buffer.REDIS_KEY, buffer.PROCESSING_KEY, "LEFT", "RIGHT")
-            moved = [raw for raw in pipe.execute() if raw is not None]
-            if not moved:
-                break
-            written += write_batches([orjson.loads(raw) for raw in moved])
-            client.delete(buffer.PROCESSING_KEY)
-        return written
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired (a very slow write): the next flusher takes over
-            logger.warning("Prediction flusher: the lock expired before the flush ended")
 
 
 def _flush_outbox() -> int:

@@ -4,9 +4,8 @@ Read by ``/metrics`` (``monitoring/metrics.py``), the portfolio page (``{% inges
 raise the alarm (an error in the log) when a stream key fills past ``PORTAL_PREDICTION_BUFFER_ALARM`` of its
 ``MAXLEN``, before XADD starts trimming records no flusher has written yet, and when records were trimmed.
 
-Buffers: ``stream`` (the Redis stream keys: a record stays there until its rows are committed), ``legacy_list`` (the
-list of the buffer's earlier design, drained after an upgrade) and ``outbox`` (the database outbox: the embedded mode,
-and where serving writes while Redis is unreachable).
+Buffers: ``stream`` (the Redis stream keys: a record stays there until its rows are committed) and ``outbox`` (the
+database outbox: the embedded mode, and where serving writes while Redis is unreachable).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from django.db.models import Count, Min
 from django.utils import timezone
 
@@ -93,24 +91,6 @@ def stream_lag(client: Any) -> tuple[BufferLag, int, float, int, list[tuple[str,
     return lag, in_flight, fill, lost, lengths
 
 
-def legacy_lag(client: Any) -> BufferLag:
-    pipe = client.pipeline(transaction=False)
-    pipe.llen(buffer.REDIS_KEY)
-    pipe.llen(buffer.PROCESSING_KEY)
-    pipe.lindex(buffer.PROCESSING_KEY, 0)
-    pipe.lindex(buffer.REDIS_KEY, 0)
-    waiting, processing, *firsts = pipe.execute()
-    lag = BufferLag(pending=int(waiting) + int(processing))
-    for raw in firsts:
-        if raw:
-            try:
-                lag.oldest_age_seconds = max(0.0, time.time() - float(orjson.loads(raw)["ts"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-            break
-    return lag
-
-
 def outbox_lag() -> BufferLag:
     row = PredictionOutbox.objects.aggregate(n=Count("id"), oldest=Min("created_at"))
     lag = BufferLag(pending=row["n"] or 0)
@@ -132,7 +112,6 @@ def ingest_lag() -> IngestLag:
         try:
             stream, result.in_flight, result.fill_ratio, result.lost, _lengths = stream_lag(client)
             result.buffers["stream"] = stream
-            result.buffers["legacy_list"] = legacy_lag(client)
             result.redis_up = True
         except RedisError as exc:
             logger.warning("Ingestion lag: Redis did not answer (%s: %s)", type(exc).__name__, str(exc)[:200])

@@ -9,7 +9,7 @@ Series, in base units, labelled by model and environment only (plus role, severi
 - ``portal_feature_drift_psi`` and ``portal_prediction_drift_psi`` (gauges, over each model's alert window);
 - ``portal_alerts_open`` (gauge, by severity);
 - ingestion lag, read live from the buffers (``monitoring/ingest.py``), labelled by ``buffer`` (``stream``,
-  ``legacy_list``, ``outbox``) where they say so: ``portal_prediction_ingest_pending`` (records not yet in the log),
+  ``outbox``) where they say so: ``portal_prediction_ingest_pending`` (records not yet in the log),
   ``portal_prediction_ingest_oldest_age_seconds`` (the oldest of them; 0 when nothing waits),
   ``portal_prediction_ingest_in_flight`` (read by a flusher, not yet committed),
   ``portal_prediction_ingest_fill_ratio`` (the fullest stream key over its MAXLEN: trimming starts at 1),

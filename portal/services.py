@@ -197,14 +197,6 @@ def membership_add(*, team: Team, user: Any, actor: Any) -> Membership:
     return membership
 
 
-def membership_remove(*, team: Team, user: Any, actor: Any) -> None:
-    with transaction.atomic():
-        deleted, _ = Membership.objects.filter(team=team, user=user).delete()
-        if deleted:
-            audit_record(AuditAction.TEAM_MEMBER_REMOVE, actor=actor, target=target_of(team, team_slug=team.slug),
-                         before={"user": user.get_username()})
-
-
 def user_create(*, username: str, password: str, email: str = "", actor: Any, validate_password: bool = True) -> Any:
     from django.contrib.auth.password_validation import validate_password as check_password
 

@@ -139,10 +139,3 @@ class AuditAction(enum.Enum):
     def __init__(self, code: int, label: str) -> None:
         self.code = code
         self.label = label
-
-    @classmethod
-    def from_label(cls, label: str) -> AuditAction | None:
-        return _BY_LABEL.get(label)
-
-
-_BY_LABEL = {a.label: a for a in AuditAction}

@@ -8,7 +8,6 @@ ratios typical of bombs, and members whose real size exceeds what their header d
 from __future__ import annotations
 
 import re
-import shutil
 import stat
 import zipfile
 from dataclasses import dataclass
@@ -135,7 +134,3 @@ def extract_zip(path: Path, dest: Path, *, limits: Limits | None = None) -> list
                                               f"{info.filename!r} cannot be unpacked ({exc}).", info.filename)]) from None
             files.append(target)
     return files
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

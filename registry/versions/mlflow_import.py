@@ -232,10 +232,6 @@ def _unavailable(exc: Exception) -> bool:
                                    "read timeout", "failed to establish"))
 
 
-def version_import_from_mlflow(*, model: RegisteredModel, uri: str, actor: Any) -> ModelVersion:
-    return mlflow_import(model=model, uri=uri, actor=actor).version
-
-
 def mlflow_import(*, model: RegisteredModel, uri: str, actor: Any, tracking_uri: str | None = None,
                   description: str = "") -> ImportResult:
     """Import ``uri`` from the configured tracking server (or ``tracking_uri``: a team's MLflow connection) as a

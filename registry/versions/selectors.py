@@ -164,12 +164,6 @@ def deployment_get(*, user: Any, uid: str) -> Any:
                                action="view_models", uid=uid)
 
 
-def trust_queue(*, user: Any) -> QuerySet[ModelVersion]:
-    return scope_to_teams(ModelVersion.objects.filter(trust_state="pending").select_related("model__team",
-                                                                                            "uploaded_by"),
-                          user).order_by("created_at")
-
-
 def environment_param(env: str) -> str:
     """An environment named in a URL or body; a clear 400 (Django ValidationError) for anything else."""
     from django.core.exceptions import ValidationError

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import yaml
 from django.db.models import Count
@@ -65,8 +64,7 @@ def _batch(prediction_id: str, i: int) -> dict[str, Any]:
 
 def _clear(client: Any) -> None:
     keys = buffer.stream_keys()
-    client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY, flush.LOCK_KEY, flush.FAN_OUT_KEY, *keys,
-                  *(flush.flushed_key(k) for k in keys))
+    client.delete(flush.FAN_OUT_KEY, *keys, *(flush.flushed_key(k) for k in keys))
 
 
 def _metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -88,12 +86,10 @@ def test_a_flusher_killed_mid_batch_loses_and_doubles_nothing(settings: Any, tmp
     expected = [f"live{i:027d}" for i in range(5000)]
     for i, prediction_id in enumerate(expected[:3000]):  # the scoring path's own write
         buffer.emit(_batch(prediction_id, i))
-    legacy = [f"legacy{i:025d}" for i in range(40)]  # left in the list by the version before the upgrade
-    client.rpush(buffer.REDIS_KEY, *(buffer.encode(_batch(p, i)) for i, p in enumerate(legacy)))
     twice = _batch("twice000000000000000000000000", 0)  # its XADD timed out after Redis took it: outbox too
     buffer.emit(twice)
     PredictionOutbox.objects.create(payload=twice)
-    expected += [*legacy, "twice000000000000000000000000"]
+    expected += ["twice000000000000000000000000"]
 
     def start(mode: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", FLUSHER], cwd=ROOT, start_new_session=True,
@@ -177,14 +173,3 @@ def test_the_buffer_raises_the_alarm_before_it_trims_and_counts_what_it_trimmed(
     used = {word for e in exprs for word in e.replace("(", " ").replace(")", " ").replace("[", " ").split()
             if word.startswith("portal_prediction_ingest")}
     assert used <= names, used - names
-
-
-def test_records_left_in_the_old_list_are_flushed_once_on_upgrade(db: None) -> None:
-    client = buffer.redis_client()
-    _clear(client)
-    old = [_batch(f"old{i:028d}", i) for i in range(3)]
-    client.rpush(buffer.REDIS_KEY, *(orjson.dumps(b) for b in old[:2]))
-    client.rpush(buffer.PROCESSING_KEY, orjson.dumps(old[2]))  # moved by a flusher of the old version that died
-    assert flush.flush_predictions() == 3 and flush.flush_predictions() == 0
-    assert PredictionLog.objects.filter(model_name="ingest").count() == 3
-    assert not client.exists(buffer.REDIS_KEY, buffer.PROCESSING_KEY)

@@ -32,13 +32,12 @@ def fresh_serving_cache() -> None:
 
     endpoints.cache.clear()
     endpoints._access_cache.clear()
-    from monitoring.flush import LOCK_KEY
     from registry.serving import buffer
 
     client = buffer.redis_client()
     if client is not None:
         streams = buffer.stream_keys()
-        client.delete(buffer.REDIS_KEY, buffer.PROCESSING_KEY, LOCK_KEY, *streams, *(f"{k}:flushed" for k in streams))
+        client.delete(*streams, *(f"{k}:flushed" for k in streams))
 
 
 @pytest.fixture

@@ -489,7 +489,8 @@ def score_hostile(arena: Arena, ev: Evidence, name: str, columns: list[str]) -> 
     client = buffer.redis_client()
     if client is not None:
         # Only this model's records: the buffer is shared with whatever else uses this Redis database.
-        records = [r for r in client.lrange(buffer.REDIS_KEY, 0, -1) if name.encode() in r]
+        records = [fields[buffer.STREAM_FIELD] for key in buffer.stream_keys()
+                   for _id, fields in client.xrange(key) if name.encode() in fields[buffer.STREAM_FIELD]]
         ev.text("prediction buffer (Redis)", b"\n".join(records))
     ev.text("prediction log", list(PredictionLog.objects.filter(model_name=name).values()))
 

@@ -12,6 +12,7 @@ class PortalConfig(AppConfig):
         # lazy: AppConfig.ready() runs once the app registry is loaded; these register checks, hooks and listeners
         import portal.checks  # registers the start-up check of the keys production must set
         import portal.schema  # noqa: F401 - registers the OpenAPI extension for bearer tokens
+        from portal import tasks  # noqa: F401 - enqueues webhook deliveries and checkpoint sends (signal receivers)
         from portal.roles import sync_roles
 
         # Roles are configuration, not data: keep the groups in step with portal.roles after every migrate.

@@ -10,6 +10,7 @@ from django.db import models
 from django.utils import timezone
 
 from portal.roles import TEAM_PERMISSIONS
+from portal.webhook_policy import validate_webhook_url
 
 
 class Team(models.Model):
@@ -148,8 +149,6 @@ class AuditChainHead(models.Model):
 
 
 def _validate_webhook_url(value: str) -> None:
-    from portal.webhooks import validate_webhook_url  # lazy: portal.webhooks imports portal.models at top (cycle)
-
     validate_webhook_url(value, resolve=False)
 
 

@@ -88,12 +88,12 @@ ROLE_LABELS = {
 
 def sync_roles(**_: Any) -> None:
     """Create the groups and give each exactly its capabilities (idempotent)."""
+    from django.apps import apps
     from django.contrib.auth.models import Group, Permission
     from django.contrib.contenttypes.models import ContentType
 
-    from portal.models import Team  # lazy: portal.models imports portal.roles at top (cycle)
-
-    team_ct = ContentType.objects.get_for_model(Team)
+    # Through the app registry: portal.models imports this module (TEAM_PERMISSIONS), not the other way round.
+    team_ct = ContentType.objects.get_for_model(apps.get_model("portal", "Team"))
     codenames = {c for caps in ROLES.values() for c in caps}
     perms = {}
     for codename in codenames:

@@ -10,12 +10,13 @@ from typing import Any
 import redis
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
+from django.dispatch import receiver
 from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from portal import context
-from portal.audit.checkpoints import audit_checkpoint_create, audit_checkpoint_send
+from portal.audit.checkpoints import audit_checkpoint_create, audit_checkpoint_send, checkpoint_to_send
 from portal.audit.verify import audit_chain_verify
-from portal.webhooks import webhook_deliver
+from portal.webhooks import deliveries_queued, webhook_deliver
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,17 @@ def webhook_deliver_task(self: Any, delivery_id: int) -> str:
     if retry_in is not None:
         raise self.retry(countdown=retry_in)
     return status
+
+
+@receiver(deliveries_queued, dispatch_uid="portal.tasks.webhook_deliver")
+def _deliveries_queued(*, delivery_ids: list[int], **_: Any) -> None:
+    for pk in delivery_ids:
+        webhook_deliver_task.delay(pk)
+
+
+@receiver(checkpoint_to_send, dispatch_uid="portal.tasks.audit_checkpoint_send")
+def _checkpoint_to_send(*, name: str, **_: Any) -> None:
+    audit_checkpoint_send_task.delay(name)
 
 
 @shared_task(name="portal.tasks.send_email")

@@ -35,12 +35,13 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import connection, transaction
+from django.dispatch import Signal
 
 from portal.audit.actions import AuditAction
 from portal.audit.record import GENESIS_HASH, Target, audit_record, canonical_json
 from portal.audit.signing import public_key_fingerprint, signing_key
 from portal.models import AuditChainHead, AuditEvent
-from portal.webhooks import sign
+from portal.webhook_policy import sign
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ PREFIX = "checkpoints"
 NAME = re.compile(r"^(\d{12})\.json$")
 REASONS = ("scheduled", "export")
 _LOCK_KEY = 0x617564_6370  # pg_advisory_lock key: one checkpoint writer at a time
+# Sent once a stored checkpoint's transaction commits, when PORTAL_AUDIT_CHECKPOINT_WEBHOOK_URL is set (``name``):
+# portal.tasks hands it to the compliance webhook. A signal, so that this module needs nothing of the task module.
+checkpoint_to_send = Signal()
 
 
 class CheckpointError(Exception):
@@ -223,10 +227,7 @@ def audit_checkpoint_create(*, reason: str, actor: Any = None) -> StoredCheckpoi
                          metadata={"number": number, "seq": head["seq"], "head_hash": head["hash"],
                                    "sha256": checkpoint.digest, "name": name, "reason": reason})
             if settings.PORTAL_AUDIT_CHECKPOINT_WEBHOOK_URL:
-                # lazy: portal.tasks imports this module at top (cycle)
-                from portal.tasks import audit_checkpoint_send_task
-
-                transaction.on_commit(lambda: audit_checkpoint_send_task.delay(name))
+                transaction.on_commit(lambda: checkpoint_to_send.send(sender=StoredCheckpoint, name=name))
     return checkpoint
 
 

@@ -15,16 +15,16 @@ import django
 
 django.setup()
 
-from portal import webhooks  # noqa: E402
+from portal import webhook_policy  # noqa: E402
 
-_real_resolve = webhooks.resolve_public
+_real_resolve = webhook_policy.resolve_public
 
 
 def _resolve(host: str, port: int) -> list[str]:
     return ["127.0.0.1"] if host == "ci.example.com" else _real_resolve(host, port)
 
 
-webhooks.resolve_public = _resolve
+webhook_policy.resolve_public = _resolve
 
 from celery.bin.celery import main  # noqa: E402
 

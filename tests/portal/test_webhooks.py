@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 
-from portal import special_addresses, webhooks
+from portal import special_addresses, webhook_policy, webhooks
 from portal.models import AuditEvent, Team, TeamWebhook, WebhookDelivery
 from tests.conftest import assert_error_shape
 
@@ -33,7 +33,7 @@ def _fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, str]) -> None:
             return real(host, port, *args, **kwargs)
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(webhooks.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(webhook_policy.socket, "getaddrinfo", getaddrinfo)
 
 
 @pytest.mark.parametrize("url", [
@@ -47,7 +47,7 @@ def _fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, str]) -> None:
 def test_internal_and_malformed_targets_are_refused(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
     with pytest.raises(ValidationError):
-        webhooks.validate_webhook_url(url)
+        webhook_policy.validate_webhook_url(url)
 
 
 @pytest.mark.parametrize("name,address", [("rebind.example.com", "127.0.0.1"), ("intranet.example.com", "10.1.2.3"),
@@ -55,12 +55,12 @@ def test_internal_and_malformed_targets_are_refused(url: str, monkeypatch: pytes
 def test_names_that_resolve_inside_are_refused(name: str, address: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_dns(monkeypatch, {name: address})
     with pytest.raises(ValidationError, match="resolves to"):
-        webhooks.validate_webhook_url(f"https://{name}/hook")
+        webhook_policy.validate_webhook_url(f"https://{name}/hook")
 
 
 def test_a_public_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
-    assert webhooks.validate_webhook_url("https://hooks.example.com/x") == ("hooks.example.com", 443,
+    assert webhook_policy.validate_webhook_url("https://hooks.example.com/x") == ("hooks.example.com", 443,
                                                                             ["93.184.216.34"])
 
 
@@ -119,7 +119,7 @@ def test_deliveries_are_signed_retried_with_backoff_and_logged(
     url, handler = receiver
     hook = TeamWebhook.objects.create(team=Team.objects.get(slug="acme"), url=url, secret=SECRET)
     # The receiver stands in for a public host: the address check passes it, the connection goes to it.
-    monkeypatch.setattr(webhooks, "resolve_public", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(webhook_policy, "resolve_public", lambda host, port: ["127.0.0.1"])
     handler.answers = [503, 200]
     [delivery] = webhooks.webhooks_notify(team=hook.team, event="promotion.live",
                                           payload={"event": "promotion.live", "model": "churn"})
@@ -171,12 +171,12 @@ def test_every_special_purpose_block_is_refused_literally_and_after_resolution(
     for address in _samples(block):
         literal = f"[{address}]" if ":" in address else address
         with pytest.raises(ValidationError) as refused:
-            webhooks.validate_webhook_url(f"https://{literal}/hook")
+            webhook_policy.validate_webhook_url(f"https://{literal}/hook")
         assert "public addresses" in str(refused.value)
         # The same address behind a name (saved while it pointed elsewhere, say) is refused at delivery time.
         _fake_dns(monkeypatch, {"hooks.example.com": address})
         with pytest.raises(ValidationError, match="resolves to"):
-            webhooks.validate_webhook_url("https://hooks.example.com/hook")
+            webhook_policy.validate_webhook_url("https://hooks.example.com/hook")
     named = special_addresses.special_range(block.network[0])
     assert named is not None and named.network.prefixlen >= block.network.prefixlen
 
@@ -205,7 +205,7 @@ def test_every_special_purpose_block_is_refused_literally_and_after_resolution(
 ])
 def test_the_review_s_address_forms_are_refused_by_name(url: str, words: str) -> None:
     with pytest.raises(ValidationError, match=words):
-        webhooks.validate_webhook_url(url)
+        webhook_policy.validate_webhook_url(url)
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "100.63.255.255", "100.128.0.1", "198.17.255.255",
@@ -213,25 +213,25 @@ def test_the_review_s_address_forms_are_refused_by_name(url: str, words: str) ->
                                      "2003::1", "2620:4f:8001::1"])
 def test_public_neighbours_of_the_blocks_are_accepted(address: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_dns(monkeypatch, {"hooks.example.com": address})
-    assert webhooks.validate_webhook_url("https://hooks.example.com/x")[2] == [address]
+    assert webhook_policy.validate_webhook_url("https://hooks.example.com/x")[2] == [address]
 
 
 def test_only_the_allowed_ports_are_accepted(personas: dict[str, Any], api_as: Any, settings: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_dns(monkeypatch, {"hooks.example.com": "93.184.216.34"})
-    assert webhooks.validate_webhook_url("https://hooks.example.com/x")[1] == 443
-    assert webhooks.validate_webhook_url("https://hooks.example.com:8443/x")[1] == 8443
+    assert webhook_policy.validate_webhook_url("https://hooks.example.com/x")[1] == 443
+    assert webhook_policy.validate_webhook_url("https://hooks.example.com:8443/x")[1] == 8443
     for url in ("https://hooks.example.com:22/x", "https://hooks.example.com:6379/x",
                 "https://hooks.example.com:80/x", "https://93.184.216.34:9200/x"):
         with pytest.raises(ValidationError, match="PORTAL_WEBHOOK_PORTS"):
-            webhooks.validate_webhook_url(url)
+            webhook_policy.validate_webhook_url(url)
     admin = api_as(personas["admin"])
     body = assert_error_shape(admin.post("/api/v1/teams/acme/webhooks/", {"url": "https://hooks.example.com:6379/x",
                                                                          "secret": SECRET}, format="json"), 400)
     assert "port" in body["error"]["message"] and not TeamWebhook.objects.exists()
 
     settings.PORTAL_WEBHOOK_PORTS = (443, 9443)
-    assert webhooks.validate_webhook_url("https://hooks.example.com:9443/x")[1] == 9443
+    assert webhook_policy.validate_webhook_url("https://hooks.example.com:9443/x")[1] == 9443
     hook = TeamWebhook.objects.create(team=Team.objects.get(slug="acme"), url="https://hooks.example.com:9443/x",
                                       secret=SECRET)
     settings.PORTAL_WEBHOOK_PORTS = (443, 8443)  # the port is taken off the list after the URL was saved

@@ -30,6 +30,7 @@ import orjson
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 
+from monitoring.ingest import flushed_key, raise_alarms
 from monitoring.models import PredictionLog
 from monitoring.rollups import mark_dirty
 from monitoring.sensitive import protect_row, sensitive_positions
@@ -192,10 +193,6 @@ return n
 """
 
 
-def flushed_key(stream_key: str) -> str:
-    return f"{stream_key}:flushed"
-
-
 @functools.lru_cache(maxsize=4)
 def _consumer_name(pid: int) -> str:
     """This process's name in the consumer group (one per process: a forked worker is a flusher of its own)."""
@@ -306,8 +303,6 @@ def _flush_streams(client: Any, *, on_backlog: Callable[[], None] | None = None)
         if not moved:
             break
     _forget_idle_consumers(client, keys)
-    from monitoring.ingest import raise_alarms  # lazy: monitoring.ingest imports this module at top (cycle)
-
     raise_alarms(client)
     return written
 

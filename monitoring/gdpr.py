@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Case, Count, Value, When
+from django.dispatch import Signal
 from django.utils import timezone
 
 from monitoring.datasets import erasure
@@ -203,12 +204,15 @@ def reports_expire(*, now: Any = None) -> int:
         created_at__lt=now - dt.timedelta(seconds=SubjectAccessReport.KEEP_SECONDS)).delete()[0]
 
 
+# Sent once the transaction that asked for a subject access report commits (``report_id``, ``request_ctx``):
+# monitoring.tasks enqueues its compilation.
+subject_report_requested = Signal()
+
+
 def subject_report_request(*, subject_id: str, actor: Any) -> SubjectAccessReport:
     """Ask a worker for the subject's access report (``subject_report_compile``): a row the page follows. Only the
     keyed hash of ``subject_id`` is stored. The access itself is audited when the worker reads the data, under this
     request's id."""
-    from monitoring.tasks import subject_report_task  # lazy: the tasks module imports this one
-
     require_capability(actor, "manage_subjects")
     digest = subject_hash(subject_id)
     reports_expire()
@@ -216,7 +220,8 @@ def subject_report_request(*, subject_id: str, actor: Any) -> SubjectAccessRepor
         report = SubjectAccessReport.objects.create(subject_hash=digest, requested_by=actor)
         ctx = context.current().as_task_kwargs()
         pk = report.pk
-        transaction.on_commit(lambda: subject_report_task.delay(pk, request_ctx=ctx))
+        transaction.on_commit(lambda: subject_report_requested.send(sender=SubjectAccessReport, report_id=pk,
+                                                                    request_ctx=ctx))
     return report
 
 

@@ -18,7 +18,6 @@ from typing import Any
 from django.db.models import Count, Min
 from django.utils import timezone
 
-from monitoring.flush import flushed_key
 from registry.models import PredictionOutbox
 from registry.serving import buffer
 
@@ -48,6 +47,11 @@ class IngestLag:
     def oldest_age_seconds(self) -> float | None:
         ages = [b.oldest_age_seconds for b in self.buffers.values() if b.oldest_age_seconds is not None]
         return max(ages) if ages else None
+
+
+def flushed_key(stream_key: str) -> str:
+    """The counter of entries the flushers wrote from ``stream_key`` (kept beside it: the same cluster slot)."""
+    return f"{stream_key}:flushed"
 
 
 def _entry_ms(entry_id: bytes | str) -> int:

@@ -413,9 +413,9 @@ class ErasedDataFlag(models.Model):
         ordering = ["-flagged_at"]
 
 
-from monitoring.experiments.models import Experiment, ExperimentUnit  # noqa: E402
-
+# The experiments' tables (monitoring.experiments.models) belong to this app too: MonitoringConfig.import_models
+# loads them after this module, which imports nothing of the features.
 __all__ = ["Alert", "AlertStatus", "AttributionDrift", "DatasetAccessToken", "DatasetSnapshot", "ErasedDataFlag",
-           "Experiment", "ExperimentUnit", "Feedback", "Granularity", "MonitoringSettings", "PredictionLog",
-           "RetrainingPolicy", "RetrainingRequest", "RetrainingStatus", "Rollup", "RollupDirty", "SensitiveTreatment",
-           "SnapshotStatus", "SubjectAccessReport", "SubjectReportStatus", "TrainingLink"]
+           "Feedback", "Granularity", "MonitoringSettings", "PredictionLog", "RetrainingPolicy", "RetrainingRequest",
+           "RetrainingStatus", "Rollup", "RollupDirty", "SensitiveTreatment", "SnapshotStatus", "SubjectAccessReport",
+           "SubjectReportStatus", "TrainingLink"]

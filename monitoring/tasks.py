@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
+from django.dispatch import receiver
 
 from monitoring.alerts import evaluate_alerts
 from monitoring.experiments.tasks import experiments_check_task  # noqa: F401 - registered with Celery here
 from monitoring.flush import fan_out_allowed, flush_predictions
-from monitoring.gdpr import payloads_purge
+from monitoring.gdpr import payloads_purge, subject_report_compile, subject_report_requested
 from monitoring.partitions import partitions_maintain
 from monitoring.rollups import rollup_dirty
 from portal.tasks import with_request_context
@@ -56,7 +59,10 @@ def attribution_drift_task() -> int:
 @with_request_context
 def subject_report_task(report_id: int) -> str:
     """A compliance officer's subject access report (``monitoring.gdpr.subject_report_compile``)."""
-    from monitoring.gdpr import subject_report_compile
-
     report = subject_report_compile(report_id=report_id)
     return report.status if report is not None else "erased meanwhile"
+
+
+@receiver(subject_report_requested, dispatch_uid="monitoring.tasks.subject_report")
+def _subject_report_requested(*, report_id: int, request_ctx: dict[str, Any], **_: Any) -> None:
+    subject_report_task.delay(report_id, request_ctx=request_ctx)

@@ -211,6 +211,6 @@ class ErasedDataDecideApi(APIView):
         flag = selectors.flag_get(user=request.user, uid=uid)
         data = ErasedDataDecisionInput(data=request.data)
         data.is_valid(raise_exception=True)
-        flag = services.erased_data_decide(flag=flag, decision=data.validated_data["decision"],
+        flag = retraining.erased_data_decide(flag=flag, decision=data.validated_data["decision"],
                                            reason=data.validated_data.get("reason", ""), actor=request.user)
         return Response(selectors.flag_data(flag))

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, OuterRef, Q
+from django.dispatch import Signal
 from django.utils import timezone
 
 from monitoring.models import DatasetSnapshot, Feedback, PredictionLog, SnapshotStatus
@@ -37,6 +38,9 @@ from registry import storage
 from registry.models import ModelVersion
 
 logger = logging.getLogger(__name__)
+# Sent inside the transaction that finishes a snapshot, ready or failed (``snapshot``): the retraining requests
+# waiting on it call CI or fail (monitoring.datasets.retraining receives it).
+snapshot_finished = Signal()
 
 ROLES = ("champion", "canary")  # what production answered; shadow rows repeat the champion's inputs
 SIGNATURE_TYPES = {"double": "float64", "float": "float64", "long": "int64", "integer": "int64",
@@ -420,9 +424,7 @@ def _finalize(snapshot: DatasetSnapshot, features: list[Feature]) -> DatasetSnap
             snapshot.refresh_from_db()
             audit_record(AuditAction.DATASET_READY, actor=None, target=snapshot_target(snapshot),
                          after={"sha256": sha, "rows": rows, "size": size, "label_coverage": manifest["label_coverage"]})
-            from monitoring.datasets.retraining import on_snapshot_done  # lazy: retraining imports this module
-
-            on_snapshot_done(snapshot)
+            snapshot_finished.send(sender=DatasetSnapshot, snapshot=snapshot)
         break
     storage.delete_work_files(f"datasets/{snapshot.uid}")
     return snapshot
@@ -435,9 +437,7 @@ def snapshot_fail(snapshot: DatasetSnapshot, message: str) -> DatasetSnapshot:
         snapshot.refresh_from_db()
         audit_record(AuditAction.DATASET_FAIL, actor=None, target=snapshot_target(snapshot),
                      outcome=AuditOutcome.FAILURE, after={"error": message})
-        from monitoring.datasets.retraining import on_snapshot_done  # lazy: retraining imports this module
-
-        on_snapshot_done(snapshot)
+        snapshot_finished.send(sender=DatasetSnapshot, snapshot=snapshot)
     storage.delete_work_files(f"datasets/{snapshot.uid}")
     return snapshot
 

@@ -11,15 +11,18 @@ delivery machinery, shown on the model page, and serving never waits for it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.dispatch import receiver
 from django.urls import reverse
 from django.utils import timezone
 
-from monitoring.datasets.services import snapshot_create, token_issue
+from monitoring.datasets.cut import snapshot_finished
+from monitoring.datasets.services import request_target, snapshot_create, token_issue
 from monitoring.models import (
     OPEN_RETRAINING,
     Alert,
@@ -38,14 +41,11 @@ from portal.audit.actions import AuditAction
 from portal.audit.record import Target, audit_record
 from portal.models import AuditOutcome, TeamWebhook, WebhookDelivery
 from portal.permissions import require_capability
+from portal.webhooks import deliveries_queued
 from registry.models import EnvironmentState
 
 EVENT = "retraining.requested"
 RETRY_FAILED_AFTER = dt.timedelta(hours=1)  # a failed request is not asked again for the same trigger before this
-
-
-def request_target(request: RetrainingRequest) -> Target:
-    return Target("retraining_request", str(request.uid), str(request)[:255], request.model.team.slug)
 
 
 # --- Policies -----------------------------------------------------------------------------------------------------
@@ -132,6 +132,11 @@ def snapshot_url(snapshot: DatasetSnapshot) -> str:
     return settings.PORTAL_BASE_URL + reverse("datasets_api:dataset-download", args=[snapshot.uid])
 
 
+@receiver(snapshot_finished, dispatch_uid="monitoring.datasets.retraining.on_snapshot_done")
+def _snapshot_finished(*, snapshot: DatasetSnapshot, **_: Any) -> None:
+    on_snapshot_done(snapshot)
+
+
 def on_snapshot_done(snapshot: DatasetSnapshot) -> None:
     """Inside the transaction that finishes a snapshot: call CI for the requests waiting on it (or fail them)."""
     for request in RetrainingRequest.objects.select_for_update(of=("self",)).select_related(
@@ -160,14 +165,8 @@ def on_snapshot_done(snapshot: DatasetSnapshot) -> None:
                      after={"status": "calling", "snapshot": str(snapshot.uid), "sha256": snapshot.sha256,
                             "webhook": hook.pk, "delivery": str(delivery.uid), "token": str(token.uid),
                             "token_expires_at": token.expires_at.isoformat()})
-        pk = delivery.pk
-
-        def enqueue(pk: int = pk) -> None:
-            from portal.tasks import webhook_deliver_task  # lazy: as portal.webhooks does (portal.tasks cycle)
-
-            webhook_deliver_task.delay(pk)
-
-        transaction.on_commit(enqueue)
+        transaction.on_commit(functools.partial(deliveries_queued.send, sender=WebhookDelivery,
+                                                delivery_ids=[delivery.pk]))
 
 
 def retraining_sync() -> int:
@@ -205,15 +204,6 @@ def retraining_close(*, request: RetrainingRequest, actor: Any, reason: str) -> 
     return request
 
 
-def requests_done_by(*, version: Any, snapshot_uids: list[str], actor: Any) -> None:
-    """A version registered as trained on a request's snapshot closes the request as done."""
-    for request in RetrainingRequest.objects.select_related("model__team").filter(
-            snapshot__uid__in=snapshot_uids, status__in=OPEN_RETRAINING):
-        RetrainingRequest.objects.filter(pk=request.pk).update(status=RetrainingStatus.DONE, closed_at=timezone.now())
-        audit_record(AuditAction.RETRAIN_CLOSE, actor=actor, target=request_target(request),
-                     before={"status": request.status}, after={"status": "done", "version": version.number})
-
-
 def retraining_for_erasure(*, flag: ErasedDataFlag, actor: Any) -> RetrainingRequest | None:
     """A compliance officer asked to retrain a version trained on erased data: through the model's policy (where it
     serves first), if it has one. The snapshot is cut after commit by a worker; the decision is recorded either way."""
@@ -225,6 +215,40 @@ def retraining_for_erasure(*, flag: ErasedDataFlag, actor: Any) -> RetrainingReq
         return retraining_open(model=model, environment=policy.environment, trigger="erasure", policy=policy,
                                actor=actor, reason=f"{flag.version} was trained on snapshot {flag.snapshot.uid}, from "
                                                    f"which erasure receipt #{flag.erasure_seq} removed rows.")
+
+
+# --- Versions trained on erased data ------------------------------------------------------------------------
+
+def erased_data_decide(*, flag: ErasedDataFlag, decision: str, reason: str, actor: Any) -> ErasedDataFlag:
+    """A compliance officer's decision on a version trained on erased data: retrain (a retraining request is opened
+    where the model has a policy) or keep, with a reason. Once decided, the version is no longer flagged."""
+    require_capability(actor, "manage_subjects")
+    reason = (reason or "").strip()
+    if decision not in (ErasedDataFlag.Decision.RETRAIN, ErasedDataFlag.Decision.KEEP):
+        raise ValidationError({"decision": "Say retrain or keep."})
+    if decision == ErasedDataFlag.Decision.KEEP and len(reason) < 10:
+        raise ValidationError({"reason": "Keeping a version trained on erased data needs a reason (10 characters "
+                                         "or more)."})
+    with transaction.atomic():
+        locked = ErasedDataFlag.objects.select_for_update().select_related("version__model__team", "snapshot").get(
+            pk=flag.pk)
+        if locked.decision:
+            raise ValidationError({"decision": f"Already decided ({locked.get_decision_display().lower()}) by "
+                                               f"{locked.decided_by.get_username() if locked.decided_by else 'someone'}."})
+        opened = None
+        if decision == ErasedDataFlag.Decision.RETRAIN:
+            opened = retraining_for_erasure(flag=locked, actor=actor)
+        ErasedDataFlag.objects.filter(pk=locked.pk).update(decision=decision, reason=reason[:2000], decided_by=actor,
+                                                           decided_at=timezone.now())
+        locked.refresh_from_db()
+        version = locked.version
+        audit_record(AuditAction.VERSION_ERASED_DATA_DECISION, actor=actor,
+                     target=Target("modelversion", str(version.uid), str(version), version.model.team.slug),
+                     before={"decision": "pending"},
+                     after={"decision": decision, "reason": reason[:2000], "snapshot": str(locked.snapshot.uid),
+                            "erasure_receipt_seq": locked.erasure_seq,
+                            "retraining_request": str(opened.uid) if opened is not None else None})
+    return locked
 
 
 # --- Triggers (beat) ------------------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
 from monitoring.datasets.cut import ROLES, snapshot_target, window_rows
 from monitoring.models import (
+    OPEN_RETRAINING,
     DatasetAccessToken,
     DatasetSnapshot,
-    ErasedDataFlag,
+    RetrainingRequest,
+    RetrainingStatus,
     SensitiveTreatment,
     SnapshotStatus,
     TrainingLink,
@@ -107,12 +110,15 @@ def _sensitive_names(model: Any, versions: list[int]) -> set[str]:
     return names
 
 
-def _enqueue_cut(snapshot: DatasetSnapshot) -> None:
-    from monitoring.datasets.tasks import snapshot_cut_task  # lazy: the tasks module imports this one (cycle)
+# Sent once the transaction that asked for a snapshot commits (``snapshot_id``, ``request_ctx``):
+# monitoring.datasets.tasks enqueues its cut.
+snapshot_requested = Signal()
 
+
+def _enqueue_cut(snapshot: DatasetSnapshot) -> None:
     ctx = context.current().as_task_kwargs()
     pk = snapshot.pk
-    transaction.on_commit(lambda: snapshot_cut_task.delay(pk, request_ctx=ctx))
+    transaction.on_commit(lambda: snapshot_requested.send(sender=DatasetSnapshot, snapshot_id=pk, request_ctx=ctx))
 
 
 def snapshot_read(*, snapshot: DatasetSnapshot, actor: Any, token: DatasetAccessToken | None = None,
@@ -201,11 +207,22 @@ def training_sets_resolve(model: Any, references: list[str], actor: Any) -> list
     return found
 
 
+def request_target(request: RetrainingRequest) -> Target:
+    return Target("retraining_request", str(request.uid), str(request)[:255], request.model.team.slug)
+
+
+def requests_done_by(*, version: Any, snapshot_uids: list[str], actor: Any) -> None:
+    """A version registered as trained on a request's snapshot closes the request as done."""
+    for request in RetrainingRequest.objects.select_related("model__team").filter(
+            snapshot__uid__in=snapshot_uids, status__in=OPEN_RETRAINING):
+        RetrainingRequest.objects.filter(pk=request.pk).update(status=RetrainingStatus.DONE, closed_at=timezone.now())
+        audit_record(AuditAction.RETRAIN_CLOSE, actor=actor, target=request_target(request),
+                     before={"status": request.status}, after={"status": "done", "version": version.number})
+
+
 def training_sets_record(version: Any, uids: list[str], actor: Any) -> list[dict[str, Any]]:
     """Called inside the transaction that creates ``version``: one link per snapshot (with the content hash it was
     trained on) and one audit event; an open retraining request for one of them is done."""
-    from monitoring.datasets.retraining import requests_done_by  # lazy: retraining imports this module
-
     links = []
     for snapshot in DatasetSnapshot.objects.select_for_update().filter(uid__in=uids).select_related("model"):
         TrainingLink.objects.create(version=version, snapshot=snapshot, snapshot_sha256=snapshot.sha256)
@@ -216,39 +233,3 @@ def training_sets_record(version: Any, uids: list[str], actor: Any) -> list[dict
                  after={"trained_on": links})
     requests_done_by(version=version, snapshot_uids=uids, actor=actor)
     return links
-
-
-# --- Versions trained on erased data --------------------------------------------------------------------------
-
-def erased_data_decide(*, flag: ErasedDataFlag, decision: str, reason: str, actor: Any) -> ErasedDataFlag:
-    """A compliance officer's decision on a version trained on erased data: retrain (a retraining request is opened
-    where the model has a policy) or keep, with a reason. Once decided, the version is no longer flagged."""
-    require_capability(actor, "manage_subjects")
-    reason = (reason or "").strip()
-    if decision not in (ErasedDataFlag.Decision.RETRAIN, ErasedDataFlag.Decision.KEEP):
-        raise ValidationError({"decision": "Say retrain or keep."})
-    if decision == ErasedDataFlag.Decision.KEEP and len(reason) < 10:
-        raise ValidationError({"reason": "Keeping a version trained on erased data needs a reason (10 characters "
-                                         "or more)."})
-    from monitoring.datasets.retraining import retraining_for_erasure  # lazy: retraining imports this module
-
-    with transaction.atomic():
-        locked = ErasedDataFlag.objects.select_for_update().select_related("version__model__team", "snapshot").get(
-            pk=flag.pk)
-        if locked.decision:
-            raise ValidationError({"decision": f"Already decided ({locked.get_decision_display().lower()}) by "
-                                               f"{locked.decided_by.get_username() if locked.decided_by else 'someone'}."})
-        opened = None
-        if decision == ErasedDataFlag.Decision.RETRAIN:
-            opened = retraining_for_erasure(flag=locked, actor=actor)
-        ErasedDataFlag.objects.filter(pk=locked.pk).update(decision=decision, reason=reason[:2000], decided_by=actor,
-                                                           decided_at=timezone.now())
-        locked.refresh_from_db()
-        version = locked.version
-        audit_record(AuditAction.VERSION_ERASED_DATA_DECISION, actor=actor,
-                     target=Target("modelversion", str(version.uid), str(version), version.model.team.slug),
-                     before={"decision": "pending"},
-                     after={"decision": decision, "reason": reason[:2000], "snapshot": str(locked.snapshot.uid),
-                            "erasure_receipt_seq": locked.erasure_seq,
-                            "retraining_request": str(opened.uid) if opened is not None else None})
-    return locked

@@ -4,14 +4,17 @@ hands out again what a dead worker left, and the retraining triggers (beat)."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
 from django.db.models import Q
+from django.dispatch import receiver
 from django.utils import timezone
 
 from monitoring.datasets.cut import snapshot_cut
 from monitoring.datasets.retraining import retraining_evaluate
+from monitoring.datasets.services import snapshot_requested
 from monitoring.models import DatasetSnapshot, SnapshotStatus
 from portal.tasks import with_request_context
 
@@ -21,6 +24,11 @@ from portal.tasks import with_request_context
 def snapshot_cut_task(snapshot_id: int) -> str:
     snapshot = snapshot_cut(snapshot_id=snapshot_id)
     return snapshot.status if snapshot is not None else "claimed elsewhere"
+
+
+@receiver(snapshot_requested, dispatch_uid="monitoring.datasets.tasks.snapshot_cut")
+def _snapshot_requested(*, snapshot_id: int, request_ctx: dict[str, Any], **_: Any) -> None:
+    snapshot_cut_task.delay(snapshot_id, request_ctx=request_ctx)
 
 
 @shared_task(name="monitoring.tasks.snapshots_reap", ignore_result=True)

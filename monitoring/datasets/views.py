@@ -148,7 +148,7 @@ def erased_data_decide(request: HttpRequest, uid: Any) -> HttpResponse:
     require_capability(request.user, "manage_subjects")
     flag = selectors.flag_get(user=request.user, uid=uid)
     try:
-        services.erased_data_decide(flag=flag, decision=request.POST.get("decision", ""),
+        retraining.erased_data_decide(flag=flag, decision=request.POST.get("decision", ""),
                                     reason=request.POST.get("reason", ""), actor=request.user)
         messages.success(request, f"Decision recorded for {flag.version}.")
     except (ValidationError, PermissionDenied) as exc:

@@ -18,9 +18,11 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Q
+from django.dispatch import receiver
 
 from monitoring.experiments.models import Experiment, ExperimentUnit
 from monitoring.models import PredictionLog
+from monitoring.rollups import minutes_rolled_up
 
 INSERT_CHUNK = 1000
 ERASED_UNIT = "-"  # a keyed prediction whose key hash was erased (GDPR erasure, retention purge)
@@ -29,6 +31,11 @@ ERASED_UNIT = "-"  # a keyed prediction whose key hash was erased (GDPR erasure,
 def _experiments_over(model_name: str, environment: str, start: dt.datetime, end: dt.datetime) -> list[Experiment]:
     return list(Experiment.objects.filter(model__name=model_name, environment=environment, started_at__lt=end)
                 .filter(Q(ended_at__isnull=True) | Q(ended_at__gte=start)))
+
+
+@receiver(minutes_rolled_up, dispatch_uid="monitoring.experiments.units.units_record")
+def _minutes_rolled_up(*, model_name: str, environment: str, start: dt.datetime, end: dt.datetime, **_: Any) -> None:
+    units_record(model_name, environment, start, end)
 
 
 def units_record(model_name: str, environment: str, start: dt.datetime, end: dt.datetime) -> int:

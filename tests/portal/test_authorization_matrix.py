@@ -27,8 +27,9 @@ from rest_framework.test import APIClient
 
 from monitoring.datasets import services as dataset_services
 from monitoring.datasets.cut import snapshot_cut
+from monitoring.experiments.models import Experiment
 from monitoring.flush import write_batches
-from monitoring.models import Alert, ErasedDataFlag, Experiment, Feedback, RetrainingRequest, SubjectAccessReport
+from monitoring.models import Alert, ErasedDataFlag, Feedback, RetrainingRequest, SubjectAccessReport
 from monitoring.sensitive import encrypt_value
 from portal import services as portal_services
 from portal.models import AuditEvent, Team, TeamWebhook

@@ -64,6 +64,9 @@ deployment_gates = Signal()
 # deployment_finished(deployment=, live=, error=): sent inside the transaction that makes a deployment live or failed,
 # so what a receiver records commits with it.
 deployment_finished = Signal()
+# deployment_requested(deployment_id=, request_ctx=): sent once the transaction that creates a deployment commits;
+# registry.deployments.tasks enqueues its run.
+deployment_requested = Signal()
 
 
 class DeploymentFailed(Exception):
@@ -113,14 +116,8 @@ def deployment_start(*, version: ModelVersion, environment: str, strategy: str =
                      after={"version": version.number, "environment": environment, "strategy": strategy,
                             "traffic_percent": percent, "purpose": purpose})
         ctx = context.current().as_task_kwargs()
-
-        def enqueue() -> None:
-            # lazy: registry.deployments.tasks imports this module at top (cycle)
-            from registry.deployments.tasks import deployment_run_task
-
-            deployment_run_task.delay(deployment.pk, request_ctx=ctx)
-
-        transaction.on_commit(enqueue)
+        transaction.on_commit(lambda: deployment_requested.send(sender=Deployment, deployment_id=deployment.pk,
+                                                                request_ctx=ctx))
     return deployment
 
 
@@ -600,18 +597,13 @@ def _state_summary(state: EnvironmentState) -> dict[str, Any]:
 
 
 def deployments_reap() -> list[int]:
-    """Hand deployments left pending or running past ``PORTAL_DEPLOYMENT_STALE_SECONDS`` to a worker again (a lost
-    message, a worker killed while the broker still holds its task). Claiming counts attempts, so a deployment that
-    keeps killing its worker ends failed, never stuck."""
-    # lazy: registry.deployments.tasks imports this module at top (cycle)
-    from registry.deployments.tasks import deployment_run_task
-
+    """The deployments left pending or running past ``PORTAL_DEPLOYMENT_STALE_SECONDS`` (a lost message, a worker
+    killed while the broker still holds its task), which the reaper task hands to a worker again. Claiming counts
+    attempts, so a deployment that keeps killing its worker ends failed, never stuck."""
     cutoff = timezone.now() - dt.timedelta(seconds=settings.PORTAL_DEPLOYMENT_STALE_SECONDS)
     stale = list(Deployment.objects.filter(
         Q(status=DeploymentStatus.PENDING, created_at__lt=cutoff)
         | Q(status=DeploymentStatus.RUNNING, started_at__lt=cutoff)).values_list("pk", flat=True))
-    for pk in stale:
-        deployment_run_task.delay(pk)
     return stale
 
 

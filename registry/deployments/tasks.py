@@ -3,7 +3,10 @@ schedules and queued messages name them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
+from django.dispatch import receiver
 
 from portal.tasks import RETRY_TRANSIENT, with_request_context
 from registry.deployments import services
@@ -20,4 +23,13 @@ def deployment_run_task(deployment_id: int) -> str | None:
 
 @shared_task(name="registry.tasks.deployments_reap", ignore_result=True)
 def deployments_reap_task() -> list[int]:
-    return services.deployments_reap()
+    """Hand the stale deployments to a worker again."""
+    stale = services.deployments_reap()
+    for pk in stale:
+        deployment_run_task.delay(pk)
+    return stale
+
+
+@receiver(services.deployment_requested, dispatch_uid="registry.deployments.tasks.deployment_run")
+def _deployment_requested(*, deployment_id: int, request_ctx: dict[str, Any], **_: Any) -> None:
+    deployment_run_task.delay(deployment_id, request_ctx=request_ctx)

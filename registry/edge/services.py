@@ -25,6 +25,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import transaction
 from django.db.models import F, Q
+from django.dispatch import Signal
 from django.utils import timezone
 
 from portal import context
@@ -49,6 +50,9 @@ from registry.serving import buffer
 from registry.serving.runtime import input_columns
 
 logger = logging.getLogger(__name__)
+# Sent once the transaction that asks for a package commits (``package_id``, ``request_ctx``): registry.edge.tasks
+# enqueues its build.
+package_requested = Signal()
 TOKEN_PREFIX = "mle_"  # noqa: S105 - the public prefix of device tokens, not a secret
 MAX_RECORDS = 5000  # per upload request (the runner sends 500 at a time)
 MAX_AGE_DAYS = 90  # a prediction older than this is refused (kept on the device past the log's usefulness)
@@ -85,13 +89,8 @@ def edge_package_request(*, version: ModelVersion, int8: bool = True, actor: Any
         audit_record(AuditAction.EDGE_PACKAGE_REQUEST, actor=actor, target=package_target(package),
                      after={"version": version.number, "int8": int8})
         ctx = context.current().as_task_kwargs()
-
-        def enqueue() -> None:
-            from registry.edge.tasks import edge_package_build_task  # lazy: the tasks module imports this one
-
-            edge_package_build_task.delay(package.pk, request_ctx=ctx)
-
-        transaction.on_commit(enqueue)
+        transaction.on_commit(lambda: package_requested.send(sender=EdgePackage, package_id=package.pk,
+                                                             request_ctx=ctx))
     return package
 
 

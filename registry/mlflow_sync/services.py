@@ -36,7 +36,7 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
-from django.dispatch import receiver
+from django.dispatch import Signal, receiver
 from django.utils import timezone
 
 from portal import context
@@ -67,6 +67,9 @@ from registry.versions.mlflow_import import (
 )
 
 logger = logging.getLogger(__name__)
+# Sent once the transaction that makes a sync job due commits (``job_id``, ``request_ctx``, ``countdown`` seconds):
+# registry.mlflow_sync.tasks enqueues its run.
+job_due = Signal()
 
 WEBHOOK_PATH = "/api/v1/integrations/mlflow/webhook"
 EVENTS = ("model_version.created", "model_version_alias.created")
@@ -287,11 +290,9 @@ def _import_job(connection: MlflowConnection, name: str, version: str, *, origin
 
 
 def _enqueue_on_commit(job: MlflowSyncJob, countdown: float = 0) -> None:
-    from registry.mlflow_sync.tasks import mlflow_sync_run_task
-
     ctx = context.current().as_task_kwargs()
-    transaction.on_commit(lambda: mlflow_sync_run_task.apply_async((job.pk,), {"request_ctx": ctx},
-                                                                   countdown=countdown))
+    transaction.on_commit(lambda: job_due.send(sender=MlflowSyncJob, job_id=job.pk, request_ctx=ctx,
+                                               countdown=countdown))
 
 
 # --- Running a job (a worker) ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from django.dispatch import receiver
 
 from portal.tasks import RETRY_TRANSIENT, with_request_context
 from registry.mlflow_sync import services
@@ -22,3 +23,8 @@ def mlflow_sync_run_task(self: Any, job_id: int) -> str:
 def mlflow_reconcile_task() -> dict[str, int]:
     """Scheduled by beat every PORTAL_MLFLOW_RECONCILE_SECONDS: webhooks that never arrived, overdue retries."""
     return services.mlflow_reconcile()
+
+
+@receiver(services.job_due, dispatch_uid="registry.mlflow_sync.tasks.mlflow_sync_run")
+def _job_due(*, job_id: int, request_ctx: dict[str, Any], countdown: float, **_: Any) -> None:
+    mlflow_sync_run_task.apply_async((job_id,), {"request_ctx": request_ctx}, countdown=countdown)

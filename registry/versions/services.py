@@ -23,6 +23,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.db.models import Max
+from django.dispatch import Signal
 from django.utils import timezone
 
 from portal import context
@@ -49,6 +50,10 @@ from registry.scanning.inspect import CODE_PREFIX, inspect_upload, json_safe
 from registry.versions import profiling
 
 logger = logging.getLogger(__name__)
+# Sent once the transaction that asks for a version's sandboxed check (scan_requested) or its global importance
+# (explain_requested) commits, with ``version_id`` and ``request_ctx``: registry.versions.tasks enqueues the work.
+scan_requested = Signal()
+explain_requested = Signal()
 
 _SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._ -]")
 
@@ -401,11 +406,8 @@ def version_upload(*, model: RegisteredModel, upload: UploadedFile, reference: U
 
 
 def _enqueue_scan(version: ModelVersion) -> None:
-    # lazy: registry.versions.tasks imports this module at top (cycle)
-    from registry.versions.tasks import version_scan_task
-
     ctx = context.current().as_task_kwargs()
-    transaction.on_commit(lambda: version_scan_task.delay(version.pk, request_ctx=ctx))
+    transaction.on_commit(lambda: scan_requested.send(sender=ModelVersion, version_id=version.pk, request_ctx=ctx))
 
 
 # --- The sandboxed check (run by a worker) ----------------------------------------------------------------------
@@ -565,10 +567,8 @@ def version_scan(*, version_id: int) -> ModelVersion:
 
 
 def _enqueue_explain(version: ModelVersion) -> None:
-    from registry.versions.tasks import version_explain_task  # lazy: the tasks module imports this one
-
     ctx = context.current().as_task_kwargs()
-    transaction.on_commit(lambda: version_explain_task.delay(version.pk, request_ctx=ctx))
+    transaction.on_commit(lambda: explain_requested.send(sender=ModelVersion, version_id=version.pk, request_ctx=ctx))
 
 
 def version_explain(*, version_id: int) -> ModelVersion:

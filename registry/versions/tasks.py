@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from django.dispatch import receiver
 
 from portal.tasks import RETRY_TRANSIENT, with_request_context
 from registry.versions import services
@@ -25,3 +26,13 @@ def version_explain_task(self: Any, version_id: int) -> str:
     """The global importance of a version the scan made ready (a second sandbox run); idempotent."""
     version = services.version_explain(version_id=version_id)
     return "error" if (version.explanation or {}).get("error") else "explained"
+
+
+@receiver(services.scan_requested, dispatch_uid="registry.versions.tasks.version_scan")
+def _scan_requested(*, version_id: int, request_ctx: dict[str, Any], **_: Any) -> None:
+    version_scan_task.delay(version_id, request_ctx=request_ctx)
+
+
+@receiver(services.explain_requested, dispatch_uid="registry.versions.tasks.version_explain")
+def _explain_requested(*, version_id: int, request_ctx: dict[str, Any], **_: Any) -> None:
+    version_explain_task.delay(version_id, request_ctx=request_ctx)

@@ -40,6 +40,7 @@ from portal.client import (
     Version,
     WaitTimeout,
 )
+from portal.environments import ENVIRONMENTS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WAITING, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 COMMANDS = ("register", "list", "status", "download", "upload", "import", "promote", "approve", "rollback",
@@ -604,23 +605,23 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--reject", action="store_true")
     rollback = command("rollback", cmd_rollback, "roll an environment back to the previously live version", 600)
     rollback.add_argument("model")
-    rollback.add_argument("env", choices=["dev", "stage", "prod"])
+    rollback.add_argument("env", choices=ENVIRONMENTS)
     rollback.add_argument("--to-version", type=int)
     rollback.add_argument("--reason", required=True)
     deploy = command("deploy", cmd_deploy, "deploy a ready version (dev; stage and prod go through promote)", 600)
     deploy.add_argument("model")
     deploy.add_argument("version", type=int)
-    deploy.add_argument("--env", default="dev", choices=["dev", "stage", "prod"])
+    deploy.add_argument("--env", default="dev", choices=ENVIRONMENTS)
     deploy.add_argument("--strategy", default="replace", choices=["replace", "canary", "shadow"])
     deploy.add_argument("--traffic-percent", type=int)
     predict = command("predict", cmd_predict, "score a JSON body (MLflow's protocol) or a CSV file in real time")
     predict.add_argument("model")
-    predict.add_argument("env", choices=["dev", "stage", "prod"])
+    predict.add_argument("env", choices=ENVIRONMENTS)
     predict.add_argument("file", help="a .json body or a .csv file with a header")
     batch = command("batch", cmd_batch, "score a CSV or Parquet file as a batch job (--wait: download the scored "
                     "file, and the errors file when rows failed)", 3600)
     batch.add_argument("model")
-    batch.add_argument("env", choices=["dev", "stage", "prod"])
+    batch.add_argument("env", choices=ENVIRONMENTS)
     batch.add_argument("file")
     batch.add_argument("--id-column")
     batch.add_argument("--subject-column")
@@ -632,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
                          7 * 24 * 3600)
     experiment.add_argument("action", choices=["start", "status", "traffic", "stop"])
     experiment.add_argument("model", nargs="?", help="start: the model; status and stop: the experiment's id")
-    experiment.add_argument("env", nargs="?", choices=["dev", "stage", "prod"])
+    experiment.add_argument("env", nargs="?", choices=ENVIRONMENTS)
     experiment.add_argument("--metric", choices=["accuracy", "log_loss", "mae", "outcome"])
     experiment.add_argument("--mde", type=float, help="minimum detectable effect in the metric's units")
     experiment.add_argument("--alpha", type=float, default=0.05)
@@ -646,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "fetch it (download, SHA-256 checked)", 3600)
     dataset.add_argument("action", choices=["create", "status", "download"])
     dataset.add_argument("target", help="create: the MODEL; status, download: the snapshot's id")
-    dataset.add_argument("--env", choices=["dev", "stage", "prod"])
+    dataset.add_argument("--env", choices=ENVIRONMENTS)
     dataset.add_argument("--version", type=int, help="one version (default: every version in the window)")
     dataset.add_argument("--from", dest="start", help="window start, ISO 8601 with a zone")
     dataset.add_argument("--to", dest="end", help="window end (exclusive)")

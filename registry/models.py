@@ -10,6 +10,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.utils import timezone
 
+from portal.environments import ENVIRONMENTS, PROMOTION_TARGETS
 from portal.models import Team
 
 MODEL_NAME_VALIDATOR = RegexValidator(
@@ -218,9 +219,7 @@ class Environment(models.TextChoices):
     PROD = "prod", "prod"
 
 
-ENVIRONMENT_ORDER = [Environment.DEV, Environment.STAGE, Environment.PROD]
-# Where a version can be promoted to (dev is deployed to directly).
-PROMOTION_TARGETS = ("stage", "prod")
+ENVIRONMENT_ORDER = [Environment(e) for e in ENVIRONMENTS]
 
 
 class Strategy(models.TextChoices):
@@ -432,7 +431,7 @@ class PromotionPolicy(models.Model):
     champion's. The most specific row wins: model, then team, then the global row (neither set), then the
     defaults in :data:`DEFAULT_APPROVALS`."""
 
-    environment = models.CharField(max_length=8, choices=[(e, e) for e in ("stage", "prod")])
+    environment = models.CharField(max_length=8, choices=[(e, e) for e in PROMOTION_TARGETS])
     team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
     model = models.ForeignKey(RegisteredModel, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
     approvals_required = models.PositiveSmallIntegerField(validators=[MinValueValidator(1), MaxValueValidator(5)])
@@ -472,7 +471,7 @@ class PromotionRequest(models.Model):
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="promotions")
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="promotions")
-    target = models.CharField(max_length=8, choices=[(e, e) for e in ("stage", "prod")])
+    target = models.CharField(max_length=8, choices=[(e, e) for e in PROMOTION_TARGETS])
     status = models.CharField(max_length=10, choices=PromotionStatus.choices, default=PromotionStatus.PENDING)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     reason = models.TextField()

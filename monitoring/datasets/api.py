@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from monitoring.datasets import retraining, selectors, services
 from monitoring.models import DatasetAccessToken, RetrainingPolicy
 from portal.authentication import BearerTokenAuthentication
+from portal.environments import ENVIRONMENTS
 from portal.permissions import require_capability
 from registry.api.responses import blob_download
 from registry.versions import selectors as registry_selectors
@@ -23,7 +24,7 @@ from registry.versions import selectors as registry_selectors
 
 class DatasetSnapshotInput(serializers.Serializer[Any]):
     model = serializers.CharField(max_length=100)
-    environment = serializers.ChoiceField(choices=["dev", "stage", "prod"])
+    environment = serializers.ChoiceField(choices=ENVIRONMENTS)
     version = serializers.IntegerField(required=False, allow_null=True, min_value=1,
                                        help_text="One version; omitted: every version in the window")
     start = serializers.DateTimeField(help_text="Window start (ISO 8601 with a zone), inclusive")

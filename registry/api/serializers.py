@@ -5,6 +5,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from portal.environments import ENVIRONMENTS
 from registry.models import MODEL_NAME_VALIDATOR, MlflowSource, ModelVersion, RegisteredModel
 from registry.versions.selectors import aliases_of, environment_overview
 
@@ -92,7 +93,7 @@ class TrustDecisionInput(serializers.Serializer[Any]):
 
 
 class DeployInput(serializers.Serializer[Any]):
-    environment = serializers.ChoiceField(choices=["dev", "stage", "prod"])
+    environment = serializers.ChoiceField(choices=ENVIRONMENTS)
     strategy = serializers.ChoiceField(choices=["replace", "canary", "shadow"], default="replace")
     traffic_percent = serializers.IntegerField(min_value=1, max_value=100, default=100)
     reason = serializers.CharField(required=False, allow_blank=True, max_length=2000)

@@ -40,6 +40,7 @@ from django.dispatch import Signal, receiver
 from django.utils import timezone
 
 from portal import context
+from portal.environments import ENVIRONMENTS
 from portal.audit.actions import AuditAction
 from portal.audit.record import AuditOutcome, Target, audit_record
 from portal.models import AuditEvent, Team
@@ -80,7 +81,7 @@ MAX_SKEW_SECONDS = 300
 MAX_BODY_BYTES = 256 * 1024
 MAX_ATTEMPTS = 8
 RUNNING_STALE = timedelta(minutes=15)
-ENVIRONMENT_ALIASES = ("dev", "stage", "prod")
+ENVIRONMENT_ALIASES = ENVIRONMENTS
 RECONCILE_PAGES = 5
 
 

@@ -6,8 +6,9 @@ and both get the same requests: every input format and content type, params, mis
 nulls, empty bodies. Both must answer with the same status class; where both answer 200 the predictions are equal
 (floats within 1e-9 relative); every portal error carries an ``error_code``, MLflow's own where MLflow gives one.
 
-Each MLflow server is started once per module (all in parallel, while the portal deploys) and each portal
-deployment is made once per module, inside a transaction rolled back at the end. Gaps outside the fast path's own
+The models are spread over three files (``SPLIT``), so that both test processes share the set-up. Each MLflow server
+is started once per module (all in parallel, while the portal deploys) and each portal deployment is made once per
+module, inside a transaction rolled back at the end. Gaps outside the fast path's own
 parser (``registry/serving/protocol.py``) are marked ``xfail(strict=True)`` with the difference in the reason.
 """
 
@@ -491,6 +492,17 @@ SPECS = [
          rows=_text_rows),
 ]
 BY_NAME = {s.name: s for s in SPECS}
+# `make test` hands whole files to its two test processes, so the models are spread over three files, each starting
+# MLflow's servers and making the portal's deployments for its own models only: this one, and the two named here
+# (which import every test of this file and keep their own models' cases; tests/registry/serving/conftest.py). A
+# model named in neither is this file's.
+SPLIT = {
+    "test_mlflow_conformance_trees": ["conf-rf", "conf-xgb", "conf-lgbm", "conf-iris-forest", "conf-forest-missing",
+                                      "conf-boosted-missing", "conf-knn"],
+    "test_mlflow_conformance_pyfunc": ["conf-pyfunc", "conf-statsmodels", "conf-unsigned", "conf-datetime",
+                                       "conf-frame-out", "conf-dict-out", "conf-signature-only"],
+}
+CONFORMANCE_MODELS = [s.name for s in SPECS if not any(s.name in names for names in SPLIT.values())]
 
 
 def _numeric_rows(n: int, seed: int) -> Any:
@@ -684,6 +696,25 @@ def _wait_up(server: Server, deadline: float) -> None:
                        f"{server.log.read_text()[-2000:]}")
 
 
+def _serve_command(folder: Path, port: int) -> list[str]:
+    """What ``mlflow models serve -m FOLDER --env-manager local -h 127.0.0.1 -p PORT -w 1`` runs: MLflow's CLI
+    builds this uvicorn command of its scoring server (``mlflow.pyfunc.scoring_server.get_cmd``) and waits on it in a
+    second process, which answers nothing and costs each server about 7 s of CPU to boot (measured: 15.2 s against
+    8.4 s a server, tree CPU at /ping, two servers, load 12 to 18). Here the same command runs without that parent."""
+    from mlflow.pyfunc import scoring_server
+
+    command, _env = scoring_server.get_cmd(str(folder), port, "127.0.0.1", None, 1)  # type: ignore[arg-type]
+    return ["bash", "-c", f"exec {command}"]
+
+
+def _serve_env(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """``env`` plus the variables ``get_cmd`` sets for the scoring server (the model's path and the request timeout)."""
+    from mlflow.pyfunc import scoring_server
+
+    _command, command_env = scoring_server.get_cmd(str(folder), None, "127.0.0.1", None, 1)  # type: ignore[arg-type]
+    return {**env, **{k: v for k, v in command_env.items() if os.environ.get(k) != v}}
+
+
 def _selected(request: pytest.FixtureRequest) -> list[Spec]:
     """The models the selected tests use (all of them in a full run): only those are saved, served and deployed."""
     names = {item.callspec.params.get("name") for item in request.session.items
@@ -708,10 +739,8 @@ def mlflow_servers(request: pytest.FixtureRequest,
             port = free_port()
             log = work / f"{spec.name}.log"
             with open(log, "wb") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(folder),
-                                         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                                        cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(_serve_command(folder, port), cwd=work, env=_serve_env(env, folder),
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             servers[spec.name] = Server(proc, f"http://127.0.0.1:{port}/invocations", log, folder)
         yield servers
     finally:

@@ -175,13 +175,15 @@ def portal_job(url: str, token: str, model: str, path: Path) -> tuple[float, dic
     return seconds, job
 
 
-def phases(job: dict[str, Any], posted_at: float) -> dict[str, float]:
-    """Where the wall time went: upload (request until the row exists), queue, planning, scoring, assembly."""
+def ts(value: str | None) -> float:
+    """An API timestamp as epoch seconds (NaN for none)."""
     import datetime as dt
 
-    def ts(value: str | None) -> float:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else float("nan")
+    return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else float("nan")
 
+
+def phases(job: dict[str, Any], posted_at: float) -> dict[str, float]:
+    """Where the wall time went: upload (request until the row exists), queue, planning, scoring, assembly."""
     first_chunk = min(ts(c["started_at"]) for c in job["chunks"])
     marks = [posted_at, ts(job["created_at"]), ts(job["started_at"]), first_chunk, ts(job["scored_at"]),
              ts(job["finished_at"])]
@@ -193,11 +195,6 @@ def busy_share(job: dict[str, Any]) -> float:
     """How busy the score workers were while the job scored: the chunks' run seconds summed, over the workers
     times the wall seconds from the first chunk's start to the last chunk's end (1.0: every worker scored all the
     time; with 2 workers, 0.5 is one idle throughout)."""
-    import datetime as dt
-
-    def ts(value: str | None) -> float:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else float("nan")
-
     spans = [(ts(c["started_at"]), ts(c["finished_at"])) for c in job["chunks"]]
     wall = max(end for _s, end in spans) - min(start for start, _e in spans)
     return sum(end - start for start, end in spans) / (WORKERS * wall) if wall > 0 else float("nan")

@@ -98,6 +98,7 @@ print("SERVING", d.serving_kind)
 TOKEN = BENCH_USER + '''
 print("TOKEN", portal_services.token_create(user=user, name="bench", actor=user)[1])
 '''
+WORKERS = 2  # set from --workers
 MODELS = {"lr": "LogisticRegression", "forest": "RandomForestClassifier(200 trees)"}
 STAGES = ("read", "parse", "model", "format", "write")
 
@@ -168,23 +169,35 @@ def portal_job(url: str, token: str, model: str, path: Path) -> tuple[float, dic
     if job["status"] != "done":
         raise SystemExit(f"the portal's job for {model} ended {job['status']}: {job['error']}")
     job["phases"] = phases(job, time.time() - seconds)
+    job["busy"] = busy_share(job)
     job["stages"] = {s: sum(float((c.get("stage_seconds") or {}).get(s, 0.0)) for c in job["chunks"])
                      for s in STAGES}
     return seconds, job
 
 
-def phases(job: dict[str, Any], posted_at: float) -> dict[str, float]:
-    """Where the wall time went: upload (request until the row exists), queue, planning, scoring, assembly."""
+def ts(value: str | None) -> float:
+    """An API timestamp as epoch seconds (NaN for none)."""
     import datetime as dt
 
-    def ts(value: str | None) -> float:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else float("nan")
+    return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else float("nan")
 
+
+def phases(job: dict[str, Any], posted_at: float) -> dict[str, float]:
+    """Where the wall time went: upload (request until the row exists), queue, planning, scoring, assembly."""
     first_chunk = min(ts(c["started_at"]) for c in job["chunks"])
     marks = [posted_at, ts(job["created_at"]), ts(job["started_at"]), first_chunk, ts(job["scored_at"]),
              ts(job["finished_at"])]
     names = ["upload", "queue", "plan", "score", "assemble"]
     return {n: b - a for n, a, b in zip(names, marks, marks[1:], strict=False)}
+
+
+def busy_share(job: dict[str, Any]) -> float:
+    """How busy the score workers were while the job scored: the chunks' run seconds summed, over the workers
+    times the wall seconds from the first chunk's start to the last chunk's end (1.0: every worker scored all the
+    time; with 2 workers, 0.5 is one idle throughout)."""
+    spans = [(ts(c["started_at"]), ts(c["finished_at"])) for c in job["chunks"]]
+    wall = max(end for _s, end in spans) - min(start for start, _e in spans)
+    return sum(end - start for start, end in spans) / (WORKERS * wall) if wall > 0 else float("nan")
 
 
 def wait_logged(url: str, token: str, job: dict[str, Any]) -> float:
@@ -242,6 +255,8 @@ def main() -> None:
                                                                 "filling between jobs (faster runs while developing)")
     args = parser.parse_args()
     models, forms, formats = args.models.split(","), args.forms.split(","), args.formats.split(",")
+    global WORKERS
+    WORKERS = args.workers
     print("load at start:", uptime(), flush=True)
     base, name = DB_URL.rsplit("/", 1)
     for sql in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
@@ -328,7 +343,9 @@ def main() -> None:
                                 agree[key] = check_result(url, token, job, fmt, model_path, source)
                             print(f"{model} {form} {fmt} run {i + 1}: {seconds:.2f} s; phases "
                                   + ", ".join(f"{k} {v:.2f}" for k, v in job["phases"].items()) + "; stages "
-                                  + ", ".join(f"{k} {v:.2f}" for k, v in job["stages"].items()), flush=True)
+                                  + ", ".join(f"{k} {v:.2f}" for k, v in job["stages"].items())
+                                  + f"; workers busy {100 * job['busy']:.0f} % of the score phase; load "
+                                  + open("/proc/loadavg").read().split()[0], flush=True)
             worker_rss = {w.pid: max(peak_rss_mb(p) for p in [w.pid, *worker_pids(w.pid)]) for w in workers}
             host_rss = max([peak_rss_mb(p) for w in workers for p in descendants(w.pid)
                             if p not in worker_pids(w.pid)], default=0.0)
@@ -366,6 +383,7 @@ def main() -> None:
                 for job in jobs[key]:
                     print("      phases " + ", ".join(f"{k} {v:.2f}" for k, v in job["phases"].items())
                           + " | chunk stages (worker s) " + ", ".join(f"{k} {v:.2f}" for k, v in job["stages"].items())
+                          + f" | workers busy {100 * job['busy']:.0f} %"
                           + (f" | log filled in {job['log_seconds']:.1f}" if "log_seconds" in job else ""))
     print(f"\npeak RSS: Celery worker processes {', '.join(f'{v:.0f}' for v in worker_rss.values())} MB; largest "
           f"model host {host_rss:.0f} MB; web workers {web_rss:.0f} MB")

@@ -136,9 +136,7 @@ def webhook_deliver(*, delivery_id: int) -> tuple[str, int | None]:
 
 # What a team's webhook may subscribe to (none: everything); the services that send them name the same events.
 WEBHOOK_EVENTS = ("promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live",
-                  "promotion.failed", "environment.rollback", "experiment.verdict")
-WEBHOOK_EVENTS = ("retraining.requested", "promotion.requested", "promotion.approved", "promotion.rejected", "promotion.live",
-                  "promotion.failed", "environment.rollback")
+                  "promotion.failed", "environment.rollback", "experiment.verdict", "retraining.requested")
 
 
 def webhook_create(*, team: Any, url: str, secret: str, actor: Any, events: list[str] | None = None,

@@ -84,6 +84,12 @@ def test_the_api_refuses_ssrf_targets_and_only_admins_manage_webhooks(
     assert "secret" not in response.json()
     assert AuditEvent.objects.filter(action="webhook.create").count() == 1
     assert admin.get("/api/v1/teams/acme/webhooks/").json()[0]["events"] == ["promotion.live"]
+    # Every event the portal sends can be subscribed to on its own (the A/B verdict and the retraining request were
+    # once lost to a second definition of the list).
+    for event in ("experiment.verdict", "retraining.requested"):
+        response = admin.post("/api/v1/teams/acme/webhooks/", {"url": f"https://hooks.example.com/{event}",
+                                                               "secret": SECRET, "events": [event]}, format="json")
+        assert response.status_code == 201, response.content
 
 
 class _Receiver(BaseHTTPRequestHandler):

@@ -169,8 +169,11 @@ def main() -> None:
         env = {**serving.portal_env(work), "DATABASE_URL": DB_URL, "CELERY_BROKER_URL": BROKER}
         subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
         subprocess.run([PY, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)  # as make run
-        out = subprocess.run([PY, "manage.py", "shell", "-c", SETUP.replace("sys.argv[1]", repr(str(work)))],
-                             cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+        done = subprocess.run([PY, "manage.py", "shell", "-c", SETUP.replace("sys.argv[1]", repr(str(work)))],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:  # what failed, not only that it did
+            raise SystemExit(f"the set-up failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        out = done.stdout
         token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
         for line in re.findall(r"SERVING .*", out):
             print(line)

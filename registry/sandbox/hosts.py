@@ -205,7 +205,7 @@ class ModelHost:
         """bubblewrap on this machine, one end of a socketpair as the host's standard input and output; its limits
         set before bubblewrap starts, in a cgroup of its own where this machine offers one."""
         limits = launch.Limits.parse(argv[1], cpu_share=settings.PORTAL_MODEL_HOST_CPU_SHARE,
-                                      nice=settings.PORTAL_SANDBOX_NICE)
+                                      nice=settings.PORTAL_MODEL_HOST_NICE)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stage = bwrap.stage(mounts)  # bound from a folder that names nothing of the portal; kept while it runs
         try:

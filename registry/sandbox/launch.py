@@ -7,7 +7,7 @@ every process of the sandbox inherits it, the sandbox's init included, and nothi
   space and data segment, CPU seconds (one-shot runs), file size, open files, no core dumps;
 - where a cgroup v2 hierarchy is writable here, a cgroup per sandbox that the command enters before it starts
   (``cgroups.py``): ``memory.max`` with no swap, ``pids.max``, ``cpu.max``, and ``cgroup.kill`` to end it whole;
-- a lower scheduling priority (``Limits.nice``, ``PORTAL_SANDBOX_NICE``), so that a model computing or spinning
+- a lower scheduling priority (``Limits.nice``; model hosts: ``PORTAL_MODEL_HOST_NICE``), so that a model spinning
   takes CPU from the portal's web and worker processes only when they leave it idle, wherever the machine gives no
   cpu controller to the portal. Two levels, because the kernel's autogroup (``kernel.sched_autogroup_enabled``,
   on by default) schedules each session as one group and nice values count only inside their group: ``nice`` in

@@ -222,7 +222,7 @@ def test_readyz_says_whether_sandboxes_get_cgroups_here() -> None:
     watchdog hold without cgroups)."""
     from django.test import Client
 
-    line = cgroups.status(settings.PORTAL_SANDBOX_NICE)
+    line = cgroups.status(settings.PORTAL_MODEL_HOST_NICE)
     assert line.split(":")[0] in ("ok", "partial", "unavailable") and len(line) > 20
     response = Client().get("/readyz")
     assert response.json()["sandbox_cgroups"] == line
@@ -322,7 +322,7 @@ def _share_against_a_portal_process(tmp_path: Path, nice: int, escape: bool) -> 
 
 def test_a_spinning_sandbox_takes_only_the_cpu_the_portal_leaves(tmp_path: Path) -> None:
     """On one CPU, a portal process spinning beside a sandbox that spins (and, where a cpu cgroup holds it, first
-    puts its autogroup back to nice 0) gets nearly all of it; at nice 0 (PORTAL_SANDBOX_NICE=0, the control) the
+    puts its autogroup back to nice 0) gets nearly all of it; at nice 0 (PORTAL_MODEL_HOST_NICE=0, the control) the
     two share it. The kernel's weights: 15 against 1024 at nice 19."""
     escape = _cpu_cgroup_here()
     sandbox, portal, facts = _share_against_a_portal_process(tmp_path, 19, escape)

@@ -795,7 +795,7 @@ def test_a_model_that_attacks_the_sandbox_init_leaves_nothing_behind(ready_arena
     assert namespace, "the host's pid namespace is known from outside"
     # It runs below the portal's priority and cannot climb back: not by renicing, not by starting a session (an
     # autogroup) of its own. Seen from outside too, while it spins: its nice value and its autogroup's.
-    assert facts["nice"] == settings.PORTAL_SANDBOX_NICE == 19, facts
+    assert facts["nice"] == settings.PORTAL_MODEL_HOST_NICE == 19, facts
     assert facts["renice"] == errno.EACCES, facts
     assert facts["setsid"] == errno.EPERM, facts
     init = host._proc.init_pid

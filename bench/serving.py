@@ -468,6 +468,15 @@ Target = tuple[str, str, "str | None", dict[int, Path]]  # name, path, bearer to
 # cost the fast path more than 10 % of its requests per second"). Each tree runs its own runstack's web command,
 # captured by running that tree's `manage.py runstack` with subprocess.Popen replaced (so "the way make run starts
 # it", whatever that commit's runstack did), its own migrations on a database of its own, and its own set-up script.
+# The project's virtualenv maps its packages to the main checkout (setuptools' editable finder): a module the earlier
+# commit lacks would be found there. The earlier tree's processes drop that finder (``sitecustomize`` runs after the
+# .pth files) so that they import that tree and nothing else of the project.
+NO_EDITABLE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+"""
 CAPTURE_WEB = """
 import json, os, subprocess, sys
 import django
@@ -527,12 +536,17 @@ def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) 
                 helper = ("import json, sys\nsys.path.insert(0, 'bench')\nimport serving\n"
                           f"print('ENV ' + json.dumps(serving.portal_env(__import__('pathlib').Path({str(side)!r}))))\n"
                           "print('SETUP ' + json.dumps(serving.SETUP))\n")
-                base_env = {**os.environ, "DATABASE_URL": db, "CELERY_BROKER_URL": broker}
+                python_path = str(root)
+                if root != ROOT:
+                    (work / "shim").mkdir(exist_ok=True)
+                    (work / "shim" / "sitecustomize.py").write_text(NO_EDITABLE)
+                    python_path = f"{root}{os.pathsep}{work / 'shim'}"
+                base_env = {**os.environ, "DATABASE_URL": db, "CELERY_BROKER_URL": broker, "PYTHONPATH": python_path}
                 out = subprocess.run([PY, "-c", helper], cwd=root, env=base_env, check=True, capture_output=True,
                                      text=True).stdout
                 env = json.loads(re.search(r"^ENV (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
                 setup = json.loads(re.search(r"^SETUP (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
-                env.update(DATABASE_URL=db, CELERY_BROKER_URL=broker, PYTHONPATH=str(root))
+                env.update(DATABASE_URL=db, CELERY_BROKER_URL=broker, PYTHONPATH=python_path)
                 recreate_database(db)
                 subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True)
                 out = subprocess.run([PY, "manage.py", "shell", "-c", setup.replace("sys.argv[1]", repr(str(side)))],

@@ -536,24 +536,27 @@ def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) 
                 helper = ("import json, sys\nsys.path.insert(0, 'bench')\nimport serving\n"
                           f"print('ENV ' + json.dumps(serving.portal_env(__import__('pathlib').Path({str(side)!r}))))\n"
                           "print('SETUP ' + json.dumps(serving.SETUP))\n")
-                python_path = str(root)
+                python_path, py = str(root), PY
                 if root != ROOT:
+                    # The virtualenv by its real folder: that commit's sandbox binds the interpreter's prefix, and a
+                    # symlinked .venv (a worktree's) is not there inside it.
+                    py = str(Path(PY).parent.parent.resolve() / "bin" / Path(PY).name)
                     (work / "shim").mkdir(exist_ok=True)
                     (work / "shim" / "sitecustomize.py").write_text(NO_EDITABLE)
                     python_path = f"{root}{os.pathsep}{work / 'shim'}"
                 base_env = {**os.environ, "DATABASE_URL": db, "CELERY_BROKER_URL": broker, "PYTHONPATH": python_path}
-                out = subprocess.run([PY, "-c", helper], cwd=root, env=base_env, check=True, capture_output=True,
+                out = subprocess.run([py, "-c", helper], cwd=root, env=base_env, check=True, capture_output=True,
                                      text=True).stdout
                 env = json.loads(re.search(r"^ENV (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
                 setup = json.loads(re.search(r"^SETUP (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
                 env.update(DATABASE_URL=db, CELERY_BROKER_URL=broker, PYTHONPATH=python_path)
                 recreate_database(db)
-                subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True)
-                out = subprocess.run([PY, "manage.py", "shell", "-c", setup.replace("sys.argv[1]", repr(str(side)))],
+                subprocess.run([py, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True)
+                out = subprocess.run([py, "manage.py", "shell", "-c", setup.replace("sys.argv[1]", repr(str(side)))],
                                      cwd=root, env=env, check=True, capture_output=True, text=True).stdout
                 token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
                 kind = re.search(r"SERVING (\S+)", out)
-                out = subprocess.run([PY, "-c", CAPTURE_WEB], cwd=root, env=env, check=True, capture_output=True,
+                out = subprocess.run([py, "-c", CAPTURE_WEB], cwd=root, env=env, check=True, capture_output=True,
                                      text=True).stdout
                 command = json.loads(re.search(r"^WEB (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
                 if "--access-logfile" in command:  # as the main benchmark: no access log
@@ -561,7 +564,7 @@ def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) 
                     command = command[:at] + command[at + 2:]
                 port = free_port()
                 command = [c.replace("127.0.0.1:65000", f"127.0.0.1:{port}") for c in command]
-                command[0] = PY
+                command[0] = py
                 print(f"{label}: serving kind {kind.group(1) if kind else '?'}; "
                       f"{' '.join(command[1:]).replace(str(root), '.')}", flush=True)
                 with open(side / "web.log", "wb") as log:

@@ -596,7 +596,7 @@ def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) 
             ours_all, before_all = (rps[label] for label, _, _ in targets)
             print(f"{'median':<7}{median(ours_all):>36.0f}{median(before_all):>36.0f}"
                   f"{median(ours_all) / median(before_all):>8.2f}")
-            print(f"median of the per-round ratios: {median([a / b for a, b in zip(ours_all, before_all)]):.2f} "
+            print(f"median of the per-round ratios: {median([a / b for a, b in zip(ours_all, before_all, strict=True)]):.2f} "
                   "(issue 31's bound: >= 0.90)")
         finally:
             for proc in procs:

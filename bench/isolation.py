@@ -1,6 +1,6 @@
 """Availability under attack: a benign model's latency, and pages', quiet and while two hostile models misbehave.
 
-    .venv/bin/python bench/isolation.py [--seconds 15] [--connections 4] [--attackers 4] [--runs 2]
+    .venv/bin/python bench/isolation.py [--seconds 15] [--connections 4] [--attackers 4] [--runs 2] [--host-nice 19]
 
 The real stack as ``make run`` starts it: ``manage.py runstack`` (gunicorn with its gthread workers, a Celery worker
 and beat) on PostgreSQL and Redis (BENCH_DATABASE_URL, default ``portal_bench_isolation`` on the local server,
@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--attackers", type=int, default=4, help="connections per hostile model")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--host-nice", type=int, default=19, choices=range(20), metavar="0-19",
+                        help="PORTAL_MODEL_HOST_NICE for the stack (its default is 0; 19 puts hosts below the portal)")
     args = parser.parse_args()
     from tests.registry import hostile
 
@@ -166,11 +168,16 @@ def main() -> None:
         body_file = serving.body(columns, 1, work)
         (work / "hang.zip").write_bytes(hostile.hanging_pyfunc_zip())
         (work / "loop.onnx").write_bytes(hostile.onnx_loop())
-        env = {**serving.portal_env(work), "DATABASE_URL": DB_URL, "CELERY_BROKER_URL": BROKER}
+        env = {**serving.portal_env(work), "DATABASE_URL": DB_URL, "CELERY_BROKER_URL": BROKER,
+               "PORTAL_MODEL_HOST_NICE": str(args.host_nice)}
+        print(f"model hosts at nice {args.host_nice} (PORTAL_MODEL_HOST_NICE)", flush=True)
         subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
         subprocess.run([PY, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)  # as make run
-        out = subprocess.run([PY, "manage.py", "shell", "-c", SETUP.replace("sys.argv[1]", repr(str(work)))],
-                             cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+        done = subprocess.run([PY, "manage.py", "shell", "-c", SETUP.replace("sys.argv[1]", repr(str(work)))],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:  # what failed, not only that it did
+            raise SystemExit(f"the set-up failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        out = done.stdout
         token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
         for line in re.findall(r"SERVING .*", out):
             print(line)

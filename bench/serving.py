@@ -3,6 +3,7 @@ by side on one model.
 
     .venv/bin/python bench/serving.py [--model lr|forest] [--sandboxed-kind mlflow|native] [--seconds 10]
                                       [--connections 8] [--runs 2] [--hop-calls 2000]
+    .venv/bin/python bench/serving.py --against 4e38706 [--rounds 6] [--seconds 10] [--connections 8]
 
 One machine, one model (``--model``: a scikit-learn logistic regression, or a 200-tree random forest; 20 numeric
 features, saved by MLflow 3.17; run once per model), one load generator (wrk from Debian's packages), 1-row and
@@ -39,6 +40,15 @@ matrix for the sandboxed host and for the in-process ONNX session, and a breakdo
 ``ping`` frame's round trip; what the host runs per request, timed in this benchmark's own process on its own
 model); the per-request overhead is the host's frame minus the estimator's own ``predict`` on the bare array.
 Report `uptime`'s load average beside every figure (printed at the start and the end).
+
+``--against COMMIT`` measures only the fast path, this tree's against that commit's (issue 31's "nothing here may
+cost the fast path more than 10 % of its requests per second", against ``4e38706``, the commit before it): the
+commit is checked out into a temporary git worktree (``git worktree add --detach``, no network), migrated into a
+database of its own (BENCH_AGAINST_DATABASE_URL, default this benchmark's database name + ``_before``, dropped and
+re-created; BENCH_AGAINST_BROKER_URL, default the next Redis DB), set up by its own ``bench/serving.py`` set-up script
+and served by the web command its own ``manage.py runstack`` starts (captured, not copied); then ``--rounds``
+rounds, each measuring both (the first alternating), 1-row bodies, the same wrk settings: req/s per round, the
+ratio per round and the medians.
 """
 
 from __future__ import annotations
@@ -454,6 +464,154 @@ def print_table(title: str, results: dict[tuple[str, int], dict[str, float]]) ->
 Target = tuple[str, str, "str | None", dict[int, Path]]  # name, path, bearer token, {rows: body file}
 
 
+# --against COMMIT: the fast path of this tree and of an earlier commit side by side (issue 31: "nothing here may
+# cost the fast path more than 10 % of its requests per second"). Each tree runs its own runstack's web command,
+# captured by running that tree's `manage.py runstack` with subprocess.Popen replaced (so "the way make run starts
+# it", whatever that commit's runstack did), its own migrations on a database of its own, and its own set-up script.
+# The project's virtualenv maps its packages to the main checkout (setuptools' editable finder): a module the earlier
+# commit lacks would be found there. The earlier tree's processes drop that finder (``sitecustomize`` runs after the
+# .pth files) so that they import that tree and nothing else of the project.
+NO_EDITABLE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+"""
+CAPTURE_WEB = """
+import json, os, subprocess, sys
+import django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+django.setup()
+from django.core.management import call_command
+class Captured(Exception):
+    pass
+def popen(cmd, *args, **kwargs):
+    if "gunicorn" in cmd:
+        print("WEB " + json.dumps(list(cmd)))
+        raise Captured
+    raise SystemExit("runstack started something before its web server: " + repr(cmd))
+subprocess.Popen = popen
+try:
+    call_command("runstack", "--port", "65000", "--host", "127.0.0.1")
+except Captured:
+    pass
+"""
+
+
+def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) -> None:
+    """This tree's fast path and ``commit``'s, alternately (the first server changes every round), 1-row bodies,
+    the same wrk settings: req/s per round, the medians and the ratio (this tree / commit), and the load."""
+    against_db = os.environ.get("BENCH_AGAINST_DATABASE_URL", DB_URL + "_before")
+    server, _, db_index = BROKER.rpartition("/")
+    against_broker = os.environ.get("BENCH_AGAINST_BROKER_URL", f"{server}/{(int(db_index or 0) + 1) % 16}")
+    resolved = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                              capture_output=True, text=True)
+    if resolved.returncode != 0:
+        raise SystemExit(f"--against {commit}: no such commit here ({resolved.stderr.strip()})")
+    before_sha = resolved.stdout.strip()
+    ours_sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    print("load at start:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as tmp:
+        work = Path(tmp)
+        old_root = work / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(old_root), before_sha],
+                       check=True)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            _mlflow_dir, _native, columns = build_model(work)
+            body_file = body(columns, 1, work)
+            targets: list[tuple[str, str, str]] = []  # (label, url, token)
+            for label, root, db, broker in ((f"this tree ({ours_sha[:7]}{', uncommitted changes' if dirty else ''})",
+                                             ROOT, DB_URL, BROKER),
+                                            (f"before ({before_sha[:7]})", old_root, against_db, against_broker)):
+                side = work / ("ours" if root == ROOT else "before")
+                side.mkdir()
+                for name in ("mlflow-model", "reference.csv"):
+                    src = work / name
+                    (shutil.copytree if src.is_dir() else shutil.copy)(src, side / name)  # type: ignore[operator]
+                # That tree's own bench/serving.py: its environment, its keys and its set-up script.
+                helper = ("import json, sys\nsys.path.insert(0, 'bench')\nimport serving\n"
+                          f"print('ENV ' + json.dumps(serving.portal_env(__import__('pathlib').Path({str(side)!r}))))\n"
+                          "print('SETUP ' + json.dumps(serving.SETUP))\n")
+                python_path, py = str(root), PY
+                if root != ROOT:
+                    # The virtualenv by its real folder: that commit's sandbox binds the interpreter's prefix, and a
+                    # symlinked .venv (a worktree's) is not there inside it.
+                    py = str(Path(PY).parent.parent.resolve() / "bin" / Path(PY).name)
+                    (work / "shim").mkdir(exist_ok=True)
+                    (work / "shim" / "sitecustomize.py").write_text(NO_EDITABLE)
+                    python_path = f"{root}{os.pathsep}{work / 'shim'}"
+                base_env = {**os.environ, "DATABASE_URL": db, "CELERY_BROKER_URL": broker, "PYTHONPATH": python_path}
+                out = subprocess.run([py, "-c", helper], cwd=root, env=base_env, check=True, capture_output=True,
+                                     text=True).stdout
+                env = json.loads(re.search(r"^ENV (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
+                setup = json.loads(re.search(r"^SETUP (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
+                env.update(DATABASE_URL=db, CELERY_BROKER_URL=broker, PYTHONPATH=python_path)
+                recreate_database(db)
+                subprocess.run([py, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True)
+                out = subprocess.run([py, "manage.py", "shell", "-c", setup.replace("sys.argv[1]", repr(str(side)))],
+                                     cwd=root, env=env, check=True, capture_output=True, text=True).stdout
+                token = re.search(r"TOKEN (\S+)", out).group(1)  # type: ignore[union-attr]
+                kind = re.search(r"SERVING (\S+)", out)
+                out = subprocess.run([py, "-c", CAPTURE_WEB], cwd=root, env=env, check=True, capture_output=True,
+                                     text=True).stdout
+                command = json.loads(re.search(r"^WEB (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
+                if "--access-logfile" in command:  # as the main benchmark: no access log
+                    at = command.index("--access-logfile")
+                    command = command[:at] + command[at + 2:]
+                port = free_port()
+                command = [c.replace("127.0.0.1:65000", f"127.0.0.1:{port}") for c in command]
+                command[0] = py
+                print(f"{label}: serving kind {kind.group(1) if kind else '?'}; "
+                      f"{' '.join(command[1:]).replace(str(root), '.')}", flush=True)
+                with open(side / "web.log", "wb") as log:
+                    procs.append(subprocess.Popen([*command, "--log-level", "warning"], cwd=root, env=env,
+                                                  start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+                url = f"http://127.0.0.1:{port}/api/v1/serve/bench-lr/dev/invocations"
+                try:
+                    wait_up(url, procs[-1], body_file.read_bytes(),
+                            {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+                except SystemExit:
+                    print((side / "web.log").read_text()[-3000:])
+                    raise
+                run_wrk(url, body_file, 5, connections, token, work)  # every worker loads its model
+                targets.append((label, url, token))
+            rps: dict[str, list[float]] = {label: [] for label, _, _ in targets}
+            print(f"\nfast path, 1-row bodies, wrk -t2 -c{connections} -d{seconds}s, {rounds} rounds alternating "
+                  "(2 s warm-up before each measurement)")
+            print(f"{'round':<7}" + "".join(f"{label:>36}" for label, _, _ in targets) + f"{'ratio':>8}{'load':>7}")
+            for n in range(rounds):
+                for label, url, token in (targets if n % 2 == 0 else targets[::-1]):
+                    run_wrk(url, body_file, 2, connections, token, work)
+                    result = run_wrk(url, body_file, seconds, connections, token, work)
+                    if result["non2xx"]:
+                        raise SystemExit(f"{label}: {result['non2xx']:.0f} answers were not 2xx")
+                    rps[label].append(result["rps"])
+                ours, before = (rps[label][-1] for label, _, _ in targets)
+                print(f"{n + 1:<7}{ours:>36.0f}{before:>36.0f}{ours / before:>8.2f}{os.getloadavg()[0]:>7.2f}",
+                      flush=True)
+            ours_all, before_all = (rps[label] for label, _, _ in targets)
+            print(f"{'median':<7}{median(ours_all):>36.0f}{median(before_all):>36.0f}"
+                  f"{median(ours_all) / median(before_all):>8.2f}")
+            print(f"median of the per-round ratios: {median([a / b for a, b in zip(ours_all, before_all, strict=True)]):.2f} "
+                  "(issue 31's bound: >= 0.90)")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_root)], check=False)
+    print("load at end:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
@@ -465,7 +623,14 @@ def main() -> None:
     parser.add_argument("--sandboxed-kind", choices=("mlflow", "native"), default="mlflow",
                         help="how the sandboxed deployment is served: as an MLflow model that leaves the fast path "
                              "(mlflow), or the matrix path of a non-MLflow file (native)")
+    parser.add_argument("--against", metavar="COMMIT",
+                        help="only the fast path, this tree against COMMIT's (checked out into a temporary git "
+                             "worktree), alternating --rounds rounds of --seconds at --connections")
+    parser.add_argument("--rounds", type=int, default=6, help="with --against: rounds, each measuring both")
     args = parser.parse_args()
+    if args.against:
+        fast_path_against(args.against, args.seconds, args.connections, args.rounds)
+        return
     print("load at start:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     deployed = f"bench-{args.model}"  # the fast path's model; the sandboxed one is f"{deployed}-sandboxed"
 

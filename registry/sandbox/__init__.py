@@ -50,7 +50,7 @@ def unavailable_reason() -> str | None:
 def cgroups_status() -> str | None:
     """Whether local sandboxes get a cgroup here, in a line (``cgroups.status``); None where the model-host service
     runs them (its own log says)."""
-    return None if remote.configured() else cgroups.status()
+    return None if remote.configured() else cgroups.status(settings.PORTAL_MODEL_HOST_NICE)
 
 
 def _tail(handle: Any) -> bytes:
@@ -114,9 +114,9 @@ def _run_local(argv: list[str], mounts: bwrap.Mounts, *, limits: str,
         try:
             with bwrap.prepared(["--limits", limits, *argv], stage.mounts, tmp_mb=settings.PORTAL_SANDBOX_TMP_MB) as (
                     command, fds):
-                proc = launch.start(command, launch.Limits.parse(limits), name=argv[0] if argv else "run",
-                                    bubblewrap=True, pass_fds=fds, env=bwrap.environment(), cwd="/",
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+                proc = launch.start(command, launch.Limits.parse(limits),
+                                    name=argv[0] if argv else "run", bubblewrap=True, pass_fds=fds,
+                                    env=bwrap.environment(), cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         except OSError as exc:
             return SandboxResult(False, error=f"the sandbox could not start ({exc.strerror or exc})")
         try:

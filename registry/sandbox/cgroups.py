@@ -7,6 +7,13 @@ Whatever controllers can be enabled there are used: ``memory.max`` (and ``memory
 is left. Where the hierarchy is missing, read-only, or refuses (a container without a delegated cgroup), sandboxes
 run without one: rlimits, the pid namespace and the CPU watchdog still hold, and ``status()`` says what is missing
 (logged once, and shown by ``/readyz``).
+
+A machine that keeps its controllers on cgroup v1 (a hybrid layout: the unified hierarchy has none) may still let
+the portal write its v1 ``cpu`` hierarchy: there each sandbox also gets a v1 cpu cgroup, under a parent
+``portal-sandboxes`` whose ``cpu.shares`` is the CFS weight of ``PORTAL_MODEL_HOST_NICE`` (nice 19: 15, against 1024 for
+the portal's own processes), with ``cpu.cfs_quota_us`` for the host's CPU share. This is what holds a spinning
+model to the CPU the portal leaves idle: a task in a cpu cgroup is outside the kernel's autogroups, whose nice value
+a sandboxed process may raise back to 0 itself (``/proc/self/autogroup``), and nothing inside can leave the cgroup.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ PARENT_NAME = "portal-sandboxes"
 WANTED = ("memory", "pids", "cpu")
 CGROUP2_SUPER_MAGIC = 0x63677270
 CPU_PERIOD_US = 100_000
+# The kernel's CFS weight of each nice value (kernel/sched/core.c, sched_prio_to_weight), from nice 0 to 19.
+NICE_WEIGHT = (1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 56, 45, 36, 29, 23, 18, 15)
 
 
 @dataclass(frozen=True)
@@ -91,33 +100,87 @@ def hierarchy() -> Hierarchy:
     return Hierarchy(parent, enabled, why)
 
 
-def status() -> str:
-    """One line for the log and ``/readyz``: what a sandbox's cgroup does here."""
+def _v1_cpu_mount() -> tuple[Path, str] | None:
+    """The v1 ``cpu`` controller's mount and this process's cgroup in it, or None (no v1 cpu hierarchy here)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+            mounts = [line.split() for line in fh]
+        with open("/proc/self/cgroup", encoding="utf-8") as fh:
+            own = {c: line.split(":", 2)[2].strip() for line in fh if line.count(":") >= 2
+                   for c in line.split(":", 2)[1].split(",")}
+    except OSError:
+        return None
+    for fields in mounts:
+        if "-" not in fields:
+            continue
+        tail = fields[fields.index("-") + 1:]
+        if len(tail) >= 3 and tail[0] == "cgroup" and "cpu" in tail[2].split(",") and fields[3] == "/" and "cpu" in own:
+            return Path(fields[4]), own["cpu"]
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def v1_cpu_parent(nice: int) -> tuple[Path | None, str]:
+    """Where sandboxes' v1 cpu cgroups go here (a parent weighted as ``nice``), or None and why not."""
+    found = _v1_cpu_mount()
+    if found is None:
+        return None, "no cgroup v1 cpu hierarchy is mounted"
+    mount, own = found
+    parent = mount / own.lstrip("/") / PARENT_NAME
+    try:
+        parent.mkdir(exist_ok=True)
+        (parent / "cpu.shares").write_text(str(NICE_WEIGHT[nice]))
+    except OSError as exc:
+        return None, f"the cgroup v1 cpu hierarchy at {mount} is not writable here ({exc.strerror})"
+    return parent, ""
+
+
+def status(nice: int = 0) -> str:
+    """One line for the log and ``/readyz``: what a sandbox's cgroup does here (sandboxes at ``nice``)."""
     found = hierarchy()
+    v1 = ""
+    if "cpu" not in found.controllers and nice:
+        parent, _ = v1_cpu_parent(nice)
+        if parent is not None:
+            v1 = (f"; CPU from a cgroup v1 cpu cgroup per sandbox under {parent} "
+                  f"(cpu.shares {NICE_WEIGHT[nice]} for all, cpu.cfs_quota_us each)")
     if found.parent is None:
-        return f"unavailable: {found.why}"
+        return f"unavailable: {found.why}{v1}"
     if found.why:
-        return f"partial: {found.why}"
+        return f"partial: {found.why}{v1}"
     return f"ok: a cgroup per sandbox under {found.parent} ({', '.join(found.controllers)}, cgroup.kill)"
 
 
 @functools.lru_cache(maxsize=1)
-def log_status_once() -> None:
-    line = status()
+def log_status_once(nice: int = 0) -> None:
+    line = status(nice)
     (logger.info if line.startswith("ok") else logger.warning)("Sandbox cgroups: %s", line)
 
 
 class Group:
-    def __init__(self, path: Path) -> None:
+    """One sandbox's cgroups: the v2 one (``path``) and/or a v1 cpu one (``cpu_v1``); at least one of them."""
+
+    def __init__(self, path: Path | None, cpu_v1: Path | None = None) -> None:
         self.path = path
+        self.cpu_v1 = cpu_v1
+
+    @property
+    def paths(self) -> list[Path]:
+        """The cgroups the sandbox's first process enters (it writes itself into each ``cgroup.procs``)."""
+        return [p for p in (self.path, self.cpu_v1) if p is not None]
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-        except (OSError, ValueError):
-            return []
+        found: set[int] = set()
+        for path in self.paths:
+            try:
+                found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+            except (OSError, ValueError):
+                continue
+        return sorted(found)
 
     def cpu_seconds(self) -> float | None:
+        if self.path is None:
+            return None
         try:
             for line in (self.path / "cpu.stat").read_text().splitlines():
                 key, _, value = line.partition(" ")
@@ -129,6 +192,8 @@ class Group:
 
     def kill(self) -> None:
         try:
+            if self.path is None:
+                raise FileNotFoundError
             (self.path / "cgroup.kill").write_text("1")
         except OSError:
             for pid in self.pids():
@@ -144,8 +209,9 @@ class Group:
                 logger.warning("Sandbox cgroup %s still holds processes %s", self.path, self.pids()[:10])
                 return False
             time.sleep(0.02)
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                path.rmdir()
         return True
 
 
@@ -159,16 +225,31 @@ def _write(path: Path, value: str) -> None:
 def create(name: str, limits: Any) -> Group | None:
     """A fresh cgroup for one sandbox with ``limits`` (``launch.Limits``), or None where there is none to have."""
     found = hierarchy()
-    log_status_once()
-    if found.parent is None:
-        return None
+    log_status_once(limits.nice)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)[:60]
-    path = found.parent / f"{safe}-{os.getpid()}-{secrets.token_hex(4)}"
+    leaf = f"{safe}-{os.getpid()}-{secrets.token_hex(4)}"
+    cpu_v1 = None
+    if "cpu" not in found.controllers and limits.nice:
+        parent_v1, _ = v1_cpu_parent(limits.nice)
+        if parent_v1 is not None:
+            cpu_v1 = parent_v1 / leaf
+            try:
+                cpu_v1.mkdir()
+            except OSError as exc:
+                logger.warning("Could not make a sandbox cpu cgroup under %s: %s", parent_v1, exc.strerror)
+                cpu_v1 = None
+            else:
+                if limits.cpu_share > 0:
+                    _write(cpu_v1 / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                    _write(cpu_v1 / "cpu.cfs_quota_us", str(int(limits.cpu_share * CPU_PERIOD_US)))
+    if found.parent is None:
+        return Group(None, cpu_v1) if cpu_v1 is not None else None
+    path = found.parent / leaf
     try:
         path.mkdir()
     except OSError as exc:
         logger.warning("Could not make a sandbox cgroup under %s: %s", found.parent, exc.strerror)
-        return None
+        return Group(None, cpu_v1) if cpu_v1 is not None else None
     if "memory" in found.controllers:
         _write(path / "memory.max", str(limits.memory))
         if (path / "memory.swap.max").exists():
@@ -177,4 +258,4 @@ def create(name: str, limits: Any) -> Group | None:
         _write(path / "pids.max", str(limits.pids))
     if "cpu" in found.controllers and limits.cpu_share > 0:
         _write(path / "cpu.max", f"{int(limits.cpu_share * CPU_PERIOD_US)} {CPU_PERIOD_US}")
-    return Group(path)
+    return Group(path, cpu_v1)

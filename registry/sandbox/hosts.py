@@ -204,7 +204,8 @@ class ModelHost:
     def _start_local(self, work: Path, mounts: bwrap.Mounts, argv: list[str]) -> socket.socket:
         """bubblewrap on this machine, one end of a socketpair as the host's standard input and output; its limits
         set before bubblewrap starts, in a cgroup of its own where this machine offers one."""
-        limits = launch.Limits.parse(argv[1], cpu_share=settings.PORTAL_MODEL_HOST_CPU_SHARE)
+        limits = launch.Limits.parse(argv[1], cpu_share=settings.PORTAL_MODEL_HOST_CPU_SHARE,
+                                      nice=settings.PORTAL_MODEL_HOST_NICE)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stage = bwrap.stage(mounts)  # bound from a folder that names nothing of the portal; kept while it runs
         try:

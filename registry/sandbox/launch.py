@@ -6,7 +6,15 @@ every process of the sandbox inherits it, the sandbox's init included, and nothi
 - resource limits (``prlimit`` around the whole command; ``preexec_fn`` only where util-linux is missing): address
   space and data segment, CPU seconds (one-shot runs), file size, open files, no core dumps;
 - where a cgroup v2 hierarchy is writable here, a cgroup per sandbox that the command enters before it starts
-  (``cgroups.py``): ``memory.max`` with no swap, ``pids.max``, ``cpu.max``, and ``cgroup.kill`` to end it whole.
+  (``cgroups.py``): ``memory.max`` with no swap, ``pids.max``, ``cpu.max``, and ``cgroup.kill`` to end it whole;
+- a lower scheduling priority (``Limits.nice``; model hosts: ``PORTAL_MODEL_HOST_NICE``), so that a model spinning
+  takes CPU from the portal's web and worker processes only when they leave it idle, wherever the machine gives no
+  cpu controller to the portal. Two levels, because the kernel's autogroup (``kernel.sched_autogroup_enabled``,
+  on by default) schedules each session as one group and nice values count only inside their group: ``nice`` in
+  front of the command (every process of the sandbox inherits it, and RLIMIT_NICE 0 with no capability means none
+  can raise it again), and, since bubblewrap's ``--new-session`` starts a session (an autogroup) of its own, the
+  nice value of that autogroup, written from outside to ``/proc/INIT/autogroup`` once bubblewrap names its init.
+  The init cannot start another session (it leads its own, and the filter refuses ``fork``).
 
 Its lifetime: bubblewrap runs the program as the pid namespace's init (``--as-pid-1``: there is no bubblewrap init
 inside for a model to take over) and reports that init's pid on ``--info-fd``; it is held here as a pidfd. Stopping a
@@ -40,7 +48,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 @dataclass(frozen=True)
 class Limits:
     """What one sandbox may use. ``cpu_seconds`` 0: no RLIMIT_CPU (long-lived hosts, whose CPU is watched instead);
-    ``cpu_share`` is the cgroup's ``cpu.max`` in CPUs (0: none); ``pids`` the cgroup's ``pids.max``."""
+    ``cpu_share`` is the cgroup's ``cpu.max`` in CPUs (0: none); ``pids`` the cgroup's ``pids.max``; ``nice`` the
+    scheduling niceness of every process of the sandbox and of its autogroup (0: the launcher's own)."""
 
     memory: int
     cpu_seconds: int = 0
@@ -48,6 +57,7 @@ class Limits:
     files: int = 256
     pids: int = 64
     cpu_share: float = 1.0
+    nice: int = 0
 
     def spec(self) -> str:
         """The ``AS,CPU,FSIZE,NOFILE`` form ``child.py --limits`` and the model-host service take."""
@@ -65,39 +75,48 @@ class Limits:
                (resource.RLIMIT_CORE, 0, 0)]
         if self.cpu_seconds:  # SIGXCPU at the soft limit; SIGKILL at the hard one (the only one a pid 1 cannot ignore)
             out.append((resource.RLIMIT_CPU, self.cpu_seconds, self.cpu_seconds + 1))
+        if self.nice:  # no raising the priority back (the ceiling is 20 - RLIMIT_NICE: none above nice 20)
+            out.append((resource.RLIMIT_NICE, 0, 0))
         return out
 
 
 _PRLIMIT_NAMES = {resource.RLIMIT_AS: "as", resource.RLIMIT_DATA: "data", resource.RLIMIT_FSIZE: "fsize",
-                  resource.RLIMIT_NOFILE: "nofile", resource.RLIMIT_CORE: "core", resource.RLIMIT_CPU: "cpu"}
+                  resource.RLIMIT_NOFILE: "nofile", resource.RLIMIT_CORE: "core", resource.RLIMIT_CPU: "cpu",
+                  resource.RLIMIT_NICE: "nice"}
 
 
 def _wrapped(argv: list[str], limits: Limits, group: cgroups.Group | None) -> tuple[list[str], Any]:
     """The command with its limits in front (and its cgroup entered before anything else runs), and the
     ``preexec_fn`` to use where ``prlimit`` is missing."""
     preexec = None
-    prlimit = shutil.which("prlimit")
-    if prlimit:
+    prlimit, nice = shutil.which("prlimit"), shutil.which("nice")
+    if prlimit and (nice or not limits.nice):
         argv = [prlimit, *(f"--{_PRLIMIT_NAMES[r]}={soft}:{hard}" for r, soft, hard in limits.rlimits()), "--", *argv]
+        if limits.nice and nice:  # nice before prlimit: lowering the priority needs no RLIMIT_NICE
+            argv = [nice, "-n", str(limits.nice), *argv]
     else:
-        rlimits = limits.rlimits()
+        rlimits, niceness = limits.rlimits(), limits.nice
 
         def preexec() -> None:  # only system calls: nothing that could wait on a lock another thread held at fork
+            if niceness:
+                os.setpriority(os.PRIO_PROCESS, 0, niceness)
             for which, soft, hard in rlimits:
                 resource.setrlimit(which, (soft, hard))
     if group is not None:
-        # The shell writes its own pid into the cgroup and then becomes the command: it is inside before bubblewrap
-        # forks anything, so every process of the sandbox is born there.
-        argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group.path), *argv]
+        # The shell writes its own pid into each cgroup and then becomes the command: it is inside before
+        # bubblewrap forks anything, so every process of the sandbox is born there.
+        argv = ["/bin/sh", "-c", 'while [ "$1" != -- ]; do echo $$ > "$1/cgroup.procs" || exit 125; shift; done; '
+                'shift; exec "$@"', "sandbox-cgroup", *(str(p) for p in group.paths), "--", *argv]
     return argv, preexec
 
 
 class SandboxProcess:
     """A started sandbox: the launcher's ``Popen``, the namespace's init as a pidfd, the cgroup if any."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], group: cgroups.Group | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], group: cgroups.Group | None, nice: int = 0) -> None:
         self.proc = proc
         self.group = group
+        self.nice = nice
         self.init_pid = 0
         self.pidfd = -1
         self.pid_namespace = ""
@@ -145,6 +164,21 @@ class SandboxProcess:
         self.init_pid, self.pidfd = pid, pidfd
         with contextlib.suppress(OSError):
             self.pid_namespace = os.readlink(f"/proc/{pid}/ns/pid")
+        if self.nice and _session_of(pid, INFO_TIMEOUT_SECONDS) == pid:
+            self._lower_autogroup(pid)
+
+    def _lower_autogroup(self, pid: int) -> None:
+        """Give the autogroup (session) of ``pid`` the sandbox's nice value: with autogroups on, a session competes
+        with the portal's as a whole whatever its processes' own nice values. Nothing to do where the kernel has no
+        autogroups (the file is missing) or they are off (the value is kept and unused)."""
+        if not self.nice:
+            return
+        try:
+            with open(f"/proc/{pid}/autogroup", "w", encoding="ascii") as fh:
+                fh.write(str(self.nice))
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                logger.warning("Could not lower the sandbox's autogroup priority (pid %s): %s", pid, exc.strerror)
 
     def cpu_seconds(self) -> float:
         """CPU time used so far by the sandbox: the cgroup's ``cpu.stat`` where there is one, else the init's own
@@ -198,6 +232,22 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
+def _session_of(pid: int, timeout: float) -> int:
+    """The session of ``pid`` once it leads one of its own (bubblewrap's ``--new-session`` calls setsid just before
+    it runs the program, after it reported the pid), waiting up to ``timeout``; its current session past that."""
+    deadline = time.monotonic() + timeout
+    session = 0
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                session = int(fh.read().rsplit(b")", 1)[1].split()[3])
+        except (OSError, IndexError, ValueError):
+            return 0
+        if session == pid or time.monotonic() > deadline:
+            return session
+        time.sleep(0.001)
+
+
 def _parent_of(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
@@ -237,7 +287,8 @@ def start(argv: list[str], limits: Limits, *, name: str, bubblewrap: bool, pass_
     finally:
         if info_write >= 0:
             os.close(info_write)
-    sandbox = SandboxProcess(proc, group)
+    sandbox = SandboxProcess(proc, group, limits.nice)
+    sandbox._lower_autogroup(proc.pid)  # the launcher's new session: bubblewrap itself, or the confined program
     if info_read >= 0:
         sandbox._take_info(info_read)
     return sandbox

@@ -81,6 +81,7 @@ def test_the_migrations_check_needs_no_secrets(tmp_path: Path) -> None:
     ("PORTAL_DEBUG", "maybe", "is not a boolean"),
     ("PORTAL_SESSION_IDLE_MINUTES", "ten", "is not a whole number"),
     ("PORTAL_SESSION_IDLE_MINUTES", "0", "below its minimum"),
+    ("PORTAL_MODEL_HOST_NICE", "20", "above its maximum"),  # 19 is the lowest priority there is
     ("DATABASE_URL", "mysql://x/y", "expected one of"),
     ("CELERY_BROKER_URL", "kafka://x", "expected one of"),
     ("PORTAL_LOG_LEVEL", "LOUD", "is not one of"),

@@ -331,6 +331,17 @@ def _pid1_takeover(when):
     if taken >= 0 and init_is_other:
         _escaped("took a descriptor of pid 1")
     facts["pdeathsig"] = "cleared" if libc.prctl(1, 0, 0, 0, 0) == 0 else ctypes.get_errno()
+    facts["nice"] = os.getpriority(os.PRIO_PROCESS, 0)  # the priority it was given: take the CPU back from the portal
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        facts["renice"] = "raised"
+    except OSError as exc:
+        facts["renice"] = exc.errno
+    try:
+        os.setsid()  # a session of its own would be an autogroup of its own, at the default priority
+        facts["setsid"] = "new session"
+    except OSError as exc:
+        facts["setsid"] = exc.errno
     try:
         child = os.fork()
         if child == 0:

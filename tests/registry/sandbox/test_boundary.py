@@ -222,9 +222,112 @@ def test_readyz_says_whether_sandboxes_get_cgroups_here() -> None:
     watchdog hold without cgroups)."""
     from django.test import Client
 
-    line = cgroups.status()
+    line = cgroups.status(settings.PORTAL_MODEL_HOST_NICE)
     assert line.split(":")[0] in ("ok", "partial", "unavailable") and len(line) > 20
     response = Client().get("/readyz")
     assert response.json()["sandbox_cgroups"] == line
     if cgroups.hierarchy().parent is not None:
         assert cgroups.hierarchy().parent.is_dir()
+
+
+SPIN = """
+import errno, json, os, sys, time
+facts = {"nice": os.getpriority(os.PRIO_PROCESS, 0)}
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
+    facts["renice"] = "raised"
+except OSError as exc:
+    facts["renice"] = exc.errno
+try:
+    os.setsid()
+    facts["setsid"] = "new session"
+except OSError as exc:
+    facts["setsid"] = exc.errno
+if ESCAPE:
+    try:  # the kernel lets any process put its autogroup back to nice 0: what holds it is the cpu cgroup
+        with open("/proc/self/autogroup", "w") as fh:
+            fh.write("0")
+        facts["autogroup"] = "raised"
+    except OSError as exc:
+        facts["autogroup"] = exc.errno
+print(json.dumps(facts), flush=True)
+while True:
+    pass
+"""
+
+
+def _cpu_cgroup_here() -> bool:
+    """Whether sandboxes get a cgroup that weighs their CPU here (a v2 cpu controller, or a writable v1 cpu)."""
+    return "cpu" in cgroups.hierarchy().controllers or cgroups.v1_cpu_parent(19)[0] is not None
+
+
+def _spinning(tmp_path: Path, nice: int, escape: bool) -> tuple[launch.SandboxProcess, dict[str, Any]]:
+    proc, out, err = _start(SPIN.replace("ESCAPE", repr(escape)), tmp_path,
+                            limits=launch.Limits(memory=LIMITS.memory, nice=nice))
+    deadline = time.monotonic() + 60
+    while not out.read_text().strip() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    lines = out.read_text().strip().splitlines()
+    assert lines, err.read_text()[-2000:]
+    return proc, dict(json.loads(lines[0]))
+
+
+def test_a_sandbox_runs_below_the_portal_and_cannot_climb_back(tmp_path: Path) -> None:
+    """Every process of the sandbox is born at the sandbox's niceness, its init included, and cannot raise it, nor
+    leave its session (an autogroup of its own); from outside, the init's nice value, its autogroup's, and where
+    this machine lets the portal weigh CPU by cgroup, the init in a cpu cgroup of the sandboxes' parent."""
+    import errno
+
+    proc, facts = _spinning(tmp_path, 19, escape=False)
+    try:
+        assert facts == {"nice": 19, "renice": errno.EACCES, "setsid": errno.EPERM}, facts
+        init = proc.init_pid
+        assert init > 0
+        assert int(Path(f"/proc/{init}/stat").read_bytes().rsplit(b")", 1)[1].split()[16]) == 19
+        if Path(f"/proc/{init}/autogroup").exists():
+            assert Path(f"/proc/{init}/autogroup").read_text().split()[-1] == "19"
+        parent_v1 = cgroups.v1_cpu_parent(19)[0]
+        if "cpu" not in cgroups.hierarchy().controllers and parent_v1 is not None:
+            assert proc.group is not None and proc.group.cpu_v1 is not None
+            assert proc.group.cpu_v1.parent == parent_v1 and (parent_v1 / "cpu.shares").read_text().strip() == "15"
+            assert init in proc.group.pids()
+            assert (proc.group.cpu_v1 / "cpu.cfs_quota_us").read_text().strip() == "100000"  # one CPU
+    finally:
+        assert proc.kill()
+    if proc.group is not None and proc.group.cpu_v1 is not None:
+        assert not proc.group.cpu_v1.exists()
+
+
+def _share_against_a_portal_process(tmp_path: Path, nice: int, escape: bool) -> tuple[float, float, dict[str, Any]]:
+    """A spinning sandbox and a spinning process of the test's own session on one CPU for 3 s: the CPU seconds
+    each got."""
+    import sys
+
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # the sandbox and the competitor inherit it
+    try:
+        proc, facts = _spinning(tmp_path, nice, escape)
+        try:
+            before = proc.cpu_seconds()
+            competitor = subprocess.run([sys.executable, "-c", "import time\nend = time.monotonic() + 3\n"
+                                         "while time.monotonic() < end:\n    pass\nprint(time.process_time())"],
+                                        capture_output=True, text=True, check=True, timeout=120)
+            sandbox = proc.cpu_seconds() - before
+        finally:
+            assert proc.kill()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return sandbox, float(competitor.stdout), facts
+
+
+def test_a_spinning_sandbox_takes_only_the_cpu_the_portal_leaves(tmp_path: Path) -> None:
+    """On one CPU, a portal process spinning beside a sandbox that spins (and, where a cpu cgroup holds it, first
+    puts its autogroup back to nice 0) gets nearly all of it; at nice 0 (PORTAL_MODEL_HOST_NICE=0, the control) the
+    two share it. The kernel's weights: 15 against 1024 at nice 19."""
+    escape = _cpu_cgroup_here()
+    sandbox, portal, facts = _share_against_a_portal_process(tmp_path, 19, escape)
+    if escape:
+        assert facts["autogroup"] == "raised", facts  # the kernel allowed it; the cgroup still holds the sandbox
+    assert sandbox < 0.15 * portal, (sandbox, portal)
+    sandbox, portal, _ = _share_against_a_portal_process(tmp_path, 0, False)
+    assert sandbox > 0.4 * portal, (sandbox, portal)

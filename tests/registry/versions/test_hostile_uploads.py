@@ -768,6 +768,7 @@ def test_a_model_that_attacks_the_sandbox_init_leaves_nothing_behind(ready_arena
 
     arena = ready_arena
     settings.PORTAL_MODEL_HOST_IDLE_CPU_SECONDS = 1.0
+    settings.PORTAL_MODEL_HOST_NICE = 19
     control = mmap.mmap(-1, hostile.MAP_BYTES)  # outside a sandbox this machine maps it: the refusal is the limit's
     control.close()
     survivor = ("h" + TOKEN)[:15]
@@ -794,6 +795,15 @@ def test_a_model_that_attacks_the_sandbox_init_leaves_nothing_behind(ready_arena
     assert facts["pidfd_getfd"] == errno.EPERM and facts["pdeathsig"] == errno.EPERM, facts
     assert facts["fork"] == errno.EPERM and facts["mapped"] == 0, facts
     assert namespace, "the host's pid namespace is known from outside"
+    # It runs below the portal's priority and cannot climb back: not by renicing, not by starting a session (an
+    # autogroup) of its own. Seen from outside too, while it spins: its nice value and its autogroup's.
+    assert facts["nice"] == 19, facts
+    assert facts["renice"] == errno.EACCES, facts
+    assert facts["setsid"] == errno.EPERM, facts
+    init = host._proc.init_pid
+    assert int(Path(f"/proc/{init}/stat").read_bytes().rsplit(b")", 1)[1].split()[16]) == 19
+    if Path(f"/proc/{init}/autogroup").exists():
+        assert Path(f"/proc/{init}/autogroup").read_text().split()[-1] == "19"
 
     deadline = time.monotonic() + 60  # a second of CPU past its answer, then the watchdog's next look
     while host.running and time.monotonic() < deadline:

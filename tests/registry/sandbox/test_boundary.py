@@ -244,12 +244,19 @@ try:
 except OSError as exc:
     facts["setsid"] = exc.errno
 if ESCAPE:
-    try:  # the kernel lets any process put its autogroup back to nice 0: what holds it is the cpu cgroup
-        with open("/proc/self/autogroup", "w") as fh:
-            fh.write("0")
-        facts["autogroup"] = "raised"
-    except OSError as exc:
-        facts["autogroup"] = exc.errno
+    # The kernel lets any process put its autogroup back to nice 0 (what holds it is the cpu cgroup), at most once
+    # per 100 ms machine-wide for an unprivileged caller (EAGAIN otherwise): an attacker simply tries again.
+    for _ in range(50):
+        try:
+            with open("/proc/self/autogroup", "w") as fh:
+                fh.write("0")
+            facts["autogroup"] = "raised"
+            break
+        except OSError as exc:
+            facts["autogroup"] = exc.errno
+            if exc.errno != errno.EAGAIN:
+                break
+            time.sleep(0.1)
 print(json.dumps(facts), flush=True)
 while True:
     pass

@@ -72,7 +72,7 @@ for kind in ("lr", "forest"):
         subjects["in-process proven shortcut (fast_predictor)"] = lambda: shortcut(row)
     else:
         print(f"{kind}: no shortcut ({why})")
-    samples = {k: [] for k in subjects}
+    samples: dict[str, list[int]] = {k: [] for k in subjects}
     for fn in subjects.values():
         for _ in range(50):
             fn()

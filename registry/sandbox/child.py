@@ -1010,6 +1010,7 @@ def _invoke(model: Any, body: bytes, content_type: str) -> dict[str, Any]:
 
 
 FAST_PATH_PROBE_ROWS = 1000  # rows a one-row shortcut is checked on, against the estimator's own answers
+WALK_ROWS = 16  # up to this many rows, a forest's trees are walked side by side; more, one tree at a time
 FAST_PATH_BASES = 20  # request rows the probes start from (a batch chunk's first rows)
 FAST_PATH_PROOF_SECONDS = 1.0  # one-row checks stop after this (at least one is made)
 
@@ -1036,14 +1037,47 @@ def _forest_sum(model: Any) -> Any:
     n_classes = int(model.n_classes_) if classifier else 1
     count = len(trees)
 
+    # Every tree's nodes side by side (padded to the largest), to walk all trees at once for a few rows: each
+    # step compares float32(x) with the double threshold as the trees' own code does, a leaf stays put, and the
+    # leaves' values are summed in the forest's order (a running sum, not numpy's pairwise one).
+    most = max(t.node_count for t in trees)
+    lefts = np.full((count, most), -1, dtype=np.intp)
+    rights = np.full((count, most), -1, dtype=np.intp)
+    features = np.full((count, most), -2, dtype=np.intp)
+    thresholds = np.zeros((count, most), dtype=np.float64)
+    values = np.zeros((count, most, n_classes), dtype=np.float64)
+    for k, t in enumerate(trees):
+        n = t.node_count
+        lefts[k, :n], rights[k, :n], features[k, :n], thresholds[k, :n] = (
+            t.children_left, t.children_right, t.feature, t.threshold)
+        values[k, :n] = t.value[:, 0, :n_classes]
+    depth = max(t.max_depth for t in trees)
+    which = np.arange(count)
+
+    def walk(rows: Any) -> Any:
+        at = np.zeros((rows.shape[0], count), dtype=np.intp)
+        row_index = np.arange(rows.shape[0])[:, None]
+        for _ in range(depth):
+            feature = features[which, at]
+            inner = feature >= 0
+            if not inner.any():
+                break
+            left = rows[row_index, np.where(inner, feature, 0)] <= thresholds[which, at]
+            at = np.where(inner, np.where(left, lefts[which, at], rights[which, at]), at)
+        total = np.cumsum(values[which, at], axis=1)[:, -1]
+        return total if classifier else total[:, 0]
+
     def predict(matrix: Any, *, proba: bool = False) -> Any:
         if matrix.shape[1] != width:
             raise ValueError("the rows do not have the forest's features")
         rows = np.ascontiguousarray(matrix, dtype=np.float32)
-        total = np.zeros((rows.shape[0], n_classes) if classifier else rows.shape[0], dtype=np.float64)
-        for fitted in trees:
-            out = fitted.predict(rows)
-            total += out[:, :n_classes] if classifier else out[:, 0]
+        if rows.shape[0] <= WALK_ROWS:
+            total = walk(rows)
+        else:
+            total = np.zeros((rows.shape[0], n_classes) if classifier else rows.shape[0], dtype=np.float64)
+            for fitted in trees:
+                out = fitted.predict(rows)
+                total += out[:, :n_classes] if classifier else out[:, 0]
         total /= count
         if proba or not classifier:
             return total

@@ -1011,6 +1011,7 @@ def _invoke(model: Any, body: bytes, content_type: str) -> dict[str, Any]:
 
 FAST_PATH_PROBE_ROWS = 1000  # rows a one-row shortcut is checked on, against the estimator's own answers
 WALK_ROWS = 16  # up to this many rows, a forest's trees are walked side by side; more, one tree at a time
+WALK_MAX_NODES = 2_000_000  # ...when the trees, padded to the largest, hold at most this many nodes
 FAST_PATH_BASES = 20  # request rows the probes start from (a batch chunk's first rows)
 FAST_PATH_PROOF_SECONDS = 1.0  # one-row checks stop after this (at least one is made)
 
@@ -1041,12 +1042,15 @@ def _forest_sum(model: Any) -> Any:
     # step compares float32(x) with the double threshold as the trees' own code does, a leaf stays put, and the
     # leaves' values are summed in the forest's order (a running sum, not numpy's pairwise one).
     most = max(t.node_count for t in trees)
+    walks = count * most <= WALK_MAX_NODES  # the side-by-side copy costs about 50 bytes a padded node
+    if not walks:
+        most = 1
     lefts = np.full((count, most), -1, dtype=np.intp)
     rights = np.full((count, most), -1, dtype=np.intp)
     features = np.full((count, most), -2, dtype=np.intp)
     thresholds = np.zeros((count, most), dtype=np.float64)
     values = np.zeros((count, most, n_classes), dtype=np.float64)
-    for k, t in enumerate(trees):
+    for k, t in enumerate(trees if walks else []):
         n = t.node_count
         lefts[k, :n], rights[k, :n], features[k, :n], thresholds[k, :n] = (
             t.children_left, t.children_right, t.feature, t.threshold)
@@ -1071,7 +1075,7 @@ def _forest_sum(model: Any) -> Any:
         if matrix.shape[1] != width:
             raise ValueError("the rows do not have the forest's features")
         rows = np.ascontiguousarray(matrix, dtype=np.float32)
-        if rows.shape[0] <= WALK_ROWS:
+        if walks and rows.shape[0] <= WALK_ROWS:
             total = walk(rows)
         else:
             total = np.zeros((rows.shape[0], n_classes) if classifier else rows.shape[0], dtype=np.float64)

@@ -156,8 +156,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--attackers", type=int, default=4, help="connections per hostile model")
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--host-nice", type=int, default=19, choices=range(20), metavar="0-19",
-                        help="PORTAL_MODEL_HOST_NICE for the stack (its default is 0; 19 puts hosts below the portal)")
+    parser.add_argument("--host-nice", type=int, default=10, choices=range(20), metavar="0-19",
+                        help="PORTAL_MODEL_HOST_NICE for the stack (the portal's default, 10; 0 is the control)")
     args = parser.parse_args()
     from tests.registry import hostile
 

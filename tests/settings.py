@@ -63,3 +63,7 @@ WHITENOISE_USE_FINDERS = True
 # 30 s when the suite's two processes, their workers and Chromium share two cores: a CI run failed the compliance
 # journey with "not one reference row could be explained within 30 s". Production keeps its default.
 PORTAL_EXPLAIN_GLOBAL_SECONDS = 120
+# Model hosts keep the test processes' priority: the suite's two processes, their Celery workers, MLflow servers and
+# Chromium keep both cores busy, and a host at production's niceness (10, a tenth of the weight) then warms up too
+# slowly for the deployments' deadlines. The tests of the priority itself set it (test_boundary, test_hostile_uploads).
+PORTAL_MODEL_HOST_NICE = 0

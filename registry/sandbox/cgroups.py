@@ -10,7 +10,7 @@ run without one: rlimits, the pid namespace and the CPU watchdog still hold, and
 
 A machine that keeps its controllers on cgroup v1 (a hybrid layout: the unified hierarchy has none) may still let
 the portal write its v1 ``cpu`` hierarchy: there each sandbox also gets a v1 cpu cgroup, under a parent
-``portal-sandboxes`` whose ``cpu.shares`` is the CFS weight of ``PORTAL_MODEL_HOST_NICE`` (nice 19: 15, against 1024 for
+``portal-sandboxes-nice{N}`` (one per niceness) whose ``cpu.shares`` is the CFS weight of ``PORTAL_MODEL_HOST_NICE`` (nice 19: 15, against 1024 for
 the portal's own processes), with ``cpu.cfs_quota_us`` for the host's CPU share. This is what holds a spinning
 model to the CPU the portal leaves idle: a task in a cpu cgroup is outside the kernel's autogroups, whose nice value
 a sandboxed process may raise back to 0 itself (``/proc/self/autogroup``), and nothing inside can leave the cgroup.
@@ -126,7 +126,9 @@ def v1_cpu_parent(nice: int) -> tuple[Path | None, str]:
     if found is None:
         return None, "no cgroup v1 cpu hierarchy is mounted"
     mount, own = found
-    parent = mount / own.lstrip("/") / PARENT_NAME
+    # One parent per niceness: processes (or tests) that start sandboxes at different values must not re-weigh
+    # each other's sandboxes by rewriting a shared parent's cpu.shares.
+    parent = mount / own.lstrip("/") / f"{PARENT_NAME}-nice{nice}"
     try:
         parent.mkdir(exist_ok=True)
         (parent / "cpu.shares").write_text(str(NICE_WEIGHT[nice]))

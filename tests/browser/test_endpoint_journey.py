@@ -14,7 +14,7 @@ import requests
 from portal import services as portal_services
 from portal.models import AuditEvent
 from registry.models import ModelVersion
-from tests.browser.test_accessibility import AXE, RUN_AXE_ALL
+from tests.browser.test_accessibility import AXE, RUN_AXE
 from tests.browser.test_truth_journeys import document
 from tests.browser.test_upload_journey import _sign_in
 from tests.registry import files
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 def _axe(page: Any) -> list[str]:
     page.add_script_tag(content=AXE.read_text())
-    return list(page.evaluate(RUN_AXE_ALL))
+    return list(page.evaluate(RUN_AXE))
 
 
 def test_a_data_scientist_routes_rows_to_three_models_through_one_endpoint(

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from portal.models import AuditEvent
 from registry.models import MlflowConnection, MlflowSyncJob, MlflowSyncStatus
-from tests.browser.test_accessibility import AXE, RUN_AXE_ALL
+from tests.browser.test_accessibility import AXE, RUN_AXE
 from tests.browser.test_truth_journeys import document
 from tests.browser.test_upload_journey import _sign_in
 from tests.registry.test_mlflow_sync import mlflow_server  # noqa: F401 - fixture
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 def _axe(page: Any) -> list[str]:
     page.add_script_tag(content=AXE.read_text())
-    return list(page.evaluate(RUN_AXE_ALL))
+    return list(page.evaluate(RUN_AXE))
 
 
 def test_an_administrator_connects_retries_and_disables_an_mlflow_server(

@@ -1009,10 +1009,172 @@ def _invoke(model: Any, body: bytes, content_type: str) -> dict[str, Any]:
             "model_error": model_error}
 
 
+FAST_PATH_PROBE_ROWS = 1000  # rows a one-row shortcut is checked on, against the estimator's own answers
+WALK_ROWS = 16  # up to this many rows, a forest's trees are walked side by side; more, one tree at a time
+WALK_MAX_NODES = 2_000_000  # ...when the trees, padded to the largest, hold at most this many nodes
+FAST_PATH_BASES = 20  # request rows the probes start from (a batch chunk's first rows)
+FAST_PATH_PROOF_SECONDS = 1.0  # one-row checks stop after this (at least one is made)
+
+
+def _forest_sum(model: Any) -> Any:
+    """A scikit-learn forest's ``predict`` without its per-call machinery (joblib's ``Parallel`` over the trees,
+    a warnings and config context per tree, the fitted checks of every tree): the same float32 conversion, each
+    tree's ``tree_.predict`` summed in the forest's order into a float64 array and divided by the number of
+    trees, as ``ForestClassifier.predict_proba`` and ``ForestRegressor.predict`` do with ``n_jobs=1``; for a
+    classifier, the first largest class. None for any other model (its predict overridden, several outputs)."""
+    import numpy as np
+    from sklearn.ensemble import _forest
+
+    classifier = isinstance(model, _forest.ForestClassifier)
+    if (_tree_ensemble(model) is None or type(model).__module__ != "sklearn.ensemble._forest"
+            or getattr(model, "n_outputs_", 0) != 1
+            or (classifier and (type(model).predict is not _forest.ForestClassifier.predict
+                                or type(model).predict_proba is not _forest.ForestClassifier.predict_proba))
+            or (not classifier and type(model).predict is not _forest.ForestRegressor.predict)):
+        return None
+    trees = [e.tree_ for e in model.estimators_]
+    width = int(model.n_features_in_)
+    classes: Any = model.classes_ if classifier else None
+    n_classes = int(model.n_classes_) if classifier else 1
+    count = len(trees)
+
+    # Every tree's nodes side by side (padded to the largest), to walk all trees at once for a few rows: each
+    # step compares float32(x) with the double threshold as the trees' own code does, a leaf stays put, and the
+    # leaves' values are summed in the forest's order (a running sum, not numpy's pairwise one).
+    most = max(t.node_count for t in trees)
+    walks = count * most <= WALK_MAX_NODES  # the side-by-side copy costs about 50 bytes a padded node
+    if not walks:
+        most = 1
+    lefts = np.full((count, most), -1, dtype=np.intp)
+    rights = np.full((count, most), -1, dtype=np.intp)
+    features = np.full((count, most), -2, dtype=np.intp)
+    thresholds = np.zeros((count, most), dtype=np.float64)
+    values = np.zeros((count, most, n_classes), dtype=np.float64)
+    for k, t in enumerate(trees if walks else []):
+        n = t.node_count
+        lefts[k, :n], rights[k, :n], features[k, :n], thresholds[k, :n] = (
+            t.children_left, t.children_right, t.feature, t.threshold)
+        values[k, :n] = t.value[:, 0, :n_classes]
+    depth = max(t.max_depth for t in trees)
+    which = np.arange(count)
+
+    def walk(rows: Any) -> Any:
+        at = np.zeros((rows.shape[0], count), dtype=np.intp)
+        row_index = np.arange(rows.shape[0])[:, None]
+        for _ in range(depth):
+            feature = features[which, at]
+            inner = feature >= 0
+            if not inner.any():
+                break
+            left = rows[row_index, np.where(inner, feature, 0)] <= thresholds[which, at]
+            at = np.where(inner, np.where(left, lefts[which, at], rights[which, at]), at)
+        total = np.cumsum(values[which, at], axis=1)[:, -1]
+        return total if classifier else total[:, 0]
+
+    def predict(matrix: Any, *, proba: bool = False) -> Any:
+        if matrix.shape[1] != width:
+            raise ValueError("the rows do not have the forest's features")
+        rows = np.ascontiguousarray(matrix, dtype=np.float32)
+        if walks and rows.shape[0] <= WALK_ROWS:
+            total = walk(rows)
+        else:
+            total = np.zeros((rows.shape[0], n_classes) if classifier else rows.shape[0], dtype=np.float64)
+            for fitted in trees:
+                out = fitted.predict(rows)
+                total += out[:, :n_classes] if classifier else out[:, 0]
+        total /= count
+        if proba or not classifier:
+            return total
+        return classes.take(np.argmax(total, axis=1), axis=0)
+
+    return predict
+
+
+def _linear_scores(model: Any) -> Any:
+    """A scikit-learn linear classifier's ``predict`` without its input validation and array-API dispatch (the
+    bulk of its time on one row): ``X @ coef_.T + intercept_``, then the positive class where the score is
+    above 0 (two classes) or the first largest score, as ``LinearClassifierMixin`` computes them. None for any
+    other model."""
+    import numpy as np
+    from sklearn.linear_model._base import LinearClassifierMixin
+
+    if (not isinstance(model, LinearClassifierMixin) or not type(model).__module__.startswith("sklearn.")
+            or type(model).predict is not LinearClassifierMixin.predict
+            or type(model).decision_function is not LinearClassifierMixin.decision_function
+            or not isinstance(getattr(model, "coef_", None), np.ndarray) or model.coef_.ndim != 2
+            or not isinstance(getattr(model, "classes_", None), np.ndarray)):
+        return None
+    coef_t, intercept, classes = model.coef_.T, model.intercept_, model.classes_
+
+    def predict(matrix: Any, *, proba: bool = False) -> Any:
+        if matrix.shape[1] != coef_t.shape[0]:
+            raise ValueError("the rows do not have the model's features")
+        scores = matrix @ coef_t + intercept
+        if scores.shape[1] == 1:
+            scores = scores.reshape(-1)
+        if proba:
+            return scores
+        indices = (scores > 0).astype(np.intp) if scores.ndim == 1 else np.argmax(scores, axis=1)
+        return classes.take(indices, axis=0)
+
+    return predict
+
+
+def fast_predictor(model: Any, bases: Any) -> tuple[Any, str]:
+    """(``predict(matrix)`` giving exactly what ``model.predict`` gives on finite float64 rows, or None; why
+    not). A shortcut is used only once it has answered alike, bit for bit, on probe rows that sit at the model's
+    decisions (every split's threshold and its float32 neighbours for a forest, both sides of every class
+    boundary for a linear model, from the request's own rows as bases) and on the bases themselves: its scores
+    (probabilities, decision values) and its predictions, compared with the model's own ``predict`` and
+    ``predict_proba`` or ``decision_function`` on the same rows."""
+    import numpy as np
+
+    started = time.perf_counter()
+    bases = np.asarray(bases, dtype=np.float64)[:FAST_PATH_BASES]
+    if bases.ndim != 2 or not len(bases) or not np.isfinite(bases).all():
+        return None, "no finite rows to prove a shortcut on"
+    try:
+        forest, linear = _forest_sum(model), None
+        if forest is None:
+            linear = _linear_scores(model)
+        shortcut = forest or linear
+        if shortcut is None:
+            return None, "no shortcut covers this model"
+        rng = np.random.default_rng(0)
+        probes, _report = (tree_probes(model, bases, FAST_PATH_PROBE_ROWS, rng) if forest is not None
+                           else linear_probes(model, bases, FAST_PATH_PROBE_ROWS))
+        probes = probes[np.isfinite(probes).all(axis=1)] if len(probes) else probes
+        rows = np.concatenate([bases, probes]) if len(probes) else bases
+        if forest is not None:
+            own_scores = (model.predict_proba(rows) if hasattr(model, "classes_") else model.predict(rows))
+        else:
+            own_scores = model.decision_function(rows)
+        own = np.asarray(model.predict(rows))
+        scores, answer = shortcut(rows, proba=True), np.asarray(shortcut(rows))
+        # One row at a time as well: the path people wait on runs on one row, and BLAS may sum otherwise for one.
+        # At least one row, more while the proof stays within its time: it runs inside the first request, whose
+        # deadline kills the host (and a host that is killed proving would prove again, and again).
+        single, own_single = [], []
+        for i in range(min(len(rows), 8)):
+            if i and time.perf_counter() - started > FAST_PATH_PROOF_SECONDS:
+                break
+            single.append(np.asarray(shortcut(rows[i:i + 1])))
+            own_single.append(np.asarray(model.predict(rows[i:i + 1])))
+    except Exception as exc:
+        return None, f"the shortcut could not be proven ({_error_text(exc)[:200]})"
+    same = (scores.dtype == np.asarray(own_scores).dtype and np.array_equal(scores, own_scores)
+            and answer.dtype == own.dtype and np.array_equal(answer, own)
+            and all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(single, own_single, strict=True)))
+    if not same:
+        return None, "the shortcut answered otherwise than the model on probe rows"
+    return shortcut, ""
+
+
 class _MatrixPredictor:
     """Predictions for a float64 matrix, as cheaply as gives the same answers: the estimator itself rather than
-    pyfunc's wrapper (the portal has checked the columns), and the bare array rather than a DataFrame once the first
-    request showed both answer alike (a ColumnTransformer that picks columns by name needs the DataFrame)."""
+    pyfunc's wrapper (the portal has checked the columns), the bare array rather than a DataFrame once the first
+    request showed both answer alike (a ColumnTransformer that picks columns by name needs the DataFrame), and then
+    a shortcut past the estimator's per-call machinery once one is proven on probe rows (``fast_predictor``)."""
 
     def __init__(self, model: Any) -> None:
         import warnings
@@ -1025,6 +1187,8 @@ class _MatrixPredictor:
         except Exception:  # noqa: S110 - pyfunc's own predict then serves
             pass
         self.use_array: bool | None = None if _is_estimator(self.target) else False
+        self.fast: Any = None  # ``fast_predictor``'s proven shortcut, once the bare array answers alike
+        self.fast_declined = ""
         # Fitted with feature names, given an array: the same answers, and a warning nobody reads.
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
 
@@ -1041,6 +1205,11 @@ class _MatrixPredictor:
         import pandas as pd
 
         if self.use_array:
+            finite = bool(np.isfinite(matrix).all()) if matrix.dtype.kind == "f" else False
+            if self.fast is None and not self.fast_declined and finite:
+                self.fast, self.fast_declined = fast_predictor(self.target, matrix)  # tried once per host
+            if self.fast is not None and finite:
+                return self._flat(self.fast(matrix))
             return self._flat(self.target.predict(matrix))
         by_frame = self._flat(self.target.predict(pd.DataFrame(matrix, columns=columns)))
         if self.use_array is None:
@@ -1063,8 +1232,10 @@ class _FrameScorer:
     (``_SklearnModelWrapper``, no ``pyfunc_predict_fn``), with a signature of required ``double`` and ``long``
     columns and no type hints. MLflow's schema enforcement hands that estimator a DataFrame of the signature's
     columns in its order (float64 and int64); it gets the same here, or the bare array once the first request
-    showed both answer alike (as ``_MatrixPredictor`` decides). For anything else ``reason`` says why not, and the
-    portal sends the request to MLflow's own scoring code (``invoke``)."""
+    showed both answer alike (as ``_MatrixPredictor`` decides), and then a shortcut past the estimator's per-call
+    machinery once it is proven bit for bit on probe rows (``fast_predictor``: a forest's trees summed without
+    joblib, a linear classifier's scores without its input validation), for finite rows. For anything else
+    ``reason`` says why not, and the portal sends the request to MLflow's own scoring code (``invoke``)."""
 
     def __init__(self, model: Any) -> None:
         import warnings
@@ -1073,6 +1244,8 @@ class _FrameScorer:
         self.names: list[str] = []
         self.kinds: list[str] = []
         self.use_array: bool | None = None
+        self.fast: Any = None  # ``fast_predictor``'s proven shortcut, once the bare array answers alike
+        self.fast_declined = ""
         try:
             self.reason = self._check(model)
         except Exception as exc:  # an MLflow without these internals: MLflow's own code answers
@@ -1126,7 +1299,14 @@ class _FrameScorer:
                 or matrix.shape[1] != len(self.names):
             return {"ok": False, "decline": "the rows do not come in the signature's columns", "permanent": False}
         try:
-            if self.use_array:
+            finite = bool(np.isfinite(matrix).all())
+            if self.use_array and self.fast is None and not self.fast_declined and finite:
+                # The bare array answers alike: a shortcut past the estimator's per-call machinery may too, once
+                # proven on probe rows built from these (``fast_predictor``); tried once per host.
+                self.fast, self.fast_declined = fast_predictor(self.estimator, matrix)
+            if self.fast is not None and finite:
+                result = np.asarray(self.fast(matrix))
+            elif self.use_array:
                 result = np.asarray(self.estimator.predict(matrix))
             else:
                 result = np.asarray(self.estimator.predict(self._frame(matrix)))

@@ -47,6 +47,7 @@ MAX_ROWS = 1_000_000  # rows one answer may say it scored (a batch chunk holds 1
 MAX_ERROR_CHARS = 500
 BACKOFF_MAX_SECONDS = 60.0
 SMALL_PAYLOAD_BYTES = 64 * 1024  # requests up to this size go out in one send
+SMALL_ANSWER_BYTES = 64 * 1024  # answers up to this size come in with one read
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CPU_WATCH_SECONDS = 1.0  # how often the watchdog reads each host's CPU time (one /proc read per host)
 
@@ -311,10 +312,26 @@ class ModelHost:
         assert self._sock is not None
         deadline = deadline if deadline is not None else time.monotonic() + timeout
         try:
-            (size,) = FRAME_HEADER.unpack(_recv_exact(self._sock, FRAME_HEADER.size, deadline))
+            # One read takes a small answer whole (a real-time row's), its length and body together; a longer one
+            # is read on to its length. More than one answer's bytes is a host out of step with its requests.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            first = self._sock.recv(SMALL_ANSWER_BYTES)
+            if not first:
+                raise EOFError("the model host closed its socket")
+            if len(first) < FRAME_HEADER.size:
+                first += _recv_exact(self._sock, FRAME_HEADER.size - len(first), deadline)
+            (size,) = FRAME_HEADER.unpack_from(first)
             if size > MAX_ANSWER_BYTES:
                 raise self._crashed(f"sent an answer of {size} bytes (at most {MAX_ANSWER_BYTES})")
-            answer = orjson.loads(_recv_exact(self._sock, size, deadline))
+            body = first[FRAME_HEADER.size:]
+            if len(body) > size:
+                raise self._crashed("sent more than one answer")
+            if len(body) < size:
+                body += _recv_exact(self._sock, size - len(body), deadline)
+            answer = orjson.loads(body)
         except TimeoutError:
             raise self._crashed(f"did not answer within {timeout:.0f} s") from None
         except (EOFError, OSError):

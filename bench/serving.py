@@ -504,6 +504,19 @@ except Captured:
 """
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every server's process group, then SIGKILL whatever has not ended within 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) -> None:
     """This tree's fast path and ``commit``'s, alternately (the first server changes every round), 1-row bodies,
     the same wrk settings: req/s per round, the medians and the ratio (this tree / commit), and the load."""
@@ -605,15 +618,7 @@ def fast_path_against(commit: str, seconds: int, connections: int, rounds: int) 
             print(f"median of the per-round ratios: {median([a / b for a, b in zip(ours_all, before_all, strict=True)]):.2f} "
                   "(issue 31's bound: >= 0.90)")
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
+            stop_all(procs)
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_root)], check=False)
     print("load at end:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
@@ -732,15 +737,7 @@ def main() -> None:
                 runs.append(results)
                 print_table(f"run {n + 1} of {args.runs}", results)
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
+            stop_all(procs)
 
         hop_script = script(HOP).replace("sys.argv[2]", repr(str(args.hop_calls)))
         hop_out = subprocess.run([PY, "manage.py", "shell", "-c", hop_script], cwd=ROOT, env=env, check=True,
